@@ -1,0 +1,368 @@
+//! The trainer env contract: every variable a trainer pod receives.
+//!
+//! The operator builds it for each worker pod, the local runner builds the same for each local
+//! process, and the trainer parses it back into a validated [`EnvContract`] before it does
+//! anything else. Keeping builder and parser side by side makes a round-trip test possible and the
+//! documentation (docs/env-contract.md) checkable against [`VARS`].
+
+use crate::trainingjob::TrainingJob;
+use crate::{Error, Result};
+
+/// Name, meaning of every contract variable, in the order [`EnvContract::to_vars`] emits them.
+pub const VARS: &[(&str, &str)] = &[
+    (JOB_NAME, "TrainingJob name"),
+    (JOB_NAMESPACE, "TrainingJob namespace"),
+    (JOB_UID, "TrainingJob uid: distinguishes a re-created job of the same name"),
+    (ATTEMPT, "gang attempt, starting at 1; rendezvous keys carry it so stale ranks cannot join"),
+    (NODE_RANK, "rank of this worker pod, 0..NNODES-1"),
+    (NNODES, "worker pods in the gang (spec.workers.replicas)"),
+    (NPROC_PER_NODE, "trainer processes in this pod"),
+    (WORLD_SIZE, "NNODES x NPROC_PER_NODE"),
+    (MASTER_ADDR, "DNS name of rank 0 through the headless Service"),
+    (MASTER_PORT, "rendezvous port served by global rank 0"),
+    (DATASET_URI, "dataset folder URI (index.json and shards)"),
+    (CHECKPOINT_URI, "checkpoint folder URI of this job"),
+    (CHECKPOINT_EVERY, "steps between checkpoints"),
+    (CHECKPOINT_KEEP, "committed checkpoints kept"),
+    (MODEL_ARCH, "vit-tiny, vit-small or vit-base"),
+    (INIT_FROM, "weights to start from; empty: random init"),
+    (STEPS, "total optimizer steps (exclusive with EPOCHS)"),
+    (EPOCHS, "total epochs (exclusive with STEPS)"),
+    (BATCH_SIZE, "images per device per step"),
+    (LEARNING_RATE, "peak learning rate"),
+    (WARMUP_STEPS, "linear warm-up steps"),
+    (PRECISION, "fp32 or bf16"),
+    (SEED, "seed of init, masking and data order"),
+    (GPUS, "GPUs of this pod (0: CPU)"),
+];
+
+/// TrainingJob name.
+pub const JOB_NAME: &str = "RADFM_JOB_NAME";
+/// TrainingJob namespace.
+pub const JOB_NAMESPACE: &str = "RADFM_JOB_NAMESPACE";
+/// TrainingJob uid.
+pub const JOB_UID: &str = "RADFM_JOB_UID";
+/// Gang attempt.
+pub const ATTEMPT: &str = "RADFM_ATTEMPT";
+/// Pod rank.
+pub const NODE_RANK: &str = "RADFM_NODE_RANK";
+/// Pods in the gang.
+pub const NNODES: &str = "RADFM_NNODES";
+/// Processes per pod.
+pub const NPROC_PER_NODE: &str = "RADFM_NPROC_PER_NODE";
+/// Processes in the gang.
+pub const WORLD_SIZE: &str = "RADFM_WORLD_SIZE";
+/// Rank 0's address.
+pub const MASTER_ADDR: &str = "RADFM_MASTER_ADDR";
+/// Rendezvous port.
+pub const MASTER_PORT: &str = "RADFM_MASTER_PORT";
+/// Dataset URI.
+pub const DATASET_URI: &str = "RADFM_DATASET_URI";
+/// Checkpoint URI.
+pub const CHECKPOINT_URI: &str = "RADFM_CHECKPOINT_URI";
+/// Checkpoint cadence.
+pub const CHECKPOINT_EVERY: &str = "RADFM_CHECKPOINT_EVERY";
+/// Checkpoints kept.
+pub const CHECKPOINT_KEEP: &str = "RADFM_CHECKPOINT_KEEP";
+/// Architecture preset.
+pub const MODEL_ARCH: &str = "RADFM_MODEL_ARCH";
+/// Initial weights.
+pub const INIT_FROM: &str = "RADFM_INIT_FROM";
+/// Total steps.
+pub const STEPS: &str = "RADFM_STEPS";
+/// Total epochs.
+pub const EPOCHS: &str = "RADFM_EPOCHS";
+/// Batch size per device.
+pub const BATCH_SIZE: &str = "RADFM_BATCH_SIZE";
+/// Learning rate.
+pub const LEARNING_RATE: &str = "RADFM_LEARNING_RATE";
+/// Warm-up steps.
+pub const WARMUP_STEPS: &str = "RADFM_WARMUP_STEPS";
+/// Precision.
+pub const PRECISION: &str = "RADFM_PRECISION";
+/// Seed.
+pub const SEED: &str = "RADFM_SEED";
+/// GPUs per pod.
+pub const GPUS: &str = "RADFM_GPUS";
+/// Pod name (downward API; set by the operator, absent in local runs).
+pub const POD_NAME: &str = "RADFM_POD_NAME";
+
+/// Default rendezvous port.
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+
+/// The validated contract of one worker pod (or local worker process group).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvContract {
+    /// TrainingJob name.
+    pub job_name: String,
+    /// TrainingJob namespace.
+    pub job_namespace: String,
+    /// TrainingJob uid.
+    pub job_uid: String,
+    /// Gang attempt (>= 1).
+    pub attempt: i32,
+    /// This pod's rank.
+    pub node_rank: i32,
+    /// Pods in the gang.
+    pub nnodes: i32,
+    /// Processes per pod.
+    pub nproc_per_node: i32,
+    /// Rank 0's host.
+    pub master_addr: String,
+    /// Rendezvous port.
+    pub master_port: u16,
+    /// Dataset URI.
+    pub dataset_uri: String,
+    /// Checkpoint URI of this job.
+    pub checkpoint_uri: String,
+    /// Steps between checkpoints.
+    pub checkpoint_every: i64,
+    /// Checkpoints kept.
+    pub checkpoint_keep: i32,
+    /// Architecture preset.
+    pub model_arch: String,
+    /// Initial weights, if any.
+    pub init_from: Option<String>,
+    /// Total steps, if the job counts steps.
+    pub steps: Option<i64>,
+    /// Total epochs, if the job counts epochs.
+    pub epochs: Option<i32>,
+    /// Batch size per device.
+    pub batch_size: i32,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Warm-up steps.
+    pub warmup_steps: i64,
+    /// fp32 or bf16.
+    pub precision: String,
+    /// Seed.
+    pub seed: i64,
+    /// GPUs of this pod.
+    pub gpus: i32,
+}
+
+impl EnvContract {
+    /// The contract of worker `node_rank` of `job` in `attempt`, with rank 0 reachable at
+    /// `master_addr`.
+    pub fn for_worker(job: &TrainingJob, node_rank: i32, attempt: i32, master_addr: &str) -> Self {
+        let s = &job.spec;
+        EnvContract {
+            job_name: job.metadata.name.clone().unwrap_or_default(),
+            job_namespace: job.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            job_uid: job.metadata.uid.clone().unwrap_or_default(),
+            attempt,
+            node_rank,
+            nnodes: s.workers.replicas,
+            nproc_per_node: s.workers.nproc(),
+            master_addr: master_addr.to_string(),
+            master_port: DEFAULT_MASTER_PORT,
+            dataset_uri: s.dataset.uri.clone(),
+            checkpoint_uri: s.checkpoint.uri.clone(),
+            checkpoint_every: s.checkpoint.every_steps,
+            checkpoint_keep: s.checkpoint.keep_last,
+            model_arch: s.model.architecture.as_str().to_string(),
+            init_from: s.model.init_from.clone(),
+            steps: s.training.steps,
+            epochs: s.training.epochs,
+            batch_size: s.training.batch_size_per_device,
+            learning_rate: s.training.learning_rate,
+            warmup_steps: s.training.warmup_steps,
+            precision: s.training.precision.as_str().to_string(),
+            seed: s.training.seed,
+            gpus: s.workers.gpus_per_worker,
+        }
+    }
+
+    /// Processes in the gang.
+    pub fn world_size(&self) -> i32 {
+        self.nnodes * self.nproc_per_node
+    }
+
+    /// The variables, in [`VARS`] order; optional values that are unset are left out.
+    pub fn to_vars(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(&str, String)> = vec![
+            (JOB_NAME, self.job_name.clone()),
+            (JOB_NAMESPACE, self.job_namespace.clone()),
+            (JOB_UID, self.job_uid.clone()),
+            (ATTEMPT, self.attempt.to_string()),
+            (NODE_RANK, self.node_rank.to_string()),
+            (NNODES, self.nnodes.to_string()),
+            (NPROC_PER_NODE, self.nproc_per_node.to_string()),
+            (WORLD_SIZE, self.world_size().to_string()),
+            (MASTER_ADDR, self.master_addr.clone()),
+            (MASTER_PORT, self.master_port.to_string()),
+            (DATASET_URI, self.dataset_uri.clone()),
+            (CHECKPOINT_URI, self.checkpoint_uri.clone()),
+            (CHECKPOINT_EVERY, self.checkpoint_every.to_string()),
+            (CHECKPOINT_KEEP, self.checkpoint_keep.to_string()),
+            (MODEL_ARCH, self.model_arch.clone()),
+        ];
+        if let Some(i) = &self.init_from {
+            v.push((INIT_FROM, i.clone()));
+        }
+        if let Some(s) = self.steps {
+            v.push((STEPS, s.to_string()));
+        }
+        if let Some(e) = self.epochs {
+            v.push((EPOCHS, e.to_string()));
+        }
+        v.extend([
+            (BATCH_SIZE, self.batch_size.to_string()),
+            (LEARNING_RATE, self.learning_rate.to_string()),
+            (WARMUP_STEPS, self.warmup_steps.to_string()),
+            (PRECISION, self.precision.clone()),
+            (SEED, self.seed.to_string()),
+            (GPUS, self.gpus.to_string()),
+        ]);
+        v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
+    /// Parses and validates the contract; the error names the variable.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let req = |name: &str| -> Result<String> {
+            match get(name) {
+                Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+                _ => Err(Error::Env { name: name.into(), reason: "is required but not set".into() }),
+            }
+        };
+        fn parse<T: std::str::FromStr>(name: &str, v: String) -> Result<T> {
+            v.parse().map_err(|_| Error::Env { name: name.into(), reason: format!("{v:?} is not a valid number") })
+        }
+        let opt = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        let at_least = |name: &str, v: i64, min: i64| -> Result<()> {
+            if v < min {
+                return Err(Error::Env { name: name.into(), reason: format!("{v} must be >= {min}") });
+            }
+            Ok(())
+        };
+        let c = EnvContract {
+            job_name: req(JOB_NAME)?,
+            job_namespace: opt(JOB_NAMESPACE).unwrap_or_else(|| "default".into()),
+            job_uid: opt(JOB_UID).unwrap_or_default(),
+            attempt: parse(ATTEMPT, req(ATTEMPT)?)?,
+            node_rank: parse(NODE_RANK, req(NODE_RANK)?)?,
+            nnodes: parse(NNODES, req(NNODES)?)?,
+            nproc_per_node: parse(NPROC_PER_NODE, req(NPROC_PER_NODE)?)?,
+            master_addr: req(MASTER_ADDR)?,
+            master_port: parse(MASTER_PORT, opt(MASTER_PORT).unwrap_or_else(|| DEFAULT_MASTER_PORT.to_string()))?,
+            dataset_uri: req(DATASET_URI)?,
+            checkpoint_uri: req(CHECKPOINT_URI)?,
+            checkpoint_every: parse(CHECKPOINT_EVERY, req(CHECKPOINT_EVERY)?)?,
+            checkpoint_keep: parse(CHECKPOINT_KEEP, req(CHECKPOINT_KEEP)?)?,
+            model_arch: req(MODEL_ARCH)?,
+            init_from: opt(INIT_FROM),
+            steps: opt(STEPS).map(|v| parse(STEPS, v)).transpose()?,
+            epochs: opt(EPOCHS).map(|v| parse(EPOCHS, v)).transpose()?,
+            batch_size: parse(BATCH_SIZE, req(BATCH_SIZE)?)?,
+            learning_rate: parse(LEARNING_RATE, req(LEARNING_RATE)?)?,
+            warmup_steps: parse(WARMUP_STEPS, opt(WARMUP_STEPS).unwrap_or_else(|| "0".into()))?,
+            precision: req(PRECISION)?,
+            seed: parse(SEED, opt(SEED).unwrap_or_else(|| "0".into()))?,
+            gpus: parse(GPUS, opt(GPUS).unwrap_or_else(|| "0".into()))?,
+        };
+        at_least(ATTEMPT, c.attempt.into(), 1)?;
+        at_least(NNODES, c.nnodes.into(), 1)?;
+        at_least(NPROC_PER_NODE, c.nproc_per_node.into(), 1)?;
+        at_least(NODE_RANK, c.node_rank.into(), 0)?;
+        if c.node_rank >= c.nnodes {
+            return Err(Error::Env {
+                name: NODE_RANK.into(),
+                reason: format!("{} must be < {NNODES}={}", c.node_rank, c.nnodes),
+            });
+        }
+        if let Some(w) = get(WORLD_SIZE).filter(|w| !w.is_empty())
+            && w != c.world_size().to_string()
+        {
+            return Err(Error::Env {
+                name: WORLD_SIZE.into(),
+                reason: format!("{w} != {NNODES} x {NPROC_PER_NODE} = {}", c.world_size()),
+            });
+        }
+        if c.steps.is_some() == c.epochs.is_some() {
+            return Err(Error::Env { name: STEPS.into(), reason: format!("exactly one of {STEPS} and {EPOCHS} must be set") });
+        }
+        at_least(BATCH_SIZE, c.batch_size.into(), 1)?;
+        at_least(CHECKPOINT_EVERY, c.checkpoint_every, 1)?;
+        at_least(CHECKPOINT_KEEP, c.checkpoint_keep.into(), 1)?;
+        if !(c.learning_rate > 0.0 && c.learning_rate < 1.0) {
+            return Err(Error::Env { name: LEARNING_RATE.into(), reason: format!("{} must be in (0, 1)", c.learning_rate) });
+        }
+        if !["fp32", "bf16"].contains(&c.precision.as_str()) {
+            return Err(Error::Env { name: PRECISION.into(), reason: format!("{:?} must be fp32 or bf16", c.precision) });
+        }
+        if !["vit-tiny", "vit-small", "vit-base"].contains(&c.model_arch.as_str()) {
+            return Err(Error::Env { name: MODEL_ARCH.into(), reason: format!("{:?} is not a known preset", c.model_arch) });
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    pub(crate) fn job() -> TrainingJob {
+        TrainingJob::from_yaml(
+            r#"
+apiVersion: radfm.io/v1alpha1
+kind: TrainingJob
+metadata: {name: mae, namespace: ml, uid: u-1}
+spec:
+  image: radfm/trainer:dev
+  workers: {replicas: 2, gpusPerWorker: 4}
+  dataset: {uri: "s3://bucket/cohort"}
+  checkpoint: {uri: "s3://bucket/ckpt/mae"}
+  training: {steps: 100, learningRate: 0.001}
+"#,
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn contract_round_trips_through_the_environment() {
+        let c = EnvContract::for_worker(&job(), 1, 3, "mae-w0.mae.ml.svc");
+        assert_eq!((c.nproc_per_node, c.world_size(), c.gpus), (4, 8, 4));
+        let vars: HashMap<_, _> = c.to_vars().into_iter().collect();
+        assert_eq!(vars[WORLD_SIZE], "8");
+        assert_eq!(vars[ATTEMPT], "3");
+        let back = EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn every_emitted_variable_is_documented_in_order() {
+        let c = EnvContract::for_worker(&job(), 0, 1, "h");
+        let names: Vec<_> = VARS.iter().map(|v| v.0).collect();
+        let emitted: Vec<_> = c.to_vars().into_iter().map(|v| v.0).collect();
+        let mut positions = emitted.iter().map(|e| names.iter().position(|n| n == e).expect(e));
+        let mut last = positions.next().unwrap();
+        for p in positions {
+            assert!(p > last, "order");
+            last = p;
+        }
+    }
+
+    #[test]
+    fn invalid_contract_errors_name_the_variable() {
+        let base: HashMap<_, _> = EnvContract::for_worker(&job(), 0, 1, "h").to_vars().into_iter().collect();
+        let cases = [
+            (NODE_RANK, Some("2"), "RADFM_NODE_RANK: 2 must be < RADFM_NNODES=2"),
+            (ATTEMPT, Some("x"), "RADFM_ATTEMPT: \"x\" is not a valid number"),
+            (MASTER_ADDR, None, "RADFM_MASTER_ADDR: is required but not set"),
+            (PRECISION, Some("fp8"), "RADFM_PRECISION: \"fp8\" must be fp32 or bf16"),
+            (WORLD_SIZE, Some("3"), "RADFM_WORLD_SIZE: 3 != RADFM_NNODES x RADFM_NPROC_PER_NODE = 8"),
+            (EPOCHS, Some("2"), "exactly one of RADFM_STEPS and RADFM_EPOCHS"),
+        ];
+        for (name, value, want) in cases {
+            let mut vars = base.clone();
+            match value {
+                Some(v) => vars.insert(name.to_string(), v.to_string()),
+                None => vars.remove(name),
+            };
+            let err = EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap_err().to_string();
+            assert!(err.contains(want), "{name}: {err}");
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The `TrainingJob` custom resource: one self-supervised pretraining run executed as a gang of
+//! trainer pods.
+//!
+//! The CRD under `manifests/crds/` is generated from these types (`radfm-operator crd`), so the doc
+//! comments here are what `kubectl explain trainingjob.spec...` prints, and the CEL rules here are
+//! what the API server enforces. Rules that protect a running gang (replicas, GPUs, image) are
+//! transition rules: they allow the change only while the job is suspended.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, ResourceRequirements, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::failure::FailurePolicy;
+
+/// Longest TrainingJob name: pod names `<job>-w<rank>-a<attempt>` and the Service name must stay
+/// valid DNS labels (63 characters).
+pub const MAX_NAME_LEN: usize = 40;
+
+/// Desired state of a TrainingJob: what to train, on what data, on how many workers, and how to
+/// react to failures.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "radfm.io",
+    version = "v1alpha1",
+    kind = "TrainingJob",
+    plural = "trainingjobs",
+    shortname = "tj",
+    category = "radfm",
+    namespaced,
+    cel,
+    status = "TrainingJobStatus",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready workers / replicas"),
+    printcolumn(name = "Step", type_ = "integer", json_path = ".status.progress.step", description = "Last reported optimizer step"),
+    printcolumn(name = "Loss", type_ = "number", json_path = ".status.progress.loss", description = "Last reported training loss"),
+    printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts", description = "Gang restarts so far"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS-1035 label of at most 40 characters (pod names append -w<rank>-a<attempt>)")
+        .field_path(".metadata.name"),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(oldSelf.managedBy) || (has(self.managedBy) && self.managedBy == oldSelf.managedBy)").message("managedBy is immutable").field_path(".managedBy"))]
+#[x_kube(validation = Rule::new("oldSelf.runPolicy.suspend || self.image == oldSelf.image").message("image cannot change while the gang is running; set runPolicy.suspend first").field_path(".image"))]
+#[x_kube(validation = Rule::new("oldSelf.runPolicy.suspend || self.workers.replicas == oldSelf.workers.replicas").message("workers.replicas cannot change while the gang is running; set runPolicy.suspend first").field_path(".workers.replicas"))]
+#[x_kube(validation = Rule::new("oldSelf.runPolicy.suspend || self.workers.gpusPerWorker == oldSelf.workers.gpusPerWorker").message("workers.gpusPerWorker cannot change while the gang is running; set runPolicy.suspend first").field_path(".workers.gpusPerWorker"))]
+#[x_kube(validation = Rule::new("oldSelf.runPolicy.suspend || has(self.workers.nprocPerNode) == has(oldSelf.workers.nprocPerNode) && (!has(self.workers.nprocPerNode) || self.workers.nprocPerNode == oldSelf.workers.nprocPerNode)").message("workers.nprocPerNode cannot change while the gang is running; set runPolicy.suspend first").field_path(".workers.nprocPerNode"))]
+pub struct TrainingJobSpec {
+    /// Trainer container image.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Image pull policy of the trainer container (Always, IfNotPresent, Never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// The gang of worker pods.
+    pub workers: WorkersSpec,
+    /// Where the training images are.
+    pub dataset: DatasetSpec,
+    /// The model to pretrain.
+    #[serde(default)]
+    pub model: ModelSpec,
+    /// Optimisation settings.
+    #[serde(default)]
+    pub training: TrainingSpec,
+    /// Where and how often checkpoints are written; a restarted gang resumes from the newest one.
+    pub checkpoint: CheckpointSpec,
+    /// Restart budget, deadline, suspension and clean-up.
+    #[serde(default)]
+    pub run_policy: RunPolicy,
+    /// How worker failures are handled. Empty: the default policy, which follows the trainer's
+    /// exit-code contract (docs/exit-codes.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_policy: Option<FailurePolicy>,
+    /// Controller that owns this job. Empty or `radfm.io/operator`: radfm's operator; any other
+    /// value (for example `kueue.x-k8s.io/multikueue`) makes radfm's operator leave it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub managed_by: Option<String>,
+}
+
+/// The default value of `managedBy`, meaning radfm's own operator.
+pub const MANAGED_BY_RADFM: &str = "radfm.io/operator";
+
+/// Image pull policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum PullPolicy {
+    /// Always pull.
+    Always,
+    /// Pull when absent on the node.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl PullPolicy {
+    /// The value Kubernetes expects in a container's `imagePullPolicy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// The worker pods: one pod per node, `nprocPerNode` trainer processes in each.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersSpec {
+    /// Number of worker pods (nodes) in the gang.
+    #[schemars(range(min = 1, max = 4096))]
+    pub replicas: i32,
+    /// GPUs (`nvidia.com/gpu`) requested by each worker pod; 0 runs on CPU.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 64))]
+    pub gpus_per_worker: i32,
+    /// Trainer processes per pod. Default: gpusPerWorker, or 1 on CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub nproc_per_node: Option<i32>,
+    /// CPU and memory of each worker; the GPU request is added from gpusPerWorker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels a worker's node must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of the worker pods (a toleration for `nvidia.com/gpu` taints is added when
+    /// GPUs are requested).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Affinity of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Scheduler of the worker pods. `volcano` or `scheduler-plugins-scheduler` also create a
+    /// PodGroup so that the gang is scheduled all at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_name: Option<String>,
+    /// Additions to every worker pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PodOverrides>,
+}
+
+impl WorkersSpec {
+    /// Trainer processes per pod, with the default applied.
+    pub fn nproc(&self) -> i32 {
+        self.nproc_per_node
+            .unwrap_or(if self.gpus_per_worker > 0 { self.gpus_per_worker } else { 1 })
+    }
+}
+
+/// Additions merged into every worker pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    /// Extra pod labels (radfm's own labels win on conflict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Extra pod annotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+    /// Extra environment variables of the trainer container (radfm's contract variables win).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+    /// Extra volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::trainingjob::opaque_list")]
+    pub volumes: Option<Vec<Volume>>,
+    /// Extra volume mounts of the trainer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mounts: Option<Vec<VolumeMount>>,
+    /// ServiceAccount of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+}
+
+/// A list whose items the API server keeps as given (the full Volume schema alone would push the
+/// CRD past the size `kubectl apply` can store); the Pod validation checks them on creation.
+pub(crate) fn opaque_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+    })
+}
+
+/// Object-store URI rule shared by the dataset and checkpoint locations.
+const URI_RULE: &str = "self.matches('^(s3|gs|az|file)://.+')";
+
+/// The training data.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetSpec {
+    /// Dataset location: `s3://`, `gs://`, `az://` or `file://` URI of the folder holding
+    /// `index.json` and the shards.
+    #[x_kube(validation = Rule::new(URI_RULE).message("dataset.uri must start with s3://, gs://, az:// or file://"))]
+    pub uri: String,
+    /// Secret whose keys become environment variables of the trainers (for example
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// Reference to a Secret in the job's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct SecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+}
+
+/// The model to pretrain.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Architecture preset: vit-tiny, vit-small or vit-base.
+    #[serde(default = "default_architecture")]
+    pub architecture: Architecture,
+    /// Weights to start from (object-store URI of an exported model or a checkpoint); empty: random
+    /// initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec { architecture: default_architecture(), init_from: None }
+    }
+}
+
+fn default_architecture() -> Architecture {
+    Architecture::VitTiny
+}
+
+/// ViT architecture presets.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Architecture {
+    /// Patch 16, width 192, depth 12, 3 heads.
+    VitTiny,
+    /// Patch 16, width 384, depth 12, 6 heads.
+    VitSmall,
+    /// Patch 16, width 768, depth 12, 12 heads.
+    VitBase,
+}
+
+impl Architecture {
+    /// The preset's name as written in YAML and in the env contract.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::VitTiny => "vit-tiny",
+            Architecture::VitSmall => "vit-small",
+            Architecture::VitBase => "vit-base",
+        }
+    }
+}
+
+/// Optimisation settings. Exactly one of `steps` and `epochs` is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.steps) != has(self.epochs)").message("exactly one of training.steps and training.epochs must be set"))]
+pub struct TrainingSpec {
+    /// Total optimizer steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub steps: Option<i64>,
+    /// Total passes over the dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub epochs: Option<i32>,
+    /// Images per device (GPU or CPU process) per step.
+    #[serde(default = "default_batch")]
+    #[schemars(range(min = 1))]
+    pub batch_size_per_device: i32,
+    /// Peak learning rate (AdamW).
+    #[serde(default = "default_lr")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self < 1.0").message("training.learningRate must be in (0, 1)"))]
+    pub learning_rate: f64,
+    /// Linear warm-up steps before the cosine schedule.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub warmup_steps: i64,
+    /// Numeric precision: fp32, or bf16 autocast on CUDA.
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
+    /// Seed of every random choice (init, masking, data order).
+    #[serde(default)]
+    pub seed: i64,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        TrainingSpec {
+            steps: Some(1000),
+            epochs: None,
+            batch_size_per_device: default_batch(),
+            learning_rate: default_lr(),
+            warmup_steps: 0,
+            precision: default_precision(),
+            seed: 0,
+        }
+    }
+}
+
+fn default_batch() -> i32 {
+    32
+}
+fn default_lr() -> f64 {
+    1.5e-4
+}
+fn default_precision() -> Precision {
+    Precision::Fp32
+}
+
+/// Numeric precision.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats everywhere.
+    Fp32,
+    /// bfloat16 autocast (CUDA only; CPU runs fall back to fp32).
+    Bf16,
+}
+
+impl Precision {
+    /// The value as written in YAML and in the env contract.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Checkpoint location and cadence.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSpec {
+    /// Object-store URI under which checkpoints are written (s3://, gs://, az://, file://).
+    #[x_kube(validation = Rule::new(URI_RULE).message("checkpoint.uri must start with s3://, gs://, az:// or file://"))]
+    pub uri: String,
+    /// Steps between checkpoints.
+    #[serde(default = "default_every")]
+    #[schemars(range(min = 1))]
+    pub every_steps: i64,
+    /// Committed checkpoints kept; older ones are deleted.
+    #[serde(default = "default_keep")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_last: i32,
+}
+
+fn default_every() -> i64 {
+    500
+}
+fn default_keep() -> i32 {
+    3
+}
+
+/// Restart budget, deadline, suspension and clean-up, as in Kubeflow's RunPolicy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPolicy {
+    /// Counted gang restarts allowed before the job fails (node loss and disruptions are not
+    /// counted unless the failure policy says so).
+    #[serde(default = "default_backoff")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub backoff_limit: i32,
+    /// Seconds the job may run (not counting suspended time) before it fails with
+    /// DeadlineExceeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Seconds after Succeeded or Failed when the job (and its pods) is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+    /// Suspended: no worker pods exist; status is kept; resuming starts a new attempt from the
+    /// last checkpoint.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Which pods are deleted when the job finishes: All, Running (default) or None (keep every
+    /// pod for its logs).
+    #[serde(default = "default_clean")]
+    pub clean_pod_policy: CleanPodPolicy,
+    /// Seconds a deleted worker may stay Terminating (for example because its node is gone)
+    /// before it is force-deleted.
+    #[serde(default = "default_terminating")]
+    #[schemars(range(min = 0))]
+    pub terminating_timeout_seconds: i64,
+}
+
+impl Default for RunPolicy {
+    fn default() -> Self {
+        RunPolicy {
+            backoff_limit: default_backoff(),
+            active_deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+            suspend: false,
+            clean_pod_policy: default_clean(),
+            terminating_timeout_seconds: default_terminating(),
+        }
+    }
+}
+
+fn default_backoff() -> i32 {
+    3
+}
+fn default_clean() -> CleanPodPolicy {
+    CleanPodPolicy::Running
+}
+fn default_terminating() -> i64 {
+    300
+}
+
+/// Pods deleted when the job finishes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum CleanPodPolicy {
+    /// Delete every pod.
+    All,
+    /// Delete the pods still running; keep finished ones for their logs.
+    Running,
+    /// Keep every pod.
+    None,
+}
+
+/// Observed state of a TrainingJob.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingJobStatus {
+    /// Pending, Running, Restarting, Suspended, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Standard conditions: Created, Running, Restarting, Suspended, Succeeded, Failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The metadata.generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// "ready/replicas", for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Worker pod counts of the current attempt.
+    #[serde(default)]
+    pub workers: WorkerCounts,
+    /// Current attempt, starting at 1; each gang restart adds one.
+    #[serde(default)]
+    pub attempt: i32,
+    /// Gang restarts so far, counted or not.
+    #[serde(default)]
+    pub restarts: i32,
+    /// Gang restarts counted against runPolicy.backoffLimit.
+    #[serde(default)]
+    pub counted_restarts: i32,
+    /// When the job (last) started running; cleared while suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the job reached Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The newest committed checkpoint reported by the trainers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointRef>,
+    /// Training progress reported by rank 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// Lifecycle phase, a summary of the conditions for `kubectl get`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Phase {
+    /// Workers are being created or scheduled.
+    Pending,
+    /// Every worker of the current attempt is running.
+    Running,
+    /// The gang is being torn down before the next attempt.
+    Restarting,
+    /// Suspended: no workers exist.
+    Suspended,
+    /// Every worker finished successfully.
+    Succeeded,
+    /// The job failed; see the Failed condition for why.
+    Failed,
+}
+
+impl Phase {
+    /// The phase's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Restarting => "Restarting",
+            Phase::Suspended => "Suspended",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// Worker pod counts of the current attempt.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerCounts {
+    /// Pods that exist and have not finished.
+    #[serde(default)]
+    pub active: i32,
+    /// Pods whose Ready condition is True.
+    #[serde(default)]
+    pub ready: i32,
+    /// Pods that exited successfully.
+    #[serde(default)]
+    pub succeeded: i32,
+    /// Pods that failed.
+    #[serde(default)]
+    pub failed: i32,
+}
+
+/// A committed checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointRef {
+    /// URI of the checkpoint's manifest.
+    pub uri: String,
+    /// Optimizer step it holds.
+    pub step: i64,
+}
+
+/// Training progress as reported by rank 0.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Optimizer steps done.
+    pub step: i64,
+    /// Steps in the whole run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<i64>,
+    /// Last training loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Training throughput of the whole gang.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_per_second: Option<f64>,
+    /// When rank 0 reported it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+impl TrainingJob {
+    /// Parses a TrainingJob from YAML, naming the field path and line of the first problem, then
+    /// checks the CEL rules the API server would check on creation.
+    pub fn from_yaml(text: &str, source_name: &str) -> crate::Result<TrainingJob> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let job: TrainingJob = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let message = if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) };
+            crate::Error::Yaml { source_name: source_name.to_string(), message }
+        })?;
+        job.validate_cel().map_err(|e| crate::Error::Invalid(format!("{source_name}: {e}")))?;
+        Ok(job)
+    }
+
+    /// The effective managing controller (`radfm.io/operator` when unset).
+    pub fn managed_by(&self) -> &str {
+        self.spec.managed_by.as_deref().unwrap_or(MANAGED_BY_RADFM)
+    }
+}
