@@ -556,11 +556,39 @@ impl TrainingJob {
     /// checks the CEL rules the API server would check on creation.
     pub fn from_yaml(text: &str, source_name: &str) -> crate::Result<TrainingJob> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let job: TrainingJob = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let message = if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) };
-            crate::Error::Yaml { source_name: source_name.to_string(), message }
-        })?;
+        let mut unknown = Vec::new();
+        let job: TrainingJob = serde_ignored::deserialize(de, |path| {
+            let path = path.to_string();
+            if path != "apiVersion" && path != "kind" {
+                unknown.push(path)
+            }
+        })
+            .map_err(|e| crate::Error::Yaml { source_name: source_name.to_string(), message: e.to_string() })?;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Header {
+            api_version: Option<String>,
+            kind: Option<String>,
+        }
+        let header: Header = serde_yaml_ng::from_str(text)
+            .map_err(|e| crate::Error::Yaml { source_name: source_name.to_string(), message: e.to_string() })?;
+        let want_version = format!("{}/{}", crate::GROUP, crate::VERSION);
+        if header.api_version.as_deref() != Some(want_version.as_str()) || header.kind.as_deref() != Some("TrainingJob") {
+            return Err(crate::Error::Yaml {
+                source_name: source_name.to_string(),
+                message: format!(
+                    "apiVersion/kind: expected {want_version} TrainingJob, found {} {}",
+                    header.api_version.as_deref().unwrap_or("<none>"),
+                    header.kind.as_deref().unwrap_or("<none>")
+                ),
+            });
+        }
+        if let Some(field) = unknown.first() {
+            return Err(crate::Error::Yaml {
+                source_name: source_name.to_string(),
+                message: format!("{field}: unknown field"),
+            });
+        }
         job.validate_cel().map_err(|e| crate::Error::Invalid(format!("{source_name}: {e}")))?;
         Ok(job)
     }
@@ -568,5 +596,124 @@ impl TrainingJob {
     /// The effective managing controller (`radfm.io/operator` when unset).
     pub fn managed_by(&self) -> &str {
         self.spec.managed_by.as_deref().unwrap_or(MANAGED_BY_RADFM)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    const VALID: &str = r#"
+apiVersion: radfm.io/v1alpha1
+kind: TrainingJob
+metadata: {name: mae-ct}
+spec:
+  image: radfm/trainer:dev
+  workers: {replicas: 2}
+  dataset: {uri: "file:///data/cohort"}
+  checkpoint: {uri: "s3://ckpt/mae"}
+  training: {steps: 10}
+"#;
+
+    fn valid() -> TrainingJob {
+        TrainingJob::from_yaml(VALID, "valid.yaml").unwrap()
+    }
+
+    /// CEL rules need the defaults the API server would apply; a round trip through JSON gives
+    /// them because every defaulted field is serialized.
+    fn cel_error(job: &TrainingJob) -> String {
+        job.validate_cel().map(|_| String::new()).unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_job() {
+        let j = valid();
+        assert_eq!(j.spec.run_policy.backoff_limit, 3);
+        assert_eq!(j.spec.run_policy.clean_pod_policy, CleanPodPolicy::Running);
+        assert_eq!(j.spec.model.architecture, Architecture::VitTiny);
+        assert_eq!(j.spec.workers.nproc(), 1);
+        assert_eq!(j.spec.checkpoint.keep_last, 3);
+    }
+
+    #[test]
+    fn cel_rejects_bad_uris_and_steps_with_epochs() {
+        let mut j = valid();
+        j.spec.dataset.uri = "http://x/y".into();
+        assert!(cel_error(&j).contains("dataset.uri must start with"), "{}", cel_error(&j));
+        let mut j = valid();
+        j.spec.checkpoint.uri = "/local/path".into();
+        assert!(cel_error(&j).contains("checkpoint.uri must start with"));
+        let mut j = valid();
+        j.spec.training.epochs = Some(2);
+        assert!(cel_error(&j).contains("exactly one of training.steps and training.epochs"));
+        let mut j = valid();
+        j.spec.training.steps = None;
+        assert!(cel_error(&j).contains("exactly one of"));
+        let mut j = valid();
+        j.metadata.name = Some("a-name-that-is-far-too-long-for-pod-names-x".into());
+        assert!(cel_error(&j).contains("DNS-1035 label of at most 40"), "{}", cel_error(&j));
+    }
+
+    #[test]
+    fn running_gang_shape_is_immutable_unless_suspended() {
+        let old = valid();
+        let mut new = valid();
+        new.spec.workers.replicas = 4;
+        let err = new.validate_cel_update(&old).unwrap_err().to_string();
+        assert!(err.contains("workers.replicas cannot change while the gang is running"), "{err}");
+        new.spec.workers.replicas = 2;
+        new.spec.image = "other".into();
+        assert!(new.validate_cel_update(&old).unwrap_err().to_string().contains("image cannot change"));
+        let mut suspended = valid();
+        suspended.spec.run_policy.suspend = true;
+        let mut resized = suspended.clone();
+        resized.spec.workers.replicas = 8;
+        resized.spec.workers.gpus_per_worker = 8;
+        assert!(resized.validate_cel_update(&suspended).is_ok());
+        let mut lr = valid();
+        lr.spec.training.learning_rate = 0.5;
+        assert!(lr.validate_cel_update(&old).is_ok(), "other fields stay mutable");
+    }
+
+    #[test]
+    fn failure_rules_need_exactly_one_matcher() {
+        let mut j = valid();
+        j.spec.failure_policy = Some(FailurePolicy {
+            rules: vec![crate::failure::FailurePolicyRule {
+                action: crate::failure::FailureAction::FailJob,
+                on_node_lost: Some(true),
+                on_reasons: Some(vec!["OOMKilled".into()]),
+                ..Default::default()
+            }],
+        });
+        assert!(cel_error(&j).contains("exactly one of onExitCodes"), "{}", cel_error(&j));
+    }
+
+    #[test]
+    fn yaml_errors_name_the_field_and_line() {
+        let bad = VALID.replace("replicas: 2", "replicas: two");
+        let err = TrainingJob::from_yaml(&bad, "job.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("job.yaml: spec.workers.replicas: invalid type"), "{err}");
+        assert!(err.contains("line 7"), "{err}");
+        let bad = VALID.replace("spec:\n", "spec:\n  imagee: x\n");
+        let err = TrainingJob::from_yaml(&bad, "job.yaml").unwrap_err().to_string();
+        assert_eq!(err, "job.yaml: spec.imagee: unknown field");
+    }
+
+    #[test]
+    fn crd_has_printer_columns_list_map_conditions_and_status_subresource() {
+        let crd = serde_json::to_value(TrainingJob::crd()).unwrap();
+        let v = &crd["spec"]["versions"][0];
+        let cols: Vec<_> = v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(cols, ["Phase", "Ready", "Step", "Loss", "Restarts", "Age"]);
+        assert!(v["subresources"]["status"].is_object());
+        let conds = &v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+        assert_eq!(conds["x-kubernetes-list-type"], "map");
+        assert_eq!(conds["x-kubernetes-list-map-keys"][0], "type");
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "tj");
+        let replicas = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["workers"]["properties"]["replicas"];
+        assert_eq!(replicas["minimum"], 1.0);
+        assert!(replicas["description"].as_str().unwrap().contains("Number of worker pods"));
     }
 }
