@@ -1,0 +1,403 @@
+//! The objects a TrainingJob owns, built from the job alone: the headless Service, one Pod per
+//! worker and, for gang schedulers, a PodGroup.
+//!
+//! Everything here is a pure function of the job and the attempt number, so names and contents are
+//! deterministic: an operator that crashed half-way through creating a gang builds exactly the same
+//! objects again, and the API server's AlreadyExists answer makes the retry idempotent.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
+    PodSpec, ResourceRequirements, SecretEnvSource, Service, ServicePort, ServiceSpec, Toleration,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use radfm_api::TrainingJob;
+use radfm_api::env::{self, EnvContract};
+use serde_json::json;
+
+/// Label: the owning TrainingJob's name.
+pub const LABEL_JOB: &str = "radfm.io/job-name";
+/// Label: the worker's rank.
+pub const LABEL_RANK: &str = "radfm.io/rank";
+/// Label: the gang attempt the pod belongs to.
+pub const LABEL_ATTEMPT: &str = "radfm.io/attempt";
+/// Label: who manages the object.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Value of [`LABEL_MANAGED_BY`].
+pub const MANAGER: &str = "radfm-operator";
+/// Annotation rank 0 writes on its own pod with its progress (JSON of `Progress`).
+pub const ANNOTATION_PROGRESS: &str = "radfm.io/progress";
+/// Annotation rank 0 writes on its own pod after committing a checkpoint (JSON of `CheckpointRef`).
+pub const ANNOTATION_CHECKPOINT: &str = "radfm.io/checkpoint";
+/// Name of the trainer container.
+pub const CONTAINER: &str = "trainer";
+/// GPU resource name.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// Gang schedulers radfm creates a PodGroup for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GangScheduler {
+    /// Volcano (`scheduling.volcano.sh/v1beta1` PodGroup).
+    Volcano,
+    /// scheduler-plugins coscheduling (`scheduling.x-k8s.io/v1alpha1` PodGroup).
+    Coscheduling,
+}
+
+impl GangScheduler {
+    /// The gang scheduler named by `schedulerName`, if it is one.
+    pub fn of(job: &TrainingJob) -> Option<Self> {
+        match job.spec.workers.scheduler_name.as_deref() {
+            Some("volcano") => Some(GangScheduler::Volcano),
+            Some("scheduler-plugins-scheduler") => Some(GangScheduler::Coscheduling),
+            _ => None,
+        }
+    }
+
+    /// (group, version, kind, plural) of its PodGroup.
+    pub fn gvk(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            GangScheduler::Volcano => ("scheduling.volcano.sh", "v1beta1", "PodGroup", "podgroups"),
+            GangScheduler::Coscheduling => ("scheduling.x-k8s.io", "v1alpha1", "PodGroup", "podgroups"),
+        }
+    }
+}
+
+/// Name of the headless Service (and of the PodGroup): the job's name.
+pub fn service_name(job: &TrainingJob) -> String {
+    job.metadata.name.clone().unwrap_or_default()
+}
+
+/// Stable hostname of worker `rank` (the same in every attempt).
+pub fn hostname(job: &TrainingJob, rank: i32) -> String {
+    format!("{}-w{rank}", service_name(job))
+}
+
+/// Pod name of worker `rank` in `attempt`.
+pub fn pod_name(job: &TrainingJob, rank: i32, attempt: i32) -> String {
+    format!("{}-a{attempt}", hostname(job, rank))
+}
+
+/// DNS name of rank 0 through the headless Service.
+pub fn master_addr(job: &TrainingJob) -> String {
+    let ns = job.metadata.namespace.as_deref().unwrap_or("default");
+    format!("{}.{}.{ns}.svc", hostname(job, 0), service_name(job))
+}
+
+fn owner(job: &TrainingJob) -> OwnerReference {
+    job.controller_owner_ref(&()).expect("a TrainingJob from the API server has a name and uid")
+}
+
+fn base_labels(job: &TrainingJob) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_JOB.to_string(), service_name(job)),
+        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+    ])
+}
+
+/// The headless Service that gives every worker a DNS name, even before it is Ready.
+pub fn service(job: &TrainingJob) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(service_name(job)),
+            namespace: job.metadata.namespace.clone(),
+            labels: Some(base_labels(job)),
+            owner_references: Some(vec![owner(job)]),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(base_labels(job)),
+            ports: Some(vec![ServicePort {
+                name: Some("rendezvous".into()),
+                port: env::DEFAULT_MASTER_PORT.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The PodGroup for a gang scheduler, as a dynamic object (its CRD is the scheduler's).
+pub fn pod_group(job: &TrainingJob, sched: GangScheduler) -> serde_json::Value {
+    let (group, version, kind, _) = sched.gvk();
+    let o = owner(job);
+    json!({
+        "apiVersion": format!("{group}/{version}"),
+        "kind": kind,
+        "metadata": {
+            "name": service_name(job),
+            "namespace": job.metadata.namespace,
+            "labels": base_labels(job),
+            "ownerReferences": [o],
+        },
+        "spec": {"minMember": job.spec.workers.replicas},
+    })
+}
+
+/// Worker pod `rank` of `attempt`, carrying the env contract.
+pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
+    let spec = &job.spec;
+    let w = &spec.workers;
+    let over = w.template.clone().unwrap_or_default();
+
+    let mut labels = over.labels.clone().unwrap_or_default();
+    labels.extend(base_labels(job));
+    labels.insert(LABEL_RANK.into(), rank.to_string());
+    labels.insert(LABEL_ATTEMPT.into(), attempt.to_string());
+    let mut annotations = over.annotations.clone().unwrap_or_default();
+    match GangScheduler::of(job) {
+        Some(GangScheduler::Volcano) => {
+            annotations.insert("scheduling.k8s.io/group-name".into(), service_name(job));
+        }
+        Some(GangScheduler::Coscheduling) => {
+            labels.insert("scheduling.x-k8s.io/pod-group".into(), service_name(job));
+        }
+        None => {}
+    }
+
+    let contract = EnvContract::for_worker(job, rank, attempt, &master_addr(job));
+    let ours: Vec<EnvVar> = contract
+        .to_vars()
+        .into_iter()
+        .map(|(name, value)| EnvVar { name, value: Some(value), ..Default::default() })
+        .chain([EnvVar {
+            name: env::POD_NAME.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }])
+        .collect();
+    let mut env_vars: Vec<EnvVar> =
+        over.env.clone().unwrap_or_default().into_iter().filter(|e| !ours.iter().any(|o| o.name == e.name)).collect();
+    env_vars.extend(ours);
+
+    let mut resources = w.resources.clone().unwrap_or_default();
+    let mut tolerations = w.tolerations.clone().unwrap_or_default();
+    if w.gpus_per_worker > 0 {
+        let gpus = Quantity(w.gpus_per_worker.to_string());
+        resources.limits.get_or_insert_with(BTreeMap::new).insert(GPU_RESOURCE.into(), gpus.clone());
+        resources.requests.get_or_insert_with(BTreeMap::new).insert(GPU_RESOURCE.into(), gpus);
+        if !tolerations.iter().any(|t| t.key.as_deref() == Some(GPU_RESOURCE)) {
+            tolerations.push(Toleration {
+                key: Some(GPU_RESOURCE.into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            });
+        }
+    }
+
+    let mut volumes = vec![Volume {
+        name: "dshm".into(),
+        empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), ..Default::default() }),
+        ..Default::default()
+    }];
+    volumes.extend(over.volumes.clone().unwrap_or_default());
+    let mut mounts = vec![VolumeMount { name: "dshm".into(), mount_path: "/dev/shm".into(), ..Default::default() }];
+    mounts.extend(over.volume_mounts.clone().unwrap_or_default());
+
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(job, rank, attempt)),
+            namespace: job.metadata.namespace.clone(),
+            labels: Some(labels),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            owner_references: Some(vec![owner(job)]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            hostname: Some(hostname(job, rank)),
+            subdomain: Some(service_name(job)),
+            restart_policy: Some("Never".into()),
+            containers: vec![Container {
+                name: CONTAINER.into(),
+                image: Some(spec.image.clone()),
+                image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+                env: Some(env_vars),
+                env_from: spec.dataset.credentials_secret_ref.as_ref().map(|s| {
+                    vec![EnvFromSource {
+                        secret_ref: Some(SecretEnvSource { name: s.name.clone(), optional: Some(false) }),
+                        ..Default::default()
+                    }]
+                }),
+                ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+                    name: Some("rendezvous".into()),
+                    container_port: env::DEFAULT_MASTER_PORT.into(),
+                    ..Default::default()
+                }]),
+                resources: Some(ResourceRequirements { ..resources }),
+                volume_mounts: Some(mounts),
+                ..Default::default()
+            }],
+            volumes: Some(volumes),
+            node_selector: w.node_selector.clone(),
+            tolerations: (!tolerations.is_empty()).then_some(tolerations),
+            affinity: w.affinity.clone(),
+            priority_class_name: w.priority_class_name.clone(),
+            scheduler_name: w.scheduler_name.clone(),
+            service_account_name: over.service_account_name.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    //! Builders for jobs and pods in the states the table tests need.
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    pub fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(1_800_000_000 + secs).unwrap())
+    }
+
+    pub struct JobBuilder(pub TrainingJob);
+
+    impl JobBuilder {
+        pub fn new(replicas: i32) -> Self {
+            let mut job = TrainingJob::from_yaml(
+                &[
+                    "apiVersion: radfm.io/v1alpha1",
+                    "kind: TrainingJob",
+                    "metadata: {name: mae, namespace: ml, uid: uid-1, generation: 1}",
+                    "spec:",
+                    "  image: radfm/trainer:1",
+                    &format!("  workers: {{replicas: {replicas}, gpusPerWorker: 8}}"),
+                    "  dataset: {uri: 's3://data/cohort'}",
+                    "  checkpoint: {uri: 's3://ckpt/mae'}",
+                    "  training: {steps: 100}",
+                ]
+                .join("\n"),
+                "fixture",
+            )
+            .unwrap();
+            job.metadata.creation_timestamp = Some(t(0));
+            JobBuilder(job)
+        }
+        pub fn with(mut self, f: impl FnOnce(&mut TrainingJob)) -> Self {
+            f(&mut self.0);
+            self
+        }
+        pub fn build(self) -> TrainingJob {
+            self.0
+        }
+    }
+
+    /// A worker pod as the API server would return it after creation, in the given phase.
+    pub fn pod(job: &TrainingJob, rank: i32, attempt: i32, phase: &str) -> Pod {
+        let mut p = worker_pod(job, rank, attempt);
+        p.metadata.uid = Some(format!("pod-{rank}-{attempt}"));
+        p.metadata.creation_timestamp = Some(t(1));
+        p.spec.as_mut().unwrap().node_name = Some(format!("node-{rank}"));
+        p.status = Some(PodStatus {
+            phase: Some(phase.into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if phase == "Running" { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        p
+    }
+
+    pub fn exited(mut p: Pod, code: i32, reason: &str) -> Pod {
+        let st = p.status.as_mut().unwrap();
+        st.phase = Some(if code == 0 { "Succeeded" } else { "Failed" }.into());
+        st.container_statuses = Some(vec![ContainerStatus {
+            name: CONTAINER.into(),
+            state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: code,
+                    reason: Some(reason.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+        p
+    }
+
+    pub fn terminating(mut p: Pod, since: i64) -> Pod {
+        p.metadata.deletion_timestamp = Some(t(since));
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::JobBuilder;
+    use super::*;
+
+    #[test]
+    fn worker_pod_carries_the_env_contract_gpus_and_stable_dns_name() {
+        let job = JobBuilder::new(4).build();
+        let pod = worker_pod(&job, 2, 3);
+        assert_eq!(pod.metadata.name.as_deref(), Some("mae-w2-a3"));
+        let spec = pod.spec.unwrap();
+        assert_eq!((spec.hostname.as_deref(), spec.subdomain.as_deref()), (Some("mae-w2"), Some("mae")));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        let c = &spec.containers[0];
+        let env: BTreeMap<_, _> =
+            c.env.as_ref().unwrap().iter().filter_map(|e| Some((e.name.as_str(), e.value.clone()?))).collect();
+        assert_eq!(env[env::NODE_RANK], "2");
+        assert_eq!(env[env::ATTEMPT], "3");
+        assert_eq!(env[env::WORLD_SIZE], "32");
+        assert_eq!(env[env::MASTER_ADDR], "mae-w0.mae.ml.svc");
+        assert_eq!(env[env::JOB_UID], "uid-1");
+        assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU_RESOURCE].0, "8");
+        assert!(spec.tolerations.unwrap().iter().any(|t| t.key.as_deref() == Some(GPU_RESOURCE)));
+        let labels = pod.metadata.labels.unwrap();
+        assert_eq!((labels[LABEL_RANK].as_str(), labels[LABEL_ATTEMPT].as_str()), ("2", "3"));
+        let owner = &pod.metadata.owner_references.unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("TrainingJob", Some(true)));
+    }
+
+    #[test]
+    fn user_overrides_merge_but_contract_variables_win() {
+        let job = JobBuilder::new(1)
+            .with(|j| {
+                j.spec.workers.template = Some(radfm_api::trainingjob::PodOverrides {
+                    env: Some(vec![
+                        EnvVar { name: env::NODE_RANK.into(), value: Some("99".into()), ..Default::default() },
+                        EnvVar { name: "EXTRA".into(), value: Some("1".into()), ..Default::default() },
+                    ]),
+                    labels: Some(BTreeMap::from([(LABEL_RANK.to_string(), "x".to_string()), ("team".into(), "rad".into())])),
+                    service_account_name: Some("trainer".into()),
+                    ..Default::default()
+                })
+            })
+            .build();
+        let pod = worker_pod(&job, 0, 1);
+        let env = pod.spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+        assert_eq!(env.iter().filter(|e| e.name == env::NODE_RANK).count(), 1);
+        assert_eq!(env.iter().find(|e| e.name == env::NODE_RANK).unwrap().value.as_deref(), Some("0"));
+        assert!(env.iter().any(|e| e.name == "EXTRA"));
+        let labels = pod.metadata.labels.unwrap();
+        assert_eq!((labels[LABEL_RANK].as_str(), labels["team"].as_str()), ("0", "rad"));
+        assert_eq!(pod.spec.unwrap().service_account_name.as_deref(), Some("trainer"));
+    }
+
+    #[test]
+    fn headless_service_publishes_not_ready_addresses() {
+        let svc = service(&JobBuilder::new(2).build());
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        assert_eq!(spec.selector.unwrap()[LABEL_JOB], "mae");
+    }
+}
