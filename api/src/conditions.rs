@@ -139,11 +139,38 @@ mod tests {
     #[test]
     fn last_transition_time_moves_only_when_status_flips() {
         let mut c = Vec::new();
-        assert!(set(&mut c, ConditionType::Running, false, "A", "a", Some(1), &t(10)));
-        assert!(!set(&mut c, ConditionType::Running, false, "B", "b", Some(2), &t(20)));
+        assert!(set(
+            &mut c,
+            ConditionType::Running,
+            false,
+            "A",
+            "a",
+            Some(1),
+            &t(10)
+        ));
+        assert!(!set(
+            &mut c,
+            ConditionType::Running,
+            false,
+            "B",
+            "b",
+            Some(2),
+            &t(20)
+        ));
         assert_eq!(c[0].last_transition_time, t(10));
-        assert_eq!((c[0].reason.as_str(), c[0].observed_generation), ("B", Some(2)));
-        assert!(set(&mut c, ConditionType::Running, true, "C", "c", Some(2), &t(30)));
+        assert_eq!(
+            (c[0].reason.as_str(), c[0].observed_generation),
+            ("B", Some(2))
+        );
+        assert!(set(
+            &mut c,
+            ConditionType::Running,
+            true,
+            "C",
+            "c",
+            Some(2),
+            &t(30)
+        ));
         assert_eq!(c[0].last_transition_time, t(30));
         assert!(is_true(&c, ConditionType::Running));
         assert!(!is_true(&c, ConditionType::Failed));

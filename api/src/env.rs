@@ -12,13 +12,22 @@ use crate::{Error, Result};
 pub const VARS: &[(&str, &str)] = &[
     (JOB_NAME, "TrainingJob name"),
     (JOB_NAMESPACE, "TrainingJob namespace"),
-    (JOB_UID, "TrainingJob uid: distinguishes a re-created job of the same name"),
-    (ATTEMPT, "gang attempt, starting at 1; rendezvous keys carry it so stale ranks cannot join"),
+    (
+        JOB_UID,
+        "TrainingJob uid: distinguishes a re-created job of the same name",
+    ),
+    (
+        ATTEMPT,
+        "gang attempt, starting at 1; rendezvous keys carry it so stale ranks cannot join",
+    ),
     (NODE_RANK, "rank of this worker pod, 0..NNODES-1"),
     (NNODES, "worker pods in the gang (spec.workers.replicas)"),
     (NPROC_PER_NODE, "trainer processes in this pod"),
     (WORLD_SIZE, "NNODES x NPROC_PER_NODE"),
-    (MASTER_ADDR, "DNS name of rank 0 through the headless Service"),
+    (
+        MASTER_ADDR,
+        "DNS name of rank 0 through the headless Service",
+    ),
     (MASTER_PORT, "rendezvous port served by global rank 0"),
     (DATASET_URI, "dataset folder URI (index.json and shards)"),
     (CHECKPOINT_URI, "checkpoint folder URI of this job"),
@@ -148,7 +157,11 @@ impl EnvContract {
         let s = &job.spec;
         EnvContract {
             job_name: job.metadata.name.clone().unwrap_or_default(),
-            job_namespace: job.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            job_namespace: job
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             job_uid: job.metadata.uid.clone().unwrap_or_default(),
             attempt,
             node_rank,
@@ -222,16 +235,25 @@ impl EnvContract {
         let req = |name: &str| -> Result<String> {
             match get(name) {
                 Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
-                _ => Err(Error::Env { name: name.into(), reason: "is required but not set".into() }),
+                _ => Err(Error::Env {
+                    name: name.into(),
+                    reason: "is required but not set".into(),
+                }),
             }
         };
         fn parse<T: std::str::FromStr>(name: &str, v: String) -> Result<T> {
-            v.parse().map_err(|_| Error::Env { name: name.into(), reason: format!("{v:?} is not a valid number") })
+            v.parse().map_err(|_| Error::Env {
+                name: name.into(),
+                reason: format!("{v:?} is not a valid number"),
+            })
         }
         let opt = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let at_least = |name: &str, v: i64, min: i64| -> Result<()> {
             if v < min {
-                return Err(Error::Env { name: name.into(), reason: format!("{v} must be >= {min}") });
+                return Err(Error::Env {
+                    name: name.into(),
+                    reason: format!("{v} must be >= {min}"),
+                });
             }
             Ok(())
         };
@@ -244,7 +266,10 @@ impl EnvContract {
             nnodes: parse(NNODES, req(NNODES)?)?,
             nproc_per_node: parse(NPROC_PER_NODE, req(NPROC_PER_NODE)?)?,
             master_addr: req(MASTER_ADDR)?,
-            master_port: parse(MASTER_PORT, opt(MASTER_PORT).unwrap_or_else(|| DEFAULT_MASTER_PORT.to_string()))?,
+            master_port: parse(
+                MASTER_PORT,
+                opt(MASTER_PORT).unwrap_or_else(|| DEFAULT_MASTER_PORT.to_string()),
+            )?,
             dataset_uri: req(DATASET_URI)?,
             checkpoint_uri: req(CHECKPOINT_URI)?,
             checkpoint_every: parse(CHECKPOINT_EVERY, req(CHECKPOINT_EVERY)?)?,
@@ -255,7 +280,10 @@ impl EnvContract {
             epochs: opt(EPOCHS).map(|v| parse(EPOCHS, v)).transpose()?,
             batch_size: parse(BATCH_SIZE, req(BATCH_SIZE)?)?,
             learning_rate: parse(LEARNING_RATE, req(LEARNING_RATE)?)?,
-            warmup_steps: parse(WARMUP_STEPS, opt(WARMUP_STEPS).unwrap_or_else(|| "0".into()))?,
+            warmup_steps: parse(
+                WARMUP_STEPS,
+                opt(WARMUP_STEPS).unwrap_or_else(|| "0".into()),
+            )?,
             precision: req(PRECISION)?,
             seed: parse(SEED, opt(SEED).unwrap_or_else(|| "0".into()))?,
             gpus: parse(GPUS, opt(GPUS).unwrap_or_else(|| "0".into()))?,
@@ -279,19 +307,31 @@ impl EnvContract {
             });
         }
         if c.steps.is_some() == c.epochs.is_some() {
-            return Err(Error::Env { name: STEPS.into(), reason: format!("exactly one of {STEPS} and {EPOCHS} must be set") });
+            return Err(Error::Env {
+                name: STEPS.into(),
+                reason: format!("exactly one of {STEPS} and {EPOCHS} must be set"),
+            });
         }
         at_least(BATCH_SIZE, c.batch_size.into(), 1)?;
         at_least(CHECKPOINT_EVERY, c.checkpoint_every, 1)?;
         at_least(CHECKPOINT_KEEP, c.checkpoint_keep.into(), 1)?;
         if !(c.learning_rate > 0.0 && c.learning_rate < 1.0) {
-            return Err(Error::Env { name: LEARNING_RATE.into(), reason: format!("{} must be in (0, 1)", c.learning_rate) });
+            return Err(Error::Env {
+                name: LEARNING_RATE.into(),
+                reason: format!("{} must be in (0, 1)", c.learning_rate),
+            });
         }
         if !["fp32", "bf16"].contains(&c.precision.as_str()) {
-            return Err(Error::Env { name: PRECISION.into(), reason: format!("{:?} must be fp32 or bf16", c.precision) });
+            return Err(Error::Env {
+                name: PRECISION.into(),
+                reason: format!("{:?} must be fp32 or bf16", c.precision),
+            });
         }
         if !["vit-tiny", "vit-small", "vit-base"].contains(&c.model_arch.as_str()) {
-            return Err(Error::Env { name: MODEL_ARCH.into(), reason: format!("{:?} is not a known preset", c.model_arch) });
+            return Err(Error::Env {
+                name: MODEL_ARCH.into(),
+                reason: format!("{:?} is not a known preset", c.model_arch),
+            });
         }
         Ok(c)
     }
@@ -336,7 +376,9 @@ spec:
         let c = EnvContract::for_worker(&job(), 0, 1, "h");
         let names: Vec<_> = VARS.iter().map(|v| v.0).collect();
         let emitted: Vec<_> = c.to_vars().into_iter().map(|v| v.0).collect();
-        let mut positions = emitted.iter().map(|e| names.iter().position(|n| n == e).expect(e));
+        let mut positions = emitted
+            .iter()
+            .map(|e| names.iter().position(|n| n == e).expect(e));
         let mut last = positions.next().unwrap();
         for p in positions {
             assert!(p > last, "order");
@@ -346,14 +388,41 @@ spec:
 
     #[test]
     fn invalid_contract_errors_name_the_variable() {
-        let base: HashMap<_, _> = EnvContract::for_worker(&job(), 0, 1, "h").to_vars().into_iter().collect();
+        let base: HashMap<_, _> = EnvContract::for_worker(&job(), 0, 1, "h")
+            .to_vars()
+            .into_iter()
+            .collect();
         let cases = [
-            (NODE_RANK, Some("2"), "RADFM_NODE_RANK: 2 must be < RADFM_NNODES=2"),
-            (ATTEMPT, Some("x"), "RADFM_ATTEMPT: \"x\" is not a valid number"),
-            (MASTER_ADDR, None, "RADFM_MASTER_ADDR: is required but not set"),
-            (PRECISION, Some("fp8"), "RADFM_PRECISION: \"fp8\" must be fp32 or bf16"),
-            (WORLD_SIZE, Some("3"), "RADFM_WORLD_SIZE: 3 != RADFM_NNODES x RADFM_NPROC_PER_NODE = 8"),
-            (EPOCHS, Some("2"), "exactly one of RADFM_STEPS and RADFM_EPOCHS"),
+            (
+                NODE_RANK,
+                Some("2"),
+                "RADFM_NODE_RANK: 2 must be < RADFM_NNODES=2",
+            ),
+            (
+                ATTEMPT,
+                Some("x"),
+                "RADFM_ATTEMPT: \"x\" is not a valid number",
+            ),
+            (
+                MASTER_ADDR,
+                None,
+                "RADFM_MASTER_ADDR: is required but not set",
+            ),
+            (
+                PRECISION,
+                Some("fp8"),
+                "RADFM_PRECISION: \"fp8\" must be fp32 or bf16",
+            ),
+            (
+                WORLD_SIZE,
+                Some("3"),
+                "RADFM_WORLD_SIZE: 3 != RADFM_NNODES x RADFM_NPROC_PER_NODE = 8",
+            ),
+            (
+                EPOCHS,
+                Some("2"),
+                "exactly one of RADFM_STEPS and RADFM_EPOCHS",
+            ),
         ];
         for (name, value, want) in cases {
             let mut vars = base.clone();
@@ -361,7 +430,9 @@ spec:
                 Some(v) => vars.insert(name.to_string(), v.to_string()),
                 None => vars.remove(name),
             };
-            let err = EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap_err().to_string();
+            let err = EnvContract::from_lookup(|k| vars.get(k).cloned())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{name}: {err}");
         }
     }

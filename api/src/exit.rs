@@ -50,20 +50,69 @@ pub fn class(code: i32) -> ExitClass {
 
 /// One row of the documented table: code, name, class, meaning.
 pub const TABLE: &[(i32, &str, ExitClass, &str)] = &[
-    (SUCCESS, "Success", ExitClass::Success, "training reached its last step"),
-    (INVALID_CONFIG, "InvalidConfig", ExitClass::Permanent, "configuration rejected before training"),
-    (DATA_ERROR_LIMIT, "DataErrorLimit", ExitClass::Permanent, "too many corrupt samples"),
-    (NON_FINITE_LOSS, "NonFiniteLoss", ExitClass::Permanent, "loss NaN/inf beyond the retry budget"),
-    (RETRYABLE, "Retryable", ExitClass::Retryable, "transient I/O or network failure"),
-    (PEER_LOST, "PeerLost", ExitClass::Retryable, "another rank died or stalled"),
-    (TERMINATED, "Terminated", ExitClass::Retryable, "SIGTERM; checkpoint written"),
-    (KILLED, "Killed", ExitClass::Retryable, "SIGKILL (often the OOM killer)"),
-    (SIGTERM, "SigTerm", ExitClass::Retryable, "SIGTERM before a checkpoint was written"),
+    (
+        SUCCESS,
+        "Success",
+        ExitClass::Success,
+        "training reached its last step",
+    ),
+    (
+        INVALID_CONFIG,
+        "InvalidConfig",
+        ExitClass::Permanent,
+        "configuration rejected before training",
+    ),
+    (
+        DATA_ERROR_LIMIT,
+        "DataErrorLimit",
+        ExitClass::Permanent,
+        "too many corrupt samples",
+    ),
+    (
+        NON_FINITE_LOSS,
+        "NonFiniteLoss",
+        ExitClass::Permanent,
+        "loss NaN/inf beyond the retry budget",
+    ),
+    (
+        RETRYABLE,
+        "Retryable",
+        ExitClass::Retryable,
+        "transient I/O or network failure",
+    ),
+    (
+        PEER_LOST,
+        "PeerLost",
+        ExitClass::Retryable,
+        "another rank died or stalled",
+    ),
+    (
+        TERMINATED,
+        "Terminated",
+        ExitClass::Retryable,
+        "SIGTERM; checkpoint written",
+    ),
+    (
+        KILLED,
+        "Killed",
+        ExitClass::Retryable,
+        "SIGKILL (often the OOM killer)",
+    ),
+    (
+        SIGTERM,
+        "SigTerm",
+        ExitClass::Retryable,
+        "SIGTERM before a checkpoint was written",
+    ),
 ];
 
 /// The name of a code in the table, for messages.
 pub fn name(code: i32) -> &'static str {
-    TABLE.iter().find(|row| row.0 == code).map(|row| row.1).unwrap_or("Unknown")
+    TABLE
+        .iter()
+        .find(|row| row.0 == code)
+        .map(|row| row.1)
+        .unwrap_or("Unknown")
 }
 
 #[cfg(test)]

@@ -58,7 +58,9 @@ impl ExitCodeRange {
 }
 
 /// What a matching failure does.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum FailureAction {
     /// Delete every worker and start the next attempt from the last checkpoint, counting
     /// against backoffLimit.
@@ -112,7 +114,11 @@ pub fn default_rules() -> Vec<FailurePolicyRule> {
         },
         FailurePolicyRule {
             action: FailureAction::RestartGangNotCounted,
-            on_reasons: Some(vec!["Evicted".into(), "Preempting".into(), "NodeLost".into()]),
+            on_reasons: Some(vec![
+                "Evicted".into(),
+                "Preempting".into(),
+                "NodeLost".into(),
+            ]),
             ..Default::default()
         },
         FailurePolicyRule {
@@ -126,10 +132,15 @@ pub fn default_rules() -> Vec<FailurePolicyRule> {
 impl FailurePolicyRule {
     fn matches(&self, f: &WorkerFailure) -> bool {
         if let Some(ranges) = &self.on_exit_codes {
-            return f.exit_code.is_some_and(|c| ranges.iter().any(|r| r.contains(c)));
+            return f
+                .exit_code
+                .is_some_and(|c| ranges.iter().any(|r| r.contains(c)));
         }
         if let Some(reasons) = &self.on_reasons {
-            return f.reason.as_ref().is_some_and(|r| reasons.iter().any(|x| x == r));
+            return f
+                .reason
+                .as_ref()
+                .is_some_and(|r| reasons.iter().any(|x| x == r));
         }
         if let Some(conds) = &self.on_pod_conditions {
             return f.pod_conditions.iter().any(|c| conds.contains(c));
@@ -183,7 +194,11 @@ mod tests {
     use super::*;
 
     fn exit(code: i32) -> WorkerFailure {
-        WorkerFailure { rank: 1, exit_code: Some(code), ..Default::default() }
+        WorkerFailure {
+            rank: 1,
+            exit_code: Some(code),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -196,15 +211,25 @@ mod tests {
             (exit(137), FailureAction::RestartGang),
             (exit(1), FailureAction::RestartGang),
             (
-                WorkerFailure { node_lost: true, exit_code: Some(64), ..Default::default() },
+                WorkerFailure {
+                    node_lost: true,
+                    exit_code: Some(64),
+                    ..Default::default()
+                },
                 FailureAction::RestartGangNotCounted,
             ),
             (
-                WorkerFailure { pod_conditions: vec!["DisruptionTarget".into()], ..Default::default() },
+                WorkerFailure {
+                    pod_conditions: vec!["DisruptionTarget".into()],
+                    ..Default::default()
+                },
                 FailureAction::RestartGangNotCounted,
             ),
             (
-                WorkerFailure { reason: Some("Evicted".into()), ..Default::default() },
+                WorkerFailure {
+                    reason: Some("Evicted".into()),
+                    ..Default::default()
+                },
                 FailureAction::RestartGangNotCounted,
             ),
         ];
@@ -225,15 +250,25 @@ mod tests {
                 },
                 FailurePolicyRule {
                     action: FailureAction::RestartGangNotCounted,
-                    on_exit_codes: Some(vec![ExitCodeRange { from: 137, to: None }]),
+                    on_exit_codes: Some(vec![ExitCodeRange {
+                        from: 137,
+                        to: None,
+                    }]),
                     ..Default::default()
                 },
             ],
         };
-        let oom = WorkerFailure { exit_code: Some(137), reason: Some("OOMKilled".into()), ..Default::default() };
+        let oom = WorkerFailure {
+            exit_code: Some(137),
+            reason: Some("OOMKilled".into()),
+            ..Default::default()
+        };
         assert_eq!(classify(Some(&policy), &oom).action, FailureAction::FailJob);
         assert_eq!(classify(Some(&policy), &oom).rule, Some(0));
-        assert_eq!(classify(Some(&policy), &exit(137)).action, FailureAction::RestartGangNotCounted);
+        assert_eq!(
+            classify(Some(&policy), &exit(137)).action,
+            FailureAction::RestartGangNotCounted
+        );
         let v = classify(Some(&policy), &exit(64));
         assert_eq!((v.action, v.rule), (FailureAction::RestartGang, None));
         assert_eq!(v.message, "worker 1 exited with code 64 (InvalidConfig)");

@@ -28,6 +28,7 @@ pub const MAX_NAME_LEN: usize = 40;
     group = "radfm.io",
     version = "v1alpha1",
     kind = "TrainingJob",
+    doc = "A self-supervised pretraining run executed as a gang of trainer pods (see docs/trainingjob.md).",
     plural = "trainingjobs",
     shortname = "tj",
     category = "radfm",
@@ -151,8 +152,11 @@ pub struct WorkersSpec {
 impl WorkersSpec {
     /// Trainer processes per pod, with the default applied.
     pub fn nproc(&self) -> i32 {
-        self.nproc_per_node
-            .unwrap_or(if self.gpus_per_worker > 0 { self.gpus_per_worker } else { 1 })
+        self.nproc_per_node.unwrap_or(if self.gpus_per_worker > 0 {
+            self.gpus_per_worker
+        } else {
+            1
+        })
     }
 }
 
@@ -230,7 +234,10 @@ pub struct ModelSpec {
 
 impl Default for ModelSpec {
     fn default() -> Self {
-        ModelSpec { architecture: default_architecture(), init_from: None }
+        ModelSpec {
+            architecture: default_architecture(),
+            init_from: None,
+        }
     }
 }
 
@@ -563,17 +570,24 @@ impl TrainingJob {
                 unknown.push(path)
             }
         })
-            .map_err(|e| crate::Error::Yaml { source_name: source_name.to_string(), message: e.to_string() })?;
+        .map_err(|e| crate::Error::Yaml {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Header {
             api_version: Option<String>,
             kind: Option<String>,
         }
-        let header: Header = serde_yaml_ng::from_str(text)
-            .map_err(|e| crate::Error::Yaml { source_name: source_name.to_string(), message: e.to_string() })?;
+        let header: Header = serde_yaml_ng::from_str(text).map_err(|e| crate::Error::Yaml {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
         let want_version = format!("{}/{}", crate::GROUP, crate::VERSION);
-        if header.api_version.as_deref() != Some(want_version.as_str()) || header.kind.as_deref() != Some("TrainingJob") {
+        if header.api_version.as_deref() != Some(want_version.as_str())
+            || header.kind.as_deref() != Some("TrainingJob")
+        {
             return Err(crate::Error::Yaml {
                 source_name: source_name.to_string(),
                 message: format!(
@@ -589,7 +603,8 @@ impl TrainingJob {
                 message: format!("{field}: unknown field"),
             });
         }
-        job.validate_cel().map_err(|e| crate::Error::Invalid(format!("{source_name}: {e}")))?;
+        job.validate_cel()
+            .map_err(|e| crate::Error::Invalid(format!("{source_name}: {e}")))?;
         Ok(job)
     }
 
@@ -623,7 +638,9 @@ spec:
     /// CEL rules need the defaults the API server would apply; a round trip through JSON gives
     /// them because every defaulted field is serialized.
     fn cel_error(job: &TrainingJob) -> String {
-        job.validate_cel().map(|_| String::new()).unwrap_or_else(|e| e.to_string())
+        job.validate_cel()
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.to_string())
     }
 
     #[test]
@@ -640,7 +657,11 @@ spec:
     fn cel_rejects_bad_uris_and_steps_with_epochs() {
         let mut j = valid();
         j.spec.dataset.uri = "http://x/y".into();
-        assert!(cel_error(&j).contains("dataset.uri must start with"), "{}", cel_error(&j));
+        assert!(
+            cel_error(&j).contains("dataset.uri must start with"),
+            "{}",
+            cel_error(&j)
+        );
         let mut j = valid();
         j.spec.checkpoint.uri = "/local/path".into();
         assert!(cel_error(&j).contains("checkpoint.uri must start with"));
@@ -652,7 +673,11 @@ spec:
         assert!(cel_error(&j).contains("exactly one of"));
         let mut j = valid();
         j.metadata.name = Some("a-name-that-is-far-too-long-for-pod-names-x".into());
-        assert!(cel_error(&j).contains("DNS-1035 label of at most 40"), "{}", cel_error(&j));
+        assert!(
+            cel_error(&j).contains("DNS-1035 label of at most 40"),
+            "{}",
+            cel_error(&j)
+        );
     }
 
     #[test]
@@ -661,10 +686,18 @@ spec:
         let mut new = valid();
         new.spec.workers.replicas = 4;
         let err = new.validate_cel_update(&old).unwrap_err().to_string();
-        assert!(err.contains("workers.replicas cannot change while the gang is running"), "{err}");
+        assert!(
+            err.contains("workers.replicas cannot change while the gang is running"),
+            "{err}"
+        );
         new.spec.workers.replicas = 2;
         new.spec.image = "other".into();
-        assert!(new.validate_cel_update(&old).unwrap_err().to_string().contains("image cannot change"));
+        assert!(
+            new.validate_cel_update(&old)
+                .unwrap_err()
+                .to_string()
+                .contains("image cannot change")
+        );
         let mut suspended = valid();
         suspended.spec.run_policy.suspend = true;
         let mut resized = suspended.clone();
@@ -673,7 +706,10 @@ spec:
         assert!(resized.validate_cel_update(&suspended).is_ok());
         let mut lr = valid();
         lr.spec.training.learning_rate = 0.5;
-        assert!(lr.validate_cel_update(&old).is_ok(), "other fields stay mutable");
+        assert!(
+            lr.validate_cel_update(&old).is_ok(),
+            "other fields stay mutable"
+        );
     }
 
     #[test]
@@ -687,17 +723,28 @@ spec:
                 ..Default::default()
             }],
         });
-        assert!(cel_error(&j).contains("exactly one of onExitCodes"), "{}", cel_error(&j));
+        assert!(
+            cel_error(&j).contains("exactly one of onExitCodes"),
+            "{}",
+            cel_error(&j)
+        );
     }
 
     #[test]
     fn yaml_errors_name_the_field_and_line() {
         let bad = VALID.replace("replicas: 2", "replicas: two");
-        let err = TrainingJob::from_yaml(&bad, "job.yaml").unwrap_err().to_string();
-        assert!(err.starts_with("job.yaml: spec.workers.replicas: invalid type"), "{err}");
+        let err = TrainingJob::from_yaml(&bad, "job.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("job.yaml: spec.workers.replicas: invalid type"),
+            "{err}"
+        );
         assert!(err.contains("line 7"), "{err}");
         let bad = VALID.replace("spec:\n", "spec:\n  imagee: x\n");
-        let err = TrainingJob::from_yaml(&bad, "job.yaml").unwrap_err().to_string();
+        let err = TrainingJob::from_yaml(&bad, "job.yaml")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "job.yaml: spec.imagee: unknown field");
     }
 
@@ -705,15 +752,27 @@ spec:
     fn crd_has_printer_columns_list_map_conditions_and_status_subresource() {
         let crd = serde_json::to_value(TrainingJob::crd()).unwrap();
         let v = &crd["spec"]["versions"][0];
-        let cols: Vec<_> = v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let cols: Vec<_> = v["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
         assert_eq!(cols, ["Phase", "Ready", "Step", "Loss", "Restarts", "Age"]);
         assert!(v["subresources"]["status"].is_object());
-        let conds = &v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+        let conds =
+            &v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
         assert_eq!(conds["x-kubernetes-list-type"], "map");
         assert_eq!(conds["x-kubernetes-list-map-keys"][0], "type");
         assert_eq!(crd["spec"]["names"]["shortNames"][0], "tj");
-        let replicas = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["workers"]["properties"]["replicas"];
+        let replicas = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["workers"]
+            ["properties"]["replicas"];
         assert_eq!(replicas["minimum"], 1.0);
-        assert!(replicas["description"].as_str().unwrap().contains("Number of worker pods"));
+        assert!(
+            replicas["description"]
+                .as_str()
+                .unwrap()
+                .contains("Number of worker pods")
+        );
     }
 }

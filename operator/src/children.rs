@@ -61,7 +61,9 @@ impl GangScheduler {
     pub fn gvk(self) -> (&'static str, &'static str, &'static str, &'static str) {
         match self {
             GangScheduler::Volcano => ("scheduling.volcano.sh", "v1beta1", "PodGroup", "podgroups"),
-            GangScheduler::Coscheduling => ("scheduling.x-k8s.io", "v1alpha1", "PodGroup", "podgroups"),
+            GangScheduler::Coscheduling => {
+                ("scheduling.x-k8s.io", "v1alpha1", "PodGroup", "podgroups")
+            }
         }
     }
 }
@@ -88,7 +90,8 @@ pub fn master_addr(job: &TrainingJob) -> String {
 }
 
 fn owner(job: &TrainingJob) -> OwnerReference {
-    job.controller_owner_ref(&()).expect("a TrainingJob from the API server has a name and uid")
+    job.controller_owner_ref(&())
+        .expect("a TrainingJob from the API server has a name and uid")
 }
 
 fn base_labels(job: &TrainingJob) -> BTreeMap<String, String> {
@@ -165,27 +168,48 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
     let ours: Vec<EnvVar> = contract
         .to_vars()
         .into_iter()
-        .map(|(name, value)| EnvVar { name, value: Some(value), ..Default::default() })
+        .map(|(name, value)| EnvVar {
+            name,
+            value: Some(value),
+            ..Default::default()
+        })
         .chain([EnvVar {
             name: env::POD_NAME.into(),
             value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
         }])
         .collect();
-    let mut env_vars: Vec<EnvVar> =
-        over.env.clone().unwrap_or_default().into_iter().filter(|e| !ours.iter().any(|o| o.name == e.name)).collect();
+    let mut env_vars: Vec<EnvVar> = over
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| !ours.iter().any(|o| o.name == e.name))
+        .collect();
     env_vars.extend(ours);
 
     let mut resources = w.resources.clone().unwrap_or_default();
     let mut tolerations = w.tolerations.clone().unwrap_or_default();
     if w.gpus_per_worker > 0 {
         let gpus = Quantity(w.gpus_per_worker.to_string());
-        resources.limits.get_or_insert_with(BTreeMap::new).insert(GPU_RESOURCE.into(), gpus.clone());
-        resources.requests.get_or_insert_with(BTreeMap::new).insert(GPU_RESOURCE.into(), gpus);
-        if !tolerations.iter().any(|t| t.key.as_deref() == Some(GPU_RESOURCE)) {
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), gpus.clone());
+        resources
+            .requests
+            .get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), gpus);
+        if !tolerations
+            .iter()
+            .any(|t| t.key.as_deref() == Some(GPU_RESOURCE))
+        {
             tolerations.push(Toleration {
                 key: Some(GPU_RESOURCE.into()),
                 operator: Some("Exists".into()),
@@ -197,11 +221,18 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
 
     let mut volumes = vec![Volume {
         name: "dshm".into(),
-        empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), ..Default::default() }),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            ..Default::default()
+        }),
         ..Default::default()
     }];
     volumes.extend(over.volumes.clone().unwrap_or_default());
-    let mut mounts = vec![VolumeMount { name: "dshm".into(), mount_path: "/dev/shm".into(), ..Default::default() }];
+    let mut mounts = vec![VolumeMount {
+        name: "dshm".into(),
+        mount_path: "/dev/shm".into(),
+        ..Default::default()
+    }];
     mounts.extend(over.volume_mounts.clone().unwrap_or_default());
 
     Pod {
@@ -224,7 +255,10 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
                 env: Some(env_vars),
                 env_from: spec.dataset.credentials_secret_ref.as_ref().map(|s| {
                     vec![EnvFromSource {
-                        secret_ref: Some(SecretEnvSource { name: s.name.clone(), optional: Some(false) }),
+                        secret_ref: Some(SecretEnvSource {
+                            name: s.name.clone(),
+                            optional: Some(false),
+                        }),
                         ..Default::default()
                     }]
                 }),
@@ -349,22 +383,44 @@ mod tests {
         let pod = worker_pod(&job, 2, 3);
         assert_eq!(pod.metadata.name.as_deref(), Some("mae-w2-a3"));
         let spec = pod.spec.unwrap();
-        assert_eq!((spec.hostname.as_deref(), spec.subdomain.as_deref()), (Some("mae-w2"), Some("mae")));
+        assert_eq!(
+            (spec.hostname.as_deref(), spec.subdomain.as_deref()),
+            (Some("mae-w2"), Some("mae"))
+        );
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
         let c = &spec.containers[0];
-        let env: BTreeMap<_, _> =
-            c.env.as_ref().unwrap().iter().filter_map(|e| Some((e.name.as_str(), e.value.clone()?))).collect();
+        let env: BTreeMap<_, _> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e.name.as_str(), e.value.clone()?)))
+            .collect();
         assert_eq!(env[env::NODE_RANK], "2");
         assert_eq!(env[env::ATTEMPT], "3");
         assert_eq!(env[env::WORLD_SIZE], "32");
         assert_eq!(env[env::MASTER_ADDR], "mae-w0.mae.ml.svc");
         assert_eq!(env[env::JOB_UID], "uid-1");
-        assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU_RESOURCE].0, "8");
-        assert!(spec.tolerations.unwrap().iter().any(|t| t.key.as_deref() == Some(GPU_RESOURCE)));
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU_RESOURCE].0,
+            "8"
+        );
+        assert!(
+            spec.tolerations
+                .unwrap()
+                .iter()
+                .any(|t| t.key.as_deref() == Some(GPU_RESOURCE))
+        );
         let labels = pod.metadata.labels.unwrap();
-        assert_eq!((labels[LABEL_RANK].as_str(), labels[LABEL_ATTEMPT].as_str()), ("2", "3"));
+        assert_eq!(
+            (labels[LABEL_RANK].as_str(), labels[LABEL_ATTEMPT].as_str()),
+            ("2", "3")
+        );
         let owner = &pod.metadata.owner_references.unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.controller), ("TrainingJob", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("TrainingJob", Some(true))
+        );
     }
 
     #[test]
@@ -373,23 +429,50 @@ mod tests {
             .with(|j| {
                 j.spec.workers.template = Some(radfm_api::trainingjob::PodOverrides {
                     env: Some(vec![
-                        EnvVar { name: env::NODE_RANK.into(), value: Some("99".into()), ..Default::default() },
-                        EnvVar { name: "EXTRA".into(), value: Some("1".into()), ..Default::default() },
+                        EnvVar {
+                            name: env::NODE_RANK.into(),
+                            value: Some("99".into()),
+                            ..Default::default()
+                        },
+                        EnvVar {
+                            name: "EXTRA".into(),
+                            value: Some("1".into()),
+                            ..Default::default()
+                        },
                     ]),
-                    labels: Some(BTreeMap::from([(LABEL_RANK.to_string(), "x".to_string()), ("team".into(), "rad".into())])),
+                    labels: Some(BTreeMap::from([
+                        (LABEL_RANK.to_string(), "x".to_string()),
+                        ("team".into(), "rad".into()),
+                    ])),
                     service_account_name: Some("trainer".into()),
                     ..Default::default()
                 })
             })
             .build();
         let pod = worker_pod(&job, 0, 1);
-        let env = pod.spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+        let env = pod.spec.as_ref().unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
         assert_eq!(env.iter().filter(|e| e.name == env::NODE_RANK).count(), 1);
-        assert_eq!(env.iter().find(|e| e.name == env::NODE_RANK).unwrap().value.as_deref(), Some("0"));
+        assert_eq!(
+            env.iter()
+                .find(|e| e.name == env::NODE_RANK)
+                .unwrap()
+                .value
+                .as_deref(),
+            Some("0")
+        );
         assert!(env.iter().any(|e| e.name == "EXTRA"));
         let labels = pod.metadata.labels.unwrap();
-        assert_eq!((labels[LABEL_RANK].as_str(), labels["team"].as_str()), ("0", "rad"));
-        assert_eq!(pod.spec.unwrap().service_account_name.as_deref(), Some("trainer"));
+        assert_eq!(
+            (labels[LABEL_RANK].as_str(), labels["team"].as_str()),
+            ("0", "rad")
+        );
+        assert_eq!(
+            pod.spec.unwrap().service_account_name.as_deref(),
+            Some("trainer")
+        );
     }
 
     #[test]

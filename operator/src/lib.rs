@@ -7,4 +7,45 @@
 
 pub mod children;
 pub mod crdgen;
+pub mod leader;
+pub mod metrics;
 pub mod plan;
+pub mod reconcile;
+pub mod telemetry;
+
+/// Errors of the operator library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Creating or deleting a child object failed.
+    #[error("{what}: {source}")]
+    Child {
+        /// What was being done ("creating pod mae-w0-a1").
+        what: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// An object could not be (de)serialized.
+    #[error("serialization: {0}")]
+    Serialize(#[source] serde_json::Error),
+    /// A field the operator needs is missing.
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+}
+
+impl Error {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "api",
+            Error::Child { .. } => "child",
+            Error::Serialize(_) => "serialize",
+            Error::MissingField(_) => "invalid",
+        }
+    }
+}
+
+/// Result alias of the operator library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

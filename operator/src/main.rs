@@ -1,1 +1,214 @@
-fn main() {}
+//! `radfm-operator`: the TrainingJob controller, and `radfm-operator crd` to print the CRDs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use radfm_operator::leader::Elector;
+use radfm_operator::metrics::{self, Metrics};
+use radfm_operator::{crdgen, reconcile, telemetry};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "radfm-operator",
+    version,
+    about = "Runs radfm TrainingJobs on Kubernetes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (the default).
+    Run,
+    /// Print the CRDs as YAML, or write them into a folder.
+    Crd {
+        /// Folder to write one file per CRD into.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "RADFM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Only one replica reconciles; the others wait on a Lease.
+    #[arg(long, env = "RADFM_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Lease name.
+    #[arg(long, env = "RADFM_LEASE_NAME", default_value = "radfm-operator")]
+    lease_name: String,
+    /// Lease namespace (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "radfm-system")]
+    lease_namespace: String,
+    /// Lease duration in seconds.
+    #[arg(long, env = "RADFM_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    /// This replica's identity (default: the pod name or host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Watch one namespace only (default: all).
+    #[arg(long, env = "RADFM_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Plain-text logs instead of JSON.
+    #[arg(long, env = "RADFM_LOG_TEXT")]
+    log_text: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd { out_dir }) => print_crds(out_dir),
+        Some(Command::Run) | None => run(cli.run).await,
+    }
+}
+
+fn print_crds(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    for (name, yaml) in crdgen::crds() {
+        match &out_dir {
+            Some(dir) => {
+                let path = dir.join(name);
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            None => print!("---\n{yaml}"),
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let _guard = telemetry::init("radfm-operator", !args.log_text);
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+    let metrics = Arc::new(Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    info!(addr = %listener.local_addr()?, "serving /metrics /healthz /readyz");
+    let router = metrics::router(metrics.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            error!(error = %e, "metrics server stopped");
+        }
+    });
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "radfm-operator".into())
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let elector = if args.leader_elect {
+        let elector = Elector::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            Duration::from_secs(args.lease_seconds),
+        );
+        let retry = elector.duration / 3;
+        info!(%identity, lease = %args.lease_name, "waiting for the leader lease");
+        loop {
+            match elector.try_lead().await {
+                Ok(true) => break,
+                Ok(false) => metrics.set_ready(),
+                Err(e) => warn!(error = %e, "leader election"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {},
+                _ = stopped(stop_rx.clone()) => return Ok(()),
+            }
+        }
+        info!(%identity, "became leader");
+        Some(Arc::new(elector))
+    } else {
+        None
+    };
+    metrics.set_ready();
+    metrics.set_leader(true);
+
+    // Renew the lease; losing it for a whole lease duration stops the controller (the pod then
+    // restarts as a follower), so two leaders never act together for long.
+    let (lost_tx, lost_rx) = watch::channel(false);
+    if let Some(elector) = elector.clone() {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut last_ok = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(elector.duration / 3).await;
+                match elector.try_lead().await {
+                    Ok(true) => last_ok = tokio::time::Instant::now(),
+                    Ok(false) => {
+                        warn!("leader lease taken by another replica");
+                        break;
+                    }
+                    Err(e) if last_ok.elapsed() < elector.duration => {
+                        warn!(error = %e, "renewing the lease")
+                    }
+                    Err(e) => {
+                        error!(error = %e, "could not renew the lease for a whole lease duration");
+                        break;
+                    }
+                }
+            }
+            metrics.set_leader(false);
+            let _ = lost_tx.send(true);
+        });
+    }
+    let shutdown = {
+        let (stop, lost) = (stop_rx.clone(), lost_rx.clone());
+        async move {
+            tokio::select! {
+                _ = stopped(stop) => {},
+                _ = stopped(lost) => {},
+            }
+        }
+    };
+    reconcile::run_controller(
+        client,
+        metrics.clone(),
+        Some(identity),
+        args.namespace,
+        shutdown,
+    )
+    .await;
+    if *lost_rx.borrow() {
+        anyhow::bail!("lost the leader lease");
+    }
+    if let Some(elector) = elector {
+        elector.release().await.ok();
+        info!("leader lease released");
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@
 //! force-deletion of pods stuck on a lost node — is table-tested without a cluster. The reconciler
 //! only gathers [`Observed`] and carries out the [`Plan`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -100,7 +100,12 @@ fn worker<'a>(pod: &'a Pod, lost_nodes: &BTreeSet<String>) -> Option<Worker<'a>>
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
     let true_conditions: Vec<String> = status
         .and_then(|s| s.conditions.as_ref())
-        .map(|cs| cs.iter().filter(|c| c.status == "True").map(|c| c.type_.clone()).collect())
+        .map(|cs| {
+            cs.iter()
+                .filter(|c| c.status == "True")
+                .map(|c| c.type_.clone())
+                .collect()
+        })
         .unwrap_or_default();
     let ready = true_conditions.iter().any(|c| c == "Ready");
     let terminated = status
@@ -120,7 +125,17 @@ fn worker<'a>(pod: &'a Pod, lost_nodes: &BTreeSet<String>) -> Option<Worker<'a>>
             .and_then(|t| t.reason.clone())
             .filter(|r| r != "Error" && r != "Completed")
             .or_else(|| status.and_then(|s| s.reason.clone())),
-        pod_conditions: true_conditions.iter().filter(|c| *c != "Ready" && *c != "PodScheduled" && *c != "Initialized" && *c != "ContainersReady" && *c != "PodReadyToStartContainers").cloned().collect(),
+        pod_conditions: true_conditions
+            .iter()
+            .filter(|c| {
+                *c != "Ready"
+                    && *c != "PodScheduled"
+                    && *c != "Initialized"
+                    && *c != "ContainersReady"
+                    && *c != "PodReadyToStartContainers"
+            })
+            .cloned()
+            .collect(),
         node_lost,
     };
     let state = match phase {
@@ -146,7 +161,10 @@ fn secs_between(from: &Time, to: &Time) -> i64 {
 }
 
 fn add_secs(t: &Time, secs: i64) -> Time {
-    Time(t.0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs)).unwrap_or(t.0))
+    Time(
+        t.0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
+            .unwrap_or(t.0),
+    )
 }
 
 impl Plan {
@@ -157,7 +175,11 @@ impl Plan {
     }
 
     fn event(&mut self, warning: bool, reason: &'static str, note: impl Into<String>) {
-        self.events.push(PlannedEvent { warning, reason, note: note.into() });
+        self.events.push(PlannedEvent {
+            warning,
+            reason,
+            note: note.into(),
+        });
     }
 }
 
@@ -168,8 +190,23 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn set(&self, st: &mut TrainingJobStatus, ty: C, status: bool, reason: &str, msg: &str) -> bool {
-        conditions::set(&mut st.conditions, ty, status, reason, msg, self.generation, &self.obs.now)
+    fn set(
+        &self,
+        st: &mut TrainingJobStatus,
+        ty: C,
+        status: bool,
+        reason: &str,
+        msg: &str,
+    ) -> bool {
+        conditions::set(
+            &mut st.conditions,
+            ty,
+            status,
+            reason,
+            msg,
+            self.generation,
+            &self.obs.now,
+        )
     }
 
     /// Deletes (or force-deletes, past the terminating timeout) the given workers.
@@ -191,7 +228,14 @@ impl Ctx<'_> {
     }
 
     /// Moves the job to Failed and applies the terminal clean-up.
-    fn fail(&self, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker], why: &'static str, msg: &str) {
+    fn fail(
+        &self,
+        plan: &mut Plan,
+        st: &mut TrainingJobStatus,
+        workers: &[Worker],
+        why: &'static str,
+        msg: &str,
+    ) {
         self.set(st, C::Failed, true, why, msg);
         self.set(st, C::Running, false, why, msg);
         self.set(st, C::Restarting, false, why, msg);
@@ -209,14 +253,18 @@ impl Ctx<'_> {
             .filter(|w| match rp.clean_pod_policy {
                 CleanPodPolicy::All => true,
                 CleanPodPolicy::Running => {
-                    matches!(w.state, WorkerState::Pending | WorkerState::Running) || w.attempt != st.attempt
+                    matches!(w.state, WorkerState::Pending | WorkerState::Running)
+                        || w.attempt != st.attempt
                 }
                 CleanPodPolicy::None => false,
             })
             .collect();
         self.remove(plan, &doomed);
-        plan.delete_service = rp.clean_pod_policy != CleanPodPolicy::None && self.obs.service_exists;
-        if let (Some(ttl), Some(done)) = (rp.ttl_seconds_after_finished, st.completion_time.as_ref()) {
+        plan.delete_service =
+            rp.clean_pod_policy != CleanPodPolicy::None && self.obs.service_exists;
+        if let (Some(ttl), Some(done)) =
+            (rp.ttl_seconds_after_finished, st.completion_time.as_ref())
+        {
             let due = add_secs(done, ttl);
             if secs_between(&due, &self.obs.now) >= 0 {
                 plan.delete_job = true;
@@ -238,7 +286,11 @@ fn severity(a: FailureAction) -> u8 {
 
 /// Decides what to do for `job` given what was observed.
 pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
-    let ctx = Ctx { job, obs, generation: job.metadata.generation };
+    let ctx = Ctx {
+        job,
+        obs,
+        generation: job.metadata.generation,
+    };
     let mut plan = Plan::default();
     let mut st = job.status.clone().unwrap_or_default();
     st.observed_generation = job.metadata.generation;
@@ -247,10 +299,15 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
     let rp = &spec.run_policy;
     let replicas = spec.workers.replicas;
 
-    let mut workers: Vec<Worker> = obs.pods.iter().filter_map(|p| worker(p, &obs.lost_nodes)).collect();
+    let mut workers: Vec<Worker> = obs
+        .pods
+        .iter()
+        .filter_map(|p| worker(p, &obs.lost_nodes))
+        .collect();
     workers.sort_by_key(|w| (w.attempt, w.rank, w.name.clone()));
 
-    let finished = conditions::is_true(&st.conditions, C::Succeeded) || conditions::is_true(&st.conditions, C::Failed);
+    let finished = conditions::is_true(&st.conditions, C::Succeeded)
+        || conditions::is_true(&st.conditions, C::Failed);
     if finished {
         ctx.terminal(&mut plan, &st, &workers);
     } else if let Some(deadline) = rp.active_deadline_seconds.filter(|_| !rp.suspend)
@@ -258,20 +315,52 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
         && secs_between(&start, &obs.now) >= deadline
     {
         let msg = format!("job ran longer than activeDeadlineSeconds={deadline}");
-        ctx.fail(&mut plan, &mut st, &workers, reason::DEADLINE_EXCEEDED, &msg);
+        ctx.fail(
+            &mut plan,
+            &mut st,
+            &workers,
+            reason::DEADLINE_EXCEEDED,
+            &msg,
+        );
     } else if rp.suspend {
         let live: Vec<&Worker> = workers.iter().collect();
         ctx.remove(&mut plan, &live);
-        if ctx.set(&mut st, C::Suspended, true, reason::SUSPENDED, "runPolicy.suspend is true; workers deleted") {
-            plan.event(false, reason::SUSPENDED, "job suspended; worker pods deleted");
+        if ctx.set(
+            &mut st,
+            C::Suspended,
+            true,
+            reason::SUSPENDED,
+            "runPolicy.suspend is true; workers deleted",
+        ) {
+            plan.event(
+                false,
+                reason::SUSPENDED,
+                "job suspended; worker pods deleted",
+            );
         }
-        ctx.set(&mut st, C::Running, false, reason::SUSPENDED, "job is suspended");
+        ctx.set(
+            &mut st,
+            C::Running,
+            false,
+            reason::SUSPENDED,
+            "job is suspended",
+        );
         st.phase = Some(Phase::Suspended);
         st.start_time = None;
     } else {
         if conditions::is_true(&st.conditions, C::Suspended) {
-            ctx.set(&mut st, C::Suspended, false, reason::RESUMED, "runPolicy.suspend is false");
-            plan.event(false, reason::RESUMED, "job resumed; a new attempt starts from the last checkpoint");
+            ctx.set(
+                &mut st,
+                C::Suspended,
+                false,
+                reason::RESUMED,
+                "runPolicy.suspend is false",
+            );
+            plan.event(
+                false,
+                reason::RESUMED,
+                "job resumed; a new attempt starts from the last checkpoint",
+            );
             if conditions::is_true(&st.conditions, C::Created) {
                 st.attempt += 1;
             }
@@ -290,18 +379,29 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
     // Counts and progress describe the current attempt, whatever the branch.
     let current: Vec<&Worker> = workers.iter().filter(|w| w.attempt == st.attempt).collect();
     let count = |f: &dyn Fn(&Worker) -> bool| current.iter().filter(|w| f(w)).count() as i32;
-    st.workers.active = count(&|w| matches!(w.state, WorkerState::Pending | WorkerState::Running) && w.deleting_since.is_none());
-    st.workers.ready = count(&|w| w.ready && w.state == WorkerState::Running && w.deleting_since.is_none());
+    st.workers.active = count(&|w| {
+        matches!(w.state, WorkerState::Pending | WorkerState::Running) && w.deleting_since.is_none()
+    });
+    st.workers.ready =
+        count(&|w| w.ready && w.state == WorkerState::Running && w.deleting_since.is_none());
     st.workers.succeeded = count(&|w| w.state == WorkerState::Succeeded);
     st.workers.failed = count(&|w| matches!(w.state, WorkerState::Failed(_)));
     st.ready = Some(format!("{}/{replicas}", st.workers.ready));
     if let Some(rank0) = workers.iter().rev().find(|w| w.rank == 0) {
         let ann = rank0.pod.metadata.annotations.as_ref();
-        if let Some(p) = ann.and_then(|a| a.get(children::ANNOTATION_PROGRESS)).and_then(|v| serde_json::from_str::<Progress>(v).ok()) {
+        if let Some(p) = ann
+            .and_then(|a| a.get(children::ANNOTATION_PROGRESS))
+            .and_then(|v| serde_json::from_str::<Progress>(v).ok())
+        {
             st.progress = Some(p);
         }
-        if let Some(c) = ann.and_then(|a| a.get(children::ANNOTATION_CHECKPOINT)).and_then(|v| serde_json::from_str::<CheckpointRef>(v).ok())
-            && st.last_checkpoint.as_ref().is_none_or(|old| c.step >= old.step)
+        if let Some(c) = ann
+            .and_then(|a| a.get(children::ANNOTATION_CHECKPOINT))
+            .and_then(|v| serde_json::from_str::<CheckpointRef>(v).ok())
+            && st
+                .last_checkpoint
+                .as_ref()
+                .is_none_or(|old| c.step >= old.step)
         {
             st.last_checkpoint = Some(c);
         }
@@ -328,10 +428,18 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
         .collect();
     if was_running {
         // A worker that vanished from a gang that was complete cannot rejoin its collectives.
-        let present: BTreeSet<i32> = current.iter().filter(|w| w.deleting_since.is_none()).map(|w| w.rank).collect();
+        let present: BTreeSet<i32> = current
+            .iter()
+            .filter(|w| w.deleting_since.is_none())
+            .map(|w| w.rank)
+            .collect();
         for rank in (0..replicas).filter(|r| !present.contains(r)) {
             if !failures.iter().any(|f| f.rank == rank) {
-                failures.push(WorkerFailure { rank, reason: Some("WorkerDeleted".into()), ..Default::default() });
+                failures.push(WorkerFailure {
+                    rank,
+                    reason: Some("WorkerDeleted".into()),
+                    ..Default::default()
+                });
             }
         }
     }
@@ -347,7 +455,10 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
                 failure::classify(job.spec.failure_policy.as_ref(), &f)
             })
             .collect();
-        let worst = verdicts.iter().max_by_key(|v| (severity(v.action), std::cmp::Reverse(v.message.clone()))).expect("non-empty");
+        let worst = verdicts
+            .iter()
+            .max_by_key(|v| (severity(v.action), std::cmp::Reverse(v.message.clone())))
+            .expect("non-empty");
         let msg = worst.message.clone();
         let all: Vec<Worker> = workers.to_vec();
         match worst.action {
@@ -356,21 +467,35 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
                 ctx.fail(plan, st, &all, reason::PERMANENT_FAILURE, &msg);
                 return;
             }
-            FailureAction::RestartGang if st.counted_restarts >= job.spec.run_policy.backoff_limit => {
-                let msg = format!("{msg}; backoffLimit={} counted restarts exhausted", job.spec.run_policy.backoff_limit);
+            FailureAction::RestartGang
+                if st.counted_restarts >= job.spec.run_policy.backoff_limit =>
+            {
+                let msg = format!(
+                    "{msg}; backoffLimit={} counted restarts exhausted",
+                    job.spec.run_policy.backoff_limit
+                );
                 ctx.fail(plan, st, &all, reason::BACKOFF_LIMIT_EXCEEDED, &msg);
                 return;
             }
             action => {
                 let counted = action == FailureAction::RestartGang;
-                let why = if counted { reason::WORKER_FAILED } else { reason::DISRUPTED };
+                let why = if counted {
+                    reason::WORKER_FAILED
+                } else {
+                    reason::DISRUPTED
+                };
                 if counted {
                     st.counted_restarts += 1;
                 }
                 st.restarts += 1;
                 let from = st.attempt;
                 st.attempt += 1;
-                let note = format!("{msg}; restarting the whole gang as attempt {} (restart {}{})", st.attempt, st.restarts, if counted { "" } else { ", not counted" });
+                let note = format!(
+                    "{msg}; restarting the whole gang as attempt {} (restart {}{})",
+                    st.attempt,
+                    st.restarts,
+                    if counted { "" } else { ", not counted" }
+                );
                 ctx.set(st, C::Restarting, true, why, &note);
                 ctx.set(st, C::Running, false, why, &note);
                 st.phase = Some(Phase::Restarting);
@@ -382,14 +507,28 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
         }
     }
 
-    let succeeded = current.iter().filter(|w| w.state == WorkerState::Succeeded).map(|w| w.rank).collect::<BTreeSet<_>>();
+    let succeeded = current
+        .iter()
+        .filter(|w| w.state == WorkerState::Succeeded)
+        .map(|w| w.rank)
+        .collect::<BTreeSet<_>>();
     if succeeded.len() as i32 >= replicas {
-        ctx.set(st, C::Succeeded, true, reason::SUCCEEDED, "every worker exited successfully");
+        ctx.set(
+            st,
+            C::Succeeded,
+            true,
+            reason::SUCCEEDED,
+            "every worker exited successfully",
+        );
         ctx.set(st, C::Running, false, reason::SUCCEEDED, "job finished");
         ctx.set(st, C::Restarting, false, reason::SUCCEEDED, "job finished");
         st.phase = Some(Phase::Succeeded);
         st.completion_time = Some(ctx.obs.now.clone());
-        plan.event(false, reason::SUCCEEDED, format!("all {replicas} workers succeeded"));
+        plan.event(
+            false,
+            reason::SUCCEEDED,
+            format!("all {replicas} workers succeeded"),
+        );
         let all: Vec<Worker> = workers.to_vec();
         ctx.terminal(plan, st, &all);
         return;
@@ -412,19 +551,41 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
         plan.create_pod_group = Some((sched, children::pod_group(job, sched)));
     }
     let present: BTreeSet<i32> = current.iter().map(|w| w.rank).collect();
-    plan.create_pods = (0..replicas).filter(|r| !present.contains(r)).map(|r| children::worker_pod(job, r, st.attempt)).collect();
-    if ctx.set(st, C::Created, true, reason::JOB_CREATED, &format!("service and {replicas} workers created")) {
-        plan.event(false, reason::JOB_CREATED, format!("created service and {replicas} worker pods"));
+    plan.create_pods = (0..replicas)
+        .filter(|r| !present.contains(r))
+        .map(|r| children::worker_pod(job, r, st.attempt))
+        .collect();
+    if ctx.set(
+        st,
+        C::Created,
+        true,
+        reason::JOB_CREATED,
+        &format!("service and {replicas} workers created"),
+    ) {
+        plan.event(
+            false,
+            reason::JOB_CREATED,
+            format!("created service and {replicas} worker pods"),
+        );
     }
 
-    let running = current.iter().filter(|w| w.state == WorkerState::Running).count() as i32;
+    let running = current
+        .iter()
+        .filter(|w| w.state == WorkerState::Running)
+        .count() as i32;
     let all_running = running + succeeded.len() as i32 >= replicas && plan.create_pods.is_empty();
     let restarting = conditions::is_true(&st.conditions, C::Restarting);
     if all_running {
         let (why, msg) = if restarting {
-            (reason::RESTARTED, format!("attempt {} running with all {replicas} workers", st.attempt))
+            (
+                reason::RESTARTED,
+                format!("attempt {} running with all {replicas} workers", st.attempt),
+            )
         } else {
-            (reason::WORKERS_RUNNING, format!("all {replicas} workers running"))
+            (
+                reason::WORKERS_RUNNING,
+                format!("all {replicas} workers running"),
+            )
         };
         if ctx.set(st, C::Running, true, why, &msg) && restarting {
             plan.event(false, reason::RESTARTED, msg.clone());
@@ -436,7 +597,11 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
     } else {
         let msg = format!("{running}/{replicas} workers running");
         ctx.set(st, C::Running, false, reason::WORKERS_PENDING, &msg);
-        st.phase = Some(if restarting { Phase::Restarting } else { Phase::Pending });
+        st.phase = Some(if restarting {
+            Phase::Restarting
+        } else {
+            Phase::Pending
+        });
     }
 }
 
@@ -447,11 +612,19 @@ mod tests {
     use radfm_api::conditions::get;
 
     fn observe(pods: Vec<Pod>, now: i64) -> Observed {
-        Observed { pods, service_exists: true, pod_group_exists: false, lost_nodes: BTreeSet::new(), now: t(now) }
+        Observed {
+            pods,
+            service_exists: true,
+            pod_group_exists: false,
+            lost_nodes: BTreeSet::new(),
+            now: t(now),
+        }
     }
 
     fn names(pods: &[Pod]) -> Vec<String> {
-        pods.iter().map(|p| p.metadata.name.clone().unwrap()).collect()
+        pods.iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect()
     }
 
     /// Applies a plan's status to the job, as the API server would after the status write.
@@ -481,12 +654,27 @@ mod tests {
         obs.service_exists = false;
         let p = plan(&job, &obs);
         assert!(p.create_service.is_some());
-        assert_eq!(names(&p.create_pods), ["mae-w0-a1", "mae-w1-a1", "mae-w2-a1"]);
-        let env = p.create_pods[2].spec.as_ref().unwrap().containers[0].env.clone().unwrap();
-        assert!(env.iter().any(|e| e.name == "RADFM_NODE_RANK" && e.value.as_deref() == Some("2")));
+        assert_eq!(
+            names(&p.create_pods),
+            ["mae-w0-a1", "mae-w1-a1", "mae-w2-a1"]
+        );
+        let env = p.create_pods[2].spec.as_ref().unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "RADFM_NODE_RANK" && e.value.as_deref() == Some("2"))
+        );
         assert_eq!(p.status.phase, Some(Phase::Pending));
-        assert_eq!(cond(&p.status, C::Created), ("True".into(), reason::JOB_CREATED.into()));
-        assert_eq!((p.status.attempt, p.status.ready.as_deref()), (1, Some("0/3")));
+        assert_eq!(
+            cond(&p.status, C::Created),
+            ("True".into(), reason::JOB_CREATED.into())
+        );
+        assert_eq!(
+            (p.status.attempt, p.status.ready.as_deref()),
+            (1, Some("0/3"))
+        );
         assert_eq!(p.status.start_time, Some(t(1)));
         assert_eq!(p.events[0].reason, reason::JOB_CREATED);
         assert!(p.create_pod_group.is_none());
@@ -500,8 +688,13 @@ mod tests {
         assert_eq!(cond(&st, C::Running).0, "True");
         assert_eq!(st.ready.as_deref(), Some("2/2"));
         let again = plan(&job, &observe(pods, 50));
-        assert!(again.create_pods.is_empty() && again.delete_pods.is_empty() && again.events.is_empty());
-        assert_eq!(again.status, st, "a pass with nothing new rewrites the same status");
+        assert!(
+            again.create_pods.is_empty() && again.delete_pods.is_empty() && again.events.is_empty()
+        );
+        assert_eq!(
+            again.status, st,
+            "a pass with nothing new rewrites the same status"
+        );
     }
 
     #[test]
@@ -510,12 +703,30 @@ mod tests {
         pods[1] = exited(pods[1].clone(), radfm_api::exit::PEER_LOST, "Error");
         let p = plan(&job, &observe(pods.clone(), 10));
         assert_eq!(p.delete_pods, ["mae-w0-a1", "mae-w1-a1", "mae-w2-a1"]);
-        assert!(p.create_pods.is_empty(), "new pods wait until the old gang is gone");
-        assert_eq!((p.status.attempt, p.status.restarts, p.status.counted_restarts), (2, 1, 1));
+        assert!(
+            p.create_pods.is_empty(),
+            "new pods wait until the old gang is gone"
+        );
+        assert_eq!(
+            (
+                p.status.attempt,
+                p.status.restarts,
+                p.status.counted_restarts
+            ),
+            (2, 1, 1)
+        );
         assert_eq!(p.status.phase, Some(Phase::Restarting));
         let (status, why) = cond(&p.status, C::Restarting);
-        assert_eq!((status.as_str(), why.as_str()), ("True", reason::WORKER_FAILED));
-        assert!(get(&p.status.conditions, C::Restarting).unwrap().message.contains("worker 1 exited with code 76 (PeerLost)"));
+        assert_eq!(
+            (status.as_str(), why.as_str()),
+            ("True", reason::WORKER_FAILED)
+        );
+        assert!(
+            get(&p.status.conditions, C::Restarting)
+                .unwrap()
+                .message
+                .contains("worker 1 exited with code 76 (PeerLost)")
+        );
         let job = after(job, &p);
 
         // Old pods still terminating: nothing is created yet.
@@ -526,12 +737,18 @@ mod tests {
 
         // Old gang gone: attempt 2 is created, then runs.
         let p = plan(&job, &observe(vec![], 20));
-        assert_eq!(names(&p.create_pods), ["mae-w0-a2", "mae-w1-a2", "mae-w2-a2"]);
+        assert_eq!(
+            names(&p.create_pods),
+            ["mae-w0-a2", "mae-w1-a2", "mae-w2-a2"]
+        );
         let job = after(job, &p);
         let pods: Vec<Pod> = (0..3).map(|r| pod(&job, r, 2, "Running")).collect();
         let p = plan(&job, &observe(pods, 30));
         assert_eq!(p.status.phase, Some(Phase::Running));
-        assert_eq!(cond(&p.status, C::Restarting), ("False".into(), reason::RESTARTED.into()));
+        assert_eq!(
+            cond(&p.status, C::Restarting),
+            ("False".into(), reason::RESTARTED.into())
+        );
         assert_eq!(p.events[0].reason, reason::RESTARTED);
     }
 
@@ -541,10 +758,22 @@ mod tests {
         pods[0] = exited(pods[0].clone(), radfm_api::exit::INVALID_CONFIG, "Error");
         let p = plan(&job, &observe(pods, 10));
         assert_eq!(p.status.phase, Some(Phase::Failed));
-        assert_eq!(cond(&p.status, C::Failed), ("True".into(), reason::PERMANENT_FAILURE.into()));
-        assert!(get(&p.status.conditions, C::Failed).unwrap().message.contains("worker 0 exited with code 64 (InvalidConfig)"));
+        assert_eq!(
+            cond(&p.status, C::Failed),
+            ("True".into(), reason::PERMANENT_FAILURE.into())
+        );
+        assert!(
+            get(&p.status.conditions, C::Failed)
+                .unwrap()
+                .message
+                .contains("worker 0 exited with code 64 (InvalidConfig)")
+        );
         assert_eq!(p.status.attempt, 1);
-        assert_eq!(p.delete_pods, ["mae-w1-a1"], "cleanPodPolicy Running keeps finished pods for their logs");
+        assert_eq!(
+            p.delete_pods,
+            ["mae-w1-a1"],
+            "cleanPodPolicy Running keeps finished pods for their logs"
+        );
         assert!(p.create_pods.is_empty());
         assert_eq!(p.status.completion_time, Some(t(10)));
     }
@@ -552,11 +781,21 @@ mod tests {
     #[test]
     fn exhausted_backoff_limit_fails_with_reason() {
         let (job, mut pods) = running_job(2);
-        let job = JobBuilder(job).with(|j| j.status.as_mut().unwrap().counted_restarts = 3).build();
+        let job = JobBuilder(job)
+            .with(|j| j.status.as_mut().unwrap().counted_restarts = 3)
+            .build();
         pods[1] = exited(pods[1].clone(), 1, "Error");
         let p = plan(&job, &observe(pods, 10));
-        assert_eq!(cond(&p.status, C::Failed), ("True".into(), reason::BACKOFF_LIMIT_EXCEEDED.into()));
-        assert!(get(&p.status.conditions, C::Failed).unwrap().message.contains("backoffLimit=3"));
+        assert_eq!(
+            cond(&p.status, C::Failed),
+            ("True".into(), reason::BACKOFF_LIMIT_EXCEEDED.into())
+        );
+        assert!(
+            get(&p.status.conditions, C::Failed)
+                .unwrap()
+                .message
+                .contains("backoffLimit=3")
+        );
         assert_eq!(p.status.restarts, 0);
     }
 
@@ -566,9 +805,21 @@ mod tests {
         let mut obs = observe(pods, 10);
         obs.lost_nodes.insert("node-1".into());
         let p = plan(&job, &obs);
-        assert_eq!((p.status.attempt, p.status.restarts, p.status.counted_restarts), (2, 1, 0));
+        assert_eq!(
+            (
+                p.status.attempt,
+                p.status.restarts,
+                p.status.counted_restarts
+            ),
+            (2, 1, 0)
+        );
         assert_eq!(cond(&p.status, C::Restarting).1, reason::DISRUPTED);
-        assert!(get(&p.status.conditions, C::Restarting).unwrap().message.contains("worker 1 lost its node"));
+        assert!(
+            get(&p.status.conditions, C::Restarting)
+                .unwrap()
+                .message
+                .contains("worker 1 lost its node")
+        );
     }
 
     #[test]
@@ -594,30 +845,44 @@ mod tests {
     #[test]
     fn suspend_deletes_pods_keeps_status_and_resume_starts_a_new_attempt() {
         let (job, pods) = running_job(2);
-        let job = JobBuilder(job).with(|j| j.spec.run_policy.suspend = true).build();
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.suspend = true)
+            .build();
         let p = plan(&job, &observe(pods, 10));
         assert_eq!(p.delete_pods, ["mae-w0-a1", "mae-w1-a1"]);
         assert_eq!(p.status.phase, Some(Phase::Suspended));
-        assert_eq!(cond(&p.status, C::Suspended), ("True".into(), reason::SUSPENDED.into()));
+        assert_eq!(
+            cond(&p.status, C::Suspended),
+            ("True".into(), reason::SUSPENDED.into())
+        );
         assert_eq!(p.status.start_time, None);
         assert_eq!(p.status.restarts, 0);
         let job = after(job, &p);
         let p = plan(&job, &observe(vec![], 20));
         assert!(p.create_pods.is_empty(), "nothing runs while suspended");
 
-        let job = JobBuilder(after(job, &p)).with(|j| j.spec.run_policy.suspend = false).build();
+        let job = JobBuilder(after(job, &p))
+            .with(|j| j.spec.run_policy.suspend = false)
+            .build();
         let p = plan(&job, &observe(vec![], 30));
-        assert_eq!(cond(&p.status, C::Suspended), ("False".into(), reason::RESUMED.into()));
+        assert_eq!(
+            cond(&p.status, C::Suspended),
+            ("False".into(), reason::RESUMED.into())
+        );
         assert_eq!(names(&p.create_pods), ["mae-w0-a2", "mae-w1-a2"]);
         assert_eq!(p.status.start_time, Some(t(30)));
     }
 
     #[test]
     fn job_created_suspended_starts_at_attempt_one_when_resumed() {
-        let job = JobBuilder::new(1).with(|j| j.spec.run_policy.suspend = true).build();
+        let job = JobBuilder::new(1)
+            .with(|j| j.spec.run_policy.suspend = true)
+            .build();
         let p = plan(&job, &observe(vec![], 1));
         assert!(p.create_pods.is_empty());
-        let job = JobBuilder(after(job, &p)).with(|j| j.spec.run_policy.suspend = false).build();
+        let job = JobBuilder(after(job, &p))
+            .with(|j| j.spec.run_policy.suspend = false)
+            .build();
         let p = plan(&job, &observe(vec![], 2));
         assert_eq!(names(&p.create_pods), ["mae-w0-a1"]);
     }
@@ -625,7 +890,9 @@ mod tests {
     #[test]
     fn pod_stuck_terminating_past_the_timeout_is_force_deleted() {
         let (job, pods) = running_job(2);
-        let job = JobBuilder(job).with(|j| j.spec.run_policy.terminating_timeout_seconds = 60).build();
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.terminating_timeout_seconds = 60)
+            .build();
         let mut obs = observe(pods.clone(), 10);
         obs.lost_nodes.insert("node-0".into());
         let p = plan(&job, &obs);
@@ -646,11 +913,17 @@ mod tests {
     #[test]
     fn finished_job_whose_pods_were_deleted_recreates_nothing() {
         let (job, pods) = running_job(2);
-        let done: Vec<Pod> = pods.iter().map(|p| exited(p.clone(), 0, "Completed")).collect();
+        let done: Vec<Pod> = pods
+            .iter()
+            .map(|p| exited(p.clone(), 0, "Completed"))
+            .collect();
         let p = plan(&job, &observe(done, 10));
         assert_eq!(p.status.phase, Some(Phase::Succeeded));
         assert_eq!(p.status.completion_time, Some(t(10)));
-        assert!(p.delete_pods.is_empty(), "cleanPodPolicy Running keeps succeeded pods");
+        assert!(
+            p.delete_pods.is_empty(),
+            "cleanPodPolicy Running keeps succeeded pods"
+        );
         let job = after(job, &p);
         let mut obs = observe(vec![], 100);
         obs.service_exists = false;
@@ -663,8 +936,13 @@ mod tests {
     #[test]
     fn clean_pod_policy_all_deletes_every_pod_and_the_service_on_success() {
         let (job, pods) = running_job(2);
-        let job = JobBuilder(job).with(|j| j.spec.run_policy.clean_pod_policy = CleanPodPolicy::All).build();
-        let done: Vec<Pod> = pods.iter().map(|p| exited(p.clone(), 0, "Completed")).collect();
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.clean_pod_policy = CleanPodPolicy::All)
+            .build();
+        let done: Vec<Pod> = pods
+            .iter()
+            .map(|p| exited(p.clone(), 0, "Completed"))
+            .collect();
         let p = plan(&job, &observe(done, 10));
         assert_eq!(p.delete_pods, ["mae-w0-a1", "mae-w1-a1"]);
         assert!(p.delete_service);
@@ -673,7 +951,9 @@ mod tests {
     #[test]
     fn clean_pod_policy_none_keeps_every_pod_when_failing() {
         let (job, mut pods) = running_job(2);
-        let job = JobBuilder(job).with(|j| j.spec.run_policy.clean_pod_policy = CleanPodPolicy::None).build();
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.clean_pod_policy = CleanPodPolicy::None)
+            .build();
         pods[0] = exited(pods[0].clone(), 65, "Error");
         let p = plan(&job, &observe(pods, 10));
         assert_eq!(p.status.phase, Some(Phase::Failed));
@@ -683,19 +963,26 @@ mod tests {
     #[test]
     fn active_deadline_exceeded_fails_the_job() {
         let (job, pods) = running_job(2);
-        let job = JobBuilder(job).with(|j| j.spec.run_policy.active_deadline_seconds = Some(100)).build();
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.active_deadline_seconds = Some(100))
+            .build();
         let p = plan(&job, &observe(pods.clone(), 50));
         assert_eq!(p.status.phase, Some(Phase::Running));
         assert_eq!(p.requeue_after, Some(Duration::from_secs(51)));
         let p = plan(&job, &observe(pods, 101));
-        assert_eq!(cond(&p.status, C::Failed), ("True".into(), reason::DEADLINE_EXCEEDED.into()));
+        assert_eq!(
+            cond(&p.status, C::Failed),
+            ("True".into(), reason::DEADLINE_EXCEEDED.into())
+        );
         assert_eq!(p.delete_pods, ["mae-w0-a1", "mae-w1-a1"]);
     }
 
     #[test]
     fn ttl_after_finished_deletes_the_job_once_due() {
         let (job, pods) = running_job(1);
-        let job = JobBuilder(job).with(|j| j.spec.run_policy.ttl_seconds_after_finished = Some(30)).build();
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.ttl_seconds_after_finished = Some(30))
+            .build();
         let done = vec![exited(pods[0].clone(), 0, "Completed")];
         let p = plan(&job, &observe(done.clone(), 10));
         assert!(!p.delete_job);
@@ -706,7 +993,9 @@ mod tests {
 
     #[test]
     fn gang_scheduler_gets_a_pod_group_with_min_member() {
-        let job = JobBuilder::new(4).with(|j| j.spec.workers.scheduler_name = Some("volcano".into())).build();
+        let job = JobBuilder::new(4)
+            .with(|j| j.spec.workers.scheduler_name = Some("volcano".into()))
+            .build();
         let p = plan(&job, &observe(vec![], 1));
         let (sched, pg) = p.create_pod_group.expect("pod group");
         assert_eq!(sched, GangScheduler::Volcano);
@@ -714,22 +1003,44 @@ mod tests {
         assert_eq!(pg["spec"]["minMember"], 4);
         let ann = p.create_pods[0].metadata.annotations.clone().unwrap();
         assert_eq!(ann["scheduling.k8s.io/group-name"], "mae");
-        let job = JobBuilder::new(2).with(|j| j.spec.workers.scheduler_name = Some("scheduler-plugins-scheduler".into())).build();
+        let job = JobBuilder::new(2)
+            .with(|j| j.spec.workers.scheduler_name = Some("scheduler-plugins-scheduler".into()))
+            .build();
         let p = plan(&job, &observe(vec![], 1));
-        assert_eq!(p.create_pod_group.unwrap().1["apiVersion"], "scheduling.x-k8s.io/v1alpha1");
-        assert_eq!(p.create_pods[1].metadata.labels.clone().unwrap()["scheduling.x-k8s.io/pod-group"], "mae");
+        assert_eq!(
+            p.create_pod_group.unwrap().1["apiVersion"],
+            "scheduling.x-k8s.io/v1alpha1"
+        );
+        assert_eq!(
+            p.create_pods[1].metadata.labels.clone().unwrap()["scheduling.x-k8s.io/pod-group"],
+            "mae"
+        );
     }
 
     #[test]
     fn rank_zero_progress_and_checkpoint_annotations_reach_the_status() {
         let (job, mut pods) = running_job(2);
-        pods[0].metadata.annotations.get_or_insert_with(Default::default).extend([
-            (children::ANNOTATION_PROGRESS.to_string(), r#"{"step":40,"totalSteps":100,"loss":0.42,"imagesPerSecond":88.5}"#.to_string()),
-            (children::ANNOTATION_CHECKPOINT.to_string(), r#"{"uri":"s3://ckpt/mae/step-40/manifest.json","step":40}"#.to_string()),
-        ]);
+        pods[0]
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .extend([
+                (
+                    children::ANNOTATION_PROGRESS.to_string(),
+                    r#"{"step":40,"totalSteps":100,"loss":0.42,"imagesPerSecond":88.5}"#
+                        .to_string(),
+                ),
+                (
+                    children::ANNOTATION_CHECKPOINT.to_string(),
+                    r#"{"uri":"s3://ckpt/mae/step-40/manifest.json","step":40}"#.to_string(),
+                ),
+            ]);
         let p = plan(&job, &observe(pods, 10));
         let prog = p.status.progress.unwrap();
-        assert_eq!((prog.step, prog.total_steps, prog.loss), (40, Some(100), Some(0.42)));
+        assert_eq!(
+            (prog.step, prog.total_steps, prog.loss),
+            (40, Some(100), Some(0.42))
+        );
         assert_eq!(p.status.last_checkpoint.unwrap().step, 40);
     }
 

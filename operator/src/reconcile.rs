@@ -1,0 +1,449 @@
+//! The thin layer that talks to the API server: gather [`Observed`], run [`plan`], carry out the
+//! plan, write the status once by server-side apply, then record events.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use radfm_api::conditions::{self, ConditionType, reason};
+use radfm_api::trainingjob::MANAGED_BY_RADFM;
+use radfm_api::{TrainingJob, TrainingJobStatus};
+use tracing::{info, instrument, warn};
+
+use crate::children::{self, GangScheduler};
+use crate::metrics::Metrics;
+use crate::plan::{Observed, Plan, plan};
+use crate::{Error, Result};
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "radfm-operator";
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Clock, injectable for tests.
+    pub now: fn() -> Time,
+}
+
+impl Context {
+    /// A context using the wall clock.
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            now: || Time(k8s_openapi::jiff::Timestamp::now()),
+        }
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// Reconciles one TrainingJob.
+#[instrument(skip_all, fields(job = %job.name_any(), namespace = job.namespace().unwrap_or_default()))]
+pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_inner(&job, &ctx).await;
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.as_ref().err());
+    result
+}
+
+async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
+    if job.managed_by() != MANAGED_BY_RADFM {
+        return Ok(Action::await_change());
+    }
+    if job.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = job
+        .namespace()
+        .ok_or_else(|| Error::MissingField("metadata.namespace"))?;
+    let observed = observe(job, &ns, ctx).await?;
+    let mut plan = plan(job, &observed);
+    if plan.delete_job {
+        // Children first: the job's finalizer-free deletion must leave nothing behind even where
+        // no garbage collector runs.
+        plan.delete_pods = observed
+            .pods
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        plan.delete_service = observed.service_exists;
+    }
+
+    let create_error = apply(job, &ns, &plan, ctx).await.err();
+    if let Some(e) = &create_error {
+        let now = (ctx.now)();
+        conditions::set(
+            &mut plan.status.conditions,
+            ConditionType::Created,
+            false,
+            reason::CREATE_FAILED,
+            &e.to_string(),
+            job.metadata.generation,
+            &now,
+        );
+        plan.events.push(crate::plan::PlannedEvent {
+            warning: true,
+            reason: reason::CREATE_FAILED,
+            note: e.to_string(),
+        });
+    }
+
+    let jobs: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &ns);
+    if plan.delete_job {
+        info!("ttlSecondsAfterFinished passed; deleting the job");
+        match jobs
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(Action::await_change());
+    }
+    write_status(&jobs, job, &plan.status).await?;
+    ctx.metrics
+        .observe_status(job.status.as_ref(), &plan.status);
+    publish_events(job, &plan, ctx).await;
+
+    if let Some(e) = create_error {
+        return Err(e);
+    }
+    Ok(match plan.requeue_after {
+        Some(d) => Action::requeue(d),
+        None => Action::await_change(),
+    })
+}
+
+async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed> {
+    let name = job.name_any();
+    let uid = job.uid().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("{}={name}", children::LABEL_JOB));
+    let pods: Vec<Pod> = pods
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && o.uid == uid)
+        })
+        .collect();
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let service_exists = services
+        .get_opt(&children::service_name(job))
+        .await?
+        .is_some();
+    let pod_group_exists = match GangScheduler::of(job) {
+        Some(s) => pod_group_api(ctx, ns, s)
+            .get_opt(&children::service_name(job))
+            .await
+            .ok()
+            .flatten()
+            .is_some(),
+        None => false,
+    };
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let names: BTreeSet<String> = pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    let mut lost_nodes = BTreeSet::new();
+    for n in names {
+        let lost = match nodes.get_opt(&n).await? {
+            None => true,
+            Some(node) => !node_ready(&node),
+        };
+        if lost {
+            lost_nodes.insert(n);
+        }
+    }
+    Ok(Observed {
+        pods,
+        service_exists,
+        pod_group_exists,
+        lost_nodes,
+        now: (ctx.now)(),
+    })
+}
+
+/// A node counts as lost when its Ready condition is not True or it carries the unreachable taint.
+fn node_ready(node: &Node) -> bool {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    let unreachable = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|ts| ts.iter().any(|t| t.key == "node.kubernetes.io/unreachable"));
+    ready && !unreachable
+}
+
+fn pod_group_api(ctx: &Context, ns: &str, sched: GangScheduler) -> Api<DynamicObject> {
+    let (group, version, kind, plural) = sched.gvk();
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+    Api::namespaced_with(ctx.client.clone(), ns, &ar)
+}
+
+/// Carries out creates and deletes; AlreadyExists and NotFound are success (the plan is
+/// idempotent). Returns the first error after trying everything.
+async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Result<()> {
+    let mut first_error: Option<Error> = None;
+    let mut note = |r: std::result::Result<(), kube::Error>, what: String| {
+        if let Err(e) = r {
+            warn!(error = %e, "{what}");
+            if first_error.is_none() {
+                first_error = Some(Error::Child { what, source: e });
+            }
+        }
+    };
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    if let Some(svc) = &plan.create_service {
+        let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+        let r = api
+            .create(&pp, svc)
+            .await
+            .map(|_| ())
+            .or_else(|e| if is_conflict(&e) { Ok(()) } else { Err(e) });
+        note(
+            r,
+            format!("creating service {}", children::service_name(job)),
+        );
+    }
+    if let Some((sched, pg)) = &plan.create_pod_group {
+        let obj: DynamicObject = serde_json::from_value(pg.clone()).map_err(Error::Serialize)?;
+        let r = pod_group_api(ctx, ns, *sched)
+            .create(&pp, &obj)
+            .await
+            .map(|_| ())
+            .or_else(|e| if is_conflict(&e) { Ok(()) } else { Err(e) });
+        note(
+            r,
+            format!("creating PodGroup {}", children::service_name(job)),
+        );
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let created: Vec<(String, std::result::Result<(), kube::Error>)> =
+        stream::iter(plan.create_pods.clone())
+            .map(|p| {
+                let pods = pods.clone();
+                let pp = pp.clone();
+                async move {
+                    let r = pods
+                        .create(&pp, &p)
+                        .await
+                        .map(|_| ())
+                        .or_else(|e| if is_conflict(&e) { Ok(()) } else { Err(e) });
+                    (p.metadata.name.clone().unwrap_or_default(), r)
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+    for (name, r) in created {
+        note(r, format!("creating pod {name}"));
+    }
+    let graceful = DeleteParams::default();
+    let force = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    let deletes: Vec<(String, DeleteParams)> = plan
+        .delete_pods
+        .iter()
+        .map(|n| (n.clone(), graceful.clone()))
+        .chain(
+            plan.force_delete_pods
+                .iter()
+                .map(|n| (n.clone(), force.clone())),
+        )
+        .collect();
+    let deleted: Vec<_> = stream::iter(deletes)
+        .map(|(n, dp)| {
+            let pods = pods.clone();
+            async move {
+                let r = pods
+                    .delete(&n, &dp)
+                    .await
+                    .map(|_| ())
+                    .or_else(|e| if is_not_found(&e) { Ok(()) } else { Err(e) });
+                (n, r)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for (name, r) in deleted {
+        note(r, format!("deleting pod {name}"));
+    }
+    if plan.delete_service {
+        let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+        let r = api
+            .delete(&children::service_name(job), &graceful)
+            .await
+            .map(|_| ())
+            .or_else(|e| if is_not_found(&e) { Ok(()) } else { Err(e) });
+        note(
+            r,
+            format!("deleting service {}", children::service_name(job)),
+        );
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Writes the whole status by server-side apply with the operator's field manager; skips the
+/// request when nothing changed.
+async fn write_status(
+    jobs: &Api<TrainingJob>,
+    job: &TrainingJob,
+    status: &TrainingJobStatus,
+) -> Result<()> {
+    if job.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let body = serde_json::json!({
+        "apiVersion": TrainingJob::api_version(&()),
+        "kind": TrainingJob::kind(&()),
+        "status": status,
+    });
+    jobs.patch_status(
+        &job.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn publish_events(job: &TrainingJob, plan: &Plan, ctx: &Context) {
+    let reference = job.object_ref(&());
+    for e in &plan.events {
+        let ev = Event {
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: e.reason.to_string(),
+            note: Some(e.note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&ev, &reference).await {
+            warn!(error = %err, reason = e.reason, "could not record event");
+        }
+    }
+}
+
+/// Requeue policy after an error: retry soon, the error is in the job's status and logs.
+pub fn error_policy(_job: Arc<TrainingJob>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(%error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn is_active(job: &TrainingJob) -> bool {
+    let conds = job
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    !conditions::is_true(conds, ConditionType::Succeeded)
+        && !conditions::is_true(conds, ConditionType::Failed)
+}
+
+/// Runs the TrainingJob controller until `shutdown` resolves.
+pub async fn run_controller(
+    client: Client,
+    metrics: Arc<Metrics>,
+    instance: Option<String>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (jobs, pods, services): (Api<TrainingJob>, Api<Pod>, Api<Service>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        children::LABEL_MANAGED_BY,
+        children::MANAGER
+    ));
+    let ctx = Arc::new(Context::new(client.clone(), metrics, instance));
+    let controller = Controller::new(jobs, watcher::Config::default().any_semantic()).with_config(
+        ControllerConfig::default()
+            .debounce(Duration::from_millis(200))
+            .concurrency(8),
+    );
+    let store = controller.store();
+    let nodes: Api<Node> = Api::all(client);
+    controller
+        .owns(pods, owned.clone())
+        .owns(services, owned)
+        // A node going away changes no pod (no kubelet reports), so node events wake every
+        // active job; the plan decides whether its workers were on that node.
+        .watches(nodes, watcher::Config::default(), move |_node| {
+            store
+                .state()
+                .iter()
+                .filter(|j| is_active(j))
+                .map(|j| ObjectRef::from_obj(j.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "controller");
+            }
+        })
+        .await;
+}
