@@ -42,8 +42,7 @@ pub const MAX_NAME_LEN: usize = 40;
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts", description = "Gang restarts so far"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
-        .message("metadata.name must be a DNS-1035 label of at most 40 characters (pod names append -w<rank>-a<attempt>)")
-        .field_path(".metadata.name"),
+        .message("metadata.name must be a DNS-1035 label of at most 40 characters (pod names append -w<rank>-a<attempt>)"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(oldSelf.managedBy) || (has(self.managedBy) && self.managedBy == oldSelf.managedBy)").message("managedBy is immutable").field_path(".managedBy"))]

@@ -16,18 +16,25 @@ if [ "$missing" = 0 ]; then echo "$out"; exit 0; fi
 mkdir -p "$out.tmp"
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 start=$(date +%s)
-build() { # module-dir output-name package
+k8s_version=v1.36.3
+# Version stamps the upstream release builds set, so `kubectl version` and Helm's kubeVersion
+# checks see 1.36 instead of v0.0.0-master.
+k8s_ldflags="-X k8s.io/component-base/version.gitVersion=$k8s_version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36 -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$k8s_version -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=36"
+helm_ldflags="-X helm.sh/helm/v3/internal/version.version=v3.21.4 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=36 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=36"
+build() { # module-dir output-name package [extra ldflags]
   [ -x "$out.tmp/$2" ] && return 0
   echo "cluster-tools: building $2 ($3)" >&2
-  (cd "$here/$1" && go build -trimpath -ldflags='-s -w' -o "$out.tmp/$2" "$3")
+  (cd "$here/$1" && go build -trimpath -ldflags="-s -w ${4:-}" -o "$out.tmp/$2" "$3")
 }
 build k8s etcd go.etcd.io/etcd/server/v3
-build k8s kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
-build k8s kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
-build k8s kubectl k8s.io/kubernetes/cmd/kubectl
+build k8s kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
+build k8s kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$k8s_ldflags"
+build k8s kubectl k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok
-build helm helm helm.sh/helm/v3/cmd/helm
+build helm helm helm.sh/helm/v3/cmd/helm "$helm_ldflags"
 rm -rf "$out"
 mv "$out.tmp" "$out"
+# Older pins are no longer used.
+for old in "$cache"/cluster-tools-*; do [ "$old" = "$out" ] || rm -rf "$old"; done
 echo "cluster-tools: built in $(( $(date +%s) - start ))s" >&2
 echo "$out"

@@ -1,0 +1,41 @@
+# radfm: `make demo` runs the main job end to end on local defaults; `make test` runs every test.
+SHELL := bash
+CARGO ?= cargo
+export RADFM_CACHE ?= $(HOME)/.cache/radfm
+
+.PHONY: all build test unit-test e2e-test lint fmt crds cluster-tools demo clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+## crds: regenerate the CRDs from the Rust types (manifests/ and the Helm chart)
+crds:
+	$(CARGO) run -q -p radfm-operator -- crd --out-dir manifests/crds
+	cp manifests/crds/*.yaml charts/radfm/crds/
+
+## cluster-tools: build the pinned etcd, kube-apiserver, kube-scheduler, kubectl, kwok and helm (cached)
+cluster-tools:
+	@bash tests/cluster/build-tools.sh >/dev/null
+
+## test: unit tests, then end-to-end tests against a real API server with simulated GPU nodes
+test: cluster-tools build
+	RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test --workspace --no-fail-fast
+
+unit-test:
+	$(CARGO) test --workspace --lib --bins
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## demo: a simulated GPU cluster, the operator, and the sample TrainingJob from apply to Succeeded
+demo: cluster-tools build
+	RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) run -q -p radfm-e2e --bin radfm-cluster-demo
+
+clean:
+	$(CARGO) clean

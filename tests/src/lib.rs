@@ -1,0 +1,664 @@
+//! A real Kubernetes control plane for radfm's end-to-end tests.
+//!
+//! [`Cluster::start`] runs etcd, kube-apiserver (RBAC on, token and service-account
+//! authentication), kube-scheduler and kwok from the binaries `make cluster-tools` builds, on free
+//! loopback ports in a temporary folder; installs the CRDs and RBAC from `manifests/`; and
+//! registers simulated GPU nodes. Pods the real scheduler binds to them are moved to Running by
+//! kwok; tests end pods with an exit code of their choice by writing the pod status. Dropping the
+//! cluster (also while unwinding from a failed assertion) kills every process and removes the
+//! folder. No kube-controller-manager runs: no garbage collector, no node lifecycle controller,
+//! which the operator must cope with anyway.
+#![deny(missing_docs)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::json;
+
+/// GPU product label set on the simulated nodes.
+pub const GPU_PRODUCT: &str = "NVIDIA-H100-80GB-HBM3";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Folder of the pinned cluster binaries: `$RADFM_CLUSTER_TOOLS`, else built now.
+pub fn tools_dir() -> Result<PathBuf> {
+    if let Ok(d) = std::env::var("RADFM_CLUSTER_TOOLS")
+        && !d.is_empty()
+    {
+        return Ok(PathBuf::from(d));
+    }
+    let out = Command::new("bash")
+        .arg(repo_root().join("tests/cluster/build-tools.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running tests/cluster/build-tools.sh")?;
+    if !out.status.success() {
+        bail!("tests/cluster/build-tools.sh failed; run `make cluster-tools`");
+    }
+    Ok(PathBuf::from(
+        String::from_utf8(out.stdout)?
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    ))
+}
+
+/// A binary of this workspace, built by `cargo build --workspace --bins` next to the test binary.
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} is not built next to {}; run `cargo build --workspace --bins` (make test does)",
+        exe.display()
+    )
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs end-to-end tests one at a time: each has its own control plane, and two on a 2-core
+/// machine would only slow each other down.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running control plane.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    tools: PathBuf,
+    children: Mutex<Vec<(String, Child)>>,
+    /// Admin kubeconfig (system:masters).
+    pub kubeconfig: PathBuf,
+    /// API server URL.
+    pub server: String,
+    /// Admin client.
+    pub client: Client,
+}
+
+impl Cluster {
+    /// Starts etcd, the API server, the scheduler and kwok, then installs radfm's CRDs and RBAC
+    /// and `nodes` simulated nodes with `gpus` GPUs each.
+    pub async fn start(nodes: usize, gpus: u32) -> Result<Cluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("radfm-cluster-")
+            .tempdir()?;
+        let tools = tools_dir()?;
+        let d = dir.path();
+        let sh = |cmd: &str| -> Result<()> {
+            let ok = Command::new("bash")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(d)
+                .status()?
+                .success();
+            if !ok {
+                bail!("{cmd} failed");
+            }
+            Ok(())
+        };
+        sh(
+            "openssl genrsa -out sa.key 2048 2>/dev/null && openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null",
+        )?;
+        let token = format!("admin-{}", std::process::id());
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{token},admin,admin,system:masters\n"),
+        )?;
+
+        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let server = format!("https://127.0.0.1:{api_port}");
+        let mut cluster = Cluster {
+            kubeconfig: d.join("admin.kubeconfig"),
+            server: server.clone(),
+            client: Client::try_from(Config::new(server.parse()?))?, // replaced below
+            tools,
+            children: Mutex::new(Vec::new()),
+            dir,
+        };
+        let d = cluster.dir.path().to_path_buf();
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        cluster.spawn(
+            "etcd",
+            &[
+                "--data-dir",
+                &d.join("etcd").to_string_lossy(),
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer_port}"),
+                "--log-level",
+                "warn",
+            ],
+            &[],
+        )?;
+        cluster.spawn(
+            "kube-apiserver",
+            &[
+                "--etcd-servers",
+                &etcd_url,
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                &api_port.to_string(),
+                "--cert-dir",
+                &d.join("certs").to_string_lossy(),
+                "--token-auth-file",
+                &d.join("tokens.csv").to_string_lossy(),
+                "--authorization-mode",
+                "RBAC",
+                "--service-account-key-file",
+                &d.join("sa.pub").to_string_lossy(),
+                "--service-account-signing-key-file",
+                &d.join("sa.key").to_string_lossy(),
+                "--service-account-issuer",
+                "https://kubernetes.default.svc",
+                "--service-cluster-ip-range",
+                "10.96.0.0/16",
+                // No node lifecycle controller runs to lift the not-ready taint this plugin adds.
+                "--disable-admission-plugins",
+                "TaintNodesByCondition",
+                "--v",
+                "1",
+            ],
+            &[],
+        )?;
+        let ca = d.join("certs/apiserver.crt");
+        wait_for_file(&ca, Duration::from_secs(60))?;
+        write_kubeconfig(&cluster.kubeconfig, &server, &ca, &token)?;
+        cluster.client = client_from(&cluster.kubeconfig).await?;
+        let start = Instant::now();
+        loop {
+            let ready = cluster.client.request_text(http_get("/readyz")?).await;
+            if matches!(&ready, Ok(body) if body.trim() == "ok") {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                bail!(
+                    "kube-apiserver not ready after 90 s: {ready:?}; log: {}",
+                    cluster.log_tail("kube-apiserver")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let kc = cluster.kubeconfig.to_string_lossy().to_string();
+        cluster.spawn(
+            "kube-scheduler",
+            &[
+                "--kubeconfig",
+                &kc,
+                "--leader-elect=false",
+                "--secure-port",
+                "0",
+                "--v",
+                "1",
+            ],
+            &[],
+        )?;
+        let stages = repo_root().join("tests/cluster/kwok-stages.yaml");
+        cluster.spawn(
+            "kwok",
+            &[
+                "--kubeconfig",
+                &kc,
+                "-c",
+                &stages.to_string_lossy(),
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--manage-nodes-with-label-selector=",
+                "--cidr=10.0.0.1/16",
+                "--node-ip=127.0.0.1",
+                "--node-port",
+                &free_port().to_string(),
+                "--server-address",
+                &format!("127.0.0.1:{}", free_port()),
+            ],
+            &[],
+        )?;
+
+        let crds = repo_root().join("manifests/crds");
+        cluster.kubectl_ok(&["apply", "-f", &crds.to_string_lossy()])?;
+        cluster.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/trainingjobs.radfm.io",
+        ])?;
+        cluster.kubectl_ok(&["create", "namespace", "radfm-system"])?;
+        cluster.kubectl_ok(&[
+            "apply",
+            "-f",
+            &repo_root().join("manifests/rbac.yaml").to_string_lossy(),
+        ])?;
+        for i in 0..nodes {
+            cluster.add_gpu_node(&format!("gpu-{i}"), gpus).await?;
+        }
+        let nodes_api: Api<Node> = Api::all(cluster.client.clone());
+        wait_until(Duration::from_secs(60), "simulated nodes Ready", || async {
+            let list = nodes_api.list(&Default::default()).await.ok()?;
+            let ready = list.items.iter().filter(|n| node_is_ready(n)).count();
+            (ready == nodes).then_some(())
+        })
+        .await?;
+        Ok(cluster)
+    }
+
+    /// Registers a simulated node with `gpus` GPUs that kwok keeps Ready.
+    pub async fn add_gpu_node(&self, name: &str, gpus: u32) -> Result<()> {
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {"kwok.x-k8s.io/node": "fake"},
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "type": "kwok",
+                    "nvidia.com/gpu.product": GPU_PRODUCT,
+                    "nvidia.com/gpu.count": gpus.to_string(),
+                },
+            },
+            "status": {
+                "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": gpus.to_string()},
+                "capacity": {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": gpus.to_string()},
+            },
+        }))?;
+        Api::<Node>::all(self.client.clone())
+            .create(&PostParams::default(), &node)
+            .await?;
+        Ok(())
+    }
+
+    fn spawn(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+        let bin = self.tools.join(name);
+        let child = self.spawn_logged(&bin, name, args, env)?;
+        self.children
+            .lock()
+            .unwrap()
+            .push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Starts a process whose output goes to `<cluster dir>/<log>.log`; it is killed if the test
+    /// process dies.
+    pub fn spawn_logged(
+        &self,
+        bin: &Path,
+        log: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Child> {
+        use std::os::unix::process::CommandExt;
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(log))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when this
+        // thread exits, so nothing outlives a test process that was itself killed.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .with_context(|| format!("starting {}", bin.display()))
+    }
+
+    /// Path of a process log in the cluster folder.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// The last 40 lines of a process log.
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// A pinned cluster tool (kubectl, helm, ...).
+    pub fn tool(&self, name: &str) -> PathBuf {
+        self.tools.join(name)
+    }
+
+    /// Runs kubectl as admin.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_stdin(args, None)
+    }
+
+    /// Runs kubectl as admin with `stdin` as input.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(self.tool("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl starts");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .expect("kubectl stdin");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("kubectl runs")
+    }
+
+    /// Runs kubectl and fails with its stderr unless it succeeds; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args);
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Creates a namespace with its `default` ServiceAccount (no controller-manager creates it
+    /// here) and a RoleBinding that lets the operator hold its Lease there. The guard dumps the
+    /// namespace's objects and the operator logs if the test fails.
+    pub async fn namespace(&self, name: &str) -> Result<TestNamespace<'_>> {
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+        Api::<ServiceAccount>::namespaced(self.client.clone(), name)
+            .create(&PostParams::default(), &sa)
+            .await?;
+        self.kubectl_ok(&[
+            "create",
+            "rolebinding",
+            "radfm-operator-leader-election",
+            "-n",
+            name,
+            "--clusterrole=radfm-operator-leader-election",
+            "--serviceaccount=radfm-system:radfm-operator",
+        ])?;
+        Ok(TestNamespace {
+            cluster: self,
+            name: name.to_string(),
+        })
+    }
+
+    /// A kubeconfig that authenticates as `namespace/sa` with a token from the TokenRequest API,
+    /// so the operator runs with exactly the RBAC of its manifests.
+    pub fn service_account_kubeconfig(&self, namespace: &str, sa: &str) -> Result<PathBuf> {
+        let token = self.kubectl_ok(&["create", "token", sa, "-n", namespace, "--duration=24h"])?;
+        let path = self.dir.path().join(format!("{namespace}-{sa}.kubeconfig"));
+        write_kubeconfig(
+            &path,
+            &self.server,
+            &self.dir.path().join("certs/apiserver.crt"),
+            token.trim(),
+        )?;
+        Ok(path)
+    }
+
+    /// Starts the operator binary, as its ServiceAccount, watching `namespace` and holding its
+    /// Lease there. `name` names its log.
+    pub fn start_operator(&self, namespace: &str, name: &str, extra: &[&str]) -> Result<Operator> {
+        let bin = workspace_bin("radfm-operator")?;
+        let kubeconfig = self.service_account_kubeconfig("radfm-system", "radfm-operator")?;
+        let kc = kubeconfig.to_string_lossy().to_string();
+        let mut args = vec![
+            "run",
+            "--namespace",
+            namespace,
+            "--lease-namespace",
+            namespace,
+            "--identity",
+            name,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log-text",
+        ];
+        args.extend_from_slice(extra);
+        let child = self.spawn_logged(
+            &bin,
+            name,
+            &args,
+            &[
+                ("KUBECONFIG", &kc),
+                ("RUST_LOG", "info,radfm_operator=debug"),
+            ],
+        )?;
+        Ok(Operator {
+            child,
+            name: name.to_string(),
+        })
+    }
+
+    /// Ends a running pod as a kubelet would report it: phase, exit code and reason of the trainer
+    /// container.
+    pub async fn end_pod(
+        &self,
+        namespace: &str,
+        pod: &str,
+        exit_code: i32,
+        reason: &str,
+    ) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let phase = if exit_code == 0 {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        let status = json!({"status": {
+            "phase": phase,
+            "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}],
+            "containerStatuses": [{
+                "name": "trainer", "image": "radfm", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": exit_code, "reason": reason}},
+            }],
+        }});
+        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a node object (the machine is gone).
+    pub async fn delete_node(&self, name: &str) -> Result<()> {
+        Api::<Node>::all(self.client.clone())
+            .delete(name, &DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        // Reverse start order: clients first, etcd last.
+        for (_, child) in children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A running operator process; killed (SIGKILL) when dropped.
+pub struct Operator {
+    child: Child,
+    /// Its identity and log name.
+    pub name: String,
+}
+
+impl Operator {
+    /// Sends SIGKILL and waits for the process to end.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (graceful shutdown) and waits up to `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        // SAFETY: sending a signal to a child we own.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("operator {} did not stop within {timeout:?}", self.name)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A test namespace; on a failing test it prints what was in it.
+pub struct TestNamespace<'a> {
+    cluster: &'a Cluster,
+    /// Its name.
+    pub name: String,
+}
+
+impl Drop for TestNamespace<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let dump = self.cluster.kubectl(&[
+                "get",
+                "trainingjobs,pods,services,events",
+                "-n",
+                &self.name,
+                "-o",
+                "yaml",
+            ]);
+            eprintln!(
+                "--- objects in namespace {} ---\n{}",
+                self.name,
+                String::from_utf8_lossy(&dump.stdout)
+            );
+            for entry in std::fs::read_dir(self.cluster.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with("operator") && name.ends_with(".log") {
+                    eprintln!(
+                        "--- {name} ---\n{}",
+                        self.cluster.log_tail(name.trim_end_matches(".log"))
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn node_is_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn http_get(path: &str) -> Result<http::Request<Vec<u8>>> {
+    Ok(http::Request::get(path).body(Vec::new())?)
+}
+
+fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> Result<()> {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: radfm-test\n  cluster:\n    server: {server}\n    certificate-authority: {}\n\
+         users:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: radfm-test\n  context:\n    cluster: radfm-test\n    user: user\n\
+         current-context: radfm-test\n",
+        ca.display()
+    );
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(path)?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+fn wait_for_file(path: &Path, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > timeout {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The API server writes the certificate before the key; give it a moment to finish.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(())
+}
+
+/// Polls `check` every 200 ms until it returns Some, or fails after `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
