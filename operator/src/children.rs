@@ -366,8 +366,10 @@ pub(crate) mod fixtures {
         p
     }
 
+    /// A pod whose deletion was requested at `since` with a 30 s grace period.
     pub fn terminating(mut p: Pod, since: i64) -> Pod {
-        p.metadata.deletion_timestamp = Some(t(since));
+        p.metadata.deletion_timestamp = Some(t(since + 30));
+        p.metadata.deletion_grace_period_seconds = Some(30);
         p
     }
 }

@@ -21,14 +21,12 @@ use tracing::{error, info, warn};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    #[command(flatten)]
-    run: RunArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (the default).
-    Run,
+    Run(RunArgs),
     /// Print the CRDs as YAML, or write them into a folder.
     Crd {
         /// Folder to write one file per CRD into.
@@ -37,7 +35,8 @@ enum Command {
     },
 }
 
-#[derive(clap::Args)]
+#[derive(Parser)]
+#[command(name = "run")]
 struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "RADFM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
@@ -70,7 +69,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Crd { out_dir }) => print_crds(out_dir),
-        Some(Command::Run) | None => run(cli.run).await,
+        Some(Command::Run(args)) => run(args).await,
+        None => run(<RunArgs as clap::Parser>::parse_from(["run"])).await,
     }
 }
 

@@ -76,7 +76,8 @@ struct Worker<'a> {
     name: String,
     rank: i32,
     attempt: i32,
-    deleting_since: Option<&'a Time>,
+    /// When deletion was requested (deletionTimestamp minus the grace period).
+    deleting_since: Option<Time>,
     state: WorkerState,
     ready: bool,
 }
@@ -150,7 +151,11 @@ fn worker<'a>(pod: &'a Pod, lost_nodes: &BTreeSet<String>) -> Option<Worker<'a>>
         name: pod.metadata.name.clone()?,
         rank,
         attempt,
-        deleting_since: pod.metadata.deletion_timestamp.as_ref(),
+        deleting_since: pod
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| add_secs(t, -pod.metadata.deletion_grace_period_seconds.unwrap_or(0))),
         state,
         ready,
     })
@@ -213,7 +218,7 @@ impl Ctx<'_> {
     fn remove(&self, plan: &mut Plan, workers: &[&Worker]) {
         let timeout = self.job.spec.run_policy.terminating_timeout_seconds;
         for w in workers {
-            match w.deleting_since {
+            match &w.deleting_since {
                 None => plan.delete_pods.push(w.name.clone()),
                 Some(since) => {
                     let due = add_secs(since, timeout);

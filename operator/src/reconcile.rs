@@ -97,6 +97,19 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         plan.delete_service = observed.service_exists;
     }
 
+    let busy = !plan.create_pods.is_empty()
+        || !plan.delete_pods.is_empty()
+        || !plan.force_delete_pods.is_empty();
+    if busy || plan.create_service.is_some() || plan.delete_service {
+        info!(
+            phase = plan.status.phase.map(|p| p.as_str()),
+            attempt = plan.status.attempt,
+            create = plan.create_pods.len(),
+            delete = plan.delete_pods.len(),
+            force_delete = ?plan.force_delete_pods,
+            "applying plan"
+        );
+    }
     let create_error = apply(job, &ns, &plan, ctx).await.err();
     if let Some(e) = &create_error {
         let now = (ctx.now)();

@@ -37,7 +37,9 @@ pub fn init(service: &'static str, json: bool) -> Guard {
             .with_filter(filter())
             .boxed()
     } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
         tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
             .with_filter(filter())
             .boxed()
     };
