@@ -454,7 +454,7 @@ async fn lost_node_restarts_the_gang_and_stuck_pods_are_force_deleted() {
             "-n",
             "nodeloss",
             "-o",
-            "jsonpath={.items[*].note}",
+            "jsonpath={.items[*].message}",
         ])
         .unwrap();
     assert!(
