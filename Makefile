@@ -14,6 +14,7 @@ build:
 crds:
 	$(CARGO) run -q -p radfm-operator -- crd --out-dir manifests/crds
 	cp manifests/crds/*.yaml charts/radfm/crds/
+	$(CARGO) run -q -p radfm-operator -- crd --reference > docs/crd-reference.md
 
 ## cluster-tools: build the pinned etcd, kube-apiserver, kube-scheduler, kubectl, kwok and helm (cached)
 cluster-tools:

@@ -437,3 +437,21 @@ spec:
         }
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    #[test]
+    fn docs_env_contract_lists_every_variable() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/env-contract.md"
+        ))
+        .unwrap();
+        for (name, _) in super::VARS {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "docs/env-contract.md lacks {name}"
+            );
+        }
+    }
+}

@@ -136,3 +136,23 @@ mod tests {
         assert_eq!(name(3), "Unknown");
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    #[test]
+    fn docs_exit_codes_table_lists_every_code() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/exit-codes.md"
+        ))
+        .unwrap();
+        for (code, name, _, meaning) in super::TABLE {
+            let row = format!("| {code} | {name} |");
+            assert!(doc.contains(&row), "docs/exit-codes.md lacks {row}");
+            assert!(
+                doc.contains(meaning),
+                "docs/exit-codes.md lacks {meaning:?}"
+            );
+        }
+    }
+}

@@ -32,6 +32,9 @@ enum Command {
         /// Folder to write one file per CRD into.
         #[arg(long)]
         out_dir: Option<std::path::PathBuf>,
+        /// Print the Markdown field reference instead.
+        #[arg(long)]
+        reference: bool,
     },
 }
 
@@ -68,7 +71,13 @@ struct RunArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Crd { out_dir }) => print_crds(out_dir),
+        Some(Command::Crd {
+            reference: true, ..
+        }) => {
+            print!("{}", crdgen::reference());
+            Ok(())
+        }
+        Some(Command::Crd { out_dir, .. }) => print_crds(out_dir),
         Some(Command::Run(args)) => run(args).await,
         None => run(<RunArgs as clap::Parser>::parse_from(["run"])).await,
     }
