@@ -149,7 +149,7 @@ async fn setup<'a>(
 
 #[tokio::test]
 async fn invalid_trainingjobs_are_rejected_naming_the_field() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(1, 8).await.unwrap();
     let (_ns, _op) = setup(&cluster, "invalid").await;
     let env = Env {
@@ -228,7 +228,7 @@ async fn invalid_trainingjobs_are_rejected_naming_the_field() {
 
 #[tokio::test]
 async fn sample_job_runs_on_gpu_nodes_and_kubectl_get_shows_its_columns() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(4, 8).await.unwrap();
     let (_ns, _op) = setup(&cluster, "sample").await;
     let env = Env {
@@ -296,7 +296,7 @@ async fn sample_job_runs_on_gpu_nodes_and_kubectl_get_shows_its_columns() {
 
 #[tokio::test]
 async fn all_workers_succeeding_completes_the_job_and_cleans_pods() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(2, 8).await.unwrap();
     let (_ns, _op) = setup(&cluster, "success").await;
     let env = Env {
@@ -335,7 +335,7 @@ async fn all_workers_succeeding_completes_the_job_and_cleans_pods() {
 
 #[tokio::test]
 async fn retryable_exit_restarts_the_whole_gang_and_permanent_exit_fails_the_job() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(3, 8).await.unwrap();
     let (_ns, _op) = setup(&cluster, "failures").await;
     let env = Env {
@@ -409,7 +409,7 @@ async fn retryable_exit_restarts_the_whole_gang_and_permanent_exit_fails_the_job
 
 #[tokio::test]
 async fn lost_node_restarts_the_gang_and_stuck_pods_are_force_deleted() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(3, 8).await.unwrap();
     let (_ns, _op) = setup(&cluster, "nodeloss").await;
     let env = Env {
@@ -465,7 +465,7 @@ async fn lost_node_restarts_the_gang_and_stuck_pods_are_force_deleted() {
 
 #[tokio::test]
 async fn suspend_resume_deadline_and_ttl() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(2, 8).await.unwrap();
     let (_ns, _op) = setup(&cluster, "lifecycle").await;
     let env = Env {
@@ -524,7 +524,7 @@ async fn suspend_resume_deadline_and_ttl() {
 
 #[tokio::test]
 async fn operator_killed_while_creating_a_large_gang_leaves_no_duplicates() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(4, 8).await.unwrap();
     let ns = cluster.namespace("crash").await.unwrap();
     let env = Env {
@@ -563,7 +563,7 @@ async fn operator_killed_while_creating_a_large_gang_leaves_no_duplicates() {
 
 #[tokio::test]
 async fn two_operator_replicas_elect_one_leader_and_fail_over() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(2, 8).await.unwrap();
     let ns = cluster.namespace("leader").await.unwrap();
     let env = Env {
@@ -626,7 +626,7 @@ async fn two_operator_replicas_elect_one_leader_and_fail_over() {
 
 #[tokio::test]
 async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(1, 8).await.unwrap();
     let chart = radfm_e2e::repo_root().join("charts/radfm");
     let helm = |args: &[&str]| {
@@ -752,7 +752,7 @@ async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
 
 #[tokio::test]
 async fn sixty_four_worker_gang_reaches_running() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cluster = Cluster::start(8, 8).await.unwrap();
     let (_ns, _op) = setup(&cluster, "scale").await;
     let env = Env {
