@@ -560,13 +560,19 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
         .filter(|r| !present.contains(r))
         .map(|r| children::worker_pod(job, r, st.attempt))
         .collect();
-    if ctx.set(
-        st,
-        C::Created,
-        true,
-        reason::JOB_CREATED,
-        &format!("service and {replicas} workers created"),
-    ) {
+    // Created turns True once every worker of the attempt exists, not when creation is merely
+    // planned: a create the API server refuses leaves it False with the reason (set by the
+    // reconciler), instead of flapping.
+    if plan.create_pods.is_empty()
+        && ctx.obs.service_exists
+        && ctx.set(
+            st,
+            C::Created,
+            true,
+            reason::JOB_CREATED,
+            &format!("service and {replicas} workers created"),
+        )
+    {
         plan.event(
             false,
             reason::JOB_CREATED,
@@ -672,17 +678,25 @@ mod tests {
                 .any(|e| e.name == "RADFM_NODE_RANK" && e.value.as_deref() == Some("2"))
         );
         assert_eq!(p.status.phase, Some(Phase::Pending));
-        assert_eq!(
-            cond(&p.status, C::Created),
-            ("True".into(), reason::JOB_CREATED.into())
+        assert!(
+            get(&p.status.conditions, C::Created).is_none(),
+            "Created waits until the workers exist"
         );
         assert_eq!(
             (p.status.attempt, p.status.ready.as_deref()),
             (1, Some("0/3"))
         );
         assert_eq!(p.status.start_time, Some(t(1)));
-        assert_eq!(p.events[0].reason, reason::JOB_CREATED);
+        assert!(p.events.is_empty());
         assert!(p.create_pod_group.is_none());
+        let job = after(job, &p);
+        let pods: Vec<Pod> = (0..3).map(|r| pod(&job, r, 1, "Pending")).collect();
+        let p = plan(&job, &observe(pods, 2));
+        assert_eq!(
+            cond(&p.status, C::Created),
+            ("True".into(), reason::JOB_CREATED.into())
+        );
+        assert_eq!(p.events[0].reason, reason::JOB_CREATED);
     }
 
     #[test]

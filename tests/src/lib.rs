@@ -534,6 +534,26 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// The address its /metrics endpoint listens on, read from its log.
+    pub async fn metrics_addr(&self, cluster: &Cluster) -> Result<String> {
+        wait_until(
+            Duration::from_secs(30),
+            "operator metrics address",
+            || async {
+                let log = std::fs::read_to_string(cluster.log_path(&self.name)).ok()?;
+                let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+                Some(
+                    line.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .to_string(),
+                )
+            },
+        )
+        .await
+    }
+
     /// Sends SIGKILL and waits for the process to end.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -661,4 +681,27 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status code, body).
+pub fn http_get_text(addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("HTTP status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
