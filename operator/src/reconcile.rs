@@ -56,12 +56,17 @@ impl Context {
     }
 }
 
-fn is_conflict(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 409)
-}
-
-fn is_not_found(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 404)
+/// Treats one API status code as success: AlreadyExists (409) on create and NotFound (404) on
+/// delete mean the plan's effect is already there.
+fn tolerate<T>(
+    r: std::result::Result<T, kube::Error>,
+    code: u16,
+) -> std::result::Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == code => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reconciles one TrainingJob.
@@ -132,14 +137,11 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
     let jobs: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &ns);
     if plan.delete_job {
         info!("ttlSecondsAfterFinished passed; deleting the job");
-        match jobs
-            .delete(&job.name_any(), &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
+        tolerate(
+            jobs.delete(&job.name_any(), &DeleteParams::background())
+                .await,
+            404,
+        )?;
         return Ok(Action::await_change());
     }
     write_status(&jobs, job, &plan.status).await?;
@@ -251,11 +253,7 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
     };
     if let Some(svc) = &plan.create_service {
         let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-        let r = api
-            .create(&pp, svc)
-            .await
-            .map(|_| ())
-            .or_else(|e| if is_conflict(&e) { Ok(()) } else { Err(e) });
+        let r = tolerate(api.create(&pp, svc).await, 409);
         note(
             r,
             format!("creating service {}", children::service_name(job)),
@@ -263,11 +261,7 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
     }
     if let Some((sched, pg)) = &plan.create_pod_group {
         let obj: DynamicObject = serde_json::from_value(pg.clone()).map_err(Error::Serialize)?;
-        let r = pod_group_api(ctx, ns, *sched)
-            .create(&pp, &obj)
-            .await
-            .map(|_| ())
-            .or_else(|e| if is_conflict(&e) { Ok(()) } else { Err(e) });
+        let r = tolerate(pod_group_api(ctx, ns, *sched).create(&pp, &obj).await, 409);
         note(
             r,
             format!("creating PodGroup {}", children::service_name(job)),
@@ -280,11 +274,7 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
                 let pods = pods.clone();
                 let pp = pp.clone();
                 async move {
-                    let r = pods
-                        .create(&pp, &p)
-                        .await
-                        .map(|_| ())
-                        .or_else(|e| if is_conflict(&e) { Ok(()) } else { Err(e) });
+                    let r = tolerate(pods.create(&pp, &p).await, 409);
                     (p.metadata.name.clone().unwrap_or_default(), r)
                 }
             })
@@ -313,11 +303,7 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
         .map(|(n, dp)| {
             let pods = pods.clone();
             async move {
-                let r = pods
-                    .delete(&n, &dp)
-                    .await
-                    .map(|_| ())
-                    .or_else(|e| if is_not_found(&e) { Ok(()) } else { Err(e) });
+                let r = tolerate(pods.delete(&n, &dp).await, 404);
                 (n, r)
             }
         })
@@ -329,11 +315,10 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
     }
     if plan.delete_service {
         let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-        let r = api
-            .delete(&children::service_name(job), &graceful)
-            .await
-            .map(|_| ())
-            .or_else(|e| if is_not_found(&e) { Ok(()) } else { Err(e) });
+        let r = tolerate(
+            api.delete(&children::service_name(job), &graceful).await,
+            404,
+        );
         note(
             r,
             format!("deleting service {}", children::service_name(job)),
