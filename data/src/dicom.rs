@@ -1,0 +1,139 @@
+//! DICOM decoding with the de-identification gate.
+//!
+//! Only pixel data and a whitelist of non-identifying attributes ever leave this module; patient
+//! and study identity appear as keyed-hash pseudonyms and age only as a band. A file that still
+//! carries direct identifiers is refused unless the caller asked for de-identification, which here
+//! means applying the subset of the DICOM PS3.15 Basic Application Level Confidentiality Profile
+//! documented in `docs/shard-format.md` (everything not whitelisted is dropped; IDs are replaced by
+//! pseudonyms; dates are reduced to an age band). Identifier values are never logged: errors name
+//! attributes, not their contents.
+
+use std::path::Path;
+
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, Tag};
+use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PhotometricInterpretation, PixelDecoder, PixelRepresentation};
+
+use crate::image16::Image16;
+use crate::meta::{SampleMeta, age_band, pseudonym};
+use crate::{Error, Result};
+
+/// Attributes that identify a patient directly (PS3.15 Table E.1-1 subset); their presence with a
+/// non-empty value makes a file "identified".
+pub const DIRECT_IDENTIFIERS: &[(Tag, &str)] = &[
+    (tags::PATIENT_NAME, "PatientName"),
+    (tags::PATIENT_ID, "PatientID"),
+    (tags::PATIENT_BIRTH_DATE, "PatientBirthDate"),
+    (tags::PATIENT_ADDRESS, "PatientAddress"),
+    (tags::PATIENT_TELEPHONE_NUMBERS, "PatientTelephoneNumbers"),
+    (Tag(0x0010, 0x1000), "OtherPatientIDs"),
+    (tags::OTHER_PATIENT_NAMES, "OtherPatientNames"),
+    (tags::PATIENT_MOTHER_BIRTH_NAME, "PatientMotherBirthName"),
+    (Tag(0x0010, 0x1090), "MedicalRecordLocator"),
+    (tags::REFERRING_PHYSICIAN_NAME, "ReferringPhysicianName"),
+    (tags::PERFORMING_PHYSICIAN_NAME, "PerformingPhysicianName"),
+    (tags::OPERATORS_NAME, "OperatorsName"),
+    (tags::INSTITUTION_NAME, "InstitutionName"),
+    (tags::INSTITUTION_ADDRESS, "InstitutionAddress"),
+    (tags::ACCESSION_NUMBER, "AccessionNumber"),
+];
+
+/// A decoded DICOM file: one image per frame plus whitelisted metadata.
+#[derive(Debug, Clone)]
+pub struct DicomImage {
+    /// One image per frame.
+    pub frames: Vec<Image16>,
+    /// Metadata shared by the frames (width/height set, frame unset).
+    pub meta: SampleMeta,
+}
+
+fn text(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
+    let v = obj.element_opt(tag).ok()??.to_str().ok()?.trim().trim_end_matches('\0').to_string();
+    (!v.is_empty()).then_some(v)
+}
+
+/// Names of the direct identifiers present with a value.
+pub fn identifiers_present(obj: &DefaultDicomObject) -> Vec<&'static str> {
+    DIRECT_IDENTIFIERS.iter().filter(|(t, _)| text(obj, *t).is_some()).map(|(_, n)| *n).collect()
+}
+
+fn age_years(obj: &DefaultDicomObject) -> Option<u32> {
+    if let Some(a) = text(obj, tags::PATIENT_AGE) {
+        let (num, unit) = a.split_at(a.len().saturating_sub(1));
+        let n: u32 = num.parse().ok()?;
+        return Some(match unit {
+            "Y" => n,
+            "M" => n / 12,
+            "W" => n / 52,
+            "D" => n / 365,
+            _ => return None,
+        });
+    }
+    let birth = text(obj, tags::PATIENT_BIRTH_DATE)?;
+    let study = text(obj, tags::STUDY_DATE).or_else(|| text(obj, tags::ACQUISITION_DATE))?;
+    let y = |d: &str| -> Option<(u32, u32)> { Some((d.get(0..4)?.parse().ok()?, d.get(4..8)?.parse().ok()?)) };
+    let ((by, bmd), (sy, smd)) = (y(&birth)?, y(&study)?);
+    Some(sy.checked_sub(by)? - u32::from(smd < bmd))
+}
+
+/// Reads a DICOM file. Refuses identified files unless `deidentify`; pseudonyms use `salt`.
+pub fn read(path: &Path, deidentify: bool, salt: &[u8]) -> Result<DicomImage> {
+    let name = path.display().to_string();
+    let img_err = |reason: String| Error::Image { source_name: name.clone(), reason };
+    let obj = dicom_object::open_file(path).map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
+    if text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES")) {
+        return Err(img_err("BurnedInAnnotation is YES: the pixels themselves carry identifiers; such images are never ingested".into()));
+    }
+    let found = identifiers_present(&obj);
+    if !found.is_empty() && !deidentify {
+        return Err(Error::Identified { path: name, tags: found.join(", ") });
+    }
+
+    let pd = obj.decode_pixel_data().map_err(|e| img_err(format!("pixel data: {e}")))?;
+    let (w, h) = (pd.columns(), pd.rows());
+    let spp = pd.samples_per_pixel() as usize;
+    let rescale = pd.rescale().ok().and_then(|r| r.first().copied());
+    let (slope, intercept) = rescale.map(|r| (r.slope, r.intercept)).unwrap_or((1.0, 0.0));
+    let signed = matches!(pd.pixel_representation(), PixelRepresentation::Signed);
+    let max_stored = ((1u32 << pd.bits_stored().min(16)) - 1) as f64;
+    let invert = matches!(pd.photometric_interpretation(), PhotometricInterpretation::Monochrome1);
+    // Stored values go into the PNG unchanged where possible; signed values are shifted into the
+    // unsigned range and the intercept compensates, so physical = stored × slope + intercept holds.
+    let offset = if signed { 32768.0 } else { 0.0 };
+    let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+    let mut frames = Vec::new();
+    for f in 0..pd.number_of_frames() {
+        let values: Vec<f64> = pd.to_vec_frame_with_options(f, &raw).map_err(|e| img_err(format!("frame {f}: {e}")))?;
+        let pixels: Vec<u16> = values
+            .chunks(spp.max(1))
+            .map(|px| {
+                let v = if spp >= 3 { 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2] } else { px[0] };
+                let v = if invert { max_stored - v } else { v };
+                (v + offset).round().clamp(0.0, 65535.0) as u16
+            })
+            .collect();
+        if pixels.len() != (w * h) as usize {
+            return Err(img_err(format!("frame {f} has {} pixels, expected {w}x{h}", pixels.len())));
+        }
+        frames.push(Image16 { width: w, height: h, pixels });
+    }
+    let meta = SampleMeta {
+        width: w,
+        height: h,
+        rescale_slope: slope,
+        rescale_intercept: intercept - offset * slope,
+        modality: text(&obj, tags::MODALITY),
+        body_part: text(&obj, tags::BODY_PART_EXAMINED),
+        view: text(&obj, tags::VIEW_POSITION),
+        sex: text(&obj, tags::PATIENT_SEX),
+        age_band: age_years(&obj).map(|a| age_band(a).to_string()),
+        manufacturer: text(&obj, tags::MANUFACTURER),
+        scanner_model: text(&obj, tags::MANUFACTURER_MODEL_NAME),
+        site: None,
+        patient: text(&obj, tags::PATIENT_ID).map(|p| pseudonym(salt, &p)),
+        study: text(&obj, tags::STUDY_INSTANCE_UID).map(|s| pseudonym(salt, &s)),
+        frame: None,
+        labels: Default::default(),
+    };
+    Ok(DicomImage { frames, meta })
+}

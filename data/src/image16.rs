@@ -1,0 +1,91 @@
+//! 16-bit grayscale images and their PNG encoding (the `.png` member of a sample).
+
+use crate::{Error, Result};
+
+/// A 16-bit grayscale image, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image16 {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// width × height stored values.
+    pub pixels: Vec<u16>,
+}
+
+impl Image16 {
+    /// Encodes as a 16-bit grayscale PNG.
+    pub fn to_png(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, self.width, self.height);
+            enc.set_color(png::ColorType::Grayscale);
+            enc.set_depth(png::BitDepth::Sixteen);
+            enc.set_compression(png::Compression::Fast);
+            let mut w = enc.write_header().expect("writing to a Vec cannot fail");
+            let bytes: Vec<u8> = self.pixels.iter().flat_map(|p| p.to_be_bytes()).collect();
+            w.write_image_data(&bytes).expect("the buffer has width x height samples");
+        }
+        out
+    }
+
+    /// Decodes a PNG (8- or 16-bit, gray or color; color is converted to luminance, 8-bit values
+    /// are kept as 0..255).
+    pub fn from_png(data: &[u8], source_name: &str) -> Result<Image16> {
+        let err = |reason: String| Error::Image { source_name: source_name.to_string(), reason };
+        let mut dec = png::Decoder::new(std::io::Cursor::new(data));
+        dec.set_transformations(png::Transformations::EXPAND);
+        let mut reader = dec.read_info().map_err(|e| err(e.to_string()))?;
+        let mut buf = vec![0; reader.output_buffer_size().ok_or_else(|| err("image too large".into()))?];
+        let info = reader.next_frame(&mut buf).map_err(|e| err(e.to_string()))?;
+        let (w, h) = (info.width, info.height);
+        let channels = info.color_type.samples();
+        let wide = info.bit_depth == png::BitDepth::Sixteen;
+        let sample = |i: usize| -> u16 {
+            if wide { u16::from_be_bytes([buf[2 * i], buf[2 * i + 1]]) } else { buf[i] as u16 }
+        };
+        let n = (w * h) as usize;
+        let pixels = (0..n)
+            .map(|p| match channels {
+                1 | 2 => sample(p * channels),
+                _ => luminance(sample(p * channels), sample(p * channels + 1), sample(p * channels + 2)),
+            })
+            .collect();
+        Ok(Image16 { width: w, height: h, pixels })
+    }
+
+    /// Decodes a JPEG (8-bit; color converted to luminance).
+    pub fn from_jpeg(data: &[u8], source_name: &str) -> Result<Image16> {
+        use zune_jpeg::zune_core::colorspace::ColorSpace;
+        use zune_jpeg::zune_core::options::DecoderOptions;
+        let err = |reason: String| Error::Image { source_name: source_name.to_string(), reason };
+        let opts = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::Luma);
+        let mut dec = zune_jpeg::JpegDecoder::new_with_options(std::io::Cursor::new(data), opts);
+        let px = dec.decode().map_err(|e| err(format!("{e:?}")))?;
+        let (w, h) = dec.dimensions().ok_or_else(|| err("no dimensions".into()))?;
+        Ok(Image16 { width: w as u32, height: h as u32, pixels: px.into_iter().map(u16::from).collect() })
+    }
+}
+
+fn luminance(r: u16, g: u16, b: u16) -> u16 {
+    (0.299 * r as f64 + 0.587 * g as f64 + 0.114 * b as f64).round() as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_round_trip_is_exact_over_the_full_16_bit_range() {
+        let pixels: Vec<u16> = (0..64 * 48).map(|i| ((i * 2654435761u64 as usize) % 65536) as u16).collect();
+        let img = Image16 { width: 64, height: 48, pixels };
+        let back = Image16::from_png(&img.to_png(), "t").unwrap();
+        assert_eq!(back, img);
+    }
+
+    #[test]
+    fn corrupt_png_error_names_the_source() {
+        let err = Image16::from_png(b"\x89PNG\r\n\x1a\nnot really", "a/b.png").unwrap_err().to_string();
+        assert!(err.starts_with("a/b.png: "), "{err}");
+    }
+}

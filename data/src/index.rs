@@ -1,0 +1,219 @@
+//! The dataset index (`index.json` beside the shards).
+//!
+//! Append-only: shards get consecutive sequence numbers, and a new index is accepted only if it
+//! keeps every existing entry unchanged, so continual training can ask for "the shards since
+//! sequence N" and trust the answer. Shards are written with create-only puts before the index
+//! names them; the index itself is replaced by one atomic put, so readers never see a partial
+//! index or an entry whose shard is missing.
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::store::Location;
+use crate::{Error, Result};
+
+/// Version of the index format this code writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Object name of the index in a dataset folder.
+pub const INDEX: &str = "index.json";
+
+/// Running intensity statistics of physical pixel values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Stats {
+    /// Pixels counted.
+    pub pixels: u64,
+    /// Sum of values.
+    pub sum: f64,
+    /// Sum of squared values.
+    pub sum_sq: f64,
+    /// Mean (derived, kept for readers).
+    pub mean: f64,
+    /// Standard deviation (derived, kept for readers).
+    pub std: f64,
+}
+
+impl Stats {
+    /// Adds the physical values of one image.
+    pub fn add(&mut self, pixels: &[u16], slope: f64, intercept: f64) {
+        for &p in pixels {
+            let v = p as f64 * slope + intercept;
+            self.sum += v;
+            self.sum_sq += v * v;
+        }
+        self.pixels += pixels.len() as u64;
+        self.derive();
+    }
+
+    /// Merges another running total.
+    pub fn merge(&mut self, other: &Stats) {
+        self.pixels += other.pixels;
+        self.sum += other.sum;
+        self.sum_sq += other.sum_sq;
+        self.derive();
+    }
+
+    fn derive(&mut self) {
+        if self.pixels > 0 {
+            let n = self.pixels as f64;
+            self.mean = self.sum / n;
+            self.std = (self.sum_sq / n - self.mean * self.mean).max(0.0).sqrt();
+        }
+    }
+}
+
+/// One shard of the dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// Sequence number: 0, 1, 2, ... in the order shards landed.
+    pub seq: u64,
+    /// Object name in the dataset folder.
+    pub name: String,
+    /// Samples in the shard.
+    pub samples: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// sha256 of the shard's bytes, hex.
+    pub sha256: String,
+    /// When the shard landed (RFC 3339).
+    pub created: String,
+    /// Intensity statistics of the shard.
+    pub stats: Stats,
+}
+
+/// The index of a dataset folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetIndex {
+    /// Index format version.
+    pub format_version: u32,
+    /// Shards in sequence order.
+    pub shards: Vec<ShardEntry>,
+    /// Statistics over every shard.
+    pub stats: Stats,
+}
+
+impl Default for DatasetIndex {
+    fn default() -> Self {
+        DatasetIndex { format_version: FORMAT_VERSION, shards: Vec::new(), stats: Stats::default() }
+    }
+}
+
+/// Shard object name of a sequence number.
+pub fn shard_name(seq: u64) -> String {
+    format!("shard-{seq:06}.tar")
+}
+
+impl DatasetIndex {
+    /// Loads the index of a dataset folder; an absent index is an empty dataset.
+    pub async fn load(loc: &Location) -> Result<DatasetIndex> {
+        match loc.get_opt(INDEX).await? {
+            None => Ok(DatasetIndex::default()),
+            Some(bytes) => {
+                let index: DatasetIndex = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Index { uri: loc.child_uri(INDEX), reason: e.to_string() })?;
+                index.validate().map_err(|reason| Error::Index { uri: loc.child_uri(INDEX), reason })?;
+                Ok(index)
+            }
+        }
+    }
+
+    /// Checks the invariants: a known format, consecutive sequence numbers from 0.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(format!("format_version {} is not supported (expected {FORMAT_VERSION})", self.format_version));
+        }
+        for (i, s) in self.shards.iter().enumerate() {
+            if s.seq != i as u64 {
+                return Err(format!("shards[{i}].seq is {} (expected {i})", s.seq));
+            }
+        }
+        Ok(())
+    }
+
+    /// Total samples.
+    pub fn samples(&self) -> u64 {
+        self.shards.iter().map(|s| s.samples).sum()
+    }
+
+    /// Shards whose sequence number is >= `seq`.
+    pub fn since(&self, seq: u64) -> &[ShardEntry] {
+        let start = self.shards.iter().position(|s| s.seq >= seq).unwrap_or(self.shards.len());
+        &self.shards[start..]
+    }
+
+    /// Writes a new shard (create-only: an existing object is never overwritten) and appends it
+    /// to the index with one atomic put. Returns the new entry.
+    pub async fn append_shard(loc: &Location, tar: Vec<u8>, samples: u64, stats: Stats) -> Result<ShardEntry> {
+        let mut index = DatasetIndex::load(loc).await?;
+        let seq = index.shards.len() as u64;
+        let name = shard_name(seq);
+        let entry = ShardEntry {
+            seq,
+            name: name.clone(),
+            samples,
+            bytes: tar.len() as u64,
+            sha256: hex::encode(sha2::Sha256::digest(&tar)),
+            created: jiff::Timestamp::now().to_string(),
+            stats,
+        };
+        if !loc.put_new(&name, tar).await? {
+            return Err(Error::Index {
+                uri: loc.child_uri(&name),
+                reason: "a shard with this sequence number exists but the index does not list it (another writer?)".into(),
+            });
+        }
+        index.shards.push(entry.clone());
+        index.stats.merge(&entry.stats);
+        let previous = DatasetIndex::load(loc).await?;
+        if previous.shards[..] != index.shards[..previous.shards.len().min(index.shards.len())] || previous.shards.len() >= index.shards.len() {
+            return Err(Error::Index { uri: loc.child_uri(INDEX), reason: "the index changed while a shard was written; not an append".into() });
+        }
+        loc.put(INDEX, serde_json::to_vec_pretty(&index).expect("index serializes")).await?;
+        Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shards_append_with_consecutive_sequence_numbers_and_merged_stats() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::open(&format!("file://{}/ds", dir.path().display())).unwrap();
+        assert_eq!(DatasetIndex::load(&loc).await.unwrap().shards.len(), 0);
+        let mut s1 = Stats::default();
+        s1.add(&[0, 2], 1.0, 0.0);
+        let mut s2 = Stats::default();
+        s2.add(&[4, 6], 1.0, -1.0);
+        DatasetIndex::append_shard(&loc, b"tar-one".to_vec(), 1, s1).await.unwrap();
+        let e = DatasetIndex::append_shard(&loc, b"tar-two".to_vec(), 1, s2).await.unwrap();
+        assert_eq!((e.seq, e.name.as_str()), (1, "shard-000001.tar"));
+        let index = DatasetIndex::load(&loc).await.unwrap();
+        assert_eq!(index.shards.len(), 2);
+        assert_eq!(index.since(1).len(), 1);
+        assert_eq!(index.since(5).len(), 0);
+        assert_eq!(index.stats.pixels, 4);
+        assert!((index.stats.mean - 2.5).abs() < 1e-12);
+        assert_eq!(index.shards[0].sha256, hex::encode(sha2::Sha256::digest(b"tar-one")));
+        assert_eq!(std::fs::read(dir.path().join("ds/shard-000001.tar")).unwrap(), b"tar-two");
+    }
+
+    #[tokio::test]
+    async fn an_unlisted_shard_object_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
+        std::fs::write(dir.path().join("shard-000000.tar"), b"someone else's").unwrap();
+        let err = DatasetIndex::append_shard(&loc, b"mine".to_vec(), 1, Stats::default()).await.unwrap_err().to_string();
+        assert!(err.contains("shard-000000.tar") && err.contains("another writer"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join("shard-000000.tar")).unwrap(), b"someone else's");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_index_names_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
+        std::fs::write(dir.path().join("index.json"), br#"{"format_version":1,"shards":[{"seq":3}]}"#).unwrap();
+        let err = DatasetIndex::load(&loc).await.unwrap_err().to_string();
+        assert!(err.contains("index.json"), "{err}");
+    }
+}

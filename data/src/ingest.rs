@@ -1,0 +1,266 @@
+//! Ingest: a folder of DICOM, PNG and JPEG files → shards and index in any object store.
+//!
+//! Files are decoded in parallel (rayon) in batches and written in input order, so the same input
+//! gives the same shards. Each shard has a sidecar `<shard>.sources.json` listing the keyed ids
+//! of the files it holds; a re-run skips those, so an interrupted ingest resumes where it stopped
+//! and files refused by the de-identification gate can be ingested later with `--deidentify`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::dicom;
+use crate::image16::Image16;
+use crate::index::{DatasetIndex, Stats};
+use crate::meta::{SampleMeta, pseudonym};
+use crate::shard::{Sample, ShardWriter};
+use crate::store::Location;
+use crate::{Error, Result};
+
+/// Writes samples into shards of about `target_bytes`, appending each to the index.
+pub struct ShardSink {
+    loc: Location,
+    target_bytes: usize,
+    writer: ShardWriter,
+    stats: Stats,
+    sources: BTreeSet<String>,
+    /// Shards written so far.
+    pub shards_written: u64,
+    /// Samples written so far.
+    pub samples_written: u64,
+}
+
+impl ShardSink {
+    /// A sink into the dataset folder `loc`.
+    pub fn new(loc: Location, target_bytes: usize) -> Self {
+        ShardSink {
+            loc,
+            target_bytes,
+            writer: ShardWriter::new(),
+            stats: Stats::default(),
+            sources: BTreeSet::new(),
+            shards_written: 0,
+            samples_written: 0,
+        }
+    }
+
+    /// Adds a sample that came from `source` (a keyed source id, recorded for resumption).
+    pub async fn add(&mut self, sample: &Sample, source: Option<&str>) -> Result<()> {
+        self.writer.add(sample)?;
+        self.stats.add(&sample.image.pixels, sample.meta.rescale_slope, sample.meta.rescale_intercept);
+        if let Some(s) = source {
+            self.sources.insert(s.to_string());
+        }
+        self.samples_written += 1;
+        if self.writer.bytes() >= self.target_bytes {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the current shard, if it holds anything. The sidecar is written before the index
+    /// names the shard, so a crash in between only repeats work, never loses it.
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.writer.is_empty() {
+            return Ok(());
+        }
+        let writer = std::mem::take(&mut self.writer);
+        let samples = writer.len();
+        let tar = writer.finish()?;
+        let seq = DatasetIndex::load(&self.loc).await?.shards.len() as u64;
+        let sources: Vec<&String> = self.sources.iter().collect();
+        let sidecar = format!("{}.sources.json", crate::index::shard_name(seq));
+        self.loc.put(&sidecar, serde_json::to_vec(&sources).expect("strings serialize")).await?;
+        DatasetIndex::append_shard(&self.loc, tar, samples, std::mem::take(&mut self.stats)).await?;
+        self.sources.clear();
+        self.shards_written += 1;
+        Ok(())
+    }
+}
+
+/// What to ingest and how.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Input folder (searched recursively for .dcm/.dicom/.png/.jpg/.jpeg and extension-less
+    /// DICOM files).
+    pub input: PathBuf,
+    /// Output dataset folder URI.
+    pub output: String,
+    /// Strip identifiers instead of refusing identified DICOM files.
+    pub deidentify: bool,
+    /// Secret salt of the pseudonyms (patient, study, source ids).
+    pub salt: Vec<u8>,
+    /// Site recorded for every sample.
+    pub site: Option<String>,
+    /// CSV side file: first column the file path relative to `input`, then one column per label.
+    pub labels: Option<PathBuf>,
+    /// Target shard size in bytes.
+    pub shard_bytes: usize,
+}
+
+/// What an ingest did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IngestReport {
+    /// Image files found.
+    pub files: usize,
+    /// Files skipped because an earlier run ingested them.
+    pub already_done: usize,
+    /// Samples written (a multi-frame file gives several).
+    pub samples: u64,
+    /// Shards written.
+    pub shards: u64,
+    /// Files refused, with why (identifier names only, never values).
+    pub refused: Vec<String>,
+}
+
+fn is_image(p: &Path) -> bool {
+    match p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) {
+        Some(e) => matches!(e.as_str(), "dcm" | "dicom" | "png" | "jpg" | "jpeg"),
+        None => std::fs::File::open(p)
+            .and_then(|mut f| {
+                use std::io::{Read, Seek};
+                let mut magic = [0u8; 4];
+                f.seek(std::io::SeekFrom::Start(128))?;
+                f.read_exact(&mut magic)?;
+                Ok(&magic == b"DICM")
+            })
+            .unwrap_or(false),
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let io = |e| Error::Io { path: dir.display().to_string(), source: e };
+    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<std::io::Result<_>>().map_err(io)?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if is_image(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_json::Value>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').map(str::trim).collect();
+    let mut out = BTreeMap::new();
+    for (n, line) in lines.enumerate() {
+        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cols.len() != header.len() {
+            return Err(Error::Image {
+                source_name: format!("{}:{}", path.display(), n + 2),
+                reason: format!("{} columns, header has {}", cols.len(), header.len()),
+            });
+        }
+        let labels = header[1..]
+            .iter()
+            .zip(&cols[1..])
+            .map(|(k, v)| {
+                let value = v.parse::<i64>().map(serde_json::Value::from).or_else(|_| v.parse::<f64>().map(serde_json::Value::from)).unwrap_or_else(|_| serde_json::Value::from(*v));
+                (k.to_string(), value)
+            })
+            .collect();
+        out.insert(cols[0].to_string(), labels);
+    }
+    Ok(out)
+}
+
+/// Decodes one file into samples (one per frame).
+fn decode(cfg: &IngestConfig, path: &Path, rel: &str, source_id: &str) -> Result<Vec<Sample>> {
+    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
+    let read = || std::fs::read(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e });
+    let (frames, mut meta) = match ext.as_str() {
+        "png" => {
+            let img = Image16::from_png(&read()?, rel)?;
+            let meta = SampleMeta { width: img.width, height: img.height, rescale_slope: 1.0, ..Default::default() };
+            (vec![img], meta)
+        }
+        "jpg" | "jpeg" => {
+            let img = Image16::from_jpeg(&read()?, rel)?;
+            let meta = SampleMeta { width: img.width, height: img.height, rescale_slope: 1.0, ..Default::default() };
+            (vec![img], meta)
+        }
+        _ => {
+            let d = dicom::read(path, cfg.deidentify, &cfg.salt)?;
+            (d.frames, d.meta)
+        }
+    };
+    meta.site = cfg.site.clone();
+    let multi = frames.len() > 1;
+    Ok(frames
+        .into_iter()
+        .enumerate()
+        .map(|(f, image)| {
+            let mut m = meta.clone();
+            if multi {
+                m.frame = Some(f as u32);
+            }
+            let key = if multi { format!("{}-f{f:04}", &source_id[..20]) } else { source_id[..20].to_string() };
+            Sample { key, image, meta: m }
+        })
+        .collect())
+}
+
+/// Ingests `cfg.input` into `cfg.output`. Identified DICOM files are refused (listed in the
+/// report and the error) unless `deidentify`; everything else is written.
+pub async fn ingest(cfg: &IngestConfig, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<IngestReport> {
+    let loc = Location::open(&cfg.output)?;
+    let mut files = Vec::new();
+    walk(&cfg.input, &mut files)?;
+    let labels = cfg.labels.as_deref().map(read_labels).transpose()?.unwrap_or_default();
+
+    let index = DatasetIndex::load(&loc).await?;
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    for s in &index.shards {
+        if let Some(bytes) = loc.get_opt(&format!("{}.sources.json", s.name)).await? {
+            let ids: Vec<String> = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Index { uri: loc.child_uri(&format!("{}.sources.json", s.name)), reason: e.to_string() })?;
+            done.extend(ids);
+        }
+    }
+    let mut report = IngestReport { files: files.len(), ..Default::default() };
+    let todo: Vec<(PathBuf, String, String)> = files
+        .into_iter()
+        .filter_map(|p| {
+            let rel = p.strip_prefix(&cfg.input).unwrap_or(&p).to_string_lossy().to_string();
+            let id = pseudonym(&cfg.salt, &format!("source:{rel}"));
+            if done.contains(&id) {
+                report.already_done += 1;
+                None
+            } else {
+                Some((p, rel, id))
+            }
+        })
+        .collect();
+
+    let mut sink = ShardSink::new(loc, cfg.shard_bytes);
+    let total = todo.len();
+    for (batch_no, batch) in todo.chunks(64).enumerate() {
+        let decoded: Vec<(String, String, Result<Vec<Sample>>)> =
+            batch.par_iter().map(|(p, rel, id)| (rel.clone(), id.clone(), decode(cfg, p, rel, id))).collect();
+        for (rel, id, result) in decoded {
+            match result {
+                Ok(samples) => {
+                    for mut s in samples {
+                        if let Some(l) = labels.get(&rel) {
+                            s.meta.labels.extend(l.clone());
+                        }
+                        sink.add(&s, Some(&id)).await?;
+                    }
+                }
+                Err(e @ Error::Identified { .. }) => report.refused.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        progress((batch_no * 64 + batch.len()).min(total), total);
+    }
+    sink.flush().await?;
+    report.samples = sink.samples_written;
+    report.shards = sink.shards_written;
+    Ok(report)
+}

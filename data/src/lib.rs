@@ -1,0 +1,85 @@
+//! radfm's image data: WebDataset-compatible tar shards on object storage, the dataset index, DICOM
+//! and PNG/JPEG ingest with an enforced de-identification gate, and synthetic cohorts.
+//!
+//! One crate owns the shard format so that the writer (ingest, synth) and the readers (the
+//! trainer's loader, the validators) cannot disagree about it; `docs/shard-format.md` documents it
+//! for everyone else, and the Python `webdataset` library reads the shards unchanged.
+#![deny(missing_docs)]
+
+pub mod dicom;
+pub mod image16;
+pub mod index;
+pub mod ingest;
+pub mod meta;
+pub mod shard;
+pub mod store;
+pub mod synth;
+
+pub use image16::Image16;
+pub use index::{DatasetIndex, ShardEntry};
+pub use meta::SampleMeta;
+pub use shard::{Sample, ShardReader, ShardWriter};
+
+/// Errors of the data crate; each names the file, shard or field concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Object-store I/O failed.
+    #[error("{uri}: {source}")]
+    Store {
+        /// The object or prefix.
+        uri: String,
+        /// The store's error.
+        source: object_store::Error,
+    },
+    /// A URI could not be understood.
+    #[error("{uri}: {reason}")]
+    Uri {
+        /// The URI as given.
+        uri: String,
+        /// Why it is not usable.
+        reason: String,
+    },
+    /// Local file I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A shard is corrupt or truncated.
+    #[error("shard {shard}: {reason}")]
+    Shard {
+        /// The shard's name.
+        shard: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An image could not be decoded or encoded.
+    #[error("{source_name}: {reason}")]
+    Image {
+        /// The file or sample key.
+        source_name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A DICOM file still carries direct identifiers and `--deidentify` was not given.
+    #[error("{path}: refused: the file carries direct identifiers ({tags}); re-run with --deidentify to strip them (docs/shard-format.md lists what is removed)")]
+    Identified {
+        /// The file.
+        path: String,
+        /// Names of the identifying attributes found (never their values).
+        tags: String,
+    },
+    /// The dataset index is invalid or was changed in a way that is not an append.
+    #[error("{uri}: {reason}")]
+    Index {
+        /// The index object.
+        uri: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Result alias of the data crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,220 @@
+//! WebDataset-compatible tar shards: for each sample `<key>.png` (16-bit grayscale) followed by
+//! `<key>.json` ([`SampleMeta`]). Keys hold no dots, as WebDataset splits member names at the
+//! first dot. Headers are deterministic (mode 0644, mtime 0, no owner), so the same samples give
+//! the same bytes and the same sha256.
+
+use std::io::Read;
+
+use crate::image16::Image16;
+use crate::meta::SampleMeta;
+use crate::{Error, Result};
+
+/// One training sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Sample key (no dots, no slashes).
+    pub key: String,
+    /// The image.
+    pub image: Image16,
+    /// Its metadata.
+    pub meta: SampleMeta,
+}
+
+/// Builds one shard in memory.
+pub struct ShardWriter {
+    builder: tar::Builder<Vec<u8>>,
+    samples: u64,
+}
+
+impl Default for ShardWriter {
+    fn default() -> Self {
+        ShardWriter { builder: tar::Builder::new(Vec::new()), samples: 0 }
+    }
+}
+
+impl ShardWriter {
+    /// An empty shard.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a sample.
+    pub fn add(&mut self, sample: &Sample) -> Result<()> {
+        if sample.key.is_empty() || sample.key.contains(['.', '/']) {
+            return Err(Error::Shard { shard: "(writing)".into(), reason: format!("invalid sample key {:?}", sample.key) });
+        }
+        let json = serde_json::to_vec(&sample.meta).expect("metadata serializes");
+        self.member(&format!("{}.png", sample.key), &sample.image.to_png())?;
+        self.member(&format!("{}.json", sample.key), &json)?;
+        self.samples += 1;
+        Ok(())
+    }
+
+    fn member(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        self.builder
+            .append_data(&mut h, name, data)
+            .map_err(|e| Error::Shard { shard: "(writing)".into(), reason: e.to_string() })
+    }
+
+    /// Samples added so far.
+    pub fn len(&self) -> u64 {
+        self.samples
+    }
+
+    /// Whether no sample was added.
+    pub fn is_empty(&self) -> bool {
+        self.samples == 0
+    }
+
+    /// Bytes written so far (approximately the shard size).
+    pub fn bytes(&self) -> usize {
+        self.builder.get_ref().len()
+    }
+
+    /// The finished tar file.
+    pub fn finish(self) -> Result<Vec<u8>> {
+        self.builder.into_inner().map_err(|e| Error::Shard { shard: "(writing)".into(), reason: e.to_string() })
+    }
+}
+
+/// Reads samples from a shard as a stream: members are parsed one by one, never the whole shard
+/// at once.
+pub struct ShardReader<R: Read> {
+    archive: tar::Archive<R>,
+    name: String,
+}
+
+/// A sample that could not be decoded, with why; the reader goes on with the next one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadSample {
+    /// The sample key (or member name).
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl<R: Read> ShardReader<R> {
+    /// A reader of the shard `name` (used in messages).
+    pub fn new(reader: R, name: &str) -> Self {
+        ShardReader { archive: tar::Archive::new(reader), name: name.to_string() }
+    }
+
+    /// Calls `each` for every sample in order: `Ok(sample)` or `Err(BadSample)` for a sample whose
+    /// image or metadata is corrupt or missing. A shard whose tar structure is broken or
+    /// truncated ends with an error naming the shard.
+    pub fn for_each(mut self, mut each: impl FnMut(std::result::Result<Sample, BadSample>)) -> Result<()> {
+        let shard = self.name.clone();
+        let broken = |reason: String| Error::Shard { shard: shard.clone(), reason };
+        let mut pending: Option<(String, Option<Vec<u8>>, Option<Vec<u8>>)> = None;
+        let finish = |p: (String, Option<Vec<u8>>, Option<Vec<u8>>), each: &mut dyn FnMut(std::result::Result<Sample, BadSample>)| {
+            let (key, png, json) = p;
+            each(decode(&self.name, key, png, json));
+        };
+        let entries = self.archive.entries().map_err(|e| broken(e.to_string()))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| broken(e.to_string()))?;
+            let path = entry.path().map_err(|e| broken(e.to_string()))?.to_string_lossy().to_string();
+            let mut data = Vec::with_capacity(entry.size() as usize);
+            entry.read_to_end(&mut data).map_err(|e| broken(format!("member {path}: {e}")))?;
+            let base = path.rsplit('/').next().unwrap_or(&path);
+            let Some((key, ext)) = base.split_once('.') else { continue };
+            if pending.as_ref().is_some_and(|p| p.0 != key) {
+                finish(pending.take().expect("checked"), &mut each);
+            }
+            let p = pending.get_or_insert_with(|| (key.to_string(), None, None));
+            match ext {
+                "png" => p.1 = Some(data),
+                "json" => p.2 = Some(data),
+                _ => {}
+            }
+        }
+        if let Some(p) = pending.take() {
+            finish(p, &mut each);
+        }
+        Ok(())
+    }
+
+    /// Every sample, failing on the first bad one.
+    pub fn read_all(self) -> Result<Vec<Sample>> {
+        let name = self.name.clone();
+        let mut out = Vec::new();
+        let mut bad = None;
+        self.for_each(|s| match s {
+            Ok(s) => out.push(s),
+            Err(b) => {
+                bad.get_or_insert(b);
+            }
+        })?;
+        match bad {
+            Some(b) => Err(Error::Shard { shard: name, reason: format!("sample {}: {}", b.key, b.reason) }),
+            None => Ok(out),
+        }
+    }
+}
+
+fn decode(shard: &str, key: String, png: Option<Vec<u8>>, json: Option<Vec<u8>>) -> std::result::Result<Sample, BadSample> {
+    let bad = |reason: String| BadSample { key: key.clone(), reason };
+    let png = png.ok_or_else(|| bad("no .png member".into()))?;
+    let json = json.ok_or_else(|| bad("no .json member".into()))?;
+    let meta: SampleMeta = serde_json::from_slice(&json).map_err(|e| bad(format!("metadata: {e}")))?;
+    let image = Image16::from_png(&png, &format!("{shard}/{key}.png")).map_err(|e| bad(e.to_string()))?;
+    if (image.width, image.height) != (meta.width, meta.height) {
+        return Err(bad(format!("image is {}x{} but metadata says {}x{}", image.width, image.height, meta.width, meta.height)));
+    }
+    Ok(Sample { key, image, meta })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample(key: &str, seed: u16) -> Sample {
+        let pixels = (0..16 * 12).map(|i| (i as u16).wrapping_mul(seed).wrapping_add(seed)).collect();
+        Sample {
+            key: key.into(),
+            image: Image16 { width: 16, height: 12, pixels },
+            meta: SampleMeta { width: 16, height: 12, rescale_slope: 1.0, site: Some("A".into()), ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn shard_round_trip_keeps_pixels_and_metadata_exact_and_bytes_deterministic() {
+        let samples: Vec<Sample> = (0..5).map(|i| sample(&format!("s{i:03}"), i * 977 + 1)).collect();
+        let write = || {
+            let mut w = ShardWriter::new();
+            samples.iter().for_each(|s| w.add(s).unwrap());
+            w.finish().unwrap()
+        };
+        let tar = write();
+        assert_eq!(tar, write(), "deterministic bytes");
+        let back = ShardReader::new(&tar[..], "shard-000000.tar").read_all().unwrap();
+        assert_eq!(back, samples);
+    }
+
+    #[test]
+    fn corrupt_sample_is_reported_and_reading_goes_on_but_truncation_names_the_shard() {
+        let mut w = ShardWriter::new();
+        w.add(&sample("a", 3)).unwrap();
+        w.member("b.png", b"not a png").unwrap();
+        w.member("b.json", br#"{"width":16,"height":12,"rescale_slope":1.0,"rescale_intercept":0.0}"#).unwrap();
+        w.add(&sample("c", 5)).unwrap();
+        let tar = w.finish().unwrap();
+        let mut seen = Vec::new();
+        ShardReader::new(&tar[..], "x.tar").for_each(|s| seen.push(s.map(|s| s.key).map_err(|b| b.key))).unwrap();
+        assert_eq!(seen, [Ok("a".to_string()), Err("b".to_string()), Ok("c".to_string())]);
+
+        let cut = &tar[..tar.len() / 2 + 100];
+        let err = ShardReader::new(cut, "shard-000007.tar").read_all().unwrap_err().to_string();
+        assert!(err.starts_with("shard shard-000007.tar: "), "{err}");
+    }
+
+    #[test]
+    fn keys_with_dots_are_refused() {
+        assert!(ShardWriter::new().add(&sample("a.b", 1)).is_err());
+    }
+}
