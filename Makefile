@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: all build test unit-test e2e-test lint fmt crds cluster-tools demo clean
+.PHONY: all build test unit-test lint fmt crds cluster-tools py-deps demo clean
 
 all: build
 
@@ -21,8 +21,8 @@ cluster-tools:
 	@bash tests/cluster/build-tools.sh >/dev/null
 
 ## test: unit tests, then end-to-end tests against a real API server with simulated GPU nodes
-test: cluster-tools build
-	RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test --workspace --no-fail-fast
+test: cluster-tools py-deps build
+	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test --workspace --no-fail-fast
 
 unit-test:
 	$(CARGO) test --workspace --lib --bins
@@ -40,3 +40,13 @@ demo: cluster-tools build
 
 clean:
 	$(CARGO) clean
+
+## py-deps: the Python used by interoperability tests (pydicom test files, webdataset), cached
+PY_DEPS := pydicom==3.0.2 webdataset==1.0.2 numpy==2.4.6 pillow==13.0.0
+PY_ENV := $(RADFM_CACHE)/pyenv
+py-deps:
+	@stamp="$(PY_ENV)/.radfm-$$(echo '$(PY_DEPS)' | sha256sum | cut -c1-12)"; \
+	if [ ! -f "$$stamp" ]; then \
+	  rm -rf "$(PY_ENV)" && python3 -m venv "$(PY_ENV)" && \
+	  "$(PY_ENV)/bin/pip" install -q $(PY_DEPS) && touch "$$stamp"; \
+	fi

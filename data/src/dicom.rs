@@ -12,7 +12,9 @@ use std::path::Path;
 
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, Tag};
-use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PhotometricInterpretation, PixelDecoder, PixelRepresentation};
+use dicom_pixeldata::{
+    ConvertOptions, ModalityLutOption, PhotometricInterpretation, PixelDecoder, PixelRepresentation,
+};
 
 use crate::image16::Image16;
 use crate::meta::{SampleMeta, age_band, pseudonym};
@@ -48,13 +50,24 @@ pub struct DicomImage {
 }
 
 fn text(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
-    let v = obj.element_opt(tag).ok()??.to_str().ok()?.trim().trim_end_matches('\0').to_string();
+    let v = obj
+        .element_opt(tag)
+        .ok()??
+        .to_str()
+        .ok()?
+        .trim()
+        .trim_end_matches('\0')
+        .to_string();
     (!v.is_empty()).then_some(v)
 }
 
 /// Names of the direct identifiers present with a value.
 pub fn identifiers_present(obj: &DefaultDicomObject) -> Vec<&'static str> {
-    DIRECT_IDENTIFIERS.iter().filter(|(t, _)| text(obj, *t).is_some()).map(|(_, n)| *n).collect()
+    DIRECT_IDENTIFIERS
+        .iter()
+        .filter(|(t, _)| text(obj, *t).is_some())
+        .map(|(_, n)| *n)
+        .collect()
 }
 
 fn age_years(obj: &DefaultDicomObject) -> Option<u32> {
@@ -71,7 +84,9 @@ fn age_years(obj: &DefaultDicomObject) -> Option<u32> {
     }
     let birth = text(obj, tags::PATIENT_BIRTH_DATE)?;
     let study = text(obj, tags::STUDY_DATE).or_else(|| text(obj, tags::ACQUISITION_DATE))?;
-    let y = |d: &str| -> Option<(u32, u32)> { Some((d.get(0..4)?.parse().ok()?, d.get(4..8)?.parse().ok()?)) };
+    let y = |d: &str| -> Option<(u32, u32)> {
+        Some((d.get(0..4)?.parse().ok()?, d.get(4..8)?.parse().ok()?))
+    };
     let ((by, bmd), (sy, smd)) = (y(&birth)?, y(&study)?);
     Some(sy.checked_sub(by)? - u32::from(smd < bmd))
 }
@@ -79,43 +94,70 @@ fn age_years(obj: &DefaultDicomObject) -> Option<u32> {
 /// Reads a DICOM file. Refuses identified files unless `deidentify`; pseudonyms use `salt`.
 pub fn read(path: &Path, deidentify: bool, salt: &[u8]) -> Result<DicomImage> {
     let name = path.display().to_string();
-    let img_err = |reason: String| Error::Image { source_name: name.clone(), reason };
-    let obj = dicom_object::open_file(path).map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
+    let img_err = |reason: String| Error::Image {
+        source_name: name.clone(),
+        reason,
+    };
+    let obj = dicom_object::open_file(path)
+        .map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
     if text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES")) {
         return Err(img_err("BurnedInAnnotation is YES: the pixels themselves carry identifiers; such images are never ingested".into()));
     }
     let found = identifiers_present(&obj);
     if !found.is_empty() && !deidentify {
-        return Err(Error::Identified { path: name, tags: found.join(", ") });
+        return Err(Error::Identified {
+            path: name,
+            tags: found.join(", "),
+        });
     }
 
-    let pd = obj.decode_pixel_data().map_err(|e| img_err(format!("pixel data: {e}")))?;
+    let pd = obj
+        .decode_pixel_data()
+        .map_err(|e| img_err(format!("pixel data: {e}")))?;
     let (w, h) = (pd.columns(), pd.rows());
     let spp = pd.samples_per_pixel() as usize;
     let rescale = pd.rescale().ok().and_then(|r| r.first().copied());
-    let (slope, intercept) = rescale.map(|r| (r.slope, r.intercept)).unwrap_or((1.0, 0.0));
+    let (slope, intercept) = rescale
+        .map(|r| (r.slope, r.intercept))
+        .unwrap_or((1.0, 0.0));
     let signed = matches!(pd.pixel_representation(), PixelRepresentation::Signed);
     let max_stored = ((1u32 << pd.bits_stored().min(16)) - 1) as f64;
-    let invert = matches!(pd.photometric_interpretation(), PhotometricInterpretation::Monochrome1);
+    let invert = matches!(
+        pd.photometric_interpretation(),
+        PhotometricInterpretation::Monochrome1
+    );
     // Stored values go into the PNG unchanged where possible; signed values are shifted into the
     // unsigned range and the intercept compensates, so physical = stored × slope + intercept holds.
     let offset = if signed { 32768.0 } else { 0.0 };
     let raw = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
     let mut frames = Vec::new();
     for f in 0..pd.number_of_frames() {
-        let values: Vec<f64> = pd.to_vec_frame_with_options(f, &raw).map_err(|e| img_err(format!("frame {f}: {e}")))?;
+        let values: Vec<f64> = pd
+            .to_vec_frame_with_options(f, &raw)
+            .map_err(|e| img_err(format!("frame {f}: {e}")))?;
         let pixels: Vec<u16> = values
             .chunks(spp.max(1))
             .map(|px| {
-                let v = if spp >= 3 { 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2] } else { px[0] };
+                let v = if spp >= 3 {
+                    0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2]
+                } else {
+                    px[0]
+                };
                 let v = if invert { max_stored - v } else { v };
                 (v + offset).round().clamp(0.0, 65535.0) as u16
             })
             .collect();
         if pixels.len() != (w * h) as usize {
-            return Err(img_err(format!("frame {f} has {} pixels, expected {w}x{h}", pixels.len())));
+            return Err(img_err(format!(
+                "frame {f} has {} pixels, expected {w}x{h}",
+                pixels.len()
+            )));
         }
-        frames.push(Image16 { width: w, height: h, pixels });
+        frames.push(Image16 {
+            width: w,
+            height: h,
+            pixels,
+        });
     }
     let meta = SampleMeta {
         width: w,

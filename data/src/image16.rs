@@ -24,7 +24,8 @@ impl Image16 {
             enc.set_compression(png::Compression::Fast);
             let mut w = enc.write_header().expect("writing to a Vec cannot fail");
             let bytes: Vec<u8> = self.pixels.iter().flat_map(|p| p.to_be_bytes()).collect();
-            w.write_image_data(&bytes).expect("the buffer has width x height samples");
+            w.write_image_data(&bytes)
+                .expect("the buffer has width x height samples");
         }
         out
     }
@@ -32,38 +33,69 @@ impl Image16 {
     /// Decodes a PNG (8- or 16-bit, gray or color; color is converted to luminance, 8-bit values
     /// are kept as 0..255).
     pub fn from_png(data: &[u8], source_name: &str) -> Result<Image16> {
-        let err = |reason: String| Error::Image { source_name: source_name.to_string(), reason };
+        let err = |reason: String| Error::Image {
+            source_name: source_name.to_string(),
+            reason,
+        };
         let mut dec = png::Decoder::new(std::io::Cursor::new(data));
         dec.set_transformations(png::Transformations::EXPAND);
         let mut reader = dec.read_info().map_err(|e| err(e.to_string()))?;
-        let mut buf = vec![0; reader.output_buffer_size().ok_or_else(|| err("image too large".into()))?];
-        let info = reader.next_frame(&mut buf).map_err(|e| err(e.to_string()))?;
+        let mut buf = vec![
+            0;
+            reader
+                .output_buffer_size()
+                .ok_or_else(|| err("image too large".into()))?
+        ];
+        let info = reader
+            .next_frame(&mut buf)
+            .map_err(|e| err(e.to_string()))?;
         let (w, h) = (info.width, info.height);
         let channels = info.color_type.samples();
         let wide = info.bit_depth == png::BitDepth::Sixteen;
         let sample = |i: usize| -> u16 {
-            if wide { u16::from_be_bytes([buf[2 * i], buf[2 * i + 1]]) } else { buf[i] as u16 }
+            if wide {
+                u16::from_be_bytes([buf[2 * i], buf[2 * i + 1]])
+            } else {
+                buf[i] as u16
+            }
         };
         let n = (w * h) as usize;
         let pixels = (0..n)
             .map(|p| match channels {
                 1 | 2 => sample(p * channels),
-                _ => luminance(sample(p * channels), sample(p * channels + 1), sample(p * channels + 2)),
+                _ => luminance(
+                    sample(p * channels),
+                    sample(p * channels + 1),
+                    sample(p * channels + 2),
+                ),
             })
             .collect();
-        Ok(Image16 { width: w, height: h, pixels })
+        Ok(Image16 {
+            width: w,
+            height: h,
+            pixels,
+        })
     }
 
     /// Decodes a JPEG (8-bit; color converted to luminance).
     pub fn from_jpeg(data: &[u8], source_name: &str) -> Result<Image16> {
         use zune_jpeg::zune_core::colorspace::ColorSpace;
         use zune_jpeg::zune_core::options::DecoderOptions;
-        let err = |reason: String| Error::Image { source_name: source_name.to_string(), reason };
+        let err = |reason: String| Error::Image {
+            source_name: source_name.to_string(),
+            reason,
+        };
         let opts = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::Luma);
         let mut dec = zune_jpeg::JpegDecoder::new_with_options(std::io::Cursor::new(data), opts);
         let px = dec.decode().map_err(|e| err(format!("{e:?}")))?;
-        let (w, h) = dec.dimensions().ok_or_else(|| err("no dimensions".into()))?;
-        Ok(Image16 { width: w as u32, height: h as u32, pixels: px.into_iter().map(u16::from).collect() })
+        let (w, h) = dec
+            .dimensions()
+            .ok_or_else(|| err("no dimensions".into()))?;
+        Ok(Image16 {
+            width: w as u32,
+            height: h as u32,
+            pixels: px.into_iter().map(u16::from).collect(),
+        })
     }
 }
 
@@ -77,15 +109,23 @@ mod tests {
 
     #[test]
     fn png_round_trip_is_exact_over_the_full_16_bit_range() {
-        let pixels: Vec<u16> = (0..64 * 48).map(|i| ((i * 2654435761u64 as usize) % 65536) as u16).collect();
-        let img = Image16 { width: 64, height: 48, pixels };
+        let pixels: Vec<u16> = (0..64 * 48)
+            .map(|i| ((i * 2654435761u64 as usize) % 65536) as u16)
+            .collect();
+        let img = Image16 {
+            width: 64,
+            height: 48,
+            pixels,
+        };
         let back = Image16::from_png(&img.to_png(), "t").unwrap();
         assert_eq!(back, img);
     }
 
     #[test]
     fn corrupt_png_error_names_the_source() {
-        let err = Image16::from_png(b"\x89PNG\r\n\x1a\nnot really", "a/b.png").unwrap_err().to_string();
+        let err = Image16::from_png(b"\x89PNG\r\n\x1a\nnot really", "a/b.png")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("a/b.png: "), "{err}");
     }
 }

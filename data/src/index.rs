@@ -93,7 +93,11 @@ pub struct DatasetIndex {
 
 impl Default for DatasetIndex {
     fn default() -> Self {
-        DatasetIndex { format_version: FORMAT_VERSION, shards: Vec::new(), stats: Stats::default() }
+        DatasetIndex {
+            format_version: FORMAT_VERSION,
+            shards: Vec::new(),
+            stats: Stats::default(),
+        }
     }
 }
 
@@ -108,9 +112,15 @@ impl DatasetIndex {
         match loc.get_opt(INDEX).await? {
             None => Ok(DatasetIndex::default()),
             Some(bytes) => {
-                let index: DatasetIndex = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::Index { uri: loc.child_uri(INDEX), reason: e.to_string() })?;
-                index.validate().map_err(|reason| Error::Index { uri: loc.child_uri(INDEX), reason })?;
+                let index: DatasetIndex =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Index {
+                        uri: loc.child_uri(INDEX),
+                        reason: e.to_string(),
+                    })?;
+                index.validate().map_err(|reason| Error::Index {
+                    uri: loc.child_uri(INDEX),
+                    reason,
+                })?;
                 Ok(index)
             }
         }
@@ -119,7 +129,10 @@ impl DatasetIndex {
     /// Checks the invariants: a known format, consecutive sequence numbers from 0.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.format_version != FORMAT_VERSION {
-            return Err(format!("format_version {} is not supported (expected {FORMAT_VERSION})", self.format_version));
+            return Err(format!(
+                "format_version {} is not supported (expected {FORMAT_VERSION})",
+                self.format_version
+            ));
         }
         for (i, s) in self.shards.iter().enumerate() {
             if s.seq != i as u64 {
@@ -136,13 +149,22 @@ impl DatasetIndex {
 
     /// Shards whose sequence number is >= `seq`.
     pub fn since(&self, seq: u64) -> &[ShardEntry] {
-        let start = self.shards.iter().position(|s| s.seq >= seq).unwrap_or(self.shards.len());
+        let start = self
+            .shards
+            .iter()
+            .position(|s| s.seq >= seq)
+            .unwrap_or(self.shards.len());
         &self.shards[start..]
     }
 
     /// Writes a new shard (create-only: an existing object is never overwritten) and appends it
     /// to the index with one atomic put. Returns the new entry.
-    pub async fn append_shard(loc: &Location, tar: Vec<u8>, samples: u64, stats: Stats) -> Result<ShardEntry> {
+    pub async fn append_shard(
+        loc: &Location,
+        tar: Vec<u8>,
+        samples: u64,
+        stats: Stats,
+    ) -> Result<ShardEntry> {
         let mut index = DatasetIndex::load(loc).await?;
         let seq = index.shards.len() as u64;
         let name = shard_name(seq);
@@ -164,10 +186,19 @@ impl DatasetIndex {
         index.shards.push(entry.clone());
         index.stats.merge(&entry.stats);
         let previous = DatasetIndex::load(loc).await?;
-        if previous.shards[..] != index.shards[..previous.shards.len().min(index.shards.len())] || previous.shards.len() >= index.shards.len() {
-            return Err(Error::Index { uri: loc.child_uri(INDEX), reason: "the index changed while a shard was written; not an append".into() });
+        if previous.shards[..] != index.shards[..previous.shards.len().min(index.shards.len())]
+            || previous.shards.len() >= index.shards.len()
+        {
+            return Err(Error::Index {
+                uri: loc.child_uri(INDEX),
+                reason: "the index changed while a shard was written; not an append".into(),
+            });
         }
-        loc.put(INDEX, serde_json::to_vec_pretty(&index).expect("index serializes")).await?;
+        loc.put(
+            INDEX,
+            serde_json::to_vec_pretty(&index).expect("index serializes"),
+        )
+        .await?;
         Ok(entry)
     }
 }
@@ -185,8 +216,12 @@ mod tests {
         s1.add(&[0, 2], 1.0, 0.0);
         let mut s2 = Stats::default();
         s2.add(&[4, 6], 1.0, -1.0);
-        DatasetIndex::append_shard(&loc, b"tar-one".to_vec(), 1, s1).await.unwrap();
-        let e = DatasetIndex::append_shard(&loc, b"tar-two".to_vec(), 1, s2).await.unwrap();
+        DatasetIndex::append_shard(&loc, b"tar-one".to_vec(), 1, s1)
+            .await
+            .unwrap();
+        let e = DatasetIndex::append_shard(&loc, b"tar-two".to_vec(), 1, s2)
+            .await
+            .unwrap();
         assert_eq!((e.seq, e.name.as_str()), (1, "shard-000001.tar"));
         let index = DatasetIndex::load(&loc).await.unwrap();
         assert_eq!(index.shards.len(), 2);
@@ -194,8 +229,14 @@ mod tests {
         assert_eq!(index.since(5).len(), 0);
         assert_eq!(index.stats.pixels, 4);
         assert!((index.stats.mean - 2.5).abs() < 1e-12);
-        assert_eq!(index.shards[0].sha256, hex::encode(sha2::Sha256::digest(b"tar-one")));
-        assert_eq!(std::fs::read(dir.path().join("ds/shard-000001.tar")).unwrap(), b"tar-two");
+        assert_eq!(
+            index.shards[0].sha256,
+            hex::encode(sha2::Sha256::digest(b"tar-one"))
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("ds/shard-000001.tar")).unwrap(),
+            b"tar-two"
+        );
     }
 
     #[tokio::test]
@@ -203,16 +244,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
         std::fs::write(dir.path().join("shard-000000.tar"), b"someone else's").unwrap();
-        let err = DatasetIndex::append_shard(&loc, b"mine".to_vec(), 1, Stats::default()).await.unwrap_err().to_string();
-        assert!(err.contains("shard-000000.tar") && err.contains("another writer"), "{err}");
-        assert_eq!(std::fs::read(dir.path().join("shard-000000.tar")).unwrap(), b"someone else's");
+        let err = DatasetIndex::append_shard(&loc, b"mine".to_vec(), 1, Stats::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shard-000000.tar") && err.contains("another writer"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("shard-000000.tar")).unwrap(),
+            b"someone else's"
+        );
     }
 
     #[tokio::test]
     async fn a_corrupt_index_names_itself() {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
-        std::fs::write(dir.path().join("index.json"), br#"{"format_version":1,"shards":[{"seq":3}]}"#).unwrap();
+        std::fs::write(
+            dir.path().join("index.json"),
+            br#"{"format_version":1,"shards":[{"seq":3}]}"#,
+        )
+        .unwrap();
         let err = DatasetIndex::load(&loc).await.unwrap_err().to_string();
         assert!(err.contains("index.json"), "{err}");
     }

@@ -48,7 +48,11 @@ impl ShardSink {
     /// Adds a sample that came from `source` (a keyed source id, recorded for resumption).
     pub async fn add(&mut self, sample: &Sample, source: Option<&str>) -> Result<()> {
         self.writer.add(sample)?;
-        self.stats.add(&sample.image.pixels, sample.meta.rescale_slope, sample.meta.rescale_intercept);
+        self.stats.add(
+            &sample.image.pixels,
+            sample.meta.rescale_slope,
+            sample.meta.rescale_intercept,
+        );
         if let Some(s) = source {
             self.sources.insert(s.to_string());
         }
@@ -70,9 +74,17 @@ impl ShardSink {
         let tar = writer.finish()?;
         let seq = DatasetIndex::load(&self.loc).await?.shards.len() as u64;
         let sources: Vec<&String> = self.sources.iter().collect();
-        let sidecar = format!("{}.sources.json", crate::index::shard_name(seq));
-        self.loc.put(&sidecar, serde_json::to_vec(&sources).expect("strings serialize")).await?;
-        DatasetIndex::append_shard(&self.loc, tar, samples, std::mem::take(&mut self.stats)).await?;
+        if !sources.is_empty() {
+            let sidecar = format!("{}.sources.json", crate::index::shard_name(seq));
+            self.loc
+                .put(
+                    &sidecar,
+                    serde_json::to_vec(&sources).expect("strings serialize"),
+                )
+                .await?;
+        }
+        DatasetIndex::append_shard(&self.loc, tar, samples, std::mem::take(&mut self.stats))
+            .await?;
         self.sources.clear();
         self.shards_written += 1;
         Ok(())
@@ -115,7 +127,11 @@ pub struct IngestReport {
 }
 
 fn is_image(p: &Path) -> bool {
-    match p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) {
+    match p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+    {
         Some(e) => matches!(e.as_str(), "dcm" | "dicom" | "png" | "jpg" | "jpeg"),
         None => std::fs::File::open(p)
             .and_then(|mut f| {
@@ -130,8 +146,14 @@ fn is_image(p: &Path) -> bool {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let io = |e| Error::Io { path: dir.display().to_string(), source: e };
-    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<std::io::Result<_>>().map_err(io)?;
+    let io = |e| Error::Io {
+        path: dir.display().to_string(),
+        source: e,
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .collect::<std::io::Result<_>>()
+        .map_err(io)?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let p = e.path();
@@ -145,9 +167,17 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_json::Value>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').map(str::trim).collect();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .collect();
     let mut out = BTreeMap::new();
     for (n, line) in lines.enumerate() {
         let cols: Vec<&str> = line.split(',').map(str::trim).collect();
@@ -161,7 +191,11 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_js
             .iter()
             .zip(&cols[1..])
             .map(|(k, v)| {
-                let value = v.parse::<i64>().map(serde_json::Value::from).or_else(|_| v.parse::<f64>().map(serde_json::Value::from)).unwrap_or_else(|_| serde_json::Value::from(*v));
+                let value = v
+                    .parse::<i64>()
+                    .map(serde_json::Value::from)
+                    .or_else(|_| v.parse::<f64>().map(serde_json::Value::from))
+                    .unwrap_or_else(|_| serde_json::Value::from(*v));
                 (k.to_string(), value)
             })
             .collect();
@@ -172,17 +206,36 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_js
 
 /// Decodes one file into samples (one per frame).
 fn decode(cfg: &IngestConfig, path: &Path, rel: &str, source_id: &str) -> Result<Vec<Sample>> {
-    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
-    let read = || std::fs::read(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e });
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    let read = || {
+        std::fs::read(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })
+    };
     let (frames, mut meta) = match ext.as_str() {
         "png" => {
             let img = Image16::from_png(&read()?, rel)?;
-            let meta = SampleMeta { width: img.width, height: img.height, rescale_slope: 1.0, ..Default::default() };
+            let meta = SampleMeta {
+                width: img.width,
+                height: img.height,
+                rescale_slope: 1.0,
+                ..Default::default()
+            };
             (vec![img], meta)
         }
         "jpg" | "jpeg" => {
             let img = Image16::from_jpeg(&read()?, rel)?;
-            let meta = SampleMeta { width: img.width, height: img.height, rescale_slope: 1.0, ..Default::default() };
+            let meta = SampleMeta {
+                width: img.width,
+                height: img.height,
+                rescale_slope: 1.0,
+                ..Default::default()
+            };
             (vec![img], meta)
         }
         _ => {
@@ -200,34 +253,59 @@ fn decode(cfg: &IngestConfig, path: &Path, rel: &str, source_id: &str) -> Result
             if multi {
                 m.frame = Some(f as u32);
             }
-            let key = if multi { format!("{}-f{f:04}", &source_id[..20]) } else { source_id[..20].to_string() };
-            Sample { key, image, meta: m }
+            let key = if multi {
+                format!("{}-f{f:04}", &source_id[..20])
+            } else {
+                source_id[..20].to_string()
+            };
+            Sample {
+                key,
+                image,
+                meta: m,
+            }
         })
         .collect())
 }
 
 /// Ingests `cfg.input` into `cfg.output`. Identified DICOM files are refused (listed in the
 /// report and the error) unless `deidentify`; everything else is written.
-pub async fn ingest(cfg: &IngestConfig, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<IngestReport> {
+pub async fn ingest(
+    cfg: &IngestConfig,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<IngestReport> {
     let loc = Location::open(&cfg.output)?;
     let mut files = Vec::new();
     walk(&cfg.input, &mut files)?;
-    let labels = cfg.labels.as_deref().map(read_labels).transpose()?.unwrap_or_default();
+    let labels = cfg
+        .labels
+        .as_deref()
+        .map(read_labels)
+        .transpose()?
+        .unwrap_or_default();
 
     let index = DatasetIndex::load(&loc).await?;
     let mut done: BTreeSet<String> = BTreeSet::new();
     for s in &index.shards {
         if let Some(bytes) = loc.get_opt(&format!("{}.sources.json", s.name)).await? {
-            let ids: Vec<String> = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Index { uri: loc.child_uri(&format!("{}.sources.json", s.name)), reason: e.to_string() })?;
+            let ids: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| Error::Index {
+                uri: loc.child_uri(&format!("{}.sources.json", s.name)),
+                reason: e.to_string(),
+            })?;
             done.extend(ids);
         }
     }
-    let mut report = IngestReport { files: files.len(), ..Default::default() };
+    let mut report = IngestReport {
+        files: files.len(),
+        ..Default::default()
+    };
     let todo: Vec<(PathBuf, String, String)> = files
         .into_iter()
         .filter_map(|p| {
-            let rel = p.strip_prefix(&cfg.input).unwrap_or(&p).to_string_lossy().to_string();
+            let rel = p
+                .strip_prefix(&cfg.input)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .to_string();
             let id = pseudonym(&cfg.salt, &format!("source:{rel}"));
             if done.contains(&id) {
                 report.already_done += 1;
@@ -241,8 +319,10 @@ pub async fn ingest(cfg: &IngestConfig, progress: &(dyn Fn(usize, usize) + Sync)
     let mut sink = ShardSink::new(loc, cfg.shard_bytes);
     let total = todo.len();
     for (batch_no, batch) in todo.chunks(64).enumerate() {
-        let decoded: Vec<(String, String, Result<Vec<Sample>>)> =
-            batch.par_iter().map(|(p, rel, id)| (rel.clone(), id.clone(), decode(cfg, p, rel, id))).collect();
+        let decoded: Vec<(String, String, Result<Vec<Sample>>)> = batch
+            .par_iter()
+            .map(|(p, rel, id)| (rel.clone(), id.clone(), decode(cfg, p, rel, id)))
+            .collect();
         for (rel, id, result) in decoded {
             match result {
                 Ok(samples) => {

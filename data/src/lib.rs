@@ -64,7 +64,9 @@ pub enum Error {
         reason: String,
     },
     /// A DICOM file still carries direct identifiers and `--deidentify` was not given.
-    #[error("{path}: refused: the file carries direct identifiers ({tags}); re-run with --deidentify to strip them (docs/shard-format.md lists what is removed)")]
+    #[error(
+        "{path}: refused: the file carries direct identifiers ({tags}); re-run with --deidentify to strip them (docs/shard-format.md lists what is removed)"
+    )]
     Identified {
         /// The file.
         path: String,

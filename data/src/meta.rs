@@ -72,7 +72,8 @@ pub fn age_band(years: u32) -> &'static str {
 /// Without the salt nobody can recompute it from a patient id.
 pub fn pseudonym(salt: &[u8], value: &str) -> String {
     use hmac::{Hmac, Mac};
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(salt).expect("HMAC accepts any key length");
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(salt).expect("HMAC accepts any key length");
     mac.update(value.as_bytes());
     hex::encode(&mac.finalize().into_bytes()[..16])
 }
@@ -88,6 +89,9 @@ mod tests {
         assert_eq!(a, pseudonym(b"salt-1", "PAT-0001"));
         assert_ne!(a, pseudonym(b"salt-2", "PAT-0001"));
         assert!(!a.contains("0001"));
-        assert_eq!((age_band(17), age_band(45), age_band(90)), ("0-17", "40-59", "80+"));
+        assert_eq!(
+            (age_band(17), age_band(45), age_band(90)),
+            ("0-17", "40-59", "80+")
+        );
     }
 }

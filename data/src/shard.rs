@@ -28,7 +28,10 @@ pub struct ShardWriter {
 
 impl Default for ShardWriter {
     fn default() -> Self {
-        ShardWriter { builder: tar::Builder::new(Vec::new()), samples: 0 }
+        ShardWriter {
+            builder: tar::Builder::new(Vec::new()),
+            samples: 0,
+        }
     }
 }
 
@@ -41,7 +44,10 @@ impl ShardWriter {
     /// Appends a sample.
     pub fn add(&mut self, sample: &Sample) -> Result<()> {
         if sample.key.is_empty() || sample.key.contains(['.', '/']) {
-            return Err(Error::Shard { shard: "(writing)".into(), reason: format!("invalid sample key {:?}", sample.key) });
+            return Err(Error::Shard {
+                shard: "(writing)".into(),
+                reason: format!("invalid sample key {:?}", sample.key),
+            });
         }
         let json = serde_json::to_vec(&sample.meta).expect("metadata serializes");
         self.member(&format!("{}.png", sample.key), &sample.image.to_png())?;
@@ -58,7 +64,10 @@ impl ShardWriter {
         h.set_entry_type(tar::EntryType::Regular);
         self.builder
             .append_data(&mut h, name, data)
-            .map_err(|e| Error::Shard { shard: "(writing)".into(), reason: e.to_string() })
+            .map_err(|e| Error::Shard {
+                shard: "(writing)".into(),
+                reason: e.to_string(),
+            })
     }
 
     /// Samples added so far.
@@ -78,7 +87,10 @@ impl ShardWriter {
 
     /// The finished tar file.
     pub fn finish(self) -> Result<Vec<u8>> {
-        self.builder.into_inner().map_err(|e| Error::Shard { shard: "(writing)".into(), reason: e.to_string() })
+        self.builder.into_inner().map_err(|e| Error::Shard {
+            shard: "(writing)".into(),
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -101,35 +113,55 @@ pub struct BadSample {
 impl<R: Read> ShardReader<R> {
     /// A reader of the shard `name` (used in messages).
     pub fn new(reader: R, name: &str) -> Self {
-        ShardReader { archive: tar::Archive::new(reader), name: name.to_string() }
+        ShardReader {
+            archive: tar::Archive::new(reader),
+            name: name.to_string(),
+        }
     }
 
     /// Calls `each` for every sample in order: `Ok(sample)` or `Err(BadSample)` for a sample whose
     /// image or metadata is corrupt or missing. A shard whose tar structure is broken or
     /// truncated ends with an error naming the shard.
-    pub fn for_each(mut self, mut each: impl FnMut(std::result::Result<Sample, BadSample>)) -> Result<()> {
+    pub fn for_each(
+        mut self,
+        mut each: impl FnMut(std::result::Result<Sample, BadSample>),
+    ) -> Result<()> {
         let shard = self.name.clone();
-        let broken = |reason: String| Error::Shard { shard: shard.clone(), reason };
-        let mut pending: Option<(String, Option<Vec<u8>>, Option<Vec<u8>>)> = None;
-        let finish = |p: (String, Option<Vec<u8>>, Option<Vec<u8>>), each: &mut dyn FnMut(std::result::Result<Sample, BadSample>)| {
-            let (key, png, json) = p;
-            each(decode(&self.name, key, png, json));
+        let broken = |reason: String| Error::Shard {
+            shard: shard.clone(),
+            reason,
+        };
+        let mut pending: Option<Members> = None;
+        let finish = |p: Members, each: &mut dyn FnMut(std::result::Result<Sample, BadSample>)| {
+            each(decode(&self.name, p.key, p.png, p.json));
         };
         let entries = self.archive.entries().map_err(|e| broken(e.to_string()))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| broken(e.to_string()))?;
-            let path = entry.path().map_err(|e| broken(e.to_string()))?.to_string_lossy().to_string();
+            let path = entry
+                .path()
+                .map_err(|e| broken(e.to_string()))?
+                .to_string_lossy()
+                .to_string();
             let mut data = Vec::with_capacity(entry.size() as usize);
-            entry.read_to_end(&mut data).map_err(|e| broken(format!("member {path}: {e}")))?;
+            entry
+                .read_to_end(&mut data)
+                .map_err(|e| broken(format!("member {path}: {e}")))?;
             let base = path.rsplit('/').next().unwrap_or(&path);
-            let Some((key, ext)) = base.split_once('.') else { continue };
-            if pending.as_ref().is_some_and(|p| p.0 != key) {
+            let Some((key, ext)) = base.split_once('.') else {
+                continue;
+            };
+            if pending.as_ref().is_some_and(|p| p.key != key) {
                 finish(pending.take().expect("checked"), &mut each);
             }
-            let p = pending.get_or_insert_with(|| (key.to_string(), None, None));
+            let p = pending.get_or_insert_with(|| Members {
+                key: key.to_string(),
+                png: None,
+                json: None,
+            });
             match ext {
-                "png" => p.1 = Some(data),
-                "json" => p.2 = Some(data),
+                "png" => p.png = Some(data),
+                "json" => p.json = Some(data),
                 _ => {}
             }
         }
@@ -151,20 +183,43 @@ impl<R: Read> ShardReader<R> {
             }
         })?;
         match bad {
-            Some(b) => Err(Error::Shard { shard: name, reason: format!("sample {}: {}", b.key, b.reason) }),
+            Some(b) => Err(Error::Shard {
+                shard: name,
+                reason: format!("sample {}: {}", b.key, b.reason),
+            }),
             None => Ok(out),
         }
     }
 }
 
-fn decode(shard: &str, key: String, png: Option<Vec<u8>>, json: Option<Vec<u8>>) -> std::result::Result<Sample, BadSample> {
-    let bad = |reason: String| BadSample { key: key.clone(), reason };
+/// The members of one sample seen so far.
+struct Members {
+    key: String,
+    png: Option<Vec<u8>>,
+    json: Option<Vec<u8>>,
+}
+
+fn decode(
+    shard: &str,
+    key: String,
+    png: Option<Vec<u8>>,
+    json: Option<Vec<u8>>,
+) -> std::result::Result<Sample, BadSample> {
+    let bad = |reason: String| BadSample {
+        key: key.clone(),
+        reason,
+    };
     let png = png.ok_or_else(|| bad("no .png member".into()))?;
     let json = json.ok_or_else(|| bad("no .json member".into()))?;
-    let meta: SampleMeta = serde_json::from_slice(&json).map_err(|e| bad(format!("metadata: {e}")))?;
-    let image = Image16::from_png(&png, &format!("{shard}/{key}.png")).map_err(|e| bad(e.to_string()))?;
+    let meta: SampleMeta =
+        serde_json::from_slice(&json).map_err(|e| bad(format!("metadata: {e}")))?;
+    let image =
+        Image16::from_png(&png, &format!("{shard}/{key}.png")).map_err(|e| bad(e.to_string()))?;
     if (image.width, image.height) != (meta.width, meta.height) {
-        return Err(bad(format!("image is {}x{} but metadata says {}x{}", image.width, image.height, meta.width, meta.height)));
+        return Err(bad(format!(
+            "image is {}x{} but metadata says {}x{}",
+            image.width, image.height, meta.width, meta.height
+        )));
     }
     Ok(Sample { key, image, meta })
 }
@@ -174,17 +229,31 @@ pub(crate) mod tests {
     use super::*;
 
     pub fn sample(key: &str, seed: u16) -> Sample {
-        let pixels = (0..16 * 12).map(|i| (i as u16).wrapping_mul(seed).wrapping_add(seed)).collect();
+        let pixels = (0..16 * 12)
+            .map(|i| (i as u16).wrapping_mul(seed).wrapping_add(seed))
+            .collect();
         Sample {
             key: key.into(),
-            image: Image16 { width: 16, height: 12, pixels },
-            meta: SampleMeta { width: 16, height: 12, rescale_slope: 1.0, site: Some("A".into()), ..Default::default() },
+            image: Image16 {
+                width: 16,
+                height: 12,
+                pixels,
+            },
+            meta: SampleMeta {
+                width: 16,
+                height: 12,
+                rescale_slope: 1.0,
+                site: Some("A".into()),
+                ..Default::default()
+            },
         }
     }
 
     #[test]
     fn shard_round_trip_keeps_pixels_and_metadata_exact_and_bytes_deterministic() {
-        let samples: Vec<Sample> = (0..5).map(|i| sample(&format!("s{i:03}"), i * 977 + 1)).collect();
+        let samples: Vec<Sample> = (0..5)
+            .map(|i| sample(&format!("s{i:03}"), i * 977 + 1))
+            .collect();
         let write = || {
             let mut w = ShardWriter::new();
             samples.iter().for_each(|s| w.add(s).unwrap());
@@ -192,7 +261,9 @@ pub(crate) mod tests {
         };
         let tar = write();
         assert_eq!(tar, write(), "deterministic bytes");
-        let back = ShardReader::new(&tar[..], "shard-000000.tar").read_all().unwrap();
+        let back = ShardReader::new(&tar[..], "shard-000000.tar")
+            .read_all()
+            .unwrap();
         assert_eq!(back, samples);
     }
 
@@ -201,15 +272,31 @@ pub(crate) mod tests {
         let mut w = ShardWriter::new();
         w.add(&sample("a", 3)).unwrap();
         w.member("b.png", b"not a png").unwrap();
-        w.member("b.json", br#"{"width":16,"height":12,"rescale_slope":1.0,"rescale_intercept":0.0}"#).unwrap();
+        w.member(
+            "b.json",
+            br#"{"width":16,"height":12,"rescale_slope":1.0,"rescale_intercept":0.0}"#,
+        )
+        .unwrap();
         w.add(&sample("c", 5)).unwrap();
         let tar = w.finish().unwrap();
         let mut seen = Vec::new();
-        ShardReader::new(&tar[..], "x.tar").for_each(|s| seen.push(s.map(|s| s.key).map_err(|b| b.key))).unwrap();
-        assert_eq!(seen, [Ok("a".to_string()), Err("b".to_string()), Ok("c".to_string())]);
+        ShardReader::new(&tar[..], "x.tar")
+            .for_each(|s| seen.push(s.map(|s| s.key).map_err(|b| b.key)))
+            .unwrap();
+        assert_eq!(
+            seen,
+            [
+                Ok("a".to_string()),
+                Err("b".to_string()),
+                Ok("c".to_string())
+            ]
+        );
 
         let cut = &tar[..tar.len() / 2 + 100];
-        let err = ShardReader::new(cut, "shard-000007.tar").read_all().unwrap_err().to_string();
+        let err = ShardReader::new(cut, "shard-000007.tar")
+            .read_all()
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("shard shard-000007.tar: "), "{err}");
     }
 

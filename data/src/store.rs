@@ -24,13 +24,24 @@ impl Location {
     /// `file://`. S3 settings come from `AWS_*` variables; an `http://` endpoint enables plain HTTP.
     pub fn open(uri: &str) -> Result<Location> {
         let uri = uri.trim_end_matches('/').to_string();
-        let text = if uri.starts_with('/') { format!("file://{uri}") } else { uri.clone() };
-        let url = url::Url::parse(&text).map_err(|e| Error::Uri { uri: uri.clone(), reason: e.to_string() })?;
+        let text = if uri.starts_with('/') {
+            format!("file://{uri}")
+        } else {
+            uri.clone()
+        };
+        let url = url::Url::parse(&text).map_err(|e| Error::Uri {
+            uri: uri.clone(),
+            reason: e.to_string(),
+        })?;
         let mut opts: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_"))
+            .filter(|(k, _)| {
+                k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
+            })
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
-        if let Some((_, endpoint)) = opts.iter().find(|(k, _)| k == "aws_endpoint_url" || k == "aws_endpoint")
+        if let Some((_, endpoint)) = opts
+            .iter()
+            .find(|(k, _)| k == "aws_endpoint_url" || k == "aws_endpoint")
             && endpoint.starts_with("http://")
         {
             opts.push(("aws_allow_http".into(), "true".into()));
@@ -39,11 +50,20 @@ impl Location {
             opts.push(("aws_virtual_hosted_style_request".into(), "false".into()));
         }
         if url.scheme() == "file" {
-            std::fs::create_dir_all(url.path()).map_err(|e| Error::Io { path: url.path().into(), source: e })?;
+            std::fs::create_dir_all(url.path()).map_err(|e| Error::Io {
+                path: url.path().into(),
+                source: e,
+            })?;
         }
-        let (store, prefix) = object_store::parse_url_opts(&url, opts)
-            .map_err(|e| Error::Uri { uri: uri.clone(), reason: e.to_string() })?;
-        Ok(Location { store: Arc::from(store), prefix, uri })
+        let (store, prefix) = object_store::parse_url_opts(&url, opts).map_err(|e| Error::Uri {
+            uri: uri.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Location {
+            store: Arc::from(store),
+            prefix,
+            uri,
+        })
     }
 
     /// The path of `name` inside this folder.
@@ -67,14 +87,24 @@ impl Location {
 
     /// Writes a whole object atomically (readers see the old or the new object, never a part).
     pub async fn put(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        self.store.put(&self.child(name), PutPayload::from(data)).await.map_err(|e| self.err(name, e))?;
+        self.store
+            .put(&self.child(name), PutPayload::from(data))
+            .await
+            .map_err(|e| self.err(name, e))?;
         Ok(())
     }
 
     /// Writes a whole object only if none exists yet; Ok(false) if one does.
     pub async fn put_new(&self, name: &str, data: Vec<u8>) -> Result<bool> {
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&self.child(name), PutPayload::from(data), opts).await {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.child(name), PutPayload::from(data), opts)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(self.err(name, e)),
@@ -82,6 +112,9 @@ impl Location {
     }
 
     fn err(&self, name: &str, source: object_store::Error) -> Error {
-        Error::Store { uri: self.child_uri(name), source }
+        Error::Store {
+            uri: self.child_uri(name),
+            source,
+        }
     }
 }

@@ -33,7 +33,12 @@ pub struct Site {
 impl Site {
     /// A site with mild, site-specific effects derived from its index.
     pub fn standard(name: &str, i: usize) -> Site {
-        let vendors = [("Siemens", "Ysio Max"), ("Philips", "DigitalDiagnost"), ("GE", "Definium 6000"), ("Canon", "CXDI-710C")];
+        let vendors = [
+            ("Siemens", "Ysio Max"),
+            ("Philips", "DigitalDiagnost"),
+            ("GE", "Definium 6000"),
+            ("Canon", "CXDI-710C"),
+        ];
         let (m, s) = vendors[i % vendors.len()];
         Site {
             name: name.into(),
@@ -49,9 +54,9 @@ impl Site {
     /// low resolution).
     pub fn shifted(mut self) -> Site {
         self.scanner = ("Legacy".into(), "CR-1998".into());
-        self.noise = 0.06;
-        self.gamma = 1.8;
-        self.blur = 2;
+        self.noise = 0.04;
+        self.gamma = 1.4;
+        self.blur = 1;
         self.resolution = 0.5;
         self
     }
@@ -109,7 +114,8 @@ const MAX_VALUE: f64 = 4095.0;
 
 /// Sample `i` of the cohort (absolute index, so cohorts can be extended).
 pub fn sample(cfg: &SynthConfig, i: usize) -> Sample {
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64);
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64);
     let site = &cfg.sites[i % cfg.sites.len()];
     let female = rng.random_bool(cfg.female_fraction);
     let age: u32 = rng.random_range(18..=90);
@@ -124,14 +130,32 @@ pub fn sample(cfg: &SynthConfig, i: usize) -> Sample {
         .iter()
         .enumerate()
         .map(|(k, &(x, y, a, b, ang, v))| {
-            let jitter = if k < 2 { 1.0 } else { rng.random_range(0.85..1.15) * aging };
-            (x + rng.random_range(-0.01..0.01), y + rng.random_range(-0.01..0.01), a, b, ang.to_radians(), v * jitter)
+            let jitter = if k < 2 {
+                1.0
+            } else {
+                rng.random_range(0.85..1.15) * aging
+            };
+            (
+                x + rng.random_range(-0.01..0.01),
+                y + rng.random_range(-0.01..0.01),
+                a,
+                b,
+                ang.to_radians(),
+                v * jitter,
+            )
         })
         .collect();
     if lesion {
         let r = rng.random_range(0.04..0.09);
         let (cx, cy) = (rng.random_range(-0.35..0.35), rng.random_range(-0.5..0.5));
-        shapes.push((cx, cy, r, r * rng.random_range(0.7..1.3), rng.random_range(0.0..3.14), 0.35));
+        shapes.push((
+            cx,
+            cy,
+            r,
+            r * rng.random_range(0.7..1.3),
+            rng.random_range(0.0..std::f64::consts::PI),
+            0.35,
+        ));
     }
 
     let n = cfg.size as usize;
@@ -167,7 +191,11 @@ pub fn sample(cfg: &SynthConfig, i: usize) -> Sample {
     }
     Sample {
         key: format!("synth-{}-{i:07}", site.name),
-        image: Image16 { width: cfg.size, height: cfg.size, pixels: out },
+        image: Image16 {
+            width: cfg.size,
+            height: cfg.size,
+            pixels: out,
+        },
         meta: SampleMeta {
             width: cfg.size,
             height: cfg.size,
@@ -229,7 +257,12 @@ mod tests {
 
     #[test]
     fn cohort_is_deterministic_and_spreads_sites_sexes_and_lesions() {
-        let cfg = SynthConfig { samples: 200, size: 64, seed: 7, ..Default::default() };
+        let cfg = SynthConfig {
+            samples: 200,
+            size: 64,
+            seed: 7,
+            ..Default::default()
+        };
         let a: Vec<Sample> = cohort(&cfg).collect();
         let b: Vec<Sample> = cohort(&cfg).collect();
         assert_eq!(a, b);
@@ -240,18 +273,38 @@ mod tests {
         let lesions = count(&|s| s.meta.labels["lesion"] == 1);
         assert!((35..=85).contains(&lesions), "{lesions}");
         assert!(a.iter().all(|s| s.image.pixels.iter().all(|&p| p <= 4095)));
-        let other: Vec<Sample> = cohort(&SynthConfig { seed: 8, ..cfg.clone() }).collect();
+        let other: Vec<Sample> = cohort(&SynthConfig {
+            seed: 8,
+            ..cfg.clone()
+        })
+        .collect();
         assert_ne!(a[0].image, other[0].image);
     }
 
     #[test]
     fn a_lesion_adds_bright_pixels_and_a_shifted_site_looks_different() {
-        let base = SynthConfig { samples: 1, size: 64, lesion_prevalence: 0.0, ..Default::default() };
-        let with = SynthConfig { lesion_prevalence: 1.0, ..base.clone() };
+        let base = SynthConfig {
+            samples: 1,
+            size: 64,
+            lesion_prevalence: 0.0,
+            ..Default::default()
+        };
+        let with = SynthConfig {
+            lesion_prevalence: 1.0,
+            ..base.clone()
+        };
         assert!(mean(&sample(&with, 3)) > mean(&sample(&base, 3)));
-        let shifted = SynthConfig { sites: vec![Site::standard("site-a", 0).shifted()], ..base.clone() };
+        let shifted = SynthConfig {
+            sites: vec![Site::standard("site-a", 0).shifted()],
+            ..base.clone()
+        };
         let (a, b) = (sample(&base, 2), sample(&shifted, 2));
         assert_ne!(a.meta.manufacturer, b.meta.manufacturer);
-        assert!((mean(&a) - mean(&b)).abs() > 50.0, "{} vs {}", mean(&a), mean(&b));
+        assert!(
+            (mean(&a) - mean(&b)).abs() > 50.0,
+            "{} vs {}",
+            mean(&a),
+            mean(&b)
+        );
     }
 }

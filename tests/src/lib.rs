@@ -705,3 +705,36 @@ pub fn http_get_text(addr: &str, path: &str) -> Result<(u16, String)> {
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// The Python of the interoperability tests (`make py-deps`): `$RADFM_PYTHON`, else
+/// `~/.cache/radfm/pyenv/bin/python`.
+pub fn python() -> PathBuf {
+    let p = std::env::var("RADFM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/radfm/pyenv/bin/python")
+        });
+    assert!(
+        p.is_file(),
+        "{} not found: run `make py-deps` (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs a Python snippet with the interoperability Python; returns stdout, failing with stderr.
+pub fn run_python(code: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}

@@ -1,0 +1,343 @@
+//! End-to-end tests of the data path: `radfm ingest` and `radfm synth` through the CLI, shards
+//! read back exactly, the de-identification gate on the DICOM files that ship with pydicom, and
+//! the Python `webdataset` library reading our shards unchanged.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use radfm_data::index::DatasetIndex;
+use radfm_data::shard::ShardReader;
+use radfm_data::store::Location;
+use radfm_data::{Image16, Sample};
+use radfm_e2e::{run_python, workspace_bin};
+
+const SALT: &str = "test-salt-0123456789abcdef";
+
+fn radfm(args: &[&str]) -> Output {
+    Command::new(workspace_bin("radfm").unwrap())
+        .args(args)
+        .env("RADFM_PSEUDONYM_SALT", SALT)
+        .output()
+        .expect("radfm runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "radfm failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+async fn read_dataset(dir: &Path) -> Vec<Sample> {
+    let loc = Location::open(dir.to_str().unwrap()).unwrap();
+    let index = DatasetIndex::load(&loc).await.unwrap();
+    let mut out = Vec::new();
+    for s in &index.shards {
+        let bytes = std::fs::read(dir.join(&s.name)).unwrap();
+        assert_eq!(bytes.len() as u64, s.bytes);
+        let samples = ShardReader::new(&bytes[..], &s.name).read_all().unwrap();
+        assert_eq!(samples.len() as u64, s.samples);
+        out.extend(samples);
+    }
+    out
+}
+
+fn testdata(name: &str) -> String {
+    run_python("from pydicom.data import get_testdata_file; import sys; print(get_testdata_file(sys.argv[1]))", &[name]).trim().to_string()
+}
+
+#[tokio::test]
+async fn png_ingest_round_trip_keeps_pixels_labels_and_metadata_exact_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(input.join("sub")).unwrap();
+    let mut originals = Vec::new();
+    for i in 0..6u16 {
+        let img = Image16 {
+            width: 20 + i as u32,
+            height: 10,
+            pixels: (0..(20 + i as u32) * 10)
+                .map(|p| (p as u16).wrapping_mul(331).wrapping_add(i * 7919))
+                .collect(),
+        };
+        let rel = if i % 2 == 0 {
+            format!("img{i}.png")
+        } else {
+            format!("sub/img{i}.png")
+        };
+        std::fs::write(input.join(&rel), img.to_png()).unwrap();
+        originals.push((rel, img));
+    }
+    let labels: String = std::iter::once("file,finding,score".to_string())
+        .chain(
+            originals
+                .iter()
+                .enumerate()
+                .map(|(i, (rel, _))| format!("{rel},{},{}.5", i % 2, i)),
+        )
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join("labels.csv"), labels).unwrap();
+    let out = dir.path().join("ds");
+    let labels_csv = dir.path().join("labels.csv");
+    let args = [
+        "ingest",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--site",
+        "hospital-a",
+        "--labels",
+        labels_csv.to_str().unwrap(),
+        "--shard-mib",
+        "1",
+    ];
+    let text = ok(&radfm(&args));
+    assert!(
+        text.contains("6 files, 0 already ingested, 6 samples"),
+        "{text}"
+    );
+
+    let samples = read_dataset(&out).await;
+    assert_eq!(samples.len(), 6);
+    for (i, (_, img)) in originals.iter().enumerate() {
+        let s = samples
+            .iter()
+            .find(|s| s.image == *img)
+            .unwrap_or_else(|| panic!("image {i} not found exactly"));
+        assert_eq!(s.meta.site.as_deref(), Some("hospital-a"));
+        assert_eq!(s.meta.labels["finding"], serde_json::json!(i % 2));
+        assert_eq!(s.meta.labels["score"], serde_json::json!(i as f64 + 0.5));
+        assert_eq!((s.meta.width, s.meta.height), (img.width, img.height));
+    }
+    // Resumable: a second run finds everything done.
+    let text = ok(&radfm(&args));
+    assert!(
+        text.contains("6 files, 6 already ingested, 0 samples in 0 new shards"),
+        "{text}"
+    );
+    // A new file lands: only it is ingested, in a new shard with the next sequence number.
+    std::fs::write(
+        input.join("late.png"),
+        Image16 {
+            width: 4,
+            height: 4,
+            pixels: vec![9; 16],
+        }
+        .to_png(),
+    )
+    .unwrap();
+    ok(&radfm(&args));
+    let index = DatasetIndex::load(&Location::open(out.to_str().unwrap()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (index.shards.len(), index.since(1).len(), index.samples()),
+        (2, 1, 7)
+    );
+}
+
+#[tokio::test]
+async fn identified_dicom_is_refused_and_deidentify_strips_every_identifier() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("dicom");
+    std::fs::create_dir_all(&input).unwrap();
+    for f in ["CT_small.dcm", "MR_small.dcm"] {
+        std::fs::copy(testdata(f), input.join(f)).unwrap();
+    }
+    // What pydicom reads: identifiers and raw pixels.
+    let expect = run_python(
+        "import sys, json, pydicom\n\
+         d = pydicom.dcmread(sys.argv[1])\n\
+         print(json.dumps({'name': str(d.PatientName), 'id': str(d.PatientID), 'slope': float(getattr(d, 'RescaleSlope', 1)),\n\
+           'intercept': float(getattr(d, 'RescaleIntercept', 0)), 'raw': d.pixel_array.astype('int64').ravel().tolist(),\n\
+           'rows': d.Rows, 'cols': d.Columns}))",
+        &[input.join("CT_small.dcm").to_str().unwrap()],
+    );
+    let expect: serde_json::Value = serde_json::from_str(&expect).unwrap();
+    let patient_name = expect["name"].as_str().unwrap().to_string();
+    let patient_id = expect["id"].as_str().unwrap().to_string();
+    assert!(!patient_name.is_empty());
+
+    let out = dir.path().join("ds");
+    let refused = radfm(&[
+        "ingest",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(
+            "CT_small.dcm: refused: the file carries direct identifiers (PatientName, PatientID"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("re-run with --deidentify"), "{err}");
+    assert!(
+        !err.contains(&patient_name) && !err.contains(&patient_id),
+        "identifier values never reach messages: {err}"
+    );
+    assert!(
+        read_dataset(&out).await.is_empty(),
+        "nothing of a refused file is written"
+    );
+
+    let text = ok(&radfm(&[
+        "ingest",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--deidentify",
+        "--site",
+        "h1",
+    ]));
+    assert!(text.contains("2 samples"), "{text}");
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let hay = String::from_utf8_lossy(&bytes);
+        for needle in [patient_name.as_str(), patient_id.as_str()] {
+            assert!(!hay.contains(needle), "{needle:?} found in the output");
+        }
+    }
+    let samples = read_dataset(&out).await;
+    let ct = samples
+        .iter()
+        .find(|s| s.meta.modality.as_deref() == Some("CT"))
+        .expect("the CT sample");
+    assert_eq!(
+        (ct.meta.width, ct.meta.height),
+        (
+            expect["cols"].as_u64().unwrap() as u32,
+            expect["rows"].as_u64().unwrap() as u32
+        )
+    );
+    let (slope, intercept) = (
+        expect["slope"].as_f64().unwrap(),
+        expect["intercept"].as_f64().unwrap(),
+    );
+    assert_eq!(intercept, -1024.0);
+    let raw: Vec<i64> = expect["raw"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let ours: Vec<f64> = ct
+        .image
+        .pixels
+        .iter()
+        .map(|&p| p as f64 * ct.meta.rescale_slope + ct.meta.rescale_intercept)
+        .collect();
+    let theirs: Vec<f64> = raw.iter().map(|&r| r as f64 * slope + intercept).collect();
+    assert_eq!(
+        ours, theirs,
+        "physical values equal pydicom's pixel_array with the rescale applied"
+    );
+    assert_eq!(
+        ct.meta.patient.as_ref().map(|p| p.len()),
+        Some(32),
+        "pseudonym, not the id"
+    );
+    assert!(samples.iter().all(|s| s.meta.site.as_deref() == Some("h1")));
+}
+
+#[tokio::test]
+async fn python_webdataset_reads_our_shards_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("synth");
+    let text = ok(&radfm(&[
+        "synth",
+        "--out",
+        out.to_str().unwrap(),
+        "--samples",
+        "24",
+        "--size",
+        "32",
+        "--shard-mib",
+        "1",
+        "--sites",
+        "a,b,c",
+        "--shift-site",
+        "c",
+    ]));
+    assert!(text.contains("24 samples"), "{text}");
+    let ours = read_dataset(&out).await;
+    let shards: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path().display().to_string()))
+        .filter(|p| p.ends_with(".tar"))
+        .collect();
+    const READ_WITH_WEBDATASET: &str = r#"
+import sys, json, io, numpy as np, webdataset as wds
+from PIL import Image
+rows = []
+for s in wds.WebDataset(sys.argv[1:], shardshuffle=False):
+    img = np.array(Image.open(io.BytesIO(s["png"])))
+    meta = json.loads(s["json"])
+    rows.append([s["__key__"], str(img.dtype), int(img.astype("int64").sum()), meta["site"], meta["labels"]["lesion"]])
+print(json.dumps(rows))
+"#;
+    let theirs = run_python(
+        READ_WITH_WEBDATASET,
+        &shards.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let rows: Vec<(String, String, i64, String, u8)> = serde_json::from_str(&theirs).unwrap();
+    assert_eq!(rows.len(), ours.len());
+    for (key, dtype, sum, site, lesion) in rows {
+        let s = ours
+            .iter()
+            .find(|s| s.key == key)
+            .unwrap_or_else(|| panic!("{key} unknown"));
+        assert_eq!(dtype, "uint16");
+        assert_eq!(
+            sum,
+            s.image.pixels.iter().map(|&p| p as i64).sum::<i64>(),
+            "{key}"
+        );
+        assert_eq!(Some(site.as_str()), s.meta.site.as_deref());
+        assert_eq!(serde_json::json!(lesion), s.meta.labels["lesion"]);
+    }
+}
+
+#[test]
+fn cli_errors_name_the_flag_or_path() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["ingest", "/nonexistent/folder", "--out", "/tmp/x"],
+            "/nonexistent/folder: not a folder",
+        ),
+        (
+            &["synth", "--out", "/tmp/x", "--lesion-prevalence", "1.5"],
+            "--lesion-prevalence must be within 0..1, got 1.5",
+        ),
+        (
+            &[
+                "synth",
+                "--out",
+                "/tmp/x",
+                "--sites",
+                "a,b",
+                "--shift-site",
+                "c",
+            ],
+            "--shift-site c is not one of --sites a,b",
+        ),
+        (&["synth", "--out", "ftp://host/x"], "ftp://host/x: "),
+    ];
+    for (args, want) in cases {
+        let out = radfm(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let weak = Command::new(workspace_bin("radfm").unwrap())
+        .args(["ingest", "/tmp", "--out", "/tmp/x", "--salt", "short"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&weak.stderr).contains("must be at least 16 characters"));
+}
