@@ -10,6 +10,7 @@ pub mod dicom;
 pub mod image16;
 pub mod index;
 pub mod ingest;
+pub mod loader;
 pub mod meta;
 pub mod shard;
 pub mod store;
