@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: all build test unit-test lint fmt crds cluster-tools py-deps demo clean
+.PHONY: all build test unit-test lint fmt crds cluster-tools py-deps s3-server demo clean
 
 all: build
 
@@ -21,7 +21,7 @@ cluster-tools:
 	@bash tests/cluster/build-tools.sh >/dev/null
 
 ## test: unit tests, then end-to-end tests against a real API server with simulated GPU nodes
-test: cluster-tools py-deps build
+test: cluster-tools py-deps s3-server build
 	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test --workspace --no-fail-fast
 
 unit-test:
@@ -50,3 +50,8 @@ py-deps:
 	  rm -rf "$(PY_ENV)" && python3 -m venv "$(PY_ENV)" && \
 	  "$(PY_ENV)/bin/pip" install -q $(PY_DEPS) && touch "$$stamp"; \
 	fi
+
+## s3-server: a real S3-compatible server for the tests (s3s-fs from crates.io), cached
+S3S_ROOT := $(RADFM_CACHE)/s3s-fs-0.14.1
+s3-server:
+	@[ -x "$(S3S_ROOT)/bin/s3s-fs" ] || $(CARGO) install --locked s3s-fs@0.14.1 --features binary --root "$(S3S_ROOT)"

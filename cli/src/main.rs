@@ -63,8 +63,8 @@ struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     first_index: usize,
     /// Target shard size in MiB.
-    #[arg(long, default_value_t = 64)]
-    shard_mib: usize,
+    #[arg(long, default_value_t = 64.0)]
+    shard_mib: f64,
 }
 
 #[derive(clap::Args)]
@@ -87,8 +87,15 @@ struct IngestArgs {
     #[arg(long)]
     labels: Option<PathBuf>,
     /// Target shard size in MiB.
-    #[arg(long, default_value_t = 64)]
-    shard_mib: usize,
+    #[arg(long, default_value_t = 64.0)]
+    shard_mib: f64,
+}
+
+fn shard_bytes(mib: f64) -> Result<usize> {
+    if !(mib > 0.0 && mib <= 16384.0) {
+        bail!("--shard-mib must be within (0, 16384], got {mib}");
+    }
+    Ok((mib * 1048576.0) as usize)
 }
 
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -149,7 +156,7 @@ async fn synth(a: SynthArgs) -> Result<()> {
         first_index: a.first_index,
     };
     let loc = Location::open(&a.out)?;
-    let mut sink = ShardSink::new(loc.clone(), a.shard_mib << 20);
+    let mut sink = ShardSink::new(loc.clone(), shard_bytes(a.shard_mib)?);
     let pb = bar(a.samples as u64, "synth");
     for s in cohort(&cfg) {
         sink.add(&s, None).await?;
@@ -187,7 +194,7 @@ async fn run_ingest(a: IngestArgs) -> Result<()> {
         salt: a.salt.into_bytes(),
         site: a.site,
         labels: a.labels,
-        shard_bytes: a.shard_mib << 20,
+        shard_bytes: shard_bytes(a.shard_mib)?,
     };
     let pb = bar(0, "ingest");
     let report = ingest(&cfg, &|done, total| {

@@ -14,6 +14,8 @@
 //! samples is padded with samples already in it, so batch counts stay equal across ranks.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -125,12 +127,20 @@ pub struct Loader {
     cfg: LoaderConfig,
     /// Corrupt samples skipped in the current epoch.
     pub bad_samples: usize,
+    /// Shard fetches retried after a store error, since the loader opened.
+    pub fetch_retries: Arc<AtomicU64>,
 }
 
 impl Loader {
     /// Opens a dataset and checks that every rank gets at least one batch per epoch.
     pub async fn open(uri: &str, cfg: LoaderConfig) -> Result<Loader> {
-        let loc = Location::open(uri)?;
+        Self::open_at(Location::open(uri)?, cfg).await
+    }
+
+    /// Like [`Loader::open`], on an already opened location.
+    pub async fn open_at(loc: Location, cfg: LoaderConfig) -> Result<Loader> {
+        let uri = loc.uri.clone();
+        let uri = uri.as_str();
         let index = DatasetIndex::load(&loc).await?;
         let shards: Vec<ShardEntry> = index.since(cfg.since_seq).to_vec();
         let total: u64 = shards.iter().map(|s| s.samples).sum();
@@ -162,6 +172,7 @@ impl Loader {
             stats,
             cfg,
             bad_samples: 0,
+            fetch_retries: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -197,10 +208,11 @@ impl Loader {
             let loc = self.loc.clone();
             let shards: Vec<ShardEntry> = needed.iter().map(|&s| self.shards[s].clone()).collect();
             let retries = self.cfg.fetch_retries;
+            let counter = self.fetch_retries.clone();
             let needed = needed.clone();
             tokio::spawn(async move {
                 for (entry, s) in shards.into_iter().zip(needed) {
-                    let r = fetch_shard(&loc, &entry, retries)
+                    let r = fetch_shard(&loc, &entry, retries, &counter)
                         .await
                         .map(|samples| (s, samples));
                     let failed = r.is_err();
@@ -297,6 +309,7 @@ async fn fetch_shard(
     loc: &Location,
     entry: &ShardEntry,
     retries: u32,
+    counter: &AtomicU64,
 ) -> Result<Vec<Option<Sample>>> {
     let mut delay = Duration::from_millis(200);
     let mut attempt = 0;
@@ -311,6 +324,7 @@ async fn fetch_shard(
             }
             Err(e) if attempt < retries => {
                 attempt += 1;
+                counter.fetch_add(1, Ordering::Relaxed);
                 eprintln!(
                     "radfm loader: fetching {} failed (attempt {attempt}/{retries}), retrying in {delay:?}: {e}",
                     entry.name

@@ -21,8 +21,19 @@ pub struct Location {
 
 impl Location {
     /// Opens a folder URI. `file://` paths must be absolute; a plain absolute path is taken as
-    /// `file://`. S3 settings come from `AWS_*` variables; an `http://` endpoint enables plain HTTP.
+    /// `file://`. Store settings come from the process environment (`AWS_*`, `GOOGLE_*`,
+    /// `AZURE_*`), as trainer pods receive them.
     pub fn open(uri: &str) -> Result<Location> {
+        Self::open_with(uri, std::env::vars())
+    }
+
+    /// [`Location::open`] with the settings taken from `vars` instead of the environment. An
+    /// `http://` S3 endpoint enables plain HTTP; S3 requests are retried briefly by the store
+    /// (callers such as the loader add their own retries with backoff and logging on top).
+    pub fn open_with(
+        uri: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Location> {
         let uri = uri.trim_end_matches('/').to_string();
         let text = if uri.starts_with('/') {
             format!("file://{uri}")
@@ -33,37 +44,67 @@ impl Location {
             uri: uri.clone(),
             reason: e.to_string(),
         })?;
-        let mut opts: Vec<(String, String)> = std::env::vars()
+        let bad = |reason: String| Error::Uri {
+            uri: uri.clone(),
+            reason,
+        };
+        let opts: Vec<(String, String)> = vars
+            .into_iter()
             .filter(|(k, _)| {
                 k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
             })
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
-        if let Some((_, endpoint)) = opts
-            .iter()
-            .find(|(k, _)| k == "aws_endpoint_url" || k == "aws_endpoint")
-            && endpoint.starts_with("http://")
-        {
-            opts.push(("aws_allow_http".into(), "true".into()));
-        }
-        if url.scheme() == "s3" {
-            opts.push(("aws_virtual_hosted_style_request".into(), "false".into()));
-        }
-        if url.scheme() == "file" {
-            std::fs::create_dir_all(url.path()).map_err(|e| Error::Io {
-                path: url.path().into(),
-                source: e,
-            })?;
-        }
-        let (store, prefix) = object_store::parse_url_opts(&url, opts).map_err(|e| Error::Uri {
-            uri: uri.clone(),
-            reason: e.to_string(),
-        })?;
-        Ok(Location {
-            store: Arc::from(store),
-            prefix,
-            uri,
-        })
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
+            "file" => {
+                std::fs::create_dir_all(url.path()).map_err(|e| Error::Io {
+                    path: url.path().into(),
+                    source: e,
+                })?;
+                let (store, prefix) =
+                    object_store::parse_url(&url).map_err(|e| bad(e.to_string()))?;
+                (Arc::from(store), prefix)
+            }
+            "s3" => {
+                use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+                let mut b = AmazonS3Builder::new().with_url(text.clone());
+                for (k, v) in &opts {
+                    if let Ok(key) = k.parse::<AmazonS3ConfigKey>() {
+                        b = b.with_config(key, v.clone());
+                    }
+                }
+                if opts.iter().any(|(k, v)| {
+                    (k == "aws_endpoint_url" || k == "aws_endpoint") && v.starts_with("http://")
+                }) {
+                    b = b.with_allow_http(true);
+                }
+                let retry = object_store::RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: std::time::Duration::from_secs(5),
+                    ..Default::default()
+                };
+                let store = b
+                    .with_virtual_hosted_style_request(false)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                (
+                    Arc::new(store),
+                    Path::parse(url.path()).map_err(|e| bad(e.to_string()))?,
+                )
+            }
+            "gs" | "az" | "abfs" | "abfss" | "azure" => {
+                let (store, prefix) =
+                    object_store::parse_url_opts(&url, opts).map_err(|e| bad(e.to_string()))?;
+                (Arc::from(store), prefix)
+            }
+            other => {
+                return Err(bad(format!(
+                    "unsupported scheme {other:?}: use file://, s3://, gs:// or az://"
+                )));
+            }
+        };
+        Ok(Location { store, prefix, uri })
     }
 
     /// The path of `name` inside this folder.

@@ -341,3 +341,98 @@ fn cli_errors_name_the_flag_or_path() {
         .unwrap();
     assert!(String::from_utf8_lossy(&weak.stderr).contains("must be at least 16 characters"));
 }
+
+#[tokio::test]
+async fn s3_path_end_to_end_survives_a_server_outage_mid_read() {
+    use radfm_data::loader::{Cursor, Loader, LoaderConfig, keys_from};
+    let s3 = radfm_e2e::S3Server::start().unwrap();
+    // `radfm synth` writes to s3:// with credentials from the environment, as in a pod.
+    let out = Command::new(workspace_bin("radfm").unwrap())
+        .args([
+            "synth",
+            "--out",
+            "s3://radfm/cohort",
+            "--samples",
+            "96",
+            "--size",
+            "32",
+            "--shard-mib",
+            "0.02",
+        ])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let text = ok(&out);
+    assert!(text.contains("96 samples"), "{text}");
+    let written: Vec<String> = std::fs::read_dir(s3.bucket_dir().join("cohort"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(written.iter().any(|n| n == "index.json"), "{written:?}");
+
+    let loc = Location::open_with("s3://radfm/cohort", s3.env()).unwrap();
+    let index = DatasetIndex::load(&loc).await.unwrap();
+    assert_eq!(index.samples(), 96);
+    // Many small shards so fetches happen during the outage.
+    assert!(index.shards.len() >= 8, "{} shards", index.shards.len());
+    let cfg = LoaderConfig {
+        batch_size: 8,
+        image_size: 16,
+        prefetch: 1,
+        augment: false,
+        fetch_retries: 10,
+        ..Default::default()
+    };
+    let mut loader = Loader::open_at(loc.clone(), cfg.clone()).await.unwrap();
+    let s3 = std::sync::Arc::new(std::sync::Mutex::new(s3));
+    let mut keys = Vec::new();
+    let mut restarter = None;
+    // The restarted server dies with the thread that started it (PDEATHSIG), so that thread
+    // lives until the test is done with the server.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let mut done_rx = Some(done_rx);
+    loader
+        .run_epoch(Cursor::default(), |b| {
+            keys.extend(b.keys);
+            if restarter.is_none() {
+                // Outage: the server goes away for two seconds while most shards are still to come.
+                s3.lock().unwrap().stop();
+                let s3 = s3.clone();
+                let done = done_rx.take().unwrap();
+                restarter = Some(std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    s3.lock().unwrap().restart().unwrap();
+                    let _ = done.recv();
+                }));
+            }
+            true
+        })
+        .await
+        .unwrap();
+    let retries = loader
+        .fetch_retries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(retries > 0, "the outage was noticed and retried");
+    let shard_entries = index.shards.clone();
+    let expected: Vec<String> = {
+        let mut local = Vec::new();
+        for (s, i) in keys_from(&shard_entries, &cfg, Cursor::default()) {
+            local.push((s, i));
+        }
+        let mut names = Vec::new();
+        for (s, i) in local {
+            let bytes = loc.get_opt(&shard_entries[s].name).await.unwrap().unwrap();
+            let samples = ShardReader::new(&bytes[..], &shard_entries[s].name)
+                .read_all()
+                .unwrap();
+            names.push(samples[i as usize].key.clone());
+        }
+        names
+    };
+    assert_eq!(
+        keys, expected,
+        "nothing lost, nothing repeated, same order ({retries} retries)"
+    );
+    drop(done_tx);
+    restarter.unwrap().join().unwrap();
+}

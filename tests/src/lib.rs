@@ -738,3 +738,123 @@ pub fn run_python(code: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// A real S3-compatible server (s3s-fs: checks SigV4 signatures) on a loopback port, serving a
+/// temporary folder; bucket `radfm` exists. Credentials reach clients through AWS_* variables,
+/// as in production.
+pub struct S3Server {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// Loopback port.
+    pub port: u16,
+}
+
+/// Access key of the test S3 server.
+pub const S3_ACCESS_KEY: &str = "radfm-test-access";
+/// Secret key of the test S3 server.
+pub const S3_SECRET_KEY: &str = "radfm-test-secret-key-0123456789";
+
+impl S3Server {
+    /// Starts the server (`make s3-server` installs it; `$RADFM_S3S_FS` overrides the path).
+    pub fn start() -> Result<S3Server> {
+        let bin = std::env::var("RADFM_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                    .join(".cache/radfm/s3s-fs-0.14.1/bin/s3s-fs")
+            });
+        if !bin.is_file() {
+            bail!(
+                "{} not found: run `make s3-server` (make test does)",
+                bin.display()
+            );
+        }
+        let dir = tempfile::Builder::new().prefix("radfm-s3-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("data/radfm"))?;
+        let mut s = S3Server {
+            child: None,
+            dir,
+            bin,
+            port: free_port(),
+        };
+        s.restart()?;
+        Ok(s)
+    }
+
+    /// (Re)starts the server on the same port and folder, waiting until it accepts connections.
+    pub fn restart(&mut self) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("s3s.log"))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--access-key",
+            S3_ACCESS_KEY,
+            "--secret-key",
+            S3_SECRET_KEY,
+        ])
+        .arg(self.dir.path().join("data"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        // SAFETY: see Cluster::spawn_logged.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", self.bin.display()))?,
+        );
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("s3s-fs did not listen on {} within 20 s", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops the server (an outage).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The AWS_* variables a client needs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
+            (
+                "AWS_ENDPOINT_URL".into(),
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("AWS_REGION".into(), "us-east-1".into()),
+        ]
+    }
+
+    /// The folder holding bucket `radfm`'s objects.
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.dir.path().join("data/radfm")
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
