@@ -436,3 +436,74 @@ async fn s3_path_end_to_end_survives_a_server_outage_mid_read() {
     drop(done_tx);
     restarter.unwrap().join().unwrap();
 }
+
+#[tokio::test]
+async fn rle_compressed_and_multi_frame_dicom_decode_like_pydicom() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("dicom");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::copy(testdata("MR_small_RLE.dcm"), input.join("rle.dcm")).unwrap();
+    // A 3-frame file written by pydicom from MR_small: frame k holds the image + 100k.
+    const MULTI: &str = r#"
+import sys, json, numpy as np, pydicom
+from pydicom.data import get_testdata_file
+d = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+base = d.pixel_array.astype(np.int16)
+frames = np.stack([base + 100 * k for k in range(3)])
+d.NumberOfFrames = 3
+d.PixelData = frames.tobytes()
+d.save_as(sys.argv[1])
+rle = pydicom.dcmread(sys.argv[2]).pixel_array.astype("int64").ravel().tolist()
+print(json.dumps({"frames": [f.astype("int64").ravel().tolist() for f in frames], "rle": rle}))
+"#;
+    let multi = input.join("multi.dcm");
+    let expect = run_python(
+        MULTI,
+        &[
+            multi.to_str().unwrap(),
+            input.join("rle.dcm").to_str().unwrap(),
+        ],
+    );
+    let expect: serde_json::Value = serde_json::from_str(&expect).unwrap();
+    let out = dir.path().join("ds");
+    let text = ok(&radfm(&[
+        "ingest",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--deidentify",
+    ]));
+    assert!(
+        text.contains("2 files, 0 already ingested, 4 samples"),
+        "{text}"
+    );
+    let samples = read_dataset(&out).await;
+    let physical = |s: &Sample| -> Vec<i64> {
+        s.image
+            .pixels
+            .iter()
+            .map(|&p| (p as f64 * s.meta.rescale_slope + s.meta.rescale_intercept).round() as i64)
+            .collect()
+    };
+    let ints = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    let mut framed: Vec<&Sample> = samples.iter().filter(|s| s.meta.frame.is_some()).collect();
+    framed.sort_by_key(|s| s.meta.frame);
+    assert_eq!(framed.len(), 3);
+    for (k, s) in framed.iter().enumerate() {
+        assert_eq!(s.meta.frame, Some(k as u32));
+        assert!(s.key.ends_with(&format!("-f{k:04}")), "{}", s.key);
+        assert_eq!(physical(s), ints(&expect["frames"][k]), "frame {k}");
+    }
+    let rle = samples.iter().find(|s| s.meta.frame.is_none()).unwrap();
+    assert_eq!(
+        physical(rle),
+        ints(&expect["rle"]),
+        "RLE Lossless decodes exactly"
+    );
+}
