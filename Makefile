@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: all build test unit-test lint fmt crds cluster-tools py-deps s3-server demo clean
+.PHONY: all build test unit-test lint fmt crds cluster-tools py-deps s3-server demo bench-loader clean
 
 all: build
 
@@ -55,3 +55,14 @@ py-deps:
 S3S_ROOT := $(RADFM_CACHE)/s3s-fs-0.14.1
 s3-server:
 	@[ -x "$(S3S_ROOT)/bin/s3s-fs" ] || $(CARGO) install --locked s3s-fs@0.14.1 --features binary --root "$(S3S_ROOT)"
+
+## bench-loader: radfm's loader vs Python webdataset + PIL on the same shards, per CPU core
+BENCH_DIR ?= /tmp/radfm-bench-loader
+bench-loader: py-deps
+	$(CARGO) build -q --release -p radfm -p radfm-bench
+	rm -rf $(BENCH_DIR) && ./target/release/radfm synth --out $(BENCH_DIR) --samples 2048 --size 160 --shard-mib 8 --seed 1
+	@./target/release/bench-loader $(BENCH_DIR) 2 | tee /tmp/radfm-bench-rs.txt
+	@OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$(PY_ENV)/bin/python" bench/loader_webdataset.py $(BENCH_DIR) 2 | tee /tmp/radfm-bench-py.txt
+	@r=$$(grep -o 'images_per_cpu_s=[0-9.]*' /tmp/radfm-bench-rs.txt | cut -d= -f2); \
+	 p=$$(grep -o 'images_per_cpu_s=[0-9.]*' /tmp/radfm-bench-py.txt | cut -d= -f2); \
+	 echo "bench: loader ratio=$$(python3 -c "print(round($$r/$$p, 2))")"
