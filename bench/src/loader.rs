@@ -19,10 +19,17 @@ fn cpu_seconds() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().ok_or_else(|| anyhow::anyhow!("usage: bench-loader DATASET_DIR EPOCHS"))?;
+    let dir = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: bench-loader DATASET_DIR EPOCHS"))?;
     let epochs: u64 = args.next().unwrap_or_else(|| "2".into()).parse()?;
-    rayon::ThreadPoolBuilder::new().num_threads(1).build_global()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(1).build()?;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build_global()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()?;
     rt.block_on(async {
         let cfg = LoaderConfig { batch_size: 32, image_size: 128, augment: true, prefetch: 2, ..Default::default() };
         let mut loader = Loader::open(&dir, cfg).await?;

@@ -69,8 +69,8 @@ struct SynthArgs {
 
 #[derive(clap::Args)]
 struct IngestArgs {
-    /// Input folder.
-    input: PathBuf,
+    /// Input folder, or object-store prefix URI (s3://, gs://, az://).
+    input: String,
     /// Output dataset folder URI.
     #[arg(long)]
     out: String,
@@ -184,8 +184,8 @@ async fn run_ingest(a: IngestArgs) -> Result<()> {
             "--salt (or RADFM_PSEUDONYM_SALT) must be at least 16 characters: it keeps the pseudonyms secret"
         );
     }
-    if !a.input.is_dir() {
-        bail!("{}: not a folder", a.input.display());
+    if !a.input.contains("://") && !std::path::Path::new(&a.input).is_dir() {
+        bail!("{}: not a folder", a.input);
     }
     let cfg = IngestConfig {
         input: a.input.clone(),

@@ -93,7 +93,12 @@ fn age_years(obj: &DefaultDicomObject) -> Option<u32> {
 
 /// Reads a DICOM file. Refuses identified files unless `deidentify`; pseudonyms use `salt`.
 pub fn read(path: &Path, deidentify: bool, salt: &[u8]) -> Result<DicomImage> {
-    let name = path.display().to_string();
+    read_named(path, &path.display().to_string(), deidentify, salt)
+}
+
+/// [`read`], naming the file `name` in errors (for example the object URI it was fetched from).
+pub fn read_named(path: &Path, name: &str, deidentify: bool, salt: &[u8]) -> Result<DicomImage> {
+    let name = name.to_string();
     let img_err = |reason: String| Error::Image {
         source_name: name.clone(),
         reason,

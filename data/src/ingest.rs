@@ -94,9 +94,9 @@ impl ShardSink {
 /// What to ingest and how.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
-    /// Input folder (searched recursively for .dcm/.dicom/.png/.jpg/.jpeg and extension-less
-    /// DICOM files).
-    pub input: PathBuf,
+    /// Input: a local folder (searched recursively for .dcm/.dicom/.png/.jpg/.jpeg and
+    /// extension-less DICOM files) or an object-store prefix URI (objects with those extensions).
+    pub input: String,
     /// Output dataset folder URI.
     pub output: String,
     /// Strip identifiers instead of refusing identified DICOM files.
@@ -124,6 +124,20 @@ pub struct IngestReport {
     pub shards: u64,
     /// Files refused, with why (identifier names only, never values).
     pub refused: Vec<String>,
+}
+
+/// Where an input file is.
+enum Source {
+    Local(PathBuf),
+    Object(object_store::path::Path),
+}
+
+/// The local folder of an input that is a path or a `file://` URI.
+fn local_folder(input: &str) -> Option<PathBuf> {
+    if let Some(p) = input.strip_prefix("file://") {
+        return Some(PathBuf::from(p));
+    }
+    (!input.contains("://")).then(|| PathBuf::from(input))
 }
 
 fn is_image(p: &Path) -> bool {
@@ -205,7 +219,7 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_js
 }
 
 /// Decodes one file into samples (one per frame).
-fn decode(cfg: &IngestConfig, path: &Path, rel: &str, source_id: &str) -> Result<Vec<Sample>> {
+fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Result<Vec<Sample>> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -219,7 +233,7 @@ fn decode(cfg: &IngestConfig, path: &Path, rel: &str, source_id: &str) -> Result
     };
     let (frames, mut meta) = match ext.as_str() {
         "png" => {
-            let img = Image16::from_png(&read()?, rel)?;
+            let img = Image16::from_png(&read()?, name)?;
             let meta = SampleMeta {
                 width: img.width,
                 height: img.height,
@@ -229,7 +243,7 @@ fn decode(cfg: &IngestConfig, path: &Path, rel: &str, source_id: &str) -> Result
             (vec![img], meta)
         }
         "jpg" | "jpeg" => {
-            let img = Image16::from_jpeg(&read()?, rel)?;
+            let img = Image16::from_jpeg(&read()?, name)?;
             let meta = SampleMeta {
                 width: img.width,
                 height: img.height,
@@ -239,7 +253,7 @@ fn decode(cfg: &IngestConfig, path: &Path, rel: &str, source_id: &str) -> Result
             (vec![img], meta)
         }
         _ => {
-            let d = dicom::read(path, cfg.deidentify, &cfg.salt)?;
+            let d = dicom::read_named(path, name, cfg.deidentify, &cfg.salt)?;
             (d.frames, d.meta)
         }
     };
@@ -274,8 +288,56 @@ pub async fn ingest(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<IngestReport> {
     let loc = Location::open(&cfg.output)?;
-    let mut files = Vec::new();
-    walk(&cfg.input, &mut files)?;
+    let local_root = local_folder(&cfg.input);
+    let remote = match &local_root {
+        Some(_) => None,
+        None => Some(Location::open(&cfg.input)?),
+    };
+    // (source, path relative to the input)
+    let mut files: Vec<(Source, String)> = Vec::new();
+    match (&local_root, &remote) {
+        (Some(root), _) => {
+            let mut paths = Vec::new();
+            walk(root, &mut paths)?;
+            files.extend(paths.into_iter().map(|p| {
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .to_string();
+                (Source::Local(p), rel)
+            }));
+        }
+        (None, Some(r)) => {
+            use futures::TryStreamExt;
+            let mut objects: Vec<object_store::ObjectMeta> = r
+                .store
+                .list(Some(&r.prefix))
+                .try_collect()
+                .await
+                .map_err(|e| Error::Store {
+                    uri: r.uri.clone(),
+                    source: e,
+                })?;
+            objects.sort_by(|a, b| a.location.cmp(&b.location));
+            for o in objects {
+                let rel = o
+                    .location
+                    .prefix_match(&r.prefix)
+                    .map(|parts| {
+                        parts
+                            .map(|p| p.as_ref().to_string())
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    })
+                    .unwrap_or_default();
+                if is_image(Path::new(&rel)) {
+                    files.push((Source::Object(o.location), rel));
+                }
+            }
+        }
+        (None, None) => unreachable!("one of the two is set"),
+    }
     let labels = cfg
         .labels
         .as_deref()
@@ -298,20 +360,15 @@ pub async fn ingest(
         files: files.len(),
         ..Default::default()
     };
-    let todo: Vec<(PathBuf, String, String)> = files
+    let todo: Vec<(Source, String, String)> = files
         .into_iter()
-        .filter_map(|p| {
-            let rel = p
-                .strip_prefix(&cfg.input)
-                .unwrap_or(&p)
-                .to_string_lossy()
-                .to_string();
+        .filter_map(|(src, rel)| {
             let id = pseudonym(&cfg.salt, &format!("source:{rel}"));
             if done.contains(&id) {
                 report.already_done += 1;
                 None
             } else {
-                Some((p, rel, id))
+                Some((src, rel, id))
             }
         })
         .collect();
@@ -319,9 +376,49 @@ pub async fn ingest(
     let mut sink = ShardSink::new(loc, cfg.shard_bytes);
     let total = todo.len();
     for (batch_no, batch) in todo.chunks(64).enumerate() {
+        // Objects of a remote input are fetched into a scratch folder one batch at a time.
+        let scratch = tempfile::tempdir().map_err(|e| Error::Io {
+            path: "(temporary folder)".into(),
+            source: e,
+        })?;
+        let mut paths = Vec::with_capacity(batch.len());
+        for (k, (src, rel, _)) in batch.iter().enumerate() {
+            paths.push(match src {
+                Source::Local(p) => p.clone(),
+                Source::Object(o) => {
+                    let r = remote.as_ref().expect("objects come from a remote input");
+                    use object_store::ObjectStoreExt;
+                    let got = match r.store.get(o).await {
+                        Ok(g) => g.bytes().await,
+                        Err(e) => Err(e),
+                    };
+                    let bytes = got.map_err(|e| Error::Store {
+                        uri: format!("{}/{rel}", r.uri),
+                        source: e,
+                    })?;
+                    let ext = Path::new(rel)
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .unwrap_or("dcm");
+                    let p = scratch.path().join(format!("{k}.{ext}"));
+                    std::fs::write(&p, &bytes).map_err(|e| Error::Io {
+                        path: p.display().to_string(),
+                        source: e,
+                    })?;
+                    p
+                }
+            });
+        }
         let decoded: Vec<(String, String, Result<Vec<Sample>>)> = batch
             .par_iter()
-            .map(|(p, rel, id)| (rel.clone(), id.clone(), decode(cfg, p, rel, id)))
+            .zip(paths.par_iter())
+            .map(|((src, rel, id), p)| {
+                let name = match src {
+                    Source::Local(p) => p.display().to_string(),
+                    Source::Object(_) => format!("{}/{rel}", cfg.input.trim_end_matches('/')),
+                };
+                (rel.clone(), id.clone(), decode(cfg, p, &name, id))
+            })
             .collect();
         for (rel, id, result) in decoded {
             match result {

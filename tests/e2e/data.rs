@@ -507,3 +507,61 @@ print(json.dumps({"frames": [f.astype("int64").ravel().tolist() for f in frames]
         "RLE Lossless decodes exactly"
     );
 }
+
+#[tokio::test]
+async fn ingest_reads_an_s3_prefix_and_writes_to_s3() {
+    let s3 = radfm_e2e::S3Server::start().unwrap();
+    // Objects under s3://radfm/incoming/ (s3s-fs serves the bucket folder as objects).
+    let incoming = s3.bucket_dir().join("incoming/ct");
+    std::fs::create_dir_all(&incoming).unwrap();
+    std::fs::copy(testdata("CT_small.dcm"), incoming.join("a.dcm")).unwrap();
+    std::fs::write(
+        incoming.join("b.png"),
+        Image16 {
+            width: 8,
+            height: 8,
+            pixels: (0..64).collect(),
+        }
+        .to_png(),
+    )
+    .unwrap();
+    std::fs::write(incoming.join("notes.txt"), "not an image").unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "ingest",
+            "s3://radfm/incoming",
+            "--out",
+            "s3://radfm/ds",
+            "--site",
+            "h2",
+        ];
+        args.extend_from_slice(extra);
+        Command::new(workspace_bin("radfm").unwrap())
+            .args(&args)
+            .env("RADFM_PSEUDONYM_SALT", SALT)
+            .envs(s3.env())
+            .output()
+            .unwrap()
+    };
+    let refused = run(&[]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("ct/a.dcm: refused"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let text = ok(&run(&["--deidentify"]));
+    assert!(
+        text.contains("2 files, 1 already ingested, 1 samples"),
+        "the PNG landed in the first run: {text}"
+    );
+    let loc = Location::open_with("s3://radfm/ds", s3.env()).unwrap();
+    let index = DatasetIndex::load(&loc).await.unwrap();
+    assert_eq!((index.shards.len(), index.samples()), (2, 2));
+    let bytes = loc.get_opt(&index.shards[1].name).await.unwrap().unwrap();
+    let ct = ShardReader::new(&bytes[..], "s1").read_all().unwrap();
+    assert_eq!(
+        (ct[0].meta.modality.as_deref(), ct[0].meta.site.as_deref()),
+        (Some("CT"), Some("h2"))
+    );
+}
