@@ -565,3 +565,55 @@ async fn ingest_reads_an_s3_prefix_and_writes_to_s3() {
         (Some("CT"), Some("h2"))
     );
 }
+
+#[tokio::test]
+async fn jpeg_ingest_decodes_like_pil() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("jpg");
+    std::fs::create_dir_all(&input).unwrap();
+    const WRITE_JPEG: &str = r#"
+import sys, json, numpy as np
+from PIL import Image
+y, x = np.mgrid[0:48, 0:64]
+gray = ((x * 3 + y * 2) % 256).astype(np.uint8)
+Image.fromarray(gray, mode="L").save(sys.argv[1] + "/gray.jpg", quality=90)
+rgb = np.stack([gray, 255 - gray, (gray // 2)], axis=-1)
+Image.fromarray(rgb, mode="RGB").save(sys.argv[1] + "/color.jpeg", quality=90)
+print(json.dumps({n: np.asarray(Image.open(sys.argv[1] + "/" + n).convert("L")).astype(int).ravel().tolist() for n in ["gray.jpg", "color.jpeg"]}))
+"#;
+    let expect: serde_json::Value =
+        serde_json::from_str(&run_python(WRITE_JPEG, &[input.to_str().unwrap()])).unwrap();
+    let out = dir.path().join("ds");
+    ok(&radfm(&[
+        "ingest",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let samples = read_dataset(&out).await;
+    assert_eq!(samples.len(), 2);
+    for name in ["gray.jpg", "color.jpeg"] {
+        let pil: Vec<i64> = expect[name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        // Which sample is which: compare against both and take the closer one.
+        let worst = samples
+            .iter()
+            .map(|s| {
+                s.image
+                    .pixels
+                    .iter()
+                    .zip(&pil)
+                    .map(|(&a, &b)| (a as i64 - b).abs())
+                    .max()
+                    .unwrap()
+            })
+            .min()
+            .unwrap();
+        // JPEG decoders may differ by rounding in the inverse DCT and color conversion.
+        assert!(worst <= 3, "{name}: max difference to PIL {worst}");
+    }
+}
