@@ -232,18 +232,13 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
         })
     };
     let (frames, mut meta) = match ext.as_str() {
-        "png" => {
-            let img = Image16::from_png(&read()?, name)?;
-            let meta = SampleMeta {
-                width: img.width,
-                height: img.height,
-                rescale_slope: 1.0,
-                ..Default::default()
+        "png" | "jpg" | "jpeg" => {
+            let bytes = read()?;
+            let img = if ext == "png" {
+                Image16::from_png(&bytes, name)?
+            } else {
+                Image16::from_jpeg(&bytes, name)?
             };
-            (vec![img], meta)
-        }
-        "jpg" | "jpeg" => {
-            let img = Image16::from_jpeg(&read()?, name)?;
             let meta = SampleMeta {
                 width: img.width,
                 height: img.height,

@@ -74,6 +74,19 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     )
 }
 
+/// Asks the kernel to kill the child when the thread that starts it exits, so nothing outlives a
+/// test process that was itself killed.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -322,7 +335,6 @@ impl Cluster {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Child> {
-        use std::os::unix::process::CommandExt;
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -333,14 +345,7 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when this
-        // thread exits, so nothing outlives a test process that was itself killed.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         cmd.spawn()
             .with_context(|| format!("starting {}", bin.display()))
     }
@@ -784,7 +789,6 @@ impl S3Server {
 
     /// (Re)starts the server on the same port and folder, waiting until it accepts connections.
     pub fn restart(&mut self) -> Result<()> {
-        use std::os::unix::process::CommandExt;
         self.stop();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -805,13 +809,7 @@ impl S3Server {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-        // SAFETY: see Cluster::spawn_logged.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         self.child = Some(
             cmd.spawn()
                 .with_context(|| format!("starting {}", self.bin.display()))?,
