@@ -330,6 +330,11 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
     } else if rp.suspend {
         let live: Vec<&Worker> = workers.iter().collect();
         ctx.remove(&mut plan, &live);
+        // Workers of this attempt existed: the resumed gang is a new attempt, so none of its
+        // ranks can meet a rank of the suspended one.
+        if workers.iter().any(|w| w.attempt == st.attempt) {
+            st.attempt += 1;
+        }
         if ctx.set(
             &mut st,
             C::Suspended,
@@ -366,9 +371,6 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
                 reason::RESUMED,
                 "job resumed; a new attempt starts from the last checkpoint",
             );
-            if conditions::is_true(&st.conditions, C::Created) {
-                st.attempt += 1;
-            }
         }
         if st.start_time.is_none() {
             st.start_time = Some(obs.now.clone());
@@ -890,6 +892,31 @@ mod tests {
         );
         assert_eq!(names(&p.create_pods), ["mae-w0-a2", "mae-w1-a2"]);
         assert_eq!(p.status.start_time, Some(t(30)));
+    }
+
+    #[test]
+    fn suspend_right_after_creation_still_resumes_as_a_new_attempt() {
+        // The workers exist but no pass has seen them yet (Created is not True).
+        let job = JobBuilder::new(2).build();
+        let p = plan(&job, &observe(vec![], 1));
+        let job = JobBuilder(after(job, &p))
+            .with(|j| j.spec.run_policy.suspend = true)
+            .build();
+        let pods: Vec<Pod> = (0..2).map(|r| pod(&job, r, 1, "Running")).collect();
+        let p = plan(&job, &observe(pods.clone(), 2));
+        assert_eq!(p.status.attempt, 2);
+        let job = after(job, &p);
+        let dying: Vec<Pod> = pods.iter().map(|p| terminating(p.clone(), 2)).collect();
+        assert_eq!(
+            plan(&job, &observe(dying, 3)).status.attempt,
+            2,
+            "bumped once"
+        );
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.suspend = false)
+            .build();
+        let p = plan(&job, &observe(vec![], 4));
+        assert_eq!(names(&p.create_pods), ["mae-w0-a2", "mae-w1-a2"]);
     }
 
     #[test]
