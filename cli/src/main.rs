@@ -83,7 +83,8 @@ struct IngestArgs {
     /// Site recorded for every image.
     #[arg(long)]
     site: Option<String>,
-    /// CSV of labels: file path relative to INPUT, then one column per label.
+    /// Labels: CSV (file path relative to INPUT, then one column per label) or JSON
+    /// ({"path": {"label": value}}).
     #[arg(long)]
     labels: Option<PathBuf>,
     /// Target shard size in MiB.

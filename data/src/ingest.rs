@@ -105,7 +105,8 @@ pub struct IngestConfig {
     pub salt: Vec<u8>,
     /// Site recorded for every sample.
     pub site: Option<String>,
-    /// CSV side file: first column the file path relative to `input`, then one column per label.
+    /// Labels side file: CSV (first column the file path relative to `input`, then one column
+    /// per label) or JSON (`{"path": {"label": value}}`).
     pub labels: Option<PathBuf>,
     /// Target shard size in bytes.
     pub shard_bytes: usize,
@@ -185,6 +186,13 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_js
         path: path.display().to_string(),
         source: e,
     })?;
+    if path.extension().and_then(|e| e.to_str()) == Some("json") {
+        // {"relative/path.dcm": {"label": value, ...}, ...}
+        return serde_json::from_str(&text).map_err(|e| Error::Image {
+            source_name: path.display().to_string(),
+            reason: format!("labels must map file paths to objects of labels: {e}"),
+        });
+    }
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines
         .next()
@@ -435,4 +443,32 @@ pub async fn ingest(
     report.samples = sink.samples_written;
     report.shards = sink.shards_written;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_csv_or_json_and_bad_rows_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("l.csv");
+        std::fs::write(&csv, "file,lesion,score\na.png,1,0.5\nb/c.dcm,0,x\n").unwrap();
+        let l = read_labels(&csv).unwrap();
+        assert_eq!(l["a.png"]["lesion"], serde_json::json!(1));
+        assert_eq!(l["a.png"]["score"], serde_json::json!(0.5));
+        assert_eq!(l["b/c.dcm"]["score"], serde_json::json!("x"));
+        let json = dir.path().join("l.json");
+        std::fs::write(&json, r#"{"a.png": {"lesion": 1}}"#).unwrap();
+        assert_eq!(
+            read_labels(&json).unwrap()["a.png"]["lesion"],
+            serde_json::json!(1)
+        );
+        std::fs::write(&csv, "file,lesion\na.png,1,2\n").unwrap();
+        let err = read_labels(&csv).unwrap_err().to_string();
+        assert!(
+            err.contains("l.csv:2") && err.contains("3 columns, header has 2"),
+            "{err}"
+        );
+    }
 }
