@@ -438,11 +438,12 @@ async fn s3_path_end_to_end_survives_a_server_outage_mid_read() {
 }
 
 #[tokio::test]
-async fn rle_compressed_and_multi_frame_dicom_decode_like_pydicom() {
+async fn rle_jpeg2000_and_multi_frame_dicom_decode_like_pydicom() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("dicom");
     std::fs::create_dir_all(&input).unwrap();
     std::fs::copy(testdata("MR_small_RLE.dcm"), input.join("rle.dcm")).unwrap();
+    std::fs::copy(testdata("MR_small_jp2klossless.dcm"), input.join("j2k.dcm")).unwrap();
     // A 3-frame file written by pydicom from MR_small: frame k holds the image + 100k.
     const MULTI: &str = r#"
 import sys, json, numpy as np, pydicom
@@ -454,7 +455,8 @@ d.NumberOfFrames = 3
 d.PixelData = frames.tobytes()
 d.save_as(sys.argv[1])
 rle = pydicom.dcmread(sys.argv[2]).pixel_array.astype("int64").ravel().tolist()
-print(json.dumps({"frames": [f.astype("int64").ravel().tolist() for f in frames], "rle": rle}))
+plain = base.astype("int64").ravel().tolist()
+print(json.dumps({"frames": [f.astype("int64").ravel().tolist() for f in frames], "rle": rle, "plain": plain}))
 "#;
     let multi = input.join("multi.dcm");
     let expect = run_python(
@@ -474,7 +476,7 @@ print(json.dumps({"frames": [f.astype("int64").ravel().tolist() for f in frames]
         "--deidentify",
     ]));
     assert!(
-        text.contains("2 files, 0 already ingested, 4 samples"),
+        text.contains("3 files, 0 already ingested, 5 samples"),
         "{text}"
     );
     let samples = read_dataset(&out).await;
@@ -500,12 +502,18 @@ print(json.dumps({"frames": [f.astype("int64").ravel().tolist() for f in frames]
         assert!(s.key.ends_with(&format!("-f{k:04}")), "{}", s.key);
         assert_eq!(physical(s), ints(&expect["frames"][k]), "frame {k}");
     }
-    let rle = samples.iter().find(|s| s.meta.frame.is_none()).unwrap();
-    assert_eq!(
-        physical(rle),
-        ints(&expect["rle"]),
-        "RLE Lossless decodes exactly"
-    );
+    // RLE Lossless and JPEG 2000 Lossless hold the same MR_small image.
+    let singles: Vec<&Sample> = samples.iter().filter(|s| s.meta.frame.is_none()).collect();
+    assert_eq!(singles.len(), 2);
+    assert_eq!(ints(&expect["rle"]), ints(&expect["plain"]));
+    for s in singles {
+        assert_eq!(
+            physical(s),
+            ints(&expect["rle"]),
+            "{} decodes exactly",
+            s.key
+        );
+    }
 }
 
 #[tokio::test]
