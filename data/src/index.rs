@@ -106,6 +106,11 @@ pub fn shard_name(seq: u64) -> String {
     format!("shard-{seq:06}.tar")
 }
 
+/// Name of the sidecar listing the keyed source ids of an ingested shard.
+pub fn sources_name(shard: &str) -> String {
+    format!("{shard}.sources.json")
+}
+
 impl DatasetIndex {
     /// Loads the index of a dataset folder; an absent index is an empty dataset.
     pub async fn load(loc: &Location) -> Result<DatasetIndex> {
@@ -158,12 +163,15 @@ impl DatasetIndex {
     }
 
     /// Writes a new shard (create-only: an existing object is never overwritten) and appends it
-    /// to the index with one atomic put. Returns the new entry.
+    /// to the index with one atomic put. Non-empty `sources` (keyed ids of the inputs) go to the
+    /// shard's sidecar before the index names the shard, so a crash in between only repeats
+    /// work. Returns the new entry.
     pub async fn append_shard(
         loc: &Location,
         tar: Vec<u8>,
         samples: u64,
         stats: Stats,
+        sources: &[&String],
     ) -> Result<ShardEntry> {
         let mut index = DatasetIndex::load(loc).await?;
         let seq = index.shards.len() as u64;
@@ -183,17 +191,19 @@ impl DatasetIndex {
                 reason: "a shard with this sequence number exists but the index does not list it (another writer?)".into(),
             });
         }
-        index.shards.push(entry.clone());
-        index.stats.merge(&entry.stats);
-        let previous = DatasetIndex::load(loc).await?;
-        if previous.shards[..] != index.shards[..previous.shards.len().min(index.shards.len())]
-            || previous.shards.len() >= index.shards.len()
-        {
+        if !sources.is_empty() {
+            let ids = serde_json::to_vec(sources).expect("strings serialize");
+            loc.put(&sources_name(&name), ids).await?;
+        }
+        // Another writer that appended meanwhile makes this no longer an append.
+        if DatasetIndex::load(loc).await?.shards != index.shards {
             return Err(Error::Index {
                 uri: loc.child_uri(INDEX),
                 reason: "the index changed while a shard was written; not an append".into(),
             });
         }
+        index.shards.push(entry.clone());
+        index.stats.merge(&entry.stats);
         loc.put(
             INDEX,
             serde_json::to_vec_pretty(&index).expect("index serializes"),
@@ -216,10 +226,10 @@ mod tests {
         s1.add(&[0, 2], 1.0, 0.0);
         let mut s2 = Stats::default();
         s2.add(&[4, 6], 1.0, -1.0);
-        DatasetIndex::append_shard(&loc, b"tar-one".to_vec(), 1, s1)
+        DatasetIndex::append_shard(&loc, b"tar-one".to_vec(), 1, s1, &[])
             .await
             .unwrap();
-        let e = DatasetIndex::append_shard(&loc, b"tar-two".to_vec(), 1, s2)
+        let e = DatasetIndex::append_shard(&loc, b"tar-two".to_vec(), 1, s2, &[])
             .await
             .unwrap();
         assert_eq!((e.seq, e.name.as_str()), (1, "shard-000001.tar"));
@@ -244,7 +254,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
         std::fs::write(dir.path().join("shard-000000.tar"), b"someone else's").unwrap();
-        let err = DatasetIndex::append_shard(&loc, b"mine".to_vec(), 1, Stats::default())
+        let err = DatasetIndex::append_shard(&loc, b"mine".to_vec(), 1, Stats::default(), &[])
             .await
             .unwrap_err()
             .to_string();

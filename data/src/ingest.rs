@@ -63,8 +63,7 @@ impl ShardSink {
         Ok(())
     }
 
-    /// Writes the current shard, if it holds anything. The sidecar is written before the index
-    /// names the shard, so a crash in between only repeats work, never loses it.
+    /// Writes the current shard, if it holds anything, with the sidecar of its sources.
     pub async fn flush(&mut self) -> Result<()> {
         if self.writer.is_empty() {
             return Ok(());
@@ -72,19 +71,9 @@ impl ShardSink {
         let writer = std::mem::take(&mut self.writer);
         let samples = writer.len();
         let tar = writer.finish()?;
-        let seq = DatasetIndex::load(&self.loc).await?.shards.len() as u64;
         let sources: Vec<&String> = self.sources.iter().collect();
-        if !sources.is_empty() {
-            let sidecar = format!("{}.sources.json", crate::index::shard_name(seq));
-            self.loc
-                .put(
-                    &sidecar,
-                    serde_json::to_vec(&sources).expect("strings serialize"),
-                )
-                .await?;
-        }
-        DatasetIndex::append_shard(&self.loc, tar, samples, std::mem::take(&mut self.stats))
-            .await?;
+        let stats = std::mem::take(&mut self.stats);
+        DatasetIndex::append_shard(&self.loc, tar, samples, stats, &sources).await?;
         self.sources.clear();
         self.shards_written += 1;
         Ok(())
@@ -351,9 +340,10 @@ pub async fn ingest(
     let index = DatasetIndex::load(&loc).await?;
     let mut done: BTreeSet<String> = BTreeSet::new();
     for s in &index.shards {
-        if let Some(bytes) = loc.get_opt(&format!("{}.sources.json", s.name)).await? {
+        let sidecar = crate::index::sources_name(&s.name);
+        if let Some(bytes) = loc.get_opt(&sidecar).await? {
             let ids: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| Error::Index {
-                uri: loc.child_uri(&format!("{}.sources.json", s.name)),
+                uri: loc.child_uri(&sidecar),
                 reason: e.to_string(),
             })?;
             done.extend(ids);
