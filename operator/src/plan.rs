@@ -467,11 +467,10 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
             .max_by_key(|v| (severity(v.action), std::cmp::Reverse(v.message.clone())))
             .expect("non-empty");
         let msg = worst.message.clone();
-        let all: Vec<Worker> = workers.to_vec();
         match worst.action {
             FailureAction::FailJob => {
                 let msg = format!("{msg}: the failure policy says this cannot be retried");
-                ctx.fail(plan, st, &all, reason::PERMANENT_FAILURE, &msg);
+                ctx.fail(plan, st, workers, reason::PERMANENT_FAILURE, &msg);
                 return;
             }
             FailureAction::RestartGang
@@ -481,7 +480,7 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
                     "{msg}; backoffLimit={} counted restarts exhausted",
                     job.spec.run_policy.backoff_limit
                 );
-                ctx.fail(plan, st, &all, reason::BACKOFF_LIMIT_EXCEEDED, &msg);
+                ctx.fail(plan, st, workers, reason::BACKOFF_LIMIT_EXCEEDED, &msg);
                 return;
             }
             action => {
@@ -536,8 +535,7 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
             reason::SUCCEEDED,
             format!("all {replicas} workers succeeded"),
         );
-        let all: Vec<Worker> = workers.to_vec();
-        ctx.terminal(plan, st, &all);
+        ctx.terminal(plan, st, workers);
         return;
     }
 
