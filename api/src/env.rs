@@ -43,6 +43,12 @@ pub const VARS: &[(&str, &str)] = &[
     (PRECISION, "fp32 or bf16"),
     (SEED, "seed of init, masking and data order"),
     (GPUS, "GPUs of this pod (0: CPU)"),
+    (IMAGE_SIZE, "square input side in pixels (default 224)"),
+    (PATCH_SIZE, "square patch side in pixels (default 16)"),
+    (MASK_RATIO, "fraction of patches masked (default 0.75)"),
+    (WEIGHT_DECAY, "AdamW decoupled weight decay (default 0.05)"),
+    (GRAD_CLIP_NORM, "global gradient-norm clip, 0 disables (default 1.0)"),
+    (GRAD_ACCUMULATION, "batches per optimizer step (default 1)"),
 ];
 
 /// TrainingJob name.
@@ -93,6 +99,18 @@ pub const PRECISION: &str = "RADFM_PRECISION";
 pub const SEED: &str = "RADFM_SEED";
 /// GPUs per pod.
 pub const GPUS: &str = "RADFM_GPUS";
+/// Square input side.
+pub const IMAGE_SIZE: &str = "RADFM_IMAGE_SIZE";
+/// Square patch side.
+pub const PATCH_SIZE: &str = "RADFM_PATCH_SIZE";
+/// Masked fraction of patches.
+pub const MASK_RATIO: &str = "RADFM_MASK_RATIO";
+/// AdamW weight decay.
+pub const WEIGHT_DECAY: &str = "RADFM_WEIGHT_DECAY";
+/// Gradient clipping norm.
+pub const GRAD_CLIP_NORM: &str = "RADFM_GRAD_CLIP_NORM";
+/// Gradient accumulation.
+pub const GRAD_ACCUMULATION: &str = "RADFM_GRAD_ACCUMULATION";
 /// Pod name (downward API; set by the operator, absent in local runs).
 pub const POD_NAME: &str = "RADFM_POD_NAME";
 
@@ -148,6 +166,18 @@ pub struct EnvContract {
     pub seed: i64,
     /// GPUs of this pod.
     pub gpus: i32,
+    /// Square input side in pixels.
+    pub image_size: i32,
+    /// Square patch side in pixels.
+    pub patch_size: i32,
+    /// Fraction of patches masked.
+    pub mask_ratio: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip_norm: f64,
+    /// Batches per optimizer step.
+    pub grad_accumulation: i32,
 }
 
 impl EnvContract {
@@ -183,6 +213,12 @@ impl EnvContract {
             precision: s.training.precision.as_str().to_string(),
             seed: s.training.seed,
             gpus: s.workers.gpus_per_worker,
+            image_size: s.model.image_size,
+            patch_size: s.model.patch_size,
+            mask_ratio: s.model.mask_ratio,
+            weight_decay: s.training.weight_decay,
+            grad_clip_norm: s.training.grad_clip_norm,
+            grad_accumulation: s.training.grad_accumulation,
         }
     }
 
@@ -226,6 +262,12 @@ impl EnvContract {
             (PRECISION, self.precision.clone()),
             (SEED, self.seed.to_string()),
             (GPUS, self.gpus.to_string()),
+            (IMAGE_SIZE, self.image_size.to_string()),
+            (PATCH_SIZE, self.patch_size.to_string()),
+            (MASK_RATIO, self.mask_ratio.to_string()),
+            (WEIGHT_DECAY, self.weight_decay.to_string()),
+            (GRAD_CLIP_NORM, self.grad_clip_norm.to_string()),
+            (GRAD_ACCUMULATION, self.grad_accumulation.to_string()),
         ]);
         v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
@@ -287,6 +329,21 @@ impl EnvContract {
             precision: req(PRECISION)?,
             seed: parse(SEED, opt(SEED).unwrap_or_else(|| "0".into()))?,
             gpus: parse(GPUS, opt(GPUS).unwrap_or_else(|| "0".into()))?,
+            image_size: parse(IMAGE_SIZE, opt(IMAGE_SIZE).unwrap_or_else(|| "224".into()))?,
+            patch_size: parse(PATCH_SIZE, opt(PATCH_SIZE).unwrap_or_else(|| "16".into()))?,
+            mask_ratio: parse(MASK_RATIO, opt(MASK_RATIO).unwrap_or_else(|| "0.75".into()))?,
+            weight_decay: parse(
+                WEIGHT_DECAY,
+                opt(WEIGHT_DECAY).unwrap_or_else(|| "0.05".into()),
+            )?,
+            grad_clip_norm: parse(
+                GRAD_CLIP_NORM,
+                opt(GRAD_CLIP_NORM).unwrap_or_else(|| "1.0".into()),
+            )?,
+            grad_accumulation: parse(
+                GRAD_ACCUMULATION,
+                opt(GRAD_ACCUMULATION).unwrap_or_else(|| "1".into()),
+            )?,
         };
         at_least(ATTEMPT, c.attempt.into(), 1)?;
         at_least(NNODES, c.nnodes.into(), 1)?;
@@ -326,6 +383,27 @@ impl EnvContract {
                 name: PRECISION.into(),
                 reason: format!("{:?} must be fp32 or bf16", c.precision),
             });
+        }
+        at_least(PATCH_SIZE, c.patch_size.into(), 1)?;
+        at_least(IMAGE_SIZE, c.image_size.into(), c.patch_size.into())?;
+        if c.image_size % c.patch_size != 0 {
+            return Err(Error::Env {
+                name: IMAGE_SIZE.into(),
+                reason: format!("{} is not a multiple of {PATCH_SIZE}={}", c.image_size, c.patch_size),
+            });
+        }
+        at_least(GRAD_ACCUMULATION, c.grad_accumulation.into(), 1)?;
+        for (name, v, lo, hi) in [
+            (MASK_RATIO, c.mask_ratio, 0.0, 1.0),
+            (WEIGHT_DECAY, c.weight_decay, -1e-300, 1.0),
+            (GRAD_CLIP_NORM, c.grad_clip_norm, -1e-300, f64::INFINITY),
+        ] {
+            if !(v > lo && v < hi) {
+                return Err(Error::Env {
+                    name: name.into(),
+                    reason: format!("{v} is out of range"),
+                });
+            }
         }
         if !["vit-tiny", "vit-small", "vit-base"].contains(&c.model_arch.as_str()) {
             return Err(Error::Env {

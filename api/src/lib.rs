@@ -16,6 +16,12 @@ pub mod trainingjob;
 
 pub use trainingjob::{TrainingJob, TrainingJobSpec, TrainingJobStatus};
 
+/// Annotation rank 0 writes on its own pod with its progress (JSON of
+/// [`trainingjob::Progress`]); the operator copies it into the status.
+pub const ANNOTATION_PROGRESS: &str = "radfm.io/progress";
+/// Annotation rank 0 writes on its own pod after committing a checkpoint (JSON of
+/// [`trainingjob::CheckpointRef`]).
+pub const ANNOTATION_CHECKPOINT: &str = "radfm.io/checkpoint";
 /// API group of every radfm resource.
 pub const GROUP: &str = "radfm.io";
 /// API version of the radfm resources in this release.

@@ -221,6 +221,7 @@ pub struct SecretRef {
 /// The model to pretrain.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.imageSize) || !has(self.patchSize) || self.imageSize % self.patchSize == 0").message("model.imageSize must be a multiple of model.patchSize"))]
 pub struct ModelSpec {
     /// Architecture preset: vit-tiny, vit-small or vit-base.
     #[serde(default = "default_architecture")]
@@ -229,6 +230,18 @@ pub struct ModelSpec {
     /// initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
+    /// Square input side in pixels (images are resized or cropped to it).
+    #[serde(default = "default_image_size")]
+    #[schemars(range(min = 8, max = 4096))]
+    pub image_size: i32,
+    /// Square patch side in pixels; must divide imageSize.
+    #[serde(default = "default_patch_size")]
+    #[schemars(range(min = 2, max = 64))]
+    pub patch_size: i32,
+    /// Fraction of patches masked per image (MAE: 0.75; 0.9 works well on chest X-rays).
+    #[serde(default = "default_mask_ratio")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self < 1.0").message("model.maskRatio must be in (0, 1)"))]
+    pub mask_ratio: f64,
 }
 
 impl Default for ModelSpec {
@@ -236,8 +249,21 @@ impl Default for ModelSpec {
         ModelSpec {
             architecture: default_architecture(),
             init_from: None,
+            image_size: default_image_size(),
+            patch_size: default_patch_size(),
+            mask_ratio: default_mask_ratio(),
         }
     }
+}
+
+fn default_image_size() -> i32 {
+    224
+}
+fn default_patch_size() -> i32 {
+    16
+}
+fn default_mask_ratio() -> f64 {
+    0.75
 }
 
 fn default_architecture() -> Architecture {
@@ -298,6 +324,18 @@ pub struct TrainingSpec {
     /// Seed of every random choice (init, masking, data order).
     #[serde(default)]
     pub seed: i64,
+    /// Decoupled AdamW weight decay (not applied to biases, norms and tokens).
+    #[serde(default = "default_weight_decay")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("training.weightDecay must be in [0, 1)"))]
+    pub weight_decay: f64,
+    /// Gradients are scaled down to this global L2 norm; 0 disables clipping.
+    #[serde(default = "default_grad_clip")]
+    #[x_kube(validation = Rule::new("self >= 0.0").message("training.gradClipNorm must be >= 0"))]
+    pub grad_clip_norm: f64,
+    /// Batches accumulated per optimizer step.
+    #[serde(default = "default_accumulation")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub grad_accumulation: i32,
 }
 
 impl Default for TrainingSpec {
@@ -310,6 +348,9 @@ impl Default for TrainingSpec {
             warmup_steps: 0,
             precision: default_precision(),
             seed: 0,
+            weight_decay: default_weight_decay(),
+            grad_clip_norm: default_grad_clip(),
+            grad_accumulation: default_accumulation(),
         }
     }
 }
@@ -319,6 +360,15 @@ fn default_batch() -> i32 {
 }
 fn default_lr() -> f64 {
     1.5e-4
+}
+fn default_weight_decay() -> f64 {
+    0.05
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+fn default_accumulation() -> i32 {
+    1
 }
 fn default_precision() -> Precision {
     Precision::Fp32

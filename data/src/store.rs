@@ -107,9 +107,11 @@ impl Location {
         Ok(Location { store, prefix, uri })
     }
 
-    /// The path of `name` inside this folder.
+    /// The path of `name` inside this folder; `/` in `name` separates sub-folders.
     pub fn child(&self, name: &str) -> Path {
-        self.prefix.clone().join(name)
+        name.split('/')
+            .filter(|part| !part.is_empty())
+            .fold(self.prefix.clone(), |path, part| path.join(part))
     }
 
     /// `uri/name`, for messages and index entries.

@@ -29,10 +29,7 @@ pub const LABEL_ATTEMPT: &str = "radfm.io/attempt";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`].
 pub const MANAGER: &str = "radfm-operator";
-/// Annotation rank 0 writes on its own pod with its progress (JSON of `Progress`).
-pub const ANNOTATION_PROGRESS: &str = "radfm.io/progress";
-/// Annotation rank 0 writes on its own pod after committing a checkpoint (JSON of `CheckpointRef`).
-pub const ANNOTATION_CHECKPOINT: &str = "radfm.io/checkpoint";
+pub use radfm_api::{ANNOTATION_CHECKPOINT, ANNOTATION_PROGRESS};
 /// Name of the trainer container.
 pub const CONTAINER: &str = "trainer";
 /// GPU resource name.

@@ -1,12 +1,26 @@
-//! radfm's trainer process.
+//! radfm's trainer: masked-autoencoder pretraining of a ViT on libtorch (through tch).
 //!
-//! This crate turns the env contract into one validated configuration before anything runs and
-//! maps every failure to an exit code of the documented table, because the exit code is all the
-//! operator learns from a dead trainer. Training itself (ViT/MAE on libtorch, data loading,
-//! collectives) builds on this.
+//! The process turns the env contract (or a TrainingJob file) into one validated [`TrainConfig`]
+//! before anything runs, trains with checkpoints that survive any restart, and maps every failure
+//! to an exit code of the documented table — the exit code is all the operator learns from a dead
+//! trainer. Modules: [`model`] (ViT + MAE), [`optim`] (AdamW whose state can be saved),
+//! [`checkpoint`] (atomic, manifest-last commits on any object store), [`train`] (the loop),
+//! [`progress`] (JSON lines, Prometheus, the pod annotation the operator reads), [`export`]
+//! (timm-named safetensors + model card) and [`eval`] (k-NN and linear probes).
 #![deny(missing_docs)]
 
-use radfm_api::env::EnvContract;
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
+pub mod export;
+pub mod model;
+pub mod optim;
+pub mod progress;
+pub mod tensors;
+pub mod train;
+
+pub use config::TrainConfig;
+
 use radfm_api::exit;
 
 /// Errors of the trainer library, each with the exit code it maps to.
@@ -15,13 +29,62 @@ pub enum Error {
     /// The env contract is missing a variable or holds an invalid value.
     #[error("invalid configuration: {0}")]
     Config(#[from] radfm_api::Error),
+    /// A configuration field is invalid.
+    #[error("invalid configuration: {field}: {reason}")]
+    Field {
+        /// The field (YAML path or variable name).
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading the dataset failed.
+    #[error("dataset: {0}")]
+    Data(#[from] radfm_data::Error),
+    /// A checkpoint or exported model could not be written or read.
+    #[error("checkpoint {uri}: {reason}")]
+    Checkpoint {
+        /// The object or folder.
+        uri: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The loss was NaN or infinite on too many consecutive steps.
+    #[error("non-finite loss on {count} consecutive steps (last at step {step})")]
+    NonFinite {
+        /// The last step with a non-finite loss.
+        step: i64,
+        /// Consecutive non-finite steps.
+        count: u32,
+    },
+    /// SIGTERM arrived; a checkpoint was written at `step`.
+    #[error("terminated by SIGTERM; checkpoint written at step {step}")]
+    Terminated {
+        /// The step of the checkpoint written on the way out.
+        step: i64,
+    },
+    /// Local file I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 impl Error {
     /// The exit code the operator's failure policy expects for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) => exit::INVALID_CONFIG,
+            Error::Config(_) | Error::Field { .. } => exit::INVALID_CONFIG,
+            Error::Data(e) => match e {
+                radfm_data::Error::Store { .. } | radfm_data::Error::Io { .. } => exit::RETRYABLE,
+                radfm_data::Error::Uri { .. } => exit::INVALID_CONFIG,
+                _ => exit::DATA_ERROR_LIMIT,
+            },
+            Error::NonFinite { .. } => exit::NON_FINITE_LOSS,
+            Error::Terminated { .. } => exit::TERMINATED,
+            Error::Checkpoint { .. } | Error::Io { .. } => exit::RETRYABLE,
         }
     }
 }
@@ -29,49 +92,28 @@ impl Error {
 /// Result alias of the trainer library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The trainer's resolved configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    /// The validated env contract.
-    pub contract: EnvContract,
-}
-
-impl Config {
-    /// Reads and validates the process environment.
-    pub fn from_env() -> Result<Self> {
-        Self::from_lookup(|k| std::env::var(k).ok())
-    }
-
-    /// Reads and validates variables from any source.
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        Ok(Config {
-            contract: EnvContract::from_lookup(get)?,
-        })
-    }
-
-    /// The configuration as one JSON object (variable names as keys), for logs.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::Value::Object(
-            self.contract
-                .to_vars()
-                .into_iter()
-                .map(|(k, v)| (k, serde_json::Value::String(v)))
-                .collect(),
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn missing_contract_maps_to_the_invalid_config_exit_code() {
-        let err = Config::from_lookup(|_| None).unwrap_err();
-        assert_eq!(err.exit_code(), 64);
-        assert_eq!(
-            err.to_string(),
-            "invalid configuration: environment variable RADFM_JOB_NAME: is required but not set"
-        );
+    fn errors_map_to_the_documented_exit_codes() {
+        let field = Error::Field {
+            field: "x".into(),
+            reason: "y".into(),
+        };
+        assert_eq!(field.exit_code(), 64);
+        let corrupt = Error::Data(radfm_data::Error::Shard {
+            shard: "s".into(),
+            reason: "more than 16 corrupt samples".into(),
+        });
+        assert_eq!(corrupt.exit_code(), 65);
+        assert_eq!(Error::NonFinite { step: 3, count: 3 }.exit_code(), 66);
+        assert_eq!(Error::Terminated { step: 3 }.exit_code(), 77);
+        let io = Error::Checkpoint {
+            uri: "s3://b/c".into(),
+            reason: "timeout".into(),
+        };
+        assert_eq!(io.exit_code(), 75);
     }
 }

@@ -1,28 +1,158 @@
-//! `radfm-trainer`: today it validates the env contract (`radfm-trainer validate`), printing the
-//! resolved configuration or exiting with code 64 and the offending variable.
+//! `radfm-trainer`: the process each trainer pod (or local worker) runs.
+//!
+//! `train` reads the env contract (or `--job FILE`), trains, and exits with a code from
+//! docs/exit-codes.md; SIGTERM writes a checkpoint and exits 77 (retryable). `validate` prints
+//! the resolved configuration; `export` and `eval` work on finished checkpoints.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Parser, Subcommand};
+use radfm_trainer::{Error, TrainConfig, eval, export, train};
+
+#[derive(Parser)]
+#[command(name = "radfm-trainer", version, about = "radfm's MAE pretraining process")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train (resuming from the newest committed checkpoint, if any).
+    Train {
+        /// A TrainingJob YAML file to run as one local process instead of the env contract.
+        #[arg(long)]
+        job: Option<PathBuf>,
+    },
+    /// Print the resolved configuration as JSON, or exit 64 naming the bad variable.
+    Validate {
+        /// A TrainingJob YAML file instead of the env contract.
+        #[arg(long)]
+        job: Option<PathBuf>,
+    },
+    /// Export the newest checkpoint's encoder (timm names, safetensors) and a model card.
+    Export {
+        /// Checkpoint folder URI.
+        checkpoint: String,
+        /// Output folder URI.
+        out: String,
+    },
+    /// k-NN and linear-probe evaluation of an exported encoder against random initialisation.
+    Eval {
+        /// Exported model folder URI.
+        #[arg(long)]
+        model: String,
+        /// Labelled dataset folder URI.
+        #[arg(long)]
+        dataset: String,
+        /// Binary label field in the samples' metadata.
+        #[arg(long, default_value = "lesion")]
+        label: String,
+        /// Seed of the random-init baseline.
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn config(job: Option<PathBuf>) -> Result<TrainConfig, Error> {
+    let env = |k: &str| std::env::var(k).ok();
+    match job {
+        Some(path) => TrainConfig::from_job_file(&path, env),
+        None => TrainConfig::from_lookup(env),
+    }
+}
+
+fn fail(e: Error) -> ExitCode {
+    eprintln!("radfm-trainer: {e}");
+    ExitCode::from(e.exit_code() as u8)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
 
 fn main() -> ExitCode {
-    let cmd = std::env::args().nth(1).unwrap_or_default();
-    match cmd.as_str() {
-        "validate" => match radfm_trainer::Config::from_env() {
-            Ok(config) => {
-                println!("{}", config.to_json());
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { job } => match config(job) {
+            Ok(c) => {
+                println!("{}", serde_json::to_string(&c).expect("config serialises"));
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("radfm-trainer: {e}");
-                ExitCode::from(e.exit_code() as u8)
-            }
+            Err(e) => fail(e),
         },
-        "version" => {
+        Command::Train { job } => {
+            let cfg = match config(job) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            let hooks = train::Hooks {
+                stop: Arc::new(AtomicBool::new(false)),
+                ..Default::default()
+            };
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                if let Err(e) = signal_hook::flag::register(sig, hooks.stop.clone()) {
+                    eprintln!("radfm-trainer: cannot handle signal {sig}: {e}");
+                }
+            }
+            match train::run(&cfg, &hooks) {
+                Ok(s) => {
+                    let done = serde_json::json!({
+                        "event": "done",
+                        "steps": s.steps,
+                        "final_loss": s.losses.last().map(|l| l.1),
+                        "images_per_s": s.images_per_s,
+                        "checkpoint": s.checkpoint,
+                    });
+                    if cfg.rank == 0 {
+                        println!("{done}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Export { checkpoint, out } => {
+            match runtime().block_on(export::export(&checkpoint, &out)) {
+                Ok(card) => {
+                    println!("{}", serde_json::to_string_pretty(&card).expect("card"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Eval {
+            model,
+            dataset,
+            label,
+            seed,
+        } => {
+            let rt = runtime();
+            let r = rt.block_on(async {
+                let m = export::load(&model, tch::Device::Cpu).await?;
+                let (mean, std) = (m.card.input.mean, m.card.input.std);
+                eval::compare(&model, &m.encoder, mean, std, &dataset, &label, seed).await
+            });
+            match r {
+                Ok(c) => {
+                    println!("{}", serde_json::to_string_pretty(&c).expect("report"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Version => {
             println!("radfm-trainer {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
-        }
-        other => {
-            eprintln!("radfm-trainer: unknown command {other:?}; commands: validate, version");
-            ExitCode::from(radfm_api::exit::INVALID_CONFIG as u8)
         }
     }
 }

@@ -1,0 +1,400 @@
+//! The trainer's one validated configuration.
+//!
+//! Sources, in order: the env contract the operator (or the local runner) sets, or a TrainingJob
+//! YAML file for a single local process; then the trainer-local knobs below, which are not part
+//! of the job spec because they concern one process, not the model. Everything is checked here,
+//! before any data is read, and errors name the variable or field.
+
+use std::net::SocketAddr;
+
+use radfm_api::env::EnvContract;
+use radfm_api::trainingjob::TrainingJob;
+
+use crate::model::VitConfig;
+use crate::{Error, Result};
+
+/// Steps between progress lines on stdout (default 10).
+pub const LOG_EVERY: &str = "RADFM_LOG_EVERY";
+/// Address of the Prometheus endpoint (`host:port`); unset: none.
+pub const METRICS_ADDR: &str = "RADFM_METRICS_ADDR";
+/// Consecutive non-finite losses tolerated (update skipped) before exiting 66 (default 3).
+pub const MAX_NONFINITE: &str = "RADFM_MAX_NONFINITE_STEPS";
+/// Corrupt samples tolerated per epoch and rank before exiting 65 (default 16).
+pub const MAX_BAD_SAMPLES: &str = "RADFM_MAX_BAD_SAMPLES";
+/// Random resized crop, flip and intensity jitter: `true` (default) or `false`.
+pub const AUGMENT: &str = "RADFM_AUGMENT";
+/// CPU threads for libtorch (default: what libtorch picks).
+pub const THREADS: &str = "RADFM_THREADS";
+/// Fault injection for tests and drills: `nan-loss@STEP` makes every loss from STEP on NaN.
+pub const FAULT: &str = "RADFM_FAULT";
+
+/// The trainer-local variables, with what they do (documented in docs/env-contract.md).
+pub const LOCAL_VARS: &[(&str, &str)] = &[
+    (LOG_EVERY, "steps between JSON progress lines on stdout (default 10)"),
+    (METRICS_ADDR, "host:port of the Prometheus endpoint (default: none)"),
+    (
+        MAX_NONFINITE,
+        "consecutive NaN/inf losses skipped before exiting 66 (default 3)",
+    ),
+    (
+        MAX_BAD_SAMPLES,
+        "corrupt samples per epoch and rank before exiting 65 (default 16)",
+    ),
+    (AUGMENT, "random resized crop, flip, intensity jitter (default true)"),
+    (THREADS, "libtorch CPU threads (default: libtorch's choice)"),
+    (FAULT, "fault injection for drills: nan-loss@STEP"),
+];
+
+/// Numeric precision of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// fp32 everywhere.
+    Fp32,
+    /// bf16 autocast on CUDA (fp32 on CPU).
+    Bf16,
+}
+
+/// An injected fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Fault {
+    /// The loss is NaN from this step on.
+    NanLossFrom(i64),
+}
+
+/// Everything one trainer process needs, validated.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// TrainingJob name.
+    pub job: String,
+    /// Gang attempt.
+    pub attempt: i32,
+    /// Global rank of this process.
+    pub rank: usize,
+    /// Processes in the gang.
+    pub world: usize,
+    /// Rank within the pod (selects the GPU).
+    pub local_rank: usize,
+    /// GPUs of this pod (0: CPU).
+    pub gpus: usize,
+    /// Dataset folder URI.
+    pub dataset_uri: String,
+    /// Checkpoint folder URI.
+    pub checkpoint_uri: String,
+    /// Steps between checkpoints.
+    pub checkpoint_every: i64,
+    /// Committed checkpoints kept.
+    pub checkpoint_keep: usize,
+    /// Architecture preset name.
+    pub arch: String,
+    /// Model sizes.
+    pub model: VitConfig,
+    /// Fraction of patches masked.
+    pub mask_ratio: f64,
+    /// Weights to start from.
+    pub init_from: Option<String>,
+    /// Total optimizer steps, if given as steps.
+    pub steps: Option<i64>,
+    /// Total epochs, if given as epochs.
+    pub epochs: Option<i64>,
+    /// Images per process per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accumulation: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: i64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Gradient clipping norm (0: off).
+    pub grad_clip_norm: f64,
+    /// Numeric precision.
+    pub precision: Precision,
+    /// Seed of init, masking and data order.
+    pub seed: i64,
+    /// Augmentations on.
+    pub augment: bool,
+    /// Corrupt samples tolerated per epoch.
+    pub max_bad_samples: usize,
+    /// Consecutive non-finite losses tolerated.
+    pub max_nonfinite: u32,
+    /// Steps between progress lines.
+    pub log_every: i64,
+    /// Prometheus endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    /// libtorch CPU threads.
+    pub threads: Option<i32>,
+    /// Pod to annotate with progress (rank 0 in a cluster).
+    pub pod_name: Option<String>,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Injected fault.
+    pub fault: Option<Fault>,
+}
+
+impl TrainConfig {
+    /// From the process environment.
+    pub fn from_env() -> Result<TrainConfig> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// From any variable source (the env contract plus the trainer-local variables). The global
+    /// rank is NODE_RANK × NPROC_PER_NODE + RADFM_LOCAL_RANK (set by the launcher; default 0).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<TrainConfig> {
+        let contract = EnvContract::from_lookup(&get)?;
+        let local_rank: usize = parse_var(&get, "RADFM_LOCAL_RANK", 0)?;
+        Self::build(contract, local_rank, &get)
+    }
+
+    /// From a TrainingJob YAML file, as one local process (rank 0 of 1); the trainer-local
+    /// variables still come from `get`.
+    pub fn from_job_file(
+        path: &std::path::Path,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let mut job = TrainingJob::from_yaml(&text, &path.display().to_string())?;
+        job.spec.workers.replicas = 1;
+        job.spec.workers.nproc_per_node = Some(1);
+        job.spec.workers.gpus_per_worker = job.spec.workers.gpus_per_worker.min(1);
+        let contract = EnvContract::for_worker(&job, 0, 1, "127.0.0.1");
+        // The same checks the env path applies.
+        let vars = contract.to_vars();
+        let contract = EnvContract::from_lookup(|k| {
+            vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })?;
+        Self::build(contract, 0, &get)
+    }
+
+    fn build(
+        c: EnvContract,
+        local_rank: usize,
+        get: &impl Fn(&str) -> Option<String>,
+    ) -> Result<TrainConfig> {
+        let nproc = c.nproc_per_node as usize;
+        if local_rank >= nproc {
+            return Err(Error::Field {
+                field: "RADFM_LOCAL_RANK".into(),
+                reason: format!("{local_rank} must be < RADFM_NPROC_PER_NODE={nproc}"),
+            });
+        }
+        let model = VitConfig::preset(&c.model_arch, c.image_size.into(), c.patch_size.into())?;
+        let fault = match get(FAULT).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => match v.strip_prefix("nan-loss@").map(str::parse::<i64>) {
+                Some(Ok(step)) => Some(Fault::NanLossFrom(step)),
+                _ => {
+                    return Err(Error::Field {
+                        field: FAULT.into(),
+                        reason: format!("{v:?} is not nan-loss@STEP"),
+                    });
+                }
+            },
+        };
+        let metrics_addr = match get(METRICS_ADDR).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => Some(v.parse().map_err(|_| Error::Field {
+                field: METRICS_ADDR.into(),
+                reason: format!("{v:?} is not host:port"),
+            })?),
+        };
+        let augment = match get(AUGMENT).as_deref().map(str::trim) {
+            None | Some("") | Some("true") | Some("1") => true,
+            Some("false") | Some("0") => false,
+            Some(other) => {
+                return Err(Error::Field {
+                    field: AUGMENT.into(),
+                    reason: format!("{other:?} is not true or false"),
+                });
+            }
+        };
+        let log_every: i64 = parse_var(get, LOG_EVERY, 10)?;
+        if log_every < 1 {
+            return Err(Error::Field {
+                field: LOG_EVERY.into(),
+                reason: format!("{log_every} must be >= 1"),
+            });
+        }
+        Ok(TrainConfig {
+            job: c.job_name.clone(),
+            attempt: c.attempt,
+            rank: c.node_rank as usize * nproc + local_rank,
+            world: c.world_size() as usize,
+            local_rank,
+            gpus: c.gpus.max(0) as usize,
+            dataset_uri: c.dataset_uri,
+            checkpoint_uri: c.checkpoint_uri,
+            checkpoint_every: c.checkpoint_every,
+            checkpoint_keep: c.checkpoint_keep as usize,
+            arch: c.model_arch,
+            model,
+            mask_ratio: c.mask_ratio,
+            init_from: c.init_from,
+            steps: c.steps,
+            epochs: c.epochs.map(i64::from),
+            batch_size: c.batch_size as usize,
+            grad_accumulation: c.grad_accumulation as usize,
+            learning_rate: c.learning_rate,
+            warmup_steps: c.warmup_steps,
+            weight_decay: c.weight_decay,
+            grad_clip_norm: c.grad_clip_norm,
+            precision: if c.precision == "bf16" {
+                Precision::Bf16
+            } else {
+                Precision::Fp32
+            },
+            seed: c.seed,
+            augment,
+            max_bad_samples: parse_var(get, MAX_BAD_SAMPLES, 16)?,
+            max_nonfinite: parse_var(get, MAX_NONFINITE, 3)?,
+            log_every,
+            metrics_addr,
+            threads: get(THREADS)
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    v.parse::<i32>().ok().filter(|&n| n > 0).ok_or(Error::Field {
+                        field: THREADS.into(),
+                        reason: format!("{v:?} is not a positive integer"),
+                    })
+                })
+                .transpose()?,
+            pod_name: get(radfm_api::env::POD_NAME).filter(|v| !v.is_empty()),
+            namespace: c.job_namespace,
+            fault,
+        })
+    }
+
+    /// The device of this process: its GPU when the pod has GPUs and CUDA is usable, else CPU.
+    pub fn device(&self) -> tch::Device {
+        if self.gpus > 0 && tch::Cuda::is_available() {
+            tch::Device::Cuda(self.local_rank)
+        } else {
+            tch::Device::Cpu
+        }
+    }
+}
+
+fn parse_var<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: T,
+) -> Result<T> {
+    match get(name).filter(|v| !v.trim().is_empty()) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| Error::Field {
+            field: name.into(),
+            reason: format!("{v:?} is not a valid number"),
+        }),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A valid single-process contract; override entries per test.
+    pub(crate) fn vars(extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = [
+            ("RADFM_JOB_NAME", "t"),
+            ("RADFM_ATTEMPT", "1"),
+            ("RADFM_NODE_RANK", "0"),
+            ("RADFM_NNODES", "1"),
+            ("RADFM_NPROC_PER_NODE", "1"),
+            ("RADFM_MASTER_ADDR", "127.0.0.1"),
+            ("RADFM_DATASET_URI", "file:///tmp/d"),
+            ("RADFM_CHECKPOINT_URI", "file:///tmp/c"),
+            ("RADFM_CHECKPOINT_EVERY", "5"),
+            ("RADFM_CHECKPOINT_KEEP", "2"),
+            ("RADFM_MODEL_ARCH", "vit-tiny"),
+            ("RADFM_STEPS", "10"),
+            ("RADFM_BATCH_SIZE", "4"),
+            ("RADFM_LEARNING_RATE", "0.001"),
+            ("RADFM_PRECISION", "fp32"),
+            ("RADFM_IMAGE_SIZE", "32"),
+            ("RADFM_PATCH_SIZE", "8"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            m.insert(k.to_string(), v.to_string());
+        }
+        m
+    }
+
+    fn parse(extra: &[(&str, &str)]) -> Result<TrainConfig> {
+        let m = vars(extra);
+        TrainConfig::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn global_rank_combines_node_and_local_rank() {
+        let c = parse(&[
+            ("RADFM_NNODES", "2"),
+            ("RADFM_NODE_RANK", "1"),
+            ("RADFM_NPROC_PER_NODE", "4"),
+            ("RADFM_LOCAL_RANK", "3"),
+        ])
+        .unwrap();
+        assert_eq!((c.rank, c.world), (7, 8));
+        assert_eq!(c.model.grid(), 4);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value, needle) in [
+            ("RADFM_LOCAL_RANK", "1", "RADFM_LOCAL_RANK"),
+            ("RADFM_FAULT", "boom", "RADFM_FAULT"),
+            ("RADFM_METRICS_ADDR", "nope", "RADFM_METRICS_ADDR"),
+            ("RADFM_IMAGE_SIZE", "36", "RADFM_IMAGE_SIZE"),
+            ("RADFM_MASK_RATIO", "1.5", "RADFM_MASK_RATIO"),
+            ("RADFM_AUGMENT", "maybe", "RADFM_AUGMENT"),
+            ("RADFM_LOG_EVERY", "0", "RADFM_LOG_EVERY"),
+            ("RADFM_THREADS", "-2", "RADFM_THREADS"),
+        ] {
+            let e = parse(&[(var, value)]).unwrap_err();
+            assert!(e.to_string().contains(needle), "{var}={value}: {e}");
+            assert_eq!(e.exit_code(), 64, "{e}");
+        }
+    }
+
+    #[test]
+    fn fault_injection_parses() {
+        let c = parse(&[("RADFM_FAULT", "nan-loss@7")]).unwrap();
+        assert_eq!(c.fault, Some(Fault::NanLossFrom(7)));
+    }
+
+    #[test]
+    fn a_job_file_becomes_a_single_process_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.yaml");
+        std::fs::write(
+            &path,
+            r#"apiVersion: radfm.io/v1alpha1
+kind: TrainingJob
+metadata: {name: laptop}
+spec:
+  image: radfm/trainer:dev
+  workers: {replicas: 4, gpusPerWorker: 8}
+  dataset: {uri: "file:///data/cohort"}
+  checkpoint: {uri: "file:///data/ckpt", everySteps: 50}
+  model: {architecture: vit-small, imageSize: 64, patchSize: 8, maskRatio: 0.9}
+  training: {steps: 100, learningRate: 0.001, gradAccumulation: 2}
+"#,
+        )
+        .unwrap();
+        let c = TrainConfig::from_job_file(&path, |_| None).unwrap();
+        assert_eq!((c.rank, c.world, c.gpus), (0, 1, 1));
+        assert_eq!((c.model.width, c.model.image_size), (384, 64));
+        assert_eq!((c.mask_ratio, c.grad_accumulation), (0.9, 2));
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("  model:", "  modle:")).unwrap();
+        let e = TrainConfig::from_job_file(&path, |_| None).unwrap_err();
+        assert!(e.to_string().contains("spec.modle"), "{e}");
+    }
+}
