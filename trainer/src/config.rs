@@ -25,6 +25,8 @@ pub const MAX_BAD_SAMPLES: &str = "RADFM_MAX_BAD_SAMPLES";
 pub const AUGMENT: &str = "RADFM_AUGMENT";
 /// CPU threads for libtorch (default: what libtorch picks).
 pub const THREADS: &str = "RADFM_THREADS";
+/// Loss targets normalised per patch (`true`, MAE's default) or raw pixels (`false`).
+pub const NORM_PIX_LOSS: &str = "RADFM_NORM_PIX_LOSS";
 /// Fault injection for tests and drills: `nan-loss@STEP` makes every loss from STEP on NaN.
 pub const FAULT: &str = "RADFM_FAULT";
 
@@ -42,6 +44,10 @@ pub const LOCAL_VARS: &[(&str, &str)] = &[
     ),
     (AUGMENT, "random resized crop, flip, intensity jitter (default true)"),
     (THREADS, "libtorch CPU threads (default: libtorch's choice)"),
+    (
+        NORM_PIX_LOSS,
+        "MAE targets normalised per patch (default true) or raw pixels",
+    ),
     (FAULT, "fault injection for drills: nan-loss@STEP"),
 ];
 
@@ -115,6 +121,8 @@ pub struct TrainConfig {
     pub seed: i64,
     /// Augmentations on.
     pub augment: bool,
+    /// Per-patch normalised loss targets.
+    pub norm_pix_loss: bool,
     /// Corrupt samples tolerated per epoch.
     pub max_bad_samples: usize,
     /// Consecutive non-finite losses tolerated.
@@ -202,16 +210,8 @@ impl TrainConfig {
                 reason: format!("{v:?} is not host:port"),
             })?),
         };
-        let augment = match get(AUGMENT).as_deref().map(str::trim) {
-            None | Some("") | Some("true") | Some("1") => true,
-            Some("false") | Some("0") => false,
-            Some(other) => {
-                return Err(Error::Field {
-                    field: AUGMENT.into(),
-                    reason: format!("{other:?} is not true or false"),
-                });
-            }
-        };
+        let augment = parse_bool(get, AUGMENT, true)?;
+        let norm_pix_loss = parse_bool(get, NORM_PIX_LOSS, true)?;
         let log_every: i64 = parse_var(get, LOG_EVERY, 10)?;
         if log_every < 1 {
             return Err(Error::Field {
@@ -249,6 +249,7 @@ impl TrainConfig {
             },
             seed: c.seed,
             augment,
+            norm_pix_loss,
             max_bad_samples: parse_var(get, MAX_BAD_SAMPLES, 16)?,
             max_nonfinite: parse_var(get, MAX_NONFINITE, 3)?,
             log_every,
@@ -275,6 +276,18 @@ impl TrainConfig {
         } else {
             tch::Device::Cpu
         }
+    }
+}
+
+fn parse_bool(get: &impl Fn(&str) -> Option<String>, name: &str, default: bool) -> Result<bool> {
+    match get(name).as_deref().map(str::trim) {
+        None | Some("") => Ok(default),
+        Some("true") | Some("1") => Ok(true),
+        Some("false") | Some("0") => Ok(false),
+        Some(other) => Err(Error::Field {
+            field: name.into(),
+            reason: format!("{other:?} is not true or false"),
+        }),
     }
 }
 

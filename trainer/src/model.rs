@@ -405,6 +405,8 @@ pub struct Mae {
     pub decoder: Decoder,
     /// Sizes.
     pub cfg: VitConfig,
+    /// Targets are pixels normalised per patch (MAE's default) rather than raw pixels.
+    pub norm_pix: bool,
 }
 
 impl Mae {
@@ -414,17 +416,22 @@ impl Mae {
             encoder: Encoder::new(root / "encoder", cfg),
             decoder: Decoder::new(root / "decoder", cfg),
             cfg,
+            norm_pix: true,
         }
     }
 
-    /// The MAE loss: mean squared error on masked patches against per-patch normalised pixels.
+    /// The MAE loss: mean squared error on masked patches against (per-patch normalised) pixels.
     pub fn loss(&self, images: &Tensor, mask_ratio: f64) -> Tensor {
         let (latent, mask, ids_restore) = self.encoder.forward_masked(images, mask_ratio);
         let pred = self.decoder.forward(&latent, &ids_restore).to_kind(Kind::Float);
         let target = patchify(images, self.cfg.patch_size);
-        let mean = target.mean_dim(-1, true, Kind::Float);
-        let var = target.var_dim(-1, false, true);
-        let target = (target - mean) / (var + 1e-6).sqrt();
+        let target = if self.norm_pix {
+            let mean = target.mean_dim(-1, true, Kind::Float);
+            let var = target.var_dim(-1, false, true);
+            (target - mean) / (var + 1e-6).sqrt()
+        } else {
+            target
+        };
         let per_patch = (pred - target).square().mean_dim(-1, false, Kind::Float);
         (per_patch * &mask).sum(Kind::Float) / mask.sum(Kind::Float)
     }

@@ -92,7 +92,8 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
 
     tch::manual_seed(cfg.seed);
     let mut vs = VarStore::new(device);
-    let mae = Mae::new(&vs.root(), cfg.model);
+    let mut mae = Mae::new(&vs.root(), cfg.model);
+    mae.norm_pix = cfg.norm_pix_loss;
     let mut opt = AdamW::new(
         &vs,
         AdamWConfig {
@@ -319,7 +320,10 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             metrics.images_per_second.set(ips);
             metrics.fetch_retries.set(retries.load(Ordering::Relaxed) as i64);
             if cfg.rank == 0 && !hooks.quiet {
-                println!("{}", serde_json::to_string(&record).expect("records serialise"));
+                // A closed stdout (a log collector gone) must not stop training.
+                use std::io::Write;
+                let line = serde_json::to_string(&record).expect("records serialise");
+                let _ = writeln!(std::io::stdout(), "{line}");
             }
             if let Some(a) = annotator.as_mut()
                 && let Err(e) = rt.block_on(a.progress(&record, step == total))

@@ -1,0 +1,274 @@
+//! End-to-end tests of the trainer process (`radfm-trainer`) on real libtorch: it learns, it
+//! resumes bitwise-exactly after SIGKILL and SIGTERM, it exits with the documented codes, and its
+//! exported encoder loads by name into a PyTorch ViT that computes the same features.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use radfm_e2e::{python, workspace_bin};
+use radfm_trainer::checkpoint;
+
+/// A synthetic cohort and a checkpoint folder in a temporary directory.
+struct Workdir {
+    dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    fn new(samples: usize, size: u32) -> Workdir {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(workspace_bin("radfm").unwrap())
+            .args(["synth", "--out"])
+            .arg(dir.path().join("data"))
+            .args(["--samples", &samples.to_string(), "--size", &size.to_string()])
+            .args(["--seed", "3"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Workdir { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn uri(&self, name: &str) -> String {
+        format!("file://{}", self.path(name).display())
+    }
+
+    /// The env contract of a one-process CPU run on this cohort, plus `extra`.
+    fn env(&self, ckpt: &str, steps: u32, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = [
+            ("RADFM_JOB_NAME", "e2e"),
+            ("RADFM_ATTEMPT", "1"),
+            ("RADFM_NODE_RANK", "0"),
+            ("RADFM_NNODES", "1"),
+            ("RADFM_NPROC_PER_NODE", "1"),
+            ("RADFM_MASTER_ADDR", "127.0.0.1"),
+            ("RADFM_CHECKPOINT_EVERY", "10"),
+            ("RADFM_CHECKPOINT_KEEP", "2"),
+            ("RADFM_MODEL_ARCH", "vit-tiny"),
+            ("RADFM_BATCH_SIZE", "16"),
+            ("RADFM_LEARNING_RATE", "0.001"),
+            ("RADFM_WARMUP_STEPS", "5"),
+            ("RADFM_PRECISION", "fp32"),
+            ("RADFM_SEED", "11"),
+            ("RADFM_IMAGE_SIZE", "32"),
+            ("RADFM_PATCH_SIZE", "8"),
+            ("RADFM_THREADS", "1"),
+            ("RADFM_LOG_EVERY", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        v.push(("RADFM_DATASET_URI".into(), self.uri("data")));
+        v.push(("RADFM_CHECKPOINT_URI".into(), self.uri(ckpt)));
+        v.push(("RADFM_STEPS".into(), steps.to_string()));
+        for (k, val) in extra {
+            v.retain(|(n, _)| n != k);
+            v.push((k.to_string(), val.to_string()));
+        }
+        v
+    }
+}
+
+fn trainer(env: &[(String, String)]) -> Command {
+    let mut c = Command::new(workspace_bin("radfm-trainer").unwrap());
+    c.arg("train").env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    c
+}
+
+/// Runs to the end; returns (exit code, JSON lines of stdout, stderr).
+fn run(env: &[(String, String)]) -> (i32, Vec<serde_json::Value>, String) {
+    let out = trainer(env).output().unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    (
+        out.status.code().unwrap_or(-1),
+        lines,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Starts a run and sends `signal` once it has reported step `at`; returns the exit code (or
+/// 128 + signal) and stderr.
+fn interrupt(env: &[(String, String)], at: i64, signal: i32) -> (i32, String) {
+    let mut child: Child = trainer(env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut sent = false;
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if !sent && v["step"].as_i64().is_some_and(|s| s >= at) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            sent = true;
+        }
+    }
+    assert!(sent, "the run ended before step {at}");
+    let out = child.wait_with_output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
+    (code, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The newest committed checkpoint's tensors (model and optimizer), as stored.
+fn latest_state(dir: &Path) -> (i64, Vec<u8>, Vec<u8>) {
+    let loc = radfm_data::store::Location::open(dir.to_str().unwrap()).unwrap();
+    let l = rt()
+        .block_on(checkpoint::load_latest(&loc, |e| panic!("{e}")))
+        .unwrap()
+        .expect("a committed checkpoint");
+    (
+        l.manifest.step,
+        l.object("model.safetensors").unwrap().to_vec(),
+        l.object("optimizer.safetensors").unwrap().to_vec(),
+    )
+}
+
+#[test]
+fn loss_decreases_on_a_synthetic_cohort() {
+    let w = Workdir::new(256, 32);
+    let (code, lines, err) = run(&w.env("ckpt", 120, &[("RADFM_LOG_EVERY", "20")]));
+    assert_eq!(code, 0, "{err}");
+    let losses: Vec<f64> = lines
+        .iter()
+        .filter(|l| l["event"] == "step")
+        .map(|l| l["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 6, "{lines:?}");
+    assert!(
+        losses[5] < losses[0] * 0.95,
+        "loss did not decrease: {losses:?}"
+    );
+    let done = lines.last().unwrap();
+    assert_eq!(done["event"], "done");
+    assert_eq!(done["steps"], 120);
+    // Committed checkpoints: the newest 2 of 12 are kept.
+    let loc = radfm_data::store::Location::open(w.path("ckpt").to_str().unwrap()).unwrap();
+    assert_eq!(rt().block_on(checkpoint::committed(&loc)).unwrap(), [120, 110]);
+}
+
+#[test]
+fn interrupted_runs_resume_to_bitwise_identical_parameters() {
+    let w = Workdir::new(96, 32);
+    let steps = 40;
+    let (code, _, err) = run(&w.env("straight", steps, &[]));
+    assert_eq!(code, 0, "{err}");
+
+    // Crash between checkpoints: SIGKILL leaves no checkpoint for the steps since the last one.
+    let env = w.env("interrupted", steps, &[]);
+    let (code, _) = interrupt(&env, 15, libc::SIGKILL);
+    assert_eq!(code, 128 + libc::SIGKILL);
+    let (killed_at, _, _) = latest_state(&w.path("interrupted"));
+    assert!(killed_at >= 10 && killed_at % 10 == 0, "{killed_at}");
+
+    // SIGTERM: a checkpoint at the current step, then the retryable exit code 77.
+    let (code, err) = interrupt(&env, killed_at + 12, libc::SIGTERM);
+    assert_eq!(code, 77, "{err}");
+    let (termed_at, _, _) = latest_state(&w.path("interrupted"));
+    assert!(
+        err.contains(&format!("checkpoint written at step {termed_at}")),
+        "{err}"
+    );
+    assert!(termed_at >= killed_at + 12, "{termed_at}");
+
+    let (code, _, err) = run(&env);
+    assert_eq!(code, 0, "{err}");
+    let straight = latest_state(&w.path("straight"));
+    let resumed = latest_state(&w.path("interrupted"));
+    assert_eq!(straight.0, steps as i64);
+    assert_eq!(resumed.0, steps as i64);
+    assert!(straight.1 == resumed.1, "model parameters differ after resume");
+    assert!(straight.2 == resumed.2, "optimizer moments differ after resume");
+}
+
+#[test]
+fn repeated_nan_loss_exits_permanently_after_the_retry_budget() {
+    let w = Workdir::new(64, 32);
+    let env = w.env(
+        "ckpt",
+        30,
+        &[("RADFM_FAULT", "nan-loss@4"), ("RADFM_MAX_NONFINITE_STEPS", "3")],
+    );
+    let (code, lines, err) = run(&env);
+    assert_eq!(code, 66, "{err}");
+    assert!(
+        err.contains("non-finite loss on 3 consecutive steps (last at step 6)"),
+        "{err}"
+    );
+    // The skipped steps did not touch the weights: steps 5 and 6 report no loss.
+    assert_eq!(lines.iter().filter(|l| l["event"] == "step").count(), 6);
+}
+
+#[test]
+fn invalid_configuration_exits_64_naming_the_variable() {
+    let w = Workdir::new(32, 32);
+    for (var, value) in [
+        ("RADFM_MASK_RATIO", "1.5"),
+        ("RADFM_IMAGE_SIZE", "36"),
+        ("RADFM_FAULT", "explode"),
+    ] {
+        let (code, _, err) = run(&w.env("ckpt", 5, &[(var, value)]));
+        assert_eq!(code, 64, "{var}: {err}");
+        assert!(err.contains(var), "{var}: {err}");
+    }
+    let (code, _, err) = run(&w.env("ckpt", 5, &[("RADFM_DATASET_URI", "ftp://x/y")]));
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("ftp://x/y"), "{err}");
+}
+
+#[test]
+fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
+    let w = Workdir::new(64, 32);
+    let (code, _, err) = run(&w.env("ckpt", 10, &[]));
+    assert_eq!(code, 0, "{err}");
+    let out = Command::new(workspace_bin("radfm-trainer").unwrap())
+        .args(["export", &w.uri("ckpt"), &w.uri("model")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(card["steps"], 10);
+    assert_eq!(card["architecture"], "vit-tiny");
+    assert_eq!(card["dataset"]["samples"], 64);
+
+    let model = rt()
+        .block_on(radfm_trainer::export::load(&w.uri("model"), tch::Device::Cpu))
+        .unwrap();
+    tch::manual_seed(5);
+    let images = tch::Tensor::randn([3, 1, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+    let ours = tch::no_grad(|| model.encoder.forward_features(&images));
+    let input = w.path("input.safetensors");
+    let output = w.path("features.safetensors");
+    tch::Tensor::write_safetensors(&[("images", &images)], &input).unwrap();
+    let script = radfm_e2e::repo_root().join("tests/python/vit_reference.py");
+    let py = Command::new(python())
+        .arg(script)
+        .arg(w.path("model"))
+        .arg(&input)
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    assert_eq!(info["features"], serde_json::json!([3, 17, 192]));
+    let theirs = tch::Tensor::read_safetensors(&output).unwrap().remove(0).1;
+    let diff = (&ours - &theirs).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "max |radfm - pytorch| = {diff}");
+}
