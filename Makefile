@@ -3,15 +3,26 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: all build test unit-test lint fmt crds cluster-tools py-deps s3-server demo bench-loader clean
+.PHONY: all build test unit-test lint fmt crds libtorch cluster-tools py-deps s3-server demo bench-loader bench-trainer clean
 
 all: build
 
-build:
+build: libtorch
 	$(CARGO) build --workspace --bins
 
+## libtorch: the libtorch tch 0.26 needs (PyPI torch 2.13.0 without its CUDA packages, ~540 MB),
+## cached under $(RADFM_CACHE) and linked into the checkout as .libtorch (see .cargo/config.toml)
+LIBTORCH_ENV := $(RADFM_CACHE)/libtorch-2.13.0
+libtorch:
+	@if [ ! -f "$(LIBTORCH_ENV)/.radfm-ok" ]; then \
+	  rm -rf "$(LIBTORCH_ENV)" && python3 -m venv "$(LIBTORCH_ENV)" && \
+	  "$(LIBTORCH_ENV)/bin/pip" install -q --no-deps torch==2.13.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 && \
+	  touch "$(LIBTORCH_ENV)/.radfm-ok"; \
+	fi
+	@ln -sfn "$$(ls -d $(LIBTORCH_ENV)/lib/python3*/site-packages/torch)" .libtorch
+
 ## crds: regenerate the CRDs from the Rust types (manifests/ and the Helm chart)
-crds:
+crds: libtorch
 	$(CARGO) run -q -p radfm-operator -- crd --out-dir manifests/crds
 	cp manifests/crds/*.yaml charts/radfm/crds/
 	$(CARGO) run -q -p radfm-operator -- crd --reference > docs/crd-reference.md
@@ -24,10 +35,10 @@ cluster-tools:
 test: cluster-tools py-deps s3-server build
 	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test --workspace --no-fail-fast
 
-unit-test:
+unit-test: libtorch
 	$(CARGO) test --workspace --lib --bins
 
-lint:
+lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -42,7 +53,7 @@ clean:
 	$(CARGO) clean
 
 ## py-deps: the Python used by interoperability tests (pydicom test files, webdataset), cached
-PY_DEPS := pydicom==3.0.2 webdataset==1.0.2 numpy==2.4.6 pillow==13.0.0
+PY_DEPS := pydicom==3.0.2 webdataset==1.0.2 numpy==2.4.6 pillow==13.0.0 torch==2.13.0 safetensors==0.8.0
 PY_ENV := $(RADFM_CACHE)/pyenv
 py-deps:
 	@stamp="$(PY_ENV)/.radfm-$$(echo '$(PY_DEPS)' | sha256sum | cut -c1-12)"; \
@@ -66,3 +77,14 @@ bench-loader: py-deps
 	@r=$$(grep -o 'images_per_cpu_s=[0-9.]*' /tmp/radfm-bench-rs.txt | cut -d= -f2); \
 	 p=$$(grep -o 'images_per_cpu_s=[0-9.]*' /tmp/radfm-bench-py.txt | cut -d= -f2); \
 	 echo "bench: loader ratio=$$(python3 -c "print(round($$r/$$p, 2))")"
+
+## bench-trainer: MAE training images/s of radfm (tch) vs the same model, batch and precision in
+## PyTorch on the same CPU (BENCH_ARGS: arch image patch batch steps threads)
+BENCH_ARGS ?= vit-tiny 64 8 32 20 2
+bench-trainer: py-deps libtorch
+	$(CARGO) build -q --release -p radfm-bench
+	@./target/release/bench-trainer $(BENCH_ARGS) | tee /tmp/radfm-bench-trainer-rs.txt
+	@"$(PY_ENV)/bin/python" bench/trainer_pytorch.py $(BENCH_ARGS) | tee /tmp/radfm-bench-trainer-py.txt
+	@r=$$(grep -o '"images_per_s": *[0-9.]*' /tmp/radfm-bench-trainer-rs.txt | grep -o '[0-9.]*$$'); \
+	 p=$$(grep -o '"images_per_s": *[0-9.]*' /tmp/radfm-bench-trainer-py.txt | grep -o '[0-9.]*$$'); \
+	 echo "bench: trainer ratio=$$(python3 -c "print(round($$r/$$p, 3))")"

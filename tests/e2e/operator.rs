@@ -840,3 +840,98 @@ async fn errors_creating_workers_appear_in_the_created_condition() {
     assert!(events.contains("CreateFailed"), "{events}");
     assert!(env.pod_names("badvol").await.is_empty());
 }
+
+#[tokio::test]
+async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
+    let _serial = serial().await;
+    let cluster = Cluster::start(1, 4).await.unwrap();
+    let (_ns, _op) = setup(&cluster, "progress").await;
+    let env = Env {
+        cluster: &cluster,
+        ns: "progress".into(),
+    };
+    // The trainers' ServiceAccount with only the radfm-trainer ClusterRole (pods get/patch).
+    cluster
+        .kubectl_ok(&["create", "serviceaccount", "trainer", "-n", "progress"])
+        .unwrap();
+    cluster
+        .kubectl_ok(&[
+            "create",
+            "rolebinding",
+            "radfm-trainer",
+            "-n",
+            "progress",
+            "--clusterrole=radfm-trainer",
+            "--serviceaccount=progress:trainer",
+        ])
+        .unwrap();
+    let kubeconfig = cluster
+        .service_account_kubeconfig("progress", "trainer")
+        .unwrap();
+    env.apply_ok(&job_yaml(
+        "mae",
+        1,
+        "  model: {imageSize: 32, patchSize: 8}\n  workers: {replicas: 1, gpusPerWorker: 4, template: {serviceAccountName: trainer}}\n",
+    ).replace("  workers: {replicas: 1, gpusPerWorker: 4}\n", ""));
+    let pods = env.wait_running("mae", 1, 1).await;
+    let pod = &pods[0];
+
+    // Run the real trainer with exactly the pod's env contract, as its container would, with
+    // local folders in place of the job's s3:// URIs.
+    let work = tempfile::tempdir().unwrap();
+    let synth = std::process::Command::new(radfm_e2e::workspace_bin("radfm").unwrap())
+        .args(["synth", "--samples", "64", "--size", "32", "--out"])
+        .arg(work.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(synth.status.success());
+    let container = &pod.spec.as_ref().unwrap().containers[0];
+    let mut vars: Vec<(String, String)> = container
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    let ckpt = format!("file://{}/ckpt", work.path().display());
+    for (k, v) in [
+        ("RADFM_DATASET_URI", format!("file://{}/data", work.path().display())),
+        ("RADFM_CHECKPOINT_URI", ckpt.clone()),
+        ("RADFM_POD_NAME", pod.name_any()),
+        ("RADFM_STEPS", "30".into()),
+        ("RADFM_BATCH_SIZE", "8".into()),
+        ("RADFM_THREADS", "1".into()),
+        ("KUBECONFIG", kubeconfig.display().to_string()),
+    ] {
+        vars.retain(|(n, _)| n != k);
+        vars.push((k.to_string(), v));
+    }
+    let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm-trainer").unwrap())
+        .arg("train")
+        .env_clear()
+        .envs(vars)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("annotation"), "annotating failed: {stderr}");
+
+    let job = env
+        .wait_job("mae", "progress and checkpoint from the trainer", |j| {
+            j.status.as_ref().is_some_and(|s| {
+                s.progress.as_ref().is_some_and(|p| p.step == 30)
+                    && s.last_checkpoint.as_ref().is_some_and(|c| c.step == 30)
+            })
+        })
+        .await;
+    let st = job.status.unwrap();
+    let progress = st.progress.unwrap();
+    assert_eq!(progress.total_steps, Some(30));
+    assert!(progress.loss.is_some_and(|l| l.is_finite() && l > 0.0));
+    assert_eq!(
+        st.last_checkpoint.unwrap().uri,
+        format!("{ckpt}/manifests/step-000000030.json")
+    );
+    let table = cluster.kubectl_ok(&["get", "tj", "-n", "progress"]).unwrap();
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["mae", "Running", "1/1", "30"], "{table}");
+}

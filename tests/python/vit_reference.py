@@ -26,8 +26,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
-        x = attn.softmax(-1) @ v
+        x = nn.functional.scaled_dot_product_attention(q, k, v)  # as timm's fused_attn
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 

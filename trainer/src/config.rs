@@ -13,6 +13,8 @@ use radfm_api::trainingjob::TrainingJob;
 use crate::model::VitConfig;
 use crate::{Error, Result};
 
+/// Rank of this process inside its pod (set by the launcher; default 0).
+pub const LOCAL_RANK: &str = "RADFM_LOCAL_RANK";
 /// Steps between progress lines on stdout (default 10).
 pub const LOG_EVERY: &str = "RADFM_LOG_EVERY";
 /// Address of the Prometheus endpoint (`host:port`); unset: none.
@@ -32,6 +34,7 @@ pub const FAULT: &str = "RADFM_FAULT";
 
 /// The trainer-local variables, with what they do (documented in docs/env-contract.md).
 pub const LOCAL_VARS: &[(&str, &str)] = &[
+    (LOCAL_RANK, "rank of this process inside the pod (default 0)"),
     (LOG_EVERY, "steps between JSON progress lines on stdout (default 10)"),
     (METRICS_ADDR, "host:port of the Prometheus endpoint (default: none)"),
     (
@@ -151,7 +154,7 @@ impl TrainConfig {
     /// rank is NODE_RANK × NPROC_PER_NODE + RADFM_LOCAL_RANK (set by the launcher; default 0).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<TrainConfig> {
         let contract = EnvContract::from_lookup(&get)?;
-        let local_rank: usize = parse_var(&get, "RADFM_LOCAL_RANK", 0)?;
+        let local_rank: usize = parse_var(&get, LOCAL_RANK, 0)?;
         Self::build(contract, local_rank, &get)
     }
 
@@ -186,7 +189,7 @@ impl TrainConfig {
         let nproc = c.nproc_per_node as usize;
         if local_rank >= nproc {
             return Err(Error::Field {
-                field: "RADFM_LOCAL_RANK".into(),
+                field: LOCAL_RANK.into(),
                 reason: format!("{local_rank} must be < RADFM_NPROC_PER_NODE={nproc}"),
             });
         }
@@ -373,6 +376,14 @@ pub(crate) mod tests {
             let e = parse(&[(var, value)]).unwrap_err();
             assert!(e.to_string().contains(needle), "{var}={value}: {e}");
             assert_eq!(e.exit_code(), 64, "{e}");
+        }
+    }
+
+    #[test]
+    fn docs_list_every_trainer_local_variable() {
+        let doc = include_str!("../../docs/env-contract.md");
+        for (name, _) in LOCAL_VARS {
+            assert!(doc.contains(&format!("| `{name}` |")), "docs/env-contract.md lacks {name}");
         }
     }
 

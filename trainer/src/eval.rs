@@ -90,7 +90,7 @@ pub async fn embed(
             let f = tch::no_grad(|| encoder.embed(&x.to_device(device)));
             feats.push(f.to_device(Device::Cpu));
             for (key, meta) in batch.keys.iter().zip(&batch.meta) {
-                match meta.labels.get(label).and_then(label_value) {
+                match target(meta, label) {
                     Some(v) => labels.push(v),
                     None => {
                         missing = Some(key.clone());
@@ -105,7 +105,9 @@ pub async fn embed(
     if let Some(key) = missing {
         return Err(Error::Field {
             field: "label".into(),
-            reason: format!("sample {key} of {dataset_uri} has no 0/1 label {label:?}"),
+            reason: format!(
+                "sample {key} of {dataset_uri} has no 0/1 label {label:?} (use a 0/1 label or FIELD=VALUE)"
+            ),
         });
     }
     Ok(Embedded {
@@ -113,6 +115,26 @@ pub async fn embed(
         labels: Tensor::from_slice(&labels),
         keys,
     })
+}
+
+/// The binary target of a sample: `name` is a 0/1 label of the sample (`lesion`), or
+/// `FIELD=VALUE` over its labels and metadata fields (`sex=F`, `site=site-b`, `age_band=80+`).
+pub fn target(meta: &radfm_data::SampleMeta, name: &str) -> Option<f32> {
+    match name.split_once('=') {
+        None => meta.labels.get(name).and_then(label_value),
+        Some((field, value)) => {
+            let v = meta.labels.get(field).cloned().or_else(|| {
+                serde_json::to_value(meta)
+                    .ok()
+                    .and_then(|m| m.get(field).cloned())
+            })?;
+            let text = match &v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            Some((text == value) as u8 as f32)
+        }
+    }
 }
 
 fn label_value(v: &serde_json::Value) -> Option<f32> {
