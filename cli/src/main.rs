@@ -53,6 +53,9 @@ struct SynthArgs {
     /// Fraction of images with a lesion.
     #[arg(long, default_value_t = 0.3)]
     lesion_prevalence: f64,
+    /// Lesion radius range MIN,MAX as a fraction of the field of view's half-width.
+    #[arg(long, default_value = "0.04,0.09")]
+    lesion_radius: String,
     /// Fraction of female patients.
     #[arg(long, default_value_t = 0.5)]
     female_fraction: f64,
@@ -90,6 +93,16 @@ struct IngestArgs {
     /// Target shard size in MiB.
     #[arg(long, default_value_t = 64.0)]
     shard_mib: f64,
+}
+
+fn lesion_radius(text: &str) -> Result<(f64, f64)> {
+    let parsed = text
+        .split_once(',')
+        .and_then(|(a, b)| Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?)));
+    match parsed {
+        Some((lo, hi)) if 0.0 < lo && lo <= hi && hi < 1.0 => Ok((lo, hi)),
+        _ => bail!("--lesion-radius must be MIN,MAX with 0 < MIN <= MAX < 1, got {text:?}"),
+    }
 }
 
 fn shard_bytes(mib: f64) -> Result<usize> {
@@ -152,6 +165,7 @@ async fn synth(a: SynthArgs) -> Result<()> {
         size: a.size,
         sites,
         lesion_prevalence: a.lesion_prevalence,
+        lesion_radius: lesion_radius(&a.lesion_radius)?,
         female_fraction: a.female_fraction,
         seed: a.seed,
         first_index: a.first_index,

@@ -73,6 +73,8 @@ pub struct SynthConfig {
     pub sites: Vec<Site>,
     /// Fraction of images with a lesion (label `lesion` = 1).
     pub lesion_prevalence: f64,
+    /// Lesion radius range, as a fraction of the field of view's half-width.
+    pub lesion_radius: (f64, f64),
     /// Fraction of female patients.
     pub female_fraction: f64,
     /// Seed of every random choice.
@@ -88,6 +90,7 @@ impl Default for SynthConfig {
             size: 128,
             sites: vec![Site::standard("site-a", 0), Site::standard("site-b", 1)],
             lesion_prevalence: 0.3,
+            lesion_radius: (0.04, 0.09),
             female_fraction: 0.5,
             seed: 0,
             first_index: 0,
@@ -146,7 +149,7 @@ pub fn sample(cfg: &SynthConfig, i: usize) -> Sample {
         })
         .collect();
     if lesion {
-        let r = rng.random_range(0.04..0.09);
+        let r = rng.random_range(cfg.lesion_radius.0..=cfg.lesion_radius.1);
         let (cx, cy) = (rng.random_range(-0.35..0.35), rng.random_range(-0.5..0.5));
         shapes.push((
             cx,

@@ -272,3 +272,72 @@ fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
     let diff = (&ours - &theirs).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max |radfm - pytorch| = {diff}");
 }
+
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string()
+}
+
+#[test]
+fn two_local_ranks_train_data_parallel_through_the_launcher() {
+    let w = Workdir::new(128, 32);
+    let port = free_port();
+    let env = w.env(
+        "ckpt",
+        20,
+        &[
+            ("RADFM_NPROC_PER_NODE", "2"),
+            ("RADFM_MASTER_PORT", &port),
+            ("RADFM_BATCH_SIZE", "8"),
+            ("RADFM_LOG_EVERY", "5"),
+        ],
+    );
+    let (code, lines, err) = run(&env);
+    assert_eq!(code, 0, "{err}");
+    // Rank 0 alone reports; the loss is the gang's mean.
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l["event"] == "step").collect();
+    assert_eq!(steps.len(), 4, "{lines:?}");
+    assert!(steps.iter().all(|l| l["rank"] == 0));
+    let (step, _, _) = latest_state(&w.path("ckpt"));
+    assert_eq!(step, 20);
+}
+
+#[test]
+fn a_lost_rank_stops_the_others_with_the_peer_lost_code() {
+    let w = Workdir::new(128, 32);
+    let port = free_port();
+    let env = w.env(
+        "ckpt",
+        100_000,
+        &[
+            ("RADFM_NNODES", "2"),
+            ("RADFM_MASTER_PORT", &port),
+            ("RADFM_BATCH_SIZE", "8"),
+            ("RADFM_COLLECTIVE_TIMEOUT", "10"),
+        ],
+    );
+    // Rank 1 as a separate "pod" process; rank 0 is killed once training runs.
+    let mut rank1_env = env.clone();
+    rank1_env.retain(|(k, _)| k != "RADFM_NODE_RANK");
+    rank1_env.push(("RADFM_NODE_RANK".into(), "1".into()));
+    let rank1 = trainer(&rank1_env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (code, _) = interrupt(&env, 3, libc::SIGKILL);
+    assert_eq!(code, 128 + libc::SIGKILL);
+    let out = rank1.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(76), "{err}");
+    assert!(err.contains("peer lost"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "rank 1 noticed too late"
+    );
+}

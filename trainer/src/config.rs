@@ -29,6 +29,8 @@ pub const AUGMENT: &str = "RADFM_AUGMENT";
 pub const THREADS: &str = "RADFM_THREADS";
 /// Loss targets normalised per patch (`true`, MAE's default) or raw pixels (`false`).
 pub const NORM_PIX_LOSS: &str = "RADFM_NORM_PIX_LOSS";
+/// Seconds a collective or rendezvous may wait for a peer before failing with exit 76.
+pub const COLLECTIVE_TIMEOUT: &str = "RADFM_COLLECTIVE_TIMEOUT";
 /// Fault injection for tests and drills: `nan-loss@STEP` makes every loss from STEP on NaN.
 pub const FAULT: &str = "RADFM_FAULT";
 
@@ -50,6 +52,10 @@ pub const LOCAL_VARS: &[(&str, &str)] = &[
     (
         NORM_PIX_LOSS,
         "MAE targets normalised per patch (default true) or raw pixels",
+    ),
+    (
+        COLLECTIVE_TIMEOUT,
+        "seconds a collective waits for a peer before exiting 76 (default 120)",
     ),
     (FAULT, "fault injection for drills: nan-loss@STEP"),
 ];
@@ -78,12 +84,20 @@ pub struct TrainConfig {
     pub job: String,
     /// Gang attempt.
     pub attempt: i32,
+    /// Rendezvous host (global rank 0).
+    pub master_addr: String,
+    /// Rendezvous port.
+    pub master_port: u16,
+    /// How long collectives wait for a peer.
+    pub collective_timeout: std::time::Duration,
     /// Global rank of this process.
     pub rank: usize,
     /// Processes in the gang.
     pub world: usize,
     /// Rank within the pod (selects the GPU).
     pub local_rank: usize,
+    /// Trainer processes per pod.
+    pub nproc_per_node: usize,
     /// GPUs of this pod (0: CPU).
     pub gpus: usize,
     /// Dataset folder URI.
@@ -215,6 +229,14 @@ impl TrainConfig {
         };
         let augment = parse_bool(get, AUGMENT, true)?;
         let norm_pix_loss = parse_bool(get, NORM_PIX_LOSS, true)?;
+        let timeout: f64 = parse_var(get, COLLECTIVE_TIMEOUT, 120.0)?;
+        if !(timeout > 0.0 && timeout < 1e6) {
+            return Err(Error::Field {
+                field: COLLECTIVE_TIMEOUT.into(),
+                reason: format!("{timeout} must be a positive number of seconds"),
+            });
+        }
+        let collective_timeout = std::time::Duration::from_secs_f64(timeout);
         let log_every: i64 = parse_var(get, LOG_EVERY, 10)?;
         if log_every < 1 {
             return Err(Error::Field {
@@ -225,9 +247,13 @@ impl TrainConfig {
         Ok(TrainConfig {
             job: c.job_name.clone(),
             attempt: c.attempt,
+            master_addr: c.master_addr.clone(),
+            master_port: c.master_port,
+            collective_timeout,
             rank: c.node_rank as usize * nproc + local_rank,
             world: c.world_size() as usize,
             local_rank,
+            nproc_per_node: nproc,
             gpus: c.gpus.max(0) as usize,
             dataset_uri: c.dataset_uri,
             checkpoint_uri: c.checkpoint_uri,
@@ -372,11 +398,21 @@ pub(crate) mod tests {
             ("RADFM_AUGMENT", "maybe", "RADFM_AUGMENT"),
             ("RADFM_LOG_EVERY", "0", "RADFM_LOG_EVERY"),
             ("RADFM_THREADS", "-2", "RADFM_THREADS"),
+            ("RADFM_COLLECTIVE_TIMEOUT", "-1", "RADFM_COLLECTIVE_TIMEOUT"),
         ] {
             let e = parse(&[(var, value)]).unwrap_err();
             assert!(e.to_string().contains(needle), "{var}={value}: {e}");
             assert_eq!(e.exit_code(), 64, "{e}");
         }
+    }
+
+    #[test]
+    fn the_local_sample_job_is_a_valid_single_process_config() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/samples/trainingjob-local.yaml");
+        let c = TrainConfig::from_job_file(&path, |_| None).unwrap();
+        assert_eq!((c.world, c.model.grid(), c.steps), (1, 8, Some(300)));
+        assert_eq!(c.dataset_uri, "file:///tmp/radfm/cohort");
     }
 
     #[test]

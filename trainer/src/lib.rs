@@ -11,8 +11,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod eval;
 pub mod export;
+pub mod launch;
 pub mod model;
 pub mod optim;
 pub mod progress;
@@ -56,6 +58,22 @@ pub enum Error {
         /// Consecutive non-finite steps.
         count: u32,
     },
+    /// Rendezvous with the other ranks failed (store unreachable, a key never set).
+    #[error("rendezvous {what}: {reason}")]
+    Rendezvous {
+        /// The store operation or key.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another rank died or stalled during a collective.
+    #[error("rank {rank}: peer lost: {reason}")]
+    PeerLost {
+        /// This rank.
+        rank: usize,
+        /// Which peer and what failed.
+        reason: String,
+    },
     /// SIGTERM arrived; a checkpoint was written at `step`.
     #[error("terminated by SIGTERM; checkpoint written at step {step}")]
     Terminated {
@@ -84,6 +102,7 @@ impl Error {
             },
             Error::NonFinite { .. } => exit::NON_FINITE_LOSS,
             Error::Terminated { .. } => exit::TERMINATED,
+            Error::Rendezvous { .. } | Error::PeerLost { .. } => exit::PEER_LOST,
             Error::Checkpoint { .. } | Error::Io { .. } => exit::RETRYABLE,
         }
     }

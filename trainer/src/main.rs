@@ -95,6 +95,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
+            // The pod's entry process launches one trainer per local device.
+            if cfg.nproc_per_node > 1 && std::env::var(radfm_trainer::config::LOCAL_RANK).is_err() {
+                return ExitCode::from(radfm_trainer::launch::run(cfg.nproc_per_node) as u8);
+            }
             let hooks = train::Hooks {
                 stop: Arc::new(AtomicBool::new(false)),
                 ..Default::default()

@@ -122,6 +122,25 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         }
     }
 
+    let mut gang = if cfg.world > 1 {
+        let g = crate::dist::Gang::join(
+            &cfg.master_addr,
+            cfg.master_port,
+            cfg.rank,
+            cfg.world,
+            cfg.attempt,
+            cfg.collective_timeout,
+        )?;
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut g = g;
+        let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
+        crate::dist::broadcast_tensors(&mut g.ring, &tensors)?;
+        Some(g)
+    } else {
+        None
+    };
+
     let loader_cfg = LoaderConfig {
         seed: cfg.seed as u64,
         rank: cfg.rank,
@@ -231,7 +250,14 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
     };
 
     while step < total {
-        if hooks.stop.load(Ordering::SeqCst) {
+        let mut stop = hooks.stop.load(Ordering::SeqCst);
+        if let Some(g) = gang.as_mut() {
+            // Every rank stops at the same step, whichever rank got the signal.
+            let mut flag = [stop as u8 as f32];
+            g.ring.all_reduce_sum(&mut flag)?;
+            stop = flag[0] > 0.0;
+        }
+        if stop {
             if cfg.rank == 0 && resumed_from != Some(step) && last_ckpt_step(&last_ckpt) != step {
                 let uri = save(&vs, &opt, step, cursor, streak, last_loss)?;
                 announce(&rt, &mut annotator, &uri, step);
@@ -269,6 +295,16 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             cursor = batch.cursor;
             images_total += b as u64;
             win_images += b as u64;
+        }
+        if let Some(g) = gang.as_mut() {
+            // One rank's NaN skips the step everywhere; the logged loss is the gang's mean.
+            let mut flags = [(!finite) as u8 as f32, loss_sum as f32];
+            g.ring.all_reduce_sum(&mut flags)?;
+            finite = flags[0] == 0.0;
+            loss_sum = flags[1] as f64 / cfg.world as f64;
+            if finite {
+                crate::dist::all_reduce_grads(&mut g.ring, &opt.params)?;
+            }
         }
         if finite {
             streak = 0;

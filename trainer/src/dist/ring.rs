@@ -1,0 +1,281 @@
+//! The CPU collective: a ring over TCP.
+//!
+//! All-reduce is the bandwidth-optimal ring algorithm (reduce-scatter, then all-gather): each
+//! rank sends and receives 2(n−1)/n of the buffer, whatever n is. Every step sends one chunk to
+//! the next rank while receiving one from the previous rank on another thread, so both
+//! directions of every link are busy. Sockets carry read and write timeouts: a peer that died
+//! closes its sockets (noticed at once), a peer that stalls is noticed when the timeout expires,
+//! and either way the collective fails with [`Error::PeerLost`] instead of hanging.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::store::StoreClient;
+use crate::{Error, Result};
+
+/// A ring of `world` ranks.
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    next: Option<TcpStream>,
+    prev: Option<TcpStream>,
+    scratch: Vec<f32>,
+}
+
+fn lost(rank: usize, peer: usize, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::PeerLost {
+        rank,
+        reason: format!("{what} with rank {peer}: {e}"),
+    }
+}
+
+impl Ring {
+    /// Joins the ring: publishes this rank's listening address in the store, connects to the
+    /// next rank and accepts the previous one, each within `timeout`.
+    pub fn connect(
+        store: &mut StoreClient,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Ring> {
+        if world == 1 {
+            return Ok(Ring {
+                rank,
+                world,
+                next: None,
+                prev: None,
+                scratch: Vec::new(),
+            });
+        }
+        let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
+        let listener = TcpListener::bind((store.local_ip, 0))
+            .map_err(|e| lost(rank, prev_rank, "listen", e))?;
+        let me = listener.local_addr().map_err(|e| lost(rank, prev_rank, "listen", e))?;
+        store.set(&format!("ring/{rank}"), me.to_string().as_bytes())?;
+        let next_addr: SocketAddr = String::from_utf8_lossy(&store.get(&format!("ring/{next_rank}"))?)
+            .parse()
+            .map_err(|e| lost(rank, next_rank, "address", e))?;
+        let deadline = Instant::now() + timeout;
+        let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
+            loop {
+                match TcpStream::connect_timeout(&next_addr, Duration::from_secs(2)) {
+                    Ok(s) => return Ok(s),
+                    Err(e) if Instant::now() >= deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| lost(rank, prev_rank, "listen", e))?;
+        let prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(lost(rank, prev_rank, "accept", "timed out"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(lost(rank, prev_rank, "accept", e)),
+            }
+        };
+        let mut next = connector
+            .join()
+            .expect("connector thread")
+            .map_err(|e| lost(rank, next_rank, "connect", e))?;
+        let mut prev = prev;
+        prev.set_nonblocking(false)
+            .map_err(|e| lost(rank, prev_rank, "accept", e))?;
+        for s in [&next, &prev] {
+            s.set_nodelay(true).map_err(|e| lost(rank, prev_rank, "socket", e))?;
+            s.set_read_timeout(Some(timeout)).map_err(|e| lost(rank, prev_rank, "socket", e))?;
+            s.set_write_timeout(Some(timeout)).map_err(|e| lost(rank, prev_rank, "socket", e))?;
+        }
+        // Handshake: the previous rank must be who the ring says it is.
+        next.write_all(&(rank as u32).to_le_bytes())
+            .map_err(|e| lost(rank, next_rank, "handshake", e))?;
+        let mut who = [0u8; 4];
+        prev.read_exact(&mut who)
+            .map_err(|e| lost(rank, prev_rank, "handshake", e))?;
+        if u32::from_le_bytes(who) as usize != prev_rank {
+            return Err(lost(rank, prev_rank, "handshake", format!("got rank {}", u32::from_le_bytes(who))));
+        }
+        Ok(Ring {
+            rank,
+            world,
+            next: Some(next),
+            prev: Some(prev),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in the ring.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Sends `out` to the next rank while receiving `inp.len()` values from the previous one.
+    fn exchange(&mut self, out: &[f32], inp: &mut [f32]) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        let next = self.next.as_mut().expect("a ring of 2+ ranks");
+        let prev = self.prev.as_mut().expect("a ring of 2+ ranks");
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| next.write_all(bytemuck::cast_slice(out)));
+            let received = prev.read_exact(bytemuck::cast_slice_mut(inp));
+            let sent = sender.join().expect("sender thread");
+            sent.map_err(|e| lost(rank, (rank + 1) % world, "send", e))?;
+            received.map_err(|e| lost(rank, (rank + world - 1) % world, "receive", e))
+        })
+    }
+
+    /// Sums `data` over all ranks, in place (every rank ends with the same sum).
+    pub fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        let n = self.world;
+        if n == 1 || data.is_empty() {
+            return Ok(());
+        }
+        let len = data.len();
+        let bounds = |i: usize| (i * len / n, (i + 1) * len / n);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(len.div_ceil(n) + 1, 0.0);
+        // Reduce-scatter: after n-1 steps rank r holds the full sum of chunk (r+1) mod n.
+        for step in 0..n - 1 {
+            let send = (self.rank + n - step) % n;
+            let recv = (self.rank + n - step - 1) % n;
+            let (s0, s1) = bounds(send);
+            let (r0, r1) = bounds(recv);
+            let out = data[s0..s1].to_vec();
+            let inp = &mut scratch[..r1 - r0];
+            self.exchange(&out, inp)?;
+            for (d, x) in data[r0..r1].iter_mut().zip(inp.iter()) {
+                *d += *x;
+            }
+        }
+        // All-gather: pass the reduced chunks around.
+        for step in 0..n - 1 {
+            let send = (self.rank + 1 + n - step) % n;
+            let recv = (self.rank + n - step) % n;
+            let (s0, s1) = bounds(send);
+            let (r0, r1) = bounds(recv);
+            let out = data[s0..s1].to_vec();
+            let inp = &mut scratch[..r1 - r0];
+            self.exchange(&out, inp)?;
+            data[r0..r1].copy_from_slice(inp);
+        }
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    /// Copies `root`'s `data` to every rank (forwarded around the ring in 1 MiB pieces).
+    pub fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()> {
+        let n = self.world;
+        if n == 1 || data.is_empty() {
+            return Ok(());
+        }
+        let (rank, last) = (self.rank, (root + n - 1) % n);
+        const PIECE: usize = 1 << 18;
+        for piece in data.chunks_mut(PIECE) {
+            if rank != root {
+                self.prev
+                    .as_mut()
+                    .expect("ring")
+                    .read_exact(bytemuck::cast_slice_mut(piece))
+                    .map_err(|e| lost(rank, (rank + n - 1) % n, "receive", e))?;
+            }
+            if rank != last {
+                self.next
+                    .as_mut()
+                    .expect("ring")
+                    .write_all(bytemuck::cast_slice(piece))
+                    .map_err(|e| lost(rank, (rank + 1) % n, "send", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.all_reduce_sum(&mut [0.0]).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::store::{StoreClient, StoreServer};
+    use super::*;
+
+    fn rings(world: usize, timeout: Duration) -> Vec<std::thread::JoinHandle<Ring>> {
+        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let addr = server.addr.to_string();
+        (0..world)
+            .map(|rank| {
+                let addr = addr.clone();
+                std::thread::spawn(move || {
+                    let mut c = StoreClient::connect(&addr, 1, Duration::from_secs(10)).unwrap();
+                    Ring::connect(&mut c, rank, world, timeout).unwrap()
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn all_reduce_sums_every_element_for_any_world_and_length() {
+        for world in [2, 3, 4] {
+            for len in [1, 5, 1000, 65_537] {
+                let handles: Vec<_> = rings(world, Duration::from_secs(10))
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, h)| {
+                        std::thread::spawn(move || {
+                            let mut ring = h.join().unwrap();
+                            let mut v: Vec<f32> =
+                                (0..len).map(|i| (i * (rank + 1)) as f32).collect();
+                            ring.all_reduce_sum(&mut v).unwrap();
+                            let mut b = if rank == 1 { vec![7.0; 3] } else { vec![0.0; 3] };
+                            ring.broadcast(&mut b, 1).unwrap();
+                            ring.barrier().unwrap();
+                            (v, b)
+                        })
+                    })
+                    .collect();
+                let total: usize = (1..=world).sum();
+                for h in handles {
+                    let (v, b) = h.join().unwrap();
+                    for (i, x) in v.iter().enumerate() {
+                        assert_eq!(*x, (i * total) as f32, "world {world} len {len} at {i}");
+                    }
+                    assert_eq!(b, [7.0; 3]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_fails_the_collective_instead_of_hanging() {
+        let mut handles = rings(3, Duration::from_secs(2));
+        let dead = handles.pop().unwrap().join().unwrap();
+        drop(dead);
+        let t = Instant::now();
+        let errs: Vec<Error> = handles
+            .into_iter()
+            .map(|h| {
+                std::thread::spawn(move || {
+                    let mut r = h.join().unwrap();
+                    r.all_reduce_sum(&mut vec![1.0; 1000]).unwrap_err()
+                })
+            })
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert!(t.elapsed() < Duration::from_secs(10));
+        for e in errs {
+            assert_eq!(e.exit_code(), 76, "{e}");
+        }
+    }
+}
