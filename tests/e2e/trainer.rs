@@ -341,3 +341,46 @@ fn a_lost_rank_stops_the_others_with_the_peer_lost_code() {
         "rank 1 noticed too late"
     );
 }
+
+#[test]
+fn mae_loss_matches_the_pytorch_reference_on_the_same_weights_and_mask() {
+    let w = Workdir::new(64, 32);
+    let (code, _, err) = run(&w.env("ckpt", 10, &[]));
+    assert_eq!(code, 0, "{err}");
+    let loc = radfm_data::store::Location::open(w.path("ckpt").to_str().unwrap()).unwrap();
+    let l = rt()
+        .block_on(checkpoint::load_latest(&loc, |e| panic!("{e}")))
+        .unwrap()
+        .unwrap();
+    let model_file = w.path("model.safetensors");
+    std::fs::write(&model_file, l.object("model.safetensors").unwrap()).unwrap();
+    let config_file = w.path("config.json");
+    std::fs::write(&config_file, l.manifest.state.config.to_string()).unwrap();
+
+    let vit = radfm_trainer::model::VitConfig::preset("vit-tiny", 32, 8).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let mae = radfm_trainer::model::Mae::new(&vs.root(), vit);
+    let named = radfm_trainer::tensors::from_bytes(l.object("model.safetensors").unwrap(), "ckpt")
+        .unwrap();
+    radfm_trainer::tensors::load_into(&vs, &named, "", "ckpt").unwrap();
+    tch::manual_seed(9);
+    let images = tch::Tensor::randn([4, 1, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+    let noise = tch::Tensor::rand([4, 16], (tch::Kind::Float, tch::Device::Cpu));
+    let ours = tch::no_grad(|| mae.loss_with(&images, 0.75, &noise)).double_value(&[]);
+    let input = w.path("batch.safetensors");
+    tch::Tensor::write_safetensors(&[("images", &images), ("noise", &noise)], &input).unwrap();
+    let script = radfm_e2e::repo_root().join("tests/python/vit_reference.py");
+    let py = Command::new(python())
+        .arg(script)
+        .arg("mae-loss")
+        .args([&model_file, &config_file, &input])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    let theirs: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    let theirs = theirs["loss"].as_f64().unwrap();
+    assert!(
+        (ours - theirs).abs() < 1e-5 * theirs.abs().max(1.0),
+        "radfm {ours} vs pytorch {theirs}"
+    );
+}

@@ -1,6 +1,7 @@
 """A plain PyTorch ViT with timm's module names, for checking radfm's exported encoders.
 
 Usage: vit_reference.py MODEL_DIR INPUT.safetensors OUTPUT.safetensors
+       vit_reference.py mae-loss MODEL.safetensors CONFIG.json INPUT.safetensors
 
 Builds the ViT the model card describes (timm layout: patch_embed.proj, cls_token, pos_embed,
 blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm; LayerNorm eps 1e-6, exact GELU),
@@ -79,6 +80,69 @@ class VisionTransformer(nn.Module):
         return self.norm(self.blocks(x))
 
 
+PRESETS = {  # width, depth, heads, decoder width, depth, heads (as radfm's VitConfig::preset)
+    "vit-tiny": (192, 12, 3, 128, 2, 4),
+    "vit-small": (384, 12, 6, 256, 4, 8),
+    "vit-base": (768, 12, 12, 512, 8, 16),
+}
+
+
+class Mae(nn.Module):
+    def __init__(self, arch, image, patch):
+        super().__init__()
+        w, d, h, dw, dd, dh = PRESETS[arch]
+        self.patch, self.n = patch, (image // patch) ** 2
+        self.encoder = VisionTransformer(image, patch, w, d, h, 4)
+        self.decoder_embed = nn.Linear(w, dw)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dw))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.n + 1, dw), requires_grad=False)
+        self.decoder_blocks = nn.Sequential(*[Block(dw, dh, 4) for _ in range(dd)])
+        self.decoder_norm = nn.LayerNorm(dw, eps=1e-6)
+        self.decoder_pred = nn.Linear(dw, patch * patch)
+        self.encoder.pos_embed.requires_grad_(False)
+
+    def forward(self, imgs, ratio=0.75, noise=None):
+        e = self.encoder
+        x = e.patch_embed(imgs) + e.pos_embed[:, 1:]
+        b, n, d = x.shape
+        keep = int(round(n * (1 - ratio)))
+        noise = torch.rand(b, n) if noise is None else noise
+        ids_shuffle = noise.argsort(1)
+        ids_restore = ids_shuffle.argsort(1)
+        x = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
+        mask = torch.ones(b, n)
+        mask[:, :keep] = 0
+        mask = mask.gather(1, ids_restore)
+        cls = (e.cls_token + e.pos_embed[:, :1]).expand(b, -1, -1)
+        x = e.norm(e.blocks(torch.cat([cls, x], 1)))
+        y = self.decoder_embed(x)
+        dw = y.shape[-1]
+        seq = torch.cat([y[:, 1:], self.mask_token.expand(b, n + 1 - y.shape[1], -1)], 1)
+        seq = seq.gather(1, ids_restore[:, :, None].expand(-1, -1, dw))
+        y = torch.cat([y[:, :1], seq], 1) + self.decoder_pos_embed
+        pred = self.decoder_pred(self.decoder_norm(self.decoder_blocks(y)))[:, 1:]
+        p = self.patch
+        g = imgs.shape[-1] // p
+        t = imgs.reshape(b, 1, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p)
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+        return (((pred - t) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
+
+def mae_loss(model_safetensors, card_json, inp):
+    """The MAE loss of radfm's full checkpointed model (encoder.*, decoder.*) on given images and
+    masking noise, printed as JSON."""
+    state = load_file(model_safetensors)
+    cfg = json.load(open(card_json))
+    model = Mae(cfg["arch"], cfg["model"]["image_size"], cfg["model"]["patch_size"])
+    state = {k.removeprefix("decoder."): v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    data = load_file(inp)
+    with torch.no_grad():
+        loss = model(data["images"], cfg["mask_ratio"], data["noise"])
+    print(json.dumps({"loss": loss.item()}))
+
+
 def main(model_dir, inp, out):
     card = json.load(open(f"{model_dir}/model_card.json"))
     assert card["format"] == "radfm.model-card/v1", card["format"]
@@ -94,4 +158,7 @@ def main(model_dir, inp, out):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "mae-loss":
+        mae_loss(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

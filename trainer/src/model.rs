@@ -311,10 +311,22 @@ impl Encoder {
     /// Encodes the kept patches of a random mask: (latent [B, 1 + keep, D], mask [B, N] with 1
     /// for masked patches, ids_restore [B, N]).
     pub fn forward_masked(&self, images: &Tensor, mask_ratio: f64) -> (Tensor, Tensor, Tensor) {
+        let b = images.size()[0];
+        let noise = Tensor::rand([b, self.cfg.patches()], (Kind::Float, images.device()));
+        self.forward_masked_with(images, mask_ratio, &noise)
+    }
+
+    /// [`Encoder::forward_masked`] with given per-patch noise [B, N]: each image keeps its
+    /// patches of lowest noise.
+    pub fn forward_masked_with(
+        &self,
+        images: &Tensor,
+        mask_ratio: f64,
+        noise: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
         let x = self.tokens(images);
         let (b, n, d) = x.size3().expect("tokens are [batch, tokens, dim]");
         let keep = ((n as f64) * (1.0 - mask_ratio)).round().max(1.0) as i64;
-        let noise = Tensor::rand([b, n], (Kind::Float, x.device()));
         let ids_shuffle = noise.argsort(1, false);
         let ids_restore = ids_shuffle.argsort(1, false);
         let ids_keep = ids_shuffle.narrow(1, 0, keep);
@@ -422,12 +434,20 @@ impl Mae {
 
     /// The MAE loss: mean squared error on masked patches against (per-patch normalised) pixels.
     pub fn loss(&self, images: &Tensor, mask_ratio: f64) -> Tensor {
-        let (latent, mask, ids_restore) = self.encoder.forward_masked(images, mask_ratio);
+        let b = images.size()[0];
+        let noise = Tensor::rand([b, self.cfg.patches()], (Kind::Float, images.device()));
+        self.loss_with(images, mask_ratio, &noise)
+    }
+
+    /// [`Mae::loss`] with given masking noise [B, N].
+    pub fn loss_with(&self, images: &Tensor, mask_ratio: f64, noise: &Tensor) -> Tensor {
+        let (latent, mask, ids_restore) =
+            self.encoder.forward_masked_with(images, mask_ratio, noise);
         let pred = self.decoder.forward(&latent, &ids_restore).to_kind(Kind::Float);
         let target = patchify(images, self.cfg.patch_size);
         let target = if self.norm_pix {
             let mean = target.mean_dim(-1, true, Kind::Float);
-            let var = target.var_dim(-1, false, true);
+            let var = target.var_dim(-1, true, true); // unbiased, as MAE
             (target - mean) / (var + 1e-6).sqrt()
         } else {
             target

@@ -113,3 +113,113 @@ pub fn all_reduce_grads(ring: &mut ring::Ring, params: &[Param]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Mae, VitConfig};
+    use crate::optim::{AdamW, AdamWConfig};
+    use tch::nn::VarStore;
+
+    fn cfg() -> VitConfig {
+        VitConfig {
+            image_size: 16,
+            patch_size: 4,
+            width: 32,
+            depth: 2,
+            heads: 2,
+            decoder_width: 16,
+            decoder_depth: 1,
+            decoder_heads: 2,
+            mlp_ratio: 2,
+        }
+    }
+
+    /// AdamW steps on the given batches (each with its masking noise); returns the parameters
+    /// sorted by name and the (averaged) gradients of every step, flattened.
+    fn train(
+        mut ring: Option<ring::Ring>,
+        seed: i64,
+        batches: Vec<(Tensor, Tensor)>,
+    ) -> (Vec<(String, Tensor)>, Vec<Tensor>) {
+        tch::manual_seed(seed);
+        let vs = VarStore::new(Device::Cpu);
+        let mae = Mae::new(&vs.root(), cfg());
+        let mut opt = AdamW::new(&vs, AdamWConfig::default());
+        let mut names: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(r) = ring.as_mut() {
+            let ts: Vec<Tensor> = names.iter().map(|(_, t)| t.shallow_clone()).collect();
+            broadcast_tensors(r, &ts).unwrap();
+        }
+        let mut grads = Vec::new();
+        for (images, noise) in batches {
+            mae.loss_with(&images, 0.75, &noise).backward();
+            if let Some(r) = ring.as_mut() {
+                all_reduce_grads(r, &opt.params).unwrap();
+            }
+            let flat: Vec<Tensor> = opt.params.iter().map(|p| p.tensor.grad().flatten(0, -1)).collect();
+            grads.push(Tensor::cat(&flat, 0));
+            opt.clip_grad_norm(1.0);
+            opt.step(1e-3);
+            opt.zero_grad();
+        }
+        (names, grads)
+    }
+
+    #[test]
+    fn n_ranks_with_batch_b_match_one_process_with_batch_n_times_b() {
+        for world in [2usize, 4] {
+            let b: i64 = 3;
+            tch::manual_seed(42);
+            let steps: Vec<(Tensor, Tensor)> = (0..3)
+                .map(|_| {
+                    (
+                        Tensor::randn([world as i64 * b, 1, 16, 16], (Kind::Float, Device::Cpu)),
+                        Tensor::rand([world as i64 * b, 16], (Kind::Float, Device::Cpu)),
+                    )
+                })
+                .collect();
+            let single = train(None, 7, steps.iter().map(|(x, n)| (x.copy(), n.copy())).collect());
+
+            let server = store::StoreServer::start("127.0.0.1:0").unwrap();
+            let addr = server.addr.to_string();
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let addr = addr.clone();
+                    // Each rank's slice of every global batch; ranks other than 0 start from a
+                    // different init, which the broadcast must overwrite.
+                    let mine: Vec<(Tensor, Tensor)> = steps
+                        .iter()
+                        .map(|(x, n)| {
+                            let r = rank as i64 * b;
+                            (x.narrow(0, r, b).copy(), n.narrow(0, r, b).copy())
+                        })
+                        .collect();
+                    std::thread::spawn(move || {
+                        let mut c =
+                            store::StoreClient::connect(&addr, 1, Duration::from_secs(10)).unwrap();
+                        let ring =
+                            ring::Ring::connect(&mut c, rank, world, Duration::from_secs(10)).unwrap();
+                        train(Some(ring), 7 + rank as i64, mine)
+                    })
+                })
+                .collect();
+            for h in handles {
+                let (params, grads) = h.join().unwrap();
+                // The averaged gradients are the single process's, up to summation order.
+                for (step, (a, b)) in single.1.iter().zip(&grads).enumerate() {
+                    let excess = ((a - b).abs() - a.abs() * 1e-4 - 1e-6).max().double_value(&[]);
+                    assert!(excess <= 0.0, "world {world}: gradients of step {step} differ");
+                }
+                // Parameters agree within float tolerance. AdamW divides by the gradient's
+                // running RMS, which turns rounding noise of gradients whose exact value is zero
+                // (the attention key biases) into steps of up to lr; hence 1e-4 with lr 1e-3.
+                for ((name, a), (_, b)) in single.0.iter().zip(&params) {
+                    let diff = (a - b).abs().max().double_value(&[]);
+                    assert!(diff < 1e-4, "world {world}: {name} differs by {diff}");
+                }
+            }
+        }
+    }
+}
