@@ -384,3 +384,175 @@ fn mae_loss_matches_the_pytorch_reference_on_the_same_weights_and_mask() {
         "radfm {ours} vs pytorch {theirs}"
     );
 }
+
+/// A gang of `world` single-process "pods": in their own network namespaces when the machine
+/// allows it (each with its own address, as pods have), else on loopback.
+struct Gang {
+    net: Option<radfm_e2e::NetNs>,
+    world: usize,
+}
+
+impl Gang {
+    fn new(world: usize) -> Gang {
+        let net = radfm_e2e::NetNs::create(world);
+        if net.is_none() {
+            eprintln!("network namespaces unavailable here: the gang runs on loopback");
+        }
+        Gang { net, world }
+    }
+
+    fn master(&self) -> String {
+        self.net
+            .as_ref()
+            .map_or("127.0.0.1".to_string(), |n| n.addr(0))
+    }
+
+    /// Starts every rank with `env` (NODE_RANK and NNODES set per rank); stdout piped for rank 0.
+    fn start(&self, env: &[(String, String)]) -> Vec<Child> {
+        (0..self.world)
+            .map(|rank| {
+                let bin = workspace_bin("radfm-trainer").unwrap();
+                let mut c = match &self.net {
+                    Some(n) => n.command(rank, &bin),
+                    None => Command::new(&bin),
+                };
+                let mut env = env.to_vec();
+                env.retain(|(k, _)| !["RADFM_NODE_RANK", "RADFM_NNODES", "RADFM_MASTER_ADDR"].contains(&k.as_str()));
+                env.push(("RADFM_NODE_RANK".into(), rank.to_string()));
+                env.push(("RADFM_NNODES".into(), self.world.to_string()));
+                env.push(("RADFM_MASTER_ADDR".into(), self.master()));
+                c.arg("train")
+                    .env_clear()
+                    .envs(env)
+                    .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+/// Reads rank 0's JSON lines until `pred` holds for one; returns the lines read.
+fn read_until(child: &mut Child, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+    let stdout = child.stdout.as_mut().unwrap();
+    let mut lines = Vec::new();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    use std::io::Read;
+    while stdout.read(&mut byte).unwrap_or(0) == 1 {
+        if byte[0] != b'\n' {
+            buf.push(byte[0]);
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        buf.clear();
+        let done = pred(&v);
+        lines.push(v);
+        if done {
+            break;
+        }
+    }
+    lines
+}
+
+fn exit_code(child: Child) -> (i32, String) {
+    let out = child.wait_with_output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
+    (code, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn a_killed_rank_stops_the_gang_with_peer_lost_and_the_next_attempt_resumes() {
+    let w = Workdir::new(192, 32);
+    let gang = Gang::new(3);
+    let base = w.env(
+        "ckpt",
+        24,
+        &[
+            ("RADFM_BATCH_SIZE", "8"),
+            ("RADFM_CHECKPOINT_EVERY", "5"),
+            ("RADFM_COLLECTIVE_TIMEOUT", "10"),
+            ("RADFM_MASTER_PORT", &free_port()),
+        ],
+    );
+    let mut ranks = gang.start(&base);
+    read_until(&mut ranks[0], |l| l["step"].as_i64().is_some_and(|s| s >= 12));
+    let killed_at = std::time::Instant::now();
+    ranks[2].kill().unwrap();
+    let mut ranks = ranks.into_iter();
+    let (r0, r1) = (ranks.next().unwrap(), ranks.next().unwrap());
+    for (rank, child) in [(0, r0), (1, r1)] {
+        let (code, err) = exit_code(child);
+        assert_eq!(code, 76, "rank {rank}: {err}");
+        assert!(err.contains("peer lost"), "rank {rank}: {err}");
+    }
+    assert!(killed_at.elapsed() < std::time::Duration::from_secs(30));
+
+    // Attempt 2 (what the operator starts after RestartGang) resumes from the last checkpoint.
+    let mut env = base.clone();
+    env.retain(|(k, _)| k != "RADFM_ATTEMPT" && k != "RADFM_MASTER_PORT");
+    env.push(("RADFM_ATTEMPT".into(), "2".into()));
+    env.push(("RADFM_MASTER_PORT".into(), free_port()));
+    let mut ranks = gang.start(&env);
+    let first = read_until(&mut ranks[0], |l| l["event"] == "start");
+    let start = first.last().unwrap();
+    let resumed = start["resumed_from"].as_i64().expect("resumed from a checkpoint");
+    assert!(resumed >= 10 && resumed % 5 == 0, "{start}");
+    assert!(start["cursor"]["position"].as_u64().unwrap() > 0 || start["cursor"]["epoch"].as_u64().unwrap() > 0);
+    let rest = read_until(&mut ranks[0], |l| l["event"] == "done");
+    let steps: Vec<i64> = rest.iter().filter_map(|l| l["step"].as_i64()).collect();
+    assert_eq!(steps.first(), Some(&(resumed + 1)), "{rest:?}");
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let (code, err) = exit_code(child);
+        assert_eq!(code, 0, "rank {rank}: {err}");
+    }
+    assert_eq!(latest_state(&w.path("ckpt")).0, 24);
+}
+
+#[test]
+fn a_stalled_rank_is_noticed_within_the_collective_timeout() {
+    let w = Workdir::new(192, 32);
+    let gang = Gang::new(3);
+    let env = w.env(
+        "ckpt",
+        100_000,
+        &[
+            ("RADFM_BATCH_SIZE", "8"),
+            ("RADFM_COLLECTIVE_TIMEOUT", "4"),
+            ("RADFM_MASTER_PORT", &free_port()),
+        ],
+    );
+    let mut ranks = gang.start(&env);
+    read_until(&mut ranks[0], |l| l["step"].as_i64().is_some_and(|s| s >= 3));
+    let stalled_at = std::time::Instant::now();
+    match &gang.net {
+        // Its link goes down: the process runs on, unreachable.
+        Some(net) => net.cut(2),
+        // SAFETY: kill(2) on our own child's pid.
+        None => unsafe {
+            libc::kill(ranks[2].id() as i32, libc::SIGSTOP);
+        },
+    }
+    let mut ranks = ranks.into_iter();
+    let (r0, r1, mut r2) = (
+        ranks.next().unwrap(),
+        ranks.next().unwrap(),
+        ranks.next().unwrap(),
+    );
+    for (rank, child) in [(0, r0), (1, r1)] {
+        let (code, err) = exit_code(child);
+        assert_eq!(code, 76, "rank {rank}: {err}");
+    }
+    let noticed = stalled_at.elapsed();
+    assert!(
+        noticed < std::time::Duration::from_secs(30),
+        "noticed after {noticed:?}"
+    );
+    let _ = r2.kill();
+    let _ = r2.wait();
+}

@@ -856,3 +856,87 @@ impl Drop for S3Server {
         self.stop();
     }
 }
+
+/// Network namespaces that stand in for pods: namespace `i` has its own address
+/// `10.<net>.0.<10+i>` on a veth pair whose other end sits on a bridge in the host namespace, so
+/// processes talk over real interfaces, as pods do, and a link can be cut to simulate a stall.
+/// Removed on drop.
+pub struct NetNs {
+    names: Vec<String>,
+    bridge: String,
+    net: u8,
+}
+
+impl NetNs {
+    /// Creates `n` namespaces, or returns None when this machine cannot (no `ip`, no
+    /// CAP_NET_ADMIN); callers then fall back to loopback.
+    pub fn create(n: usize) -> Option<NetNs> {
+        let ip = |args: &[&str]| -> bool {
+            Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // A private /24 per test process (pid-derived), so parallel test binaries do not clash.
+        let id = std::process::id() % 200;
+        let net = 30 + (id % 200) as u8;
+        let tag = format!("rf{id}");
+        let bridge = format!("{tag}br");
+        let ns = NetNs {
+            names: (0..n).map(|i| format!("{tag}n{i}")).collect(),
+            bridge: bridge.clone(),
+            net,
+        };
+        if !ip(&["link", "add", &bridge, "type", "bridge"]) {
+            return None;
+        }
+        let ok = ip(&["addr", "add", &format!("10.{net}.0.1/24"), "dev", &bridge])
+            && ip(&["link", "set", &bridge, "up"])
+            && ns.names.iter().enumerate().all(|(i, name)| {
+                let (host, peer) = (format!("{name}h"), format!("{name}p"));
+                ip(&["netns", "add", name])
+                    && ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])
+                    && ip(&["link", "set", &peer, "netns", name])
+                    && ip(&["link", "set", &host, "master", &bridge])
+                    && ip(&["link", "set", &host, "up"])
+                    && ip(&["-n", name, "addr", "add", &format!("10.{net}.0.{}/24", 10 + i), "dev", &peer])
+                    && ip(&["-n", name, "link", "set", &peer, "up"])
+                    && ip(&["-n", name, "link", "set", "lo", "up"])
+            });
+        ok.then_some(ns)
+    }
+
+    /// The address of namespace `i`.
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.{}.0.{}", self.net, 10 + i)
+    }
+
+    /// A command that runs `program` inside namespace `i`.
+    pub fn command(&self, i: usize, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.names[i]]).arg(program);
+        c
+    }
+
+    /// Takes namespace `i`'s link down (its process keeps running, unreachable: a stall).
+    pub fn cut(&self, i: usize) {
+        let _ = Command::new("ip")
+            .args(["link", "set", &format!("{}h", self.names[i]), "down"])
+            .status();
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("{name}h")])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}

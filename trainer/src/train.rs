@@ -185,6 +185,15 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         _ => None,
     };
 
+    if cfg.rank == 0 && !hooks.quiet {
+        use std::io::Write;
+        let start = serde_json::json!({
+            "event": "start", "job": cfg.job, "attempt": cfg.attempt, "world": cfg.world,
+            "total_steps": total, "resumed_from": resumed_from, "cursor": cursor,
+            "device": format!("{device:?}"),
+        });
+        let _ = writeln!(std::io::stdout(), "{start}");
+    }
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
     let start = cursor;
     rt.spawn(async move {
