@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: all build test unit-test lint fmt crds libtorch cluster-tools py-deps s3-server demo bench-loader bench-trainer clean
+.PHONY: all build test unit-test lint fmt crds libtorch cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-scaling clean
 
 all: build
 
@@ -88,3 +88,21 @@ bench-trainer: py-deps libtorch
 	@r=$$(grep -o '"images_per_s": *[0-9.]*' /tmp/radfm-bench-trainer-rs.txt | grep -o '[0-9.]*$$'); \
 	 p=$$(grep -o '"images_per_s": *[0-9.]*' /tmp/radfm-bench-trainer-py.txt | grep -o '[0-9.]*$$'); \
 	 echo "bench: trainer ratio=$$(python3 -c "print(round($$r/$$p, 3))")"
+
+## bench-allreduce: bus bandwidth of radfm's CPU ring all-reduce vs torch.distributed gloo, same
+## machine, ranks (2, 4) and sizes (MiB), one process per rank on loopback
+ALLREDUCE_MIB ?= 1 4 16 64 256
+bench-allreduce: py-deps libtorch
+	$(CARGO) build -q --release -p radfm-bench
+	@rm -f /tmp/radfm-allreduce-rs.jsonl /tmp/radfm-allreduce-gloo.jsonl
+	@for w in 2 4; do \
+	  ./target/release/bench-allreduce $$w $(ALLREDUCE_MIB) >> /tmp/radfm-allreduce-rs.jsonl && \
+	  "$(PY_ENV)/bin/python" bench/allreduce_gloo.py $$w $(ALLREDUCE_MIB) >> /tmp/radfm-allreduce-gloo.jsonl || exit 1; \
+	done
+	@python3 bench/compare_allreduce.py /tmp/radfm-allreduce-rs.jsonl /tmp/radfm-allreduce-gloo.jsonl
+
+## bench-scaling: trainer images/s on 1, 2, 4 local ranks (same per-rank batch) and the
+## data-parallel efficiency against 1 rank
+bench-scaling: libtorch
+	$(CARGO) build -q --release -p radfm -p radfm-trainer
+	@python3 bench/scaling.py $(CURDIR)/target/release/radfm-trainer $(CURDIR)/target/release/radfm /tmp/radfm-bench-scaling

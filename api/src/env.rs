@@ -47,7 +47,10 @@ pub const VARS: &[(&str, &str)] = &[
     (PATCH_SIZE, "square patch side in pixels (default 16)"),
     (MASK_RATIO, "fraction of patches masked (default 0.75)"),
     (WEIGHT_DECAY, "AdamW decoupled weight decay (default 0.05)"),
-    (GRAD_CLIP_NORM, "global gradient-norm clip, 0 disables (default 1.0)"),
+    (
+        GRAD_CLIP_NORM,
+        "global gradient-norm clip, 0 disables (default 1.0)",
+    ),
     (GRAD_ACCUMULATION, "batches per optimizer step (default 1)"),
 ];
 
@@ -389,7 +392,10 @@ impl EnvContract {
         if c.image_size % c.patch_size != 0 {
             return Err(Error::Env {
                 name: IMAGE_SIZE.into(),
-                reason: format!("{} is not a multiple of {PATCH_SIZE}={}", c.image_size, c.patch_size),
+                reason: format!(
+                    "{} is not a multiple of {PATCH_SIZE}={}",
+                    c.image_size, c.patch_size
+                ),
             });
         }
         at_least(GRAD_ACCUMULATION, c.grad_accumulation.into(), 1)?;

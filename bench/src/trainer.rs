@@ -16,8 +16,13 @@ fn main() -> anyhow::Result<()> {
         a.len() == 6,
         "usage: bench-trainer ARCH IMAGE PATCH BATCH STEPS THREADS"
     );
-    let (image, patch, batch, steps, threads): (i64, i64, i64, usize, i32) =
-        (a[1].parse()?, a[2].parse()?, a[3].parse()?, a[4].parse()?, a[5].parse()?);
+    let (image, patch, batch, steps, threads): (i64, i64, i64, usize, i32) = (
+        a[1].parse()?,
+        a[2].parse()?,
+        a[3].parse()?,
+        a[4].parse()?,
+        a[5].parse()?,
+    );
     tch::set_num_threads(threads);
     tch::manual_seed(0);
     let cfg = VitConfig::preset(&a[0], image, patch)?;

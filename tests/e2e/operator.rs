@@ -894,7 +894,10 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
         .collect();
     let ckpt = format!("file://{}/ckpt", work.path().display());
     for (k, v) in [
-        ("RADFM_DATASET_URI", format!("file://{}/data", work.path().display())),
+        (
+            "RADFM_DATASET_URI",
+            format!("file://{}/data", work.path().display()),
+        ),
         ("RADFM_CHECKPOINT_URI", ckpt.clone()),
         ("RADFM_POD_NAME", pod.name_any()),
         ("RADFM_STEPS", "30".into()),
@@ -913,7 +916,10 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains("annotation"), "annotating failed: {stderr}");
+    assert!(
+        !stderr.contains("annotation"),
+        "annotating failed: {stderr}"
+    );
 
     let job = env
         .wait_job("mae", "progress and checkpoint from the trainer", |j| {
@@ -931,7 +937,9 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
         st.last_checkpoint.unwrap().uri,
         format!("{ckpt}/manifests/step-000000030.json")
     );
-    let table = cluster.kubectl_ok(&["get", "tj", "-n", "progress"]).unwrap();
+    let table = cluster
+        .kubectl_ok(&["get", "tj", "-n", "progress"])
+        .unwrap();
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..4], ["mae", "Running", "1/1", "30"], "{table}");
 }

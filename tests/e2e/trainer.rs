@@ -20,11 +20,20 @@ impl Workdir {
         let out = Command::new(workspace_bin("radfm").unwrap())
             .args(["synth", "--out"])
             .arg(dir.path().join("data"))
-            .args(["--samples", &samples.to_string(), "--size", &size.to_string()])
+            .args([
+                "--samples",
+                &samples.to_string(),
+                "--size",
+                &size.to_string(),
+            ])
             .args(["--seed", "3"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Workdir { dir }
     }
 
@@ -74,7 +83,9 @@ impl Workdir {
 
 fn trainer(env: &[(String, String)]) -> Command {
     let mut c = Command::new(workspace_bin("radfm-trainer").unwrap());
-    c.arg("train").env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    c.arg("train")
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)));
     c
 }
 
@@ -161,7 +172,10 @@ fn loss_decreases_on_a_synthetic_cohort() {
     assert_eq!(done["steps"], 120);
     // Committed checkpoints: the newest 2 of 12 are kept.
     let loc = radfm_data::store::Location::open(w.path("ckpt").to_str().unwrap()).unwrap();
-    assert_eq!(rt().block_on(checkpoint::committed(&loc)).unwrap(), [120, 110]);
+    assert_eq!(
+        rt().block_on(checkpoint::committed(&loc)).unwrap(),
+        [120, 110]
+    );
 }
 
 #[test]
@@ -194,8 +208,14 @@ fn interrupted_runs_resume_to_bitwise_identical_parameters() {
     let resumed = latest_state(&w.path("interrupted"));
     assert_eq!(straight.0, steps as i64);
     assert_eq!(resumed.0, steps as i64);
-    assert!(straight.1 == resumed.1, "model parameters differ after resume");
-    assert!(straight.2 == resumed.2, "optimizer moments differ after resume");
+    assert!(
+        straight.1 == resumed.1,
+        "model parameters differ after resume"
+    );
+    assert!(
+        straight.2 == resumed.2,
+        "optimizer moments differ after resume"
+    );
 }
 
 #[test]
@@ -204,7 +224,10 @@ fn repeated_nan_loss_exits_permanently_after_the_retry_budget() {
     let env = w.env(
         "ckpt",
         30,
-        &[("RADFM_FAULT", "nan-loss@4"), ("RADFM_MAX_NONFINITE_STEPS", "3")],
+        &[
+            ("RADFM_FAULT", "nan-loss@4"),
+            ("RADFM_MAX_NONFINITE_STEPS", "3"),
+        ],
     );
     let (code, lines, err) = run(&env);
     assert_eq!(code, 66, "{err}");
@@ -242,14 +265,21 @@ fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
         .args(["export", &w.uri("ckpt"), &w.uri("model")])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(card["steps"], 10);
     assert_eq!(card["architecture"], "vit-tiny");
     assert_eq!(card["dataset"]["samples"], 64);
 
     let model = rt()
-        .block_on(radfm_trainer::export::load(&w.uri("model"), tch::Device::Cpu))
+        .block_on(radfm_trainer::export::load(
+            &w.uri("model"),
+            tch::Device::Cpu,
+        ))
         .unwrap();
     tch::manual_seed(5);
     let images = tch::Tensor::randn([3, 1, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
@@ -265,7 +295,11 @@ fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
         .arg(&output)
         .output()
         .unwrap();
-    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
     let info: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
     assert_eq!(info["features"], serde_json::json!([3, 17, 192]));
     let theirs = tch::Tensor::read_safetensors(&output).unwrap().remove(0).1;
@@ -360,8 +394,8 @@ fn mae_loss_matches_the_pytorch_reference_on_the_same_weights_and_mask() {
     let vit = radfm_trainer::model::VitConfig::preset("vit-tiny", 32, 8).unwrap();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let mae = radfm_trainer::model::Mae::new(&vs.root(), vit);
-    let named = radfm_trainer::tensors::from_bytes(l.object("model.safetensors").unwrap(), "ckpt")
-        .unwrap();
+    let named =
+        radfm_trainer::tensors::from_bytes(l.object("model.safetensors").unwrap(), "ckpt").unwrap();
     radfm_trainer::tensors::load_into(&vs, &named, "", "ckpt").unwrap();
     tch::manual_seed(9);
     let images = tch::Tensor::randn([4, 1, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
@@ -376,7 +410,11 @@ fn mae_loss_matches_the_pytorch_reference_on_the_same_weights_and_mask() {
         .args([&model_file, &config_file, &input])
         .output()
         .unwrap();
-    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
     let theirs: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
     let theirs = theirs["loss"].as_f64().unwrap();
     assert!(
@@ -417,14 +455,20 @@ impl Gang {
                     None => Command::new(&bin),
                 };
                 let mut env = env.to_vec();
-                env.retain(|(k, _)| !["RADFM_NODE_RANK", "RADFM_NNODES", "RADFM_MASTER_ADDR"].contains(&k.as_str()));
+                env.retain(|(k, _)| {
+                    !["RADFM_NODE_RANK", "RADFM_NNODES", "RADFM_MASTER_ADDR"].contains(&k.as_str())
+                });
                 env.push(("RADFM_NODE_RANK".into(), rank.to_string()));
                 env.push(("RADFM_NNODES".into(), self.world.to_string()));
                 env.push(("RADFM_MASTER_ADDR".into(), self.master()));
                 c.arg("train")
                     .env_clear()
                     .envs(env)
-                    .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
+                    .stdout(if rank == 0 {
+                        Stdio::piped()
+                    } else {
+                        Stdio::null()
+                    })
                     .stderr(Stdio::piped())
                     .spawn()
                     .unwrap()
@@ -434,7 +478,10 @@ impl Gang {
 }
 
 /// Reads rank 0's JSON lines until `pred` holds for one; returns the lines read.
-fn read_until(child: &mut Child, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+fn read_until(
+    child: &mut Child,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
     let stdout = child.stdout.as_mut().unwrap();
     let mut lines = Vec::new();
     let mut buf = Vec::new();
@@ -481,7 +528,9 @@ fn a_killed_rank_stops_the_gang_with_peer_lost_and_the_next_attempt_resumes() {
         ],
     );
     let mut ranks = gang.start(&base);
-    read_until(&mut ranks[0], |l| l["step"].as_i64().is_some_and(|s| s >= 12));
+    read_until(&mut ranks[0], |l| {
+        l["step"].as_i64().is_some_and(|s| s >= 12)
+    });
     let killed_at = std::time::Instant::now();
     ranks[2].kill().unwrap();
     let mut ranks = ranks.into_iter();
@@ -501,9 +550,14 @@ fn a_killed_rank_stops_the_gang_with_peer_lost_and_the_next_attempt_resumes() {
     let mut ranks = gang.start(&env);
     let first = read_until(&mut ranks[0], |l| l["event"] == "start");
     let start = first.last().unwrap();
-    let resumed = start["resumed_from"].as_i64().expect("resumed from a checkpoint");
+    let resumed = start["resumed_from"]
+        .as_i64()
+        .expect("resumed from a checkpoint");
     assert!(resumed >= 10 && resumed % 5 == 0, "{start}");
-    assert!(start["cursor"]["position"].as_u64().unwrap() > 0 || start["cursor"]["epoch"].as_u64().unwrap() > 0);
+    assert!(
+        start["cursor"]["position"].as_u64().unwrap() > 0
+            || start["cursor"]["epoch"].as_u64().unwrap() > 0
+    );
     let rest = read_until(&mut ranks[0], |l| l["event"] == "done");
     let steps: Vec<i64> = rest.iter().filter_map(|l| l["step"].as_i64()).collect();
     assert_eq!(steps.first(), Some(&(resumed + 1)), "{rest:?}");
@@ -528,7 +582,9 @@ fn a_stalled_rank_is_noticed_within_the_collective_timeout() {
         ],
     );
     let mut ranks = gang.start(&env);
-    read_until(&mut ranks[0], |l| l["step"].as_i64().is_some_and(|s| s >= 3));
+    read_until(&mut ranks[0], |l| {
+        l["step"].as_i64().is_some_and(|s| s >= 3)
+    });
     let stalled_at = std::time::Instant::now();
     match &gang.net {
         // Its link goes down: the process runs on, unreachable.

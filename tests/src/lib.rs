@@ -901,7 +901,15 @@ impl NetNs {
                     && ip(&["link", "set", &peer, "netns", name])
                     && ip(&["link", "set", &host, "master", &bridge])
                     && ip(&["link", "set", &host, "up"])
-                    && ip(&["-n", name, "addr", "add", &format!("10.{net}.0.{}/24", 10 + i), "dev", &peer])
+                    && ip(&[
+                        "-n",
+                        name,
+                        "addr",
+                        "add",
+                        &format!("10.{net}.0.{}/24", 10 + i),
+                        "dev",
+                        &peer,
+                    ])
                     && ip(&["-n", name, "link", "set", &peer, "up"])
                     && ip(&["-n", name, "link", "set", "lo", "up"])
             });
@@ -937,6 +945,8 @@ impl Drop for NetNs {
                 .stderr(Stdio::null())
                 .status();
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
     }
 }

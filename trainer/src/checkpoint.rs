@@ -136,7 +136,11 @@ fn sha256(b: &[u8]) -> String {
 
 /// Writes `files` (name, bytes) for `state.step` and commits them with a manifest; returns the
 /// manifest's URI.
-pub async fn save(loc: &Location, state: TrainState, files: Vec<(&str, Vec<u8>)>) -> Result<String> {
+pub async fn save(
+    loc: &Location,
+    state: TrainState,
+    files: Vec<(&str, Vec<u8>)>,
+) -> Result<String> {
     let dir = step_dir(state.step);
     let mut objects = Vec::new();
     for (file, data) in files {
@@ -327,12 +331,20 @@ pub(crate) mod tests {
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
         rt().block_on(async {
             assert!(load_latest(&loc, |_| ()).await.unwrap().is_none());
-            save(&loc, state(5), vec![("model.safetensors", b"five".to_vec())])
-                .await
-                .unwrap();
-            save(&loc, state(10), vec![("model.safetensors", b"ten".to_vec())])
-                .await
-                .unwrap();
+            save(
+                &loc,
+                state(5),
+                vec![("model.safetensors", b"five".to_vec())],
+            )
+            .await
+            .unwrap();
+            save(
+                &loc,
+                state(10),
+                vec![("model.safetensors", b"ten".to_vec())],
+            )
+            .await
+            .unwrap();
             // A crash after the data of step 15 but before its manifest.
             loc.put("step-000000015/model.safetensors", b"half".to_vec())
                 .await
@@ -348,12 +360,20 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
         rt().block_on(async {
-            save(&loc, state(5), vec![("model.safetensors", b"five".to_vec())])
-                .await
-                .unwrap();
-            save(&loc, state(10), vec![("model.safetensors", b"ten".to_vec())])
-                .await
-                .unwrap();
+            save(
+                &loc,
+                state(5),
+                vec![("model.safetensors", b"five".to_vec())],
+            )
+            .await
+            .unwrap();
+            save(
+                &loc,
+                state(10),
+                vec![("model.safetensors", b"ten".to_vec())],
+            )
+            .await
+            .unwrap();
             loc.put("step-000000010/model.safetensors", b"tan".to_vec())
                 .await
                 .unwrap();
@@ -364,7 +384,10 @@ pub(crate) mod tests {
                 .unwrap();
             assert_eq!(l.manifest.step, 5);
             assert_eq!(warnings.len(), 1);
-            assert!(warnings[0].contains("does not match its manifest"), "{warnings:?}");
+            assert!(
+                warnings[0].contains("does not match its manifest"),
+                "{warnings:?}"
+            );
         });
     }
 
@@ -378,12 +401,21 @@ pub(crate) mod tests {
                     .await
                     .unwrap();
             }
-            loc.put("step-000000012/model.safetensors", vec![0]).await.unwrap();
-            loc.put("step-000000020/model.safetensors", vec![0]).await.unwrap();
+            loc.put("step-000000012/model.safetensors", vec![0])
+                .await
+                .unwrap();
+            loc.put("step-000000020/model.safetensors", vec![0])
+                .await
+                .unwrap();
             let deleted = prune(&loc, 2).await.unwrap();
             assert_eq!(deleted, [5, 12]);
             assert_eq!(committed(&loc).await.unwrap(), [15, 10]);
-            assert!(!dir.path().join("step-000000005").join("model.safetensors").exists());
+            assert!(
+                !dir.path()
+                    .join("step-000000005")
+                    .join("model.safetensors")
+                    .exists()
+            );
             // Newer than the newest commit: may be a write in progress, kept.
             assert!(dir.path().join("step-000000020/model.safetensors").exists());
             assert!(load_step(&loc, 10).await.is_ok());

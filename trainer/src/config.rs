@@ -36,9 +36,18 @@ pub const FAULT: &str = "RADFM_FAULT";
 
 /// The trainer-local variables, with what they do (documented in docs/env-contract.md).
 pub const LOCAL_VARS: &[(&str, &str)] = &[
-    (LOCAL_RANK, "rank of this process inside the pod (default 0)"),
-    (LOG_EVERY, "steps between JSON progress lines on stdout (default 10)"),
-    (METRICS_ADDR, "host:port of the Prometheus endpoint (default: none)"),
+    (
+        LOCAL_RANK,
+        "rank of this process inside the pod (default 0)",
+    ),
+    (
+        LOG_EVERY,
+        "steps between JSON progress lines on stdout (default 10)",
+    ),
+    (
+        METRICS_ADDR,
+        "host:port of the Prometheus endpoint (default: none)",
+    ),
     (
         MAX_NONFINITE,
         "consecutive NaN/inf losses skipped before exiting 66 (default 3)",
@@ -47,7 +56,10 @@ pub const LOCAL_VARS: &[(&str, &str)] = &[
         MAX_BAD_SAMPLES,
         "corrupt samples per epoch and rank before exiting 65 (default 16)",
     ),
-    (AUGMENT, "random resized crop, flip, intensity jitter (default true)"),
+    (
+        AUGMENT,
+        "random resized crop, flip, intensity jitter (default true)",
+    ),
     (THREADS, "libtorch CPU threads (default: libtorch's choice)"),
     (
         NORM_PIX_LOSS,
@@ -286,10 +298,13 @@ impl TrainConfig {
             threads: get(THREADS)
                 .filter(|v| !v.is_empty())
                 .map(|v| {
-                    v.parse::<i32>().ok().filter(|&n| n > 0).ok_or(Error::Field {
-                        field: THREADS.into(),
-                        reason: format!("{v:?} is not a positive integer"),
-                    })
+                    v.parse::<i32>()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or(Error::Field {
+                            field: THREADS.into(),
+                            reason: format!("{v:?} is not a positive integer"),
+                        })
                 })
                 .transpose()?,
             pod_name: get(radfm_api::env::POD_NAME).filter(|v| !v.is_empty()),
@@ -419,7 +434,10 @@ pub(crate) mod tests {
     fn docs_list_every_trainer_local_variable() {
         let doc = include_str!("../../docs/env-contract.md");
         for (name, _) in LOCAL_VARS {
-            assert!(doc.contains(&format!("| `{name}` |")), "docs/env-contract.md lacks {name}");
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "docs/env-contract.md lacks {name}"
+            );
         }
     }
 

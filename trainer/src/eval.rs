@@ -74,7 +74,11 @@ pub async fn embed(
         let loc = radfm_data::store::Location::open(dataset_uri)?;
         radfm_data::index::DatasetIndex::load(&loc).await?.stats
     };
-    let eval_std = if eval_stats.std > 0.0 { eval_stats.std } else { 1.0 };
+    let eval_std = if eval_stats.std > 0.0 {
+        eval_stats.std
+    } else {
+        1.0
+    };
     let mut loader = Loader::open(dataset_uri, cfg).await?;
     let device = encoder.device();
     let mut feats = Vec::new();
@@ -309,7 +313,11 @@ pub async fn compare(
     label: &str,
     seed: i64,
 ) -> Result<Comparison> {
-    let pretrained = probe(name, &embed(encoder, dataset_uri, label, mean, std).await?, 10)?;
+    let pretrained = probe(
+        name,
+        &embed(encoder, dataset_uri, label, mean, std).await?,
+        10,
+    )?;
     let random = random_encoder(encoder.cfg, seed, encoder.device());
     let random_init = probe(
         "random-init",

@@ -83,15 +83,20 @@ pub async fn export(checkpoint_uri: &str, out_uri: &str) -> Result<ModelCard> {
         })?;
     let state = &loaded.manifest.state;
     let field = |name: &str| {
-        state.config.get(name).cloned().ok_or_else(|| Error::Checkpoint {
-            uri: loaded.uri.clone(),
-            reason: format!("state.config lacks {name}"),
-        })
+        state
+            .config
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Checkpoint {
+                uri: loaded.uri.clone(),
+                reason: format!("state.config lacks {name}"),
+            })
     };
-    let vit: VitConfig = serde_json::from_value(field("model")?).map_err(|e| Error::Checkpoint {
-        uri: loaded.uri.clone(),
-        reason: format!("state.config.model: {e}"),
-    })?;
+    let vit: VitConfig =
+        serde_json::from_value(field("model")?).map_err(|e| Error::Checkpoint {
+            uri: loaded.uri.clone(),
+            reason: format!("state.config.model: {e}"),
+        })?;
     let model = tensors::from_bytes(loaded.object("model.safetensors")?, &loaded.uri)?;
     let encoder: Vec<(String, tch::Tensor)> = model
         .into_iter()
@@ -113,7 +118,11 @@ pub async fn export(checkpoint_uri: &str, out_uri: &str) -> Result<ModelCard> {
             channels: 1,
             image_size: vit.image_size,
             mean: state.data.mean,
-            std: if state.data.std > 0.0 { state.data.std } else { 1.0 },
+            std: if state.data.std > 0.0 {
+                state.data.std
+            } else {
+                1.0
+            },
         },
         objective: "masked autoencoding, normalised-pixel targets".into(),
         mask_ratio: field("mask_ratio")?.as_f64().unwrap_or_default(),

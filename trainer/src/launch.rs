@@ -18,11 +18,18 @@ use crate::config::LOCAL_RANK;
 /// Terminated if that is what every failed process reported; otherwise the first other failure.
 /// Processes stopped by a peer's failure report PeerLost, so the root cause wins over them.
 pub fn fold(codes: &[i32]) -> i32 {
-    let failed: Vec<i32> = codes.iter().copied().filter(|&c| c != exit::SUCCESS).collect();
+    let failed: Vec<i32> = codes
+        .iter()
+        .copied()
+        .filter(|&c| c != exit::SUCCESS)
+        .collect();
     if failed.is_empty() {
         return exit::SUCCESS;
     }
-    if let Some(&c) = failed.iter().find(|&&c| exit::class(c) == exit::ExitClass::Permanent) {
+    if let Some(&c) = failed
+        .iter()
+        .find(|&&c| exit::class(c) == exit::ExitClass::Permanent)
+    {
         return c;
     }
     if failed.iter().all(|&c| c == exit::TERMINATED) {
@@ -91,7 +98,10 @@ pub fn run(nproc: usize) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let codes: Vec<i32> = codes.into_iter().map(|c| c.unwrap_or(exit::RETRYABLE)).collect();
+    let codes: Vec<i32> = codes
+        .into_iter()
+        .map(|c| c.unwrap_or(exit::RETRYABLE))
+        .collect();
     let folded = fold(&codes);
     if folded != exit::SUCCESS {
         eprintln!("radfm-trainer: local ranks exited with {codes:?}; pod exits {folded}");
@@ -107,7 +117,11 @@ mod tests {
     fn the_pod_code_names_the_root_cause() {
         assert_eq!(fold(&[0, 0, 0]), 0);
         assert_eq!(fold(&[0, 76, 66, 76]), 66, "a permanent failure wins");
-        assert_eq!(fold(&[76, 75, 76]), 75, "the failure that stopped the peers");
+        assert_eq!(
+            fold(&[76, 75, 76]),
+            75,
+            "the failure that stopped the peers"
+        );
         assert_eq!(fold(&[76, 76]), 76);
         assert_eq!(fold(&[77, 77]), 77);
         assert_eq!(fold(&[77, 76]), 76);

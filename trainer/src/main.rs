@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use radfm_trainer::{Error, TrainConfig, eval, export, train};
 
 #[derive(Parser)]
-#[command(name = "radfm-trainer", version, about = "radfm's MAE pretraining process")]
+#[command(
+    name = "radfm-trainer",
+    version,
+    about = "radfm's MAE pretraining process"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -112,7 +112,8 @@ impl VitConfig {
     pub fn encoder_params(&self) -> i64 {
         let d = self.width;
         let p = self.patch_size;
-        let block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * (self.mlp_ratio * d * d) + 5 * d;
+        let block =
+            4 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * (self.mlp_ratio * d * d) + 5 * d;
         d * p * p + d + d + self.depth * block + 2 * d
     }
 }
@@ -330,7 +331,11 @@ impl Encoder {
         let ids_shuffle = noise.argsort(1, false);
         let ids_restore = ids_shuffle.argsort(1, false);
         let ids_keep = ids_shuffle.narrow(1, 0, keep);
-        let kept = x.gather(1, &ids_keep.unsqueeze(-1).expand([b, keep, d], false), false);
+        let kept = x.gather(
+            1,
+            &ids_keep.unsqueeze(-1).expand([b, keep, d], false),
+            false,
+        );
         let mask = Tensor::ones([b, n], (Kind::Float, x.device()));
         let _ = mask.narrow(1, 0, keep).fill_(0.0);
         let mask = mask.gather(1, &ids_restore, false);
@@ -370,7 +375,14 @@ impl Decoder {
             ),
             pos_embed,
             blocks: (0..cfg.decoder_depth)
-                .map(|i| Block::new(&p / "decoder_blocks" / i, dd, cfg.decoder_heads, cfg.mlp_ratio))
+                .map(|i| {
+                    Block::new(
+                        &p / "decoder_blocks" / i,
+                        dd,
+                        cfg.decoder_heads,
+                        cfg.mlp_ratio,
+                    )
+                })
                 .collect(),
             norm: layer_norm(&p / "decoder_norm", dd),
             pred: linear(&p / "decoder_pred", dd, cfg.patch_size * cfg.patch_size),
@@ -400,7 +412,9 @@ impl Decoder {
 
 /// [B, 1, H, W] images as [B, N, patch²] patch rows (row-major patches, row-major pixels).
 pub fn patchify(images: &Tensor, patch: i64) -> Tensor {
-    let (b, _, h, w) = images.size4().expect("images are [batch, 1, height, width]");
+    let (b, _, h, w) = images
+        .size4()
+        .expect("images are [batch, 1, height, width]");
     let (gh, gw) = (h / patch, w / patch);
     images
         .reshape([b, 1, gh, patch, gw, patch])
@@ -443,7 +457,10 @@ impl Mae {
     pub fn loss_with(&self, images: &Tensor, mask_ratio: f64, noise: &Tensor) -> Tensor {
         let (latent, mask, ids_restore) =
             self.encoder.forward_masked_with(images, mask_ratio, noise);
-        let pred = self.decoder.forward(&latent, &ids_restore).to_kind(Kind::Float);
+        let pred = self
+            .decoder
+            .forward(&latent, &ids_restore)
+            .to_kind(Kind::Float);
         let target = patchify(images, self.cfg.patch_size);
         let target = if self.norm_pix {
             let mean = target.mean_dim(-1, true, Kind::Float);
@@ -496,7 +513,10 @@ mod tests {
             assert!(names.contains_key(n), "{n} missing from {:?}", names.keys());
         }
         assert!(!names["encoder.pos_embed"].requires_grad());
-        assert_eq!(names["encoder.patch_embed.proj.weight"].size(), [16, 1, 4, 4]);
+        assert_eq!(
+            names["encoder.patch_embed.proj.weight"].size(),
+            [16, 1, 4, 4]
+        );
     }
 
     #[test]
@@ -527,7 +547,10 @@ mod tests {
     fn sincos_table_has_a_zero_class_row_and_unit_rows() {
         let t = sincos_pos_embed(8, 2);
         assert_eq!(t.size(), [1, 5, 8]);
-        assert_eq!(t.get(0).get(0).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(
+            t.get(0).get(0).abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
         // sin² + cos² = 1 for each of the 4 frequency pairs of a row.
         let row = t.get(0).get(4).square().sum(Kind::Float).double_value(&[]);
         assert!((row - 4.0).abs() < 1e-5);

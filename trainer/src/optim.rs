@@ -155,10 +155,9 @@ impl AdamW {
                     let _ = p.tensor.g_mul_scalar_(1.0 - lr * weight_decay);
                 }
                 let _ = p.m.g_mul_scalar_(beta1).g_add_(&(&g * (1.0 - beta1)));
-                let _ = p
-                    .v
-                    .g_mul_scalar_(beta2)
-                    .g_add_(&(g.square() * (1.0 - beta2)));
+                let _ =
+                    p.v.g_mul_scalar_(beta2)
+                        .g_add_(&(g.square() * (1.0 - beta2)));
                 let denom = p.v.sqrt() / bc2.sqrt() + eps;
                 let _ = p.tensor.g_sub_(&(&p.m / denom * (lr / bc1)));
             }
@@ -207,7 +206,8 @@ mod tests {
     #[test]
     fn adamw_matches_pytorch_on_a_quadratic() {
         let vs = VarStore::new(tch::Device::Cpu);
-        let w = (vs.root() / "w").var_copy("weight", &Tensor::from_slice(&[1.0f32, -2.0]).view([1, 2]));
+        let w =
+            (vs.root() / "w").var_copy("weight", &Tensor::from_slice(&[1.0f32, -2.0]).view([1, 2]));
         let mut opt = AdamW::new(&vs, AdamWConfig::default());
         for _ in 0..2 {
             opt.zero_grad();
@@ -230,7 +230,10 @@ mod tests {
             }
         }
         for i in 0..2 {
-            assert!((got[i] as f64 - expect[i]).abs() < 1e-6, "{got:?} vs {expect:?}");
+            assert!(
+                (got[i] as f64 - expect[i]).abs() < 1e-6,
+                "{got:?} vs {expect:?}"
+            );
         }
     }
 
@@ -239,7 +242,9 @@ mod tests {
         let vs = VarStore::new(tch::Device::Cpu);
         let w = vs.root().var_copy("w", &Tensor::from_slice(&[3.0f32, 4.0]));
         let mut opt = AdamW::new(&vs, AdamWConfig::default());
-        (&w * &Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
+        (&w * &Tensor::from_slice(&[3.0f32, 4.0]))
+            .sum(Kind::Float)
+            .backward();
         assert!((opt.clip_grad_norm(1.0) - 5.0).abs() < 1e-6);
         assert!((opt.grad_norm() - 1.0).abs() < 1e-5);
     }

@@ -65,14 +65,22 @@ impl Metrics {
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("radfm_trainer");
         r.register("step", "Optimizer steps completed", self.step.clone());
-        r.register("loss", "Mean training loss of the last window", self.loss.clone());
+        r.register(
+            "loss",
+            "Mean training loss of the last window",
+            self.loss.clone(),
+        );
         r.register("learning_rate", "Learning rate", self.lr.clone());
         r.register(
             "images_per_second",
             "Training images per second of this process",
             self.images_per_second.clone(),
         );
-        r.register("checkpoints", "Checkpoints committed", self.checkpoints.clone());
+        r.register(
+            "checkpoints",
+            "Checkpoints committed",
+            self.checkpoints.clone(),
+        );
         r.register(
             "nonfinite_steps",
             "Steps skipped because the loss was NaN or infinite",
@@ -190,7 +198,10 @@ mod tests {
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(!line.contains('\n'));
-        assert!(line.starts_with(r#"{"event":"step","step":3,"total_steps":10"#), "{line}");
+        assert!(
+            line.starts_with(r#"{"event":"step","step":3,"total_steps":10"#),
+            "{line}"
+        );
     }
 
     #[tokio::test]

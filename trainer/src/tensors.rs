@@ -45,7 +45,8 @@ pub fn to_bytes(
     let mut raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(named.len());
     for (name, t) in named {
         let t = t.detach().to_device(Device::Cpu).contiguous();
-        let dt = dtype(t.kind()).ok_or_else(|| bad(format!("{name}: unsupported {:?}", t.kind())))?;
+        let dt =
+            dtype(t.kind()).ok_or_else(|| bad(format!("{name}: unsupported {:?}", t.kind())))?;
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut bytes, t.numel())
@@ -74,7 +75,8 @@ pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Vec<(String, Tensor)>> {
         .tensors()
         .into_iter()
         .map(|(name, v)| {
-            let k = kind(v.dtype()).ok_or_else(|| bad(format!("{name}: unsupported {:?}", v.dtype())))?;
+            let k = kind(v.dtype())
+                .ok_or_else(|| bad(format!("{name}: unsupported {:?}", v.dtype())))?;
             let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
             let t = Tensor::f_from_data_size(v.data(), &shape, k)
                 .map_err(|e| bad(format!("{name}: {e}")))?;
@@ -137,7 +139,10 @@ mod tests {
     fn round_trip_keeps_names_shapes_kinds_and_bits() {
         let a = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
         let b = Tensor::from_slice(&[1i64, -2, 3]);
-        let named = vec![("a.weight".to_string(), a.shallow_clone()), ("b".to_string(), b.shallow_clone())];
+        let named = vec![
+            ("a.weight".to_string(), a.shallow_clone()),
+            ("b".to_string(), b.shallow_clone()),
+        ];
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let bytes = to_bytes(&named, Some(meta), "test").unwrap();
         let back = from_bytes(&bytes, "test").unwrap();
@@ -149,9 +154,16 @@ mod tests {
 
     #[test]
     fn truncated_bytes_name_the_object() {
-        let named = vec![("w".to_string(), Tensor::ones([8], (Kind::Float, Device::Cpu)))];
+        let named = vec![(
+            "w".to_string(),
+            Tensor::ones([8], (Kind::Float, Device::Cpu)),
+        )];
         let bytes = to_bytes(&named, None, "x").unwrap();
         let e = from_bytes(&bytes[..bytes.len() - 4], "s3://b/ckpt/model.safetensors").unwrap_err();
-        assert!(e.to_string().starts_with("checkpoint s3://b/ckpt/model.safetensors:"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("checkpoint s3://b/ckpt/model.safetensors:"),
+            "{e}"
+        );
     }
 }

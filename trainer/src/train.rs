@@ -342,7 +342,11 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         if step % cfg.log_every == 0 || step == total {
             let dt = win_t.elapsed().as_secs_f64().max(1e-9);
             let ips = win_images as f64 / dt;
-            let loss = if win_n > 0 { win_loss / win_n as f64 } else { f64::NAN };
+            let loss = if win_n > 0 {
+                win_loss / win_n as f64
+            } else {
+                f64::NAN
+            };
             let done = (step - first_step).max(1) as f64;
             let record = Record {
                 event: "step",
@@ -363,7 +367,9 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             }
             metrics.lr.set(lr);
             metrics.images_per_second.set(ips);
-            metrics.fetch_retries.set(retries.load(Ordering::Relaxed) as i64);
+            metrics
+                .fetch_retries
+                .set(retries.load(Ordering::Relaxed) as i64);
             if cfg.rank == 0 && !hooks.quiet {
                 // A closed stdout (a log collector gone) must not stop training.
                 use std::io::Write;
@@ -420,7 +426,10 @@ pub fn state_files(vs: &VarStore, opt: &AdamW) -> Result<Vec<(&'static str, Vec<
         moments.push((format!("v.{}", p.name), p.v.shallow_clone()));
     }
     Ok(vec![
-        ("model.safetensors", tensors::to_bytes(&model, None, "model")?),
+        (
+            "model.safetensors",
+            tensors::to_bytes(&model, None, "model")?,
+        ),
         (
             "optimizer.safetensors",
             tensors::to_bytes(&moments, None, "optimizer")?,
@@ -474,7 +483,9 @@ fn restore(
 pub fn mean_loss(mae: &Mae, images: &Tensor, ratio: f64, seed: i64) -> f64 {
     tch::no_grad(|| {
         tch::manual_seed(seed);
-        mae.loss(images, ratio).to_kind(Kind::Double).double_value(&[])
+        mae.loss(images, ratio)
+            .to_kind(Kind::Double)
+            .double_value(&[])
     })
 }
 

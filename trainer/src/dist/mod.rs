@@ -59,10 +59,21 @@ pub fn broadcast_tensors(ring: &mut ring::Ring, tensors: &[Tensor]) -> Result<()
         return Ok(());
     }
     for t in tensors {
-        let mut buf: Vec<f32> = Vec::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1))
-            .map_err(|e: tch::TchError| Error::PeerLost { rank: ring.rank(), reason: e.to_string() })?;
+        let mut buf: Vec<f32> = Vec::try_from(
+            t.detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .flatten(0, -1),
+        )
+        .map_err(|e: tch::TchError| Error::PeerLost {
+            rank: ring.rank(),
+            reason: e.to_string(),
+        })?;
         ring.broadcast(&mut buf, 0)?;
-        let src = Tensor::from_slice(&buf).view(t.size().as_slice()).to_device(t.device()).to_kind(t.kind());
+        let src = Tensor::from_slice(&buf)
+            .view(t.size().as_slice())
+            .to_device(t.device())
+            .to_kind(t.kind());
         let mut dst = t.shallow_clone();
         tch::no_grad(|| dst.copy_(&src));
     }
@@ -89,14 +100,20 @@ pub fn all_reduce_grads(ring: &mut ring::Ring, params: &[Param]) -> Result<()> {
             .map(|p| {
                 let g = p.tensor.grad();
                 if g.defined() {
-                    g.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)
+                    g.detach()
+                        .to_device(Device::Cpu)
+                        .to_kind(Kind::Float)
+                        .flatten(0, -1)
                 } else {
                     Tensor::zeros([p.tensor.numel() as i64], (Kind::Float, Device::Cpu))
                 }
             })
             .collect();
-        let mut buf: Vec<f32> = Vec::try_from(Tensor::cat(&parts, 0))
-            .map_err(|e: tch::TchError| Error::PeerLost { rank: ring.rank(), reason: e.to_string() })?;
+        let mut buf: Vec<f32> =
+            Vec::try_from(Tensor::cat(&parts, 0)).map_err(|e: tch::TchError| Error::PeerLost {
+                rank: ring.rank(),
+                reason: e.to_string(),
+            })?;
         ring.all_reduce_sum(&mut buf)?;
         let summed = Tensor::from_slice(&buf) / world as f64;
         let mut offset = 0i64;
@@ -158,7 +175,11 @@ mod tests {
             if let Some(r) = ring.as_mut() {
                 all_reduce_grads(r, &opt.params).unwrap();
             }
-            let flat: Vec<Tensor> = opt.params.iter().map(|p| p.tensor.grad().flatten(0, -1)).collect();
+            let flat: Vec<Tensor> = opt
+                .params
+                .iter()
+                .map(|p| p.tensor.grad().flatten(0, -1))
+                .collect();
             grads.push(Tensor::cat(&flat, 0));
             opt.clip_grad_norm(1.0);
             opt.step(1e-3);
@@ -180,7 +201,11 @@ mod tests {
                     )
                 })
                 .collect();
-            let single = train(None, 7, steps.iter().map(|(x, n)| (x.copy(), n.copy())).collect());
+            let single = train(
+                None,
+                7,
+                steps.iter().map(|(x, n)| (x.copy(), n.copy())).collect(),
+            );
 
             let server = store::StoreServer::start("127.0.0.1:0").unwrap();
             let addr = server.addr.to_string();
@@ -200,7 +225,8 @@ mod tests {
                         let mut c =
                             store::StoreClient::connect(&addr, 1, Duration::from_secs(10)).unwrap();
                         let ring =
-                            ring::Ring::connect(&mut c, rank, world, Duration::from_secs(10)).unwrap();
+                            ring::Ring::connect(&mut c, rank, world, Duration::from_secs(10))
+                                .unwrap();
                         train(Some(ring), 7 + rank as i64, mine)
                     })
                 })
@@ -209,8 +235,13 @@ mod tests {
                 let (params, grads) = h.join().unwrap();
                 // The averaged gradients are the single process's, up to summation order.
                 for (step, (a, b)) in single.1.iter().zip(&grads).enumerate() {
-                    let excess = ((a - b).abs() - a.abs() * 1e-4 - 1e-6).max().double_value(&[]);
-                    assert!(excess <= 0.0, "world {world}: gradients of step {step} differ");
+                    let excess = ((a - b).abs() - a.abs() * 1e-4 - 1e-6)
+                        .max()
+                        .double_value(&[]);
+                    assert!(
+                        excess <= 0.0,
+                        "world {world}: gradients of step {step} differ"
+                    );
                 }
                 // Parameters agree within float tolerance. AdamW divides by the gradient's
                 // running RMS, which turns rounding noise of gradients whose exact value is zero

@@ -51,11 +51,14 @@ impl Ring {
         let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
         let listener = TcpListener::bind((store.local_ip, 0))
             .map_err(|e| lost(rank, prev_rank, "listen", e))?;
-        let me = listener.local_addr().map_err(|e| lost(rank, prev_rank, "listen", e))?;
+        let me = listener
+            .local_addr()
+            .map_err(|e| lost(rank, prev_rank, "listen", e))?;
         store.set(&format!("ring/{rank}"), me.to_string().as_bytes())?;
-        let next_addr: SocketAddr = String::from_utf8_lossy(&store.get(&format!("ring/{next_rank}"))?)
-            .parse()
-            .map_err(|e| lost(rank, next_rank, "address", e))?;
+        let next_addr: SocketAddr =
+            String::from_utf8_lossy(&store.get(&format!("ring/{next_rank}"))?)
+                .parse()
+                .map_err(|e| lost(rank, next_rank, "address", e))?;
         let deadline = Instant::now() + timeout;
         let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
             loop {
@@ -89,9 +92,12 @@ impl Ring {
         prev.set_nonblocking(false)
             .map_err(|e| lost(rank, prev_rank, "accept", e))?;
         for s in [&next, &prev] {
-            s.set_nodelay(true).map_err(|e| lost(rank, prev_rank, "socket", e))?;
-            s.set_read_timeout(Some(timeout)).map_err(|e| lost(rank, prev_rank, "socket", e))?;
-            s.set_write_timeout(Some(timeout)).map_err(|e| lost(rank, prev_rank, "socket", e))?;
+            s.set_nodelay(true)
+                .map_err(|e| lost(rank, prev_rank, "socket", e))?;
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| lost(rank, prev_rank, "socket", e))?;
+            s.set_write_timeout(Some(timeout))
+                .map_err(|e| lost(rank, prev_rank, "socket", e))?;
         }
         // Handshake: the previous rank must be who the ring says it is.
         next.write_all(&(rank as u32).to_le_bytes())
@@ -100,7 +106,12 @@ impl Ring {
         prev.read_exact(&mut who)
             .map_err(|e| lost(rank, prev_rank, "handshake", e))?;
         if u32::from_le_bytes(who) as usize != prev_rank {
-            return Err(lost(rank, prev_rank, "handshake", format!("got rank {}", u32::from_le_bytes(who))));
+            return Err(lost(
+                rank,
+                prev_rank,
+                "handshake",
+                format!("got rank {}", u32::from_le_bytes(who)),
+            ));
         }
         Ok(Ring {
             rank,
@@ -238,7 +249,11 @@ mod tests {
                             let mut v: Vec<f32> =
                                 (0..len).map(|i| (i * (rank + 1)) as f32).collect();
                             ring.all_reduce_sum(&mut v).unwrap();
-                            let mut b = if rank == 1 { vec![7.0; 3] } else { vec![0.0; 3] };
+                            let mut b = if rank == 1 {
+                                vec![7.0; 3]
+                            } else {
+                                vec![0.0; 3]
+                            };
                             ring.broadcast(&mut b, 1).unwrap();
                             ring.barrier().unwrap();
                             (v, b)

@@ -66,7 +66,10 @@ fn serve(conn: TcpStream, shared: Arc<(Mutex<State>, Condvar)>) {
         let parts: Vec<&str> = line.splitn(3, ' ').collect();
         let reply = match parts.as_slice() {
             ["SET", key, value] => {
-                lock.lock().unwrap().map.insert(key.to_string(), value.to_string());
+                lock.lock()
+                    .unwrap()
+                    .map
+                    .insert(key.to_string(), value.to_string());
                 cond.notify_all();
                 "OK".to_string()
             }
@@ -85,8 +88,7 @@ fn serve(conn: TcpStream, shared: Arc<(Mutex<State>, Condvar)>) {
                 Err(_) => "ERR bad number".into(),
             },
             ["WAIT", key, millis] => {
-                let deadline =
-                    Instant::now() + Duration::from_millis(millis.parse().unwrap_or(0));
+                let deadline = Instant::now() + Duration::from_millis(millis.parse().unwrap_or(0));
                 let mut st = lock.lock().unwrap();
                 loop {
                     if let Some(v) = st.map.get(*key) {
@@ -133,7 +135,8 @@ impl StoreClient {
                 .map_err(|e| e.to_string())
                 .and_then(|mut it| it.next().ok_or_else(|| "no address".to_string()))
                 .and_then(|sa| {
-                    TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(|e| e.to_string())
+                    TcpStream::connect_timeout(&sa, Duration::from_secs(2))
+                        .map_err(|e| e.to_string())
                 });
             match attempt_once {
                 Ok(s) => break s,
@@ -230,7 +233,8 @@ mod tests {
                 let addr = addr.clone();
                 std::thread::spawn(move || {
                     let mut c = StoreClient::connect(&addr, 1, Duration::from_secs(5)).unwrap();
-                    c.set(&format!("addr/{rank}"), format!("r{rank}").as_bytes()).unwrap();
+                    c.set(&format!("addr/{rank}"), format!("r{rank}").as_bytes())
+                        .unwrap();
                     c.barrier("start", 3).unwrap();
                     let next = (rank + 1) % 3;
                     String::from_utf8(c.get(&format!("addr/{next}")).unwrap()).unwrap()
@@ -255,7 +259,11 @@ mod tests {
 
     #[test]
     fn an_absent_store_is_reported_after_the_connect_timeout() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let t = Instant::now();
         let e = StoreClient::connect(&format!("127.0.0.1:{port}"), 1, Duration::from_millis(500))
             .err()
