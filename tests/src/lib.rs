@@ -889,6 +889,12 @@ impl NetNs {
             bridge: bridge.clone(),
             net,
         };
+        // Leftovers of a killed earlier run with the same tag.
+        for name in &ns.names {
+            ip(&["netns", "del", name]);
+            ip(&["link", "del", &format!("{name}h")]);
+        }
+        ip(&["link", "del", &bridge]);
         if !ip(&["link", "add", &bridge, "type", "bridge"]) {
             return None;
         }

@@ -104,15 +104,12 @@ impl AdamW {
                 .iter()
                 .map(|p| p.tensor.grad())
                 .filter(|g| g.defined())
-                .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
+                .map(|g| g.to_kind(Kind::Float).norm())
                 .collect();
             if sq.is_empty() {
                 return 0.0;
             }
-            Tensor::stack(&sq, 0)
-                .sum(Kind::Float)
-                .sqrt()
-                .double_value(&[])
+            Tensor::stack(&sq, 0).norm().double_value(&[])
         })
     }
 
@@ -154,12 +151,13 @@ impl AdamW {
                 if p.decay && weight_decay > 0.0 {
                     let _ = p.tensor.g_mul_scalar_(1.0 - lr * weight_decay);
                 }
-                let _ = p.m.g_mul_scalar_(beta1).g_add_(&(&g * (1.0 - beta1)));
-                let _ =
-                    p.v.g_mul_scalar_(beta2)
-                        .g_add_(&(g.square() * (1.0 - beta2)));
-                let denom = p.v.sqrt() / bc2.sqrt() + eps;
-                let _ = p.tensor.g_sub_(&(&p.m / denom * (lr / bc1)));
+                // Fused in-place forms of m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g²,
+                // p −= lr/bc1 · m / (√v/√bc2 + ε): fewer kernels and temporaries per parameter.
+                let _ = p.m.lerp_(&g, 1.0 - beta1);
+                let _ = p.v.g_mul_scalar_(beta2).addcmul_(&(&g * (1.0 - beta2)), &g);
+                let mut denom = p.v.sqrt();
+                let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(eps);
+                let _ = p.tensor.addcdiv_(&(&p.m * (-lr / bc1)), &denom);
             }
         });
     }
