@@ -30,6 +30,25 @@ fn lost(rank: usize, peer: usize, what: &str, e: impl std::fmt::Display) -> Erro
     }
 }
 
+/// Two non-overlapping ranges of `data`: one to read, one to write.
+fn disjoint(
+    data: &mut [f32],
+    read: std::ops::Range<usize>,
+    write: std::ops::Range<usize>,
+) -> (&[f32], &mut [f32]) {
+    if read.end <= write.start {
+        let (a, b) = data.split_at_mut(write.start);
+        (&a[read], &mut b[..write.len()])
+    } else {
+        // Chunks never overlap, so the write range ends where the read range starts or before.
+        let (a, b) = data.split_at_mut(write.end);
+        (
+            &b[read.start - write.end..read.end - write.end],
+            &mut a[write],
+        )
+    }
+}
+
 impl Ring {
     /// Joins the ring: publishes this rank's listening address in the store, connects to the
     /// next rank and accepts the previous one, each within `timeout`.
@@ -132,14 +151,40 @@ impl Ring {
         self.world
     }
 
-    /// Sends `out` to the next rank while receiving `inp.len()` values from the previous one.
-    fn exchange(&mut self, out: &[f32], inp: &mut [f32]) -> Result<()> {
+    /// Sends `out` to the next rank while receiving `inp.len()` values from the previous rank
+    /// in pieces; with `reduce`, each received piece is added into `inp` (through `scratch`) as
+    /// soon as it arrives, overlapping the reduction with the transfer of the next piece.
+    fn exchange(
+        &mut self,
+        out: &[f32],
+        inp: &mut [f32],
+        reduce: bool,
+        scratch: &mut [f32],
+    ) -> Result<()> {
+        const PIECE: usize = 1 << 20; // floats: 4 MiB
         let (rank, world) = (self.rank, self.world);
         let next = self.next.as_mut().expect("a ring of 2+ ranks");
         let prev = self.prev.as_mut().expect("a ring of 2+ ranks");
         std::thread::scope(|s| {
             let sender = s.spawn(|| next.write_all(bytemuck::cast_slice(out)));
-            let received = prev.read_exact(bytemuck::cast_slice_mut(inp));
+            let mut received = Ok(());
+            for piece in inp.chunks_mut(PIECE) {
+                if reduce {
+                    let buf = &mut scratch[..piece.len()];
+                    received = prev.read_exact(bytemuck::cast_slice_mut(buf));
+                    if received.is_err() {
+                        break;
+                    }
+                    for (d, x) in piece.iter_mut().zip(buf.iter()) {
+                        *d += *x;
+                    }
+                } else {
+                    received = prev.read_exact(bytemuck::cast_slice_mut(piece));
+                    if received.is_err() {
+                        break;
+                    }
+                }
+            }
             let sent = sender.join().expect("sender thread");
             sent.map_err(|e| lost(rank, (rank + 1) % world, "send", e))?;
             received.map_err(|e| lost(rank, (rank + world - 1) % world, "receive", e))
@@ -153,32 +198,22 @@ impl Ring {
             return Ok(());
         }
         let len = data.len();
-        let bounds = |i: usize| (i * len / n, (i + 1) * len / n);
+        let bounds = |i: usize| i * len / n..(i + 1) * len / n;
         let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(len.div_ceil(n) + 1, 0.0);
+        scratch.resize((1 << 20).min(len), 0.0);
         // Reduce-scatter: after n-1 steps rank r holds the full sum of chunk (r+1) mod n.
-        for step in 0..n - 1 {
-            let send = (self.rank + n - step) % n;
-            let recv = (self.rank + n - step - 1) % n;
-            let (s0, s1) = bounds(send);
-            let (r0, r1) = bounds(recv);
-            let out = data[s0..s1].to_vec();
-            let inp = &mut scratch[..r1 - r0];
-            self.exchange(&out, inp)?;
-            for (d, x) in data[r0..r1].iter_mut().zip(inp.iter()) {
-                *d += *x;
+        // All-gather: then the reduced chunks travel once around the ring.
+        for (phase, reduce) in [(0, true), (1, false)] {
+            for step in 0..n - 1 {
+                let send = (self.rank + n + phase - step) % n;
+                let recv = (self.rank + n + phase - step - 1) % n;
+                let (out, inp) = disjoint(data, bounds(send), bounds(recv));
+                let r = self.exchange(out, inp, reduce, &mut scratch);
+                if r.is_err() {
+                    self.scratch = scratch;
+                    return r;
+                }
             }
-        }
-        // All-gather: pass the reduced chunks around.
-        for step in 0..n - 1 {
-            let send = (self.rank + 1 + n - step) % n;
-            let recv = (self.rank + n - step) % n;
-            let (s0, s1) = bounds(send);
-            let (r0, r1) = bounds(recv);
-            let out = data[s0..s1].to_vec();
-            let inp = &mut scratch[..r1 - r0];
-            self.exchange(&out, inp)?;
-            data[r0..r1].copy_from_slice(inp);
         }
         self.scratch = scratch;
         Ok(())
