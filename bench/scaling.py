@@ -1,5 +1,7 @@
-"""Data-parallel scaling of the trainer: the same per-rank batch on 1, 2 and 4 local ranks (one
-pod, the launcher, the CPU ring), images/s of the whole gang and efficiency against 1 rank.
+"""Data-parallel scaling of the trainer: the same per-rank batch and one libtorch thread per rank
+on 1, 2 and 4 local ranks (one pod, the launcher, the CPU ring); images/s of the whole gang and
+efficiency = gang images/s / (ranks × 1-rank images/s). Ranks beyond the machine's cores share
+cores, which bounds efficiency by cores/ranks there; the JSON lines say how many cores there are.
 
 Usage: scaling.py TRAINER RADFM WORKDIR; last line `bench: scaling efficiency4=<x>`.
 """
@@ -14,7 +16,7 @@ trainer, radfm, work = sys.argv[1:4]
 shutil.rmtree(work, ignore_errors=True)
 subprocess.run([radfm, "synth", "--out", f"{work}/data", "--samples", "1024", "--size", "64"],
                check=True, stdout=subprocess.DEVNULL)
-threads = max(1, (os.cpu_count() or 1))
+cores = os.cpu_count() or 1
 results = {}
 for world in (1, 2, 4):
     s = socket.socket()
@@ -29,13 +31,13 @@ for world in (1, 2, 4):
         "RADFM_CHECKPOINT_EVERY": "100000", "RADFM_CHECKPOINT_KEEP": "1", "RADFM_MODEL_ARCH": "vit-tiny",
         "RADFM_STEPS": "30", "RADFM_BATCH_SIZE": "16", "RADFM_LEARNING_RATE": "0.001",
         "RADFM_PRECISION": "fp32", "RADFM_IMAGE_SIZE": "64", "RADFM_PATCH_SIZE": "8",
-        "RADFM_THREADS": str(max(1, threads // world)), "RADFM_LOG_EVERY": "1000",
+        "RADFM_THREADS": "1", "RADFM_LOG_EVERY": "1000",
     }
     out = subprocess.run([trainer, "train"], env=env, check=True, capture_output=True, text=True).stdout
     done = [json.loads(line) for line in out.splitlines() if '"done"' in line][-1]
     gang = done["images_per_s"] * world
     results[world] = gang
     eff = gang / (world * results[1])
-    print(json.dumps({"ranks": world, "threads_per_rank": env["RADFM_THREADS"],
+    print(json.dumps({"ranks": world, "cores": cores, "threads_per_rank": 1,
                       "gang_images_per_s": round(gang, 1), "efficiency": round(eff, 3)}), flush=True)
 print(f"bench: scaling efficiency4={results[4] / (4 * results[1]):.3f}")
