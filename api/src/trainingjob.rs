@@ -607,6 +607,20 @@ pub struct Progress {
     pub updated_at: Option<String>,
 }
 
+/// The 1-based line where `key` first appears as a mapping key (block or flow style).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let needle = format!("{key}:");
+    text.lines().position(|line| {
+        line.match_indices(&needle).any(|(i, _)| {
+            line[..i]
+                .chars()
+                .last()
+                .is_none_or(|c| c == ' ' || c == '{' || c == ',' || c == '-')
+        })
+    })
+    .map(|i| i + 1)
+}
+
 impl TrainingJob {
     /// Parses a TrainingJob from YAML, naming the field path and line of the first problem, then
     /// checks the CEL rules the API server would check on creation.
@@ -647,9 +661,11 @@ impl TrainingJob {
             });
         }
         if let Some(field) = unknown.first() {
+            let key = field.rsplit('.').next().unwrap_or(field);
+            let at = key_line(text, key).map_or(String::new(), |n| format!(" (line {n})"));
             return Err(crate::Error::Yaml {
                 source_name: source_name.to_string(),
-                message: format!("{field}: unknown field"),
+                message: format!("{field}: unknown field{at}"),
             });
         }
         job.validate_cel()
@@ -791,10 +807,14 @@ spec:
         );
         assert!(err.contains("line 7"), "{err}");
         let bad = VALID.replace("spec:\n", "spec:\n  imagee: x\n");
+        let line = bad.lines().position(|l| l.contains("imagee")).unwrap() + 1;
         let err = TrainingJob::from_yaml(&bad, "job.yaml")
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "job.yaml: spec.imagee: unknown field");
+        assert_eq!(err, format!("job.yaml: spec.imagee: unknown field (line {line})"));
+        let flow = VALID.replace("spec:\n", "spec:\n  runPolicy: {suspend: true, backofLimit: 2}\n");
+        let err = TrainingJob::from_yaml(&flow, "job.yaml").unwrap_err().to_string();
+        assert!(err.ends_with(&format!("spec.runPolicy.backofLimit: unknown field (line {line})")), "{err}");
     }
 
     #[test]

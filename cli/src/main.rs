@@ -10,6 +10,8 @@ use radfm_data::ingest::{IngestConfig, ShardSink, ingest};
 use radfm_data::store::Location;
 use radfm_data::synth::{Site, SynthConfig, cohort};
 
+mod run;
+
 #[derive(Parser)]
 #[command(
     name = "radfm",
@@ -27,6 +29,30 @@ enum Command {
     Synth(SynthArgs),
     /// Ingest DICOM, PNG and JPEG files into shards (identified DICOM is refused).
     Ingest(IngestArgs),
+    /// Run a TrainingJob YAML on this machine: CPU worker processes, gang restarts, resume.
+    Run(run::RunArgs),
+    /// Export the newest checkpoint's encoder (timm names, safetensors) and its model card.
+    Export {
+        /// Checkpoint folder URI (spec.checkpoint.uri).
+        checkpoint: String,
+        /// Output folder URI.
+        out: String,
+    },
+    /// Compare an exported encoder with random initialisation by k-NN and linear probes.
+    Eval {
+        /// Exported model folder URI.
+        #[arg(long)]
+        model: String,
+        /// Labelled dataset folder URI.
+        #[arg(long)]
+        dataset: String,
+        /// 0/1 label of the samples, or FIELD=VALUE over labels and metadata.
+        #[arg(long, default_value = "lesion")]
+        label: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the CRDs.
     Crd,
     /// Print the version.
@@ -170,10 +196,25 @@ async fn synth(a: SynthArgs) -> Result<()> {
         seed: a.seed,
         first_index: a.first_index,
     };
-    let loc = Location::open(&a.out)?;
-    let mut sink = ShardSink::new(loc.clone(), shard_bytes(a.shard_mib)?);
-    let pb = bar(a.samples as u64, "synth");
-    for s in cohort(&cfg) {
+    write_cohort(&cfg, &a.out, shard_bytes(a.shard_mib)?).await
+}
+
+/// A default synthetic cohort (two sites) of `samples` images of side `size` into `uri`.
+pub(crate) async fn synth_into(uri: &str, samples: usize, size: u32, seed: u64) -> Result<()> {
+    let cfg = SynthConfig {
+        samples,
+        size,
+        seed,
+        ..Default::default()
+    };
+    write_cohort(&cfg, uri, shard_bytes(64.0)?).await
+}
+
+async fn write_cohort(cfg: &SynthConfig, out: &str, shard_bytes: usize) -> Result<()> {
+    let loc = Location::open(out)?;
+    let mut sink = ShardSink::new(loc.clone(), shard_bytes);
+    let pb = bar(cfg.samples as u64, "synth");
+    for s in cohort(cfg) {
         sink.add(&s, None).await?;
         pb.inc(1);
     }
@@ -184,7 +225,7 @@ async fn synth(a: SynthArgs) -> Result<()> {
         "synth: {} samples in {} new shards at {} (dataset: {} shards, {} samples, mean {:.1}, std {:.1})",
         sink.samples_written,
         sink.shards_written,
-        a.out,
+        out,
         index.shards.len(),
         index.samples(),
         index.stats.mean,
@@ -240,6 +281,53 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Synth(a) => synth(a).await.context("radfm synth"),
         Command::Ingest(a) => run_ingest(a).await.context("radfm ingest"),
+        Command::Run(a) => {
+            let code = run::run(a).await.context("radfm run")?;
+            std::process::exit(code)
+        }
+        Command::Export { checkpoint, out } => {
+            let card = radfm_trainer::export::export(&checkpoint, &out)
+                .await
+                .context("radfm export")?;
+            println!(
+                "exported {} ({} parameters, step {}, loss {}) to {out}",
+                card.architecture,
+                card.parameters,
+                card.steps,
+                card.final_loss.map_or("-".into(), |l| format!("{l:.4}"))
+            );
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            dataset,
+            label,
+            json,
+        } => {
+            let m = radfm_trainer::export::load(&model, tch::Device::Cpu)
+                .await
+                .context("radfm eval")?;
+            let (mean, std) = (m.card.input.mean, m.card.input.std);
+            let c = radfm_trainer::eval::compare(&model, &m.encoder, mean, std, &dataset, &label, 0)
+                .await
+                .context("radfm eval")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                println!(
+                    "label {label:?}: {} training and {} held-out samples",
+                    c.pretrained.train, c.pretrained.test
+                );
+                println!("{:<14} {:>10} {:>10} {:>13} {:>13}", "encoder", "k-NN AUROC", "k-NN bal.acc", "linear AUROC", "linear bal.acc");
+                for (name, r) in [("pretrained", &c.pretrained), ("random init", &c.random_init)] {
+                    println!(
+                        "{name:<14} {:>10.3} {:>10.3} {:>13.3} {:>13.3}",
+                        r.knn.auroc, r.knn.balanced_accuracy, r.linear.auroc, r.linear.balanced_accuracy
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Crd => {
             for (_, yaml) in radfm_operator::crdgen::crds() {
                 print!("---\n{yaml}");

@@ -871,7 +871,7 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
     env.apply_ok(&job_yaml(
         "mae",
         1,
-        "  model: {imageSize: 32, patchSize: 8}\n  workers: {replicas: 1, gpusPerWorker: 4, template: {serviceAccountName: trainer}}\n",
+        "  model: {imageSize: 32, patchSize: 8}\n  workers: {replicas: 1, gpusPerWorker: 0, template: {serviceAccountName: trainer}}\n",
     ).replace("  workers: {replicas: 1, gpusPerWorker: 4}\n", ""));
     let pods = env.wait_running("mae", 1, 1).await;
     let pod = &pods[0];
@@ -900,6 +900,8 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
         ),
         ("RADFM_CHECKPOINT_URI", ckpt.clone()),
         ("RADFM_POD_NAME", pod.name_any()),
+        // One process (a CPU worker): no rendezvous through the pod's DNS name.
+        ("RADFM_MASTER_ADDR", "127.0.0.1".into()),
         ("RADFM_STEPS", "30".into()),
         ("RADFM_BATCH_SIZE", "8".into()),
         ("RADFM_THREADS", "1".into()),
