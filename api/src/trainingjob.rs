@@ -610,15 +610,16 @@ pub struct Progress {
 /// The 1-based line where `key` first appears as a mapping key (block or flow style).
 fn key_line(text: &str, key: &str) -> Option<usize> {
     let needle = format!("{key}:");
-    text.lines().position(|line| {
-        line.match_indices(&needle).any(|(i, _)| {
-            line[..i]
-                .chars()
-                .last()
-                .is_none_or(|c| c == ' ' || c == '{' || c == ',' || c == '-')
+    text.lines()
+        .position(|line| {
+            line.match_indices(&needle).any(|(i, _)| {
+                line[..i]
+                    .chars()
+                    .last()
+                    .is_none_or(|c| c == ' ' || c == '{' || c == ',' || c == '-')
+            })
         })
-    })
-    .map(|i| i + 1)
+        .map(|i| i + 1)
 }
 
 impl TrainingJob {
@@ -811,10 +812,23 @@ spec:
         let err = TrainingJob::from_yaml(&bad, "job.yaml")
             .unwrap_err()
             .to_string();
-        assert_eq!(err, format!("job.yaml: spec.imagee: unknown field (line {line})"));
-        let flow = VALID.replace("spec:\n", "spec:\n  runPolicy: {suspend: true, backofLimit: 2}\n");
-        let err = TrainingJob::from_yaml(&flow, "job.yaml").unwrap_err().to_string();
-        assert!(err.ends_with(&format!("spec.runPolicy.backofLimit: unknown field (line {line})")), "{err}");
+        assert_eq!(
+            err,
+            format!("job.yaml: spec.imagee: unknown field (line {line})")
+        );
+        let flow = VALID.replace(
+            "spec:\n",
+            "spec:\n  runPolicy: {suspend: true, backofLimit: 2}\n",
+        );
+        let err = TrainingJob::from_yaml(&flow, "job.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(&format!(
+                "spec.runPolicy.backofLimit: unknown field (line {line})"
+            )),
+            "{err}"
+        );
     }
 
     #[test]

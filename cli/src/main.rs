@@ -308,9 +308,10 @@ async fn main() -> Result<()> {
                 .await
                 .context("radfm eval")?;
             let (mean, std) = (m.card.input.mean, m.card.input.std);
-            let c = radfm_trainer::eval::compare(&model, &m.encoder, mean, std, &dataset, &label, 0)
-                .await
-                .context("radfm eval")?;
+            let c =
+                radfm_trainer::eval::compare(&model, &m.encoder, mean, std, &dataset, &label, 0)
+                    .await
+                    .context("radfm eval")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
@@ -318,11 +319,20 @@ async fn main() -> Result<()> {
                     "label {label:?}: {} training and {} held-out samples",
                     c.pretrained.train, c.pretrained.test
                 );
-                println!("{:<14} {:>10} {:>10} {:>13} {:>13}", "encoder", "k-NN AUROC", "k-NN bal.acc", "linear AUROC", "linear bal.acc");
-                for (name, r) in [("pretrained", &c.pretrained), ("random init", &c.random_init)] {
+                println!(
+                    "{:<12} {:>12} {:>12} {:>12} {:>12}",
+                    "encoder", "k-NN AUROC", "k-NN bal.acc", "lin. AUROC", "lin. bal.acc"
+                );
+                for (name, r) in [
+                    ("pretrained", &c.pretrained),
+                    ("random init", &c.random_init),
+                ] {
                     println!(
-                        "{name:<14} {:>10.3} {:>10.3} {:>13.3} {:>13.3}",
-                        r.knn.auroc, r.knn.balanced_accuracy, r.linear.auroc, r.linear.balanced_accuracy
+                        "{name:<12} {:>12.3} {:>12.3} {:>12.3} {:>12.3}",
+                        r.knn.auroc,
+                        r.knn.balanced_accuracy,
+                        r.linear.auroc,
+                        r.linear.balanced_accuracy
                     );
                 }
             }

@@ -99,7 +99,9 @@ pub fn decide(job: &TrainingJob, codes: &[i32], counted_restarts: i32) -> Next {
         .max_by_key(|v| harshest(v.action))
         .expect("at least one failure");
     match v.action {
-        FailureAction::FailJob => Next::Fail(format!("{}: the failure policy fails the job", v.message)),
+        FailureAction::FailJob => {
+            Next::Fail(format!("{}: the failure policy fails the job", v.message))
+        }
         FailureAction::RestartGangNotCounted => Next::Restart {
             counted: false,
             message: v.message.clone(),
@@ -135,7 +137,11 @@ pub fn loss_svg(points: &[(i64, f64)], title: &str) -> String {
         let (x0, x1) = (first.0 as f64, (last.0 as f64).max(first.0 as f64 + 1.0));
         let lo = finite.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let hi = finite.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-        let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 0.5, hi + 0.5) };
+        let (lo, hi) = if hi > lo {
+            (lo, hi)
+        } else {
+            (lo - 0.5, hi + 0.5)
+        };
         let px = |x: f64| m + (x - x0) / (x1 - x0) * (w - 2.0 * m);
         let py = |y: f64| h - m - (y - lo) / (hi - lo) * (h - 2.0 * m);
         let path: Vec<String> = finite
@@ -176,7 +182,9 @@ pub fn loss_svg(points: &[(i64, f64)], title: &str) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The `radfm-trainer` binary: next to this executable, else on PATH.
@@ -189,7 +197,9 @@ fn trainer_bin() -> PathBuf {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Reads the file into a job with the command line's overrides applied, for CPU workers.
@@ -280,7 +290,11 @@ pub async fn run(a: RunArgs) -> Result<i32> {
                 .envs(env.to_vars())
                 .env("RADFM_LOG_EVERY", "1")
                 .env("RADFM_THREADS", threads.to_string())
-                .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
+                .stdout(if rank == 0 {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .stderr(Stdio::inherit());
             children.push(cmd.spawn().with_context(|| {
                 format!(
@@ -362,7 +376,11 @@ pub async fn run(a: RunArgs) -> Result<i32> {
                     && let Some(status) = c.try_wait()?
                 {
                     use std::os::unix::process::ExitStatusExt;
-                    codes[i] = Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+                    codes[i] = Some(
+                        status
+                            .code()
+                            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                    );
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -383,7 +401,10 @@ pub async fn run(a: RunArgs) -> Result<i32> {
                 eprintln!("radfm run: {name} failed after {attempt} attempt(s): {why}");
                 break Ok(1);
             }
-            Next::Restart { counted: c, message } => {
+            Next::Restart {
+                counted: c,
+                message,
+            } => {
                 counted += c as i32;
                 eprintln!(
                     "radfm run: {message}; restarting the gang as attempt {} (from the last checkpoint)",
@@ -409,8 +430,11 @@ pub async fn run(a: RunArgs) -> Result<i32> {
 }
 
 fn write_plot(path: &Path, losses: &[(i64, f64)], name: &str) -> Result<()> {
-    std::fs::write(path, loss_svg(losses, &format!("{name}: MAE training loss")))
-        .with_context(|| format!("writing {}", path.display()))
+    std::fs::write(
+        path,
+        loss_svg(losses, &format!("{name}: MAE training loss")),
+    )
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -433,9 +457,16 @@ mod tests {
     fn local_gangs_follow_the_operators_failure_rules() {
         let j = job("  runPolicy: {backoffLimit: 2}\n");
         assert_eq!(decide(&j, &[0, 0], 0), Next::Done);
-        assert!(matches!(decide(&j, &[76, 77], 0), Next::Restart { counted: true, .. }));
-        assert!(matches!(decide(&j, &[76, 77], 2), Next::Fail(m) if m.contains("BackoffLimitExceeded")));
-        assert!(matches!(decide(&j, &[64, 77], 0), Next::Fail(m) if m.contains("worker 0 exited with code 64")));
+        assert!(matches!(
+            decide(&j, &[76, 77], 0),
+            Next::Restart { counted: true, .. }
+        ));
+        assert!(
+            matches!(decide(&j, &[76, 77], 2), Next::Fail(m) if m.contains("BackoffLimitExceeded"))
+        );
+        assert!(
+            matches!(decide(&j, &[64, 77], 0), Next::Fail(m) if m.contains("worker 0 exited with code 64"))
+        );
         assert!(matches!(decide(&j, &[77, 66], 0), Next::Fail(m) if m.contains("worker 1")));
     }
 
@@ -444,7 +475,10 @@ mod tests {
         let j = job(
             "  runPolicy: {backoffLimit: 0}\n  failurePolicy:\n    rules:\n    - action: RestartGangNotCounted\n      onExitCodes: [{from: 75}]\n",
         );
-        assert!(matches!(decide(&j, &[75, 0], 0), Next::Restart { counted: false, .. }));
+        assert!(matches!(
+            decide(&j, &[75, 0], 0),
+            Next::Restart { counted: false, .. }
+        ));
         assert!(matches!(decide(&j, &[76, 0], 0), Next::Fail(_)));
     }
 
@@ -453,7 +487,13 @@ mod tests {
         let svg = loss_svg(&[(1, 1.0), (2, 0.5), (3, f64::NAN), (4, 0.25)], "a <b>");
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("a &lt;b&gt;"));
-        let points = svg.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        let points = svg
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         assert_eq!(points.split(' ').count(), 3);
         assert!(svg.trim_end().ends_with("</svg>"));
     }

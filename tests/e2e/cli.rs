@@ -58,8 +58,15 @@ fn radfm_run_of_the_local_sample_trains_two_workers_and_resumes() {
     let out = radfm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("has no shards; generating a synthetic cohort of 256 images"), "{err}");
-    assert!(text(&out.stdout).contains("mae-local finished"), "{}", text(&out.stdout));
+    assert!(
+        err.contains("has no shards; generating a synthetic cohort of 256 images"),
+        "{err}"
+    );
+    assert!(
+        text(&out.stdout).contains("mae-local finished"),
+        "{}",
+        text(&out.stdout)
+    );
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
@@ -67,14 +74,21 @@ fn radfm_run_of_the_local_sample_trains_two_workers_and_resumes() {
         .collect();
     assert_eq!(lines[0]["world"], 2);
     assert_eq!(lines.iter().filter(|l| l["event"] == "step").count(), 8);
-    assert!(std::fs::read_to_string(&plot).unwrap().contains("<polyline"));
+    assert!(
+        std::fs::read_to_string(&plot)
+            .unwrap()
+            .contains("<polyline")
+    );
 
     // Running again with more steps resumes from the committed checkpoint of step 8.
     let a: Vec<String> = args("12");
     let out = radfm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("resuming from the checkpoint of step 8"), "{err}");
+    assert!(
+        err.contains("resuming from the checkpoint of step 8"),
+        "{err}"
+    );
     assert!(!err.contains("generating"), "{err}");
 }
 
@@ -85,10 +99,24 @@ fn a_permanent_worker_failure_fails_the_local_run_without_restarts() {
     let ckpt = format!("file://{}/ckpt", dir.path().display());
     let out = radfm(
         &[
-            "run", &sample(), "--workers", "2", "--steps", "20", "--dataset", &data,
-            "--checkpoint", &ckpt, "--synth-samples", "128", "--quiet",
+            "run",
+            &sample(),
+            "--workers",
+            "2",
+            "--steps",
+            "20",
+            "--dataset",
+            &data,
+            "--checkpoint",
+            &ckpt,
+            "--synth-samples",
+            "128",
+            "--quiet",
         ],
-        &[("RADFM_FAULT", "nan-loss@2"), ("RADFM_MAX_NONFINITE_STEPS", "2")],
+        &[
+            ("RADFM_FAULT", "nan-loss@2"),
+            ("RADFM_MAX_NONFINITE_STEPS", "2"),
+        ],
     );
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
