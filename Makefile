@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: all build test unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-scaling clean
+.PHONY: install all build test unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-scaling clean
 
 all: build
 
@@ -20,6 +20,15 @@ libtorch:
 	  touch "$(LIBTORCH_ENV)/.radfm-ok"; \
 	fi
 	@ln -sfn "$$(ls -d $(LIBTORCH_ENV)/lib/python3*/site-packages/torch)" .libtorch
+
+## install: the radfm and radfm-trainer binaries into $(PREFIX)/bin, radfm also as kubectl-radfm
+## (so `kubectl radfm get` works)
+PREFIX ?= $(HOME)/.local
+install: libtorch
+	$(CARGO) build --release -p radfm -p radfm-trainer
+	install -d "$(PREFIX)/bin"
+	install target/release/radfm target/release/radfm-trainer "$(PREFIX)/bin/"
+	ln -sf radfm "$(PREFIX)/bin/kubectl-radfm"
 
 ## crds: regenerate the CRDs from the Rust types (manifests/ and the Helm chart)
 crds: libtorch

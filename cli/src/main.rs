@@ -10,6 +10,7 @@ use radfm_data::ingest::{IngestConfig, ShardSink, ingest};
 use radfm_data::store::Location;
 use radfm_data::synth::{Site, SynthConfig, cohort};
 
+mod cluster;
 mod run;
 
 #[derive(Parser)]
@@ -31,6 +32,36 @@ enum Command {
     Ingest(IngestArgs),
     /// Run a TrainingJob YAML on this machine: CPU worker processes, gang restarts, resume.
     Run(run::RunArgs),
+    /// List TrainingJobs: kubectl's columns plus progress.
+    Get {
+        /// One job.
+        name: Option<String>,
+        #[command(flatten)]
+        target: cluster::Target,
+    },
+    /// A TrainingJob in detail: spec in brief, status, conditions, workers, events.
+    Describe {
+        /// The job.
+        name: String,
+        #[command(flatten)]
+        target: cluster::Target,
+    },
+    /// Logs of a rank's trainer container (its newest attempt's pod).
+    Logs {
+        /// The job.
+        name: String,
+        /// Worker rank.
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+        /// Stream new lines.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Last lines only.
+        #[arg(long)]
+        tail: Option<i64>,
+        #[command(flatten)]
+        target: cluster::Target,
+    },
     /// Export the newest checkpoint's encoder (timm names, safetensors) and its model card.
     Export {
         /// Checkpoint folder URI (spec.checkpoint.uri).
@@ -285,6 +316,19 @@ async fn main() -> Result<()> {
             let code = run::run(a).await.context("radfm run")?;
             std::process::exit(code)
         }
+        Command::Get { name, target } => cluster::get(name, target).await.context("radfm get"),
+        Command::Describe { name, target } => {
+            cluster::describe(name, target).await.context("radfm describe")
+        }
+        Command::Logs {
+            name,
+            rank,
+            follow,
+            tail,
+            target,
+        } => cluster::logs(name, rank, follow, tail, target)
+            .await
+            .context("radfm logs"),
         Command::Export { checkpoint, out } => {
             let card = radfm_trainer::export::export(&checkpoint, &out)
                 .await

@@ -944,4 +944,59 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
         .unwrap();
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..4], ["mae", "Running", "1/1", "30"], "{table}");
+
+    // The CLI's cluster views (`radfm get`, `radfm describe`; also `kubectl radfm ...`).
+    let radfm = |args: &[&str]| {
+        let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm").unwrap())
+            .args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let table = radfm(&["get", "-n", "progress"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["mae", "Running", "1/1", "30"], "{table}");
+    assert_eq!(row.last(), Some(&"100%"), "{table}");
+    let all = radfm(&["get", "-A"]);
+    assert!(
+        all.lines().any(|l| l.starts_with("progress ") && l.contains(" mae ")),
+        "{all}"
+    );
+    // As a kubectl plugin: `kubectl radfm get` finds kubectl-radfm on PATH.
+    let plugins = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        radfm_e2e::workspace_bin("radfm").unwrap(),
+        plugins.path().join("kubectl-radfm"),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        plugins.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new(cluster.tool("kubectl"))
+        .args(["radfm", "get", "mae", "-n", "progress"])
+        .env("PATH", path)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .unwrap();
+    let plugin = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(plugin.lines().nth(1).is_some_and(|l| l.starts_with("mae ")), "{plugin}");
+    let text = radfm(&["describe", "mae", "-n", "progress"]);
+    for needle in [
+        "Phase:            Running".to_string(),
+        "Progress:         step 30/30".to_string(),
+        format!("Last checkpoint:  step 30 {ckpt}/manifests/step-000000030.json"),
+        "Running      True".to_string(),
+        pod.name_any(),
+    ] {
+        assert!(text.contains(&needle), "{needle:?} not in:\n{text}");
+    }
 }
