@@ -7,11 +7,11 @@
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, LogParams};
 use kube::{Client, ResourceExt};
 use radfm_api::TrainingJob;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 /// Flags shared by the cluster commands.
 #[derive(clap::Args, Clone)]
@@ -57,19 +57,26 @@ pub fn progress(job: &TrainingJob) -> String {
         return "-".into();
     };
     let pct = (p.step as f64 / total as f64 * 100.0).min(100.0);
-    let batch = job.spec.training.batch_size_per_device as f64
-        * job.spec.training.grad_accumulation as f64;
+    let batch =
+        job.spec.training.batch_size_per_device as f64 * job.spec.training.grad_accumulation as f64;
     let eta = p
         .images_per_second
         .filter(|ips| *ips > 0.0 && p.step < total)
-        .map(|ips| format!(" eta {}", age(((total - p.step) as f64 * batch / ips) as i64)));
+        .map(|ips| {
+            format!(
+                " eta {}",
+                age(((total - p.step) as f64 * batch / ips) as i64)
+            )
+        });
     format!("{pct:.0}%{}", eta.unwrap_or_default())
 }
 
 /// The `get` table.
 pub fn table(items: &[TrainingJob], now: Timestamp, with_namespace: bool) -> String {
     let mut rows = vec![{
-        let mut h = vec!["NAME", "PHASE", "READY", "STEP", "LOSS", "RESTARTS", "AGE", "PROGRESS"];
+        let mut h = vec![
+            "NAME", "PHASE", "READY", "STEP", "LOSS", "RESTARTS", "AGE", "PROGRESS",
+        ];
         if with_namespace {
             h.insert(0, "NAMESPACE");
         }
@@ -82,7 +89,9 @@ pub fn table(items: &[TrainingJob], now: Timestamp, with_namespace: bool) -> Str
             j.name_any(),
             st.phase.map_or("-".into(), |p| format!("{p:?}")),
             st.ready.unwrap_or_else(|| "-".into()),
-            st.progress.as_ref().map_or("-".into(), |p| p.step.to_string()),
+            st.progress
+                .as_ref()
+                .map_or("-".into(), |p| p.step.to_string()),
             st.progress
                 .as_ref()
                 .and_then(|p| p.loss)
@@ -146,9 +155,10 @@ pub fn describe_text(j: &TrainingJob, pods: &[Pod], events: &[Event]) -> String 
         "Training:",
         format!(
             "{} x batch {} lr {} {}",
-            s.training
-                .steps
-                .map_or_else(|| format!("{} epochs", s.training.epochs.unwrap_or(0)), |n| format!("{n} steps")),
+            s.training.steps.map_or_else(
+                || format!("{} epochs", s.training.epochs.unwrap_or(0)),
+                |n| format!("{n} steps")
+            ),
             s.training.batch_size_per_device,
             s.training.learning_rate,
             s.training.precision.as_str()
@@ -156,12 +166,18 @@ pub fn describe_text(j: &TrainingJob, pods: &[Pod], events: &[Event]) -> String 
     );
     line(
         "Checkpoints:",
-        format!("{} every {} steps, keep {}", s.checkpoint.uri, s.checkpoint.every_steps, s.checkpoint.keep_last),
+        format!(
+            "{} every {} steps, keep {}",
+            s.checkpoint.uri, s.checkpoint.every_steps, s.checkpoint.keep_last
+        ),
     );
     line("Phase:", st.phase.map_or("-".into(), |p| format!("{p:?}")));
     line(
         "Attempt:",
-        format!("{} ({} restarts, {} counted of backoffLimit {})", st.attempt, st.restarts, st.counted_restarts, s.run_policy.backoff_limit),
+        format!(
+            "{} ({} restarts, {} counted of backoffLimit {})",
+            st.attempt, st.restarts, st.counted_restarts, s.run_policy.backoff_limit
+        ),
     );
     if let Some(p) = &st.progress {
         line(
@@ -171,7 +187,8 @@ pub fn describe_text(j: &TrainingJob, pods: &[Pod], events: &[Event]) -> String 
                 p.step,
                 p.total_steps.map_or("?".into(), |t| t.to_string()),
                 p.loss.map_or("-".into(), |l| format!("{l:.4}")),
-                p.images_per_second.map_or("-".into(), |v| format!("{v:.0}")),
+                p.images_per_second
+                    .map_or("-".into(), |v| format!("{v:.0}")),
                 progress(j)
             ),
         );
@@ -185,8 +202,16 @@ pub fn describe_text(j: &TrainingJob, pods: &[Pod], events: &[Event]) -> String 
     }
     out.push_str("Workers:\n");
     for p in pods {
-        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_else(|| "-".into());
+        let phase = p
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "  {:<28} rank {:<4} {:<10} {node}\n",
             p.name_any(),
@@ -207,7 +232,10 @@ pub fn describe_text(j: &TrainingJob, pods: &[Pod], events: &[Event]) -> String 
 }
 
 fn condition_line(c: &Condition) -> String {
-    format!("  {:<12} {:<6} {:<24} {}\n", c.type_, c.status, c.reason, c.message)
+    format!(
+        "  {:<12} {:<6} {:<24} {}\n",
+        c.type_, c.status, c.reason, c.message
+    )
 }
 
 /// `radfm get [NAME]`.
@@ -215,8 +243,17 @@ pub async fn get(name: Option<String>, t: Target) -> Result<()> {
     let c = client().await?;
     let api = jobs(&c, &t);
     let items = match name {
-        Some(n) => vec![api.get(&n).await.with_context(|| format!("TrainingJob {n}"))?],
-        None => api.list(&ListParams::default()).await.context("listing TrainingJobs")?.items,
+        Some(n) => vec![
+            api.get(&n)
+                .await
+                .with_context(|| format!("TrainingJob {n}"))?,
+        ],
+        None => {
+            api.list(&ListParams::default())
+                .await
+                .context("listing TrainingJobs")?
+                .items
+        }
     };
     if items.is_empty() {
         eprintln!("No TrainingJobs found.");
@@ -227,7 +264,9 @@ pub async fn get(name: Option<String>, t: Target) -> Result<()> {
 }
 
 fn namespace_of(c: &Client, t: &Target) -> String {
-    t.namespace.clone().unwrap_or_else(|| c.default_namespace().to_string())
+    t.namespace
+        .clone()
+        .unwrap_or_else(|| c.default_namespace().to_string())
 }
 
 /// The pods of a job, rank order, newest attempt last.
@@ -250,14 +289,23 @@ pub async fn describe(name: String, t: Target) -> Result<()> {
     let lp = ListParams::default().fields(&format!(
         "involvedObject.kind=TrainingJob,involvedObject.name={name}"
     ));
-    let mut events = Api::<Event>::namespaced(c.clone(), &ns).list(&lp).await?.items;
+    let mut events = Api::<Event>::namespaced(c.clone(), &ns)
+        .list(&lp)
+        .await?
+        .items;
     events.sort_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0));
     print!("{}", describe_text(&job, &pods, &events));
     Ok(())
 }
 
 /// `radfm logs NAME [--rank R] [--follow]`: the trainer container of the rank's newest pod.
-pub async fn logs(name: String, rank: u32, follow: bool, tail: Option<i64>, t: Target) -> Result<()> {
+pub async fn logs(
+    name: String,
+    rank: u32,
+    follow: bool,
+    tail: Option<i64>,
+    t: Target,
+) -> Result<()> {
     let c = client().await?;
     let ns = namespace_of(&c, &t);
     let pods = job_pods(&c, &ns, &name).await?;
@@ -346,9 +394,16 @@ mod tests {
         let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(
             lines[0],
-            ["NAME", "PHASE", "READY", "STEP", "LOSS", "RESTARTS", "AGE", "PROGRESS"]
+            [
+                "NAME", "PHASE", "READY", "STEP", "LOSS", "RESTARTS", "AGE", "PROGRESS"
+            ]
         );
-        assert_eq!(lines[1], ["mae", "-", "2/2", "250", "0.2500", "0", "-", "25%", "eta", "75s"]);
+        assert_eq!(
+            lines[1],
+            [
+                "mae", "-", "2/2", "250", "0.2500", "0", "-", "25%", "eta", "75s"
+            ]
+        );
         let t = table(&[job(None)], Timestamp::now(), true);
         assert!(t.starts_with("NAMESPACE"), "{t}");
     }

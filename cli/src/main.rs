@@ -317,9 +317,9 @@ async fn main() -> Result<()> {
             std::process::exit(code)
         }
         Command::Get { name, target } => cluster::get(name, target).await.context("radfm get"),
-        Command::Describe { name, target } => {
-            cluster::describe(name, target).await.context("radfm describe")
-        }
+        Command::Describe { name, target } => cluster::describe(name, target)
+            .await
+            .context("radfm describe"),
         Command::Logs {
             name,
             rank,

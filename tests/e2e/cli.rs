@@ -163,3 +163,105 @@ fn bad_inputs_get_messages_that_name_the_problem() {
         assert_eq!(text(&out.stderr), expected, "{args:?}");
     }
 }
+
+#[test]
+fn ctrl_c_checkpoints_and_stops_and_the_next_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = format!("file://{}/cohort", dir.path().display());
+    let ckpt = format!("file://{}/ckpt", dir.path().display());
+    let log = dir.path().join("progress.jsonl");
+    let args = [
+        "run",
+        &sample(),
+        "--workers",
+        "2",
+        "--steps",
+        "100000",
+        "--dataset",
+        &data,
+        "--checkpoint",
+        &ckpt,
+        "--synth-samples",
+        "128",
+        "--quiet",
+        "--log",
+    ];
+    let child = Command::new(workspace_bin("radfm").unwrap())
+        .args(args)
+        .arg(&log)
+        .env("RADFM_THREADS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for training to run (rank 0's step lines in the log), then Ctrl-C.
+    let steps = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"step\""))
+            .count()
+    };
+    while steps(&log) < 3 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("run the same command again to resume"),
+        "{err}"
+    );
+    let loc = radfm_data::store::Location::open(&ckpt).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let committed = rt
+        .block_on(radfm_trainer::checkpoint::committed(&loc))
+        .unwrap();
+    let at = *committed.first().expect("a checkpoint written on Ctrl-C");
+    assert!(at >= 3, "{committed:?}");
+
+    // Again, with a total just past the checkpoint (and without --log).
+    let resume_steps = (at + 2).to_string();
+    let mut again: Vec<&str> = args[..args.len() - 1].to_vec();
+    again[5] = &resume_steps;
+    let out = radfm(&again, &[]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("resuming from the checkpoint of step {at}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unreachable_object_store_names_the_uri() {
+    let out = radfm(
+        &[
+            "run",
+            &sample(),
+            "--dataset",
+            "s3://radfm-missing/cohort",
+            "--quiet",
+        ],
+        &[
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("dataset s3://radfm-missing/cohort is unreachable or unreadable"),
+        "{err}"
+    );
+    assert!(
+        err.contains("s3://radfm-missing/cohort/index.json"),
+        "{err}"
+    );
+}

@@ -965,7 +965,8 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
     assert_eq!(row.last(), Some(&"100%"), "{table}");
     let all = radfm(&["get", "-A"]);
     assert!(
-        all.lines().any(|l| l.starts_with("progress ") && l.contains(" mae ")),
+        all.lines()
+            .any(|l| l.starts_with("progress ") && l.contains(" mae ")),
         "{all}"
     );
     // As a kubectl plugin: `kubectl radfm get` finds kubectl-radfm on PATH.
@@ -987,8 +988,15 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
         .output()
         .unwrap();
     let plugin = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(plugin.lines().nth(1).is_some_and(|l| l.starts_with("mae ")), "{plugin}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        plugin.lines().nth(1).is_some_and(|l| l.starts_with("mae ")),
+        "{plugin}"
+    );
     let text = radfm(&["describe", "mae", "-n", "progress"]);
     for needle in [
         "Phase:            Running".to_string(),
