@@ -969,6 +969,29 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
             .any(|l| l.starts_with("progress ") && l.contains(" mae ")),
         "{all}"
     );
+    // `radfm logs` finds the rank's newest pod; kwok runs no kubelet, so reading the text itself
+    // fails here, naming the pod.
+    let logs = |args: &[&str]| {
+        let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm").unwrap())
+            .args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = logs(&["logs", "mae", "-n", "progress", "--rank", "3"]);
+    assert!(
+        err.contains("TrainingJob progress/mae has no pod of rank 3"),
+        "{err}"
+    );
+    let err = logs(&["logs", "mae", "-n", "progress"]);
+    assert!(
+        err.contains(&format!("logs of pod {}", pod.name_any())),
+        "{err}"
+    );
+
     // As a kubectl plugin: `kubectl radfm get` finds kubectl-radfm on PATH.
     let plugins = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(
