@@ -611,3 +611,13 @@ fn a_stalled_rank_is_noticed_within_the_collective_timeout() {
     let _ = r2.kill();
     let _ = r2.wait();
 }
+
+#[test]
+fn a_checkpoint_of_another_model_shape_is_refused_not_mixed() {
+    let w = Workdir::new(32, 32);
+    let (code, _, err) = run(&w.env("ckpt", 2, &[]));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&w.env("ckpt", 4, &[("RADFM_PATCH_SIZE", "4")]));
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("use a new checkpoint.uri"), "{err}");
+}
