@@ -11,6 +11,7 @@ use radfm_data::store::Location;
 use radfm_data::synth::{Site, SynthConfig, cohort};
 
 mod cluster;
+mod registry;
 mod run;
 
 #[derive(Parser)]
@@ -84,6 +85,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Model registry: list, show, lineage, history, register, promote, rollback.
+    #[command(subcommand)]
+    Registry(registry::RegistryCmd),
     /// Print the CRDs.
     Crd,
     /// Print the version.
@@ -382,6 +386,7 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Registry(cmd) => registry::run(cmd).await.context("radfm registry"),
         Command::Crd => {
             for (_, yaml) in radfm_operator::crdgen::crds() {
                 print!("---\n{yaml}");

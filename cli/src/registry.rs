@@ -1,0 +1,306 @@
+//! `radfm registry`: versions, aliases, lineage and history of models in a registry.
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use radfm_registry::{DataWindow, EventKind, NewVersion, Registry};
+
+/// Registry commands.
+#[derive(Subcommand)]
+pub enum RegistryCmd {
+    /// Models, or the versions of one model with their aliases.
+    List {
+        /// Registry URI.
+        registry: String,
+        /// A model.
+        model: Option<String>,
+    },
+    /// A version's manifest (by number or alias) as JSON.
+    Show {
+        /// Registry URI.
+        registry: String,
+        /// Model.
+        model: String,
+        /// Version number or alias.
+        version: String,
+    },
+    /// A version and its ancestors (initFrom chain).
+    Lineage {
+        /// Registry URI.
+        registry: String,
+        /// Model.
+        model: String,
+        /// Version number or alias.
+        version: String,
+    },
+    /// The model's event log: registrations and alias moves, with who and why.
+    History {
+        /// Registry URI.
+        registry: String,
+        /// Model.
+        model: String,
+    },
+    /// Register an exported model folder (`radfm export` output) as a new version.
+    Register {
+        /// Registry URI.
+        registry: String,
+        /// Model.
+        model: String,
+        /// Exported model folder URI.
+        #[arg(long)]
+        export: String,
+        /// Version it was trained from.
+        #[arg(long)]
+        parent: Option<u64>,
+        /// Alias to move to the new version.
+        #[arg(long, default_value = "candidate")]
+        alias: String,
+        /// Why.
+        #[arg(long, default_value = "registered")]
+        reason: String,
+        /// Who (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Move an alias (default production) to a version.
+    Promote {
+        /// Registry URI.
+        registry: String,
+        /// Model.
+        model: String,
+        /// Version number or alias.
+        version: String,
+        /// Alias to move.
+        #[arg(long, default_value = "production")]
+        alias: String,
+        /// Only if the alias is now at this version (0: not set yet).
+        #[arg(long)]
+        expect: Option<u64>,
+        /// Why (recorded in the history).
+        #[arg(long)]
+        reason: String,
+        /// Who (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Move an alias back to its previous version.
+    Rollback {
+        /// Registry URI.
+        registry: String,
+        /// Model.
+        model: String,
+        /// Alias to move back.
+        #[arg(long, default_value = "production")]
+        alias: String,
+        /// Why (recorded in the history).
+        #[arg(long)]
+        reason: String,
+        /// Who (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+}
+
+fn who(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs a registry command.
+pub async fn run(cmd: RegistryCmd) -> Result<()> {
+    match cmd {
+        RegistryCmd::List { registry, model } => {
+            let r = Registry::open(&registry)?;
+            match model {
+                None => {
+                    for m in r.models().await? {
+                        println!("{m}");
+                    }
+                }
+                Some(m) => {
+                    let aliases = r.aliases(&m).await?;
+                    println!(
+                        "{:<8} {:<26} {:<10} {:<20} ALIASES",
+                        "VERSION", "CREATED", "PARENT", "JOB"
+                    );
+                    for v in r.versions(&m).await? {
+                        let names: Vec<&str> = aliases
+                            .iter()
+                            .filter(|(_, t)| **t == v.version)
+                            .map(|(a, _)| a.as_str())
+                            .collect();
+                        println!(
+                            "{:<8} {:<26} {:<10} {:<20} {}",
+                            v.version,
+                            v.created.chars().take(25).collect::<String>(),
+                            v.spec.parent.map_or("-".into(), |p| p.to_string()),
+                            v.spec.job_name.clone().unwrap_or_else(|| "-".into()),
+                            names.join(",")
+                        );
+                    }
+                }
+            }
+        }
+        RegistryCmd::Show {
+            registry,
+            model,
+            version,
+        } => {
+            let r = Registry::open(&registry)?;
+            let v = r
+                .version(&model, r.resolve(&model, &version).await?)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        RegistryCmd::Lineage {
+            registry,
+            model,
+            version,
+        } => {
+            let r = Registry::open(&registry)?;
+            let chain = r
+                .lineage(&model, r.resolve(&model, &version).await?)
+                .await?;
+            for (depth, v) in chain.iter().enumerate() {
+                println!(
+                    "{}{model} v{} ({}, data {} shards {}..{}, {})",
+                    "  ".repeat(depth),
+                    v.version,
+                    v.created,
+                    v.spec.data.index_uri,
+                    v.spec.data.first_seq,
+                    v.spec.data.last_seq,
+                    v.spec.job_name.clone().unwrap_or_else(|| "no job".into())
+                );
+            }
+        }
+        RegistryCmd::History { registry, model } => {
+            let r = Registry::open(&registry)?;
+            for e in r.events(&model).await? {
+                let what = match &e.kind {
+                    EventKind::Registered { version } => format!("registered v{version}"),
+                    EventKind::AliasMoved { alias, from, to } => format!(
+                        "{alias}: {} -> v{to}",
+                        from.map_or("(new)".into(), |f| format!("v{f}"))
+                    ),
+                    EventKind::Note { version } => {
+                        format!(
+                            "note{}",
+                            version.map_or(String::new(), |v| format!(" on v{v}"))
+                        )
+                    }
+                };
+                println!(
+                    "{:>4} {} {:<12} {:<28} {}",
+                    e.seq, e.time, e.by, what, e.reason
+                );
+            }
+        }
+        RegistryCmd::Register {
+            registry,
+            model,
+            export,
+            parent,
+            alias,
+            reason,
+            by,
+        } => {
+            let r = Registry::open(&registry)?;
+            let spec = from_export(&export).await?;
+            let v = r
+                .register(
+                    &model,
+                    NewVersion { parent, ..spec },
+                    &who(by),
+                    &reason,
+                    Some(&alias),
+                )
+                .await?;
+            println!("registered {model} v{} ({alias})", v.version);
+        }
+        RegistryCmd::Promote {
+            registry,
+            model,
+            version,
+            alias,
+            expect,
+            reason,
+            by,
+        } => {
+            let r = Registry::open(&registry)?;
+            let to = r.resolve(&model, &version).await?;
+            let e = r
+                .move_alias(&model, &alias, to, expect, &who(by), &reason)
+                .await?;
+            println!("{model} {alias} -> v{to} (event {})", e.seq);
+        }
+        RegistryCmd::Rollback {
+            registry,
+            model,
+            alias,
+            reason,
+            by,
+        } => {
+            let r = Registry::open(&registry)?;
+            let e = r.rollback(&model, &alias, &who(by), &reason).await?;
+            if let EventKind::AliasMoved { to, .. } = e.kind {
+                println!("{model} {alias} -> v{to} (event {})", e.seq);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A version's manifest from an exported model folder: the card, and the shard hashes of the
+/// data window from the dataset index.
+async fn from_export(uri: &str) -> Result<NewVersion> {
+    let loc = radfm_data::store::Location::open(uri)?;
+    let card: radfm_trainer::export::ModelCard = serde_json::from_slice(
+        &loc.get_opt(radfm_trainer::export::CARD)
+            .await?
+            .with_context(|| {
+                format!(
+                    "{uri} has no {}: not an exported model",
+                    radfm_trainer::export::CARD
+                )
+            })?,
+    )
+    .with_context(|| format!("{uri}/{}", radfm_trainer::export::CARD))?;
+    let data = &card.dataset;
+    let index = radfm_data::DatasetIndex::load(&radfm_data::store::Location::open(&data.uri)?)
+        .await
+        .with_context(|| format!("dataset {} of the model card", data.uri))?;
+    let shards = index
+        .shards
+        .iter()
+        .filter(|s| s.seq >= data.first_seq && s.seq <= data.last_seq)
+        .map(|s| radfm_registry::ShardRef {
+            seq: s.seq,
+            sha256: s.sha256.clone(),
+        })
+        .collect();
+    let mut metrics = std::collections::BTreeMap::new();
+    if let Some(l) = card.final_loss {
+        metrics.insert("final_loss".to_string(), l);
+    }
+    metrics.insert("steps".to_string(), card.steps as f64);
+    Ok(NewVersion {
+        weights_uri: format!(
+            "{}/{}",
+            uri.trim_end_matches('/'),
+            radfm_trainer::export::WEIGHTS
+        ),
+        weights_sha256: card.weights_sha256.clone(),
+        parent: None,
+        job_name: None,
+        job_uid: None,
+        data: DataWindow {
+            index_uri: data.uri.clone(),
+            first_seq: data.first_seq,
+            last_seq: data.last_seq,
+            shards,
+        },
+        config: serde_json::to_value(&card)?,
+        code_version: card.code_version.clone(),
+        metrics,
+    })
+}

@@ -1,0 +1,681 @@
+//! radfm's model registry on object storage: versions with lineage, aliases with history, and an
+//! append-only event log — the record of when, how and why a model changed.
+//!
+//! Every object is written once with a create-only put and never changed:
+//!
+//! ```text
+//! <registry>/models/<model>/versions/000003.json   immutable version manifest
+//! <registry>/models/<model>/events/000000007.json  event 7: registered, alias moved, ...
+//! ```
+//!
+//! Version numbers and event sequence numbers are claimed by creating the object: of two
+//! writers racing for the same number exactly one succeeds, and the other re-reads the state and
+//! retries with the next number. Alias positions are not stored in mutable files; they are
+//! derived from the event log, so an alias move and its history entry are one atomic write, and
+//! a move conditioned on the alias's current target (compare-and-set) cannot be lost or doubled
+//! by a concurrent writer. This needs only create-only puts, which local folders, S3
+//! (`If-None-Match`), GCS and Azure all provide.
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use radfm_data::store::Location;
+
+/// Errors of the registry, each naming the model, version or object.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Object-store I/O failed.
+    #[error(transparent)]
+    Store(#[from] radfm_data::Error),
+    /// A registry object is unreadable.
+    #[error("{uri}: {reason}")]
+    Corrupt {
+        /// The object.
+        uri: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A model, version or alias does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A conditional alias move found the alias elsewhere.
+    #[error("alias {alias} of {model} is at {actual}, not {expected}")]
+    Conflict {
+        /// Model.
+        model: String,
+        /// Alias.
+        alias: String,
+        /// What the caller expected.
+        expected: String,
+        /// Where it is.
+        actual: String,
+    },
+    /// A name or argument is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result alias of the registry.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The data a version was trained on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DataWindow {
+    /// Dataset folder URI (its index.json).
+    pub index_uri: String,
+    /// First shard sequence number.
+    pub first_seq: u64,
+    /// Last shard sequence number.
+    pub last_seq: u64,
+    /// Every shard trained on, with its sha256.
+    #[serde(default)]
+    pub shards: Vec<ShardRef>,
+}
+
+/// One shard of a data window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardRef {
+    /// Sequence number in the dataset index.
+    pub seq: u64,
+    /// sha256 of the shard.
+    pub sha256: String,
+}
+
+/// What registering a version needs (the registry assigns the number and time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct NewVersion {
+    /// Exported model folder URI.
+    pub weights_uri: String,
+    /// sha256 of the weights file.
+    pub weights_sha256: String,
+    /// Version it was trained from (initFrom), if any.
+    pub parent: Option<u64>,
+    /// TrainingJob name.
+    pub job_name: Option<String>,
+    /// TrainingJob uid.
+    pub job_uid: Option<String>,
+    /// Training data.
+    pub data: DataWindow,
+    /// Resolved training configuration.
+    pub config: serde_json::Value,
+    /// radfm version that trained it.
+    pub code_version: String,
+    /// Final metrics (loss, ...).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// An immutable version manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Version {
+    /// Model name.
+    pub model: String,
+    /// Version number, from 1.
+    pub version: u64,
+    /// When it was registered (RFC 3339).
+    pub created: String,
+    /// Who registered it.
+    pub by: String,
+    /// Everything else.
+    #[serde(flatten)]
+    pub spec: NewVersion,
+}
+
+/// What an event records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum EventKind {
+    /// A version was registered.
+    Registered {
+        /// The version.
+        version: u64,
+    },
+    /// An alias moved (from None: created).
+    AliasMoved {
+        /// The alias.
+        alias: String,
+        /// Previous target.
+        from: Option<u64>,
+        /// New target.
+        to: u64,
+    },
+    /// A decision without a move (for example a rejected promotion), kept for the record.
+    Note {
+        /// Version concerned.
+        version: Option<u64>,
+    },
+}
+
+/// One entry of a model's append-only log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Sequence number, from 1, without gaps.
+    pub seq: u64,
+    /// When (RFC 3339).
+    pub time: String,
+    /// Who (user, controller, site).
+    pub by: String,
+    /// Why, in words.
+    pub reason: String,
+    /// What.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The registry at a URI.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    loc: Location,
+}
+
+fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} {name:?} must be 1-63 characters of a-z, 0-9 and -"
+        )))
+    }
+}
+
+impl Registry {
+    /// Opens (or starts) a registry at `uri`.
+    pub fn open(uri: &str) -> Result<Registry> {
+        Ok(Registry {
+            loc: Location::open(uri)?,
+        })
+    }
+
+    /// The registry's URI.
+    pub fn uri(&self) -> &str {
+        &self.loc.uri
+    }
+
+    fn version_name(model: &str, v: u64) -> String {
+        format!("models/{model}/versions/{v:06}.json")
+    }
+
+    fn event_name(model: &str, seq: u64) -> String {
+        format!("models/{model}/events/{seq:09}.json")
+    }
+
+    async fn numbers(&self, prefix: &str) -> Result<Vec<u64>> {
+        use futures::TryStreamExt;
+        let metas: Vec<object_store::ObjectMeta> = self
+            .loc
+            .store
+            .list(Some(&self.loc.child(prefix)))
+            .try_collect()
+            .await
+            .map_err(|e| {
+                Error::Store(radfm_data::Error::Store {
+                    uri: self.loc.child_uri(prefix),
+                    source: e,
+                })
+            })?;
+        let mut n: Vec<u64> = metas
+            .iter()
+            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .collect();
+        n.sort_unstable();
+        Ok(n)
+    }
+
+    async fn read<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        match self.loc.get_opt(name).await? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    uri: self.loc.child_uri(name),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Model names, sorted.
+    pub async fn models(&self) -> Result<Vec<String>> {
+        let prefix = self.loc.child("models");
+        let listed = self
+            .loc
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| {
+                Error::Store(radfm_data::Error::Store {
+                    uri: self.loc.child_uri("models"),
+                    source: e,
+                })
+            })?;
+        let mut names: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every version of a model, oldest first.
+    pub async fn versions(&self, model: &str) -> Result<Vec<Version>> {
+        check_name("model", model)?;
+        let mut out = Vec::new();
+        for v in self.numbers(&format!("models/{model}/versions")).await? {
+            out.push(self.version(model, v).await?);
+        }
+        Ok(out)
+    }
+
+    /// One version.
+    pub async fn version(&self, model: &str, v: u64) -> Result<Version> {
+        check_name("model", model)?;
+        self.read(&Self::version_name(model, v))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("{model} has no version {v}")))
+    }
+
+    /// The whole event log of a model, in order.
+    pub async fn events(&self, model: &str) -> Result<Vec<Event>> {
+        check_name("model", model)?;
+        let mut out = Vec::new();
+        for seq in self.numbers(&format!("models/{model}/events")).await? {
+            let e: Event = self
+                .read(&Self::event_name(model, seq))
+                .await?
+                .ok_or_else(|| Error::Corrupt {
+                    uri: self.loc.child_uri(&Self::event_name(model, seq)),
+                    reason: "listed but unreadable".into(),
+                })?;
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// Where every alias points, from the event log.
+    pub async fn aliases(&self, model: &str) -> Result<BTreeMap<String, u64>> {
+        Ok(aliases_of(&self.events(model).await?))
+    }
+
+    /// Resolves "3", "v3" or an alias name to a version number.
+    pub async fn resolve(&self, model: &str, what: &str) -> Result<u64> {
+        if let Ok(v) = what.trim_start_matches('v').parse::<u64>() {
+            return Ok(v);
+        }
+        self.aliases(model)
+            .await?
+            .get(what)
+            .copied()
+            .ok_or_else(|| Error::NotFound(format!("{model} has no alias {what:?}")))
+    }
+
+    /// Appends an event whose content may depend on the current log: `make` sees the log and
+    /// returns the event (or an error); on a lost race for the sequence number the log is
+    /// re-read and `make` asked again.
+    async fn append(
+        &self,
+        model: &str,
+        by: &str,
+        reason: &str,
+        make: impl Fn(&[Event]) -> Result<EventKind>,
+    ) -> Result<Event> {
+        loop {
+            let log = self.events(model).await?;
+            let kind = make(&log)?;
+            let e = Event {
+                seq: log.last().map_or(1, |e| e.seq + 1),
+                time: jiff::Timestamp::now().to_string(),
+                by: by.into(),
+                reason: reason.into(),
+                kind,
+            };
+            let body = serde_json::to_vec_pretty(&e).expect("events serialise");
+            if self
+                .loc
+                .put_new(&Self::event_name(model, e.seq), body)
+                .await?
+            {
+                return Ok(e);
+            }
+        }
+    }
+
+    /// Registers a new version (number assigned here) and records it in the log; with `alias`,
+    /// also moves that alias to it in the same step.
+    pub async fn register(
+        &self,
+        model: &str,
+        spec: NewVersion,
+        by: &str,
+        reason: &str,
+        alias: Option<&str>,
+    ) -> Result<Version> {
+        check_name("model", model)?;
+        if let Some(a) = alias {
+            check_name("alias", a)?;
+        }
+        if let Some(p) = spec.parent {
+            self.version(model, p).await?;
+        }
+        let version = loop {
+            let next = self
+                .numbers(&format!("models/{model}/versions"))
+                .await?
+                .last()
+                .map_or(1, |v| v + 1);
+            let v = Version {
+                model: model.into(),
+                version: next,
+                created: jiff::Timestamp::now().to_string(),
+                by: by.into(),
+                spec: spec.clone(),
+            };
+            let body = serde_json::to_vec_pretty(&v).expect("versions serialise");
+            if self
+                .loc
+                .put_new(&Self::version_name(model, next), body)
+                .await?
+            {
+                break v;
+            }
+        };
+        let n = version.version;
+        self.append(model, by, reason, |_| {
+            Ok(EventKind::Registered { version: n })
+        })
+        .await?;
+        if let Some(a) = alias {
+            self.move_alias(model, a, n, None, by, reason).await?;
+        }
+        Ok(version)
+    }
+
+    /// Moves `alias` to version `to`. With `expect`, only if the alias is currently at that
+    /// version (compare-and-set; `Some(0)` means "the alias does not exist yet").
+    pub async fn move_alias(
+        &self,
+        model: &str,
+        alias: &str,
+        to: u64,
+        expect: Option<u64>,
+        by: &str,
+        reason: &str,
+    ) -> Result<Event> {
+        check_name("alias", alias)?;
+        self.version(model, to).await?;
+        self.append(model, by, reason, |log| {
+            let from = aliases_of(log).get(alias).copied();
+            if let Some(want) = expect
+                && from.unwrap_or(0) != want
+            {
+                return Err(Error::Conflict {
+                    model: model.into(),
+                    alias: alias.into(),
+                    expected: version_text(Some(want)),
+                    actual: version_text(from),
+                });
+            }
+            Ok(EventKind::AliasMoved {
+                alias: alias.into(),
+                from,
+                to,
+            })
+        })
+        .await
+    }
+
+    /// Moves `alias` back to where it was before its last move.
+    pub async fn rollback(
+        &self,
+        model: &str,
+        alias: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<Event> {
+        let log = self.events(model).await?;
+        let (current, previous) = alias_history(&log, alias)
+            .last()
+            .map(|&(from, to)| (to, from))
+            .ok_or_else(|| Error::NotFound(format!("{model} has no alias {alias:?}")))?;
+        let previous = previous.ok_or_else(|| {
+            Error::Invalid(format!(
+                "alias {alias} of {model} has never pointed elsewhere: nothing to roll back to"
+            ))
+        })?;
+        self.move_alias(model, alias, previous, Some(current), by, reason)
+            .await
+    }
+
+    /// Records a decision that moved nothing.
+    pub async fn note(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        by: &str,
+        reason: &str,
+    ) -> Result<Event> {
+        self.append(model, by, reason, |_| Ok(EventKind::Note { version }))
+            .await
+    }
+
+    /// The chain of parents of a version, the version itself first.
+    pub async fn lineage(&self, model: &str, v: u64) -> Result<Vec<Version>> {
+        let mut chain = vec![self.version(model, v).await?];
+        while let Some(p) = chain.last().and_then(|v| v.spec.parent) {
+            if chain.iter().any(|v| v.version == p) {
+                return Err(Error::Corrupt {
+                    uri: self.loc.child_uri(&Self::version_name(model, p)),
+                    reason: "lineage has a cycle".into(),
+                });
+            }
+            chain.push(self.version(model, p).await?);
+        }
+        Ok(chain)
+    }
+}
+
+fn version_text(v: Option<u64>) -> String {
+    v.map_or("nothing".into(), |v| format!("version {v}"))
+}
+
+/// Alias targets after replaying `log`.
+pub fn aliases_of(log: &[Event]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for e in log {
+        if let EventKind::AliasMoved { alias, to, .. } = &e.kind {
+            m.insert(alias.clone(), *to);
+        }
+    }
+    m
+}
+
+/// (from, to) of every move of `alias`, in order.
+pub fn alias_history(log: &[Event], alias: &str) -> Vec<(Option<u64>, u64)> {
+    log.iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::AliasMoved { alias: a, from, to } if a == alias => Some((*from, *to)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(parent: Option<u64>) -> NewVersion {
+        NewVersion {
+            weights_uri: "file:///m".into(),
+            weights_sha256: "ab".into(),
+            parent,
+            code_version: "test".into(),
+            ..Default::default()
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn versions_are_numbered_aliases_move_and_roll_back_with_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().to_str().unwrap()).unwrap();
+        rt().block_on(async {
+            let v1 = r
+                .register("cxr", spec(None), "ci", "first", Some("candidate"))
+                .await
+                .unwrap();
+            assert_eq!(v1.version, 1);
+            r.move_alias("cxr", "production", 1, Some(0), "ci", "initial")
+                .await
+                .unwrap();
+            let v2 = r
+                .register("cxr", spec(Some(1)), "ci", "retrained", Some("candidate"))
+                .await
+                .unwrap();
+            r.move_alias("cxr", "production", 2, Some(1), "gate", "all sites passed")
+                .await
+                .unwrap();
+            let a = r.aliases("cxr").await.unwrap();
+            assert_eq!((a["candidate"], a["production"]), (2, 2));
+            assert_eq!(r.resolve("cxr", "production").await.unwrap(), 2);
+            let lineage: Vec<u64> = r
+                .lineage("cxr", v2.version)
+                .await
+                .unwrap()
+                .iter()
+                .map(|v| v.version)
+                .collect();
+            assert_eq!(lineage, [2, 1]);
+            let e = r
+                .rollback("cxr", "production", "oncall", "site B regression")
+                .await
+                .unwrap();
+            assert_eq!(
+                e.kind,
+                EventKind::AliasMoved {
+                    alias: "production".into(),
+                    from: Some(2),
+                    to: 1
+                }
+            );
+            let log = r.events("cxr").await.unwrap();
+            let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+            assert_eq!(log.last().unwrap().reason, "site B regression");
+            assert_eq!(r.models().await.unwrap(), ["cxr"]);
+        });
+    }
+
+    #[test]
+    fn a_stale_conditional_move_is_refused_naming_where_the_alias_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().to_str().unwrap()).unwrap();
+        rt().block_on(async {
+            for _ in 0..3 {
+                r.register("cxr", spec(None), "ci", "x", None)
+                    .await
+                    .unwrap();
+            }
+            r.move_alias("cxr", "production", 1, Some(0), "a", "x")
+                .await
+                .unwrap();
+            r.move_alias("cxr", "production", 2, Some(1), "a", "x")
+                .await
+                .unwrap();
+            let e = r
+                .move_alias("cxr", "production", 3, Some(1), "b", "x")
+                .await
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "alias production of cxr is at version 2, not version 1"
+            );
+            let e = r
+                .move_alias("cxr", "production", 9, None, "b", "x")
+                .await
+                .unwrap_err();
+            assert_eq!(e.to_string(), "cxr has no version 9");
+            let e = r
+                .register("Bad_Name", spec(None), "b", "x", None)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("a-z, 0-9"), "{e}");
+        });
+    }
+
+    #[test]
+    fn concurrent_writers_never_lose_or_duplicate_versions_or_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().to_str().unwrap()).unwrap();
+        let rt = rt();
+        rt.block_on(r.register("cxr", spec(None), "ci", "base", None))
+            .unwrap();
+        rt.block_on(r.move_alias("cxr", "production", 1, Some(0), "ci", "x"))
+            .unwrap();
+        // 8 writers register at once; then 8 gates try to move production from 1 to their
+        // version with compare-and-set: exactly one may win.
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let r = r.clone();
+                rt.spawn(async move {
+                    let v = r
+                        .register("cxr", spec(Some(1)), &format!("w{i}"), "x", None)
+                        .await
+                        .unwrap();
+                    r.move_alias(
+                        "cxr",
+                        "production",
+                        v.version,
+                        Some(1),
+                        &format!("w{i}"),
+                        "x",
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let results: Vec<Result<Event>> = rt.block_on(async {
+            let mut out = Vec::new();
+            for h in handles {
+                out.push(h.await.unwrap());
+            }
+            out
+        });
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        assert!(
+            results
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .all(|e| matches!(e, Error::Conflict { .. }))
+        );
+        let versions: Vec<u64> = rt
+            .block_on(r.versions("cxr"))
+            .unwrap()
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(versions, (1..=9).collect::<Vec<_>>());
+        let log = rt.block_on(r.events("cxr")).unwrap();
+        assert_eq!(
+            log.iter()
+                .filter(|e| matches!(e.kind, EventKind::Registered { .. }))
+                .count(),
+            9
+        );
+        assert_eq!(alias_history(&log, "production").len(), 2);
+        let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    }
+}
