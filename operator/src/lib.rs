@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod children;
+pub mod continual;
 pub mod crdgen;
 pub mod leader;
 pub mod metrics;
@@ -33,6 +34,14 @@ pub enum Error {
     /// A field the operator needs is missing.
     #[error("missing field {0}")]
     MissingField(&'static str),
+    /// A field holds a value the operator cannot use.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field path.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -42,7 +51,7 @@ impl Error {
             Error::Kube(_) => "api",
             Error::Child { .. } => "child",
             Error::Serialize(_) => "serialize",
-            Error::MissingField(_) => "invalid",
+            Error::MissingField(_) | Error::Invalid { .. } => "invalid",
         }
     }
 }

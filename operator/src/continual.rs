@@ -1,0 +1,415 @@
+//! Pure decisions of continual training: when a schedule is due, whether new data justifies a
+//! run, what the concurrency policy allows, which finished runs to prune, and which shards a run
+//! trains on. Time is always passed in, so tests never wait for a cron minute.
+//!
+//! Scheduling follows Kubernetes CronJob semantics: only the most recent missed time is run (no
+//! catch-up storm), a run later than `startingDeadlineSeconds` after its scheduled time is
+//! skipped, and the name of a run derives from its scheduled time, so an operator restarted at
+//! the firing instant creates the same object again (AlreadyExists) instead of a second run.
+
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
+use crate::{Error, Result};
+
+/// A parsed cron schedule in a time zone.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    cron: jiff_cron::Schedule,
+    tz: TimeZone,
+}
+
+impl Schedule {
+    /// Parses a standard 5-field cron expression (minute hour day-of-month month day-of-week, or
+    /// `@hourly`, `@daily`, `@weekly`, `@monthly`) in an IANA time zone (default UTC).
+    pub fn parse(expr: &str, time_zone: Option<&str>) -> Result<Schedule> {
+        let fields: Vec<&str> = expr.split_whitespace().collect();
+        let seven = match fields.as_slice() {
+            ["@hourly"] => "0 0 * * * * *".to_string(),
+            ["@daily"] | ["@midnight"] => "0 0 0 * * * *".to_string(),
+            ["@weekly"] => "0 0 0 * * Sun *".to_string(),
+            ["@monthly"] => "0 0 0 1 * * *".to_string(),
+            [m, h, dom, mon, dow] => format!("0 {m} {h} {dom} {mon} {dow} *"),
+            _ => {
+                return Err(Error::Invalid {
+                    field: "spec.schedule".into(),
+                    reason: format!("{expr:?} is not a 5-field cron expression"),
+                });
+            }
+        };
+        let cron = jiff_cron::Schedule::from_str(&seven).map_err(|e| Error::Invalid {
+            field: "spec.schedule".into(),
+            reason: format!("{expr:?}: {e}"),
+        })?;
+        let tz = match time_zone {
+            None | Some("") => TimeZone::UTC,
+            Some(name) => TimeZone::get(name).map_err(|e| Error::Invalid {
+                field: "spec.timeZone".into(),
+                reason: format!("{name:?}: {e}"),
+            })?,
+        };
+        Ok(Schedule { cron, tz })
+    }
+
+    /// The first scheduled time strictly after `t`.
+    pub fn next_after(&self, t: Timestamp) -> Option<Timestamp> {
+        self.cron
+            .after(t.to_zoned(self.tz.clone()))
+            .next()
+            .map(|z| z.timestamp())
+    }
+}
+
+/// What the schedule says at `now`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Due {
+    /// Run now for this scheduled time; `missed` earlier times since the last run were skipped.
+    Fire {
+        /// The scheduled time being run.
+        scheduled: Timestamp,
+        /// Scheduled times skipped (no catch-up).
+        missed: u32,
+    },
+    /// The most recent scheduled time is past its starting deadline.
+    TooLate {
+        /// The scheduled time that was missed.
+        scheduled: Timestamp,
+    },
+    /// Nothing is due before `next`.
+    NotYet {
+        /// The next scheduled time.
+        next: Option<Timestamp>,
+    },
+}
+
+/// The schedule's decision at `now`, given the last scheduled time that was handled (or the
+/// resource's creation time) and the optional starting deadline.
+pub fn due(
+    schedule: &Schedule,
+    last_handled: Timestamp,
+    now: Timestamp,
+    starting_deadline_seconds: Option<i64>,
+) -> Due {
+    let mut latest = None;
+    let mut count = 0u32;
+    let mut t = last_handled;
+    while let Some(n) = schedule.next_after(t) {
+        if n > now {
+            break;
+        }
+        latest = Some(n);
+        count += 1;
+        t = n;
+        if count > 10_000 {
+            break; // bounded work for a schedule left suspended for years
+        }
+    }
+    match latest {
+        None => Due::NotYet {
+            next: schedule.next_after(now.max(last_handled)),
+        },
+        Some(s) => {
+            let late = now.duration_since(s).as_secs();
+            if starting_deadline_seconds.is_some_and(|d| late > d) {
+                Due::TooLate { scheduled: s }
+            } else {
+                Due::Fire {
+                    scheduled: s,
+                    missed: count - 1,
+                }
+            }
+        }
+    }
+}
+
+/// Whether new data justifies a run: at least `min_new_shards` new shards, or at least one new
+/// shard once `max_interval_seconds` have passed since the last successful run.
+pub fn trigger_holds(
+    new_shards: u64,
+    min_new_shards: u64,
+    since_last_success_secs: Option<i64>,
+    max_interval_seconds: Option<i64>,
+) -> bool {
+    if new_shards == 0 {
+        return false;
+    }
+    if new_shards >= min_new_shards.max(1) {
+        return true;
+    }
+    match (since_last_success_secs, max_interval_seconds) {
+        (Some(since), Some(max)) => since >= max,
+        (None, Some(_)) => true,
+        _ => false,
+    }
+}
+
+/// CronJob's concurrency policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concurrency {
+    /// Runs may overlap.
+    Allow,
+    /// Skip a due run while one is active.
+    Forbid,
+    /// Stop the active runs, then start the new one.
+    Replace,
+}
+
+/// What to do about a due run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Create the run.
+    Start,
+    /// Do not run this time.
+    Skip,
+    /// Delete these active runs first, then create the run.
+    ReplaceThenStart(Vec<String>),
+}
+
+/// The concurrency policy applied to the active runs.
+pub fn admit(policy: Concurrency, active: &[String]) -> Admission {
+    match (policy, active.is_empty()) {
+        (_, true) | (Concurrency::Allow, _) => Admission::Start,
+        (Concurrency::Forbid, false) => Admission::Skip,
+        (Concurrency::Replace, false) => Admission::ReplaceThenStart(active.to_vec()),
+    }
+}
+
+/// A finished run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    /// Its name.
+    pub name: String,
+    /// When it finished.
+    pub at: Timestamp,
+    /// Whether it succeeded.
+    pub succeeded: bool,
+}
+
+/// The finished runs to delete so that at most `keep_ok` successful and `keep_failed` failed
+/// ones (the newest) remain.
+pub fn prune(finished: &[Finished], keep_ok: usize, keep_failed: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for (ok, keep) in [(true, keep_ok), (false, keep_failed)] {
+        let mut runs: Vec<&Finished> = finished.iter().filter(|f| f.succeeded == ok).collect();
+        runs.sort_by(|a, b| b.at.cmp(&a.at).then_with(|| b.name.cmp(&a.name)));
+        out.extend(runs.iter().skip(keep).map(|f| f.name.clone()));
+    }
+    out.sort();
+    out
+}
+
+/// The shards a run trains on: every shard after the watermark, plus a deterministic sample of
+/// `replay` × (new shards) earlier shards against forgetting (at least one when `replay` > 0
+/// and earlier shards exist).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Shard sequence numbers after the watermark.
+    pub new: Vec<u64>,
+    /// Earlier shards replayed.
+    pub replay: Vec<u64>,
+    /// The watermark after the run succeeds (the last new shard).
+    pub next_watermark: Option<u64>,
+}
+
+/// The data window for a run from the index's shard sequence numbers (sorted) and the current
+/// watermark (the last shard already trained on; None: nothing yet). `seed` makes the replay
+/// sample reproducible (the scheduled time, in practice).
+pub fn window(shards: &[u64], watermark: Option<u64>, replay: f64, seed: u64) -> Window {
+    let (old, new): (Vec<u64>, Vec<u64>) = shards
+        .iter()
+        .partition(|&&s| watermark.is_some_and(|w| s <= w));
+    let want = if replay > 0.0 && !old.is_empty() && !new.is_empty() {
+        ((new.len() as f64 * replay).ceil() as usize).clamp(1, old.len())
+    } else {
+        0
+    };
+    // A seeded partial Fisher-Yates shuffle (splitmix64), enough for a reproducible sample.
+    let mut pool = old.clone();
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in 0..want {
+        let j = i + (next() % (pool.len() - i) as u64) as usize;
+        pool.swap(i, j);
+    }
+    let mut replayed: Vec<u64> = pool.into_iter().take(want).collect();
+    replayed.sort_unstable();
+    Window {
+        next_watermark: new.last().copied().or(watermark),
+        new,
+        replay: replayed,
+    }
+}
+
+/// The deterministic name of the run scheduled at `scheduled`: `<name>-<minutes since epoch>`,
+/// with `name` shortened so the result fits TrainingJob's 40-character limit.
+pub fn run_name(name: &str, scheduled: Timestamp) -> String {
+    let suffix = format!("-{}", scheduled.as_second().div_euclid(60));
+    let room = 40usize.saturating_sub(suffix.len());
+    let base: String = name.chars().take(room).collect();
+    format!("{}{suffix}", base.trim_end_matches('-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn next_runs_follow_the_time_zone_across_daylight_saving_changes() {
+        // 02:30 every day in New York: on 2026-03-08 clocks jump from 02:00 to 03:00, so 02:30
+        // does not exist that day; on 2026-11-01 01:30 happens twice.
+        let s = Schedule::parse("30 2 * * *", Some("America/New_York")).unwrap();
+        let before = ts("2026-03-07T12:00:00Z");
+        let first = s.next_after(before).unwrap();
+        // 02:30 does not exist on 2026-03-08: the run moves forward by the gap, to 03:30 EDT.
+        assert_eq!(first, ts("2026-03-08T07:30:00Z"));
+        let after_gap = s.next_after(first).unwrap();
+        assert_eq!(after_gap, ts("2026-03-09T06:30:00Z")); // 02:30 EDT = 06:30 UTC
+        let daily = Schedule::parse("0 9 * * *", Some("Europe/Berlin")).unwrap();
+        assert_eq!(
+            daily.next_after(ts("2026-10-25T06:00:00Z")).unwrap(),
+            ts("2026-10-25T08:00:00Z") // CET after the switch: 09:00 = 08:00 UTC
+        );
+        assert_eq!(
+            Schedule::parse("@hourly", None)
+                .unwrap()
+                .next_after(ts("2026-01-01T00:10:00Z")),
+            Some(ts("2026-01-01T01:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn bad_schedules_and_zones_name_the_field() {
+        let e = Schedule::parse("* * *", None).unwrap_err();
+        assert!(e.to_string().contains("spec.schedule"), "{e}");
+        let e = Schedule::parse("61 * * * *", None).unwrap_err();
+        assert!(e.to_string().contains("spec.schedule"), "{e}");
+        let e = Schedule::parse("0 * * * *", Some("Mars/Olympus")).unwrap_err();
+        assert!(e.to_string().contains("spec.timeZone"), "{e}");
+    }
+
+    #[test]
+    fn only_the_latest_missed_time_fires_and_late_ones_are_skipped() {
+        let s = Schedule::parse("0 * * * *", None).unwrap();
+        let last = ts("2026-01-01T00:00:00Z");
+        // Operator down for three and a half hours: one run, for 03:00, with two missed.
+        assert_eq!(
+            due(&s, last, ts("2026-01-01T03:30:00Z"), None),
+            Due::Fire {
+                scheduled: ts("2026-01-01T03:00:00Z"),
+                missed: 2
+            }
+        );
+        // With a 10-minute starting deadline the 03:00 run is too late at 03:30.
+        assert_eq!(
+            due(&s, last, ts("2026-01-01T03:30:00Z"), Some(600)),
+            Due::TooLate {
+                scheduled: ts("2026-01-01T03:00:00Z")
+            }
+        );
+        assert_eq!(
+            due(&s, last, ts("2026-01-01T00:59:59Z"), None),
+            Due::NotYet {
+                next: Some(ts("2026-01-01T01:00:00Z"))
+            }
+        );
+        // Exactly at the firing instant.
+        assert_eq!(
+            due(&s, last, ts("2026-01-01T01:00:00Z"), Some(0)),
+            Due::Fire {
+                scheduled: ts("2026-01-01T01:00:00Z"),
+                missed: 0
+            }
+        );
+    }
+
+    #[test]
+    fn no_new_data_never_triggers_and_max_interval_relaxes_the_minimum() {
+        assert!(!trigger_holds(0, 1, None, Some(60)));
+        assert!(trigger_holds(5, 5, Some(10), None));
+        assert!(!trigger_holds(2, 5, Some(10), Some(3600)));
+        assert!(trigger_holds(2, 5, Some(3600), Some(3600)));
+        assert!(
+            trigger_holds(1, 5, None, Some(3600)),
+            "never succeeded: any new data"
+        );
+        assert!(trigger_holds(1, 0, Some(1), None));
+    }
+
+    #[test]
+    fn concurrency_policies_match_cronjob() {
+        let active = vec!["ct-1".to_string()];
+        assert_eq!(admit(Concurrency::Forbid, &[]), Admission::Start);
+        assert_eq!(admit(Concurrency::Forbid, &active), Admission::Skip);
+        assert_eq!(admit(Concurrency::Allow, &active), Admission::Start);
+        assert_eq!(
+            admit(Concurrency::Replace, &active),
+            Admission::ReplaceThenStart(active.clone())
+        );
+    }
+
+    #[test]
+    fn history_keeps_the_newest_of_each_outcome() {
+        let f = |name: &str, min: i64, ok: bool| Finished {
+            name: name.into(),
+            at: Timestamp::from_second(min * 60).unwrap(),
+            succeeded: ok,
+        };
+        let runs = [
+            f("a", 1, true),
+            f("b", 2, false),
+            f("c", 3, true),
+            f("d", 4, true),
+            f("e", 5, false),
+        ];
+        assert_eq!(prune(&runs, 2, 1), ["a", "b"]);
+        assert_eq!(prune(&runs, 0, 0), ["a", "b", "c", "d", "e"]);
+        assert!(prune(&runs, 10, 10).is_empty());
+    }
+
+    #[test]
+    fn windows_take_new_shards_and_a_reproducible_replay_sample() {
+        let shards: Vec<u64> = (0..10).collect();
+        let w = window(&shards, Some(6), 0.5, 42);
+        assert_eq!(w.new, [7, 8, 9]);
+        assert_eq!(w.replay.len(), 2);
+        assert!(w.replay.iter().all(|s| *s <= 6));
+        assert_eq!(w.next_watermark, Some(9));
+        assert_eq!(
+            window(&shards, Some(6), 0.5, 42),
+            w,
+            "same seed, same sample"
+        );
+        let first = window(&shards, None, 0.5, 1);
+        assert_eq!((first.new.len(), first.replay.len()), (10, 0));
+        let none = window(&shards, Some(9), 0.5, 1);
+        assert!(none.new.is_empty() && none.replay.is_empty());
+        assert_eq!(none.next_watermark, Some(9));
+    }
+
+    #[test]
+    fn run_names_are_deterministic_and_fit_the_name_limit() {
+        let t = ts("2026-01-01T03:00:00Z");
+        assert_eq!(
+            run_name("chest-xray", t),
+            format!("chest-xray-{}", t.as_second() / 60)
+        );
+        let long = run_name("a-very-long-continual-training-name-indeed", t);
+        assert!(long.len() <= 40, "{long}");
+        assert_eq!(
+            long,
+            run_name("a-very-long-continual-training-name-indeed", t)
+        );
+    }
+}
