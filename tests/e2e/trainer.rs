@@ -621,3 +621,23 @@ fn a_checkpoint_of_another_model_shape_is_refused_not_mixed() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("use a new checkpoint.uri"), "{err}");
 }
+
+#[test]
+fn corrupt_samples_beyond_the_limit_exit_with_the_data_error_code() {
+    let w = Workdir::new(64, 32);
+    // Damage the image data of the shard (past the first tar header) without changing its size.
+    let shard = std::fs::read_dir(w.path("data"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "tar"))
+        .unwrap();
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let len = bytes.len();
+    for b in &mut bytes[1024..len / 2] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&shard, bytes).unwrap();
+    let (code, _, err) = run(&w.env("ckpt", 5, &[("RADFM_MAX_BAD_SAMPLES", "2")]));
+    assert_eq!(code, 65, "{err}");
+    assert!(err.contains("shard-000000.tar"), "{err}");
+}
