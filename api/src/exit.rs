@@ -38,6 +38,15 @@ pub enum ExitClass {
     Permanent,
 }
 
+/// The exit code of a finished process as a shell reports it: its code, or 128 + the signal
+/// that killed it (so SIGKILL reads as [`KILLED`], SIGTERM as [`SIGTERM`]).
+pub fn of_status(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
 /// Classifies an exit code. Codes the table does not name (crashes, panics) are retryable, so
 /// that `backoffLimit` bounds them.
 pub fn class(code: i32) -> ExitClass {

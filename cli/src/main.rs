@@ -352,14 +352,9 @@ async fn main() -> Result<()> {
             label,
             json,
         } => {
-            let m = radfm_trainer::export::load(&model, tch::Device::Cpu)
+            let c = radfm_trainer::eval::compare(&model, &dataset, &label, 0)
                 .await
                 .context("radfm eval")?;
-            let (mean, std) = (m.card.input.mean, m.card.input.std);
-            let c =
-                radfm_trainer::eval::compare(&model, &m.encoder, mean, std, &dataset, &label, 0)
-                    .await
-                    .context("radfm eval")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {

@@ -375,12 +375,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
                 if codes[i].is_none()
                     && let Some(status) = c.try_wait()?
                 {
-                    use std::os::unix::process::ExitStatusExt;
-                    codes[i] = Some(
-                        status
-                            .code()
-                            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
-                    );
+                    codes[i] = Some(radfm_api::exit::of_status(status));
                 }
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -176,6 +176,16 @@ impl Loader {
         })
     }
 
+    /// The shards this loader reads (the index's, from `since_seq` on).
+    pub fn shards(&self) -> &[ShardEntry] {
+        &self.shards
+    }
+
+    /// The intensity statistics images are normalised with (std 1 when the index has none).
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
     /// Batches per epoch on every rank.
     pub fn batches_per_epoch(&self) -> u64 {
         let total: u64 = self.shards.iter().map(|s| s.samples).sum();

@@ -70,16 +70,10 @@ pub async fn embed(
         augment: false,
         ..Default::default()
     };
-    let eval_stats = {
-        let loc = radfm_data::store::Location::open(dataset_uri)?;
-        radfm_data::index::DatasetIndex::load(&loc).await?.stats
-    };
-    let eval_std = if eval_stats.std > 0.0 {
-        eval_stats.std
-    } else {
-        1.0
-    };
     let mut loader = Loader::open(dataset_uri, cfg).await?;
+    // The loader normalised with the evaluation set's statistics (std 1 when it has none).
+    let eval_stats = loader.stats();
+    let eval_std = eval_stats.std;
     let device = encoder.device();
     let mut feats = Vec::new();
     let mut labels = Vec::new();
@@ -303,18 +297,18 @@ pub struct Comparison {
     pub random_init: Report,
 }
 
-/// Probes `encoder` and a seeded random-init encoder of the same sizes on the same data.
+/// Probes the exported model at `model_uri` (normalised with its card's statistics) and a
+/// seeded random-init encoder of the same sizes on the same data.
 pub async fn compare(
-    name: &str,
-    encoder: &Encoder,
-    mean: f64,
-    std: f64,
+    model_uri: &str,
     dataset_uri: &str,
     label: &str,
     seed: i64,
 ) -> Result<Comparison> {
+    let m = crate::export::load(model_uri, Device::Cpu).await?;
+    let (encoder, mean, std) = (&m.encoder, m.card.input.mean, m.card.input.std);
     let pretrained = probe(
-        name,
+        model_uri,
         &embed(encoder, dataset_uri, label, mean, std).await?,
         10,
     )?;

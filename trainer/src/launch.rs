@@ -88,12 +88,7 @@ pub fn run(nproc: usize) -> i32 {
             if codes[i].is_none()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                use std::os::unix::process::ExitStatusExt;
-                codes[i] = Some(
-                    status
-                        .code()
-                        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
-                );
+                codes[i] = Some(exit::of_status(status));
             }
         }
         std::thread::sleep(Duration::from_millis(50));

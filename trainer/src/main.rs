@@ -145,11 +145,7 @@ fn main() -> ExitCode {
             seed,
         } => {
             let rt = runtime();
-            let r = rt.block_on(async {
-                let m = export::load(&model, tch::Device::Cpu).await?;
-                let (mean, std) = (m.card.input.mean, m.card.input.std);
-                eval::compare(&model, &m.encoder, mean, std, &dataset, &label, seed).await
-            });
+            let r = rt.block_on(eval::compare(&model, &dataset, &label, seed));
             match r {
                 Ok(c) => {
                     println!("{}", serde_json::to_string_pretty(&c).expect("report"));

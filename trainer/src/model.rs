@@ -309,16 +309,9 @@ impl Encoder {
             .mean_dim(1, false, Kind::Float)
     }
 
-    /// Encodes the kept patches of a random mask: (latent [B, 1 + keep, D], mask [B, N] with 1
-    /// for masked patches, ids_restore [B, N]).
-    pub fn forward_masked(&self, images: &Tensor, mask_ratio: f64) -> (Tensor, Tensor, Tensor) {
-        let b = images.size()[0];
-        let noise = Tensor::rand([b, self.cfg.patches()], (Kind::Float, images.device()));
-        self.forward_masked_with(images, mask_ratio, &noise)
-    }
-
-    /// [`Encoder::forward_masked`] with given per-patch noise [B, N]: each image keeps its
-    /// patches of lowest noise.
+    /// Encodes the kept patches of a random mask given by per-patch noise [B, N] (each image
+    /// keeps its patches of lowest noise): (latent [B, 1 + keep, D], mask [B, N] with 1 for
+    /// masked patches, ids_restore [B, N]).
     pub fn forward_masked_with(
         &self,
         images: &Tensor,
@@ -524,7 +517,8 @@ mod tests {
         let vs = nn::VarStore::new(tch::Device::Cpu);
         let m = Mae::new(&vs.root(), tiny());
         let x = Tensor::randn([3, 1, 16, 16], (Kind::Float, tch::Device::Cpu));
-        let (latent, mask, restore) = m.encoder.forward_masked(&x, 0.75);
+        let noise = Tensor::rand([3, 16], (Kind::Float, tch::Device::Cpu));
+        let (latent, mask, restore) = m.encoder.forward_masked_with(&x, 0.75, &noise);
         assert_eq!(latent.size(), [3, 1 + 4, 16]);
         assert_eq!(mask.sum(Kind::Float).double_value(&[]), 3.0 * 12.0);
         assert_eq!(restore.size(), [3, 16]);

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use radfm_data::index::DatasetIndex;
 use radfm_data::loader::{Batch, Cursor, Loader, LoaderConfig};
 use radfm_data::store::Location;
+use tch::Tensor;
 use tch::nn::VarStore;
-use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, DataRef, TrainState};
 use crate::config::{Fault, Precision, TrainConfig};
@@ -78,16 +77,26 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         })?;
     let device = cfg.device();
     let ckpt = Location::open(&cfg.checkpoint_uri)?;
-    let data_loc = Location::open(&cfg.dataset_uri)?;
-    let index = rt.block_on(DatasetIndex::load(&data_loc))?;
+    let loader_cfg = LoaderConfig {
+        seed: cfg.seed as u64,
+        rank: cfg.rank,
+        world: cfg.world,
+        batch_size: cfg.batch_size,
+        image_size: cfg.model.image_size as usize,
+        augment: cfg.augment,
+        max_bad_samples: cfg.max_bad_samples,
+        ..Default::default()
+    };
+    let mut loader = rt.block_on(Loader::open(&cfg.dataset_uri, loader_cfg))?;
+    let shards = loader.shards();
     let data = DataRef {
         uri: cfg.dataset_uri.clone(),
-        first_seq: index.shards.first().map_or(0, |s| s.seq),
-        last_seq: index.shards.last().map_or(0, |s| s.seq),
-        shards: index.shards.len(),
-        samples: index.samples(),
-        mean: index.stats.mean,
-        std: index.stats.std,
+        first_seq: shards.first().map_or(0, |s| s.seq),
+        last_seq: shards.last().map_or(0, |s| s.seq),
+        shards: shards.len(),
+        samples: shards.iter().map(|s| s.samples).sum(),
+        mean: loader.stats().mean,
+        std: loader.stats().std,
     };
 
     tch::manual_seed(cfg.seed);
@@ -141,17 +150,6 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         None
     };
 
-    let loader_cfg = LoaderConfig {
-        seed: cfg.seed as u64,
-        rank: cfg.rank,
-        world: cfg.world,
-        batch_size: cfg.batch_size,
-        image_size: cfg.model.image_size as usize,
-        augment: cfg.augment,
-        max_bad_samples: cfg.max_bad_samples,
-        ..Default::default()
-    };
-    let mut loader = rt.block_on(Loader::open_at(data_loc, loader_cfg))?;
     let per_epoch = loader.batches_per_epoch();
     let total = match (cfg.steps, cfg.epochs) {
         (Some(s), _) => s,
@@ -477,16 +475,6 @@ fn restore(
     }
     opt.steps = l.manifest.state.adam_steps;
     Ok(())
-}
-
-/// Mean MAE loss of a model over a few batches (for tests and evaluation of convergence).
-pub fn mean_loss(mae: &Mae, images: &Tensor, ratio: f64, seed: i64) -> f64 {
-    tch::no_grad(|| {
-        tch::manual_seed(seed);
-        mae.loss(images, ratio)
-            .to_kind(Kind::Double)
-            .double_value(&[])
-    })
 }
 
 #[cfg(test)]
