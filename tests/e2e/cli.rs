@@ -1,19 +1,8 @@
 //! End-to-end tests of `radfm run` (the local runner) and of the CLI's error messages.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use radfm_e2e::{repo_root, workspace_bin};
-
-fn radfm(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(workspace_bin("radfm").unwrap())
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RADFM_THREADS", "1")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .unwrap()
-}
+use radfm_e2e::{radfm, repo_root, workspace_bin};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()

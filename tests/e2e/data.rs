@@ -9,26 +9,12 @@ use radfm_data::index::DatasetIndex;
 use radfm_data::shard::ShardReader;
 use radfm_data::store::Location;
 use radfm_data::{Image16, Sample};
-use radfm_e2e::{run_python, workspace_bin};
+use radfm_e2e::{ok, run_python, workspace_bin};
 
 const SALT: &str = "test-salt-0123456789abcdef";
 
 fn radfm(args: &[&str]) -> Output {
-    Command::new(workspace_bin("radfm").unwrap())
-        .args(args)
-        .env("RADFM_PSEUDONYM_SALT", SALT)
-        .output()
-        .expect("radfm runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "radfm failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    radfm_e2e::radfm(args, &[("RADFM_PSEUDONYM_SALT", SALT)])
 }
 
 async fn read_dataset(dir: &Path) -> Vec<Sample> {

@@ -946,19 +946,9 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
     assert_eq!(&row[..4], ["mae", "Running", "1/1", "30"], "{table}");
 
     // The CLI's cluster views (`radfm get`, `radfm describe`; also `kubectl radfm ...`).
-    let radfm = |args: &[&str]| {
-        let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm").unwrap())
-            .args(args)
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let kubeconfig = cluster.kubeconfig.display().to_string();
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let radfm = |args: &[&str]| radfm_e2e::ok(&radfm_e2e::radfm(args, &env));
     let table = radfm(&["get", "-n", "progress"]);
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..4], ["mae", "Running", "1/1", "30"], "{table}");
@@ -972,12 +962,7 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
     // `radfm logs` finds the rank's newest pod; kwok runs no kubelet, so reading the text itself
     // fails here, naming the pod.
     let logs = |args: &[&str]| {
-        let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm").unwrap())
-            .args(args)
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .unwrap();
+        let out = radfm_e2e::radfm(args, &env);
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).to_string()
     };

@@ -1,30 +1,21 @@
 //! End-to-end tests of the model registry on a real S3 server (s3s-fs): `radfm registry`
 //! commands over exported models, and concurrent writers that rely on create-only puts.
 
-use std::process::Command;
+use radfm_e2e::{S3Server, repo_root};
 
-use radfm_e2e::{S3Server, repo_root, workspace_bin};
-
-fn radfm(args: &[&str], env: &[(String, String)]) -> String {
-    let out = Command::new(workspace_bin("radfm").unwrap())
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("RADFM_THREADS", "1")
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+/// stdout of a `radfm` command that must succeed.
+fn radfm(args: &[&str], env: &[(&str, &str)]) -> String {
+    radfm_e2e::ok(&radfm_e2e::radfm(args, env))
 }
 
 #[test]
 fn versions_aliases_lineage_and_history_on_s3() {
     let s3 = S3Server::start().unwrap();
-    let env = s3.env();
+    let owned = s3.env();
+    let env: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let uri = |p: &str| format!("file://{}/{p}", dir.path().display());
     let sample = repo_root().join("manifests/samples/trainingjob-local.yaml");
@@ -113,14 +104,12 @@ fn versions_aliases_lineage_and_history_on_s3() {
     );
 
     // A promotion based on a stale view is refused, naming where the alias is.
-    let out = Command::new(workspace_bin("radfm").unwrap())
-        .args([
+    let out = radfm_e2e::radfm(
+        &[
             "registry", "promote", reg, "cxr", "1", "--expect", "1", "--reason", "x",
-        ])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
+        ],
+        &env,
+    );
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)

@@ -17,23 +17,21 @@ struct Workdir {
 impl Workdir {
     fn new(samples: usize, size: u32) -> Workdir {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(workspace_bin("radfm").unwrap())
-            .args(["synth", "--out"])
-            .arg(dir.path().join("data"))
-            .args([
+        let out = dir.path().join("data").display().to_string();
+        radfm_e2e::ok(&radfm_e2e::radfm(
+            &[
+                "synth",
+                "--out",
+                &out,
                 "--samples",
                 &samples.to_string(),
                 "--size",
                 &size.to_string(),
-            ])
-            .args(["--seed", "3"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+                "--seed",
+                "3",
+            ],
+            &[],
+        ));
         Workdir { dir }
     }
 
@@ -122,13 +120,7 @@ fn interrupt(env: &[(String, String)], at: i64, signal: i32) -> (i32, String) {
         }
     }
     assert!(sent, "the run ended before step {at}");
-    let out = child.wait_with_output().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    let code = out
-        .status
-        .code()
-        .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
-    (code, String::from_utf8_lossy(&out.stderr).to_string())
+    exit_code(child)
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -308,12 +300,7 @@ fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
 }
 
 fn free_port() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string()
+    radfm_e2e::free_port().to_string()
 }
 
 #[test]
@@ -503,14 +490,13 @@ fn read_until(
     lines
 }
 
+/// Waits for a child; returns its exit code (or 128 + signal) and stderr.
 fn exit_code(child: Child) -> (i32, String) {
     let out = child.wait_with_output().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    let code = out
-        .status
-        .code()
-        .unwrap_or_else(|| 128 + out.status.signal().unwrap_or(0));
-    (code, String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        radfm_api::exit::of_status(out.status),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]

@@ -87,7 +87,8 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -709,6 +710,30 @@ pub fn http_get_text(addr: &str, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Runs the workspace's `radfm` binary with `env` added, one libtorch thread per process, and
+/// no backtraces in its error output (so messages can be compared exactly).
+pub fn radfm(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(workspace_bin("radfm").expect("radfm is built"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RADFM_THREADS", "1")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .expect("radfm runs")
+}
+
+/// The stdout of a command that must have succeeded; otherwise a panic showing its output.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// The Python of the interoperability tests (`make py-deps`): `$RADFM_PYTHON`, else
