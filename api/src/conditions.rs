@@ -1,4 +1,4 @@
-//! Standard Kubernetes conditions of a TrainingJob.
+//! Standard Kubernetes conditions of TrainingJobs and ContinualTrainings.
 //!
 //! Condition types and reasons are typed constants so that the operator, the CLI and the tests
 //! cannot drift apart on spelling. [`set`] moves `lastTransitionTime` only when the status flips,
@@ -47,6 +47,75 @@ impl ConditionType {
     }
 }
 
+/// A typed condition type: its name in `status.conditions[].type`.
+pub trait Kind: Copy {
+    /// The type's name.
+    fn name(self) -> &'static str;
+}
+
+impl Kind for ConditionType {
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+/// Condition types of a ContinualTraining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContinualConditionType {
+    /// The spec is usable: schedule, time zone, dataset and registry could be read.
+    Ready,
+    /// A run is in progress.
+    Active,
+    /// The last scheduled evaluation found enough new data.
+    DataReady,
+}
+
+impl Kind for ContinualConditionType {
+    fn name(self) -> &'static str {
+        match self {
+            ContinualConditionType::Ready => "Ready",
+            ContinualConditionType::Active => "Active",
+            ContinualConditionType::DataReady => "DataReady",
+        }
+    }
+}
+
+/// Reasons of ContinualTraining conditions and events.
+pub mod continual_reason {
+    /// Schedule, dataset and registry are usable.
+    pub const SCHEDULING: &str = "Scheduling";
+    /// spec.suspend is true.
+    pub const SUSPENDED: &str = "Suspended";
+    /// A field cannot be used (bad schedule, time zone, duration).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The dataset index or the registry could not be read.
+    pub const STORE_UNAVAILABLE: &str = "StoreUnavailable";
+    /// The base model's alias does not exist.
+    pub const BASE_MODEL_MISSING: &str = "BaseModelMissing";
+    /// A run was created.
+    pub const RUN_CREATED: &str = "RunCreated";
+    /// Active runs were deleted for a new one (Replace).
+    pub const RUN_REPLACED: &str = "RunReplaced";
+    /// A due run was skipped because another is active (Forbid).
+    pub const SKIPPED_ACTIVE: &str = "SkippedActiveRun";
+    /// A due run was skipped because too little new data arrived.
+    pub const NO_NEW_DATA: &str = "NoNewData";
+    /// Enough new data for a run.
+    pub const NEW_DATA: &str = "NewData";
+    /// A due run was later than startingDeadlineSeconds.
+    pub const MISSED_DEADLINE: &str = "MissedSchedule";
+    /// A run succeeded and its model was registered; the watermark moved.
+    pub const REGISTERED: &str = "VersionRegistered";
+    /// A run succeeded but its export could not be registered.
+    pub const REGISTER_FAILED: &str = "RegistrationFailed";
+    /// A run failed.
+    pub const RUN_FAILED: &str = "RunFailed";
+    /// Runs are in progress.
+    pub const RUNNING: &str = "RunsActive";
+    /// No run is in progress.
+    pub const IDLE: &str = "Idle";
+}
+
 /// Reasons of condition transitions and events.
 pub mod reason {
     /// Service and workers created.
@@ -83,7 +152,7 @@ pub mod reason {
 /// flipped (or the condition is new).
 pub fn set(
     conditions: &mut Vec<Condition>,
-    ty: ConditionType,
+    ty: impl Kind,
     status: bool,
     reason: &str,
     message: &str,
@@ -91,7 +160,7 @@ pub fn set(
     now: &Time,
 ) -> bool {
     let status_str = if status { "True" } else { "False" };
-    match conditions.iter_mut().find(|c| c.type_ == ty.as_str()) {
+    match conditions.iter_mut().find(|c| c.type_ == ty.name()) {
         Some(c) => {
             let flipped = c.status != status_str;
             if flipped {
@@ -105,7 +174,7 @@ pub fn set(
         }
         None => {
             conditions.push(Condition {
-                type_: ty.as_str().to_string(),
+                type_: ty.name().to_string(),
                 status: status_str.to_string(),
                 reason: reason.to_string(),
                 message: message.to_string(),
@@ -118,13 +187,13 @@ pub fn set(
 }
 
 /// Whether the condition exists and is True.
-pub fn is_true(conditions: &[Condition], ty: ConditionType) -> bool {
+pub fn is_true(conditions: &[Condition], ty: impl Kind) -> bool {
     get(conditions, ty).is_some_and(|c| c.status == "True")
 }
 
 /// The condition of that type, if any.
-pub fn get(conditions: &[Condition], ty: ConditionType) -> Option<&Condition> {
-    conditions.iter().find(|c| c.type_ == ty.as_str())
+pub fn get(conditions: &[Condition], ty: impl Kind) -> Option<&Condition> {
+    conditions.iter().find(|c| c.type_ == ty.name())
 }
 
 #[cfg(test)]

@@ -30,6 +30,10 @@ pub const VARS: &[(&str, &str)] = &[
     ),
     (MASTER_PORT, "rendezvous port served by global rank 0"),
     (DATASET_URI, "dataset folder URI (index.json and shards)"),
+    (
+        DATASET_SHARDS,
+        "shard sequence numbers to train on (`0-9,12`); unset: all",
+    ),
     (CHECKPOINT_URI, "checkpoint folder URI of this job"),
     (CHECKPOINT_EVERY, "steps between checkpoints"),
     (CHECKPOINT_KEEP, "committed checkpoints kept"),
@@ -52,6 +56,10 @@ pub const VARS: &[(&str, &str)] = &[
         "global gradient-norm clip, 0 disables (default 1.0)",
     ),
     (GRAD_ACCUMULATION, "batches per optimizer step (default 1)"),
+    (
+        EXPORT_URI,
+        "folder rank 0 exports the encoder to after the last step; unset: no export",
+    ),
 ];
 
 /// TrainingJob name.
@@ -76,6 +84,10 @@ pub const MASTER_ADDR: &str = "RADFM_MASTER_ADDR";
 pub const MASTER_PORT: &str = "RADFM_MASTER_PORT";
 /// Dataset URI.
 pub const DATASET_URI: &str = "RADFM_DATASET_URI";
+/// Shard selection.
+pub const DATASET_SHARDS: &str = "RADFM_DATASET_SHARDS";
+/// Export folder.
+pub const EXPORT_URI: &str = "RADFM_EXPORT_URI";
 /// Checkpoint URI.
 pub const CHECKPOINT_URI: &str = "RADFM_CHECKPOINT_URI";
 /// Checkpoint cadence.
@@ -143,6 +155,8 @@ pub struct EnvContract {
     pub master_port: u16,
     /// Dataset URI.
     pub dataset_uri: String,
+    /// Shard sequence numbers to train on (None: all).
+    pub dataset_shards: Option<Vec<u64>>,
     /// Checkpoint URI of this job.
     pub checkpoint_uri: String,
     /// Steps between checkpoints.
@@ -181,6 +195,8 @@ pub struct EnvContract {
     pub grad_clip_norm: f64,
     /// Batches per optimizer step.
     pub grad_accumulation: i32,
+    /// Export folder, if the job exports its encoder.
+    pub export_uri: Option<String>,
 }
 
 impl EnvContract {
@@ -203,6 +219,11 @@ impl EnvContract {
             master_addr: master_addr.to_string(),
             master_port: DEFAULT_MASTER_PORT,
             dataset_uri: s.dataset.uri.clone(),
+            dataset_shards: s
+                .dataset
+                .shards
+                .as_deref()
+                .and_then(|t| crate::trainingjob::parse_shards(t).ok()),
             checkpoint_uri: s.checkpoint.uri.clone(),
             checkpoint_every: s.checkpoint.every_steps,
             checkpoint_keep: s.checkpoint.keep_last,
@@ -222,6 +243,7 @@ impl EnvContract {
             weight_decay: s.training.weight_decay,
             grad_clip_norm: s.training.grad_clip_norm,
             grad_accumulation: s.training.grad_accumulation,
+            export_uri: s.export.as_ref().map(|e| e.uri.clone()),
         }
     }
 
@@ -244,11 +266,16 @@ impl EnvContract {
             (MASTER_ADDR, self.master_addr.clone()),
             (MASTER_PORT, self.master_port.to_string()),
             (DATASET_URI, self.dataset_uri.clone()),
+        ];
+        if let Some(s) = &self.dataset_shards {
+            v.push((DATASET_SHARDS, crate::trainingjob::format_shards(s)));
+        }
+        v.extend([
             (CHECKPOINT_URI, self.checkpoint_uri.clone()),
             (CHECKPOINT_EVERY, self.checkpoint_every.to_string()),
             (CHECKPOINT_KEEP, self.checkpoint_keep.to_string()),
             (MODEL_ARCH, self.model_arch.clone()),
-        ];
+        ]);
         if let Some(i) = &self.init_from {
             v.push((INIT_FROM, i.clone()));
         }
@@ -272,6 +299,9 @@ impl EnvContract {
             (GRAD_CLIP_NORM, self.grad_clip_norm.to_string()),
             (GRAD_ACCUMULATION, self.grad_accumulation.to_string()),
         ]);
+        if let Some(e) = &self.export_uri {
+            v.push((EXPORT_URI, e.clone()));
+        }
         v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
 
@@ -316,6 +346,14 @@ impl EnvContract {
                 opt(MASTER_PORT).unwrap_or_else(|| DEFAULT_MASTER_PORT.to_string()),
             )?,
             dataset_uri: req(DATASET_URI)?,
+            dataset_shards: opt(DATASET_SHARDS)
+                .map(|t| {
+                    crate::trainingjob::parse_shards(&t).map_err(|reason| Error::Env {
+                        name: DATASET_SHARDS.into(),
+                        reason,
+                    })
+                })
+                .transpose()?,
             checkpoint_uri: req(CHECKPOINT_URI)?,
             checkpoint_every: parse(CHECKPOINT_EVERY, req(CHECKPOINT_EVERY)?)?,
             checkpoint_keep: parse(CHECKPOINT_KEEP, req(CHECKPOINT_KEEP)?)?,
@@ -347,6 +385,7 @@ impl EnvContract {
                 GRAD_ACCUMULATION,
                 opt(GRAD_ACCUMULATION).unwrap_or_else(|| "1".into()),
             )?,
+            export_uri: opt(EXPORT_URI),
         };
         at_least(ATTEMPT, c.attempt.into(), 1)?;
         at_least(NNODES, c.nnodes.into(), 1)?;
@@ -438,6 +477,7 @@ spec:
   dataset: {uri: "s3://bucket/cohort"}
   checkpoint: {uri: "s3://bucket/ckpt/mae"}
   training: {steps: 100, learningRate: 0.001}
+  export: {uri: "s3://bucket/models/mae"}
 "#,
             "test",
         )
@@ -451,6 +491,15 @@ spec:
         let vars: HashMap<_, _> = c.to_vars().into_iter().collect();
         assert_eq!(vars[WORLD_SIZE], "8");
         assert_eq!(vars[ATTEMPT], "3");
+        assert_eq!(vars[EXPORT_URI], "s3://bucket/models/mae");
+        assert!(!vars.contains_key(DATASET_SHARDS));
+        let mut windowed = job();
+        windowed.spec.dataset.shards = Some("7,0-2,3".into());
+        let c = EnvContract::for_worker(&windowed, 0, 1, "h");
+        assert_eq!(c.dataset_shards, Some(vec![0, 1, 2, 3, 7]));
+        let vars: HashMap<_, _> = c.to_vars().into_iter().collect();
+        assert_eq!(vars[DATASET_SHARDS], "0-3,7");
+        assert_eq!(EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap(), c);
         let back = EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap();
         assert_eq!(back, c);
     }
@@ -506,6 +555,11 @@ spec:
                 EPOCHS,
                 Some("2"),
                 "exactly one of RADFM_STEPS and RADFM_EPOCHS",
+            ),
+            (
+                DATASET_SHARDS,
+                Some("0-3,x"),
+                "RADFM_DATASET_SHARDS: \"x\" is not a shard number",
             ),
         ];
         for (name, value, want) in cases {

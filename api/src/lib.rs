@@ -5,15 +5,18 @@
 //! - [`trainingjob`]: the `TrainingJob` custom resource (its CRD is generated from these types);
 //! - [`env`]: the environment variables a trainer process receives (built by the operator for a
 //!   pod, by the local runner for a process, parsed by the trainer);
-//! - [`exit`]: the trainer's exit codes and what they mean for a gang restart.
+//! - [`exit`]: the trainer's exit codes and what they mean for a gang restart;
+//! - [`continual`]: the `ContinualTraining` custom resource that schedules retraining runs.
 #![deny(missing_docs)]
 
 pub mod conditions;
+pub mod continual;
 pub mod env;
 pub mod exit;
 pub mod failure;
 pub mod trainingjob;
 
+pub use continual::{ContinualTraining, ContinualTrainingSpec, ContinualTrainingStatus};
 pub use trainingjob::{TrainingJob, TrainingJobSpec, TrainingJobStatus};
 
 /// Annotation rank 0 writes on its own pod with its progress (JSON of
@@ -22,6 +25,14 @@ pub const ANNOTATION_PROGRESS: &str = "radfm.io/progress";
 /// Annotation rank 0 writes on its own pod after committing a checkpoint (JSON of
 /// [`trainingjob::CheckpointRef`]).
 pub const ANNOTATION_CHECKPOINT: &str = "radfm.io/checkpoint";
+/// File names of an exported model folder: written by the trainer's export, read by the
+/// registry, the evaluators and the operator.
+pub mod export_files {
+    /// The encoder weights (safetensors, timm names).
+    pub const WEIGHTS: &str = "encoder.safetensors";
+    /// The model card (JSON), written last.
+    pub const CARD: &str = "model_card.json";
+}
 /// API group of every radfm resource.
 pub const GROUP: &str = "radfm.io";
 /// API version of the radfm resources in this release.

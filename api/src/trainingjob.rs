@@ -69,6 +69,10 @@ pub struct TrainingJobSpec {
     pub training: TrainingSpec,
     /// Where and how often checkpoints are written; a restarted gang resumes from the newest one.
     pub checkpoint: CheckpointSpec,
+    /// Export of the encoder (timm names, model card) by rank 0 after the last step; empty: no
+    /// export (the checkpoints remain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportSpec>,
     /// Restart budget, deadline, suspension and clean-up.
     #[serde(default)]
     pub run_policy: RunPolicy,
@@ -208,6 +212,71 @@ pub struct DatasetSpec {
     /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// Shard sequence numbers to train on, as ranges (`0-9,12,15-20`); empty: every shard of the
+    /// index. ContinualTraining sets it to a run's data window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(SHARDS_RULE).message("dataset.shards must be a comma-separated list of shard numbers or ranges like 0-9,12"))]
+    pub shards: Option<String>,
+}
+
+/// Shape of a shard selection: comma-separated numbers or `a-b` ranges.
+const SHARDS_RULE: &str = "self.matches('^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$')";
+
+/// Parses a shard selection (`0-9,12,15-20`) into sorted, distinct sequence numbers; the error
+/// says which part is wrong.
+pub fn parse_shards(text: &str) -> std::result::Result<Vec<u64>, String> {
+    let mut out = std::collections::BTreeSet::new();
+    for part in text.split(',').map(str::trim) {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{part:?} is not a shard number or range a-b"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("{part:?}: range start is after its end"));
+                }
+                if b - a > 10_000_000 {
+                    return Err(format!("{part:?}: range too large"));
+                }
+                out.extend(a..=b);
+            }
+            None => {
+                out.insert(num(part)?);
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Writes sorted sequence numbers as the shortest selection (`0-3,7,9-10`).
+pub fn format_shards(seqs: &[u64]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let mut j = i;
+        while j + 1 < seqs.len() && seqs[j + 1] == seqs[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j == i {
+            seqs[i].to_string()
+        } else {
+            format!("{}-{}", seqs[i], seqs[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// Where the trained encoder is exported when the job succeeds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportSpec {
+    /// Folder URI that receives `encoder.safetensors` and `model_card.json` (written last).
+    #[x_kube(validation = Rule::new(URI_RULE).message("export.uri must start with s3://, gs://, az:// or file://"))]
+    pub uri: String,
 }
 
 /// Reference to a Secret in the job's namespace.
@@ -857,5 +926,22 @@ spec:
                 .unwrap()
                 .contains("Number of worker pods")
         );
+    }
+
+    #[test]
+    fn shard_selections_parse_sorted_and_format_as_ranges() {
+        assert_eq!(parse_shards("7,0-2,3,2").unwrap(), vec![0, 1, 2, 3, 7]);
+        assert_eq!(format_shards(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
+        assert_eq!(format_shards(&[]), "");
+        for (bad, why) in [
+            ("3-1", "range start is after its end"),
+            ("a", "\"a\" is not a shard number"),
+            ("1,,2", "\"\" is not a shard number"),
+        ] {
+            let err = parse_shards(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let all: Vec<u64> = (0..50).filter(|s| s % 3 != 1).collect();
+        assert_eq!(parse_shards(&format_shards(&all)).unwrap(), all);
     }
 }

@@ -1,8 +1,8 @@
 //! `radfm registry`: versions, aliases, lineage and history of models in a registry.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
-use radfm_registry::{DataWindow, EventKind, NewVersion, Registry};
+use radfm_registry::{EventKind, NewVersion, Registry};
 
 /// Registry commands.
 #[derive(Subcommand)]
@@ -205,7 +205,7 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
             by,
         } => {
             let r = Registry::open(&registry)?;
-            let spec = from_export(&export).await?;
+            let spec = radfm_registry::from_export(&export).await?;
             let v = r
                 .register(
                     &model,
@@ -248,59 +248,4 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A version's manifest from an exported model folder: the card, and the shard hashes of the
-/// data window from the dataset index.
-async fn from_export(uri: &str) -> Result<NewVersion> {
-    let loc = radfm_data::store::Location::open(uri)?;
-    let card: radfm_trainer::export::ModelCard = serde_json::from_slice(
-        &loc.get_opt(radfm_trainer::export::CARD)
-            .await?
-            .with_context(|| {
-                format!(
-                    "{uri} has no {}: not an exported model",
-                    radfm_trainer::export::CARD
-                )
-            })?,
-    )
-    .with_context(|| format!("{uri}/{}", radfm_trainer::export::CARD))?;
-    let data = &card.dataset;
-    let index = radfm_data::DatasetIndex::load(&radfm_data::store::Location::open(&data.uri)?)
-        .await
-        .with_context(|| format!("dataset {} of the model card", data.uri))?;
-    let shards = index
-        .shards
-        .iter()
-        .filter(|s| s.seq >= data.first_seq && s.seq <= data.last_seq)
-        .map(|s| radfm_registry::ShardRef {
-            seq: s.seq,
-            sha256: s.sha256.clone(),
-        })
-        .collect();
-    let mut metrics = std::collections::BTreeMap::new();
-    if let Some(l) = card.final_loss {
-        metrics.insert("final_loss".to_string(), l);
-    }
-    metrics.insert("steps".to_string(), card.steps as f64);
-    Ok(NewVersion {
-        weights_uri: format!(
-            "{}/{}",
-            uri.trim_end_matches('/'),
-            radfm_trainer::export::WEIGHTS
-        ),
-        weights_sha256: card.weights_sha256.clone(),
-        parent: None,
-        job_name: None,
-        job_uid: None,
-        data: DataWindow {
-            index_uri: data.uri.clone(),
-            first_seq: data.first_seq,
-            last_seq: data.last_seq,
-            shards,
-        },
-        config: serde_json::to_value(&card)?,
-        code_version: card.code_version.clone(),
-        metrics,
-    })
 }

@@ -49,8 +49,8 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// Corrupt samples tolerated per epoch on this rank before failing.
     pub max_bad_samples: usize,
-    /// Only shards with sequence number >= this (continual training's data window).
-    pub since_seq: u64,
+    /// Only these shard sequence numbers (continual training's data window); None: all.
+    pub shards: Option<Vec<u64>>,
     /// Retries of a failed shard fetch.
     pub fetch_retries: u32,
 }
@@ -66,7 +66,7 @@ impl Default for LoaderConfig {
             augment: true,
             prefetch: 2,
             max_bad_samples: 16,
-            since_seq: 0,
+            shards: None,
             fetch_retries: 8,
         }
     }
@@ -142,7 +142,26 @@ impl Loader {
         let uri = loc.uri.clone();
         let uri = uri.as_str();
         let index = DatasetIndex::load(&loc).await?;
-        let shards: Vec<ShardEntry> = index.since(cfg.since_seq).to_vec();
+        let shards: Vec<ShardEntry> = match &cfg.shards {
+            None => index.shards.clone(),
+            Some(want) => {
+                if let Some(missing) = want.iter().find(|&&w| !index.shards.iter().any(|s| s.seq == w)) {
+                    return Err(Error::Index {
+                        uri: loc.child_uri(crate::index::INDEX),
+                        reason: format!(
+                            "shard {missing} of the selection is not in the index ({} shards)",
+                            index.shards.len()
+                        ),
+                    });
+                }
+                index
+                    .shards
+                    .iter()
+                    .filter(|s| want.contains(&s.seq))
+                    .cloned()
+                    .collect()
+            }
+        };
         let total: u64 = shards.iter().map(|s| s.samples).sum();
         if cfg.rank >= cfg.world || cfg.batch_size == 0 {
             return Err(Error::Uri {
@@ -157,8 +176,8 @@ impl Loader {
             return Err(Error::Index {
                 uri: loc.child_uri(crate::index::INDEX),
                 reason: format!(
-                    "{total} samples (shards from sequence {}) cannot give {} ranks one batch of {} each",
-                    cfg.since_seq, cfg.world, cfg.batch_size
+                    "{total} samples in {} selected shards cannot give {} ranks one batch of {} each",
+                    shards.len(), cfg.world, cfg.batch_size
                 ),
             });
         }
@@ -176,7 +195,7 @@ impl Loader {
         })
     }
 
-    /// The shards this loader reads (the index's, from `since_seq` on).
+    /// The shards this loader reads (the index's, or the selected ones).
     pub fn shards(&self) -> &[ShardEntry] {
         &self.shards
     }

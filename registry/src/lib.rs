@@ -72,6 +72,96 @@ pub struct DataWindow {
     /// Every shard trained on, with its sha256.
     #[serde(default)]
     pub shards: Vec<ShardRef>,
+    /// Of those, the earlier shards replayed against forgetting (continual training).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replayed: Vec<u64>,
+}
+
+/// File names of an exported model folder.
+pub use radfm_api::export_files as export;
+
+/// The part of a model card the registry records (the card itself is kept as the version's
+/// `config`).
+#[derive(Debug, Deserialize)]
+struct CardSummary {
+    dataset: CardData,
+    steps: i64,
+    final_loss: Option<f64>,
+    weights_sha256: String,
+    code_version: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct CardData {
+    uri: String,
+    first_seq: u64,
+    last_seq: u64,
+    #[serde(default)]
+    selection: Option<String>,
+}
+
+/// A version's manifest from an exported model folder: the model card, and the sha256 of every
+/// shard trained on from the dataset index. Parent, job and replay are left for the caller.
+pub async fn from_export(uri: &str) -> Result<NewVersion> {
+    let loc = Location::open(uri)?;
+    let card_uri = loc.child_uri(export::CARD);
+    let bytes = loc.get_opt(export::CARD).await?.ok_or_else(|| {
+        Error::NotFound(format!("{card_uri} does not exist: not an exported model"))
+    })?;
+    let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+        uri: card_uri.clone(),
+        reason: e.to_string(),
+    })?;
+    let card: CardSummary =
+        serde_json::from_value(config.clone()).map_err(|e| Error::Corrupt {
+            uri: card_uri.clone(),
+            reason: e.to_string(),
+        })?;
+    let data = &card.dataset;
+    let selected: Option<Vec<u64>> = match &data.selection {
+        None => None,
+        Some(t) => Some(
+            radfm_api::trainingjob::parse_shards(t).map_err(|reason| Error::Corrupt {
+                uri: card_uri.clone(),
+                reason: format!("dataset.selection: {reason}"),
+            })?,
+        ),
+    };
+    let index = radfm_data::DatasetIndex::load(&Location::open(&data.uri)?).await?;
+    let shards: Vec<ShardRef> = index
+        .shards
+        .iter()
+        .filter(|s| match &selected {
+            Some(sel) => sel.contains(&s.seq),
+            None => s.seq >= data.first_seq && s.seq <= data.last_seq,
+        })
+        .map(|s| ShardRef {
+            seq: s.seq,
+            sha256: s.sha256.clone(),
+        })
+        .collect();
+    let mut metrics = BTreeMap::new();
+    if let Some(l) = card.final_loss {
+        metrics.insert("final_loss".to_string(), l);
+    }
+    metrics.insert("steps".to_string(), card.steps as f64);
+    Ok(NewVersion {
+        weights_uri: loc.child_uri(export::WEIGHTS),
+        weights_sha256: card.weights_sha256,
+        parent: None,
+        job_name: None,
+        job_uid: None,
+        data: DataWindow {
+            index_uri: data.uri.clone(),
+            first_seq: data.first_seq,
+            last_seq: data.last_seq,
+            shards,
+            replayed: Vec::new(),
+        },
+        config,
+        code_version: card.code_version,
+        metrics,
+    })
 }
 
 /// One shard of a data window.
@@ -462,6 +552,27 @@ impl Registry {
     ) -> Result<Event> {
         self.append(model, by, reason, |_| Ok(EventKind::Note { version }))
             .await
+    }
+
+    /// The version trained by the TrainingJob with this uid, if one was registered.
+    pub async fn find_by_job(&self, model: &str, job_uid: &str) -> Result<Option<Version>> {
+        let names = self.numbers(&format!("models/{model}/versions")).await?;
+        for v in names.into_iter().rev() {
+            let version = self.version(model, v).await?;
+            if version.spec.job_uid.as_deref() == Some(job_uid) {
+                return Ok(Some(version));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `model` has any version.
+    pub async fn exists(&self, model: &str) -> Result<bool> {
+        check_name("model", model)?;
+        Ok(!self
+            .numbers(&format!("models/{model}/versions"))
+            .await?
+            .is_empty())
     }
 
     /// The chain of parents of a version, the version itself first.

@@ -55,6 +55,9 @@ pub struct DataRef {
     pub last_seq: u64,
     /// Shards trained on.
     pub shards: usize,
+    /// The shard selection (`0-9,12`) when not every shard of the index was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<String>,
     /// Samples in those shards.
     pub samples: u64,
     /// Intensity mean used for normalisation.

@@ -114,6 +114,10 @@ pub struct TrainConfig {
     pub gpus: usize,
     /// Dataset folder URI.
     pub dataset_uri: String,
+    /// Shard sequence numbers trained on (None: every shard of the index).
+    pub dataset_shards: Option<Vec<u64>>,
+    /// Folder rank 0 exports the encoder to after the last step.
+    pub export_uri: Option<String>,
     /// Checkpoint folder URI.
     pub checkpoint_uri: String,
     /// Steps between checkpoints.
@@ -268,6 +272,8 @@ impl TrainConfig {
             nproc_per_node: nproc,
             gpus: c.gpus.max(0) as usize,
             dataset_uri: c.dataset_uri,
+            dataset_shards: c.dataset_shards,
+            export_uri: c.export_uri,
             checkpoint_uri: c.checkpoint_uri,
             checkpoint_every: c.checkpoint_every,
             checkpoint_keep: c.checkpoint_keep as usize,

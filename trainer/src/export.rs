@@ -15,10 +15,7 @@ use crate::checkpoint::{self, DataRef};
 use crate::model::{Encoder, VitConfig};
 use crate::{Error, Result, tensors};
 
-/// Object name of the exported weights.
-pub const WEIGHTS: &str = "encoder.safetensors";
-/// Object name of the model card.
-pub const CARD: &str = "model_card.json";
+pub use radfm_api::export_files::{CARD, WEIGHTS};
 /// Format of the model card.
 pub const CARD_FORMAT: &str = "radfm.model-card/v1";
 

@@ -122,6 +122,15 @@ fn main() -> ExitCode {
                         "checkpoint": s.checkpoint,
                     });
                     if cfg.rank == 0 {
+                        if let Some(out) = &cfg.export_uri {
+                            match runtime().block_on(export::export(&cfg.checkpoint_uri, out)) {
+                                Ok(card) => println!(
+                                    "{}",
+                                    serde_json::json!({"event": "exported", "uri": out, "weights_sha256": card.weights_sha256})
+                                ),
+                                Err(e) => return fail(e),
+                            }
+                        }
                         println!("{done}");
                     }
                     ExitCode::SUCCESS

@@ -85,6 +85,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         image_size: cfg.model.image_size as usize,
         augment: cfg.augment,
         max_bad_samples: cfg.max_bad_samples,
+        shards: cfg.dataset_shards.clone(),
         ..Default::default()
     };
     let mut loader = rt.block_on(Loader::open(&cfg.dataset_uri, loader_cfg))?;
@@ -94,6 +95,10 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         first_seq: shards.first().map_or(0, |s| s.seq),
         last_seq: shards.last().map_or(0, |s| s.seq),
         shards: shards.len(),
+        selection: cfg
+            .dataset_shards
+            .as_deref()
+            .map(radfm_api::trainingjob::format_shards),
         samples: shards.iter().map(|s| s.samples).sum(),
         mean: loader.stats().mean,
         std: loader.stats().std,
