@@ -499,7 +499,10 @@ spec:
         assert_eq!(c.dataset_shards, Some(vec![0, 1, 2, 3, 7]));
         let vars: HashMap<_, _> = c.to_vars().into_iter().collect();
         assert_eq!(vars[DATASET_SHARDS], "0-3,7");
-        assert_eq!(EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap(), c);
+        assert_eq!(
+            EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap(),
+            c
+        );
         let back = EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap();
         assert_eq!(back, c);
     }

@@ -145,7 +145,10 @@ impl Loader {
         let shards: Vec<ShardEntry> = match &cfg.shards {
             None => index.shards.clone(),
             Some(want) => {
-                if let Some(missing) = want.iter().find(|&&w| !index.shards.iter().any(|s| s.seq == w)) {
+                if let Some(missing) = want
+                    .iter()
+                    .find(|&&w| !index.shards.iter().any(|s| s.seq == w))
+                {
                     return Err(Error::Index {
                         uri: loc.child_uri(crate::index::INDEX),
                         reason: format!(
@@ -177,7 +180,9 @@ impl Loader {
                 uri: loc.child_uri(crate::index::INDEX),
                 reason: format!(
                     "{total} samples in {} selected shards cannot give {} ranks one batch of {} each",
-                    shards.len(), cfg.world, cfg.batch_size
+                    shards.len(),
+                    cfg.world,
+                    cfg.batch_size
                 ),
             });
         }

@@ -257,9 +257,213 @@ pub fn run_name(name: &str, scheduled: Timestamp) -> String {
     format!("{}{suffix}", base.trim_end_matches('-'))
 }
 
+/// Parses a Go duration (`168h`, `1h30m`, `90s`, `1.5h`), as the API server's CEL `duration()`
+/// accepts it, into whole seconds.
+pub fn parse_go_duration(text: &str, field: &str) -> Result<i64> {
+    let bad = |why: &str| Error::Invalid {
+        field: field.into(),
+        reason: format!("{text:?} {why}"),
+    };
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad("is empty"));
+    }
+    let mut nanos: f64 = 0.0;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| bad("lacks a unit (ns, us, ms, s, m, h)"))?;
+        let value: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| bad("is not a duration like 24h or 1h30m"))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            u => return Err(bad(&format!("has unknown unit {u:?}"))),
+        };
+        nanos += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Ok((nanos / 1e9).floor() as i64)
+}
+
+/// What a due scheduled evaluation needs to know.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    /// The scheduled time being handled (seeds the replay sample).
+    pub scheduled: Timestamp,
+    /// Shard sequence numbers in the dataset index.
+    pub shards: &'a [u64],
+    /// Last shard already trained on by a registered run.
+    pub watermark: Option<u64>,
+    /// Replay fraction.
+    pub replay: f64,
+    /// trigger.minNewShards.
+    pub min_new_shards: u64,
+    /// Seconds since the last successful run, if any.
+    pub since_last_success_secs: Option<i64>,
+    /// trigger.maxInterval in seconds.
+    pub max_interval_secs: Option<i64>,
+    /// concurrencyPolicy.
+    pub policy: Concurrency,
+    /// Runs in progress.
+    pub active: &'a [String],
+}
+
+/// The decision of a due scheduled evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Too little new data: nothing runs until the next scheduled time.
+    NoNewData {
+        /// Shards after the watermark.
+        new: usize,
+    },
+    /// Forbid: a run is active.
+    SkipActive,
+    /// Create a run on this window, after deleting `replace`.
+    Run {
+        /// The data window.
+        window: Window,
+        /// Active runs to delete first (Replace).
+        replace: Vec<String>,
+    },
+}
+
+/// Trigger, then concurrency policy, then the data window: the whole decision at a due time.
+pub fn decide(i: &Inputs) -> Decision {
+    let w = window(
+        i.shards,
+        i.watermark,
+        i.replay,
+        i.scheduled.as_second() as u64,
+    );
+    if !trigger_holds(
+        w.new.len() as u64,
+        i.min_new_shards,
+        i.since_last_success_secs,
+        i.max_interval_secs,
+    ) {
+        return Decision::NoNewData { new: w.new.len() };
+    }
+    match admit(i.policy, i.active) {
+        Admission::Skip => Decision::SkipActive,
+        Admission::Start => Decision::Run {
+            window: w,
+            replace: Vec::new(),
+        },
+        Admission::ReplaceThenStart(replace) => Decision::Run { window: w, replace },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn go_durations_parse_like_the_api_server() {
+        for (text, secs) in [
+            ("24h", 86_400),
+            ("1h30m", 5_400),
+            ("90s", 90),
+            ("1.5h", 5_400),
+            ("2h0m30s", 7_230),
+            ("1500ms", 1),
+        ] {
+            assert_eq!(parse_go_duration(text, "f").unwrap(), secs, "{text}");
+        }
+        for bad in ["", "24", "1d", "h", "1..5h"] {
+            let e = parse_go_duration(bad, "spec.trigger.maxInterval").unwrap_err();
+            assert!(
+                e.to_string().starts_with("spec.trigger.maxInterval: "),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn due_evaluations_check_data_then_concurrency_then_build_the_window() {
+        let shards: Vec<u64> = (0..6).collect();
+        let active = vec!["ct-1".to_string()];
+        let base = Inputs {
+            scheduled: ts("2026-01-01T03:00:00Z"),
+            shards: &shards,
+            watermark: Some(3),
+            replay: 0.5,
+            min_new_shards: 2,
+            since_last_success_secs: Some(600),
+            max_interval_secs: None,
+            policy: Concurrency::Forbid,
+            active: &[],
+        };
+        let Decision::Run { window, replace } = decide(&base) else {
+            panic!("two new shards must run")
+        };
+        assert_eq!(
+            (window.new.as_slice(), window.replay.len()),
+            (&[4, 5][..], 1)
+        );
+        assert!(replace.is_empty());
+        let cases: Vec<(Inputs, Decision)> = vec![
+            (
+                Inputs {
+                    watermark: Some(4),
+                    ..base.clone()
+                },
+                Decision::NoNewData { new: 1 },
+            ),
+            (
+                Inputs {
+                    watermark: Some(5),
+                    max_interval_secs: Some(60),
+                    ..base.clone()
+                },
+                Decision::NoNewData { new: 0 },
+            ),
+            (
+                Inputs {
+                    active: &active,
+                    ..base.clone()
+                },
+                Decision::SkipActive,
+            ),
+            (
+                Inputs {
+                    active: &active,
+                    watermark: Some(5),
+                    ..base.clone()
+                },
+                Decision::NoNewData { new: 0 },
+            ),
+        ];
+        for (inputs, want) in cases {
+            assert_eq!(decide(&inputs), want, "{inputs:?}");
+        }
+        let Decision::Run { replace, .. } = decide(&Inputs {
+            active: &active,
+            policy: Concurrency::Replace,
+            ..base.clone()
+        }) else {
+            panic!("Replace runs")
+        };
+        assert_eq!(replace, active);
+        // One new shard below the minimum, but maxInterval has passed since the last success.
+        assert!(matches!(
+            decide(&Inputs {
+                watermark: Some(4),
+                max_interval_secs: Some(600),
+                ..base.clone()
+            }),
+            Decision::Run { .. }
+        ));
+    }
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()

@@ -1,12 +1,15 @@
-//! radfm's Kubernetes operator: runs TrainingJobs as gangs of trainer pods.
+//! radfm's Kubernetes operator: runs TrainingJobs as gangs of trainer pods, and
+//! ContinualTrainings as scheduled, data-triggered series of TrainingJobs.
 //!
 //! The crate is split so that decisions stay pure: [`children`] builds the owned objects,
 //! [`plan`] decides what to create, delete and report, and [`reconcile`] is the thin layer that
-//! talks to the API server. [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
+//! talks to the API server; [`continual`] decides and [`continual_controller`] acts for
+//! ContinualTrainings. [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
 #![deny(missing_docs)]
 
 pub mod children;
 pub mod continual;
+pub mod continual_controller;
 pub mod crdgen;
 pub mod leader;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! `radfm-operator`: the TrainingJob controller, and `radfm-operator crd` to print the CRDs.
+//! `radfm-operator`: the TrainingJob and ContinualTraining controllers, and `radfm-operator crd` to print the CRDs.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use radfm_operator::leader::Elector;
 use radfm_operator::metrics::{self, Metrics};
-use radfm_operator::{crdgen, reconcile, telemetry};
+use radfm_operator::{continual_controller, crdgen, reconcile, telemetry};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -65,6 +65,10 @@ struct RunArgs {
     /// Plain-text logs instead of JSON.
     #[arg(long, env = "RADFM_LOG_TEXT")]
     log_text: bool,
+    /// Testing only: read the ContinualTraining controller's "now" (RFC 3339) from this file on
+    /// every pass instead of the wall clock.
+    #[arg(long, hide = true)]
+    clock_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -195,7 +199,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let _ = lost_tx.send(true);
         });
     }
-    let shutdown = {
+    let shutdown = || {
         let (stop, lost) = (stop_rx.clone(), lost_rx.clone());
         async move {
             tokio::select! {
@@ -204,14 +208,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    reconcile::run_controller(
-        client,
-        metrics.clone(),
-        Some(identity),
-        args.namespace,
-        shutdown,
-    )
-    .await;
+    let clock = match args.clock_file {
+        Some(p) => continual_controller::Clock::File(p),
+        None => continual_controller::Clock::Wall,
+    };
+    tokio::join!(
+        reconcile::run_controller(
+            client.clone(),
+            metrics.clone(),
+            Some(identity.clone()),
+            args.namespace.clone(),
+            shutdown(),
+        ),
+        continual_controller::run_controller(
+            client,
+            Some(identity),
+            args.namespace,
+            clock,
+            shutdown(),
+        ),
+    );
     if *lost_rx.borrow() {
         anyhow::bail!("lost the leader lease");
     }

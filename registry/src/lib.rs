@@ -112,20 +112,21 @@ pub async fn from_export(uri: &str) -> Result<NewVersion> {
         uri: card_uri.clone(),
         reason: e.to_string(),
     })?;
-    let card: CardSummary =
-        serde_json::from_value(config.clone()).map_err(|e| Error::Corrupt {
-            uri: card_uri.clone(),
-            reason: e.to_string(),
-        })?;
+    let card: CardSummary = serde_json::from_value(config.clone()).map_err(|e| Error::Corrupt {
+        uri: card_uri.clone(),
+        reason: e.to_string(),
+    })?;
     let data = &card.dataset;
     let selected: Option<Vec<u64>> = match &data.selection {
         None => None,
-        Some(t) => Some(
-            radfm_api::trainingjob::parse_shards(t).map_err(|reason| Error::Corrupt {
-                uri: card_uri.clone(),
-                reason: format!("dataset.selection: {reason}"),
-            })?,
-        ),
+        Some(t) => {
+            Some(
+                radfm_api::trainingjob::parse_shards(t).map_err(|reason| Error::Corrupt {
+                    uri: card_uri.clone(),
+                    reason: format!("dataset.selection: {reason}"),
+                })?,
+            )
+        }
     };
     let index = radfm_data::DatasetIndex::load(&Location::open(&data.uri)?).await?;
     let shards: Vec<ShardRef> = index
