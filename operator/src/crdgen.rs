@@ -174,4 +174,40 @@ mod tests {
         let job = TrainingJob::from_yaml(&text, "trainingjob.yaml").unwrap();
         assert_eq!(job.spec.workers.nproc(), 8);
     }
+
+    #[test]
+    fn sample_continualtraining_is_valid_and_its_runs_are_valid_trainingjobs() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/samples/continualtraining.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let de = serde_yaml_ng::Deserializer::from_str(&text);
+        let mut unknown = Vec::new();
+        let ct: ContinualTraining =
+            serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).unwrap();
+        assert!(
+            unknown.iter().all(|p| p == "apiVersion" || p == "kind"),
+            "{unknown:?}"
+        );
+        crate::continual::Schedule::parse(&ct.spec.schedule, ct.spec.time_zone.as_deref()).unwrap();
+        let spec = ct.spec.job_template.job_spec(
+            "cxr-nightly-29000000",
+            &ct.spec.dataset,
+            &[3, 4, 5, 9],
+            Some("s3://radiology/checkpoints/cxr-nightly-1/export".into()),
+        );
+        assert_eq!(spec.dataset.shards.as_deref(), Some("3-5,9"));
+        assert_eq!(
+            spec.checkpoint.uri,
+            "s3://radiology/checkpoints/cxr-nightly/cxr-nightly-29000000"
+        );
+        assert_eq!(
+            spec.export.unwrap().uri,
+            "s3://radiology/checkpoints/cxr-nightly/cxr-nightly-29000000/export"
+        );
+        assert_eq!(spec.model.mask_ratio, 0.9);
+        assert_eq!(
+            spec.dataset.credentials_secret_ref.unwrap().name,
+            "radiology-s3"
+        );
+    }
 }

@@ -442,6 +442,30 @@ async fn operator_restarted_at_the_firing_instant_creates_exactly_one_run() {
     let (_ns, s) = start(&cluster, "restart", dir.path()).await;
     let clock = s.clock.display().to_string();
     s.add_data(0, 32).await;
+    // The API server enforces the CRD's rules, naming the field.
+    let good = ct_yaml("bad", &s, "");
+    for (yaml, field, message) in [
+        (
+            good.replace("spec:\n", "spec:\n  concurrencyPolicy: Sometimes\n"),
+            "spec.concurrencyPolicy",
+            "Unsupported value",
+        ),
+        (
+            good.replace("spec:\n", "spec:\n  trigger: {maxInterval: 3days}\n"),
+            "spec.trigger.maxInterval",
+            "positive duration",
+        ),
+        (
+            good.replace("replay: 0.5", "replay: 1.5"),
+            "spec.replay",
+            "replay must be in [0, 1]",
+        ),
+    ] {
+        let out = cluster.kubectl_stdin(&["apply", "-n", "restart", "-f", "-"], Some(&yaml));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted:\n{yaml}");
+        assert!(err.contains(field) && err.contains(message), "{err}");
+    }
     s.apply(&ct_yaml("chest", &s, "  concurrencyPolicy: Allow\n"));
     let ct: ContinualTraining = wait_until(WAIT, "ContinualTraining stored", || async {
         s.cts().get_opt("chest").await.ok()?
