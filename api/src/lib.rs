@@ -6,7 +6,8 @@
 //! - [`env`]: the environment variables a trainer process receives (built by the operator for a
 //!   pod, by the local runner for a process, parsed by the trainer);
 //! - [`exit`]: the trainer's exit codes and what they mean for a gang restart;
-//! - [`continual`]: the `ContinualTraining` custom resource that schedules retraining runs.
+//! - [`continual`]: the `ContinualTraining` custom resource that schedules retraining runs;
+//! - [`validation`]: the `SiteValidator` and `PromotionPolicy` resources of site validation.
 #![deny(missing_docs)]
 
 pub mod conditions;
@@ -15,6 +16,7 @@ pub mod env;
 pub mod exit;
 pub mod failure;
 pub mod trainingjob;
+pub mod validation;
 
 pub use continual::{ContinualTraining, ContinualTrainingSpec, ContinualTrainingStatus};
 pub use trainingjob::{TrainingJob, TrainingJobSpec, TrainingJobStatus};

@@ -266,12 +266,21 @@ impl Cluster {
 
         let crds = repo_root().join("manifests/crds");
         cluster.kubectl_ok(&["apply", "-f", &crds.to_string_lossy()])?;
-        cluster.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/trainingjobs.radfm.io",
-        ])?;
+        // `kubectl wait` fails outright while a new CRD has no conditions yet; ask again.
+        wait_until(Duration::from_secs(60), "CRDs Established", || async {
+            cluster
+                .kubectl(&[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=10s",
+                    "crd",
+                    "--all",
+                ])
+                .status
+                .success()
+                .then_some(())
+        })
+        .await?;
         cluster.kubectl_ok(&["create", "namespace", "radfm-system"])?;
         cluster.kubectl_ok(&[
             "apply",

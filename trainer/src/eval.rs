@@ -24,6 +24,8 @@ pub struct Embedded {
     pub labels: Tensor,
     /// Sample keys, in row order.
     pub keys: Vec<String>,
+    /// Sample metadata, in row order (subgroups of site validation).
+    pub meta: Vec<radfm_data::SampleMeta>,
 }
 
 /// Scores of one classifier on the held-out part.
@@ -78,6 +80,7 @@ pub async fn embed(
     let mut feats = Vec::new();
     let mut labels = Vec::new();
     let mut keys = Vec::new();
+    let mut metas = Vec::new();
     let mut missing = None;
     loader
         .run_epoch(Cursor::default(), |batch| {
@@ -96,6 +99,7 @@ pub async fn embed(
                     }
                 }
                 keys.push(key.clone());
+                metas.push(meta.clone());
             }
             true
         })
@@ -112,6 +116,7 @@ pub async fn embed(
         features: Tensor::cat(&feats, 0),
         labels: Tensor::from_slice(&labels),
         keys,
+        meta: metas,
     })
 }
 
@@ -120,18 +125,21 @@ pub async fn embed(
 pub fn target(meta: &radfm_data::SampleMeta, name: &str) -> Option<f32> {
     match name.split_once('=') {
         None => meta.labels.get(name).and_then(label_value),
-        Some((field, value)) => {
-            let v = meta.labels.get(field).cloned().or_else(|| {
-                serde_json::to_value(meta)
-                    .ok()
-                    .and_then(|m| m.get(field).cloned())
-            })?;
-            let text = match &v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            Some((text == value) as u8 as f32)
-        }
+        Some((field, value)) => Some((field_value(meta, field)? == value) as u8 as f32),
+    }
+}
+
+/// A sample's value of a label or metadata field, as text (`sex` → `F`).
+pub fn field_value(meta: &radfm_data::SampleMeta, field: &str) -> Option<String> {
+    let v = meta.labels.get(field).cloned().or_else(|| {
+        serde_json::to_value(meta)
+            .ok()
+            .and_then(|m| m.get(field).cloned())
+    })?;
+    match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s),
+        other => Some(other.to_string()),
     }
 }
 
@@ -156,35 +164,11 @@ pub fn held_out(key: &str) -> bool {
     Sha256::digest(key.as_bytes())[0] as u32 * 10 / 256 >= 7
 }
 
-/// Area under the ROC curve of `scores` for binary `labels` (ties count half).
+/// Area under the ROC curve of `scores` for binary `labels` (ties count half; 0.5 without both
+/// classes).
 pub fn auroc(scores: &[f64], labels: &[f32]) -> f64 {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let mut ranks = vec![0.0; scores.len()];
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
-            j += 1;
-        }
-        let r = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &idx[i..=j] {
-            ranks[k] = r;
-        }
-        i = j + 1;
-    }
-    let pos = labels.iter().filter(|&&l| l > 0.5).count() as f64;
-    let neg = labels.len() as f64 - pos;
-    if pos == 0.0 || neg == 0.0 {
-        return 0.5;
-    }
-    let rank_sum: f64 = ranks
-        .iter()
-        .zip(labels)
-        .filter(|(_, l)| **l > 0.5)
-        .map(|(r, _)| r)
-        .sum();
-    (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
+    let y: Vec<bool> = labels.iter().map(|&l| l > 0.5).collect();
+    radfm_validation::stats::auroc(scores, &y).unwrap_or(0.5)
 }
 
 fn scores(prob: &[f64], labels: &[f32]) -> Scores {
@@ -243,15 +227,24 @@ pub fn probe(name: &str, e: &Embedded, k: usize) -> Result<Report> {
     let (xtr, xte) = ((&xtr - &mu) / &sd, (&xte - &mu) / &sd);
     let labels_te: Vec<f32> = Vec::try_from(&yte).expect("labels");
 
-    // k-NN: cosine similarity, the positive fraction among the k nearest is the score.
-    let normed = |t: &Tensor| t / (t.norm_scalaropt_dim(2, [1], true) + 1e-8);
-    let sim = normed(&xte).matmul(&normed(&xtr).transpose(0, 1));
     let k = k.min(train_rows.len());
-    let (_, nn) = sim.topk(k as i64, 1, true, true);
-    let votes = ytr.index_select(0, &nn.flatten(0, -1)).view([-1, k as i64]);
-    let knn = scores(&to_vec(&votes.mean_dim(1, false, Kind::Float)), &labels_te);
+    let knn = scores(&knn_scores(&xtr, &ytr, &xte, k), &labels_te);
 
-    // Logistic regression, full batch, L2-regularised, a fixed number of Adam steps from zero.
+    let prob = logistic(&xtr, &ytr, &xte);
+    let linear = scores(&prob, &labels_te);
+    Ok(Report {
+        encoder: name.into(),
+        train: train_rows.len(),
+        test: test_rows.len(),
+        k,
+        knn,
+        linear,
+    })
+}
+
+/// Logistic regression fitted on standardised `xtr` (full batch, L2-regularised, a fixed number
+/// of Adam steps from zero); the probabilities of `xte`.
+fn logistic(xtr: &Tensor, ytr: &Tensor, xte: &Tensor) -> Vec<f64> {
     let d = xtr.size()[1];
     let vs = VarStore::new(Device::Cpu);
     let w = vs.root().zeros("w", &[d]);
@@ -277,15 +270,73 @@ pub fn probe(name: &str, e: &Embedded, k: usize) -> Result<Report> {
         opt.step(0.05);
     }
     let prob = tch::no_grad(|| (xte.matmul(&w) + &b).sigmoid());
-    let linear = scores(&to_vec(&prob), &labels_te);
-    Ok(Report {
-        encoder: name.into(),
-        train: train_rows.len(),
-        test: test_rows.len(),
-        k,
-        knn,
-        linear,
-    })
+    to_vec(&prob)
+}
+
+/// The k-NN score (positive fraction among the `k` most cosine-similar training rows) of every
+/// row of `xte`.
+fn knn_scores(xtr: &Tensor, ytr: &Tensor, xte: &Tensor, k: usize) -> Vec<f64> {
+    let normed = |t: &Tensor| t / (t.norm_scalaropt_dim(2, [1], true) + 1e-8);
+    let sim = normed(xte).matmul(&normed(xtr).transpose(0, 1));
+    let k = k.min(xtr.size()[0] as usize).max(1);
+    let (_, nn) = sim.topk(k as i64, 1, true, true);
+    let votes = ytr.index_select(0, &nn.flatten(0, -1)).view([-1, k as i64]);
+    to_vec(&votes.mean_dim(1, false, Kind::Float))
+}
+
+/// Out-of-fold predictions of every row: `folds`-fold cross-validation by a hash of the sample
+/// key, standardising with each training fold's statistics. Returns (logistic-regression
+/// probabilities, k-NN scores), in row order.
+pub fn cross_validated(
+    features: &Tensor,
+    labels: &Tensor,
+    keys: &[String],
+    folds: usize,
+    k: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = keys.len();
+    let fold_of = |key: &str| Sha256::digest(key.as_bytes())[1] as usize % folds;
+    let x = features.to_kind(Kind::Float);
+    let (mut linear, mut knn) = (vec![0.0; n], vec![0.0; n]);
+    for f in 0..folds {
+        let test: Vec<i64> = (0..n as i64).filter(|&i| fold_of(&keys[i as usize]) == f).collect();
+        let train: Vec<i64> = (0..n as i64).filter(|&i| fold_of(&keys[i as usize]) != f).collect();
+        if test.is_empty() {
+            continue;
+        }
+        if train.len() < 4 {
+            return Err(Error::Field {
+                field: "dataset".into(),
+                reason: format!("{n} samples are too few for {folds}-fold cross-validation"),
+            });
+        }
+        let (tr, te) = (Tensor::from_slice(&train), Tensor::from_slice(&test));
+        let (xtr, xte) = (x.index_select(0, &tr), x.index_select(0, &te));
+        let ytr = labels.index_select(0, &tr);
+        let mu = xtr.mean_dim(0, true, Kind::Float);
+        let sd = xtr.std_dim(0, false, true) + 1e-6;
+        let (xtr, xte) = ((&xtr - &mu) / &sd, (&xte - &mu) / &sd);
+        let p = logistic(&xtr, &ytr, &xte);
+        let q = knn_scores(&xtr, &ytr, &xte, k);
+        for (j, &row) in test.iter().enumerate() {
+            linear[row as usize] = p[j];
+            knn[row as usize] = q[j];
+        }
+    }
+    Ok((linear, knn))
+}
+
+/// Linear centred kernel alignment of two embeddings of the same rows (Kornblith et al. 2019):
+/// 1 when they agree up to rotation and isotropic scale, near 0 when unrelated.
+pub fn linear_cka(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let a = &a - a.mean_dim(0, true, Kind::Double);
+    let b = &b - b.mean_dim(0, true, Kind::Double);
+    let cross = b.transpose(0, 1).matmul(&a).square().sum(Kind::Double);
+    let aa = a.transpose(0, 1).matmul(&a).square().sum(Kind::Double).sqrt();
+    let bb = b.transpose(0, 1).matmul(&b).square().sum(Kind::Double).sqrt();
+    (cross / (aa * bb + 1e-12)).double_value(&[])
 }
 
 /// Evaluation of a pretrained encoder next to the same architecture at random initialisation.
@@ -364,6 +415,7 @@ mod tests {
             features: Tensor::from_slice(&feats).view([n as i64, 2]),
             labels: Tensor::from_slice(&labels),
             keys: (0..n).map(|i| format!("k{i}")).collect(),
+            meta: Vec::new(),
         };
         let r = probe("toy", &e, 5).unwrap();
         assert!(r.knn.balanced_accuracy > 0.95, "{r:?}");

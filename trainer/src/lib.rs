@@ -18,6 +18,7 @@ pub mod launch;
 pub mod model;
 pub mod optim;
 pub mod progress;
+pub mod site;
 pub mod tensors;
 pub mod train;
 

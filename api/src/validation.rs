@@ -1,0 +1,281 @@
+//! Decentralised clinical validation resources.
+//!
+//! A `SiteValidator` runs inside a hospital's cluster: it notices candidate model versions in the
+//! shared registry, validates them on the site's own labelled images (which never leave) and
+//! publishes a signed report of aggregate metrics. A `PromotionPolicy` runs next to the registry:
+//! it trusts a set of site keys and decides, from the verified reports, whether the candidate
+//! replaces production, with machine-readable reasons (the modification protocol and performance
+//! evaluation of an FDA predetermined change control plan).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::trainingjob::{DatasetSpec, SecretRef};
+
+/// Annotation on a PromotionPolicy that records a human approval of one candidate version
+/// (`"7"`), for policies with `requireApproval`.
+pub const ANNOTATION_APPROVE: &str = "radfm.io/approve-version";
+
+/// Desired state of a SiteValidator.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "radfm.io",
+    version = "v1alpha1",
+    kind = "SiteValidator",
+    doc = "Validates candidate model versions on this site's data and publishes signed aggregate reports (see docs/validation.md).",
+    plural = "sitevalidators",
+    shortname = "sv",
+    category = "radfm",
+    namespaced,
+    status = "SiteValidatorStatus",
+    printcolumn(name = "Site", type_ = "string", json_path = ".spec.siteId"),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
+    printcolumn(name = "Validated", type_ = "integer", json_path = ".status.lastValidatedVersion", description = "Last version validated"),
+    printcolumn(name = "Running", type_ = "string", json_path = ".status.running", description = "Validation pod in progress"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteValidatorSpec {
+    /// This site's identifier, as the promotion policy knows it.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("siteId must be lowercase letters, digits and -"))]
+    pub site_id: String,
+    /// Secret holding the site's ed25519 signing key (hex seed, `radfm keygen`).
+    pub signing_key_secret_ref: KeySecretRef,
+    /// Shared model registry URI.
+    #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("registry must start with s3://, gs://, az:// or file://"))]
+    pub registry: String,
+    /// Model name in the registry.
+    #[schemars(length(min = 1))]
+    pub model: String,
+    /// The site's labelled images; they are read only by the validation pod and never leave.
+    pub dataset: DatasetSpec,
+    /// Clinical tasks to validate.
+    #[schemars(length(min = 1))]
+    pub tasks: Vec<TaskSpec>,
+    /// Metadata fields reported per subgroup (sex, age_band, scanner, view, ...).
+    #[serde(default)]
+    pub subgroups: Vec<String>,
+    /// Subgroups with fewer cases are suppressed, not reported.
+    #[serde(default = "default_min_cell")]
+    #[schemars(range(min = 1))]
+    pub min_cell_size: i32,
+    /// Seconds between looks at the registry.
+    #[serde(default = "default_poll")]
+    #[schemars(range(min = 5))]
+    pub poll_interval_seconds: i64,
+    /// Alias of the versions to validate.
+    #[serde(default = "default_candidate")]
+    pub candidate_alias: String,
+    /// Alias of the baseline compared against.
+    #[serde(default = "default_production")]
+    pub baseline_alias: String,
+    /// Image of the validation pod (it runs `radfm validate`).
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Secret whose keys become environment variables of the validation pod (registry and
+    /// dataset credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret key holding a signing key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeySecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key within the Secret.
+    #[serde(default = "default_key_name")]
+    pub key: String,
+}
+
+fn default_key_name() -> String {
+    "ed25519.key".into()
+}
+
+/// A binary clinical task.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSpec {
+    /// Label or metadata field (`lesion`).
+    #[schemars(length(min = 1))]
+    pub label: String,
+    /// Value counted as positive; empty: the label is 0/1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positive_class: Option<String>,
+}
+
+impl TaskSpec {
+    /// The task's name in reports: `lesion`, or `finding=effusion`.
+    pub fn name(&self) -> String {
+        match &self.positive_class {
+            Some(p) => format!("{}={p}", self.label),
+            None => self.label.clone(),
+        }
+    }
+}
+
+fn default_min_cell() -> i32 {
+    20
+}
+fn default_poll() -> i64 {
+    300
+}
+fn default_candidate() -> String {
+    "candidate".into()
+}
+fn default_production() -> String {
+    "production".into()
+}
+
+/// Observed state of a SiteValidator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteValidatorStatus {
+    /// Conditions: Ready (registry reachable), Validating (a pod runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The metadata.generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the registry was last read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_poll_time: Option<Time>,
+    /// The last version whose report this site published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_validated_version: Option<i64>,
+    /// The validation pod in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+}
+
+/// Desired state of a PromotionPolicy.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "radfm.io",
+    version = "v1alpha1",
+    kind = "PromotionPolicy",
+    doc = "Decides from signed site reports whether a candidate model version replaces production (see docs/validation.md).",
+    plural = "promotionpolicies",
+    shortname = "pp",
+    category = "radfm",
+    namespaced,
+    status = "PromotionPolicyStatus",
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
+    printcolumn(name = "Candidate", type_ = "integer", json_path = ".status.lastDecision.version"),
+    printcolumn(name = "Decision", type_ = "string", json_path = ".status.lastDecision.outcome"),
+    printcolumn(name = "Production", type_ = "integer", json_path = ".status.production"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionPolicySpec {
+    /// Model registry URI.
+    #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("registry must start with s3://, gs://, az:// or file://"))]
+    pub registry: String,
+    /// Model name.
+    #[schemars(length(min = 1))]
+    pub model: String,
+    /// The task whose AUROC decides (a task name of the site reports, `lesion`).
+    #[schemars(length(min = 1))]
+    pub task: String,
+    /// Sites whose signed reports count, with their ed25519 public keys.
+    #[schemars(length(min = 1))]
+    pub trusted_sites: Vec<TrustedSite>,
+    /// Valid reports needed before deciding.
+    #[schemars(range(min = 1))]
+    pub quorum: i32,
+    /// Non-inferiority margin δ: the lower 95 % bound of candidate − production AUROC must be
+    /// at least −δ, overall and in every reported subgroup of every site.
+    #[serde(default = "default_margin")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("nonInferiorityMargin must be in [0, 1)"))]
+    pub non_inferiority_margin: f64,
+    /// Largest allowed AUROC gap between the best and the worst subgroup of one field at one
+    /// site, for the candidate.
+    #[serde(default = "default_gap")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("maxWorstGroupGap must be in (0, 1]"))]
+    pub max_worst_group_gap: f64,
+    /// Subgroups (`sex=F`) that at least one valid report must cover.
+    #[serde(default)]
+    pub required_subgroups: Vec<String>,
+    /// Promotion also needs a human approval (annotation radfm.io/approve-version or
+    /// `radfm gate --approve`).
+    #[serde(default)]
+    pub require_approval: bool,
+    /// Reports dated further in the future than this (site clock skew) are refused.
+    #[serde(default = "default_skew")]
+    #[schemars(range(min = 0))]
+    pub max_clock_skew_seconds: i64,
+    /// Alias of the versions under decision.
+    #[serde(default = "default_candidate")]
+    pub candidate_alias: String,
+    /// Alias a promotion moves.
+    #[serde(default = "default_production")]
+    pub production_alias: String,
+    /// Seconds between looks at the registry.
+    #[serde(default = "default_poll")]
+    #[schemars(range(min = 5))]
+    pub poll_interval_seconds: i64,
+}
+
+fn default_margin() -> f64 {
+    0.02
+}
+fn default_gap() -> f64 {
+    0.15
+}
+fn default_skew() -> i64 {
+    300
+}
+
+/// A site and its public key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustedSite {
+    /// Site identifier.
+    #[schemars(length(min = 1))]
+    pub site: String,
+    /// ed25519 public key, hex (`radfm keygen`).
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("publicKey must be 64 lowercase hex characters"))]
+    pub public_key: String,
+}
+
+/// Observed state of a PromotionPolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionPolicyStatus {
+    /// Conditions: Ready (registry reachable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The metadata.generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The latest decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<DecisionStatus>,
+    /// The version production points to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub production: Option<i64>,
+}
+
+/// A decision as shown in the status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionStatus {
+    /// Candidate version decided on.
+    pub version: i64,
+    /// Promote, Reject or HoldForReview.
+    pub outcome: String,
+    /// Why, one line per reason.
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    /// Sites whose reports were valid and counted.
+    #[serde(default)]
+    pub sites: Vec<String>,
+    /// When.
+    pub time: Time,
+}

@@ -1,0 +1,546 @@
+//! The promotion gate: from the signed site reports of one candidate, decide Promote, Reject or
+//! HoldForReview, with reasons a person and a program can both read.
+//!
+//! Reports first have to be admissible: signed by the trusted key of the site they name, about
+//! this model, this candidate and this baseline (by version and weight hash), and dated neither
+//! in the future beyond the allowed clock skew nor before the candidate existed. Inadmissible
+//! reports are listed with the reason and do not count. Then the rules of the policy apply, in
+//! this order: quorum, non-inferiority overall and per subgroup, worst-group gap, required
+//! subgroups, human approval.
+
+use jiff::Timestamp;
+use radfm_api::validation::PromotionPolicySpec;
+use serde::{Deserialize, Serialize};
+
+use crate::report::{self, SiteReport, Signed};
+use crate::stats::Estimate;
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Move production to the candidate.
+    Promote,
+    /// The candidate failed a rule.
+    Reject,
+    /// Not enough evidence yet (quorum, required subgroups) or waiting for a person.
+    HoldForReview,
+}
+
+impl Outcome {
+    /// The outcome's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Promote => "Promote",
+            Outcome::Reject => "Reject",
+            Outcome::HoldForReview => "HoldForReview",
+        }
+    }
+}
+
+/// One reason, machine-readable (`code`, `site`, `subgroup`) and in words (`message`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reason {
+    /// `non_inferiority`, `worst_group_gap`, `quorum`, `required_subgroup`, `approval`,
+    /// `report_rejected`, `passed`.
+    pub code: String,
+    /// Site concerned.
+    pub site: Option<String>,
+    /// Subgroup concerned (`sex=F`), or None for all cases.
+    pub subgroup: Option<String>,
+    /// What, with the numbers.
+    pub message: String,
+}
+
+/// The check of one stored report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportCheck {
+    /// Where it was read.
+    pub uri: String,
+    /// The site it claims.
+    pub site: Option<String>,
+    /// Whether it counted.
+    pub accepted: bool,
+    /// Why not.
+    pub rejected_because: Option<String>,
+}
+
+/// The decision on one candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Model.
+    pub model: String,
+    /// Candidate version.
+    pub candidate: u64,
+    /// Production version at decision time.
+    pub baseline: u64,
+    /// The outcome.
+    pub outcome: Outcome,
+    /// Why (for Promote: the rules it passed).
+    pub reasons: Vec<Reason>,
+    /// Sites whose reports counted.
+    pub sites: Vec<String>,
+    /// Every report looked at.
+    pub reports: Vec<ReportCheck>,
+    /// The accepted reports, for the record.
+    #[serde(skip)]
+    pub accepted: Vec<SiteReport>,
+}
+
+/// What the registry says about the versions under decision.
+#[derive(Debug, Clone)]
+pub struct Versions {
+    /// Model.
+    pub model: String,
+    /// Candidate version.
+    pub candidate: u64,
+    /// Its weights' sha256.
+    pub candidate_sha256: String,
+    /// When it was registered.
+    pub candidate_created: Timestamp,
+    /// Production version.
+    pub baseline: u64,
+    /// Its weights' sha256.
+    pub baseline_sha256: String,
+}
+
+fn fmt_ci(e: &Estimate) -> String {
+    format!("{:+.3} [{:+.3}, {:+.3}]", e.value, e.lo, e.hi)
+}
+
+/// Checks one stored report against the trusted keys and the versions under decision.
+fn admit(
+    policy: &PromotionPolicySpec,
+    v: &Versions,
+    name: &str,
+    signed: &[u8],
+    now: Timestamp,
+) -> Result<SiteReport, String> {
+    let signed: Signed =
+        serde_json::from_slice(signed).map_err(|e| format!("not a signed report: {e}"))?;
+    let trusted = policy
+        .trusted_sites
+        .iter()
+        .find(|t| t.public_key.eq_ignore_ascii_case(signed.public_key.trim()))
+        .ok_or("signed by a key that is not trusted (forged?)")?;
+    let r = report::verify(&signed).map_err(|e| e.to_string())?;
+    if r.site != trusted.site {
+        return Err(format!(
+            "claims site {} but is signed by {}'s key",
+            r.site, trusted.site
+        ));
+    }
+    if name != r.site {
+        return Err(format!(
+            "stored as {name}'s report but is site {}'s (replayed?)",
+            r.site
+        ));
+    }
+    if r.model != v.model || r.candidate != v.candidate || r.candidate_sha256 != v.candidate_sha256
+    {
+        return Err(format!(
+            "is about {} v{} (weights {}), not v{} (replayed?)",
+            r.model,
+            r.candidate,
+            &r.candidate_sha256[..r.candidate_sha256.len().min(12)],
+            v.candidate
+        ));
+    }
+    if r.baseline != v.baseline || r.baseline_sha256 != v.baseline_sha256 {
+        return Err(format!(
+            "compares against v{}, but production is v{}",
+            r.baseline, v.baseline
+        ));
+    }
+    let created: Timestamp = r
+        .created
+        .parse()
+        .map_err(|e| format!("created {:?}: {e}", r.created))?;
+    let skew = jiff::SignedDuration::from_secs(policy.max_clock_skew_seconds.max(0));
+    if created > now + skew {
+        return Err(format!(
+            "dated {created}, beyond the allowed clock skew of {}s ahead of {now}",
+            policy.max_clock_skew_seconds
+        ));
+    }
+    if created + skew < v.candidate_created {
+        return Err(format!(
+            "dated {created}, before the candidate was registered ({})",
+            v.candidate_created
+        ));
+    }
+    if !r.tasks.iter().any(|t| t.task == policy.task) {
+        return Err(format!("has no task {:?}", policy.task));
+    }
+    Ok(r)
+}
+
+/// Decides on a candidate from the stored reports (`(site, uri, bytes)`: the site is the name
+/// under which the report is stored).
+pub fn decide(
+    policy: &PromotionPolicySpec,
+    v: &Versions,
+    stored: &[(String, String, Vec<u8>)],
+    approved: bool,
+    now: Timestamp,
+) -> Decision {
+    let mut reasons = Vec::new();
+    let mut checks = Vec::new();
+    let mut accepted: Vec<SiteReport> = Vec::new();
+    for (site, uri, bytes) in stored {
+        match admit(policy, v, site, bytes, now) {
+            Ok(r) if accepted.iter().any(|a| a.site == r.site) => checks.push(ReportCheck {
+                uri: uri.clone(),
+                site: Some(r.site),
+                accepted: false,
+                rejected_because: Some("a second report of the same site".into()),
+            }),
+            Ok(r) => {
+                checks.push(ReportCheck {
+                    uri: uri.clone(),
+                    site: Some(r.site.clone()),
+                    accepted: true,
+                    rejected_because: None,
+                });
+                accepted.push(r);
+            }
+            Err(why) => {
+                reasons.push(Reason {
+                    code: "report_rejected".into(),
+                    site: Some(site.clone()),
+                    subgroup: None,
+                    message: format!("report {uri} not counted: {why}"),
+                });
+                checks.push(ReportCheck {
+                    uri: uri.clone(),
+                    site: Some(site.clone()),
+                    accepted: false,
+                    rejected_because: Some(why),
+                });
+            }
+        }
+    }
+    accepted.sort_by(|a, b| a.site.cmp(&b.site));
+    let sites: Vec<String> = accepted.iter().map(|r| r.site.clone()).collect();
+    let mut reject = Vec::new();
+    let mut hold = Vec::new();
+
+    if (accepted.len() as i32) < policy.quorum {
+        let missing: Vec<&str> = policy
+            .trusted_sites
+            .iter()
+            .map(|t| t.site.as_str())
+            .filter(|s| !sites.iter().any(|a| a == s))
+            .collect();
+        hold.push(Reason {
+            code: "quorum".into(),
+            site: None,
+            subgroup: None,
+            message: format!(
+                "{} of {} required site reports (missing: {})",
+                accepted.len(),
+                policy.quorum,
+                missing.join(", ")
+            ),
+        });
+    }
+    let margin = -policy.non_inferiority_margin;
+    for r in &accepted {
+        let Some(t) = r.tasks.iter().find(|t| t.task == policy.task) else {
+            continue;
+        };
+        let cells = std::iter::once((None, &t.overall)).chain(
+            t.subgroups
+                .iter()
+                .map(|s| (Some(s.name()), &s.result)),
+        );
+        for (sub, p) in cells {
+            if p.delta_auroc.lo < margin {
+                reject.push(Reason {
+                    code: "non_inferiority".into(),
+                    site: Some(r.site.clone()),
+                    subgroup: sub.clone(),
+                    message: format!(
+                        "site {}, {}: ΔAUROC {} below margin {:+.3}",
+                        r.site,
+                        sub.as_deref().unwrap_or("all cases"),
+                        fmt_ci(&p.delta_auroc),
+                        margin
+                    ),
+                });
+            }
+        }
+        let mut fields: Vec<&str> = t.subgroups.iter().map(|s| s.field.as_str()).collect();
+        fields.sort_unstable();
+        fields.dedup();
+        for field in fields {
+            let cells: Vec<_> = t.subgroups.iter().filter(|s| s.field == field).collect();
+            if cells.len() < 2 {
+                continue;
+            }
+            let best = cells
+                .iter()
+                .max_by(|a, b| a.result.candidate.auroc.value.total_cmp(&b.result.candidate.auroc.value))
+                .expect("two cells");
+            let worst = cells
+                .iter()
+                .min_by(|a, b| a.result.candidate.auroc.value.total_cmp(&b.result.candidate.auroc.value))
+                .expect("two cells");
+            let gap = best.result.candidate.auroc.value - worst.result.candidate.auroc.value;
+            if gap > policy.max_worst_group_gap {
+                reject.push(Reason {
+                    code: "worst_group_gap".into(),
+                    site: Some(r.site.clone()),
+                    subgroup: Some(worst.name()),
+                    message: format!(
+                        "site {}, {field}: AUROC {:.3} ({}) vs {:.3} ({}), gap {:.3} above {:.3}",
+                        r.site,
+                        worst.result.candidate.auroc.value,
+                        worst.name(),
+                        best.result.candidate.auroc.value,
+                        best.name(),
+                        gap,
+                        policy.max_worst_group_gap
+                    ),
+                });
+            }
+        }
+    }
+    for required in &policy.required_subgroups {
+        let covered = accepted.iter().any(|r| {
+            r.tasks
+                .iter()
+                .filter(|t| t.task == policy.task)
+                .any(|t| t.subgroups.iter().any(|s| &s.name() == required))
+        });
+        if !covered {
+            hold.push(Reason {
+                code: "required_subgroup".into(),
+                site: None,
+                subgroup: Some(required.clone()),
+                message: format!(
+                    "no accepted report covers {required} (absent or below the minimum cell size)"
+                ),
+            });
+        }
+    }
+    let outcome = if !reject.is_empty() {
+        Outcome::Reject
+    } else if !hold.is_empty() {
+        Outcome::HoldForReview
+    } else if policy.require_approval && !approved {
+        hold.push(Reason {
+            code: "approval".into(),
+            site: None,
+            subgroup: None,
+            message: format!(
+                "every rule passed; waiting for a human approval of v{}",
+                v.candidate
+            ),
+        });
+        Outcome::HoldForReview
+    } else {
+        Outcome::Promote
+    };
+    if outcome == Outcome::Promote {
+        reasons.push(Reason {
+            code: "passed".into(),
+            site: None,
+            subgroup: None,
+            message: format!(
+                "{} site(s) ({}) non-inferior within {:.3} overall and in every reported subgroup; worst-group gaps within {:.3}{}",
+                sites.len(),
+                sites.join(", "),
+                policy.non_inferiority_margin,
+                policy.max_worst_group_gap,
+                if policy.require_approval { "; approved" } else { "" }
+            ),
+        });
+    }
+    reasons.splice(0..0, reject.into_iter().chain(hold));
+    Decision {
+        model: v.model.clone(),
+        candidate: v.candidate,
+        baseline: v.baseline,
+        outcome,
+        reasons,
+        sites,
+        reports: checks,
+        accepted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::report;
+    use crate::report::{generate_key, public_hex, sign};
+    use ed25519_dalek::SigningKey;
+    use radfm_api::validation::TrustedSite;
+
+    struct World {
+        keys: Vec<(String, SigningKey)>,
+        policy: PromotionPolicySpec,
+        versions: Versions,
+    }
+
+    fn world() -> World {
+        let keys: Vec<(String, SigningKey)> = ["site-a", "site-b", "site-c"]
+            .iter()
+            .map(|s| (s.to_string(), generate_key()))
+            .collect();
+        let policy = PromotionPolicySpec {
+            registry: "file:///r".into(),
+            model: "chest".into(),
+            task: "lesion".into(),
+            trusted_sites: keys
+                .iter()
+                .map(|(s, k)| TrustedSite {
+                    site: s.clone(),
+                    public_key: public_hex(k),
+                })
+                .collect(),
+            quorum: 3,
+            non_inferiority_margin: 0.02,
+            max_worst_group_gap: 0.15,
+            required_subgroups: vec!["sex=F".into()],
+            require_approval: false,
+            max_clock_skew_seconds: 300,
+            candidate_alias: "candidate".into(),
+            production_alias: "production".into(),
+            poll_interval_seconds: 60,
+        };
+        World {
+            keys,
+            policy,
+            versions: Versions {
+                model: "chest".into(),
+                candidate: 2,
+                candidate_sha256: "c".repeat(64),
+                candidate_created: "2026-11-29T11:00:00Z".parse().unwrap(),
+                baseline: 1,
+                baseline_sha256: "b".repeat(64),
+            },
+        }
+    }
+
+    fn stored(site: &str, r: &SiteReport, key: &SigningKey) -> (String, String, Vec<u8>) {
+        (
+            site.to_string(),
+            format!("file:///r/{site}.json"),
+            serde_json::to_vec(&sign(r, key)).unwrap(),
+        )
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-29T12:01:00Z".parse().unwrap()
+    }
+
+    fn all_good(w: &World) -> Vec<(String, String, Vec<u8>)> {
+        w.keys
+            .iter()
+            .map(|(s, k)| stored(s, &report(s, 2), k))
+            .collect()
+    }
+
+    #[test]
+    fn equal_candidates_at_every_site_are_promoted() {
+        let w = world();
+        let d = decide(&w.policy, &w.versions, &all_good(&w), false, now());
+        assert_eq!(d.outcome, Outcome::Promote, "{:?}", d.reasons);
+        assert_eq!(d.sites, ["site-a", "site-b", "site-c"]);
+        assert_eq!(d.reasons[0].code, "passed");
+    }
+
+    #[test]
+    fn a_regression_in_one_subgroup_rejects_naming_site_and_subgroup() {
+        let w = world();
+        let mut reports = all_good(&w);
+        let mut bad = report("site-c", 2);
+        let cell = &mut bad.tasks[0].subgroups[0].result;
+        cell.delta_auroc = Estimate {
+            value: -0.06,
+            lo: -0.09,
+            hi: -0.03,
+        };
+        reports[2] = stored("site-c", &bad, &w.keys[2].1);
+        let d = decide(&w.policy, &w.versions, &reports, false, now());
+        assert_eq!(d.outcome, Outcome::Reject);
+        assert_eq!(
+            d.reasons[0].message,
+            "site site-c, sex=F: ΔAUROC -0.060 [-0.090, -0.030] below margin -0.020"
+        );
+        assert_eq!(
+            (d.reasons[0].site.as_deref(), d.reasons[0].subgroup.as_deref()),
+            (Some("site-c"), Some("sex=F"))
+        );
+    }
+
+    #[test]
+    fn forged_tampered_replayed_and_skewed_reports_do_not_count() {
+        let w = world();
+        let good = all_good(&w);
+        let stranger = generate_key();
+        let tampered = {
+            let mut s: Signed = serde_json::from_slice(&good[1].2).unwrap();
+            s.payload = s.payload.replace("\"cases\":60", "\"cases\":61");
+            (good[1].0.clone(), good[1].1.clone(), serde_json::to_vec(&s).unwrap())
+        };
+        let mut future = report("site-c", 2);
+        future.created = "2026-11-29T13:00:00Z".into();
+        let cases = [
+            (stored("site-a", &report("site-a", 2), &stranger), "not trusted"),
+            (tampered, "does not match"),
+            (stored("site-c", &report("site-c", 1), &w.keys[2].1), "replayed"),
+            (stored("site-c", &report("site-a", 2), &w.keys[0].1), "replayed"),
+            (stored("site-c", &report("site-c", 2), &w.keys[0].1), "signed by site-a's key"),
+            (stored("site-c", &future, &w.keys[2].1), "clock skew"),
+        ];
+        for (bad, why) in cases {
+            let mut reports = good.clone();
+            let i = w.keys.iter().position(|(s, _)| *s == bad.0).unwrap();
+            reports[i] = bad;
+            let d = decide(&w.policy, &w.versions, &reports, false, now());
+            assert_eq!(d.outcome, Outcome::HoldForReview, "{why}: {:?}", d.reasons);
+            assert!(
+                d.reasons.iter().any(|r| r.code == "report_rejected" && r.message.contains(why)),
+                "{why}: {:?}",
+                d.reasons
+            );
+            assert!(d.reasons.iter().any(|r| r.code == "quorum"));
+        }
+    }
+
+    #[test]
+    fn missing_required_subgroups_and_approval_hold_for_review() {
+        let mut w = world();
+        w.policy.required_subgroups = vec!["sex=M".into()];
+        let d = decide(&w.policy, &w.versions, &all_good(&w), false, now());
+        assert_eq!(d.outcome, Outcome::HoldForReview);
+        assert_eq!(d.reasons[0].code, "required_subgroup");
+        w.policy.required_subgroups.clear();
+        w.policy.require_approval = true;
+        let d = decide(&w.policy, &w.versions, &all_good(&w), false, now());
+        assert_eq!(
+            (d.outcome, d.reasons[0].code.as_str()),
+            (Outcome::HoldForReview, "approval")
+        );
+        let d = decide(&w.policy, &w.versions, &all_good(&w), true, now());
+        assert_eq!(d.outcome, Outcome::Promote);
+    }
+
+    #[test]
+    fn a_large_gap_between_subgroups_rejects() {
+        let w = world();
+        let mut reports = all_good(&w);
+        let mut r = report("site-b", 2);
+        let mut second = r.tasks[0].subgroups[0].clone();
+        second.value = "M".into();
+        second.result.candidate.auroc.value -= 0.3;
+        r.tasks[0].subgroups.insert(1, second);
+        reports[1] = stored("site-b", &r, &w.keys[1].1);
+        let d = decide(&w.policy, &w.versions, &reports, false, now());
+        assert_eq!(d.outcome, Outcome::Reject);
+        assert_eq!(d.reasons[0].code, "worst_group_gap");
+        assert_eq!(d.reasons[0].subgroup.as_deref(), Some("sex=M"));
+    }
+}

@@ -1,0 +1,30 @@
+//! radfm's decentralised clinical validation.
+//!
+//! Hospitals do not ship images; they validate candidate models on their own data and send back
+//! signed aggregates. This crate holds the parts every participant must agree on:
+//! - [`stats`]: AUROC, AUPRC, operating-point sensitivity and specificity, calibration, and
+//!   paired bootstrap intervals of candidate − baseline;
+//! - [`report`]: the site report with small-cell suppression, and its ed25519 signature;
+//! - [`gate`]: the promotion decision from verified reports under a `PromotionPolicy`.
+//!
+//! Everything is pure: the site validator (`radfm validate`) computes predictions with libtorch
+//! and the registry stores the results; neither is needed to test the rules here.
+#![deny(missing_docs)]
+
+pub mod gate;
+pub mod report;
+pub mod stats;
+
+/// Errors of validation, each saying what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Signature or key problems.
+    #[error("signature: {0}")]
+    Signature(String),
+    /// Data that cannot be validated or parsed.
+    #[error("{0}")]
+    Data(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
