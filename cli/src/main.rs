@@ -12,7 +12,9 @@ use radfm_data::synth::{Site, SynthConfig, cohort};
 
 mod cluster;
 mod registry;
+mod report_html;
 mod run;
+mod validate;
 
 #[derive(Parser)]
 #[command(
@@ -88,6 +90,51 @@ enum Command {
     /// Model registry: list, show, lineage, history, register, promote, rollback.
     #[command(subcommand)]
     Registry(registry::RegistryCmd),
+    /// Validate a candidate version on this site's labelled data and publish a signed report of
+    /// aggregate metrics (no images, nothing per patient).
+    Validate(validate::ValidateArgs),
+    /// Create a site's ed25519 signing key (DIR/SITE.key, mode 0600) and print its public key.
+    Keygen {
+        /// Folder for the key files.
+        #[arg(long)]
+        out: PathBuf,
+        /// Site identifier (names the files).
+        #[arg(long)]
+        site: String,
+    },
+    /// Run the promotion gate of a PromotionPolicy once: decide on the candidate from the signed
+    /// site reports, record the decision, move production on Promote.
+    Gate {
+        /// PromotionPolicy YAML (the resource or its spec).
+        #[arg(long)]
+        policy: PathBuf,
+        /// A human approval of this candidate version (policies with requireApproval).
+        #[arg(long)]
+        approve: Option<u64>,
+        /// Who decides (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render a version's change-control record (lineage, data, site reports, forest plot, gate
+    /// decision and reasons) as a static HTML page.
+    Report {
+        /// Registry URI.
+        #[arg(long)]
+        registry: String,
+        /// Model.
+        model: String,
+        /// Version number or alias (default: the newest).
+        version: Option<String>,
+        /// PromotionPolicy YAML, to show its rules and check keys against its trusted sites.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the CRDs.
     Crd,
     /// Print the version.
@@ -382,6 +429,36 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Registry(cmd) => registry::run(cmd).await.context("radfm registry"),
+        Command::Validate(a) => validate::validate(a).await.context("radfm validate"),
+        Command::Keygen { out, site } => validate::keygen(&out, &site).context("radfm keygen"),
+        Command::Gate {
+            policy,
+            approve,
+            by,
+            json,
+        } => {
+            let by = by
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "radfm".into());
+            validate::gate(&policy, approve, &by, json)
+                .await
+                .context("radfm gate")
+        }
+        Command::Report {
+            registry,
+            model,
+            version,
+            policy,
+            out,
+        } => {
+            let policy = policy.map(|p| validate::read_policy(&p)).transpose()?;
+            let html = report_html::render(&registry, &model, version.as_deref(), policy.as_ref())
+                .await
+                .context("radfm report")?;
+            std::fs::write(&out, html).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Crd => {
             for (_, yaml) in radfm_operator::crdgen::crds() {
                 print!("---\n{yaml}");

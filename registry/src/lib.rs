@@ -555,6 +555,76 @@ impl Registry {
             .await
     }
 
+    fn report_prefix(model: &str, version: u64) -> String {
+        format!("models/{model}/reports/v{version:06}")
+    }
+
+    /// Stores a site's signed validation report of a version (the site's latest report
+    /// replaces its earlier one); returns its URI.
+    pub async fn put_report(
+        &self,
+        model: &str,
+        version: u64,
+        site: &str,
+        signed: Vec<u8>,
+    ) -> Result<String> {
+        check_name("model", model)?;
+        check_name("site", site)?;
+        self.version(model, version).await?;
+        let name = format!("{}/{site}.json", Self::report_prefix(model, version));
+        self.loc.put(&name, signed).await?;
+        Ok(self.loc.child_uri(&name))
+    }
+
+    /// Every stored report of a version as (site, URI, bytes), by site.
+    pub async fn reports(&self, model: &str, version: u64) -> Result<Vec<(String, String, Vec<u8>)>> {
+        use futures::TryStreamExt;
+        check_name("model", model)?;
+        let prefix = Self::report_prefix(model, version);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .loc
+            .store
+            .list(Some(&self.loc.child(&prefix)))
+            .try_collect()
+            .await
+            .map_err(|e| {
+                Error::Store(radfm_data::Error::Store {
+                    uri: self.loc.child_uri(&prefix),
+                    source: e,
+                })
+            })?;
+        let mut out = Vec::new();
+        for m in metas {
+            let Some(site) = m
+                .location
+                .filename()
+                .and_then(|f| f.strip_suffix(".json"))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let name = format!("{prefix}/{site}.json");
+            if let Some(bytes) = self.loc.get_opt(&name).await? {
+                out.push((site, self.loc.child_uri(&name), bytes.to_vec()));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Stores a promotion decision (JSON) next to the event that recorded it; create-only.
+    pub async fn put_decision(&self, model: &str, event_seq: u64, body: Vec<u8>) -> Result<String> {
+        let name = format!("models/{model}/decisions/{event_seq:09}.json");
+        self.loc.put_new(&name, body).await?;
+        Ok(self.loc.child_uri(&name))
+    }
+
+    /// The decision recorded with event `event_seq`, if any.
+    pub async fn decision(&self, model: &str, event_seq: u64) -> Result<Option<Vec<u8>>> {
+        let name = format!("models/{model}/decisions/{event_seq:09}.json");
+        Ok(self.loc.get_opt(&name).await?.map(|b| b.to_vec()))
+    }
+
     /// The version trained by the TrainingJob with this uid, if one was registered.
     pub async fn find_by_job(&self, model: &str, job_uid: &str) -> Result<Option<Version>> {
         let names = self.numbers(&format!("models/{model}/versions")).await?;

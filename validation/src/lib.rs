@@ -5,12 +5,14 @@
 //! - [`stats`]: AUROC, AUPRC, operating-point sensitivity and specificity, calibration, and
 //!   paired bootstrap intervals of candidate − baseline;
 //! - [`report`]: the site report with small-cell suppression, and its ed25519 signature;
-//! - [`gate`]: the promotion decision from verified reports under a `PromotionPolicy`.
+//! - [`gate`]: the promotion decision from verified reports under a `PromotionPolicy`;
+//! - [`apply`]: the gate against the registry, recording each decision in its event log.
 //!
-//! Everything is pure: the site validator (`radfm validate`) computes predictions with libtorch
+//! Everything but [`apply`] is pure: the site validator (`radfm validate`) computes predictions with libtorch
 //! and the registry stores the results; neither is needed to test the rules here.
 #![deny(missing_docs)]
 
+pub mod apply;
 pub mod gate;
 pub mod report;
 pub mod stats;

@@ -1,0 +1,384 @@
+//! `radfm report`: the change-control record of one model version as a static HTML page with
+//! inline SVG figures. It is what a clinician or a regulator reads: where the version came from
+//! (lineage, data windows, training), how it did at every site (signed reports, forest plot of
+//! candidate − production AUROC per site and subgroup), and what the gate decided and why.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use radfm_api::validation::PromotionPolicySpec;
+use radfm_registry::{EventKind, Registry, Version};
+use radfm_validation::gate::Decision;
+use radfm_validation::report::{self, Signed, SiteReport};
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn lineage_svg(chain: &[Version]) -> String {
+    let (w, h, gap) = (170.0, 64.0, 40.0);
+    let width = chain.len() as f64 * (w + gap) + 20.0;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" id="lineage-graph" width="{width}" height="{}" role="img" aria-label="lineage">"#,
+        h + 20.0
+    );
+    s.push_str(r##"<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="8" refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>"##);
+    for (i, v) in chain.iter().rev().enumerate() {
+        let x = 10.0 + i as f64 * (w + gap);
+        let _ = write!(
+            s,
+            r##"<rect x="{x}" y="10" width="{w}" height="{h}" rx="6" fill="#eef3fb" stroke="#35649c"/><text x="{}" y="32" font-size="14" font-weight="bold">v{}</text><text x="{}" y="50" font-size="11">shards {}–{} ({} shards)</text><text x="{}" y="66" font-size="10">{}</text>"##,
+            x + 8.0,
+            v.version,
+            x + 8.0,
+            v.spec.data.first_seq,
+            v.spec.data.last_seq,
+            v.spec.data.shards.len(),
+            x + 8.0,
+            esc(v.spec.job_name.as_deref().unwrap_or("registered by hand"))
+        );
+        if i + 1 < chain.len() {
+            let _ = write!(
+                s,
+                r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#555" marker-end="url(#arrow)"/>"##,
+                x + w,
+                10.0 + h / 2.0,
+                x + w + gap - 2.0,
+                10.0 + h / 2.0
+            );
+        }
+    }
+    s.push_str("</svg>");
+    s
+}
+
+fn loss_svg(chain: &[Version]) -> String {
+    let points: Vec<(u64, f64)> = chain
+        .iter()
+        .rev()
+        .filter_map(|v| Some((v.version, *v.spec.metrics.get("final_loss")?)))
+        .collect();
+    if points.is_empty() {
+        return "<p>No losses recorded.</p>".into();
+    }
+    let (w, h) = (420.0, 160.0);
+    let max = points.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9);
+    let min = points.iter().map(|p| p.1).fold(f64::MAX, f64::min).min(max * 0.999);
+    let x = |i: usize| 40.0 + i as f64 * (w - 60.0) / (points.len().max(2) - 1) as f64;
+    let y = |l: f64| 20.0 + (max - l) / (max - min) * (h - 50.0);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" id="loss-plot" width="{w}" height="{h}" role="img" aria-label="final training loss by version">"#
+    );
+    let path: Vec<String> = points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{:.1},{:.1}", x(i), y(p.1)))
+        .collect();
+    let _ = write!(
+        s,
+        r##"<polyline points="{}" fill="none" stroke="#35649c" stroke-width="2"/>"##,
+        path.join(" ")
+    );
+    for (i, (v, l)) in points.iter().enumerate() {
+        let _ = write!(
+            s,
+            r##"<circle cx="{:.1}" cy="{:.1}" r="4" fill="#35649c"/><text x="{:.1}" y="{}" font-size="11" text-anchor="middle">v{v}: {l:.4}</text>"##,
+            x(i),
+            y(*l),
+            x(i),
+            h - 8.0
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+fn forest_svg(reports: &[SiteReport], task: &str, margin: Option<f64>) -> String {
+    let mut rows: Vec<(String, f64, f64, f64)> = Vec::new();
+    for r in reports {
+        for t in r.tasks.iter().filter(|t| t.task == task) {
+            let d = &t.overall.delta_auroc;
+            rows.push((format!("{} · all ({})", r.site, t.overall.n), d.value, d.lo, d.hi));
+            for s in &t.subgroups {
+                let d = &s.result.delta_auroc;
+                rows.push((
+                    format!("{} · {} ({})", r.site, s.name(), s.result.n),
+                    d.value,
+                    d.lo,
+                    d.hi,
+                ));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return "<p>No accepted site report yet.</p>".into();
+    }
+    let (label_w, plot_w, row_h) = (240.0, 360.0, 20.0);
+    let lo = rows.iter().map(|r| r.2).fold(-0.1f64, f64::min).min(-margin.unwrap_or(0.0) - 0.02);
+    let hi = rows.iter().map(|r| r.3).fold(0.1f64, f64::max);
+    let xs = |v: f64| label_w + (v - lo) / (hi - lo) * plot_w;
+    let height = rows.len() as f64 * row_h + 40.0;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" id="forest-plot" width="{}" height="{height}" role="img" aria-label="candidate minus production AUROC with 95% CI">"#,
+        label_w + plot_w + 20.0
+    );
+    let _ = write!(
+        s,
+        r##"<line x1="{0:.1}" y1="5" x2="{0:.1}" y2="{1}" stroke="#999"/><text x="{0:.1}" y="{2}" font-size="10" text-anchor="middle">0</text>"##,
+        xs(0.0),
+        height - 25.0,
+        height - 12.0
+    );
+    if let Some(m) = margin {
+        let _ = write!(
+            s,
+            r##"<line x1="{0:.1}" y1="5" x2="{0:.1}" y2="{1}" stroke="#c0392b" stroke-dasharray="4 3"/><text x="{0:.1}" y="{2}" font-size="10" text-anchor="middle" fill="#c0392b">−δ = {3:.3}</text>"##,
+            xs(-m),
+            height - 25.0,
+            height - 2.0,
+            -m
+        );
+    }
+    for (i, (label, v, l, h)) in rows.iter().enumerate() {
+        let y = 15.0 + i as f64 * row_h;
+        let bad = margin.is_some_and(|m| *l < -m);
+        let color = if bad { "#c0392b" } else { "#1e6b3a" };
+        let _ = write!(
+            s,
+            r##"<text x="4" y="{:.1}" font-size="11">{}</text><line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{color}" stroke-width="2"/><rect x="{:.1}" y="{:.1}" width="6" height="6" fill="{color}"><title>{v:+.3} [{l:+.3}, {h:+.3}]</title></rect>"##,
+            y + 4.0,
+            esc(label),
+            xs(*l),
+            xs(*h),
+            xs(*v) - 3.0,
+            y - 3.0
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// Renders the record of `model` at `version` (number or alias; default: the newest).
+pub async fn render(
+    registry: &str,
+    model: &str,
+    version: Option<&str>,
+    policy: Option<&PromotionPolicySpec>,
+) -> Result<String> {
+    let reg = Registry::open(registry)?;
+    let v = match version {
+        Some(v) => reg.resolve(model, v).await?,
+        None => reg
+            .versions(model)
+            .await?
+            .last()
+            .map(|v| v.version)
+            .ok_or_else(|| anyhow::anyhow!("{model} has no versions in {registry}"))?,
+    };
+    let chain = reg.lineage(model, v).await?;
+    let this = &chain[0];
+    let log = reg.events(model).await?;
+    let aliases = radfm_registry::aliases_of(&log);
+    let alias_text: Vec<String> = aliases
+        .iter()
+        .map(|(a, t)| format!("{a} → v{t}"))
+        .collect();
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"/><title>radfm change-control record: {m} v{v}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}.Promote{{color:#1e6b3a}}.Reject{{color:#c0392b}}.HoldForReview{{color:#b9770e}}code{{font-size:12px}}</style>
+</head><body>
+<h1>Change-control record: {m} v{v}</h1>
+<p>Registered {created} by {by}; code version {code}; weights <code>{sha}</code>. Aliases: {aliases}.</p>
+"#,
+        m = esc(model),
+        created = esc(&this.created),
+        by = esc(&this.by),
+        code = esc(&this.spec.code_version),
+        sha = esc(&this.spec.weights_sha256),
+        aliases = esc(&alias_text.join(", ")),
+    );
+    // Lineage and data.
+    let _ = write!(
+        h,
+        "<section id=\"lineage\"><h2>Lineage</h2>{}<table><tr><th>Version</th><th>Parent</th><th>TrainingJob</th><th>Data window</th><th>Shards</th><th>Replayed</th><th>Final loss</th><th>Steps</th></tr>",
+        lineage_svg(&chain)
+    );
+    for c in &chain {
+        let _ = write!(
+            h,
+            "<tr><td>v{}</td><td>{}</td><td>{}</td><td><code>{}</code> {}–{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            c.version,
+            c.spec.parent.map_or("—".into(), |p| format!("v{p}")),
+            esc(c.spec.job_name.as_deref().unwrap_or("—")),
+            esc(&c.spec.data.index_uri),
+            c.spec.data.first_seq,
+            c.spec.data.last_seq,
+            c.spec.data.shards.len(),
+            c.spec.data.replayed.len(),
+            c.spec.metrics.get("final_loss").map_or("—".into(), |l| format!("{l:.4}")),
+            c.spec.metrics.get("steps").map_or("—".into(), |s| format!("{s}")),
+        );
+    }
+    let _ = write!(
+        h,
+        "</table><h3>Training loss across the lineage</h3>{}</section>",
+        loss_svg(&chain)
+    );
+    // Site reports.
+    let stored = reg.reports(model, v).await?;
+    let mut accepted: Vec<SiteReport> = Vec::new();
+    let _ = write!(
+        h,
+        "<section id=\"sites\"><h2>Site validation</h2><table><tr><th>Site</th><th>Signature</th><th>Key</th><th>Cases</th><th>Baseline</th><th>Representation drift (CKA)</th><th>Data drift (SMD)</th></tr>"
+    );
+    for (site, uri, bytes) in &stored {
+        let parsed: Result<Signed, _> = serde_json::from_slice(bytes);
+        let (sig, key, row) = match parsed.as_ref().map_err(|e| e.to_string()).and_then(|s| {
+            report::verify(s)
+                .map(|r| (s, r))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok((s, r)) => {
+                let trusted = policy.map(|p| {
+                    p.trusted_sites
+                        .iter()
+                        .any(|t| t.site == r.site && t.public_key == s.public_key)
+                });
+                let key = match trusted {
+                    Some(true) => "trusted".to_string(),
+                    Some(false) => "NOT trusted".to_string(),
+                    None => format!("{}…", &s.public_key[..16]),
+                };
+                let row = format!(
+                    "<td>{}</td><td>v{}</td><td>{:.3}</td><td>{:+.2}</td>",
+                    r.cases,
+                    r.baseline,
+                    r.representation_drift.linear_cka,
+                    r.data_drift.standardized_mean_difference
+                );
+                if trusted != Some(false) && r.site == *site && r.candidate == v {
+                    accepted.push(r);
+                }
+                ("verified".to_string(), key, row)
+            }
+            Err(e) => (format!("FAILED: {}", esc(&e)), "—".into(), "<td colspan=\"4\">not counted</td>".into()),
+        };
+        let _ = write!(
+            h,
+            "<tr><td title=\"{}\">{}</td><td class=\"signature\">{sig}</td><td>{key}</td>{row}</tr>",
+            esc(uri),
+            esc(site)
+        );
+    }
+    h.push_str("</table>");
+    let task = policy
+        .map(|p| p.task.clone())
+        .or_else(|| accepted.first().and_then(|r| r.tasks.first()).map(|t| t.task.clone()))
+        .unwrap_or_default();
+    let _ = write!(
+        h,
+        "<h3>Candidate − production AUROC, {} (95 % bootstrap CI)</h3>{}<p>Subgroups with fewer cases than each site's minimum cell size are suppressed at the site and appear nowhere.</p></section>",
+        esc(&task),
+        forest_svg(&accepted, &task, policy.map(|p| p.non_inferiority_margin))
+    );
+    // Gate rules and the decision.
+    h.push_str("<section id=\"gate\"><h2>Promotion gate</h2>");
+    if let Some(p) = policy {
+        let _ = write!(
+            h,
+            "<table id=\"rules\"><tr><th>Rule</th><th>Value</th></tr><tr><td>Task</td><td>{}</td></tr><tr><td>Trusted sites</td><td>{}</td></tr><tr><td>Quorum</td><td>{}</td></tr><tr><td>Non-inferiority margin δ (lower CI of ΔAUROC ≥ −δ)</td><td>{}</td></tr><tr><td>Maximum worst-group gap</td><td>{}</td></tr><tr><td>Required subgroups</td><td>{}</td></tr><tr><td>Human approval</td><td>{}</td></tr><tr><td>Allowed clock skew</td><td>{} s</td></tr></table>",
+            esc(&p.task),
+            esc(&p.trusted_sites.iter().map(|t| t.site.clone()).collect::<Vec<_>>().join(", ")),
+            p.quorum,
+            p.non_inferiority_margin,
+            p.max_worst_group_gap,
+            esc(&p.required_subgroups.join(", ")),
+            if p.require_approval { "required" } else { "not required" },
+            p.max_clock_skew_seconds
+        );
+    }
+    let decided = log.iter().rev().find(|e| match &e.kind {
+        EventKind::Note { version: Some(x) } => *x == v,
+        EventKind::AliasMoved { to, .. } => *to == v && reg_decision_alias(e),
+        _ => false,
+    });
+    match decided {
+        Some(e) => {
+            let decision: Option<Decision> = reg
+                .decision(model, e.seq)
+                .await?
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            match decision {
+                Some(d) => {
+                    let _ = write!(
+                        h,
+                        "<div id=\"decision\"><p>Decision (event {}, {} by {}): <strong class=\"outcome {}\">{}</strong> v{} against v{}</p><ul id=\"reasons\">",
+                        e.seq,
+                        esc(&e.time),
+                        esc(&e.by),
+                        d.outcome.as_str(),
+                        d.outcome.as_str(),
+                        d.candidate,
+                        d.baseline
+                    );
+                    for r in &d.reasons {
+                        let _ = write!(
+                            h,
+                            "<li data-code=\"{}\" data-site=\"{}\" data-subgroup=\"{}\">{}</li>",
+                            esc(&r.code),
+                            esc(r.site.as_deref().unwrap_or("")),
+                            esc(r.subgroup.as_deref().unwrap_or("")),
+                            esc(&r.message)
+                        );
+                    }
+                    h.push_str("</ul></div>");
+                }
+                None => {
+                    let _ = write!(
+                        h,
+                        "<div id=\"decision\"><p>Event {}: {}</p></div>",
+                        e.seq,
+                        esc(&e.reason)
+                    );
+                }
+            }
+        }
+        None => h.push_str("<div id=\"decision\"><p>No decision recorded yet.</p></div>"),
+    }
+    h.push_str("</section><section id=\"history\"><h2>History</h2><table><tr><th>#</th><th>Time</th><th>By</th><th>What</th><th>Why</th></tr>");
+    for e in &log {
+        let what = match &e.kind {
+            EventKind::Registered { version } => format!("registered v{version}"),
+            EventKind::AliasMoved { alias, from, to } => format!(
+                "{alias}: {} → v{to}",
+                from.map_or("(new)".into(), |f| format!("v{f}"))
+            ),
+            EventKind::Note { version } => {
+                format!("note{}", version.map_or(String::new(), |v| format!(" on v{v}")))
+            }
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            e.seq,
+            esc(&e.time),
+            esc(&e.by),
+            esc(&what),
+            esc(&e.reason)
+        );
+    }
+    h.push_str("</table></section></body></html>\n");
+    Ok(h)
+}
+
+/// Alias moves that carry a gate decision have their decision stored; others (by hand) are
+/// shown from their reason.
+fn reg_decision_alias(e: &radfm_registry::Event) -> bool {
+    e.reason.starts_with("Promote ")
+}

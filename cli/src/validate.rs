@@ -1,0 +1,198 @@
+//! `radfm keygen`, `radfm validate`, `radfm gate` and `radfm report`: site validation, the
+//! promotion gate and the change-control record.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use radfm_api::validation::{PromotionPolicy, PromotionPolicySpec};
+use radfm_registry::Registry;
+use radfm_validation::apply::{self, Gated};
+use radfm_validation::report::{self, SiteReport};
+
+/// Arguments of `radfm validate`.
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    /// Model registry URI.
+    #[arg(long)]
+    pub registry: String,
+    /// Model name.
+    #[arg(long)]
+    pub model: String,
+    /// This site's identifier.
+    #[arg(long)]
+    pub site: String,
+    /// File holding the site's ed25519 signing key (hex seed, `radfm keygen`).
+    #[arg(long, env = "RADFM_SIGNING_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// The site's labelled dataset URI (read here, never copied).
+    #[arg(long)]
+    pub dataset: String,
+    /// Tasks: a 0/1 label, or FIELD=VALUE (repeatable).
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<String>,
+    /// Subgroup fields, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "sex,age_band,manufacturer")]
+    pub subgroups: Vec<String>,
+    /// Smallest subgroup cell reported; smaller ones are suppressed.
+    #[arg(long, default_value_t = 20)]
+    pub min_cell: usize,
+    /// Version (number or alias) to validate.
+    #[arg(long, default_value = "candidate")]
+    pub candidate: String,
+    /// Version (number or alias) compared against.
+    #[arg(long, default_value = "production")]
+    pub baseline: String,
+    /// Bootstrap seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn folder(weights_uri: &str) -> String {
+    weights_uri
+        .trim_end_matches(radfm_api::export_files::WEIGHTS)
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Validates a candidate on this site's data and publishes the signed report.
+pub async fn validate(a: ValidateArgs) -> Result<()> {
+    if a.min_cell == 0 {
+        bail!("--min-cell must be at least 1");
+    }
+    let key_text = std::fs::read_to_string(&a.key_file)
+        .with_context(|| format!("reading --key-file {}", a.key_file.display()))?;
+    let key = report::signing_key(&key_text)
+        .with_context(|| format!("--key-file {}", a.key_file.display()))?;
+    let reg = Registry::open(&a.registry)?;
+    let cand = reg
+        .version(&a.model, reg.resolve(&a.model, &a.candidate).await?)
+        .await?;
+    let base = reg
+        .version(&a.model, reg.resolve(&a.model, &a.baseline).await?)
+        .await?;
+    let outcome = radfm_trainer::site::validate(&radfm_trainer::site::Request {
+        candidate_uri: &folder(&cand.spec.weights_uri),
+        baseline_uri: &folder(&base.spec.weights_uri),
+        dataset_uri: &a.dataset,
+        tasks: &a.tasks,
+        subgroups: &a.subgroups,
+        min_cell: a.min_cell,
+        seed: a.seed,
+    })
+    .await
+    .context("validating")?;
+    for (what, loaded, registered) in [
+        ("candidate", &outcome.candidate_sha256, &cand.spec.weights_sha256),
+        ("baseline", &outcome.baseline_sha256, &base.spec.weights_sha256),
+    ] {
+        if loaded != registered {
+            bail!("the {what}'s weights ({loaded}) are not the registered ones ({registered})");
+        }
+    }
+    let r = SiteReport {
+        format: report::FORMAT.into(),
+        model: a.model.clone(),
+        candidate: cand.version,
+        candidate_sha256: cand.spec.weights_sha256.clone(),
+        baseline: base.version,
+        baseline_sha256: base.spec.weights_sha256.clone(),
+        site: a.site.clone(),
+        dataset_fingerprint: outcome.dataset_fingerprint,
+        created: jiff::Timestamp::now().to_string(),
+        code_version: env!("CARGO_PKG_VERSION").into(),
+        cases: outcome.cases,
+        min_cell_size: a.min_cell,
+        tasks: outcome.tasks,
+        representation_drift: outcome.representation_drift,
+        data_drift: outcome.data_drift,
+    };
+    let signed = report::sign(&r, &key);
+    let uri = reg
+        .put_report(
+            &a.model,
+            cand.version,
+            &a.site,
+            serde_json::to_vec_pretty(&signed)?,
+        )
+        .await?;
+    for t in &r.tasks {
+        let d = &t.overall.delta_auroc;
+        println!(
+            "{} v{} vs v{} at {}: {} AUROC {:.3} vs {:.3}, Δ {:+.3} [{:+.3}, {:+.3}] ({} cases, {} subgroups reported, {} suppressed)",
+            a.model,
+            cand.version,
+            base.version,
+            a.site,
+            t.task,
+            t.overall.candidate.auroc.value,
+            t.overall.baseline.auroc.value,
+            d.value,
+            d.lo,
+            d.hi,
+            t.overall.n,
+            t.subgroups.len(),
+            t.suppressed_cells
+        );
+    }
+    println!("signed report: {uri}");
+    Ok(())
+}
+
+/// Writes a new signing key and prints its public key.
+pub fn keygen(out: &std::path::Path, site: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let key = report::generate_key();
+    let path = out.join(format!("{site}.key"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {} (an existing key is never overwritten)", path.display()))?;
+    writeln!(f, "{}", hex::encode(key.to_bytes()))?;
+    let public = report::public_hex(&key);
+    std::fs::write(out.join(format!("{site}.pub")), format!("{public}\n"))?;
+    println!("{public}");
+    Ok(())
+}
+
+/// Reads a PromotionPolicy YAML (the resource, or only its spec).
+pub fn read_policy(path: &std::path::Path) -> Result<PromotionPolicySpec> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    if value.get("kind").is_some() {
+        let p: PromotionPolicy =
+            serde_yaml_ng::from_value(value).with_context(|| format!("{}", path.display()))?;
+        Ok(p.spec)
+    } else {
+        Ok(serde_yaml_ng::from_value(value).with_context(|| format!("{}", path.display()))?)
+    }
+}
+
+/// Runs the promotion gate once and prints the decision.
+pub async fn gate(policy: &std::path::Path, approve: Option<u64>, by: &str, json: bool) -> Result<()> {
+    let spec = read_policy(policy)?;
+    let reg = Registry::open(&spec.registry)?;
+    match apply::gate(&reg, &spec, approve, by, jiff::Timestamp::now()).await? {
+        Gated::NothingToDecide { why } => println!("nothing to decide: {why}"),
+        Gated::Decided { decision, recorded } => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&decision)?);
+            } else {
+                println!("{}: {} v{}", decision.model, decision.outcome.as_str(), decision.candidate);
+                for r in &decision.reasons {
+                    println!("  - [{}] {}", r.code, r.message);
+                }
+                match recorded {
+                    Some(seq) => println!("recorded as event {seq}"),
+                    None => println!("(same decision as already recorded)"),
+                }
+            }
+        }
+    }
+    Ok(())
+}

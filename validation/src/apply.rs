@@ -1,0 +1,136 @@
+//! The gate against the registry: gather the candidate's reports, decide, and record the
+//! decision in the registry's event log (moving production on Promote, with compare-and-set
+//! against the baseline the sites compared with). Used by `radfm gate` and the PromotionPolicy
+//! controller; a decision identical to the last one recorded for the candidate is not recorded
+//! again, so polling does not flood the log.
+
+use jiff::Timestamp;
+use radfm_api::validation::PromotionPolicySpec;
+use radfm_registry::{EventKind, Registry};
+
+use crate::gate::{self, Decision, Outcome, Versions};
+use crate::{Error, Result};
+
+/// What a gate pass found.
+#[derive(Debug)]
+pub enum Gated {
+    /// No candidate alias, or the candidate is already production.
+    NothingToDecide {
+        /// Why.
+        why: String,
+    },
+    /// A decision, and the event that recorded it (None: the same decision was already
+    /// recorded).
+    Decided {
+        /// The decision.
+        decision: Box<Decision>,
+        /// Event sequence number of the record, when written now.
+        recorded: Option<u64>,
+    },
+}
+
+/// One line: the outcome and every reason.
+pub fn summary(d: &Decision) -> String {
+    let reasons: Vec<&str> = d.reasons.iter().map(|r| r.message.as_str()).collect();
+    format!(
+        "{} v{} (against v{}): {}",
+        d.outcome.as_str(),
+        d.candidate,
+        d.baseline,
+        reasons.join("; ")
+    )
+}
+
+fn reg(e: radfm_registry::Error) -> Error {
+    Error::Data(format!("registry: {e}"))
+}
+
+/// Decides on the current candidate and records the decision. `approved`: the version a person
+/// approved, if any.
+pub async fn gate(
+    registry: &Registry,
+    policy: &PromotionPolicySpec,
+    approved: Option<u64>,
+    by: &str,
+    now: Timestamp,
+) -> Result<Gated> {
+    let model = &policy.model;
+    let log = registry.events(model).await.map_err(reg)?;
+    let aliases = radfm_registry::aliases_of(&log);
+    let Some(&candidate) = aliases.get(&policy.candidate_alias) else {
+        return Ok(Gated::NothingToDecide {
+            why: format!("{model} has no alias {}", policy.candidate_alias),
+        });
+    };
+    let Some(&baseline) = aliases.get(&policy.production_alias) else {
+        return Err(Error::Data(format!(
+            "{model} has no {} version to compare with; promote a first version by hand",
+            policy.production_alias
+        )));
+    };
+    if candidate == baseline {
+        return Ok(Gated::NothingToDecide {
+            why: format!("{model} v{candidate} is already {}", policy.production_alias),
+        });
+    }
+    let cv = registry.version(model, candidate).await.map_err(reg)?;
+    let bv = registry.version(model, baseline).await.map_err(reg)?;
+    let versions = Versions {
+        model: model.clone(),
+        candidate,
+        candidate_sha256: cv.spec.weights_sha256.clone(),
+        candidate_created: cv
+            .created
+            .parse()
+            .map_err(|e| Error::Data(format!("{model} v{candidate} created: {e}")))?,
+        baseline,
+        baseline_sha256: bv.spec.weights_sha256.clone(),
+    };
+    let stored = registry.reports(model, candidate).await.map_err(reg)?;
+    let decision = gate::decide(policy, &versions, &stored, approved == Some(candidate), now);
+    let text = summary(&decision);
+    let already = log.iter().rev().find_map(|e| match &e.kind {
+        EventKind::Note { version: Some(v) } if *v == candidate => Some(e.reason.as_str()),
+        EventKind::AliasMoved { alias, to, .. }
+            if *to == candidate && alias == &policy.production_alias =>
+        {
+            Some(e.reason.as_str())
+        }
+        _ => None,
+    });
+    if already == Some(text.as_str()) {
+        return Ok(Gated::Decided {
+            decision: Box::new(decision),
+            recorded: None,
+        });
+    }
+    let event = match decision.outcome {
+        Outcome::Promote => registry
+            .move_alias(
+                model,
+                &policy.production_alias,
+                candidate,
+                Some(baseline),
+                by,
+                &text,
+            )
+            .await
+            .map_err(reg)?,
+        Outcome::Reject | Outcome::HoldForReview => registry
+            .note(model, Some(candidate), by, &text)
+            .await
+            .map_err(reg)?,
+    };
+    registry
+        .put_decision(
+            model,
+            event.seq,
+            serde_json::to_vec_pretty(&decision).expect("decisions serialise"),
+        )
+        .await
+        .map_err(reg)?;
+    Ok(Gated::Decided {
+        decision: Box::new(decision),
+        recorded: Some(event.seq),
+    })
+}
