@@ -80,6 +80,42 @@ impl Kind for ContinualConditionType {
     }
 }
 
+/// Condition types of SiteValidators and PromotionPolicies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValidationConditionType {
+    /// The registry could be read and the spec is usable.
+    Ready,
+    /// A validation pod is running (SiteValidator).
+    Validating,
+}
+
+impl Kind for ValidationConditionType {
+    fn name(self) -> &'static str {
+        match self {
+            ValidationConditionType::Ready => "Ready",
+            ValidationConditionType::Validating => "Validating",
+        }
+    }
+}
+
+/// Reasons of SiteValidator and PromotionPolicy conditions and events.
+pub mod validation_reason {
+    /// Registry read; nothing wrong.
+    pub const POLLING: &str = "Polling";
+    /// The registry could not be read, or a gate could not run.
+    pub const REGISTRY_ERROR: &str = "RegistryError";
+    /// A validation pod was created for a candidate.
+    pub const VALIDATION_STARTED: &str = "ValidationStarted";
+    /// This site's report of the candidate is in the registry.
+    pub const REPORT_PUBLISHED: &str = "ReportPublished";
+    /// The validation pod failed; it is retried at the next poll.
+    pub const VALIDATION_FAILED: &str = "ValidationFailed";
+    /// No validation in progress.
+    pub const IDLE: &str = "Idle";
+    /// A gate decision was recorded.
+    pub const DECIDED: &str = "Decided";
+}
+
 /// Reasons of ContinualTraining conditions and events.
 pub mod continual_reason {
     /// Schedule, dataset and registry are usable.

@@ -28,12 +28,13 @@ pub const ANNOTATION_APPROVE: &str = "radfm.io/approve-version";
     shortname = "sv",
     category = "radfm",
     namespaced,
+    cel,
     status = "SiteValidatorStatus",
-    printcolumn(name = "Site", type_ = "string", json_path = ".spec.siteId"),
-    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
-    printcolumn(name = "Validated", type_ = "integer", json_path = ".status.lastValidatedVersion", description = "Last version validated"),
-    printcolumn(name = "Running", type_ = "string", json_path = ".status.running", description = "Validation pod in progress"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn = r#"{"name": "Site", "type": "string", "jsonPath": ".spec.siteId", "description": "Site identifier"}"#,
+    printcolumn = r#"{"name": "Model", "type": "string", "jsonPath": ".spec.model", "description": "Registry model"}"#,
+    printcolumn = r#"{"name": "Validated", "type": "integer", "jsonPath": ".status.lastValidatedVersion", "description": "Last version validated"}"#,
+    printcolumn = r#"{"name": "Running", "type": "string", "jsonPath": ".status.running", "description": "Validation pod in progress"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SiteValidatorSpec {
@@ -164,12 +165,13 @@ pub struct SiteValidatorStatus {
     shortname = "pp",
     category = "radfm",
     namespaced,
+    cel,
     status = "PromotionPolicyStatus",
-    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
-    printcolumn(name = "Candidate", type_ = "integer", json_path = ".status.lastDecision.version"),
-    printcolumn(name = "Decision", type_ = "string", json_path = ".status.lastDecision.outcome"),
-    printcolumn(name = "Production", type_ = "integer", json_path = ".status.production"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn = r#"{"name": "Model", "type": "string", "jsonPath": ".spec.model", "description": "Registry model"}"#,
+    printcolumn = r#"{"name": "Candidate", "type": "integer", "jsonPath": ".status.lastDecision.version", "description": "Candidate version decided on"}"#,
+    printcolumn = r#"{"name": "Decision", "type": "string", "jsonPath": ".status.lastDecision.outcome", "description": "Promote, Reject or HoldForReview"}"#,
+    printcolumn = r#"{"name": "Production", "type": "integer", "jsonPath": ".status.production", "description": "Version production points to"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PromotionPolicySpec {

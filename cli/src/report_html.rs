@@ -65,8 +65,16 @@ fn loss_svg(chain: &[Version]) -> String {
         return "<p>No losses recorded.</p>".into();
     }
     let (w, h) = (420.0, 160.0);
-    let max = points.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9);
-    let min = points.iter().map(|p| p.1).fold(f64::MAX, f64::min).min(max * 0.999);
+    let max = points
+        .iter()
+        .map(|p| p.1)
+        .fold(f64::MIN, f64::max)
+        .max(1e-9);
+    let min = points
+        .iter()
+        .map(|p| p.1)
+        .fold(f64::MAX, f64::min)
+        .min(max * 0.999);
     let x = |i: usize| 40.0 + i as f64 * (w - 60.0) / (points.len().max(2) - 1) as f64;
     let y = |l: f64| 20.0 + (max - l) / (max - min) * (h - 50.0);
     let mut s = format!(
@@ -101,7 +109,12 @@ fn forest_svg(reports: &[SiteReport], task: &str, margin: Option<f64>) -> String
     for r in reports {
         for t in r.tasks.iter().filter(|t| t.task == task) {
             let d = &t.overall.delta_auroc;
-            rows.push((format!("{} · all ({})", r.site, t.overall.n), d.value, d.lo, d.hi));
+            rows.push((
+                format!("{} · all ({})", r.site, t.overall.n),
+                d.value,
+                d.lo,
+                d.hi,
+            ));
             for s in &t.subgroups {
                 let d = &s.result.delta_auroc;
                 rows.push((
@@ -117,7 +130,11 @@ fn forest_svg(reports: &[SiteReport], task: &str, margin: Option<f64>) -> String
         return "<p>No accepted site report yet.</p>".into();
     }
     let (label_w, plot_w, row_h) = (240.0, 360.0, 20.0);
-    let lo = rows.iter().map(|r| r.2).fold(-0.1f64, f64::min).min(-margin.unwrap_or(0.0) - 0.02);
+    let lo = rows
+        .iter()
+        .map(|r| r.2)
+        .fold(-0.1f64, f64::min)
+        .min(-margin.unwrap_or(0.0) - 0.02);
     let hi = rows.iter().map(|r| r.3).fold(0.1f64, f64::max);
     let xs = |v: f64| label_w + (v - lo) / (hi - lo) * plot_w;
     let height = rows.len() as f64 * row_h + 40.0;
@@ -182,10 +199,7 @@ pub async fn render(
     let this = &chain[0];
     let log = reg.events(model).await?;
     let aliases = radfm_registry::aliases_of(&log);
-    let alias_text: Vec<String> = aliases
-        .iter()
-        .map(|(a, t)| format!("{a} → v{t}"))
-        .collect();
+    let alias_text: Vec<String> = aliases.iter().map(|(a, t)| format!("{a} → v{t}")).collect();
     let mut h = String::new();
     let _ = write!(
         h,
@@ -221,8 +235,14 @@ pub async fn render(
             c.spec.data.last_seq,
             c.spec.data.shards.len(),
             c.spec.data.replayed.len(),
-            c.spec.metrics.get("final_loss").map_or("—".into(), |l| format!("{l:.4}")),
-            c.spec.metrics.get("steps").map_or("—".into(), |s| format!("{s}")),
+            c.spec
+                .metrics
+                .get("final_loss")
+                .map_or("—".into(), |l| format!("{l:.4}")),
+            c.spec
+                .metrics
+                .get("steps")
+                .map_or("—".into(), |s| format!("{s}")),
         );
     }
     let _ = write!(
@@ -239,11 +259,11 @@ pub async fn render(
     );
     for (site, uri, bytes) in &stored {
         let parsed: Result<Signed, _> = serde_json::from_slice(bytes);
-        let (sig, key, row) = match parsed.as_ref().map_err(|e| e.to_string()).and_then(|s| {
-            report::verify(s)
-                .map(|r| (s, r))
-                .map_err(|e| e.to_string())
-        }) {
+        let (sig, key, row) = match parsed
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|s| report::verify(s).map(|r| (s, r)).map_err(|e| e.to_string()))
+        {
             Ok((s, r)) => {
                 let trusted = policy.map(|p| {
                     p.trusted_sites
@@ -267,7 +287,11 @@ pub async fn render(
                 }
                 ("verified".to_string(), key, row)
             }
-            Err(e) => (format!("FAILED: {}", esc(&e)), "—".into(), "<td colspan=\"4\">not counted</td>".into()),
+            Err(e) => (
+                format!("FAILED: {}", esc(&e)),
+                "—".into(),
+                "<td colspan=\"4\">not counted</td>".into(),
+            ),
         };
         let _ = write!(
             h,
@@ -279,7 +303,12 @@ pub async fn render(
     h.push_str("</table>");
     let task = policy
         .map(|p| p.task.clone())
-        .or_else(|| accepted.first().and_then(|r| r.tasks.first()).map(|t| t.task.clone()))
+        .or_else(|| {
+            accepted
+                .first()
+                .and_then(|r| r.tasks.first())
+                .map(|t| t.task.clone())
+        })
         .unwrap_or_default();
     let _ = write!(
         h,
@@ -294,12 +323,21 @@ pub async fn render(
             h,
             "<table id=\"rules\"><tr><th>Rule</th><th>Value</th></tr><tr><td>Task</td><td>{}</td></tr><tr><td>Trusted sites</td><td>{}</td></tr><tr><td>Quorum</td><td>{}</td></tr><tr><td>Non-inferiority margin δ (lower CI of ΔAUROC ≥ −δ)</td><td>{}</td></tr><tr><td>Maximum worst-group gap</td><td>{}</td></tr><tr><td>Required subgroups</td><td>{}</td></tr><tr><td>Human approval</td><td>{}</td></tr><tr><td>Allowed clock skew</td><td>{} s</td></tr></table>",
             esc(&p.task),
-            esc(&p.trusted_sites.iter().map(|t| t.site.clone()).collect::<Vec<_>>().join(", ")),
+            esc(&p
+                .trusted_sites
+                .iter()
+                .map(|t| t.site.clone())
+                .collect::<Vec<_>>()
+                .join(", ")),
             p.quorum,
             p.non_inferiority_margin,
             p.max_worst_group_gap,
             esc(&p.required_subgroups.join(", ")),
-            if p.require_approval { "required" } else { "not required" },
+            if p.require_approval {
+                "required"
+            } else {
+                "not required"
+            },
             p.max_clock_skew_seconds
         );
     }
@@ -360,7 +398,10 @@ pub async fn render(
                 from.map_or("(new)".into(), |f| format!("v{f}"))
             ),
             EventKind::Note { version } => {
-                format!("note{}", version.map_or(String::new(), |v| format!(" on v{v}")))
+                format!(
+                    "note{}",
+                    version.map_or(String::new(), |v| format!(" on v{v}"))
+                )
             }
         };
         let _ = write!(

@@ -31,7 +31,11 @@ pub struct ValidateArgs {
     #[arg(long = "task", required = true)]
     pub tasks: Vec<String>,
     /// Subgroup fields, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "sex,age_band,manufacturer")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sex,age_band,manufacturer"
+    )]
     pub subgroups: Vec<String>,
     /// Smallest subgroup cell reported; smaller ones are suppressed.
     #[arg(long, default_value_t = 20)]
@@ -82,8 +86,16 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
     .await
     .context("validating")?;
     for (what, loaded, registered) in [
-        ("candidate", &outcome.candidate_sha256, &cand.spec.weights_sha256),
-        ("baseline", &outcome.baseline_sha256, &base.spec.weights_sha256),
+        (
+            "candidate",
+            &outcome.candidate_sha256,
+            &cand.spec.weights_sha256,
+        ),
+        (
+            "baseline",
+            &outcome.baseline_sha256,
+            &base.spec.weights_sha256,
+        ),
     ] {
         if loaded != registered {
             bail!("the {what}'s weights ({loaded}) are not the registered ones ({registered})");
@@ -150,7 +162,12 @@ pub fn keygen(out: &std::path::Path, site: &str) -> Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&path)
-        .with_context(|| format!("creating {} (an existing key is never overwritten)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "creating {} (an existing key is never overwritten)",
+                path.display()
+            )
+        })?;
     writeln!(f, "{}", hex::encode(key.to_bytes()))?;
     let public = report::public_hex(&key);
     std::fs::write(out.join(format!("{site}.pub")), format!("{public}\n"))?;
@@ -174,7 +191,12 @@ pub fn read_policy(path: &std::path::Path) -> Result<PromotionPolicySpec> {
 }
 
 /// Runs the promotion gate once and prints the decision.
-pub async fn gate(policy: &std::path::Path, approve: Option<u64>, by: &str, json: bool) -> Result<()> {
+pub async fn gate(
+    policy: &std::path::Path,
+    approve: Option<u64>,
+    by: &str,
+    json: bool,
+) -> Result<()> {
     let spec = read_policy(policy)?;
     let reg = Registry::open(&spec.registry)?;
     match apply::gate(&reg, &spec, approve, by, jiff::Timestamp::now()).await? {
@@ -183,7 +205,12 @@ pub async fn gate(policy: &std::path::Path, approve: Option<u64>, by: &str, json
             if json {
                 println!("{}", serde_json::to_string_pretty(&decision)?);
             } else {
-                println!("{}: {} v{}", decision.model, decision.outcome.as_str(), decision.candidate);
+                println!(
+                    "{}: {} v{}",
+                    decision.model,
+                    decision.outcome.as_str(),
+                    decision.candidate
+                );
                 for r in &decision.reasons {
                     println!("  - [{}] {}", r.code, r.message);
                 }

@@ -4,7 +4,7 @@
 //! The crate is split so that decisions stay pure: [`children`] builds the owned objects,
 //! [`plan`] decides what to create, delete and report, and [`reconcile`] is the thin layer that
 //! talks to the API server; [`continual`] decides and [`continual_controller`] acts for
-//! ContinualTrainings. [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
+//! ContinualTrainings, and SiteValidators and PromotionPolicies ([`validation_controller`]). [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
 #![deny(missing_docs)]
 
 pub mod children;
@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod telemetry;
+pub mod validation_controller;
 
 /// Errors of the operator library.
 #[derive(Debug, thiserror::Error)]

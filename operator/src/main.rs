@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use radfm_operator::leader::Elector;
 use radfm_operator::metrics::{self, Metrics};
-use radfm_operator::{continual_controller, crdgen, reconcile, telemetry};
+use radfm_operator::{continual_controller, crdgen, reconcile, telemetry, validation_controller};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -221,12 +221,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             shutdown(),
         ),
         continual_controller::run_controller(
-            client,
-            Some(identity),
-            args.namespace,
+            client.clone(),
+            Some(identity.clone()),
+            args.namespace.clone(),
             clock,
             shutdown(),
         ),
+        validation_controller::run_controllers(client, Some(identity), args.namespace, shutdown(),),
     );
     if *lost_rx.borrow() {
         anyhow::bail!("lost the leader lease");

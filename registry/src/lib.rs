@@ -577,7 +577,11 @@ impl Registry {
     }
 
     /// Every stored report of a version as (site, URI, bytes), by site.
-    pub async fn reports(&self, model: &str, version: u64) -> Result<Vec<(String, String, Vec<u8>)>> {
+    pub async fn reports(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Result<Vec<(String, String, Vec<u8>)>> {
         use futures::TryStreamExt;
         check_name("model", model)?;
         let prefix = Self::report_prefix(model, version);

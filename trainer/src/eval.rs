@@ -261,7 +261,7 @@ fn logistic(xtr: &Tensor, ytr: &Tensor, xte: &Tensor) -> Vec<f64> {
         opt.zero_grad();
         let logits = xtr.matmul(&w) + &b;
         let loss = logits.binary_cross_entropy_with_logits::<Tensor>(
-            &ytr,
+            ytr,
             None,
             None,
             tch::Reduction::Mean,
@@ -299,8 +299,12 @@ pub fn cross_validated(
     let x = features.to_kind(Kind::Float);
     let (mut linear, mut knn) = (vec![0.0; n], vec![0.0; n]);
     for f in 0..folds {
-        let test: Vec<i64> = (0..n as i64).filter(|&i| fold_of(&keys[i as usize]) == f).collect();
-        let train: Vec<i64> = (0..n as i64).filter(|&i| fold_of(&keys[i as usize]) != f).collect();
+        let test: Vec<i64> = (0..n as i64)
+            .filter(|&i| fold_of(&keys[i as usize]) == f)
+            .collect();
+        let train: Vec<i64> = (0..n as i64)
+            .filter(|&i| fold_of(&keys[i as usize]) != f)
+            .collect();
         if test.is_empty() {
             continue;
         }
@@ -334,8 +338,18 @@ pub fn linear_cka(a: &Tensor, b: &Tensor) -> f64 {
     let a = &a - a.mean_dim(0, true, Kind::Double);
     let b = &b - b.mean_dim(0, true, Kind::Double);
     let cross = b.transpose(0, 1).matmul(&a).square().sum(Kind::Double);
-    let aa = a.transpose(0, 1).matmul(&a).square().sum(Kind::Double).sqrt();
-    let bb = b.transpose(0, 1).matmul(&b).square().sum(Kind::Double).sqrt();
+    let aa = a
+        .transpose(0, 1)
+        .matmul(&a)
+        .square()
+        .sum(Kind::Double)
+        .sqrt();
+    let bb = b
+        .transpose(0, 1)
+        .matmul(&b)
+        .square()
+        .sum(Kind::Double)
+        .sqrt();
     (cross / (aa * bb + 1e-12)).double_value(&[])
 }
 

@@ -70,7 +70,10 @@ pub async fn gate(
     };
     if candidate == baseline {
         return Ok(Gated::NothingToDecide {
-            why: format!("{model} v{candidate} is already {}", policy.production_alias),
+            why: format!(
+                "{model} v{candidate} is already {}",
+                policy.production_alias
+            ),
         });
     }
     let cv = registry.version(model, candidate).await.map_err(reg)?;

@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use radfm_api::validation::PromotionPolicySpec;
 use serde::{Deserialize, Serialize};
 
-use crate::report::{self, SiteReport, Signed};
+use crate::report::{self, Signed, SiteReport};
 use crate::stats::Estimate;
 
 /// The outcome of a decision.
@@ -248,11 +248,8 @@ pub fn decide(
         let Some(t) = r.tasks.iter().find(|t| t.task == policy.task) else {
             continue;
         };
-        let cells = std::iter::once((None, &t.overall)).chain(
-            t.subgroups
-                .iter()
-                .map(|s| (Some(s.name()), &s.result)),
-        );
+        let cells = std::iter::once((None, &t.overall))
+            .chain(t.subgroups.iter().map(|s| (Some(s.name()), &s.result)));
         for (sub, p) in cells {
             if p.delta_auroc.lo < margin {
                 reject.push(Reason {
@@ -279,11 +276,23 @@ pub fn decide(
             }
             let best = cells
                 .iter()
-                .max_by(|a, b| a.result.candidate.auroc.value.total_cmp(&b.result.candidate.auroc.value))
+                .max_by(|a, b| {
+                    a.result
+                        .candidate
+                        .auroc
+                        .value
+                        .total_cmp(&b.result.candidate.auroc.value)
+                })
                 .expect("two cells");
             let worst = cells
                 .iter()
-                .min_by(|a, b| a.result.candidate.auroc.value.total_cmp(&b.result.candidate.auroc.value))
+                .min_by(|a, b| {
+                    a.result
+                        .candidate
+                        .auroc
+                        .value
+                        .total_cmp(&b.result.candidate.auroc.value)
+                })
                 .expect("two cells");
             let gap = best.result.candidate.auroc.value - worst.result.candidate.auroc.value;
             if gap > policy.max_worst_group_gap {
@@ -470,7 +479,10 @@ mod tests {
             "site site-c, sex=F: ΔAUROC -0.060 [-0.090, -0.030] below margin -0.020"
         );
         assert_eq!(
-            (d.reasons[0].site.as_deref(), d.reasons[0].subgroup.as_deref()),
+            (
+                d.reasons[0].site.as_deref(),
+                d.reasons[0].subgroup.as_deref()
+            ),
             (Some("site-c"), Some("sex=F"))
         );
     }
@@ -483,16 +495,32 @@ mod tests {
         let tampered = {
             let mut s: Signed = serde_json::from_slice(&good[1].2).unwrap();
             s.payload = s.payload.replace("\"cases\":60", "\"cases\":61");
-            (good[1].0.clone(), good[1].1.clone(), serde_json::to_vec(&s).unwrap())
+            (
+                good[1].0.clone(),
+                good[1].1.clone(),
+                serde_json::to_vec(&s).unwrap(),
+            )
         };
         let mut future = report("site-c", 2);
         future.created = "2026-11-29T13:00:00Z".into();
         let cases = [
-            (stored("site-a", &report("site-a", 2), &stranger), "not trusted"),
+            (
+                stored("site-a", &report("site-a", 2), &stranger),
+                "not trusted",
+            ),
             (tampered, "does not match"),
-            (stored("site-c", &report("site-c", 1), &w.keys[2].1), "replayed"),
-            (stored("site-c", &report("site-a", 2), &w.keys[0].1), "replayed"),
-            (stored("site-c", &report("site-c", 2), &w.keys[0].1), "signed by site-a's key"),
+            (
+                stored("site-c", &report("site-c", 1), &w.keys[2].1),
+                "replayed",
+            ),
+            (
+                stored("site-c", &report("site-a", 2), &w.keys[0].1),
+                "replayed",
+            ),
+            (
+                stored("site-c", &report("site-c", 2), &w.keys[0].1),
+                "signed by site-a's key",
+            ),
             (stored("site-c", &future, &w.keys[2].1), "clock skew"),
         ];
         for (bad, why) in cases {
@@ -502,7 +530,9 @@ mod tests {
             let d = decide(&w.policy, &w.versions, &reports, false, now());
             assert_eq!(d.outcome, Outcome::HoldForReview, "{why}: {:?}", d.reasons);
             assert!(
-                d.reasons.iter().any(|r| r.code == "report_rejected" && r.message.contains(why)),
+                d.reasons
+                    .iter()
+                    .any(|r| r.code == "report_rejected" && r.message.contains(why)),
                 "{why}: {:?}",
                 d.reasons
             );

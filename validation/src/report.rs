@@ -239,8 +239,8 @@ pub fn verify(signed: &Signed) -> Result<SiteReport> {
         .ok_or_else(|| Error::Signature("signature is not 64 hex bytes".into()))?;
     key.verify(signed.payload.as_bytes(), &Signature::from_bytes(&sig))
         .map_err(|_| Error::Signature("signature does not match the payload".into()))?;
-    let report: SiteReport = serde_json::from_str(&signed.payload)
-        .map_err(|e| Error::Data(format!("payload: {e}")))?;
+    let report: SiteReport =
+        serde_json::from_str(&signed.payload).map_err(|e| Error::Data(format!("payload: {e}")))?;
     if report.format != FORMAT {
         return Err(Error::Data(format!(
             "payload format {:?}, expected {FORMAT}",
@@ -293,7 +293,10 @@ pub(crate) mod tests {
         let groups: Vec<BTreeMap<String, String>> = (0..60)
             .map(|i| {
                 BTreeMap::from([
-                    ("sex".to_string(), if i < 50 { "F" } else { "M" }.to_string()),
+                    (
+                        "sex".to_string(),
+                        if i < 50 { "F" } else { "M" }.to_string(),
+                    ),
                     ("scanner".to_string(), "A".to_string()),
                 ])
             })

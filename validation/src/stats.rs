@@ -250,6 +250,9 @@ mod tests {
         let same = paired(&good, &good, &y, &rows, 300, 1).unwrap();
         assert_eq!((same.delta_auroc.lo, same.delta_auroc.hi), (0.0, 0.0));
         assert_eq!(paired(&good, &good, &y, &rows, 300, 1), Some(same));
-        assert!(paired(&good, &good, &y, &[0, 3, 6], 10, 1).is_none(), "one class only");
+        assert!(
+            paired(&good, &good, &y, &[0, 3, 6], 10, 1).is_none(),
+            "one class only"
+        );
     }
 }

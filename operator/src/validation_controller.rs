@@ -1,0 +1,534 @@
+//! Controllers of decentralised validation.
+//!
+//! `SiteValidator` (in a hospital's cluster): poll the registry; when the candidate alias points
+//! to a version this site has not reported on, run a validation pod (`radfm validate`, the site's
+//! signing key mounted from its Secret, the site's data never leaving it); when the report is in
+//! the registry, record it. A failed pod is deleted and retried at the next poll.
+//!
+//! `PromotionPolicy` (next to the registry): poll, run the gate
+//! ([`radfm_validation::apply::gate`]) and show its decision. The gate records decisions in the
+//! registry's event log, and records a decision only when it changes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{
+    Container, EnvFromSource, EnvVar, Pod, PodSpec, SecretEnvSource, SecretVolumeSource, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use radfm_api::conditions::{self, ValidationConditionType as Cond, validation_reason};
+use radfm_api::validation::{
+    ANNOTATION_APPROVE, DecisionStatus, PromotionPolicy, PromotionPolicyStatus, SiteValidator,
+    SiteValidatorStatus,
+};
+use radfm_registry::Registry;
+use radfm_validation::apply::{self, Gated};
+use tracing::{info, warn};
+
+use crate::reconcile::FIELD_MANAGER;
+use crate::{Error, Result};
+
+/// Label on validation pods: the SiteValidator's name.
+pub const LABEL_VALIDATOR: &str = "radfm.io/site-validator";
+/// Label on validation pods: the version validated.
+pub const LABEL_VERSION: &str = "radfm.io/model-version";
+/// Where the signing key is mounted in validation pods.
+pub const KEY_DIR: &str = "/var/run/radfm/signing-key";
+
+/// Shared state of both controllers.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+}
+
+async fn publish<K>(ctx: &Context, obj: &K, warning: bool, reason: &str, note: String)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Validate".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        warn!(error = %e, reason, "could not record event");
+    }
+}
+
+async fn apply_status<K>(api: &Api<K>, obj: &K, status: serde_json::Value) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+fn registry_error(e: impl std::fmt::Display) -> Error {
+    Error::Invalid {
+        field: "spec.registry".into(),
+        reason: e.to_string(),
+    }
+}
+
+/// The validation pod of `version` for `sv`: `radfm validate` with the site's settings.
+pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
+    let s = &sv.spec;
+    let name = format!("{}-v{version}", sv.name_any());
+    let mut args = vec![
+        "validate".to_string(),
+        "--registry".into(),
+        s.registry.clone(),
+        "--model".into(),
+        s.model.clone(),
+        "--site".into(),
+        s.site_id.clone(),
+        "--dataset".into(),
+        s.dataset.uri.clone(),
+        "--candidate".into(),
+        version.to_string(),
+        "--baseline".into(),
+        s.baseline_alias.clone(),
+        "--min-cell".into(),
+        s.min_cell_size.to_string(),
+        "--subgroups".into(),
+        s.subgroups.join(","),
+    ];
+    for t in &s.tasks {
+        args.push("--task".into());
+        args.push(t.name());
+    }
+    let env_from: Vec<EnvFromSource> = [
+        s.credentials_secret_ref.as_ref(),
+        s.dataset.credentials_secret_ref.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|r| EnvFromSource {
+        secret_ref: Some(SecretEnvSource {
+            name: r.name.clone(),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    })
+    .collect();
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: sv.namespace(),
+            labels: Some(BTreeMap::from([
+                (LABEL_VALIDATOR.to_string(), sv.name_any()),
+                (LABEL_VERSION.to_string(), version.to_string()),
+                (
+                    crate::children::LABEL_MANAGED_BY.to_string(),
+                    crate::children::MANAGER.to_string(),
+                ),
+            ])),
+            owner_references: Some(vec![OwnerReference {
+                api_version: SiteValidator::api_version(&()).to_string(),
+                kind: SiteValidator::kind(&()).to_string(),
+                name: sv.name_any(),
+                uid: sv.uid().unwrap_or_default(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            containers: vec![Container {
+                name: "validate".into(),
+                image: Some(s.image.clone()),
+                command: Some(vec!["/usr/local/bin/radfm".into()]),
+                args: Some(args),
+                env: Some(vec![EnvVar {
+                    name: "RADFM_SIGNING_KEY_FILE".into(),
+                    value: Some(format!("{KEY_DIR}/{}", s.signing_key_secret_ref.key)),
+                    ..Default::default()
+                }]),
+                env_from: (!env_from.is_empty()).then_some(env_from),
+                volume_mounts: Some(vec![VolumeMount {
+                    name: "signing-key".into(),
+                    mount_path: KEY_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }],
+            volumes: Some(vec![Volume {
+                name: "signing-key".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(s.signing_key_secret_ref.name.clone()),
+                    default_mode: Some(0o400),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn pod_phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending")
+}
+
+/// Reconciles one SiteValidator.
+#[tracing::instrument(skip_all, fields(sv = %sv.name_any()))]
+pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = sv
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let now = Time(jiff::Timestamp::now());
+    let generation = sv.metadata.generation;
+    let mut status: SiteValidatorStatus = sv.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    status.last_poll_time = Some(now.clone());
+    let svs: Api<SiteValidator> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let poll = Duration::from_secs(sv.spec.poll_interval_seconds.max(5) as u64);
+    let s = &sv.spec;
+
+    let checked = async {
+        let reg = Registry::open(&s.registry).map_err(registry_error)?;
+        let aliases = reg.aliases(&s.model).await.map_err(registry_error)?;
+        let Some(&candidate) = aliases.get(&s.candidate_alias) else {
+            return Ok::<_, Error>(None);
+        };
+        if aliases.get(&s.baseline_alias) == Some(&candidate) {
+            return Ok(None);
+        }
+        let reported = reg
+            .reports(&s.model, candidate)
+            .await
+            .map_err(registry_error)?
+            .iter()
+            .any(|(site, _, _)| site == &s.site_id);
+        Ok(Some((candidate, reported)))
+    }
+    .await;
+    let mut events = Vec::new();
+    match checked {
+        Err(e) => {
+            conditions::set(
+                &mut status.conditions,
+                Cond::Ready,
+                false,
+                validation_reason::REGISTRY_ERROR,
+                &e.to_string(),
+                generation,
+                &now,
+            );
+        }
+        Ok(found) => {
+            conditions::set(
+                &mut status.conditions,
+                Cond::Ready,
+                true,
+                validation_reason::POLLING,
+                &match found {
+                    Some((v, _)) => format!("candidate is v{v}"),
+                    None => "no candidate to validate".into(),
+                },
+                generation,
+                &now,
+            );
+            let lp = ListParams::default().labels(&format!("{LABEL_VALIDATOR}={}", sv.name_any()));
+            let mine: Vec<Pod> = pods
+                .list(&lp)
+                .await?
+                .items
+                .into_iter()
+                .filter(|p| {
+                    p.owner_references()
+                        .iter()
+                        .any(|o| Some(&o.uid) == sv.uid().as_ref())
+                })
+                .collect();
+            status.running = None;
+            match found {
+                Some((v, true)) => {
+                    if status.last_validated_version != Some(v as i64) {
+                        events.push((
+                            false,
+                            validation_reason::REPORT_PUBLISHED,
+                            format!("report of v{v} is in the registry"),
+                        ));
+                    }
+                    status.last_validated_version = Some(v as i64);
+                    for p in mine {
+                        let _ = pods
+                            .delete(&p.name_any(), &DeleteParams::background())
+                            .await;
+                    }
+                }
+                Some((v, false)) => {
+                    let want = validation_pod(&sv, v);
+                    let name = want.name_any();
+                    for p in &mine {
+                        if p.name_any() != name || pod_phase(p) == "Failed" {
+                            if pod_phase(p) == "Failed" {
+                                events.push((
+                                    true,
+                                    validation_reason::VALIDATION_FAILED,
+                                    format!("pod {} failed; retrying", p.name_any()),
+                                ));
+                            }
+                            let _ = pods
+                                .delete(&p.name_any(), &DeleteParams::background())
+                                .await;
+                        }
+                    }
+                    let exists = mine
+                        .iter()
+                        .any(|p| p.name_any() == name && pod_phase(p) != "Failed");
+                    if !exists
+                        && !mine
+                            .iter()
+                            .any(|p| p.name_any() == name && pod_phase(p) == "Failed")
+                    {
+                        let pp = PostParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..Default::default()
+                        };
+                        match pods.create(&pp, &want).await {
+                            Ok(_) => {
+                                info!(pod = %name, version = v, "validation started");
+                                events.push((
+                                    false,
+                                    validation_reason::VALIDATION_STARTED,
+                                    format!("validating v{v} in pod {name}"),
+                                ));
+                            }
+                            Err(kube::Error::Api(e)) if e.code == 409 => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    status.running = Some(name);
+                }
+                None => {}
+            }
+        }
+    }
+    conditions::set(
+        &mut status.conditions,
+        Cond::Validating,
+        status.running.is_some(),
+        if status.running.is_some() {
+            validation_reason::VALIDATION_STARTED
+        } else {
+            validation_reason::IDLE
+        },
+        &status
+            .running
+            .as_ref()
+            .map_or("no validation in progress".into(), |p| format!("pod {p}")),
+        generation,
+        &now,
+    );
+    apply_status(
+        &svs,
+        &sv,
+        serde_json::to_value(&status).map_err(Error::Serialize)?,
+    )
+    .await?;
+    for (warning, reason, note) in events {
+        publish(&ctx, sv.as_ref(), warning, reason, note).await;
+    }
+    Ok(Action::requeue(if status.running.is_some() {
+        poll.min(Duration::from_secs(10))
+    } else {
+        poll
+    }))
+}
+
+/// Reconciles one PromotionPolicy.
+#[tracing::instrument(skip_all, fields(pp = %pp.name_any()))]
+pub async fn reconcile_policy(pp: Arc<PromotionPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = pp
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let now = jiff::Timestamp::now();
+    let generation = pp.metadata.generation;
+    let mut status: PromotionPolicyStatus = pp.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    let api: Api<PromotionPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    let approved = pp
+        .annotations()
+        .get(ANNOTATION_APPROVE)
+        .and_then(|v| v.trim().trim_start_matches('v').parse::<u64>().ok());
+    let by = format!("radfm-operator/{ns}/{}", pp.name_any());
+    let mut event = None;
+    let result = async {
+        let reg = Registry::open(&pp.spec.registry).map_err(registry_error)?;
+        let gated = apply::gate(&reg, &pp.spec, approved, &by, now)
+            .await
+            .map_err(registry_error)?;
+        let production = reg
+            .aliases(&pp.spec.model)
+            .await
+            .map_err(registry_error)?
+            .get(&pp.spec.production_alias)
+            .copied();
+        Ok::<_, Error>((gated, production))
+    }
+    .await;
+    match result {
+        Ok((gated, production)) => {
+            status.production = production.map(|p| p as i64);
+            let msg = match gated {
+                Gated::NothingToDecide { why } => why,
+                Gated::Decided { decision, recorded } => {
+                    let line = apply::summary(&decision);
+                    if let Some(seq) = recorded {
+                        event = Some((
+                            decision.outcome != radfm_validation::gate::Outcome::Promote,
+                            format!("event {seq}: {line}"),
+                        ));
+                    }
+                    let reasons: Vec<String> =
+                        decision.reasons.iter().map(|r| r.message.clone()).collect();
+                    let same = status.last_decision.as_ref().is_some_and(|d| {
+                        d.version == decision.candidate as i64
+                            && d.outcome == decision.outcome.as_str()
+                            && d.reasons == reasons
+                    });
+                    if !same {
+                        status.last_decision = Some(DecisionStatus {
+                            version: decision.candidate as i64,
+                            outcome: decision.outcome.as_str().into(),
+                            reasons,
+                            sites: decision.sites.clone(),
+                            time: Time(now),
+                        });
+                    }
+                    line
+                }
+            };
+            conditions::set(
+                &mut status.conditions,
+                Cond::Ready,
+                true,
+                validation_reason::POLLING,
+                &msg,
+                generation,
+                &Time(now),
+            );
+        }
+        Err(e) => {
+            conditions::set(
+                &mut status.conditions,
+                Cond::Ready,
+                false,
+                validation_reason::REGISTRY_ERROR,
+                &e.to_string(),
+                generation,
+                &Time(now),
+            );
+        }
+    }
+    if pp.status.as_ref() != Some(&status) {
+        apply_status(
+            &api,
+            &pp,
+            serde_json::to_value(&status).map_err(Error::Serialize)?,
+        )
+        .await?;
+    }
+    if let Some((warning, note)) = event {
+        publish(&ctx, pp.as_ref(), warning, validation_reason::DECIDED, note).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(
+        pp.spec.poll_interval_seconds.max(5) as u64,
+    )))
+}
+
+fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(%error, "validation reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the SiteValidator and PromotionPolicy controllers until `shutdown` resolves.
+pub async fn run_controllers(
+    client: Client,
+    instance: Option<String>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance,
+            },
+        ),
+        client: client.clone(),
+    });
+    let (svs, pps, pods): (Api<SiteValidator>, Api<PromotionPolicy>, Api<Pod>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let sites = Controller::new(svs, watcher::Config::default().any_semantic())
+        .owns(pods, watcher::Config::default().labels(LABEL_VALIDATOR))
+        .graceful_shutdown_on(stop(rx.clone()))
+        .run(reconcile_site, error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "site validator controller");
+            }
+        });
+    let policies = Controller::new(pps, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(stop(rx))
+        .run(reconcile_policy, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "promotion policy controller");
+            }
+        });
+    tokio::join!(sites, policies, async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+}
