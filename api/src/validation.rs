@@ -45,6 +45,7 @@ pub struct SiteValidatorSpec {
     /// Secret holding the site's ed25519 signing key (hex seed, `radfm keygen`).
     pub signing_key_secret_ref: KeySecretRef,
     /// Shared model registry URI.
+    #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("registry must start with s3://, gs://, az:// or file://"))]
     pub registry: String,
     /// Model name in the registry.
@@ -176,6 +177,7 @@ pub struct SiteValidatorStatus {
 #[serde(rename_all = "camelCase")]
 pub struct PromotionPolicySpec {
     /// Model registry URI.
+    #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("registry must start with s3://, gs://, az:// or file://"))]
     pub registry: String,
     /// Model name.
@@ -185,7 +187,7 @@ pub struct PromotionPolicySpec {
     #[schemars(length(min = 1))]
     pub task: String,
     /// Sites whose signed reports count, with their ed25519 public keys.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 256))]
     pub trusted_sites: Vec<TrustedSite>,
     /// Valid reports needed before deciding.
     #[schemars(range(min = 1))]
@@ -238,10 +240,10 @@ fn default_skew() -> i64 {
 #[serde(rename_all = "camelCase")]
 pub struct TrustedSite {
     /// Site identifier.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 63))]
     pub site: String,
-    /// ed25519 public key, hex (`radfm keygen`).
-    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("publicKey must be 64 lowercase hex characters"))]
+    /// ed25519 public key, 64 lowercase hex characters (`radfm keygen`).
+    #[schemars(length(min = 64, max = 64), regex(pattern = "^[0-9a-f]{64}$"))]
     pub public_key: String,
 }
 

@@ -137,6 +137,14 @@ impl Location {
         Ok(())
     }
 
+    /// Deletes an object; deleting one that does not exist is not an error.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        match self.store.delete(&self.child(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
     /// Writes a whole object only if none exists yet; Ok(false) if one does.
     pub async fn put_new(&self, name: &str, data: Vec<u8>) -> Result<bool> {
         let opts = PutOptions {

@@ -190,6 +190,28 @@ mod tests {
     }
 
     #[test]
+    fn validation_samples_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/samples");
+        let strict = |name: &str| {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap();
+            let de = serde_yaml_ng::Deserializer::from_str(&text);
+            let mut unknown = Vec::new();
+            let v: serde_json::Value =
+                serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).unwrap();
+            assert!(unknown.is_empty(), "{name}: {unknown:?}");
+            v
+        };
+        let sv: SiteValidator = serde_json::from_value(strict("sitevalidator.yaml")).unwrap();
+        assert_eq!(sv.spec.tasks[0].name(), "lesion");
+        assert_eq!(sv.spec.signing_key_secret_ref.key, "ed25519.key");
+        let pp: PromotionPolicy = serde_json::from_value(strict("promotionpolicy.yaml")).unwrap();
+        for t in &pp.spec.trusted_sites {
+            radfm_validation::report::verifying_key(&t.public_key).unwrap();
+        }
+        assert_eq!(pp.spec.quorum as usize, pp.spec.trusted_sites.len());
+    }
+
+    #[test]
     fn sample_continualtraining_is_valid_and_its_runs_are_valid_trainingjobs() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../manifests/samples/continualtraining.yaml");

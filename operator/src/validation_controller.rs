@@ -285,7 +285,11 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
                         ));
                     }
                     status.last_validated_version = Some(v as i64);
-                    for p in mine {
+                    // Finished pods go; one still exiting after publishing is left to finish.
+                    for p in mine
+                        .iter()
+                        .filter(|p| matches!(pod_phase(p), "Succeeded" | "Failed"))
+                    {
                         let _ = pods
                             .delete(&p.name_any(), &DeleteParams::background())
                             .await;
@@ -294,13 +298,20 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
                 Some((v, false)) => {
                     let want = validation_pod(&sv, v);
                     let name = want.name_any();
+                    // Pods of other versions, failed pods and pods that ended without a report
+                    // go; the next pass starts a new one.
+                    let finished = |p: &Pod| matches!(pod_phase(p), "Succeeded" | "Failed");
                     for p in &mine {
-                        if p.name_any() != name || pod_phase(p) == "Failed" {
-                            if pod_phase(p) == "Failed" {
+                        if p.name_any() != name || finished(p) {
+                            if p.name_any() == name {
                                 events.push((
                                     true,
                                     validation_reason::VALIDATION_FAILED,
-                                    format!("pod {} failed; retrying", p.name_any()),
+                                    format!(
+                                        "pod {} ended ({}) without a report of v{v}; retrying",
+                                        p.name_any(),
+                                        pod_phase(p)
+                                    ),
                                 ));
                             }
                             let _ = pods
@@ -308,14 +319,7 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
                                 .await;
                         }
                     }
-                    let exists = mine
-                        .iter()
-                        .any(|p| p.name_any() == name && pod_phase(p) != "Failed");
-                    if !exists
-                        && !mine
-                            .iter()
-                            .any(|p| p.name_any() == name && pod_phase(p) == "Failed")
-                    {
+                    if !mine.iter().any(|p| p.name_any() == name) {
                         let pp = PostParams {
                             field_manager: Some(FIELD_MANAGER.into()),
                             ..Default::default()

@@ -462,6 +462,18 @@ impl Cluster {
     /// Starts the operator binary, as its ServiceAccount, watching `namespace` and holding its
     /// Lease there. `name` names its log.
     pub fn start_operator(&self, namespace: &str, name: &str, extra: &[&str]) -> Result<Operator> {
+        self.start_operator_with_env(namespace, name, extra, &[])
+    }
+
+    /// Like [`Cluster::start_operator`], with extra environment variables (object-store
+    /// credentials of the registry).
+    pub fn start_operator_with_env(
+        &self,
+        namespace: &str,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Operator> {
         let bin = workspace_bin("radfm-operator")?;
         let kubeconfig = self.service_account_kubeconfig("radfm-system", "radfm-operator")?;
         let kc = kubeconfig.to_string_lossy().to_string();
@@ -483,9 +495,13 @@ impl Cluster {
             name,
             &args,
             &[
-                ("KUBECONFIG", &kc),
-                ("RUST_LOG", "info,radfm_operator=debug"),
-            ],
+                &[
+                    ("KUBECONFIG", kc.as_str()),
+                    ("RUST_LOG", "info,radfm_operator=debug"),
+                ],
+                env,
+            ]
+            .concat(),
         )?;
         Ok(Operator {
             child,

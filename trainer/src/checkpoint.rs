@@ -14,7 +14,6 @@
 //! its objects, so a reader never follows a manifest into deleted data.
 
 use futures::TryStreamExt;
-use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -293,10 +292,7 @@ pub async fn prune(loc: &Location, keep: usize) -> Result<Vec<i64>> {
 }
 
 async fn delete(loc: &Location, name: &str) -> Result<()> {
-    match loc.store.delete(&loc.child(name)).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(store_err(loc, name, e)),
-    }
+    Ok(loc.delete(name).await?)
 }
 
 #[cfg(test)]

@@ -1,0 +1,567 @@
+//! End to end: decentralised validation on the real control plane with the registry on the S3
+//! server. Three synthetic hospitals (site-c with a strongly shifted scanner) keep their labelled
+//! data in their own folders; models are trained by the real trainer; SiteValidators make the
+//! operator create validation pods, which this test runs with exactly their command, arguments,
+//! environment and mounted key Secret (kwok runs no containers); the PromotionPolicy's gate
+//! decides from the signed reports.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::Api;
+use radfm_api::validation::{PromotionPolicy, SiteValidator};
+use radfm_e2e::{Cluster, S3Server, serial, wait_until};
+use radfm_registry::Registry;
+use radfm_validation::report::{self, Signed};
+
+const WAIT: Duration = Duration::from_secs(120);
+const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+const NS: &str = "validation";
+const REGISTRY: &str = "s3://radfm/registry";
+
+struct World<'a> {
+    cluster: &'a Cluster,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl World<'_> {
+    fn path(&self, sub: &str) -> PathBuf {
+        self.dir.join(sub)
+    }
+
+    fn uri(&self, sub: &str) -> String {
+        format!("file://{}", self.path(sub).display())
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    fn radfm(&self, args: &[&str]) -> String {
+        radfm_e2e::ok(&radfm_e2e::radfm(args, &self.env()))
+    }
+
+    fn synth(&self, out: &str, sites: &str, shift: Option<&str>, samples: usize, seed: u64) {
+        let mut args = vec![
+            "synth".to_string(),
+            "--out".into(),
+            self.uri(out),
+            "--samples".into(),
+            samples.to_string(),
+            "--size".into(),
+            "32".into(),
+            "--sites".into(),
+            sites.into(),
+            "--seed".into(),
+            seed.to_string(),
+            "--lesion-radius".into(),
+            "0.15,0.25".into(),
+            "--lesion-prevalence".into(),
+            "0.4".into(),
+            "--shard-mib".into(),
+            "0.2".into(),
+        ];
+        if let Some(s) = shift {
+            args.extend(["--shift-site".into(), s.into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.radfm(&args);
+    }
+
+    /// Trains with the real trainer and exports to the S3 registry's models area.
+    fn train(&self, name: &str, data: &str, steps: u32, lr: f64, init: Option<&str>) -> String {
+        let export = format!("s3://radfm/models/{name}");
+        let init = init.map_or(String::new(), |i| format!(", initFrom: \"{i}\""));
+        let job = format!(
+            "apiVersion: radfm.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  image: local\n  \
+             workers: {{replicas: 1, gpusPerWorker: 0}}\n  dataset: {{uri: \"{data}\"}}\n  \
+             model: {{imageSize: 32, patchSize: 8{init}}}\n  \
+             training: {{steps: {steps}, batchSizePerDevice: 32, learningRate: {lr}, warmupSteps: 10}}\n  \
+             checkpoint: {{uri: \"s3://radfm/ckpt/{name}\", everySteps: 1000}}\n  export: {{uri: \"{export}\"}}\n",
+            data = self.uri(data),
+        );
+        let path = self.path(&format!("{name}.yaml"));
+        std::fs::write(&path, job).unwrap();
+        let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm-trainer").unwrap())
+            .args(["train", "--job"])
+            .arg(&path)
+            .envs(self.env())
+            .env("RADFM_THREADS", "2")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "training {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        export
+    }
+
+    fn apply(&self, yaml: &str) {
+        let out = self
+            .cluster
+            .kubectl_stdin(&["apply", "-n", NS, "-f", "-"], Some(yaml));
+        assert!(
+            out.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn policy(&self) -> Api<PromotionPolicy> {
+        Api::namespaced(self.cluster.client.clone(), NS)
+    }
+
+    /// Waits for a decision on `version` counting `sites` site reports.
+    async fn wait_decision(&self, version: i64, outcome: &str, sites: usize) -> PromotionPolicy {
+        let what = format!("decision {outcome} on v{version} from {sites} sites");
+        wait_until(WAIT, &what, || async {
+            let pp = self.policy().get_opt("chest").await.ok()??;
+            let d = pp.status.as_ref()?.last_decision.as_ref()?;
+            (d.version == version && d.outcome == outcome && d.sites.len() == sites).then_some(pp)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Plays the kubelet for the validation pod of `site` and `version`: runs its container's
+    /// command with its arguments and environment, the key Secret mounted where the pod mounts
+    /// it, then reports the exit.
+    async fn run_validation_pod(&self, site: &str, version: u64) {
+        let pods: Api<Pod> = Api::namespaced(self.cluster.client.clone(), NS);
+        let name = format!("{site}-v{version}");
+        let pod = wait_until(WAIT, &format!("running pod {name}"), || async {
+            let p = pods.get_opt(&name).await.ok()??;
+            (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
+        })
+        .await
+        .unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        let c = &spec.containers[0];
+        let secrets: Api<Secret> = Api::namespaced(self.cluster.client.clone(), NS);
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        for from in c.env_from.iter().flatten() {
+            let s = secrets
+                .get(&from.secret_ref.as_ref().unwrap().name)
+                .await
+                .unwrap();
+            for (k, v) in s.data.unwrap_or_default() {
+                env.insert(k, String::from_utf8(v.0).unwrap());
+            }
+        }
+        // The key Secret, mounted as the pod would have it.
+        let mount = &c.volume_mounts.as_ref().unwrap()[0];
+        let secret_name = spec.volumes.as_ref().unwrap()[0]
+            .secret
+            .as_ref()
+            .unwrap()
+            .secret_name
+            .clone()
+            .unwrap();
+        let mounted = self.path(&format!("mounts/{name}"));
+        std::fs::create_dir_all(&mounted).unwrap();
+        for (k, v) in secrets
+            .get(&secret_name)
+            .await
+            .unwrap()
+            .data
+            .unwrap_or_default()
+        {
+            std::fs::write(mounted.join(k), v.0).unwrap();
+        }
+        for e in c.env.iter().flatten() {
+            let v = e.value.clone().unwrap_or_default();
+            let v = v.replace(&mount.mount_path, &mounted.display().to_string());
+            env.insert(e.name.clone(), v);
+        }
+        assert_eq!(c.command.as_ref().unwrap(), &["/usr/local/bin/radfm"]);
+        let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm").unwrap())
+            .args(c.args.iter().flatten())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RADFM_THREADS", "2")
+            .envs(&env)
+            .output()
+            .unwrap();
+        let code = out.status.code().unwrap_or(1);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.cluster
+            .end_pod(NS, &name, code, "Completed")
+            .await
+            .unwrap();
+    }
+
+    async fn wait_validated(&self, site: &str, version: i64) {
+        let svs: Api<SiteValidator> = Api::namespaced(self.cluster.client.clone(), NS);
+        wait_until(WAIT, &format!("{site} validated v{version}"), || async {
+            let sv = svs.get_opt(site).await.ok()??;
+            (sv.status?.last_validated_version == Some(version)).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+}
+
+fn site_validator(site: &str, dataset: &str) -> String {
+    format!(
+        r#"apiVersion: radfm.io/v1alpha1
+kind: SiteValidator
+metadata: {{name: {site}}}
+spec:
+  siteId: {site}
+  signingKeySecretRef: {{name: {site}-key}}
+  registry: "{REGISTRY}"
+  credentialsSecretRef: {{name: registry-s3}}
+  model: chest
+  dataset: {{uri: "{dataset}"}}
+  tasks: [{{label: lesion}}]
+  subgroups: [sex, age_band, manufacturer]
+  minCellSize: 40
+  pollIntervalSeconds: 5
+  image: radfm/trainer:test
+"#
+    )
+}
+
+fn parse_html(html: &Path) -> serde_json::Value {
+    // Parsed by Python's HTML parser: the decision, every reason and every figure's id.
+    let script = r#"
+import json, sys
+from html.parser import HTMLParser
+class P(HTMLParser):
+    def __init__(self):
+        super().__init__(); self.stack=[]; self.out={"outcome":None,"reasons":[],"svg":[],"signatures":[]}
+    def handle_starttag(self, tag, attrs):
+        a=dict(attrs); self.stack.append((tag,a))
+        if tag=="svg": self.out["svg"].append(a.get("id"))
+    def handle_endtag(self, tag):
+        while self.stack and self.stack.pop()[0]!=tag: pass
+    def handle_data(self, data):
+        if not self.stack: return
+        tag,a=self.stack[-1]
+        if "outcome" in a.get("class",""): self.out["outcome"]=data.strip()
+        if tag=="li" and "data-code" in a: self.out["reasons"].append({"code":a["data-code"],"site":a["data-site"],"subgroup":a["data-subgroup"],"text":data})
+        if "signature" in a.get("class",""): self.out["signatures"].append(data.strip())
+p=P(); p.feed(open(sys.argv[1],encoding="utf-8").read()); print(json.dumps(p.out))
+"#;
+    let out = std::process::Command::new(radfm_e2e::python())
+        .args(["-c", script])
+        .arg(html)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tampered_or_replayed_reports()
+ {
+    let _serial = serial().await;
+    let s3 = S3Server::start().unwrap();
+    let cluster = Cluster::start(1, 0).await.unwrap();
+    let _ns = cluster.namespace(NS).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let w = World {
+        cluster: &cluster,
+        dir: dir.path().to_path_buf(),
+        env: s3.env(),
+    };
+    for (k, v) in s3.env() {
+        // SAFETY: set before this test starts any thread that reads the environment.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let env = w.env();
+    let _op = cluster
+        .start_operator_with_env(NS, "operator-validation", &[], &env)
+        .unwrap();
+
+    // Each hospital's labelled images stay in its own folder; site-c's scanner is shifted.
+    for (i, site) in SITES.iter().enumerate() {
+        let shift = (*site == "site-c").then_some("site-c");
+        w.synth(site, site, shift, 300, 11 + i as u64);
+    }
+    w.synth("pool-all", "site-a,site-b,site-c", Some("site-c"), 1200, 5);
+    w.synth("pool-ab", "site-a,site-b", None, 1200, 6);
+
+    // Production v1 trained on every site; registered and promoted by hand (the first version).
+    let base = w.train("base", "pool-all", 300, 0.001, None);
+    w.radfm(&[
+        "registry",
+        "register",
+        REGISTRY,
+        "chest",
+        "--export",
+        &base,
+        "--reason",
+        "first model",
+    ]);
+    w.radfm(&[
+        "registry",
+        "promote",
+        REGISTRY,
+        "chest",
+        "1",
+        "--reason",
+        "initial release",
+    ]);
+
+    // Keys: each site's Secret; the policy trusts the three public keys.
+    let mut trusted = String::new();
+    for site in SITES {
+        let public = w.radfm(&[
+            "keygen",
+            "--out",
+            &w.path("keys").display().to_string(),
+            "--site",
+            site,
+        ]);
+        trusted.push_str(&format!(
+            "  - {{site: {site}, publicKey: {}}}\n",
+            public.trim()
+        ));
+        cluster
+            .kubectl_ok(&[
+                "create",
+                "secret",
+                "generic",
+                &format!("{site}-key"),
+                "-n",
+                NS,
+                &format!(
+                    "--from-file=ed25519.key={}",
+                    w.path(&format!("keys/{site}.key")).display()
+                ),
+            ])
+            .unwrap();
+    }
+    let mut literal: Vec<String> = vec![
+        "create".into(),
+        "secret".into(),
+        "generic".into(),
+        "registry-s3".into(),
+        "-n".into(),
+        NS.into(),
+    ];
+    for (k, v) in &w.env {
+        literal.push(format!("--from-literal={k}={v}"));
+    }
+    cluster
+        .kubectl_ok(&literal.iter().map(String::as_str).collect::<Vec<_>>())
+        .unwrap();
+    let policy = format!(
+        "apiVersion: radfm.io/v1alpha1\nkind: PromotionPolicy\nmetadata: {{name: chest}}\nspec:\n  registry: \"{REGISTRY}\"\n  model: chest\n  task: lesion\n  trustedSites:\n{trusted}  quorum: 3\n  nonInferiorityMargin: 0.05\n  maxWorstGroupGap: 0.3\n  requiredSubgroups: [\"sex=F\"]\n  pollIntervalSeconds: 5\n"
+    );
+    std::fs::write(w.path("policy.yaml"), &policy).unwrap();
+    w.apply(&policy);
+    for site in SITES {
+        w.apply(&site_validator(site, &w.uri(site)));
+    }
+
+    // A candidate trained without site-c's data, barely trained: it regresses.
+    let bad = w.train("bad", "pool-ab", 5, 0.001, None);
+    w.radfm(&[
+        "registry",
+        "register",
+        REGISTRY,
+        "chest",
+        "--export",
+        &bad,
+        "--parent",
+        "1",
+        "--reason",
+        "retrained on sites a and b",
+    ]);
+    for site in SITES {
+        w.run_validation_pod(site, 2).await;
+    }
+    for site in SITES {
+        w.wait_validated(site, 2).await;
+    }
+    let pp = w.wait_decision(2, "Reject", 3).await;
+    let decided = pp.status.unwrap().last_decision.unwrap();
+    assert_eq!(decided.sites, SITES);
+    // The shifted site, whose data the candidate never saw, regresses in a named subgroup.
+    assert!(
+        decided
+            .reasons
+            .iter()
+            .any(|r| r.starts_with("site site-c, ")
+                && !r.starts_with("site site-c, all cases")
+                && r.contains("ΔAUROC")
+                && r.contains("below margin -0.050")),
+        "{:#?}",
+        decided.reasons
+    );
+    let reg = Registry::open(REGISTRY).unwrap();
+    assert_eq!(reg.aliases("chest").await.unwrap()["production"], 1);
+
+    // Nothing below the minimum cell size is reported anywhere.
+    let mut suppressed = 0;
+    for (_, _, bytes) in reg.reports("chest", 2).await.unwrap() {
+        let r = report::verify(&serde_json::from_slice::<Signed>(&bytes).unwrap()).unwrap();
+        assert!(r.tasks[0].subgroups.iter().all(|g| g.result.n >= 40));
+        assert!(r.tasks[0].overall.n >= 40);
+        suppressed += r.tasks[0].suppressed_cells;
+    }
+    assert!(suppressed > 0, "some age bands have fewer than 40 cases");
+
+    // A conservatively fine-tuned candidate. Before the sites report, the registry receives a
+    // tampered report (site-a's, one number changed), a forged one (site-b, signed by a key the
+    // policy does not trust) and a replayed one (site-c's report of v2): none counts.
+    let good = w.train("good", "pool-all", 5, 0.000001, Some(&base));
+    w.radfm(&[
+        "registry",
+        "register",
+        REGISTRY,
+        "chest",
+        "--export",
+        &good,
+        "--parent",
+        "1",
+        "--reason",
+        "fine-tuned on all sites",
+    ]);
+    w.run_validation_pod("site-a", 3).await;
+    w.wait_validated("site-a", 3).await;
+    let store = radfm_data::store::Location::open(REGISTRY).unwrap();
+    let name = |v: u32, site: &str| format!("models/chest/reports/v{v:06}/{site}.json");
+    let genuine: Signed =
+        serde_json::from_slice(&store.get_opt(&name(3, "site-a")).await.unwrap().unwrap()).unwrap();
+    let tampered = Signed {
+        payload: genuine.payload.replacen("\"cases\":", "\"cases\":1", 1),
+        ..genuine.clone()
+    };
+    assert_ne!(tampered.payload, genuine.payload);
+    let mut as_b = report::verify(&genuine).unwrap();
+    as_b.site = "site-b".into();
+    let forged = report::sign(&as_b, &report::generate_key());
+    let replayed = store.get_opt(&name(2, "site-c")).await.unwrap().unwrap();
+    store
+        .put(&name(3, "site-a"), serde_json::to_vec(&tampered).unwrap())
+        .await
+        .unwrap();
+    store
+        .put(&name(3, "site-b"), serde_json::to_vec(&forged).unwrap())
+        .await
+        .unwrap();
+    store
+        .put(&name(3, "site-c"), replayed.to_vec())
+        .await
+        .unwrap();
+    let expected = [
+        "site-a.json not counted: signature: signature does not match the payload",
+        "site-b.json not counted: signed by a key that is not trusted",
+        "site-c.json not counted: is about chest v2",
+        "0 of 3 required site reports (missing: site-a, site-b, site-c)",
+    ];
+    wait_until(
+        WAIT,
+        "HoldForReview of v3 refusing all three reports",
+        || async {
+            let pp = w.policy().get_opt("chest").await.ok()??;
+            let d = pp.status?.last_decision?;
+            let reasons = d.reasons.join("\n");
+            (d.version == 3
+                && d.outcome == "HoldForReview"
+                && expected.iter().all(|e| reasons.contains(e)))
+            .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // The bad reports go; the sites validate v3 for real, and the gate promotes it.
+    for site in SITES {
+        store.delete(&name(3, site)).await.unwrap();
+    }
+    for site in SITES {
+        w.run_validation_pod(site, 3).await;
+    }
+    let pp = w.wait_decision(3, "Promote", 3).await;
+    let st = pp.status.unwrap();
+    assert_eq!(st.production, Some(3));
+    assert_eq!(st.last_decision.unwrap().sites, SITES);
+    assert_eq!(reg.aliases("chest").await.unwrap()["production"], 3);
+    let log = reg.events("chest").await.unwrap();
+    let notes: Vec<&str> = log.iter().map(|e| e.reason.as_str()).collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("Reject v2 (against v1): ")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("HoldForReview v3 (against v1): ")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .last()
+            .unwrap()
+            .starts_with("Promote v3 (against v1): "),
+        "{notes:?}"
+    );
+    let table = cluster.kubectl_ok(&["get", "pp", "-n", NS]).unwrap();
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        &row[..5],
+        ["chest", "chest", "3", "Promote", "3"],
+        "{table}"
+    );
+
+    // The change-control records of both candidates.
+    for (v, outcome) in [("2", "Reject"), ("3", "Promote")] {
+        let html = w.path(&format!("v{v}.html"));
+        w.radfm(&[
+            "report",
+            "--registry",
+            REGISTRY,
+            "chest",
+            v,
+            "--policy",
+            &w.path("policy.yaml").display().to_string(),
+            "--out",
+            &html.display().to_string(),
+        ]);
+        let parsed = parse_html(&html);
+        assert_eq!(parsed["outcome"], outcome, "{parsed}");
+        for id in ["lineage-graph", "loss-plot", "forest-plot"] {
+            assert!(
+                parsed["svg"].as_array().unwrap().iter().any(|s| s == id),
+                "{id}: {parsed}"
+            );
+        }
+        assert_eq!(
+            parsed["signatures"],
+            serde_json::json!(["verified", "verified", "verified"])
+        );
+        let reasons = parsed["reasons"].as_array().unwrap();
+        if outcome == "Reject" {
+            assert!(
+                reasons.iter().any(|r| r["code"] == "non_inferiority"
+                    && r["site"] == "site-c"
+                    && r["subgroup"] != ""
+                    && r["text"].as_str().unwrap().starts_with("site site-c, ")),
+                "{parsed}"
+            );
+        } else {
+            assert_eq!(reasons[0]["code"], "passed", "{parsed}");
+        }
+    }
+}
