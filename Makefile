@@ -60,11 +60,13 @@ fmt:
 DEMO_DIR ?= /tmp/radfm-demo
 DEMO_STEPS ?= 300
 DEMO_SAMPLES ?= 1024
+# Visible lesions: a signal self-supervised features pick up (k-NN beats random init on it).
+DEMO_LESIONS ?= --lesion-radius 0.15,0.25 --lesion-prevalence 0.4
 BIN := target/debug
 demo: build
 	@rm -rf "$(DEMO_DIR)" && mkdir -p "$(DEMO_DIR)"
-	$(BIN)/radfm synth --out "$(DEMO_DIR)/cohort" --samples $(DEMO_SAMPLES) --size 64 --seed 1
-	$(BIN)/radfm synth --out "$(DEMO_DIR)/labelled" --samples 600 --size 64 --seed 2
+	$(BIN)/radfm synth --out "$(DEMO_DIR)/cohort" --samples $(DEMO_SAMPLES) --size 64 --seed 1 $(DEMO_LESIONS)
+	$(BIN)/radfm synth --out "$(DEMO_DIR)/labelled" --samples 600 --size 64 --seed 2 $(DEMO_LESIONS)
 	$(BIN)/radfm run manifests/samples/trainingjob-local.yaml --workers 2 --steps $(DEMO_STEPS) \
 	  --dataset "file://$(DEMO_DIR)/cohort" --checkpoint "file://$(DEMO_DIR)/checkpoints" \
 	  --log "$(DEMO_DIR)/progress.jsonl" --loss-plot "$(DEMO_DIR)/loss.svg"

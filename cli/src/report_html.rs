@@ -55,49 +55,62 @@ fn lineage_svg(chain: &[Version]) -> String {
     s
 }
 
+/// Training loss curves of every version of the lineage (from each model card's loss history),
+/// one colour per version, x = optimizer step of that version's run.
 fn loss_svg(chain: &[Version]) -> String {
-    let points: Vec<(u64, f64)> = chain
+    let curves: Vec<(u64, Vec<(f64, f64)>)> = chain
         .iter()
         .rev()
-        .filter_map(|v| Some((v.version, *v.spec.metrics.get("final_loss")?)))
+        .filter_map(|v| {
+            let points: Vec<(f64, f64)> = v
+                .spec
+                .config
+                .get("loss_history")?
+                .as_array()?
+                .iter()
+                .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?)))
+                .filter(|p| p.1.is_finite())
+                .collect();
+            (!points.is_empty()).then_some((v.version, points))
+        })
         .collect();
-    if points.is_empty() {
-        return "<p>No losses recorded.</p>".into();
+    if curves.is_empty() {
+        return "<p>No loss history recorded.</p>".into();
     }
-    let (w, h) = (420.0, 160.0);
-    let max = points
-        .iter()
-        .map(|p| p.1)
-        .fold(f64::MIN, f64::max)
-        .max(1e-9);
-    let min = points
-        .iter()
-        .map(|p| p.1)
-        .fold(f64::MAX, f64::min)
-        .min(max * 0.999);
-    let x = |i: usize| 40.0 + i as f64 * (w - 60.0) / (points.len().max(2) - 1) as f64;
-    let y = |l: f64| 20.0 + (max - l) / (max - min) * (h - 50.0);
+    let all = curves.iter().flat_map(|c| c.1.iter());
+    let (max_x, lo, hi) = all.fold((1.0f64, f64::MAX, f64::MIN), |(mx, lo, hi), p| {
+        (mx.max(p.0), lo.min(p.1), hi.max(p.1))
+    });
+    let hi = if hi > lo { hi } else { lo + 1.0 };
+    let (w, h, left, bottom) = (520.0, 220.0, 50.0, 30.0);
+    let x = |s: f64| left + s / max_x * (w - left - 20.0);
+    let y = |l: f64| 10.0 + (hi - l) / (hi - lo) * (h - bottom - 10.0);
+    let colors = [
+        "#35649c", "#c0392b", "#1e6b3a", "#b9770e", "#6c3483", "#117a65",
+    ];
     let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" id="loss-plot" width="{w}" height="{h}" role="img" aria-label="final training loss by version">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" id="loss-plot" width="{w}" height="{h}" role="img" aria-label="training loss by step, per version">"#
     );
-    let path: Vec<String> = points
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{:.1},{:.1}", x(i), y(p.1)))
-        .collect();
     let _ = write!(
         s,
-        r##"<polyline points="{}" fill="none" stroke="#35649c" stroke-width="2"/>"##,
-        path.join(" ")
+        r##"<line x1="{left}" y1="{0}" x2="{1}" y2="{0}" stroke="#999"/><line x1="{left}" y1="10" x2="{left}" y2="{0}" stroke="#999"/><text x="{left}" y="{2}" font-size="10">step 0</text><text x="{3}" y="{2}" font-size="10" text-anchor="end">step {max_x}</text><text x="4" y="14" font-size="10">{hi:.3}</text><text x="4" y="{0}" font-size="10">{lo:.3}</text>"##,
+        h - bottom,
+        w - 20.0,
+        h - bottom + 14.0,
+        w - 20.0
     );
-    for (i, (v, l)) in points.iter().enumerate() {
+    for (i, (version, points)) in curves.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let line: Vec<String> = points
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.0), y(p.1)))
+            .collect();
         let _ = write!(
             s,
-            r##"<circle cx="{:.1}" cy="{:.1}" r="4" fill="#35649c"/><text x="{:.1}" y="{}" font-size="11" text-anchor="middle">v{v}: {l:.4}</text>"##,
-            x(i),
-            y(*l),
-            x(i),
-            h - 8.0
+            r##"<polyline points="{}" fill="none" stroke="{c}" stroke-width="1.5"/><text x="{}" y="{}" font-size="11" fill="{c}">v{version}</text>"##,
+            line.join(" "),
+            w - 60.0,
+            20.0 + 14.0 * i as f64
         );
     }
     s.push_str("</svg>");

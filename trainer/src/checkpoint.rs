@@ -65,6 +65,26 @@ pub struct DataRef {
     pub std: f64,
 }
 
+/// Longest loss history kept in a checkpoint.
+pub const MAX_LOSS_POINTS: usize = 512;
+
+/// Appends a point to a loss history, halving its resolution when it grows past
+/// [`MAX_LOSS_POINTS`] (every other point kept, the newest always).
+pub fn record_loss(history: &mut Vec<(i64, f64)>, step: i64, loss: f64) {
+    history.push((step, loss));
+    if history.len() > MAX_LOSS_POINTS {
+        let last = *history.last().expect("just pushed");
+        let mut i = 0;
+        history.retain(|_| {
+            i += 1;
+            i % 2 == 1
+        });
+        if history.last() != Some(&last) {
+            history.push(last);
+        }
+    }
+}
+
 /// Training state besides the tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -84,6 +104,10 @@ pub struct TrainState {
     pub rng: String,
     /// Mean loss of the last logged window.
     pub loss: Option<f64>,
+    /// (step, mean loss) of every logged window of the run so far, across resumes; thinned to
+    /// at most [`MAX_LOSS_POINTS`] points (the loss curve of the model card and the record).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loss_history: Vec<(i64, f64)>,
     /// The dataset.
     pub data: DataRef,
     /// The resolved configuration of the run.
@@ -299,8 +323,22 @@ async fn delete(loc: &Location, name: &str) -> Result<()> {
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn loss_history_is_thinned_to_a_bounded_curve_keeping_the_newest_point() {
+        let mut h = Vec::new();
+        for step in 1..=2000 {
+            record_loss(&mut h, step, 1.0 / step as f64);
+        }
+        assert!(h.len() <= MAX_LOSS_POINTS + 1, "{}", h.len());
+        assert!(h.len() > MAX_LOSS_POINTS / 4);
+        assert_eq!(h.first().unwrap().0, 1);
+        assert_eq!(h.last().unwrap().0, 2000);
+        assert!(h.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
     pub(crate) fn state(step: i64) -> TrainState {
         TrainState {
+            loss_history: Vec::new(),
             step,
             total_steps: 100,
             cursor: Cursor {

@@ -57,6 +57,9 @@ pub struct ModelCard {
     pub total_steps: i64,
     /// Loss at the checkpoint.
     pub final_loss: Option<f64>,
+    /// (step, mean loss) of the run's logged windows (the training curve).
+    #[serde(default)]
+    pub loss_history: Vec<(i64, f64)>,
     /// Checkpoint manifest it came from.
     pub checkpoint: String,
     /// sha256 of encoder.safetensors.
@@ -127,6 +130,7 @@ pub async fn export(checkpoint_uri: &str, out_uri: &str) -> Result<ModelCard> {
         steps: state.step,
         total_steps: state.total_steps,
         final_loss: state.loss,
+        loss_history: state.loss_history.clone(),
         checkpoint: loaded.uri.clone(),
         weights_sha256: hex::encode(Sha256::digest(&weights)),
         parameters,

@@ -123,6 +123,10 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         eprintln!("radfm-trainer: skipping checkpoint: {e}")
     }))?;
     let resumed_from = latest.as_ref().map(|l| l.manifest.step);
+    let mut history: Vec<(i64, f64)> = latest
+        .as_ref()
+        .map(|l| l.manifest.state.loss_history.clone())
+        .unwrap_or_default();
     match &latest {
         Some(l) => {
             restore(&mut vs, &mut opt, cfg, l)?;
@@ -239,7 +243,8 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
                 step: i64,
                 cursor: Cursor,
                 streak: u32,
-                loss: Option<f64>|
+                loss: Option<f64>,
+                history: &[(i64, f64)]|
      -> Result<String> {
         let state = TrainState {
             step,
@@ -249,6 +254,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             nonfinite_streak: streak,
             rng: RNG_SCHEME.into(),
             loss,
+            loss_history: history.to_vec(),
             data: data.clone(),
             config: serde_json::to_value(cfg).expect("config serialises"),
             code_version: env!("CARGO_PKG_VERSION").into(),
@@ -271,7 +277,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         }
         if stop {
             if cfg.rank == 0 && resumed_from != Some(step) && last_ckpt_step(&last_ckpt) != step {
-                let uri = save(&vs, &opt, step, cursor, streak, last_loss)?;
+                let uri = save(&vs, &opt, step, cursor, streak, last_loss, &history)?;
                 announce(&rt, &mut annotator, &uri, step);
             }
             return Err(Error::Terminated { step });
@@ -365,6 +371,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             };
             if loss.is_finite() {
                 losses.push((step, loss));
+                checkpoint::record_loss(&mut history, step, loss);
                 last_loss = Some(loss);
                 metrics.loss.set(loss);
             }
@@ -390,7 +397,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             break;
         }
         if cfg.rank == 0 && (step % cfg.checkpoint_every == 0 || step == total) {
-            let uri = save(&vs, &opt, step, cursor, streak, last_loss)?;
+            let uri = save(&vs, &opt, step, cursor, streak, last_loss, &history)?;
             metrics.checkpoints.inc();
             announce(&rt, &mut annotator, &uri, step);
             last_ckpt = Some((uri, step));
