@@ -20,7 +20,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use radfm_api::conditions::{
@@ -35,6 +35,7 @@ use radfm_registry::Registry;
 use tracing::{info, instrument, warn};
 
 use crate::continual::{self, Concurrency, Decision, Due, Finished, Inputs, Schedule};
+use crate::effects::{self, PlannedEvent};
 use crate::reconcile::FIELD_MANAGER;
 use crate::{Error, Result};
 
@@ -91,12 +92,6 @@ pub struct Context {
     pub recorder: Recorder,
     /// Clock.
     pub clock: Clock,
-}
-
-struct PlannedEvent {
-    warning: bool,
-    reason: &'static str,
-    note: String,
 }
 
 /// One run of a ContinualTraining, as observed.
@@ -757,36 +752,8 @@ async fn finish(
     events: &[PlannedEvent],
     ctx: &Context,
 ) -> Result<()> {
-    if ct.status.as_ref() != Some(status) {
-        let body = serde_json::json!({
-            "apiVersion": ContinualTraining::api_version(&()),
-            "kind": ContinualTraining::kind(&()),
-            "status": status,
-        });
-        cts.patch_status(
-            &ct.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-    }
-    let reference = ct.object_ref(&());
-    for e in events {
-        let ev = Event {
-            type_: if e.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: e.reason.to_string(),
-            note: Some(e.note.chars().take(1000).collect()),
-            action: "Schedule".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&ev, &reference).await {
-            warn!(error = %err, reason = e.reason, "could not record event");
-        }
-    }
+    effects::apply_status(cts, ct, ct.status.as_ref(), status).await?;
+    effects::publish(&ctx.recorder, ct, "Schedule", events).await;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod children;
 pub mod continual;
 pub mod continual_controller;
 pub mod crdgen;
+pub mod effects;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

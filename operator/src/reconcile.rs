@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
+use radfm_api::TrainingJob;
 use radfm_api::conditions::{self, ConditionType, reason};
 use radfm_api::trainingjob::MANAGED_BY_RADFM;
-use radfm_api::{TrainingJob, TrainingJobStatus};
 use tracing::{info, instrument, warn};
 
 use crate::children::{self, GangScheduler};
@@ -144,10 +144,10 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         )?;
         return Ok(Action::await_change());
     }
-    write_status(&jobs, job, &plan.status).await?;
+    crate::effects::apply_status(&jobs, job, job.status.as_ref(), &plan.status).await?;
     ctx.metrics
         .observe_status(job.status.as_ref(), &plan.status);
-    publish_events(job, &plan, ctx).await;
+    crate::effects::publish(&ctx.recorder, job, "Reconcile", &plan.events).await;
 
     if let Some(e) = create_error {
         return Err(e);
@@ -327,50 +327,6 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
-    }
-}
-
-/// Writes the whole status by server-side apply with the operator's field manager; skips the
-/// request when nothing changed.
-async fn write_status(
-    jobs: &Api<TrainingJob>,
-    job: &TrainingJob,
-    status: &TrainingJobStatus,
-) -> Result<()> {
-    if job.status.as_ref() == Some(status) {
-        return Ok(());
-    }
-    let body = serde_json::json!({
-        "apiVersion": TrainingJob::api_version(&()),
-        "kind": TrainingJob::kind(&()),
-        "status": status,
-    });
-    jobs.patch_status(
-        &job.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn publish_events(job: &TrainingJob, plan: &Plan, ctx: &Context) {
-    let reference = job.object_ref(&());
-    for e in &plan.events {
-        let ev = Event {
-            type_: if e.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: e.reason.to_string(),
-            note: Some(e.note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&ev, &reference).await {
-            warn!(error = %err, reason = e.reason, "could not record event");
-        }
     }
 }
 

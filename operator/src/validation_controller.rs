@@ -19,9 +19,9 @@ use k8s_openapi::api::core::v1::{
     VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use radfm_api::conditions::{self, ValidationConditionType as Cond, validation_reason};
@@ -33,6 +33,7 @@ use radfm_registry::Registry;
 use radfm_validation::apply::{self, Gated};
 use tracing::{info, warn};
 
+use crate::effects::{self, PlannedEvent};
 use crate::reconcile::FIELD_MANAGER;
 use crate::{Error, Result};
 
@@ -49,44 +50,6 @@ pub struct Context {
     pub client: Client,
     /// Event recorder.
     pub recorder: Recorder,
-}
-
-async fn publish<K>(ctx: &Context, obj: &K, warning: bool, reason: &str, note: String)
-where
-    K: Resource<DynamicType = ()>,
-{
-    let ev = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Validate".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
-        warn!(error = %e, reason, "could not record event");
-    }
-}
-
-async fn apply_status<K>(api: &Api<K>, obj: &K, status: serde_json::Value) -> Result<()>
-where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
 }
 
 fn registry_error(e: impl std::fmt::Display) -> Error {
@@ -278,11 +241,11 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
             match found {
                 Some((v, true)) => {
                     if status.last_validated_version != Some(v as i64) {
-                        events.push((
-                            false,
-                            validation_reason::REPORT_PUBLISHED,
-                            format!("report of v{v} is in the registry"),
-                        ));
+                        events.push(PlannedEvent {
+                            warning: false,
+                            reason: validation_reason::REPORT_PUBLISHED,
+                            note: format!("report of v{v} is in the registry"),
+                        });
                     }
                     status.last_validated_version = Some(v as i64);
                     // Finished pods go; one still exiting after publishing is left to finish.
@@ -304,15 +267,15 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
                     for p in &mine {
                         if p.name_any() != name || finished(p) {
                             if p.name_any() == name {
-                                events.push((
-                                    true,
-                                    validation_reason::VALIDATION_FAILED,
-                                    format!(
+                                events.push(PlannedEvent {
+                                    warning: true,
+                                    reason: validation_reason::VALIDATION_FAILED,
+                                    note: format!(
                                         "pod {} ended ({}) without a report of v{v}; retrying",
                                         p.name_any(),
                                         pod_phase(p)
                                     ),
-                                ));
+                                });
                             }
                             let _ = pods
                                 .delete(&p.name_any(), &DeleteParams::background())
@@ -327,11 +290,11 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
                         match pods.create(&pp, &want).await {
                             Ok(_) => {
                                 info!(pod = %name, version = v, "validation started");
-                                events.push((
-                                    false,
-                                    validation_reason::VALIDATION_STARTED,
-                                    format!("validating v{v} in pod {name}"),
-                                ));
+                                events.push(PlannedEvent {
+                                    warning: false,
+                                    reason: validation_reason::VALIDATION_STARTED,
+                                    note: format!("validating v{v} in pod {name}"),
+                                });
                             }
                             Err(kube::Error::Api(e)) if e.code == 409 => {}
                             Err(e) => return Err(e.into()),
@@ -359,15 +322,8 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
         generation,
         &now,
     );
-    apply_status(
-        &svs,
-        &sv,
-        serde_json::to_value(&status).map_err(Error::Serialize)?,
-    )
-    .await?;
-    for (warning, reason, note) in events {
-        publish(&ctx, sv.as_ref(), warning, reason, note).await;
-    }
+    effects::apply_status(&svs, sv.as_ref(), sv.status.as_ref(), &status).await?;
+    effects::publish(&ctx.recorder, sv.as_ref(), "Validate", &events).await;
     Ok(Action::requeue(if status.running.is_some() {
         poll.min(Duration::from_secs(10))
     } else {
@@ -414,10 +370,11 @@ pub async fn reconcile_policy(pp: Arc<PromotionPolicy>, ctx: Arc<Context>) -> Re
                 Gated::Decided { decision, recorded } => {
                     let line = apply::summary(&decision);
                     if let Some(seq) = recorded {
-                        event = Some((
-                            decision.outcome != radfm_validation::gate::Outcome::Promote,
-                            format!("event {seq}: {line}"),
-                        ));
+                        event = Some(PlannedEvent {
+                            warning: decision.outcome != radfm_validation::gate::Outcome::Promote,
+                            reason: validation_reason::DECIDED,
+                            note: format!("event {seq}: {line}"),
+                        });
                     }
                     let reasons: Vec<String> =
                         decision.reasons.iter().map(|r| r.message.clone()).collect();
@@ -460,17 +417,8 @@ pub async fn reconcile_policy(pp: Arc<PromotionPolicy>, ctx: Arc<Context>) -> Re
             );
         }
     }
-    if pp.status.as_ref() != Some(&status) {
-        apply_status(
-            &api,
-            &pp,
-            serde_json::to_value(&status).map_err(Error::Serialize)?,
-        )
-        .await?;
-    }
-    if let Some((warning, note)) = event {
-        publish(&ctx, pp.as_ref(), warning, validation_reason::DECIDED, note).await;
-    }
+    effects::apply_status(&api, pp.as_ref(), pp.status.as_ref(), &status).await?;
+    effects::publish(&ctx.recorder, pp.as_ref(), "Gate", event.as_slice()).await;
     Ok(Action::requeue(Duration::from_secs(
         pp.spec.poll_interval_seconds.max(5) as u64,
     )))

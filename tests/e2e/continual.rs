@@ -94,12 +94,7 @@ impl Scene<'_> {
         what: &str,
         pred: impl Fn(&ContinualTraining) -> bool,
     ) -> ContinualTraining {
-        wait_until(WAIT, &format!("{name}: {what}"), || async {
-            let ct = self.cts().get_opt(name).await.ok()??;
-            pred(&ct).then_some(ct)
-        })
-        .await
-        .unwrap()
+        radfm_e2e::wait_object(&self.cts(), name, WAIT, what, pred).await
     }
 
     /// Waits until the status shows `scheduled` handled.

@@ -72,12 +72,7 @@ impl Env<'_> {
         what: &str,
         pred: impl Fn(&TrainingJob) -> bool,
     ) -> TrainingJob {
-        wait_until(WAIT, &format!("{name}: {what}"), || async {
-            let j = self.jobs().get_opt(name).await.ok()??;
-            pred(&j).then_some(j)
-        })
-        .await
-        .unwrap()
+        radfm_e2e::wait_object(&self.jobs(), name, WAIT, what, pred).await
     }
 
     async fn wait_phase(&self, name: &str, phase: Phase) -> TrainingJob {

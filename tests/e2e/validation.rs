@@ -203,12 +203,12 @@ impl World<'_> {
 
     async fn wait_validated(&self, site: &str, version: i64) {
         let svs: Api<SiteValidator> = Api::namespaced(self.cluster.client.clone(), NS);
-        wait_until(WAIT, &format!("{site} validated v{version}"), || async {
-            let sv = svs.get_opt(site).await.ok()??;
-            (sv.status?.last_validated_version == Some(version)).then_some(())
+        radfm_e2e::wait_object(&svs, site, WAIT, &format!("validated v{version}"), |sv| {
+            sv.status
+                .as_ref()
+                .is_some_and(|st| st.last_validated_version == Some(version))
         })
-        .await
-        .unwrap();
+        .await;
     }
 }
 

@@ -696,6 +696,26 @@ fn wait_for_file(path: &Path, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Waits until the object `name` exists and satisfies `pred`, returning it; panics naming
+/// `what` after `timeout`.
+pub async fn wait_object<K>(
+    api: &Api<K>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&K) -> bool,
+) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_until(timeout, &format!("{name}: {what}"), || async {
+        let o = api.get_opt(name).await.ok()??;
+        pred(&o).then_some(o)
+    })
+    .await
+    .unwrap()
+}
+
 /// Polls `check` every 200 ms until it returns Some, or fails after `timeout` naming `what`.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
 where

@@ -1,0 +1,64 @@
+//! The two writes every controller ends a pass with: the status, by server-side apply with the
+//! operator's fixed field manager (skipped when unchanged), then the events.
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use tracing::warn;
+
+use crate::Result;
+pub use crate::plan::PlannedEvent;
+use crate::reconcile::FIELD_MANAGER;
+
+/// Writes `status` of `obj` by server-side apply unless it equals `current`.
+pub async fn apply_status<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    current: Option<&S>,
+    status: &S,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: Serialize + PartialEq,
+{
+    if current == Some(status) {
+        return Ok(());
+    }
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records `events` about `obj`; a failure to record is logged, not returned.
+pub async fn publish<K>(recorder: &Recorder, obj: &K, action: &str, events: &[PlannedEvent])
+where
+    K: Resource<DynamicType = ()>,
+{
+    let reference = obj.object_ref(&());
+    for e in events {
+        let ev = Event {
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: e.reason.to_string(),
+            note: Some(e.note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(err) = recorder.publish(&ev, &reference).await {
+            warn!(error = %err, reason = e.reason, "could not record event");
+        }
+    }
+}
