@@ -235,7 +235,7 @@ async fn scheduled_runs_train_on_new_data_from_the_base_model_and_register_with_
     s.apply(&ct_yaml(
         "chest",
         &s,
-        "  baseModel: {model: chest, alias: production}\n",
+        "  baseModel: {model: chest, alias: production}\n  successfulJobsHistoryLimit: 1\n",
     ));
     let ct = s
         .wait_ct("chest", "next schedule time", |ct| {
@@ -388,10 +388,14 @@ async fn scheduled_runs_train_on_new_data_from_the_base_model_and_register_with_
     let aliases = reg.aliases("chest").await.unwrap();
     assert_eq!((aliases["candidate"], aliases["production"]), (2, 1));
 
+    // History limit 1: once run 2 is registered, run 1 is pruned (after its registration).
+    let runs = s.wait_run_count("chest", 1).await;
+    assert_eq!(runs[0].name_any(), run2.name_any());
+
     // The next run takes the data that landed during run 2, still from production (v1).
     let t5 = t4 + hours(1);
     s.set_clock(t5 + jiff::SignedDuration::from_secs(5));
-    let runs = s.wait_run_count("chest", 3).await;
+    let runs = s.wait_run_count("chest", 2).await;
     let run3 = runs
         .iter()
         .find(|r| r.name_any() == format!("chest-{}", t5.as_second() / 60))
