@@ -16,6 +16,7 @@ use tch::nn::VarStore;
 
 use crate::checkpoint::{self, DataRef, TrainState};
 use crate::config::{Fault, Precision, TrainConfig};
+use crate::dist::Collective;
 use crate::model::Mae;
 use crate::optim::{AdamW, AdamWConfig, lr_at};
 use crate::progress::{Metrics, PodAnnotator, Record};
@@ -272,7 +273,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         if let Some(g) = gang.as_mut() {
             // Every rank stops at the same step, whichever rank got the signal.
             let mut flag = [stop as u8 as f32];
-            g.ring.all_reduce_sum(&mut flag)?;
+            g.ring.all_reduce_host(&mut flag)?;
             stop = flag[0] > 0.0;
         }
         if stop {
@@ -317,7 +318,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         if let Some(g) = gang.as_mut() {
             // One rank's NaN skips the step everywhere; the logged loss is the gang's mean.
             let mut flags = [(!finite) as u8 as f32, loss_sum as f32];
-            g.ring.all_reduce_sum(&mut flags)?;
+            g.ring.all_reduce_host(&mut flags)?;
             finite = flags[0] == 0.0;
             loss_sum = flags[1] as f64 / cfg.world as f64;
             if finite {

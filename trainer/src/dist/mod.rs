@@ -1,8 +1,9 @@
 //! Data parallelism across processes: rendezvous, collectives, gradient averaging.
 //!
 //! tch has no collectives, so radfm owns this layer. Rank 0 serves a small [`store`] for
-//! rendezvous; the CPU backend is a TCP [`ring`]. Parameters are broadcast from rank 0 at start;
-//! gradients are averaged in buckets, issued in the same (name-sorted) order on every rank.
+//! rendezvous; collectives go through the [`Collective`] trait, whose CPU backend is a TCP
+//! [`ring`]. Parameters are broadcast from rank 0 at start; gradients are averaged in buckets,
+//! issued in the same (name-sorted) order on every rank.
 
 pub mod ring;
 pub mod store;
@@ -16,6 +17,68 @@ use crate::{Error, Result};
 
 /// Floats per all-reduce bucket (16 MiB).
 pub const BUCKET: usize = 4 << 20;
+
+/// A collective over the processes of a gang. Parameter broadcast and gradient averaging go
+/// through this trait only, so a backend that moves device memory (NCCL) can replace the CPU
+/// ring without touching the training loop.
+pub trait Collective {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// Processes in the gang.
+    fn world(&self) -> usize;
+    /// Where the tensors given to [`Collective::all_reduce`] and [`Collective::broadcast`] must
+    /// live (buckets are assembled there).
+    fn device(&self) -> Device;
+    /// Element-wise sum over the gang of a contiguous f32 tensor, in place.
+    fn all_reduce(&mut self, t: &mut Tensor) -> Result<()>;
+    /// `root`'s values of a contiguous f32 tensor, in place on every rank.
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
+    /// Element-wise sum over the gang of a few host values (flags, losses), in place.
+    fn all_reduce_host(&mut self, values: &mut [f32]) -> Result<()>;
+}
+
+fn host_values(t: &Tensor, rank: usize) -> Result<Vec<f32>> {
+    Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).map_err(
+        |e: tch::TchError| Error::PeerLost {
+            rank,
+            reason: e.to_string(),
+        },
+    )
+}
+
+impl Collective for ring::Ring {
+    fn rank(&self) -> usize {
+        ring::Ring::rank(self)
+    }
+
+    fn world(&self) -> usize {
+        ring::Ring::world(self)
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn all_reduce(&mut self, t: &mut Tensor) -> Result<()> {
+        let mut buf = host_values(t, self.rank())?;
+        self.all_reduce_sum(&mut buf)?;
+        let src = Tensor::from_slice(&buf).view(t.size().as_slice());
+        tch::no_grad(|| t.copy_(&src));
+        Ok(())
+    }
+
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()> {
+        let mut buf = host_values(t, self.rank())?;
+        ring::Ring::broadcast(self, &mut buf, root)?;
+        let src = Tensor::from_slice(&buf).view(t.size().as_slice());
+        tch::no_grad(|| t.copy_(&src));
+        Ok(())
+    }
+
+    fn all_reduce_host(&mut self, values: &mut [f32]) -> Result<()> {
+        self.all_reduce_sum(values)
+    }
+}
 
 /// The gang as seen from one process.
 pub struct Gang {
@@ -54,23 +117,20 @@ impl Gang {
 }
 
 /// Copies rank 0's values of `tensors` to every rank.
-pub fn broadcast_tensors(ring: &mut ring::Ring, tensors: &[Tensor]) -> Result<()> {
-    if ring.world() == 1 {
+pub fn broadcast_tensors(coll: &mut dyn Collective, tensors: &[Tensor]) -> Result<()> {
+    if coll.world() == 1 {
         return Ok(());
     }
+    let device = coll.device();
     for t in tensors {
-        let mut buf: Vec<f32> = Vec::try_from(
-            t.detach()
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float)
-                .flatten(0, -1),
-        )
-        .map_err(|e: tch::TchError| Error::PeerLost {
-            rank: ring.rank(),
-            reason: e.to_string(),
-        })?;
-        ring.broadcast(&mut buf, 0)?;
-        let src = Tensor::from_slice(&buf)
+        let mut buf = t
+            .detach()
+            .to_device(device)
+            .to_kind(Kind::Float)
+            .flatten(0, -1)
+            .contiguous();
+        coll.broadcast(&mut buf, 0)?;
+        let src = buf
             .view(t.size().as_slice())
             .to_device(t.device())
             .to_kind(t.kind());
@@ -82,11 +142,12 @@ pub fn broadcast_tensors(ring: &mut ring::Ring, tensors: &[Tensor]) -> Result<()
 
 /// Averages the gradients of `params` over the gang, bucket by bucket, in parameter order.
 /// Parameters without a gradient contribute zeros, so every rank sends the same layout.
-pub fn all_reduce_grads(ring: &mut ring::Ring, params: &[Param]) -> Result<()> {
-    let world = ring.world();
+pub fn all_reduce_grads(coll: &mut dyn Collective, params: &[Param]) -> Result<()> {
+    let world = coll.world();
     if world == 1 {
         return Ok(());
     }
+    let device = coll.device();
     let mut start = 0;
     while start < params.len() {
         let mut end = start;
@@ -101,21 +162,17 @@ pub fn all_reduce_grads(ring: &mut ring::Ring, params: &[Param]) -> Result<()> {
                 let g = p.tensor.grad();
                 if g.defined() {
                     g.detach()
-                        .to_device(Device::Cpu)
+                        .to_device(device)
                         .to_kind(Kind::Float)
                         .flatten(0, -1)
                 } else {
-                    Tensor::zeros([p.tensor.numel() as i64], (Kind::Float, Device::Cpu))
+                    Tensor::zeros([p.tensor.numel() as i64], (Kind::Float, device))
                 }
             })
             .collect();
-        let mut buf: Vec<f32> =
-            Vec::try_from(Tensor::cat(&parts, 0)).map_err(|e: tch::TchError| Error::PeerLost {
-                rank: ring.rank(),
-                reason: e.to_string(),
-            })?;
-        ring.all_reduce_sum(&mut buf)?;
-        let summed = Tensor::from_slice(&buf) / world as f64;
+        let mut bucket = Tensor::cat(&parts, 0);
+        coll.all_reduce(&mut bucket)?;
+        let summed = bucket / world as f64;
         let mut offset = 0i64;
         for p in &params[start..end] {
             let n = p.tensor.numel() as i64;
