@@ -484,13 +484,43 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
     .await
     .unwrap();
 
-    // The bad reports go; the sites validate v3 for real, and the gate promotes it.
+    // The bad reports go; the policy now wants a person's approval; the sites validate v3 for
+    // real: every rule passes and the gate waits for the approval, then promotes.
+    cluster
+        .kubectl_ok(&[
+            "patch",
+            "pp",
+            "chest",
+            "-n",
+            NS,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec": {"requireApproval": true}}"#,
+        ])
+        .unwrap();
     for site in SITES {
         store.delete(&name(3, site)).await.unwrap();
     }
     for site in SITES {
         w.run_validation_pod(site, 3).await;
     }
+    let pp = w.wait_decision(3, "HoldForReview", 3).await;
+    assert_eq!(
+        pp.status.unwrap().last_decision.unwrap().reasons,
+        ["every rule passed; waiting for a human approval of v3"]
+    );
+    assert_eq!(reg.aliases("chest").await.unwrap()["production"], 1);
+    cluster
+        .kubectl_ok(&[
+            "annotate",
+            "pp",
+            "chest",
+            "-n",
+            NS,
+            "radfm.io/approve-version=3",
+        ])
+        .unwrap();
     let pp = w.wait_decision(3, "Promote", 3).await;
     let st = pp.status.unwrap();
     assert_eq!(st.production, Some(3));
