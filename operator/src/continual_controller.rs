@@ -771,13 +771,8 @@ pub async fn run_controller(
     clock: Clock,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (cts, jobs): (Api<ContinualTraining>, Api<TrainingJob>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let cts: Api<ContinualTraining> = effects::scoped(&client, namespace.as_deref());
+    let jobs: Api<TrainingJob> = effects::scoped(&client, namespace.as_deref());
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
         instance,

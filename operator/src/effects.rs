@@ -1,5 +1,6 @@
-//! The two writes every controller ends a pass with: the status, by server-side apply with the
-//! operator's fixed field manager (skipped when unchanged), then the events.
+//! What every controller shares: watching in one namespace or all, and the two writes a pass
+//! ends with: the status, by server-side apply with the operator's fixed field manager (skipped
+//! when unchanged), then the events.
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -10,6 +11,17 @@ use tracing::warn;
 use crate::Result;
 pub use crate::plan::PlannedEvent;
 use crate::reconcile::FIELD_MANAGER;
+
+/// The API of `K` in one namespace, or in all of them (the operator's `--namespace`).
+pub fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
 
 /// Writes `status` of `obj` by server-side apply unless it equals `current`.
 pub async fn apply_status<K, S>(

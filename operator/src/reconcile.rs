@@ -354,18 +354,10 @@ pub async fn run_controller(
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (jobs, pods, services): (Api<TrainingJob>, Api<Pod>, Api<Service>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
+    let ns = namespace.as_deref();
+    let jobs: Api<TrainingJob> = crate::effects::scoped(&client, ns);
+    let pods: Api<Pod> = crate::effects::scoped(&client, ns);
+    let services: Api<Service> = crate::effects::scoped(&client, ns);
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         children::LABEL_MANAGED_BY,

@@ -446,18 +446,10 @@ pub async fn run_controllers(
         ),
         client: client.clone(),
     });
-    let (svs, pps, pods): (Api<SiteValidator>, Api<PromotionPolicy>, Api<Pod>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
+    let ns = namespace.as_deref();
+    let svs: Api<SiteValidator> = effects::scoped(&client, ns);
+    let pps: Api<PromotionPolicy> = effects::scoped(&client, ns);
+    let pods: Api<Pod> = effects::scoped(&client, ns);
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
