@@ -704,6 +704,20 @@ async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
         "{}",
         String::from_utf8_lossy(&rendered.stderr)
     );
+    // Object-store credentials for the registry reach the operator only when named.
+    let with_secret = helm(&[
+        "template",
+        "radfm",
+        &chart.to_string_lossy(),
+        "--set",
+        "objectStoreCredentialsSecret=registry-s3",
+    ]);
+    let text = String::from_utf8_lossy(&with_secret.stdout);
+    assert!(
+        text.contains("envFrom:\n        - secretRef: {name: \"registry-s3\"}"),
+        "{text}"
+    );
+    assert!(!String::from_utf8_lossy(&rendered.stdout).contains("envFrom"));
     let rules = |text: &str| -> Vec<(String, serde_json::Value)> {
         let mut out = Vec::new();
         for doc in serde_yaml_ng::Deserializer::from_str(text) {
