@@ -199,7 +199,10 @@ pub async fn gate(
 ) -> Result<()> {
     let spec = read_policy(policy)?;
     let reg = Registry::open(&spec.registry)?;
-    match apply::gate(&reg, &spec, approve, by, jiff::Timestamp::now()).await? {
+    match apply::gate(&reg, &spec, approve, by, jiff::Timestamp::now())
+        .await?
+        .gated
+    {
         Gated::NothingToDecide { why } => println!("nothing to decide: {why}"),
         Gated::Decided { decision, recorded } => {
             if json {

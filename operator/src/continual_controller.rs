@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -140,6 +140,13 @@ fn annotation<'a>(job: &'a TrainingJob, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// The data window recorded on a run (empty when the annotation is missing or unreadable).
+fn run_window(job: &TrainingJob) -> RunWindow {
+    annotation(job, ANNOTATION_WINDOW)
+        .and_then(|w| serde_json::from_str(w).ok())
+        .unwrap_or_default()
+}
+
 /// Reconciles one ContinualTraining.
 #[instrument(skip_all, fields(ct = %ct.name_any(), namespace = ct.namespace().unwrap_or_default()))]
 pub async fn reconcile(ct: Arc<ContinualTraining>, ctx: Arc<Context>) -> Result<Action> {
@@ -194,17 +201,9 @@ pub async fn reconcile(ct: Arc<ContinualTraining>, ctx: Arc<Context>) -> Result<
 
     // Observe the runs this resource owns.
     let uid = ct.uid().unwrap_or_default();
-    let lp = ListParams::default().labels(&format!("{LABEL_CONTINUAL}={name}"));
-    let runs: Vec<Run> = jobs
-        .list(&lp)
+    let runs: Vec<Run> = effects::list_owned(&jobs, &format!("{LABEL_CONTINUAL}={name}"), &uid)
         .await?
-        .items
         .into_iter()
-        .filter(|j| {
-            j.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && o.uid == uid)
-        })
         .map(|job| Run {
             name: job.name_any(),
             state: run_state(&job),
@@ -219,10 +218,7 @@ pub async fn reconcile(ct: Arc<ContinualTraining>, ctx: Arc<Context>) -> Result<
     }) {
         match register_run(&ct, &run.job).await {
             Ok((version, fresh)) => {
-                let window: RunWindow = annotation(&run.job, ANNOTATION_WINDOW)
-                    .and_then(|w| serde_json::from_str(w).ok())
-                    .unwrap_or_default();
-                if let Some(w) = window.next_watermark {
+                if let Some(w) = run_window(&run.job).next_watermark {
                     status.data_watermark = Some(status.data_watermark.unwrap_or(-1).max(w as i64));
                 }
                 if status
@@ -715,9 +711,7 @@ async fn register_run(ct: &ContinualTraining, job: &TrainingJob) -> Result<(u64,
     let mut spec = radfm_registry::from_export(&export.uri)
         .await
         .map_err(reg_err)?;
-    let window: RunWindow = annotation(job, ANNOTATION_WINDOW)
-        .and_then(|w| serde_json::from_str(w).ok())
-        .unwrap_or_default();
+    let window = run_window(job);
     let base = annotation(job, ANNOTATION_BASE_VERSION).and_then(|b| {
         let (m, v) = b.rsplit_once(':')?;
         Some((m.to_string(), v.parse::<u64>().ok()?))

@@ -1,4 +1,5 @@
-//! What every controller shares: watching in one namespace or all, and the two writes a pass
+//! What every controller shares: watching in one namespace or all, listing its children, and
+//! the two writes a pass
 //! ends with: the status, by server-side apply with the operator's fixed field manager (skipped
 //! when unchanged), then the events.
 
@@ -21,6 +22,25 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// The objects with label selector `labels` whose controller owner has uid `owner_uid`.
+pub async fn list_owned<K>(api: &Api<K>, labels: &str, owner_uid: &str) -> Result<Vec<K>>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let lp = kube::api::ListParams::default().labels(labels);
+    Ok(api
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter(|o| {
+            o.owner_references()
+                .iter()
+                .any(|r| r.controller == Some(true) && r.uid == owner_uid)
+        })
+        .collect())
 }
 
 /// Writes `status` of `obj` by server-side apply unless it equals `current`.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -162,18 +162,8 @@ async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed>
     let name = job.name_any();
     let uid = job.uid().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("{}={name}", children::LABEL_JOB));
-    let pods: Vec<Pod> = pods
-        .list(&lp)
-        .await?
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| o.controller == Some(true) && o.uid == uid)
-        })
-        .collect();
+    let pods =
+        crate::effects::list_owned(&pods, &format!("{}={name}", children::LABEL_JOB), &uid).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
     let service_exists = services
         .get_opt(&children::service_name(job))

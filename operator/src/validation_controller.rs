@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{
     VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -191,11 +191,10 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
             return Ok(None);
         }
         let reported = reg
-            .reports(&s.model, candidate)
+            .report_sites(&s.model, candidate)
             .await
             .map_err(registry_error)?
-            .iter()
-            .any(|(site, _, _)| site == &s.site_id);
+            .contains(&s.site_id);
         Ok(Some((candidate, reported)))
     }
     .await;
@@ -225,18 +224,12 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
                 generation,
                 &now,
             );
-            let lp = ListParams::default().labels(&format!("{LABEL_VALIDATOR}={}", sv.name_any()));
-            let mine: Vec<Pod> = pods
-                .list(&lp)
-                .await?
-                .items
-                .into_iter()
-                .filter(|p| {
-                    p.owner_references()
-                        .iter()
-                        .any(|o| Some(&o.uid) == sv.uid().as_ref())
-                })
-                .collect();
+            let mine: Vec<Pod> = effects::list_owned(
+                &pods,
+                &format!("{LABEL_VALIDATOR}={}", sv.name_any()),
+                &sv.uid().unwrap_or_default(),
+            )
+            .await?;
             status.running = None;
             match found {
                 Some((v, true)) => {
@@ -350,22 +343,15 @@ pub async fn reconcile_policy(pp: Arc<PromotionPolicy>, ctx: Arc<Context>) -> Re
     let mut event = None;
     let result = async {
         let reg = Registry::open(&pp.spec.registry).map_err(registry_error)?;
-        let gated = apply::gate(&reg, &pp.spec, approved, &by, now)
+        apply::gate(&reg, &pp.spec, approved, &by, now)
             .await
-            .map_err(registry_error)?;
-        let production = reg
-            .aliases(&pp.spec.model)
-            .await
-            .map_err(registry_error)?
-            .get(&pp.spec.production_alias)
-            .copied();
-        Ok::<_, Error>((gated, production))
+            .map_err(registry_error)
     }
     .await;
     match result {
-        Ok((gated, production)) => {
-            status.production = production.map(|p| p as i64);
-            let msg = match gated {
+        Ok(pass) => {
+            status.production = pass.production.map(|p| p as i64);
+            let msg = match pass.gated {
                 Gated::NothingToDecide { why } => why,
                 Gated::Decided { decision, recorded } => {
                     let line = apply::summary(&decision);

@@ -297,7 +297,8 @@ impl Registry {
         format!("models/{model}/events/{seq:09}.json")
     }
 
-    async fn numbers(&self, prefix: &str) -> Result<Vec<u64>> {
+    /// The names (without `.json`) of the JSON objects under `prefix`, sorted.
+    async fn json_names(&self, prefix: &str) -> Result<Vec<String>> {
         use futures::TryStreamExt;
         let metas: Vec<object_store::ObjectMeta> = self
             .loc
@@ -311,9 +312,20 @@ impl Registry {
                     source: e,
                 })
             })?;
-        let mut n: Vec<u64> = metas
+        let mut names: Vec<String> = metas
             .iter()
-            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .filter_map(|m| Some(m.location.filename()?.strip_suffix(".json")?.to_string()))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn numbers(&self, prefix: &str) -> Result<Vec<u64>> {
+        let mut n: Vec<u64> = self
+            .json_names(prefix)
+            .await?
+            .iter()
+            .filter_map(|name| name.parse().ok())
             .collect();
         n.sort_unstable();
         Ok(n)
@@ -576,43 +588,26 @@ impl Registry {
         Ok(self.loc.child_uri(&name))
     }
 
+    /// The sites that stored a report of a version, sorted (a listing; nothing is read).
+    pub async fn report_sites(&self, model: &str, version: u64) -> Result<Vec<String>> {
+        check_name("model", model)?;
+        self.json_names(&Self::report_prefix(model, version)).await
+    }
+
     /// Every stored report of a version as (site, URI, bytes), by site.
     pub async fn reports(
         &self,
         model: &str,
         version: u64,
     ) -> Result<Vec<(String, String, Vec<u8>)>> {
-        use futures::TryStreamExt;
-        check_name("model", model)?;
         let prefix = Self::report_prefix(model, version);
-        let metas: Vec<object_store::ObjectMeta> = self
-            .loc
-            .store
-            .list(Some(&self.loc.child(&prefix)))
-            .try_collect()
-            .await
-            .map_err(|e| {
-                Error::Store(radfm_data::Error::Store {
-                    uri: self.loc.child_uri(&prefix),
-                    source: e,
-                })
-            })?;
         let mut out = Vec::new();
-        for m in metas {
-            let Some(site) = m
-                .location
-                .filename()
-                .and_then(|f| f.strip_suffix(".json"))
-                .map(str::to_string)
-            else {
-                continue;
-            };
+        for site in self.report_sites(model, version).await? {
             let name = format!("{prefix}/{site}.json");
             if let Some(bytes) = self.loc.get_opt(&name).await? {
                 out.push((site, self.loc.child_uri(&name), bytes.to_vec()));
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 

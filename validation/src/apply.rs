@@ -29,6 +29,15 @@ pub enum Gated {
     },
 }
 
+/// A gate pass: what it found, and the version production points to afterwards.
+#[derive(Debug)]
+pub struct GatePass {
+    /// What was decided, if anything.
+    pub gated: Gated,
+    /// Production after the pass (None: the model has no production version).
+    pub production: Option<u64>,
+}
+
 /// One line: the outcome and every reason.
 pub fn summary(d: &Decision) -> String {
     let reasons: Vec<&str> = d.reasons.iter().map(|r| r.message.as_str()).collect();
@@ -53,27 +62,34 @@ pub async fn gate(
     approved: Option<u64>,
     by: &str,
     now: Timestamp,
-) -> Result<Gated> {
+) -> Result<GatePass> {
     let model = &policy.model;
     let log = registry.events(model).await.map_err(reg)?;
     let aliases = radfm_registry::aliases_of(&log);
+    let production = aliases.get(&policy.production_alias).copied();
     let Some(&candidate) = aliases.get(&policy.candidate_alias) else {
-        return Ok(Gated::NothingToDecide {
-            why: format!("{model} has no alias {}", policy.candidate_alias),
+        return Ok(GatePass {
+            gated: Gated::NothingToDecide {
+                why: format!("{model} has no alias {}", policy.candidate_alias),
+            },
+            production,
         });
     };
-    let Some(&baseline) = aliases.get(&policy.production_alias) else {
+    let Some(baseline) = production else {
         return Err(Error::Data(format!(
             "{model} has no {} version to compare with; promote a first version by hand",
             policy.production_alias
         )));
     };
     if candidate == baseline {
-        return Ok(Gated::NothingToDecide {
-            why: format!(
-                "{model} v{candidate} is already {}",
-                policy.production_alias
-            ),
+        return Ok(GatePass {
+            gated: Gated::NothingToDecide {
+                why: format!(
+                    "{model} v{candidate} is already {}",
+                    policy.production_alias
+                ),
+            },
+            production,
         });
     }
     let cv = registry.version(model, candidate).await.map_err(reg)?;
@@ -102,9 +118,12 @@ pub async fn gate(
         _ => None,
     });
     if already == Some(text.as_str()) {
-        return Ok(Gated::Decided {
-            decision: Box::new(decision),
-            recorded: None,
+        return Ok(GatePass {
+            gated: Gated::Decided {
+                decision: Box::new(decision),
+                recorded: None,
+            },
+            production,
         });
     }
     let event = match decision.outcome {
@@ -132,8 +151,16 @@ pub async fn gate(
         )
         .await
         .map_err(reg)?;
-    Ok(Gated::Decided {
-        decision: Box::new(decision),
-        recorded: Some(event.seq),
+    let production = if decision.outcome == Outcome::Promote {
+        Some(candidate)
+    } else {
+        production
+    };
+    Ok(GatePass {
+        gated: Gated::Decided {
+            decision: Box::new(decision),
+            recorded: Some(event.seq),
+        },
+        production,
     })
 }
