@@ -176,19 +176,7 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
         RegistryCmd::History { registry, model } => {
             let r = Registry::open(&registry)?;
             for e in r.events(&model).await? {
-                let what = match &e.kind {
-                    EventKind::Registered { version } => format!("registered v{version}"),
-                    EventKind::AliasMoved { alias, from, to } => format!(
-                        "{alias}: {} -> v{to}",
-                        from.map_or("(new)".into(), |f| format!("v{f}"))
-                    ),
-                    EventKind::Note { version } => {
-                        format!(
-                            "note{}",
-                            version.map_or(String::new(), |v| format!(" on v{v}"))
-                        )
-                    }
-                };
+                let what = e.kind.to_string();
                 println!(
                     "{:>4} {} {:<12} {:<28} {}",
                     e.seq, e.time, e.by, what, e.reason

@@ -354,69 +354,73 @@ pub async fn render(
             p.max_clock_skew_seconds
         );
     }
-    let decided = log.iter().rev().find(|e| match &e.kind {
-        EventKind::Note { version: Some(x) } => *x == v,
-        EventKind::AliasMoved { to, .. } => *to == v && reg_decision_alias(e),
-        _ => false,
-    });
-    match decided {
-        Some(e) => {
-            let decision: Option<Decision> = reg
-                .decision(model, e.seq)
-                .await?
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            match decision {
-                Some(d) => {
-                    let _ = write!(
-                        h,
-                        "<div id=\"decision\"><p>Decision (event {}, {} by {}): <strong class=\"outcome {}\">{}</strong> v{} against v{}</p><ul id=\"reasons\">",
-                        e.seq,
-                        esc(&e.time),
-                        esc(&e.by),
-                        d.outcome.as_str(),
-                        d.outcome.as_str(),
-                        d.candidate,
-                        d.baseline
-                    );
-                    for r in &d.reasons {
-                        let _ = write!(
-                            h,
-                            "<li data-code=\"{}\" data-site=\"{}\" data-subgroup=\"{}\">{}</li>",
-                            esc(&r.code),
-                            esc(r.site.as_deref().unwrap_or("")),
-                            esc(r.subgroup.as_deref().unwrap_or("")),
-                            esc(&r.message)
-                        );
-                    }
-                    h.push_str("</ul></div>");
-                }
-                None => {
-                    let _ = write!(
-                        h,
-                        "<div id=\"decision\"><p>Event {}: {}</p></div>",
-                        e.seq,
-                        esc(&e.reason)
-                    );
-                }
-            }
+    // The newest event about this version that stored a gate decision; else the newest note on it.
+    let about_v: Vec<&radfm_registry::Event> = log
+        .iter()
+        .rev()
+        .filter(|e| match &e.kind {
+            EventKind::Note { version: Some(x) } => *x == v,
+            EventKind::AliasMoved { to, .. } => *to == v,
+            _ => false,
+        })
+        .collect();
+    let mut decided: Option<(&radfm_registry::Event, Option<Decision>)> = None;
+    for e in &about_v {
+        if let Some(d) = reg
+            .decision(model, e.seq)
+            .await?
+            .and_then(|b| serde_json::from_slice::<Decision>(&b).ok())
+        {
+            decided = Some((e, Some(d)));
+            break;
         }
+    }
+    if decided.is_none() {
+        decided = about_v
+            .iter()
+            .find(|e| matches!(e.kind, EventKind::Note { .. }))
+            .map(|e| (*e, None));
+    }
+    match decided {
+        Some((e, decision)) => match decision {
+            Some(d) => {
+                let _ = write!(
+                    h,
+                    "<div id=\"decision\"><p>Decision (event {}, {} by {}): <strong class=\"outcome {}\">{}</strong> v{} against v{}</p><ul id=\"reasons\">",
+                    e.seq,
+                    esc(&e.time),
+                    esc(&e.by),
+                    d.outcome.as_str(),
+                    d.outcome.as_str(),
+                    d.candidate,
+                    d.baseline
+                );
+                for r in &d.reasons {
+                    let _ = write!(
+                        h,
+                        "<li data-code=\"{}\" data-site=\"{}\" data-subgroup=\"{}\">{}</li>",
+                        esc(&r.code),
+                        esc(r.site.as_deref().unwrap_or("")),
+                        esc(r.subgroup.as_deref().unwrap_or("")),
+                        esc(&r.message)
+                    );
+                }
+                h.push_str("</ul></div>");
+            }
+            None => {
+                let _ = write!(
+                    h,
+                    "<div id=\"decision\"><p>Event {}: {}</p></div>",
+                    e.seq,
+                    esc(&e.reason)
+                );
+            }
+        },
         None => h.push_str("<div id=\"decision\"><p>No decision recorded yet.</p></div>"),
     }
     h.push_str("</section><section id=\"history\"><h2>History</h2><table><tr><th>#</th><th>Time</th><th>By</th><th>What</th><th>Why</th></tr>");
     for e in &log {
-        let what = match &e.kind {
-            EventKind::Registered { version } => format!("registered v{version}"),
-            EventKind::AliasMoved { alias, from, to } => format!(
-                "{alias}: {} → v{to}",
-                from.map_or("(new)".into(), |f| format!("v{f}"))
-            ),
-            EventKind::Note { version } => {
-                format!(
-                    "note{}",
-                    version.map_or(String::new(), |v| format!(" on v{v}"))
-                )
-            }
-        };
+        let what = e.kind.to_string();
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -429,10 +433,4 @@ pub async fn render(
     }
     h.push_str("</table></section></body></html>\n");
     Ok(h)
-}
-
-/// Alias moves that carry a gate decision have their decision stored; others (by hand) are
-/// shown from their reason.
-fn reg_decision_alias(e: &radfm_registry::Event) -> bool {
-    e.reason.starts_with("Promote ")
 }

@@ -238,6 +238,21 @@ pub enum EventKind {
     },
 }
 
+impl std::fmt::Display for EventKind {
+    /// In words: `registered v3`, `production: v2 -> v3`, `note on v3`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EventKind::Registered { version } => write!(f, "registered v{version}"),
+            EventKind::AliasMoved { alias, from, to } => match from {
+                Some(from) => write!(f, "{alias}: v{from} -> v{to}"),
+                None => write!(f, "{alias}: (new) -> v{to}"),
+            },
+            EventKind::Note { version: Some(v) } => write!(f, "note on v{v}"),
+            EventKind::Note { version: None } => write!(f, "note"),
+        }
+    }
+}
+
 /// One entry of a model's append-only log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
