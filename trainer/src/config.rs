@@ -31,6 +31,9 @@ pub const THREADS: &str = "RADFM_THREADS";
 pub const NORM_PIX_LOSS: &str = "RADFM_NORM_PIX_LOSS";
 /// Seconds a collective or rendezvous may wait for a peer before failing with exit 76.
 pub const COLLECTIVE_TIMEOUT: &str = "RADFM_COLLECTIVE_TIMEOUT";
+/// The collective between ranks: `auto` (default: NCCL on GPUs, the TCP ring on CPUs), `nccl`
+/// or `ring`.
+pub const COLLECTIVE: &str = "RADFM_COLLECTIVE";
 /// Fault injection for tests and drills: `nan-loss@STEP` makes every loss from STEP on NaN.
 pub const FAULT: &str = "RADFM_FAULT";
 
@@ -69,6 +72,10 @@ pub const LOCAL_VARS: &[(&str, &str)] = &[
         COLLECTIVE_TIMEOUT,
         "seconds a collective waits for a peer before exiting 76 (default 120)",
     ),
+    (
+        COLLECTIVE,
+        "collective between ranks: auto (default: nccl on GPUs, ring on CPUs), nccl or ring",
+    ),
     (FAULT, "fault injection for drills: nan-loss@STEP"),
 ];
 
@@ -80,6 +87,18 @@ pub enum Precision {
     Fp32,
     /// bf16 autocast on CUDA (fp32 on CPU).
     Bf16,
+}
+
+/// The collective backend between ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// NCCL when this process trains on a GPU, else the ring.
+    Auto,
+    /// NCCL on the process's GPU.
+    Nccl,
+    /// The TCP ring through host memory.
+    Ring,
 }
 
 /// An injected fault.
@@ -102,6 +121,8 @@ pub struct TrainConfig {
     pub master_port: u16,
     /// How long collectives wait for a peer.
     pub collective_timeout: std::time::Duration,
+    /// The collective backend asked for.
+    pub collective: Backend,
     /// Global rank of this process.
     pub rank: usize,
     /// Processes in the gang.
@@ -253,6 +274,17 @@ impl TrainConfig {
             });
         }
         let collective_timeout = std::time::Duration::from_secs_f64(timeout);
+        let collective = match get(COLLECTIVE).as_deref().map(str::trim) {
+            None | Some("") | Some("auto") => Backend::Auto,
+            Some("nccl") => Backend::Nccl,
+            Some("ring") => Backend::Ring,
+            Some(other) => {
+                return Err(Error::Field {
+                    field: COLLECTIVE.into(),
+                    reason: format!("{other:?} is not auto, nccl or ring"),
+                });
+            }
+        };
         let log_every: i64 = parse_var(get, LOG_EVERY, 10)?;
         if log_every < 1 {
             return Err(Error::Field {
@@ -266,6 +298,7 @@ impl TrainConfig {
             master_addr: c.master_addr.clone(),
             master_port: c.master_port,
             collective_timeout,
+            collective,
             rank: c.node_rank as usize * nproc + local_rank,
             world: c.world_size() as usize,
             local_rank,
@@ -405,6 +438,9 @@ pub(crate) mod tests {
         ])
         .unwrap();
         assert_eq!((c.rank, c.world), (7, 8));
+        assert_eq!(c.collective, Backend::Auto);
+        let ring = parse(&[("RADFM_COLLECTIVE", "ring")]).unwrap();
+        assert_eq!(ring.collective, Backend::Ring);
         assert_eq!(c.model.grid(), 4);
     }
 
@@ -420,6 +456,7 @@ pub(crate) mod tests {
             ("RADFM_LOG_EVERY", "0", "RADFM_LOG_EVERY"),
             ("RADFM_THREADS", "-2", "RADFM_THREADS"),
             ("RADFM_COLLECTIVE_TIMEOUT", "-1", "RADFM_COLLECTIVE_TIMEOUT"),
+            ("RADFM_COLLECTIVE", "gloo", "RADFM_COLLECTIVE"),
         ] {
             let e = parse(&[(var, value)]).unwrap_err();
             assert!(e.to_string().contains(needle), "{var}={value}: {e}");

@@ -135,5 +135,19 @@ mod tests {
             reason: "timeout".into(),
         };
         assert_eq!(io.exit_code(), 75);
+        let lost = Error::from(radfm_dist::Error::PeerLost {
+            rank: 1,
+            reason: "rank 2 closed".into(),
+        });
+        assert_eq!(lost.exit_code(), 76);
+        let rendezvous = Error::from(radfm_dist::Error::Rendezvous {
+            what: "nccl-id".into(),
+            reason: "timeout".into(),
+        });
+        assert_eq!(rendezvous.exit_code(), 76);
+        let no_nccl = Error::from(radfm_dist::Error::Unavailable {
+            reason: "libnccl.so".into(),
+        });
+        assert_eq!(no_nccl.exit_code(), 64);
     }
 }

@@ -16,7 +16,6 @@ use tch::nn::VarStore;
 
 use crate::checkpoint::{self, DataRef, TrainState};
 use crate::config::{Fault, Precision, TrainConfig};
-use crate::dist::Collective;
 use crate::model::Mae;
 use crate::optim::{AdamW, AdamWConfig, lr_at};
 use crate::progress::{Metrics, PodAnnotator, Record};
@@ -149,12 +148,14 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             cfg.world,
             cfg.attempt,
             cfg.collective_timeout,
+            crate::dist::resolve(cfg.collective, device)?,
+            device,
         )?;
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let mut g = g;
         let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
-        crate::dist::broadcast_tensors(&mut g.ring, &tensors)?;
+        crate::dist::broadcast_tensors(g.coll.as_mut(), &tensors)?;
         Some(g)
     } else {
         None
@@ -273,7 +274,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         if let Some(g) = gang.as_mut() {
             // Every rank stops at the same step, whichever rank got the signal.
             let mut flag = [stop as u8 as f32];
-            g.ring.all_reduce_host(&mut flag)?;
+            g.coll.all_reduce_host(&mut flag)?;
             stop = flag[0] > 0.0;
         }
         if stop {
@@ -318,11 +319,11 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         if let Some(g) = gang.as_mut() {
             // One rank's NaN skips the step everywhere; the logged loss is the gang's mean.
             let mut flags = [(!finite) as u8 as f32, loss_sum as f32];
-            g.ring.all_reduce_host(&mut flags)?;
+            g.coll.all_reduce_host(&mut flags)?;
             finite = flags[0] == 0.0;
             loss_sum = flags[1] as f64 / cfg.world as f64;
             if finite {
-                crate::dist::all_reduce_grads(&mut g.ring, &opt.params)?;
+                crate::dist::all_reduce_grads(g.coll.as_mut(), &opt.params)?;
             }
         }
         if finite {

@@ -1,0 +1,50 @@
+//! radfm's collectives, kept free of libtorch so that they build, test and benchmark anywhere.
+//!
+//! Rank 0 serves the rendezvous [`store`]; the CPU collective is a TCP [`ring`]; GPUs talk
+//! through [`nccl`], loaded at run time so that a machine without CUDA builds and runs
+//! everything else. Every operation has a deadline: a peer that died or stalls turns into
+//! [`Error::PeerLost`] (or [`Error::Rendezvous`]) instead of a hang. The trainer glues these to
+//! tensors.
+#![deny(missing_docs)]
+
+pub mod nccl;
+pub mod ring;
+pub mod store;
+
+/// Errors of the collectives.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Rendezvous with the other ranks failed (store unreachable, a key never set).
+    #[error("rendezvous {what}: {reason}")]
+    Rendezvous {
+        /// The store operation or key.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another rank died or stalled during a collective.
+    #[error("rank {rank}: peer lost: {reason}")]
+    PeerLost {
+        /// This rank.
+        rank: usize,
+        /// Which peer and what failed.
+        reason: String,
+    },
+    /// The NCCL backend cannot run on this machine (library missing, no GPU).
+    #[error("NCCL backend unavailable: {reason}")]
+    Unavailable {
+        /// What is missing.
+        reason: String,
+    },
+    /// Local socket or file I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The socket or file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Result alias of the collectives.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
