@@ -1,8 +1,11 @@
 //! bench-trainer: MAE training throughput of radfm's trainer step (forward, backward, global-norm
 //! clipping, AdamW) on a fixed in-memory batch, for comparison with the same model, batch and
-//! precision in PyTorch (bench/trainer_pytorch.py) on the same CPU.
+//! precision in PyTorch (bench/trainer_pytorch.py) on the same CPU, or on GPU 0 with `cuda`
+//! (bf16 autocast with `bf16`, as the trainer does). The line carries the model FLOPs per image,
+//! so throughput converts to model-FLOPs utilisation.
 //!
-//! Usage: bench-trainer ARCH IMAGE PATCH BATCH STEPS THREADS; prints one JSON line.
+//! Usage: bench-trainer ARCH IMAGE PATCH BATCH STEPS THREADS [cpu|cuda] [fp32|bf16]; prints one
+//! JSON line.
 
 use std::time::Instant;
 
@@ -13,9 +16,22 @@ use tch::{Device, Kind, Tensor, nn};
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(
-        a.len() == 6,
-        "usage: bench-trainer ARCH IMAGE PATCH BATCH STEPS THREADS"
+        (6..=8).contains(&a.len()),
+        "usage: bench-trainer ARCH IMAGE PATCH BATCH STEPS THREADS [cpu|cuda] [fp32|bf16]"
     );
+    let device = match a.get(6).map(String::as_str) {
+        None | Some("cpu") => Device::Cpu,
+        Some("cuda") => {
+            anyhow::ensure!(tch::Cuda::is_available(), "cuda asked for, but tch sees no GPU");
+            Device::Cuda(0)
+        }
+        Some(other) => anyhow::bail!("device {other:?} is not cpu or cuda"),
+    };
+    let bf16 = match a.get(7).map(String::as_str) {
+        None | Some("fp32") => false,
+        Some("bf16") => true,
+        Some(other) => anyhow::bail!("precision {other:?} is not fp32 or bf16"),
+    };
     let (image, patch, batch, steps, threads): (i64, i64, i64, usize, i32) = (
         a[1].parse()?,
         a[2].parse()?,
@@ -26,13 +42,13 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(threads);
     tch::manual_seed(0);
     let cfg = VitConfig::preset(&a[0], image, patch)?;
-    let vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(device);
     let mae = Mae::new(&vs.root(), cfg);
     let mut opt = AdamW::new(&vs, AdamWConfig::default());
-    let images = Tensor::randn([batch, 1, image, image], (Kind::Float, Device::Cpu));
+    let images = Tensor::randn([batch, 1, image, image], (Kind::Float, device));
     // Returns the loss and the seconds spent in clipping and the optimizer.
     let mut step = |lr: f64| {
-        let loss = mae.loss(&images, 0.75);
+        let loss = tch::autocast(bf16 && device.is_cuda(), || mae.loss(&images, 0.75));
         loss.backward();
         let t = Instant::now();
         opt.clip_grad_norm(1.0);
@@ -54,7 +70,9 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "radfm (tch)",
+            "impl": "radfm (tch)", "device": format!("{device:?}"),
+            "precision": if bf16 { "bf16" } else { "fp32" },
+            "train_flops_per_image": cfg.mae_train_flops(0.75),
             "arch": a[0], "image": image, "patch": patch, "batch": batch, "threads": threads,
             "steps": steps, "seconds": secs, "loss": last,
             "optimizer_share": optim_secs / secs,

@@ -106,11 +106,11 @@ class Mae(nn.Module):
         x = e.patch_embed(imgs) + e.pos_embed[:, 1:]
         b, n, d = x.shape
         keep = int(round(n * (1 - ratio)))
-        noise = torch.rand(b, n) if noise is None else noise
+        noise = torch.rand(b, n, device=imgs.device) if noise is None else noise
         ids_shuffle = noise.argsort(1)
         ids_restore = ids_shuffle.argsort(1)
         x = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
-        mask = torch.ones(b, n)
+        mask = torch.ones(b, n, device=imgs.device)
         mask[:, :keep] = 0
         mask = mask.gather(1, ids_restore)
         cls = (e.cls_token + e.pos_embed[:, :1]).expand(b, -1, -1)

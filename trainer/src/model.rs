@@ -116,6 +116,27 @@ impl VitConfig {
             4 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * (self.mlp_ratio * d * d) + 5 * d;
         d * p * p + d + d + self.depth * block + 2 * d
     }
+
+    /// Model FLOPs of one MAE training step per image: forward plus backward (twice the
+    /// forward) of the matrix products and attention, as model-FLOPs utilisation counts them.
+    /// The encoder sees the kept patches and the class token, the decoder every token.
+    pub fn mae_train_flops(&self, mask_ratio: f64) -> f64 {
+        let n = self.patches() as f64;
+        let keep = (n * (1.0 - mask_ratio)).round().max(1.0) + 1.0;
+        let r = self.mlp_ratio as f64;
+        let block = |tokens: f64, d: f64| {
+            // qkv, proj and the MLP: (4 + 2r)·d² multiply-adds per token; QKᵀ and AV: 2·t²·d.
+            2.0 * tokens * (4.0 + 2.0 * r) * d * d + 2.0 * 2.0 * tokens * tokens * d
+        };
+        let (d, dd) = (self.width as f64, self.decoder_width as f64);
+        let pixels = (self.patch_size * self.patch_size) as f64;
+        let forward = 2.0 * n * pixels * d
+            + self.depth as f64 * block(keep, d)
+            + 2.0 * keep * d * dd
+            + self.decoder_depth as f64 * block(n + 1.0, dd)
+            + 2.0 * (n + 1.0) * dd * pixels;
+        3.0 * forward
+    }
 }
 
 /// Xavier-uniform linear layer with zero bias, as MAE initialises them.
@@ -483,6 +504,24 @@ mod tests {
             decoder_heads: 2,
             mlp_ratio: 2,
         }
+    }
+
+    #[test]
+    fn vit_base_16_flops_match_the_published_count() {
+        // timm/fvcore count 17.6 GMACs for ViT-B/16 at 224 (3 input channels; one channel
+        // saves 0.08 G in the patch embedding). Without masking the encoder's share of the
+        // training FLOPs is 3 × 2 × that.
+        let base = VitConfig::preset("vit-base", 224, 16).unwrap();
+        let no_decoder = VitConfig {
+            decoder_depth: 0,
+            ..base
+        };
+        let per_image = no_decoder.mae_train_flops(0.0);
+        let encoder_only = per_image - 3.0 * (2.0 * 197.0 * 512.0 * 768.0 + 2.0 * 197.0 * 512.0 * 256.0);
+        let published = 3.0 * 2.0 * 17.58e9;
+        assert!((encoder_only / published - 1.0).abs() < 0.01, "{encoder_only:e}");
+        // Masking 75 % leaves the encoder a quarter of the tokens.
+        assert!(base.mae_train_flops(0.75) < 0.5 * base.mae_train_flops(0.0));
     }
 
     #[test]
