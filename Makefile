@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: install all build test unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-scaling clean
+.PHONY: install all build test unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling clean
 
 all: build
 
@@ -135,6 +135,52 @@ bench-allreduce: py-deps libtorch
 	  "$(PY_ENV)/bin/python" bench/allreduce_gloo.py $$w $(ALLREDUCE_MIB) >> /tmp/radfm-allreduce-gloo.jsonl || exit 1; \
 	done
 	@python3 bench/compare_allreduce.py /tmp/radfm-allreduce-rs.jsonl /tmp/radfm-allreduce-gloo.jsonl
+
+## bench-nccl: all-reduce bus bandwidth of radfm's NCCL backend vs torch.distributed NCCL on
+## this machine's GPUs (needs a CUDA machine with libnccl; prints why not otherwise)
+bench-nccl:
+	$(CARGO) build -q --release -p radfm-bench --bin bench-nccl
+	@g=$$("$(PYTHON_CUDA)" -c 'import torch; print(torch.cuda.device_count())') && \
+	 ./target/release/bench-nccl busbw $$g $(ALLREDUCE_MIB) > /tmp/radfm-nccl-rs.jsonl && \
+	 BACKEND=nccl "$(PYTHON_CUDA)" bench/allreduce_gloo.py $$g $(ALLREDUCE_MIB) > /tmp/radfm-nccl-torch.jsonl
+	@python3 bench/compare_allreduce.py /tmp/radfm-nccl-rs.jsonl /tmp/radfm-nccl-torch.jsonl nccl
+
+## bench-gpu: every GPU check in one run (bench/gpu.sh): the NCCL backend's verification and
+## bandwidth, then ViT-B/16 MAE bf16 throughput and model-FLOPs utilisation vs PyTorch. Needs
+## a CUDA machine, LIBTORCH pointing at a CUDA libtorch and PYTHON_CUDA at a python with CUDA torch
+PYTHON_CUDA ?= python3
+bench-gpu:
+	RADFM_LINK_CUDA=1 $(CARGO) build -q --release -p radfm-bench --bin bench-nccl --bin bench-trainer
+	PYTHON="$(PYTHON_CUDA)" bench/gpu.sh target/release
+
+## device-kit: bench/gpu.sh's binaries for a CUDA machine without cargo whose python has torch
+## $(DEVICE_TORCH) (the lent device machine): bench-nccl needs no libtorch; bench-trainer is
+## built from a copy of the tree on tch $(DEVICE_TCH), the tch of that torch (tch's dtype codes
+## change between libtorch versions, so a 2.13 build must not load 2.11), and loads that torch's
+## libraries there. Lands in .device/ (ignored): carry it and run `bench/gpu.sh .device`
+DEVICE_TORCH ?= 2.11.0
+DEVICE_TCH ?= 0.24.0
+DEVICE_LIBTORCH := $(RADFM_CACHE)/torch-$(DEVICE_TORCH)
+DEVICE_SRC := $(RADFM_CACHE)/device-src
+device-kit:
+	@if [ ! -f "$(DEVICE_LIBTORCH)/.radfm-ok" ]; then \
+	  rm -rf "$(DEVICE_LIBTORCH)" && mkdir -p "$(DEVICE_LIBTORCH)" && \
+	  python3 -m pip download -q --no-deps --only-binary=:all: torch==$(DEVICE_TORCH) -d "$(DEVICE_LIBTORCH)" && \
+	  (cd "$(DEVICE_LIBTORCH)" && unzip -q torch-*.whl 'torch/include/*' 'torch/lib/*' 'torch/share/*' && rm torch-*.whl) && \
+	  touch "$(DEVICE_LIBTORCH)/.radfm-ok"; \
+	fi
+	$(CARGO) build -q --release -p radfm-bench --bin bench-nccl
+	rm -rf "$(DEVICE_SRC)" && mkdir -p "$(DEVICE_SRC)"
+	git ls-files -z | xargs -0 cp --parents -t "$(DEVICE_SRC)"
+	sed -i 's/^tch = .*/tch = "=$(DEVICE_TCH)"/; s/^torch-sys = .*/torch-sys = "=$(DEVICE_TCH)"/' "$(DEVICE_SRC)/Cargo.toml"
+	cd "$(DEVICE_SRC)" && LIBTORCH="$(DEVICE_LIBTORCH)/torch" LIBTORCH_CXX11_ABI=1 RADFM_LINK_CUDA=1 \
+	  CARGO_TARGET_DIR="$(RADFM_CACHE)/target-device" \
+	  RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
+	  $(CARGO) build -q --release -p radfm-bench --bin bench-trainer
+	mkdir -p .device
+	cp target/release/bench-nccl "$(RADFM_CACHE)/target-device/release/bench-trainer" .device/
+	strip .device/bench-nccl .device/bench-trainer
+	@du -sh .device
 
 ## bench-scaling: trainer images/s on 1, 2, 4 local ranks (same per-rank batch) and the
 ## data-parallel efficiency against 1 rank

@@ -117,8 +117,10 @@ fn missing_peer(gpus: usize, timeout: Duration) -> anyhow::Result<serde_json::Va
         secs < timeout.as_secs_f64() + 10.0,
         "took {secs:.1}s with a {timeout:?} timeout"
     );
-    Ok(serde_json::json!({"check": "missing_peer", "world": world, "seconds": secs,
-                          "errors": errors, "ok": true}))
+    Ok(
+        serde_json::json!({"check": "missing_peer", "world": world, "seconds": secs,
+                          "errors": errors, "ok": true}),
+    )
 }
 
 /// All ranks join and reduce once; then the last rank stops calling. The others' next
@@ -148,7 +150,10 @@ fn stalled_peer(world: usize, timeout: Duration) -> anyhow::Result<serde_json::V
             let secs = t.lock().unwrap().unwrap().elapsed().as_secs_f64();
             release.wait();
             match r {
-                Ok(()) => bail!("rank {rank}: all-reduce finished without rank {}", world - 1),
+                Ok(()) => bail!(
+                    "rank {rank}: all-reduce finished without rank {}",
+                    world - 1
+                ),
                 Err(e @ radfm_dist::Error::PeerLost { .. }) => Ok(Some((secs, e.to_string()))),
                 Err(e) => bail!("rank {rank}: wrong error: {e}"),
             }
@@ -166,8 +171,10 @@ fn stalled_peer(world: usize, timeout: Duration) -> anyhow::Result<serde_json::V
         worst < timeout.as_secs_f64() + 10.0,
         "the slowest rank gave up after {worst:.1}s with a {timeout:?} timeout"
     );
-    Ok(serde_json::json!({"check": "stalled_peer", "world": world, "seconds": worst,
-                          "errors": errors, "ok": true}))
+    Ok(
+        serde_json::json!({"check": "stalled_peer", "world": world, "seconds": worst,
+                          "errors": errors, "ok": true}),
+    )
 }
 
 fn check(timeout: Duration) -> anyhow::Result<()> {

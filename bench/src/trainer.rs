@@ -22,7 +22,10 @@ fn main() -> anyhow::Result<()> {
     let device = match a.get(6).map(String::as_str) {
         None | Some("cpu") => Device::Cpu,
         Some("cuda") => {
-            anyhow::ensure!(tch::Cuda::is_available(), "cuda asked for, but tch sees no GPU");
+            anyhow::ensure!(
+                tch::Cuda::is_available(),
+                "cuda asked for, but tch sees no GPU"
+            );
             Device::Cuda(0)
         }
         Some(other) => anyhow::bail!("device {other:?} is not cpu or cuda"),

@@ -517,9 +517,13 @@ mod tests {
             ..base
         };
         let per_image = no_decoder.mae_train_flops(0.0);
-        let encoder_only = per_image - 3.0 * (2.0 * 197.0 * 512.0 * 768.0 + 2.0 * 197.0 * 512.0 * 256.0);
+        let encoder_only =
+            per_image - 3.0 * (2.0 * 197.0 * 512.0 * 768.0 + 2.0 * 197.0 * 512.0 * 256.0);
         let published = 3.0 * 2.0 * 17.58e9;
-        assert!((encoder_only / published - 1.0).abs() < 0.01, "{encoder_only:e}");
+        assert!(
+            (encoder_only / published - 1.0).abs() < 0.01,
+            "{encoder_only:e}"
+        );
         // Masking 75 % leaves the encoder a quarter of the tokens.
         assert!(base.mae_train_flops(0.75) < 0.5 * base.mae_train_flops(0.0));
     }
