@@ -28,11 +28,12 @@ nvidia-smi -L | tee -a "$OUT/env.txt"
 gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 
 step "NCCL backend check ($gpus GPU(s))"
-"$KIT/bench-nccl" check "${NCCL_TIMEOUT_S:-5}" | tee "$OUT/nccl-check.jsonl" || failed=1
+# A hang here (an abort that never returns) is a finding too: the outer timeout reports it.
+timeout 120 "$KIT/bench-nccl" check "${NCCL_TIMEOUT_S:-5}" | tee "$OUT/nccl-check.jsonl" || failed=1
 
 step "all-reduce: radfm NCCL vs torch.distributed NCCL, $gpus rank(s)"
-if "$KIT/bench-nccl" busbw "$gpus" 1 16 64 256 > "$OUT/nccl-radfm.jsonl" &&
-   BACKEND=nccl "$PY" bench/allreduce_gloo.py "$gpus" 1 16 64 256 > "$OUT/nccl-torch.jsonl"; then
+if timeout 180 "$KIT/bench-nccl" busbw "$gpus" 1 16 64 256 > "$OUT/nccl-radfm.jsonl" &&
+   BACKEND=nccl timeout 180 "$PY" bench/allreduce_gloo.py "$gpus" 1 16 64 256 > "$OUT/nccl-torch.jsonl"; then
   python3 bench/compare_allreduce.py "$OUT/nccl-radfm.jsonl" "$OUT/nccl-torch.jsonl" nccl | tee -a "$OUT/summary.txt"
 else
   failed=1
@@ -40,8 +41,8 @@ fi
 
 step "MAE training, $TRAIN_ARGS, cuda bf16: radfm (tch) vs PyTorch"
 # shellcheck disable=SC2086
-if "$KIT/bench-trainer" $TRAIN_ARGS cuda bf16 > "$OUT/trainer-radfm.json" &&
-   "$PY" bench/trainer_pytorch.py $TRAIN_ARGS cuda bf16 > "$OUT/trainer-torch.json"; then
+if timeout 240 "$KIT/bench-trainer" $TRAIN_ARGS cuda bf16 > "$OUT/trainer-radfm.json" &&
+   timeout 240 "$PY" bench/trainer_pytorch.py $TRAIN_ARGS cuda bf16 > "$OUT/trainer-torch.json"; then
   python3 bench/mfu.py "$OUT/trainer-radfm.json" "$OUT/trainer-torch.json" "${PEAK_TFLOPS:-989}" | tee -a "$OUT/summary.txt"
 else
   failed=1
