@@ -23,13 +23,14 @@ fn iterations(bytes: usize) -> usize {
     (((256usize << 20) / bytes.max(1)) * 2).clamp(3, 50)
 }
 
-fn gpus() -> anyhow::Result<usize> {
-    nccl::probe()?;
+/// The loaded NCCL's version and the GPUs visible.
+fn gpus() -> anyhow::Result<(nccl::Version, usize)> {
+    let version = nccl::probe()?;
     cudarc::driver::result::init().map_err(|e| anyhow::anyhow!("cuInit: {e:?}"))?;
     let n = cudarc::driver::result::device::get_count()
         .map_err(|e| anyhow::anyhow!("cuDeviceGetCount: {e:?}"))?;
     ensure!(n > 0, "no GPU visible");
-    Ok(n as usize)
+    Ok((version, n as usize))
 }
 
 /// Runs `f(rank, store)` for `world` ranks on threads, rank r on GPU r; returns each result.
@@ -178,8 +179,7 @@ fn stalled_peer(world: usize, timeout: Duration) -> anyhow::Result<serde_json::V
 }
 
 fn check(timeout: Duration) -> anyhow::Result<()> {
-    let version = nccl::probe()?;
-    let n = gpus()?;
+    let (version, n) = gpus()?;
     println!(
         "{}",
         serde_json::json!({"check": "probe", "nccl": version.to_string(), "gpus": n, "ok": true})
@@ -210,7 +210,7 @@ fn check(timeout: Duration) -> anyhow::Result<()> {
 }
 
 fn busbw(world: usize, sizes: Vec<usize>) -> anyhow::Result<()> {
-    let n = gpus()?;
+    let (_, n) = gpus()?;
     ensure!(world <= n, "{world} ranks need {world} GPUs; {n} visible");
     let timeout = Duration::from_secs(120);
     let results = gang(world, timeout, move |rank, mut store| {

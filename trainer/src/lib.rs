@@ -59,22 +59,9 @@ pub enum Error {
         /// Consecutive non-finite steps.
         count: u32,
     },
-    /// Rendezvous with the other ranks failed (store unreachable, a key never set).
-    #[error("rendezvous {what}: {reason}")]
-    Rendezvous {
-        /// The store operation or key.
-        what: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// Another rank died or stalled during a collective.
-    #[error("rank {rank}: peer lost: {reason}")]
-    PeerLost {
-        /// This rank.
-        rank: usize,
-        /// Which peer and what failed.
-        reason: String,
-    },
+    /// Rendezvous or a collective failed: a peer died or stalled, the store is unreachable.
+    #[error(transparent)]
+    Dist(#[from] radfm_dist::Error),
     /// SIGTERM arrived; a checkpoint was written at `step`.
     #[error("terminated by SIGTERM; checkpoint written at step {step}")]
     Terminated {
@@ -103,7 +90,13 @@ impl Error {
             },
             Error::NonFinite { .. } => exit::NON_FINITE_LOSS,
             Error::Terminated { .. } => exit::TERMINATED,
-            Error::Rendezvous { .. } | Error::PeerLost { .. } => exit::PEER_LOST,
+            Error::Dist(e) => match e {
+                radfm_dist::Error::Rendezvous { .. } | radfm_dist::Error::PeerLost { .. } => {
+                    exit::PEER_LOST
+                }
+                radfm_dist::Error::Io { .. } => exit::RETRYABLE,
+                radfm_dist::Error::Unavailable { .. } => exit::INVALID_CONFIG,
+            },
             Error::Checkpoint { .. } | Error::Io { .. } => exit::RETRYABLE,
         }
     }

@@ -148,7 +148,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             cfg.world,
             cfg.attempt,
             cfg.collective_timeout,
-            crate::dist::resolve(cfg.collective, device)?,
+            cfg.collective,
             device,
         )?;
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();

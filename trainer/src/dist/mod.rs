@@ -18,20 +18,6 @@ use crate::{Error, Result};
 /// Floats per all-reduce bucket (16 MiB).
 pub const BUCKET: usize = 4 << 20;
 
-impl From<radfm_dist::Error> for Error {
-    fn from(e: radfm_dist::Error) -> Error {
-        match e {
-            radfm_dist::Error::Rendezvous { what, reason } => Error::Rendezvous { what, reason },
-            radfm_dist::Error::PeerLost { rank, reason } => Error::PeerLost { rank, reason },
-            radfm_dist::Error::Io { path, source } => Error::Io { path, source },
-            radfm_dist::Error::Unavailable { reason } => Error::Field {
-                field: crate::config::COLLECTIVE.into(),
-                reason,
-            },
-        }
-    }
-}
-
 /// A collective over the processes of a gang. Parameter broadcast and gradient averaging go
 /// through this trait only, so the CPU ring and NCCL are interchangeable under the training
 /// loop.
@@ -53,9 +39,11 @@ pub trait Collective {
 
 fn host_values(t: &Tensor, rank: usize) -> Result<Vec<f32>> {
     Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).map_err(
-        |e: tch::TchError| Error::PeerLost {
-            rank,
-            reason: e.to_string(),
+        |e: tch::TchError| {
+            Error::Dist(radfm_dist::Error::PeerLost {
+                rank,
+                reason: e.to_string(),
+            })
         },
     )
 }
@@ -104,7 +92,7 @@ impl NcclTensors {
     /// A tensor NCCL may read and write in place: f32, contiguous, on this rank's GPU.
     fn buffer(&self, t: &Tensor) -> Result<*mut std::ffi::c_void> {
         if t.device() != self.device || t.kind() != Kind::Float || !t.is_contiguous() {
-            return Err(Error::PeerLost {
+            return Err(Error::Dist(radfm_dist::Error::PeerLost {
                 rank: self.comm.rank(),
                 reason: format!(
                     "NCCL needs a contiguous f32 tensor on {:?}, got {:?} {:?}",
@@ -112,7 +100,7 @@ impl NcclTensors {
                     t.kind(),
                     t.device()
                 ),
-            });
+            }));
         }
         Ok(t.data_ptr())
     }
@@ -152,13 +140,24 @@ impl Collective for NcclTensors {
     }
 }
 
+/// The collective a gang uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chosen {
+    /// NCCL on this GPU of the machine.
+    Nccl {
+        /// The CUDA device ordinal.
+        ordinal: usize,
+    },
+    /// The TCP ring.
+    Ring,
+}
+
 /// The collective a gang uses: the `RADFM_COLLECTIVE` choice, with `auto` taking NCCL exactly
 /// when this process trains on a GPU.
-pub fn resolve(backend: Backend, device: Device) -> Result<Backend> {
+pub fn resolve(backend: Backend, device: Device) -> Result<Chosen> {
     match (backend, device) {
-        (Backend::Auto, Device::Cuda(_)) => Ok(Backend::Nccl),
-        (Backend::Auto, _) => Ok(Backend::Ring),
-        (Backend::Nccl, Device::Cuda(_)) | (Backend::Ring, _) => Ok(backend),
+        (Backend::Auto | Backend::Nccl, Device::Cuda(ordinal)) => Ok(Chosen::Nccl { ordinal }),
+        (Backend::Auto | Backend::Ring, _) => Ok(Chosen::Ring),
         (Backend::Nccl, other) => Err(Error::Field {
             field: crate::config::COLLECTIVE.into(),
             reason: format!(
@@ -180,8 +179,9 @@ pub struct Gang {
 
 impl Gang {
     /// Rendezvous: rank 0 serves the store on `0.0.0.0:port`; every rank connects to
-    /// `master:port`, joins the collective (`backend`, already resolved, on `device`) and meets
-    /// the others at a barrier.
+    /// `master:port`, joins the collective ([`resolve`]d from `backend` and `device`) and meets
+    /// the others at a barrier. NCCL missing here is a configuration error naming
+    /// `RADFM_COLLECTIVE`.
     #[allow(clippy::too_many_arguments)]
     pub fn join(
         master: &str,
@@ -193,18 +193,27 @@ impl Gang {
         backend: Backend,
         device: Device,
     ) -> Result<Gang> {
+        let chosen = resolve(backend, device)?;
         let server = if rank == 0 {
             Some(store::StoreServer::start(&format!("0.0.0.0:{port}"))?)
         } else {
             None
         };
         let mut store = store::StoreClient::connect(&format!("{master}:{port}"), attempt, timeout)?;
-        let coll: Box<dyn Collective + Send> = match (backend, device) {
-            (Backend::Nccl, Device::Cuda(ordinal)) => Box::new(NcclTensors {
-                comm: nccl::Nccl::connect(&mut store, rank, world, ordinal, timeout)?,
-                device,
-            }),
-            _ => Box::new(ring::Ring::connect(&mut store, rank, world, timeout)?),
+        let coll: Box<dyn Collective + Send> = match chosen {
+            Chosen::Nccl { ordinal } => {
+                let comm = nccl::Nccl::connect(&mut store, rank, world, ordinal, timeout).map_err(
+                    |e| match e {
+                        radfm_dist::Error::Unavailable { reason } => Error::Field {
+                            field: crate::config::COLLECTIVE.into(),
+                            reason,
+                        },
+                        other => Error::Dist(other),
+                    },
+                )?;
+                Box::new(NcclTensors { comm, device })
+            }
+            Chosen::Ring => Box::new(ring::Ring::connect(&mut store, rank, world, timeout)?),
         };
         store.barrier("joined", world)?;
         Ok(Gang {
@@ -355,10 +364,18 @@ mod tests {
     #[test]
     fn auto_picks_nccl_on_a_gpu_and_the_ring_on_the_cpu() {
         let table = [
-            (Backend::Auto, Device::Cuda(1), Some(Backend::Nccl)),
-            (Backend::Auto, Device::Cpu, Some(Backend::Ring)),
-            (Backend::Ring, Device::Cuda(0), Some(Backend::Ring)),
-            (Backend::Nccl, Device::Cuda(0), Some(Backend::Nccl)),
+            (
+                Backend::Auto,
+                Device::Cuda(1),
+                Some(Chosen::Nccl { ordinal: 1 }),
+            ),
+            (Backend::Auto, Device::Cpu, Some(Chosen::Ring)),
+            (Backend::Ring, Device::Cuda(0), Some(Chosen::Ring)),
+            (
+                Backend::Nccl,
+                Device::Cuda(0),
+                Some(Chosen::Nccl { ordinal: 0 }),
+            ),
             (Backend::Nccl, Device::Cpu, None),
         ];
         for (asked, device, want) in table {
@@ -383,14 +400,23 @@ mod tests {
         if nccl::driver_present() {
             return;
         }
-        let server = store::StoreServer::start("127.0.0.1:0").unwrap();
-        let mut c =
-            store::StoreClient::connect(&server.addr.to_string(), 1, Duration::from_secs(5))
-                .unwrap();
-        let e = nccl::Nccl::connect(&mut c, 0, 2, 0, Duration::from_secs(5))
-            .map(|_| ())
-            .unwrap_err();
-        let e = Error::from(e);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = Gang::join(
+            "127.0.0.1",
+            port,
+            0,
+            2,
+            1,
+            Duration::from_secs(5),
+            Backend::Nccl,
+            Device::Cuda(0),
+        )
+        .map(|_| ())
+        .unwrap_err();
         assert_eq!(e.exit_code(), radfm_api::exit::INVALID_CONFIG);
         let text = e.to_string();
         assert!(
