@@ -270,43 +270,36 @@ pub fn decide(
         fields.sort_unstable();
         fields.dedup();
         for field in fields {
-            let cells: Vec<_> = t.subgroups.iter().filter(|s| s.field == field).collect();
-            if cells.len() < 2 {
+            let aurocs: Vec<(f64, &report::SubgroupReport)> = t
+                .subgroups
+                .iter()
+                .filter(|s| s.field == field)
+                .map(|s| (s.result.candidate.auroc.value, s))
+                .collect();
+            if aurocs.len() < 2 {
                 continue;
             }
-            let best = cells
+            let best = aurocs
                 .iter()
-                .max_by(|a, b| {
-                    a.result
-                        .candidate
-                        .auroc
-                        .value
-                        .total_cmp(&b.result.candidate.auroc.value)
-                })
+                .max_by(|a, b| a.0.total_cmp(&b.0))
                 .expect("two cells");
-            let worst = cells
+            let worst = aurocs
                 .iter()
-                .min_by(|a, b| {
-                    a.result
-                        .candidate
-                        .auroc
-                        .value
-                        .total_cmp(&b.result.candidate.auroc.value)
-                })
+                .min_by(|a, b| a.0.total_cmp(&b.0))
                 .expect("two cells");
-            let gap = best.result.candidate.auroc.value - worst.result.candidate.auroc.value;
+            let gap = best.0 - worst.0;
             if gap > policy.max_worst_group_gap {
                 reject.push(Reason {
                     code: "worst_group_gap".into(),
                     site: Some(r.site.clone()),
-                    subgroup: Some(worst.name()),
+                    subgroup: Some(worst.1.name()),
                     message: format!(
                         "site {}, {field}: AUROC {:.3} ({}) vs {:.3} ({}), gap {:.3} above {:.3}",
                         r.site,
-                        worst.result.candidate.auroc.value,
-                        worst.name(),
-                        best.result.candidate.auroc.value,
-                        best.name(),
+                        worst.0,
+                        worst.1.name(),
+                        best.0,
+                        best.1.name(),
                         gap,
                         policy.max_worst_group_gap
                     ),
