@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Affinity, EnvVar, ResourceRequirements, Toleration, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -147,6 +148,11 @@ pub struct WorkersSpec {
     /// PodGroup so that the gang is scheduled all at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler_name: Option<String>,
+    /// Size limit of the memory-backed `/dev/shm` of each worker (the loader's and NCCL's
+    /// shared buffers), for example `8Gi`. Default: no limit of its own; it counts against the
+    /// pod's memory limit either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<Quantity>,
     /// Additions to every worker pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<PodOverrides>,
@@ -183,9 +189,43 @@ pub struct PodOverrides {
     /// Extra volume mounts of the trainer container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Vec<VolumeMount>>,
-    /// ServiceAccount of the worker pods.
+    /// ServiceAccount of the worker pods. Default: `<job>-trainer`, which the operator creates
+    /// with permission to annotate the job's own worker pods and nothing else; a ServiceAccount
+    /// named here needs `get` and `patch` on those pods for progress to show.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// Entrypoint of the trainer container. Default: `/usr/local/bin/radfm-trainer`, the path in
+    /// radfm's trainer image; set it for an image that keeps the trainer elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("self.all(c, size(c) > 0)").message("template.command entries must not be empty"))]
+    pub command: Option<Vec<String>>,
+    /// Arguments of the trainer container. Default: `train` (the trainer reads the rest of its
+    /// configuration from the environment contract).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub args: Option<Vec<String>>,
+}
+
+/// The trainer container's entrypoint in radfm's trainer image.
+pub const TRAINER_COMMAND: &str = "/usr/local/bin/radfm-trainer";
+/// The trainer's subcommand a worker pod runs.
+pub const TRAINER_ARGS: &[&str] = &["train"];
+
+impl PodOverrides {
+    /// The trainer container's command: the override, else [`TRAINER_COMMAND`].
+    pub fn trainer_command(&self) -> Vec<String> {
+        self.command
+            .clone()
+            .unwrap_or_else(|| vec![TRAINER_COMMAND.to_string()])
+    }
+
+    /// The trainer container's arguments: the override, else [`TRAINER_ARGS`].
+    pub fn trainer_args(&self) -> Vec<String> {
+        self.args
+            .clone()
+            .unwrap_or_else(|| TRAINER_ARGS.iter().map(|a| a.to_string()).collect())
+    }
 }
 
 /// A list whose items the API server keeps as given (the full Volume schema alone would push the
@@ -195,6 +235,11 @@ pub(crate) fn opaque_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema
         "type": "array",
         "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
     })
+}
+
+/// One object the API server keeps as given (a Volume; see [`opaque_list`]).
+pub(crate) fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 /// Object-store URI rule shared by the dataset and checkpoint locations.

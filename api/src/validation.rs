@@ -7,11 +7,15 @@
 //! replaces production, with machine-readable reasons (the modification protocol and performance
 //! evaluation of an FDA predetermined change control plan).
 
+use k8s_openapi::api::core::v1::Volume;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::trainingjob::{DatasetSpec, SecretRef};
+
+/// Where a SiteValidator's `dataVolume` is mounted in its validation pods.
+pub const DATA_MOUNT_PATH: &str = "/data";
 
 /// Annotation on a PromotionPolicy that records a human approval of one candidate version
 /// (`"7"`), for policies with `requireApproval`.
@@ -52,7 +56,15 @@ pub struct SiteValidatorSpec {
     #[schemars(length(min = 1))]
     pub model: String,
     /// The site's labelled images; they are read only by the validation pod and never leave.
+    /// On object storage: an `s3://`/`gs://`/`az://` URI with `dataset.credentialsSecretRef`;
+    /// on a volume: `dataVolume` and a `file:///data/...` URI.
     pub dataset: DatasetSpec,
+    /// A volume holding the site's data (a PersistentVolumeClaim or any other volume source, in
+    /// the Pod's `volumes` syntax; its name is ignored), mounted read-only at [`DATA_MOUNT_PATH`]
+    /// in the validation pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::trainingjob::opaque_object")]
+    pub data_volume: Option<Volume>,
     /// Clinical tasks to validate.
     #[schemars(length(min = 1))]
     pub tasks: Vec<TaskSpec>,

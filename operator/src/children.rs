@@ -8,10 +8,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
-    PodSpec, ResourceRequirements, SecretEnvSource, Service, ServicePort, ServiceSpec, Toleration,
-    Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+    SecretEnvSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Toleration, Volume, VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
@@ -84,6 +86,104 @@ pub fn pod_name(job: &TrainingJob, rank: i32, attempt: i32) -> String {
 pub fn master_addr(job: &TrainingJob) -> String {
     let ns = job.metadata.namespace.as_deref().unwrap_or("default");
     format!("{}.{}.{ns}.svc", hostname(job, 0), service_name(job))
+}
+
+/// Group of the images' non-root user (uid and gid 10001 in radfm's Dockerfiles): pods get it as
+/// `fsGroup`, so Secret volumes with mode 0400 stay readable by that user.
+pub const IMAGE_GID: i64 = 10001;
+
+/// The pod-level half of the `restricted` Pod Security Standard, which every pod the operator
+/// creates meets so that namespaces can enforce it.
+pub fn restricted_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        fs_group: Some(IMAGE_GID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The container-level half of the `restricted` profile: no privilege escalation, every
+/// capability dropped.
+pub fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// ServiceAccount of the job's worker pods when the template names none.
+pub fn trainer_service_account_name(job: &TrainingJob) -> String {
+    format!("{}-trainer", service_name(job))
+}
+
+/// What rank 0 needs to report progress (annotations on its own pod), when the job's template
+/// names no ServiceAccount: the job's own ServiceAccount, a Role allowing `get` and `patch` of
+/// exactly this attempt's worker pods, and the binding between them. All owned by the job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerAccess {
+    /// `<job>-trainer`.
+    pub service_account: ServiceAccount,
+    /// Pods of `attempt`, by name.
+    pub role: Role,
+    /// The Role bound to the ServiceAccount.
+    pub binding: RoleBinding,
+}
+
+/// The [`TrainerAccess`] of `attempt`, or `None` where the user brings a ServiceAccount.
+pub fn trainer_access(job: &TrainingJob, attempt: i32) -> Option<TrainerAccess> {
+    let template = job.spec.workers.template.as_ref();
+    if template.is_some_and(|t| t.service_account_name.is_some()) {
+        return None;
+    }
+    let name = trainer_service_account_name(job);
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: job.metadata.namespace.clone(),
+        labels: Some(base_labels(job)),
+        owner_references: Some(vec![owner(job)]),
+        ..Default::default()
+    };
+    let pods = (0..job.spec.workers.replicas)
+        .map(|r| pod_name(job, r, attempt))
+        .collect();
+    Some(TrainerAccess {
+        service_account: ServiceAccount {
+            metadata: meta.clone(),
+            ..Default::default()
+        },
+        role: Role {
+            metadata: meta.clone(),
+            rules: Some(vec![PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["pods".into()]),
+                resource_names: Some(pods),
+                verbs: vec!["get".into(), "patch".into()],
+                ..Default::default()
+            }]),
+        },
+        binding: RoleBinding {
+            metadata: meta,
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "Role".into(),
+                name: name.clone(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name,
+                namespace: job.metadata.namespace.clone(),
+                ..Default::default()
+            }]),
+        },
+    })
 }
 
 fn owner(job: &TrainingJob) -> OwnerReference {
@@ -220,7 +320,7 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
         name: "dshm".into(),
         empty_dir: Some(EmptyDirVolumeSource {
             medium: Some("Memory".into()),
-            ..Default::default()
+            size_limit: w.shm_size.clone(),
         }),
         ..Default::default()
     }];
@@ -249,6 +349,9 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
                 name: CONTAINER.into(),
                 image: Some(spec.image.clone()),
                 image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+                command: Some(over.trainer_command()),
+                args: Some(over.trainer_args()),
+                security_context: Some(restricted_container_security()),
                 env: Some(env_vars),
                 env_from: spec.dataset.credentials_secret_ref.as_ref().map(|s| {
                     vec![EnvFromSource {
@@ -274,7 +377,12 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
             affinity: w.affinity.clone(),
             priority_class_name: w.priority_class_name.clone(),
             scheduler_name: w.scheduler_name.clone(),
-            service_account_name: over.service_account_name.clone(),
+            service_account_name: Some(
+                over.service_account_name
+                    .clone()
+                    .unwrap_or_else(|| trainer_service_account_name(job)),
+            ),
+            security_context: Some(restricted_pod_security()),
             ..Default::default()
         }),
         ..Default::default()
@@ -472,6 +580,100 @@ mod tests {
             pod.spec.unwrap().service_account_name.as_deref(),
             Some("trainer")
         );
+    }
+
+    #[test]
+    fn worker_runs_the_trainers_train_subcommand_unless_the_template_says_otherwise() {
+        let pod = worker_pod(&JobBuilder::new(1).build(), 0, 1);
+        let c = &pod.spec.unwrap().containers[0];
+        assert_eq!(
+            (c.command.clone().unwrap(), c.args.clone().unwrap()),
+            (
+                vec!["/usr/local/bin/radfm-trainer".to_string()],
+                vec!["train".to_string()]
+            )
+        );
+        let job = JobBuilder::new(1)
+            .with(|j| {
+                j.spec.workers.template = Some(radfm_api::trainingjob::PodOverrides {
+                    command: Some(vec!["/opt/bin/trainer".into()]),
+                    args: Some(vec!["train".into(), "--verbose".into()]),
+                    ..Default::default()
+                })
+            })
+            .build();
+        let c = &worker_pod(&job, 0, 1).spec.unwrap().containers[0];
+        assert_eq!(c.command.as_deref().unwrap(), ["/opt/bin/trainer"]);
+        assert_eq!(c.args.as_deref().unwrap(), ["train", "--verbose"]);
+    }
+
+    #[test]
+    fn worker_meets_the_restricted_pod_security_profile_and_sizes_its_shared_memory() {
+        let job = JobBuilder::new(1)
+            .with(|j| j.spec.workers.shm_size = Some(Quantity("2Gi".into())))
+            .build();
+        let spec = worker_pod(&job, 0, 1).spec.unwrap();
+        let pod_sc = spec.security_context.unwrap();
+        assert_eq!(pod_sc.run_as_non_root, Some(true));
+        assert_eq!(pod_sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c_sc = spec.containers[0].security_context.clone().unwrap();
+        assert_eq!(c_sc.allow_privilege_escalation, Some(false));
+        assert_eq!(c_sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+        assert_eq!(c_sc.privileged, None);
+        let shm = spec.volumes.unwrap().into_iter().find(|v| v.name == "dshm");
+        let shm = shm.unwrap().empty_dir.unwrap();
+        assert_eq!(
+            (shm.medium.as_deref(), shm.size_limit),
+            (Some("Memory"), Some(Quantity("2Gi".into())))
+        );
+    }
+
+    #[test]
+    fn trainers_get_their_own_account_allowed_to_annotate_only_this_attempts_pods() {
+        let job = JobBuilder::new(2).build();
+        let pod = worker_pod(&job, 1, 3);
+        assert_eq!(
+            pod.spec.unwrap().service_account_name.as_deref(),
+            Some("mae-trainer")
+        );
+        let access = trainer_access(&job, 3).unwrap();
+        assert_eq!(
+            access.service_account.metadata.name.as_deref(),
+            Some("mae-trainer")
+        );
+        let rules = access.role.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].resources.as_deref().unwrap(), ["pods"]);
+        assert_eq!(rules[0].verbs, ["get", "patch"]);
+        assert_eq!(
+            rules[0].resource_names.as_deref().unwrap(),
+            ["mae-w0-a3", "mae-w1-a3"]
+        );
+        let subject = &access.binding.subjects.unwrap()[0];
+        assert_eq!(
+            (subject.kind.as_str(), subject.name.as_str()),
+            ("ServiceAccount", "mae-trainer")
+        );
+        assert_eq!(access.binding.role_ref.name, "mae-trainer");
+        for owners in [
+            access.role.metadata.owner_references,
+            access.service_account.metadata.owner_references,
+        ] {
+            assert_eq!(owners.unwrap()[0].kind, "TrainingJob");
+        }
+    }
+
+    #[test]
+    fn a_job_that_brings_its_own_service_account_gets_no_access_objects() {
+        let job = JobBuilder::new(1)
+            .with(|j| {
+                j.spec.workers.template = Some(radfm_api::trainingjob::PodOverrides {
+                    service_account_name: Some("team-trainer".into()),
+                    ..Default::default()
+                })
+            })
+            .build();
+        assert!(trainer_access(&job, 1).is_none());
     }
 
     #[test]

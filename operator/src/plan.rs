@@ -53,6 +53,9 @@ pub struct Plan {
     pub create_pod_group: Option<(GangScheduler, serde_json::Value)>,
     /// Worker pods to create.
     pub create_pods: Vec<Pod>,
+    /// The ServiceAccount, Role and RoleBinding the new pods report progress with, applied
+    /// before they are created (absent where the user brings a ServiceAccount).
+    pub trainer_access: Option<children::TrainerAccess>,
     /// Pods to delete gracefully.
     pub delete_pods: Vec<String>,
     /// Pods to delete with grace period 0 (stuck Terminating past the timeout).
@@ -560,6 +563,9 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
         .filter(|r| !present.contains(r))
         .map(|r| children::worker_pod(job, r, st.attempt))
         .collect();
+    if !plan.create_pods.is_empty() {
+        plan.trainer_access = children::trainer_access(job, st.attempt);
+    }
     // Created turns True once every worker of the attempt exists, not when creation is merely
     // planned: a create the API server refuses leaves it False with the reason (set by the
     // reconciler), instead of flapping.
@@ -689,6 +695,17 @@ mod tests {
         assert_eq!(p.status.start_time, Some(t(1)));
         assert!(p.events.is_empty());
         assert!(p.create_pod_group.is_none());
+        let access = p
+            .trainer_access
+            .as_ref()
+            .expect("progress access comes with the pods");
+        assert_eq!(
+            access.role.rules.as_ref().unwrap()[0]
+                .resource_names
+                .as_deref()
+                .unwrap(),
+            ["mae-w0-a1", "mae-w1-a1", "mae-w2-a1"]
+        );
         let job = after(job, &p);
         let pods: Vec<Pod> = (0..3).map(|r| pod(&job, r, 1, "Pending")).collect();
         let p = plan(&job, &observe(pods, 2));

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -257,6 +258,15 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
             format!("creating PodGroup {}", children::service_name(job)),
         );
     }
+    if let Some(access) = &plan.trainer_access {
+        note(
+            apply_trainer_access(ctx, ns, access).await,
+            format!(
+                "granting progress reporting to {}",
+                children::trainer_service_account_name(job)
+            ),
+        );
+    }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let created: Vec<(String, std::result::Result<(), kube::Error>)> =
         stream::iter(plan.create_pods.clone())
@@ -318,6 +328,30 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Server-side applies the ServiceAccount, Role and RoleBinding of [`children::TrainerAccess`]
+/// (idempotent; the Role follows the attempt's pod names). k8s-openapi objects serialize with
+/// their apiVersion and kind, as an apply body needs.
+async fn apply_trainer_access(
+    ctx: &Context,
+    ns: &str,
+    access: &children::TrainerAccess,
+) -> std::result::Result<(), kube::Error> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let name = access.role.metadata.name.clone().unwrap_or_default();
+    let sa: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    sa.patch(&name, &params, &Patch::Apply(&access.service_account))
+        .await?;
+    let roles: Api<Role> = Api::namespaced(ctx.client.clone(), ns);
+    roles
+        .patch(&name, &params, &Patch::Apply(&access.role))
+        .await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
+    bindings
+        .patch(&name, &params, &Patch::Apply(&access.binding))
+        .await?;
+    Ok(())
 }
 
 /// Requeue policy after an error: retry soon, the error is in the job's status and logs.

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Builds the pinned Kubernetes test binaries (etcd, kube-apiserver, kube-scheduler, kubectl, kwok,
-# helm) from the Go modules beside this script into a cache folder outside git.
+# Builds the pinned Kubernetes test binaries from the Go modules beside this script into a cache
+# folder outside git: the control plane (etcd, kube-apiserver, kube-scheduler,
+# kube-controller-manager, kubectl), kwok and helm, and a real node (kubelet, kube-proxy,
+# containerd and ctr, CoreDNS with the kubernetes plugin). k8s/ is one module for all of the
+# first and the node, so the k8s.io/* packages they share compile once.
 # Idempotent: the output folder is named after a hash of the go.mod/go.sum files, and nothing is
 # rebuilt when every binary is already there. Prints the folder on its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${RADFM_CACHE:-$HOME/.cache/radfm}
-key=$(cat "$here"/k8s/go.mod "$here"/k8s/go.sum "$here"/kwok/go.mod "$here"/kwok/go.sum \
-  "$here"/helm/go.mod "$here"/helm/go.sum "$0" | sha256sum | cut -c1-12)
+key=$(cat "$here"/k8s/go.mod "$here"/k8s/go.sum "$here"/k8s/cmd/coredns/main.go \
+  "$here"/kwok/go.mod "$here"/kwok/go.sum "$here"/helm/go.mod "$here"/helm/go.sum "$0" \
+  | sha256sum | cut -c1-12)
 out="$cache/cluster-tools-$key"
-want=(etcd kube-apiserver kube-scheduler kubectl kwok helm)
+want=(etcd kube-apiserver kube-scheduler kube-controller-manager kubectl kwok helm
+  kubelet kube-proxy containerd containerd-shim-runc-v2 ctr coredns)
 missing=0
 for b in "${want[@]}"; do [ -x "$out/$b" ] || missing=1; done
 if [ "$missing" = 0 ]; then echo "$out"; exit 0; fi
@@ -30,6 +35,14 @@ build k8s etcd go.etcd.io/etcd/server/v3
 build k8s kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
 build k8s kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$k8s_ldflags"
 build k8s kubectl k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
+build k8s kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_ldflags"
+build k8s kubelet k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
+build k8s kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$k8s_ldflags"
+containerd_ldflags="-X github.com/containerd/containerd/v2/version.Version=v2.3.7"
+build k8s containerd github.com/containerd/containerd/v2/cmd/containerd "$containerd_ldflags"
+build k8s containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 "$containerd_ldflags"
+build k8s ctr github.com/containerd/containerd/v2/cmd/ctr "$containerd_ldflags"
+build k8s coredns ./cmd/coredns
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok
 build helm helm helm.sh/helm/v3/cmd/helm "$helm_ldflags"
 rm -rf "$out"

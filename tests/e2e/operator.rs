@@ -264,10 +264,36 @@ async fn sample_job_runs_on_gpu_nodes_and_kubectl_get_shows_its_columns() {
         .name_any();
     let ann = serde_json::json!({"metadata": {"annotations": {
         "radfm.io/progress": r#"{"step":1200,"totalSteps":100000,"loss":0.4375,"imagesPerSecond":950.5}"#}}});
-    env.pods_api()
+    // ...with the credentials the operator gave the job's pods, which reach this gang's pods and
+    // nothing else.
+    let trainer = cluster
+        .service_account_kubeconfig("sample", "mae-chest-xray-trainer")
+        .unwrap();
+    let as_trainer: Api<Pod> = Api::namespaced(
+        radfm_e2e::client_from(&trainer).await.unwrap(),
+        "sample",
+    );
+    as_trainer
         .patch(&rank0, &PatchParams::default(), &Patch::Merge(&ann))
         .await
         .unwrap();
+    let can = |verb: &str, what: &str| {
+        let out = cluster.kubectl(&[
+            "auth",
+            "can-i",
+            verb,
+            what,
+            "-n",
+            "sample",
+            "--as",
+            "system:serviceaccount:sample:mae-chest-xray-trainer",
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(can("patch", "pods/mae-chest-xray-w1-a1"), "yes");
+    assert_eq!(can("patch", "pods/another-job-w0-a1"), "no");
+    assert_eq!(can("list", "pods"), "no");
+    assert_eq!(can("get", "secrets/radiology-s3"), "no");
     env.wait_job("mae-chest-xray", "progress", |j| {
         j.status
             .as_ref()

@@ -10,6 +10,8 @@
 //! which the operator must cope with anyway.
 #![deny(missing_docs)]
 
+pub mod node;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -87,6 +89,23 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Starts a process whose output goes to `log`; it is killed if the test process dies.
+pub fn spawn_logged(bin: &Path, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Child> {
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf);
+    die_with_parent(&mut cmd);
+    cmd.spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
 /// A loopback port free at the time of the call.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -101,6 +120,31 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// machine would only slow each other down. (An async lock: a failed test releases it.)
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
+}
+
+/// What [`Cluster::start_with`] runs.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    /// Address the API server binds and advertises (the `kubernetes` Service's endpoint).
+    pub address: String,
+    /// kwok-simulated GPU nodes to register (no kwok runs with none).
+    pub kwok_nodes: usize,
+    /// GPUs of each simulated node.
+    pub gpus: u32,
+    /// Run kube-controller-manager too (EndpointSlices for cluster DNS, garbage collection,
+    /// node lifecycle, the `kube-root-ca.crt` ConfigMaps that pods' API tokens carry).
+    pub controller_manager: bool,
+}
+
+impl Default for ControlPlane {
+    fn default() -> Self {
+        ControlPlane {
+            address: "127.0.0.1".into(),
+            kwok_nodes: 0,
+            gpus: 0,
+            controller_manager: false,
+        }
+    }
 }
 
 /// A running control plane.
@@ -120,6 +164,17 @@ impl Cluster {
     /// Starts etcd, the API server, the scheduler and kwok, then installs radfm's CRDs and RBAC
     /// and `nodes` simulated nodes with `gpus` GPUs each.
     pub async fn start(nodes: usize, gpus: u32) -> Result<Cluster> {
+        Cluster::start_with(&ControlPlane {
+            kwok_nodes: nodes,
+            gpus,
+            ..ControlPlane::default()
+        })
+        .await
+    }
+
+    /// Starts a control plane as `options` say.
+    pub async fn start_with(options: &ControlPlane) -> Result<Cluster> {
+        let (nodes, gpus, address) = (options.kwok_nodes, options.gpus, options.address.as_str());
         let dir = tempfile::Builder::new()
             .prefix("radfm-cluster-")
             .tempdir()?;
@@ -147,7 +202,7 @@ impl Cluster {
         )?;
 
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{address}:{api_port}");
         let mut cluster = Cluster {
             kubeconfig: d.join("admin.kubeconfig"),
             server: server.clone(),
@@ -184,9 +239,9 @@ impl Cluster {
                 "--etcd-servers",
                 &etcd_url,
                 "--bind-address",
-                "127.0.0.1",
+                address,
                 "--advertise-address",
-                "127.0.0.1",
+                address,
                 "--secure-port",
                 &api_port.to_string(),
                 "--cert-dir",
@@ -230,6 +285,32 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         let kc = cluster.kubeconfig.to_string_lossy().to_string();
+        if options.controller_manager {
+            let ca = ca.to_string_lossy().to_string();
+            cluster.spawn(
+                "kube-controller-manager",
+                &[
+                    "--kubeconfig",
+                    &kc,
+                    "--leader-elect=false",
+                    "--secure-port",
+                    "0",
+                    "--root-ca-file",
+                    &ca,
+                    "--service-account-private-key-file",
+                    &d.join("sa.key").to_string_lossy(),
+                    "--cluster-cidr",
+                    "10.244.0.0/16",
+                    "--service-cluster-ip-range",
+                    "10.96.0.0/16",
+                    "--node-monitor-grace-period",
+                    "20s",
+                    "--v",
+                    "1",
+                ],
+                &[],
+            )?;
+        }
         cluster.spawn(
             "kube-scheduler",
             &[
@@ -244,25 +325,27 @@ impl Cluster {
             &[],
         )?;
         let stages = repo_root().join("tests/cluster/kwok-stages.yaml");
-        cluster.spawn(
-            "kwok",
-            &[
-                "--kubeconfig",
-                &kc,
-                "-c",
-                &stages.to_string_lossy(),
-                "--manage-all-nodes=false",
-                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                "--manage-nodes-with-label-selector=",
-                "--cidr=10.0.0.1/16",
-                "--node-ip=127.0.0.1",
-                "--node-port",
-                &free_port().to_string(),
-                "--server-address",
-                &format!("127.0.0.1:{}", free_port()),
-            ],
-            &[],
-        )?;
+        if nodes > 0 {
+            cluster.spawn(
+                "kwok",
+                &[
+                    "--kubeconfig",
+                    &kc,
+                    "-c",
+                    &stages.to_string_lossy(),
+                    "--manage-all-nodes=false",
+                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    "--manage-nodes-with-label-selector=",
+                    "--cidr=10.0.0.1/16",
+                    "--node-ip=127.0.0.1",
+                    "--node-port",
+                    &free_port().to_string(),
+                    "--server-address",
+                    &format!("127.0.0.1:{}", free_port()),
+                ],
+                &[],
+            )?;
+        }
 
         let crds = repo_root().join("manifests/crds");
         cluster.kubectl_ok(&["apply", "-f", &crds.to_string_lossy()])?;
@@ -345,19 +428,7 @@ impl Cluster {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Child> {
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(log))?;
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone()?)
-            .stderr(logf);
-        die_with_parent(&mut cmd);
-        cmd.spawn()
-            .with_context(|| format!("starting {}", bin.display()))
+        spawn_logged(bin, &self.log_path(log), args, env)
     }
 
     /// Path of a process log in the cluster folder.
@@ -418,11 +489,19 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
-    /// Creates a namespace with its `default` ServiceAccount (no controller-manager creates it
-    /// here) and a RoleBinding that lets the operator hold its Lease there. The guard dumps the
+    /// Creates a namespace that enforces the `restricted` Pod Security Standard, with its
+    /// `default` ServiceAccount (no controller-manager creates it here) and a RoleBinding that lets the operator hold its Lease there. The guard dumps the
     /// namespace's objects and the operator logs if the test fails.
     pub async fn namespace(&self, name: &str) -> Result<TestNamespace<'_>> {
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+        // Every pod the operator creates must pass the `restricted` Pod Security Standard; the
+        // API server's PodSecurity admission enforces it here as a cluster admin would.
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {
+            "name": name,
+            "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            },
+        }}))?;
         Api::<Namespace>::all(self.client.clone())
             .create(&PostParams::default(), &ns)
             .await?;
@@ -821,7 +900,9 @@ pub struct S3Server {
     child: Option<Child>,
     dir: tempfile::TempDir,
     bin: PathBuf,
-    /// Loopback port.
+    /// Address it listens on.
+    pub host: String,
+    /// Port.
     pub port: u16,
 }
 
@@ -833,6 +914,11 @@ pub const S3_SECRET_KEY: &str = "radfm-test-secret-key-0123456789";
 impl S3Server {
     /// Starts the server (`make s3-server` installs it; `$RADFM_S3S_FS` overrides the path).
     pub fn start() -> Result<S3Server> {
+        S3Server::start_on("127.0.0.1")
+    }
+
+    /// Starts the server listening on `host` (an address pods reach, on a real node).
+    pub fn start_on(host: &str) -> Result<S3Server> {
         let bin = std::env::var("RADFM_S3S_FS")
             .map(PathBuf::from)
             .unwrap_or_else(|_| {
@@ -851,6 +937,7 @@ impl S3Server {
             child: None,
             dir,
             bin,
+            host: host.to_string(),
             port: free_port(),
         };
         s.restart()?;
@@ -867,7 +954,7 @@ impl S3Server {
         let mut cmd = Command::new(&self.bin);
         cmd.args([
             "--host",
-            "127.0.0.1",
+            &self.host,
             "--port",
             &self.port.to_string(),
             "--access-key",
@@ -885,7 +972,7 @@ impl S3Server {
                 .with_context(|| format!("starting {}", self.bin.display()))?,
         );
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect((self.host.as_str(), self.port)).is_err() {
             if start.elapsed() > Duration::from_secs(20) {
                 bail!("s3s-fs did not listen on {} within 20 s", self.port);
             }
@@ -909,7 +996,7 @@ impl S3Server {
             ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
             (
                 "AWS_ENDPOINT_URL".into(),
-                format!("http://127.0.0.1:{}", self.port),
+                format!("http://{}:{}", self.host, self.port),
             ),
             ("AWS_REGION".into(), "us-east-1".into()),
         ]
