@@ -349,6 +349,9 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
                 name: CONTAINER.into(),
                 image: Some(spec.image.clone()),
                 image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+                // A failed trainer's last log lines become the container's termination
+                // message, which the job's Failed condition quotes.
+                termination_message_policy: Some("FallbackToLogsOnError".into()),
                 command: Some(over.trainer_command()),
                 args: Some(over.trainer_args()),
                 security_context: Some(restricted_container_security()),

@@ -19,6 +19,7 @@ out=$(cd "$2" && pwd)
 tag=${3:-dev}
 command -v umoci >/dev/null || { apt-get update -qq && apt-get install -y -qq umoci; }
 command -v catatonit >/dev/null || { apt-get update -qq && apt-get install -y -qq catatonit; }
+[ -f /etc/ssl/certs/ca-certificates.crt ] || { apt-get update -qq && apt-get install -y -qq ca-certificates; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -33,6 +34,13 @@ add_elf() {
       cp -L "$lib" "$root$lib"
     done
   done
+}
+
+# The system CA bundle, as the production base images carry it: the object-store clients refuse
+# to start without trust roots, even for plain-HTTP endpoints.
+ca_bundle() { # root
+  mkdir -p "$1/etc/ssl/certs"
+  cp -L /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"
 }
 
 # The accounts of a distroless/Debian image: root, nobody and the image's user.
@@ -76,6 +84,7 @@ build_operator() {
   install -m 0755 "$bin/radfm-operator" "$root/usr/local/bin/"
   strip --strip-debug "$root/usr/local/bin/radfm-operator"
   add_elf "$root" "$bin/radfm-operator"
+  ca_bundle "$root"
   accounts "$root" 65532 nonroot /home/nonroot
   pack radfm-operator "$root" --config.user 65532:65532 \
     --config.entrypoint /usr/local/bin/radfm-operator --config.cmd run
@@ -100,6 +109,7 @@ build_trainer() {
   echo /opt/libtorch/lib >"$root/etc/ld.so.conf.d/libtorch.conf"
   printf 'include /etc/ld.so.conf.d/*.conf\n' >"$root/etc/ld.so.conf"
   ldconfig -r "$root"
+  ca_bundle "$root"
   accounts "$root" 10001 radfm /home/radfm
   pack radfm-trainer "$root" --config.user 10001 --config.env HOME=/home/radfm \
     --config.entrypoint /usr/local/bin/radfm-trainer

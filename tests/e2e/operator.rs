@@ -269,10 +269,8 @@ async fn sample_job_runs_on_gpu_nodes_and_kubectl_get_shows_its_columns() {
     let trainer = cluster
         .service_account_kubeconfig("sample", "mae-chest-xray-trainer")
         .unwrap();
-    let as_trainer: Api<Pod> = Api::namespaced(
-        radfm_e2e::client_from(&trainer).await.unwrap(),
-        "sample",
-    );
+    let as_trainer: Api<Pod> =
+        Api::namespaced(radfm_e2e::client_from(&trainer).await.unwrap(), "sample");
     as_trainer
         .patch(&rank0, &PatchParams::default(), &Patch::Merge(&ann))
         .await

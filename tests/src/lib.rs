@@ -261,6 +261,9 @@ impl Cluster {
                 // No node lifecycle controller runs to lift the not-ready taint this plugin adds.
                 "--disable-admission-plugins",
                 "TaintNodesByCondition",
+                // Logs and exec reach a real kubelet at its node's address, not a DNS name.
+                "--kubelet-preferred-address-types",
+                "InternalIP",
                 "--v",
                 "1",
             ],
@@ -506,9 +509,16 @@ impl Cluster {
             .create(&PostParams::default(), &ns)
             .await?;
         let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
-        Api::<ServiceAccount>::namespaced(self.client.clone(), name)
+        // Where kube-controller-manager runs, it may have created it first.
+        match Api::<ServiceAccount>::namespaced(self.client.clone(), name)
             .create(&PostParams::default(), &sa)
-            .await?;
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            r => {
+                r?;
+            }
+        }
         self.kubectl_ok(&[
             "create",
             "rolebinding",

@@ -19,7 +19,7 @@ use kube::api::Api;
 
 use crate::{Cluster, ControlPlane, S3Server, repo_root, tools_dir, wait_until};
 
-/// The node's address (a dummy interface in the test's network namespace): the API server, the
+/// The node's address (on the loopback interface of the test's network namespace): the API server, the
 /// S3 server and cluster DNS listen here, and pods reach it through their bridge's gateway.
 pub const NODE_IP: &str = "10.250.0.1";
 /// The node's name.
@@ -137,10 +137,10 @@ impl RealNode {
             bail!("RealNode::start runs only inside in_private_namespaces");
         }
         let images = images_dir()?;
+        // The node's address sits on the namespace's loopback interface (this kernel has no
+        // dummy interfaces): local to the node's processes, routed to from the pod bridge.
         ip(&["link", "set", "lo", "up"])?;
-        ip(&["link", "add", "radfm0", "type", "dummy"])?;
-        ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "radfm0"])?;
-        ip(&["link", "set", "radfm0", "up"])?;
+        ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
 
         let cluster = Cluster::start_with(&ControlPlane {
             address: NODE_IP.into(),
@@ -273,6 +273,9 @@ state = "{state}"
   [plugins.'io.containerd.cri.v1.images'.pinned_images]
     sandbox = "docker.io/radfm/pause:{IMAGE_TAG}"
 [plugins.'io.containerd.cri.v1.runtime']
+  # These machines withhold CAP_SYS_RESOURCE, so a container's oom_score_adj cannot go below
+  # containerd's own (the sandbox asks for -998): clamp it, as rootless setups do.
+  restrict_oom_score_adj = true
   [plugins.'io.containerd.cri.v1.runtime'.containerd]
     default_runtime_name = "runc"
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
@@ -427,6 +430,18 @@ impl Drop for RealNode {
             for name in ["kubelet", "containerd", "kube-proxy", "coredns"] {
                 eprintln!("--- {name} log (last lines) ---\n{}", self.log_tail(name));
             }
+            // The whole logs outlive the test's folder, for a closer look.
+            let keep = std::env::temp_dir().join("radfm-node-failed");
+            let _ = std::fs::create_dir_all(&keep);
+            for name in ["kubelet", "containerd", "kube-proxy", "coredns"] {
+                let _ = std::fs::copy(self.log_path(name), keep.join(format!("{name}.log")));
+            }
+            let _ = Command::new("cp")
+                .arg("-r")
+                .arg(self.path("pod-logs"))
+                .arg(&keep)
+                .status();
+            eprintln!("node and container logs kept in {}", keep.display());
         }
         for (_, c) in self.children.lock().unwrap().iter_mut() {
             let _ = c.kill();

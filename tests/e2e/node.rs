@@ -1,0 +1,258 @@
+//! End-to-end tests on a real node: radfm's own images run as real containers under a real
+//! kubelet and containerd, with pod networking, cluster DNS and kube-proxy, in namespaces each
+//! test creates for itself (see radfm_e2e::node). `make test-node` runs only these.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use radfm_api::TrainingJob;
+use radfm_api::trainingjob::Phase;
+use radfm_e2e::node::{self, NODE_IP, RealNode, TRAINER_IMAGE};
+use radfm_e2e::{S3_ACCESS_KEY, S3_SECRET_KEY, wait_object};
+use serde_json::{Value, json};
+
+const TRAIN_WAIT: Duration = Duration::from_secs(300);
+
+/// The sample TrainingJob, adapted only in image, sizes and the S3 endpoint.
+fn sample_job() -> Value {
+    let path = radfm_e2e::repo_root().join("manifests/samples/trainingjob.yaml");
+    let mut job: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let name = job["metadata"]["name"].as_str().unwrap().to_string();
+    let spec = &mut job["spec"];
+    spec["image"] = json!(TRAINER_IMAGE);
+    spec["imagePullPolicy"] = json!("Never");
+    spec["workers"] = json!({
+        "replicas": 2,
+        "gpusPerWorker": 0,
+        "nprocPerNode": 2,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+        "shmSize": "256Mi",
+        "template": {"env": [
+            {"name": "RADFM_LOG_EVERY", "value": "1"},
+            {"name": "RADFM_THREADS", "value": "1"},
+        ]},
+    });
+    spec["dataset"]["uri"] = json!("s3://radfm/cohort");
+    spec["model"] = json!({"architecture": "vit-tiny", "imageSize": 32, "patchSize": 8});
+    spec["training"]["steps"] = json!(40);
+    spec["training"]["batchSizePerDevice"] = json!(8);
+    spec["training"]["warmupSteps"] = json!(5);
+    spec["training"]["precision"] = json!("fp32");
+    spec["checkpoint"]["uri"] = json!(format!("s3://radfm/checkpoints/{name}"));
+    spec["checkpoint"]["everySteps"] = json!(10);
+    spec["export"] = json!({"uri": format!("s3://radfm/models/{name}")});
+    job
+}
+
+/// The credentials Secret the sample names, pointing at the test's S3 server.
+fn s3_secret(node: &RealNode) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "radiology-s3"},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_ENDPOINT_URL": format!("http://{NODE_IP}:{}", node.s3.port),
+            "AWS_REGION": "us-east-1",
+        },
+    })
+}
+
+/// JSON lines of a container's log (`kubectl logs`), skipping anything that is not JSON.
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn step_losses(lines: &[Value]) -> Vec<(i64, f64)> {
+    lines
+        .iter()
+        .filter(|l| l["event"] == "step")
+        .filter_map(|l| Some((l["step"].as_i64()?, l["loss"].as_f64()?)))
+        .collect()
+}
+
+async fn pods_of(api: &Api<Pod>, job: &str, attempt: i32) -> Vec<Pod> {
+    let lp = ListParams::default().labels(&format!(
+        "radfm.io/job-name={job},radfm.io/attempt={attempt}"
+    ));
+    let mut pods = api.list(&lp).await.unwrap().items;
+    pods.sort_by_key(|p| p.name_any());
+    pods
+}
+
+fn container_id(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let id = status
+        .iter()
+        .find(|c| c.name == "trainer")?
+        .container_id
+        .clone()?;
+    Some(id.trim_start_matches("containerd://").to_string())
+}
+
+#[tokio::test]
+async fn sample_job_trains_on_real_pods_survives_a_killed_worker_and_exports() {
+    if !node::in_private_namespaces(
+        "sample_job_trains_on_real_pods_survives_a_killed_worker_and_exports",
+    ) {
+        return;
+    }
+    let node = RealNode::start().await.unwrap();
+    let cluster = &node.cluster;
+    let ns = "radiology";
+    let _guard = cluster.namespace(ns).await.unwrap();
+    let _operator = cluster.start_operator(ns, "operator-node", &[]).unwrap();
+
+    // A synthetic cohort in the bucket, written as a user would with `radfm synth`.
+    let s3_env = node.s3.env();
+    let env: Vec<(&str, &str)> = s3_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    radfm_e2e::ok(&radfm_e2e::radfm(
+        &[
+            "synth",
+            "--out",
+            "s3://radfm/cohort",
+            "--samples",
+            "256",
+            "--size",
+            "32",
+            "--seed",
+            "1",
+        ],
+        &env,
+    ));
+    let apply = |v: &Value| {
+        let out = cluster.kubectl_stdin(
+            &["apply", "-n", ns, "-f", "-"],
+            Some(&serde_json::to_string(v).unwrap()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    apply(&s3_secret(&node));
+    let job = sample_job();
+    let name = job["metadata"]["name"].as_str().unwrap().to_string();
+    apply(&job);
+
+    let jobs: Api<TrainingJob> = Api::namespaced(cluster.client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    // Step and Loss move in `kubectl get tj` while it trains (rank 0 annotates its own pod with
+    // the account the operator gave it).
+    let running = wait_object(
+        &jobs,
+        &name,
+        TRAIN_WAIT,
+        "progress past a checkpoint",
+        |j| {
+            let st = j.status.as_ref();
+            let step = st.and_then(|s| s.progress.as_ref()).map(|p| p.step);
+            let ckpt = st.and_then(|s| s.last_checkpoint.as_ref()).map(|c| c.step);
+            matches!((step, ckpt), (Some(s), Some(c)) if s >= c + 2)
+        },
+    )
+    .await;
+    let table = cluster.kubectl_ok(&["get", "tj", "-n", ns]).unwrap();
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[1], "Running", "{table}");
+    assert!(row[3].parse::<i64>().unwrap() > 0, "Step column: {table}");
+    assert!(row[4].parse::<f64>().unwrap() > 0.0, "Loss column: {table}");
+    let checkpoint = running.status.unwrap().last_checkpoint.unwrap().step;
+
+    // `kubectl logs` shows rank 0's JSON lines (test 7), before the gang restart removes them.
+    let attempt1 = pods_of(&pods, &name, 1).await;
+    let rank0 = attempt1[0].name_any();
+    let before = json_lines(&cluster.kubectl_ok(&["logs", "-n", ns, &rank0]).unwrap());
+    assert!(
+        before
+            .iter()
+            .any(|l| l["event"] == "start" && l["attempt"] == 1),
+        "{before:?}"
+    );
+    let losses_before = step_losses(&before);
+    assert!(
+        losses_before.iter().any(|(s, _)| *s > checkpoint),
+        "{losses_before:?}"
+    );
+    let kubeconfig = cluster.kubeconfig.to_string_lossy().to_string();
+    let radfm_logs = radfm_e2e::radfm(
+        &["logs", &name, "-n", ns, "--rank", "0"],
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    );
+    let radfm_lines = json_lines(&String::from_utf8_lossy(&radfm_logs.stdout));
+    assert!(
+        radfm_lines.iter().any(|l| l["event"] == "step"),
+        "radfm logs: {}",
+        String::from_utf8_lossy(&radfm_logs.stderr)
+    );
+
+    // Kill rank 1's trainer through the container runtime: the whole gang restarts as attempt 2
+    // and resumes from the last checkpoint.
+    let victim = container_id(&attempt1[1]).expect("rank 1 runs a container");
+    node.ctr(&["tasks", "kill", "--signal", "SIGKILL", &victim])
+        .unwrap();
+    let done = wait_object(&jobs, &name, TRAIN_WAIT, "Succeeded", |j| {
+        j.status.as_ref().and_then(|s| s.phase) == Some(Phase::Succeeded)
+    })
+    .await;
+    let status = done.status.unwrap();
+    assert_eq!(status.attempt, 2, "{status:?}");
+    assert_eq!(status.restarts, 1, "{status:?}");
+    assert_eq!(status.progress.as_ref().unwrap().step, 40);
+
+    let attempt2 = pods_of(&pods, &name, 2).await;
+    let after = json_lines(
+        &cluster
+            .kubectl_ok(&["logs", "-n", ns, &attempt2[0].name_any()])
+            .unwrap(),
+    );
+    let start = after
+        .iter()
+        .find(|l| l["event"] == "start")
+        .expect("a start line");
+    let resumed = start["resumed_from"]
+        .as_i64()
+        .expect("attempt 2 resumed from a checkpoint");
+    assert!(
+        resumed >= checkpoint,
+        "resumed from {resumed}, status said {checkpoint}"
+    );
+    let losses_after = step_losses(&after);
+    assert_eq!(
+        losses_after.first().map(|(s, _)| *s),
+        Some(resumed + 1),
+        "{losses_after:?}"
+    );
+    // Exact resume: steps both attempts ran have the same loss.
+    let mut compared = 0;
+    for (step, loss) in &losses_after {
+        if let Some((_, earlier)) = losses_before.iter().find(|(s, _)| s == step) {
+            assert!(
+                (loss - earlier).abs() < 1e-6,
+                "step {step}: {earlier} then {loss}"
+            );
+            compared += 1;
+        }
+    }
+    assert!(
+        compared > 0 || resumed > checkpoint,
+        "no step ran in both attempts"
+    );
+
+    // The exported encoder in the bucket loads in PyTorch.
+    let model_dir = node.s3.bucket_dir().join(format!("models/{name}"));
+    let code = "import sys, safetensors.torch as st\n\
+                t = st.load_file(sys.argv[1] + '/encoder.safetensors')\n\
+                print(tuple(t['cls_token'].shape), tuple(t['blocks.0.attn.qkv.weight'].shape))";
+    let out = radfm_e2e::run_python(code, &[&model_dir.to_string_lossy()]);
+    assert_eq!(out.trim(), "(1, 1, 192) (576, 192)");
+}
