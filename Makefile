@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: install all build test unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling clean
+.PHONY: install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling clean
 
 all: build
 
@@ -36,13 +36,35 @@ crds: libtorch
 	cp manifests/crds/*.yaml charts/radfm/crds/
 	$(CARGO) run -q -p radfm-operator -- crd --reference > docs/crd-reference.md
 
-## cluster-tools: build the pinned etcd, kube-apiserver, kube-scheduler, kubectl, kwok and helm (cached)
+## cluster-tools: build the pinned control plane (etcd, kube-apiserver, kube-scheduler,
+## kube-controller-manager, kubectl), kwok, helm and a real node (kubelet, kube-proxy,
+## containerd + shim + ctr, CoreDNS) from Go modules (cached)
 cluster-tools:
 	@bash tests/cluster/build-tools.sh >/dev/null
 
-## test: unit tests, then end-to-end tests against a real API server with simulated GPU nodes
-test: cluster-tools py-deps s3-server build
+## node-deps: what the real node takes from Debian: runc, the CNI plugins, iptables and conntrack
+## (kube-proxy), umoci and catatonit (images without Docker)
+NODE_DEPS := runc containernetworking-plugins iptables conntrack umoci catatonit ca-certificates
+node-deps:
+	@missing=$$(for p in $(NODE_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
+
+## images: OCI image archives of radfm-operator and the CPU radfm-trainer (with radfm) from the
+## release binaries, without Docker or a registry, in target/images/ (`kind load image-archive`,
+## `ctr images import`, `docker load`); named docker.io/radfm/<name>:$(IMAGE_TAG)
+IMAGE_TAG ?= dev
+images: libtorch node-deps
+	$(CARGO) build --release -p radfm-operator -p radfm-trainer -p radfm
+	bash tests/cluster/build-images.sh target/release target/images $(IMAGE_TAG)
+
+## test: unit tests, then end-to-end tests against a real API server with simulated GPU nodes,
+## and on a real node (kubelet, containerd) running radfm's own images
+test: cluster-tools node-deps py-deps s3-server build
 	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test --workspace --no-fail-fast
+
+## test-node: only the real-node end-to-end tests (tests/e2e/node.rs)
+test-node: cluster-tools node-deps py-deps s3-server build
+	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test -p radfm-e2e --test node
 
 unit-test: libtorch
 	$(CARGO) test --workspace --lib --bins
