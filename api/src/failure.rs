@@ -85,6 +85,22 @@ pub struct WorkerFailure {
     pub pod_conditions: Vec<String>,
     /// The worker's node is gone or not Ready.
     pub node_lost: bool,
+    /// The last line the trainer wrote before failing (the container's termination message:
+    /// worker pods use `FallbackToLogsOnError`), at most [`MESSAGE_LIMIT`] characters.
+    pub termination_message: Option<String>,
+}
+
+/// Characters of a termination message quoted in a failure's description.
+pub const MESSAGE_LIMIT: usize = 300;
+
+/// The last non-empty line of a termination message, cut to [`MESSAGE_LIMIT`] characters.
+pub fn last_line(message: &str) -> Option<String> {
+    let line = message
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())?;
+    Some(line.chars().take(MESSAGE_LIMIT).collect())
 }
 
 /// The decision for one failure, with a CamelCase reason and a message for status and events.
@@ -186,6 +202,9 @@ pub fn describe(f: &WorkerFailure) -> String {
     if !f.pod_conditions.is_empty() {
         s.push_str(&format!(", conditions {}", f.pod_conditions.join(",")));
     }
+    if let Some(m) = &f.termination_message {
+        s.push_str(&format!(": {m}"));
+    }
     s
 }
 
@@ -272,5 +291,22 @@ mod tests {
         let v = classify(Some(&policy), &exit(64));
         assert_eq!((v.action, v.rule), (FailureAction::RestartGang, None));
         assert_eq!(v.message, "worker 1 exited with code 64 (InvalidConfig)");
+    }
+
+    #[test]
+    fn a_failure_quotes_the_last_line_the_trainer_wrote() {
+        let f = WorkerFailure {
+            termination_message: last_line(
+                "radfm-trainer: starting\nradfm-trainer: dataset: s3://b/c: builder error\n\n",
+            ),
+            ..exit(64)
+        };
+        assert_eq!(
+            describe(&f),
+            "worker 1 exited with code 64 (InvalidConfig): radfm-trainer: dataset: s3://b/c: builder error"
+        );
+        let long = "x".repeat(5000);
+        assert_eq!(last_line(&long).unwrap().len(), MESSAGE_LIMIT);
+        assert_eq!(last_line(" \n \n"), None);
     }
 }

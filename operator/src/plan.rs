@@ -141,6 +141,9 @@ fn worker<'a>(pod: &'a Pod, lost_nodes: &BTreeSet<String>) -> Option<Worker<'a>>
             .cloned()
             .collect(),
         node_lost,
+        termination_message: terminated
+            .and_then(|t| t.message.as_deref())
+            .and_then(failure::last_line),
     };
     let state = match phase {
         "Succeeded" => WorkerState::Succeeded,
@@ -792,6 +795,21 @@ mod tests {
     fn permanent_exit_code_fails_the_job_without_restart_and_keeps_the_failed_pod() {
         let (job, mut pods) = running_job(2);
         pods[0] = exited(pods[0].clone(), radfm_api::exit::INVALID_CONFIG, "Error");
+        // What FallbackToLogsOnError puts in the container status: the log's tail.
+        pods[0]
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0]
+            .state
+            .as_mut()
+            .unwrap()
+            .terminated
+            .as_mut()
+            .unwrap()
+            .message = Some("radfm-trainer: RADFM_STEPS: not a number\n".into());
         let p = plan(&job, &observe(pods, 10));
         assert_eq!(p.status.phase, Some(Phase::Failed));
         assert_eq!(
@@ -802,7 +820,11 @@ mod tests {
             get(&p.status.conditions, C::Failed)
                 .unwrap()
                 .message
-                .contains("worker 0 exited with code 64 (InvalidConfig)")
+                .contains(
+                    "worker 0 exited with code 64 (InvalidConfig): radfm-trainer: RADFM_STEPS: not a number"
+                ),
+            "{:?}",
+            p.status.conditions
         );
         assert_eq!(p.status.attempt, 1);
         assert_eq!(
