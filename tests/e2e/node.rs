@@ -12,7 +12,7 @@ use kube::api::{Api, ListParams};
 use radfm_api::TrainingJob;
 use radfm_api::trainingjob::Phase;
 use radfm_e2e::node::{self, NODE_IP, RealNode, TRAINER_IMAGE};
-use radfm_e2e::{S3_ACCESS_KEY, S3_SECRET_KEY, wait_object};
+use radfm_e2e::{S3_ACCESS_KEY, S3_SECRET_KEY, wait_object, wait_until};
 use serde_json::{Value, json};
 
 const TRAIN_WAIT: Duration = Duration::from_secs(300);
@@ -190,41 +190,10 @@ async fn quick_start_on_a_real_node_trains_the_sample_survives_a_killed_worker_a
     let ns = "radiology";
     let _guard = cluster.namespace(ns).await.unwrap();
 
-    // A synthetic cohort in the bucket, written as a user would with `radfm synth`.
-    let s3_env = node.s3.env();
-    let env: Vec<(&str, &str)> = s3_env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    radfm_e2e::ok(&radfm_e2e::radfm(
-        &[
-            "synth",
-            "--out",
-            "s3://radfm/cohort",
-            "--samples",
-            "256",
-            "--size",
-            "32",
-            "--seed",
-            "1",
-        ],
-        &env,
-    ));
-    let apply = |v: &Value| {
-        let out = cluster.kubectl_stdin(
-            &["apply", "-n", ns, "-f", "-"],
-            Some(&serde_json::to_string(v).unwrap()),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    apply(&s3_secret(&node));
+    data_and_credentials(&node, ns);
     let job = sample_job();
     let name = job["metadata"]["name"].as_str().unwrap().to_string();
-    apply(&job);
+    apply(&node, ns, &job);
 
     let jobs: Api<TrainingJob> = Api::namespaced(cluster.client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
@@ -337,6 +306,140 @@ async fn quick_start_on_a_real_node_trains_the_sample_survives_a_killed_worker_a
                 print(tuple(t['cls_token'].shape), tuple(t['blocks.0.attn.qkv.weight'].shape))";
     let out = radfm_e2e::run_python(code, &[&model_dir.to_string_lossy()]);
     assert_eq!(out.trim(), "(1, 1, 192) (576, 192)");
+}
+
+/// A cohort in the bucket (`radfm synth`, as a user would write it) and the credentials Secret
+/// in `ns`.
+fn data_and_credentials(node: &RealNode, ns: &str) {
+    let s3_env = node.s3.env();
+    let env: Vec<(&str, &str)> = s3_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    radfm_e2e::ok(&radfm_e2e::radfm(
+        &[
+            "synth",
+            "--out",
+            "s3://radfm/cohort",
+            "--samples",
+            "256",
+            "--size",
+            "32",
+            "--seed",
+            "1",
+        ],
+        &env,
+    ));
+    apply(node, ns, &s3_secret(node));
+}
+
+fn apply(node: &RealNode, ns: &str, v: &Value) {
+    let out = node.cluster.kubectl_stdin(
+        &["apply", "-n", ns, "-f", "-"],
+        Some(&serde_json::to_string(v).unwrap()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What happens when the node's kubelet stops mid-training (docs/architecture.md, "When a node's
+/// kubelet stops"): the node turns NotReady after the node monitor's grace period, the operator
+/// counts the gang's worker there as lost (a restart that does not count against backoffLimit),
+/// force-deletes its pod once terminatingTimeoutSeconds pass without a kubelet to confirm, and
+/// the next attempt waits unscheduled on the unreachable node; when the kubelet returns it stops
+/// the old container, the new attempt runs, resumes from the last checkpoint and succeeds.
+#[tokio::test]
+async fn kubelet_stopped_during_training_restarts_the_gang_when_the_node_returns() {
+    if !node::in_private_namespaces(
+        "kubelet_stopped_during_training_restarts_the_gang_when_the_node_returns",
+    ) {
+        return;
+    }
+    let node = RealNode::start().await.unwrap();
+    let cluster = &node.cluster;
+    let ns = "outage";
+    let _guard = cluster.namespace(ns).await.unwrap();
+    let _operator = cluster.start_operator(ns, "operator-outage", &[]).unwrap();
+    data_and_credentials(&node, ns);
+    let mut job = sample_job();
+    job["metadata"]["name"] = json!("outage");
+    job["spec"]["workers"]["replicas"] = json!(1);
+    job["spec"]["training"]["steps"] = json!(200);
+    job["spec"]["checkpoint"]["uri"] = json!("s3://radfm/checkpoints/outage");
+    job["spec"]["export"]["uri"] = json!("s3://radfm/models/outage");
+    job["spec"]["runPolicy"]["terminatingTimeoutSeconds"] = json!(5);
+    apply(&node, ns, &job);
+    let jobs: Api<TrainingJob> = Api::namespaced(cluster.client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    wait_object(&jobs, "outage", TRAIN_WAIT, "a checkpoint", |j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.last_checkpoint.as_ref())
+            .is_some()
+    })
+    .await;
+
+    node.stop("kubelet");
+    let restarted = wait_object(
+        &jobs,
+        "outage",
+        TRAIN_WAIT,
+        "attempt 2 after the node was lost",
+        |j| j.status.as_ref().is_some_and(|s| s.attempt == 2),
+    )
+    .await;
+    let status = restarted.status.unwrap();
+    assert_eq!(
+        (status.restarts, status.counted_restarts),
+        (1, 0),
+        "{status:?}"
+    );
+    let restarting = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Restarting")
+        .expect("a Restarting condition");
+    assert!(
+        restarting.message.contains("lost its node"),
+        "{restarting:?}"
+    );
+    // No kubelet confirms the old pod's end: it is force-deleted after the terminating timeout,
+    // and the new one cannot be placed on the unreachable node.
+    wait_until(TRAIN_WAIT, "attempt 1's pod force-deleted", || async {
+        pods_of(&pods, "outage", 1).await.is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+    let waiting =
+        wait_until(TRAIN_WAIT, "attempt 2's pod unschedulable", || async {
+            let pod = pods_of(&pods, "outage", 2).await.into_iter().next()?;
+            let unschedulable =
+                pod.status.as_ref()?.conditions.as_ref()?.iter().any(|c| {
+                    c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable")
+                });
+            unschedulable.then_some(pod)
+        })
+        .await
+        .unwrap();
+    assert!(waiting.spec.unwrap().node_name.is_none());
+
+    node.restart_kubelet().unwrap();
+    let done = wait_object(&jobs, "outage", TRAIN_WAIT, "Succeeded", |j| {
+        j.status.as_ref().and_then(|s| s.phase) == Some(Phase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().attempt, 2);
+    let logs = cluster
+        .kubectl_ok(&["logs", "-n", ns, "outage-w0-a2"])
+        .unwrap();
+    let start = json_lines(&logs)
+        .into_iter()
+        .find(|l| l["event"] == "start")
+        .expect("a start line");
+    assert!(start["resumed_from"].as_i64().is_some(), "{start}");
 }
 
 /// The instructions of a Dockerfile's last stage, as (instruction, rest of the line).
