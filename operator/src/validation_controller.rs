@@ -213,14 +213,16 @@ pub async fn reconcile_site(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result
         let Some(&candidate) = aliases.get(&s.candidate_alias) else {
             return Ok::<_, Error>(None);
         };
-        if aliases.get(&s.baseline_alias) == Some(&candidate) {
-            return Ok(None);
-        }
         let reported = reg
             .report_sites(&s.model, candidate)
             .await
             .map_err(registry_error)?
             .contains(&s.site_id);
+        // A candidate that is already the baseline needs no validation; if this site's report
+        // is what promoted it (before this pass saw the report), the status still records it.
+        if aliases.get(&s.baseline_alias) == Some(&candidate) && !reported {
+            return Ok(None);
+        }
         Ok(Some((candidate, reported)))
     }
     .await;

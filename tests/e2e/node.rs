@@ -11,6 +11,7 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use radfm_api::TrainingJob;
 use radfm_api::trainingjob::Phase;
+use radfm_api::validation::{PromotionPolicy, SiteValidator};
 use radfm_e2e::node::{self, NODE_IP, RealNode, TRAINER_IMAGE};
 use radfm_e2e::{S3_ACCESS_KEY, S3_SECRET_KEY, wait_object, wait_until};
 use serde_json::{Value, json};
@@ -440,6 +441,233 @@ async fn kubelet_stopped_during_training_restarts_the_gang_when_the_node_returns
         .find(|l| l["event"] == "start")
         .expect("a start line");
     assert!(start["resumed_from"].as_i64().is_some(), "{start}");
+}
+
+/// Trains a small model with the trainer binary on `data` and exports it to `export`.
+fn train_and_export(node: &RealNode, dir: &std::path::Path, name: &str, data: &str, steps: u32) {
+    let job = format!(
+        "apiVersion: radfm.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  image: local\n  \
+         workers: {{replicas: 1, gpusPerWorker: 0}}\n  dataset: {{uri: \"{data}\"}}\n  \
+         model: {{imageSize: 32, patchSize: 8}}\n  \
+         training: {{steps: {steps}, batchSizePerDevice: 32, learningRate: 0.001, warmupSteps: 5}}\n  \
+         checkpoint: {{uri: \"s3://radfm/ckpt/{name}\", everySteps: 1000}}\n  \
+         export: {{uri: \"s3://radfm/models/{name}\"}}\n"
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, job).unwrap();
+    let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm-trainer").unwrap())
+        .args(["train", "--job"])
+        .arg(&path)
+        .envs(node.s3.env())
+        .env("RADFM_THREADS", "2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "training {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A hospital's SiteValidator whose labelled images live on the node (a PersistentVolume the
+/// site's admin made, claimed by the site's namespace) validates a registry candidate in a real
+/// validation pod of radfm's image, which signs and publishes its report; the PromotionPolicy
+/// decides on it.
+#[tokio::test]
+async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_decides() {
+    if !node::in_private_namespaces(
+        "site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_decides",
+    ) {
+        return;
+    }
+    let node = RealNode::start().await.unwrap();
+    let cluster = &node.cluster;
+    let ns = "hospital";
+    let _guard = cluster.namespace(ns).await.unwrap();
+    let s3_env = node.s3.env();
+    let env: Vec<(&str, &str)> = s3_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let _operator = cluster
+        .start_operator_with_env(ns, "operator-hospital", &[], &env)
+        .unwrap();
+    let radfm = |args: &[&str]| radfm_e2e::ok(&radfm_e2e::radfm(args, &env));
+    let registry = "s3://radfm/registry";
+    let work = tempfile::tempdir().unwrap();
+    let synth = |out: &str, seed: &str| {
+        radfm(&[
+            "synth",
+            "--out",
+            out,
+            "--samples",
+            "240",
+            "--size",
+            "32",
+            "--sites",
+            "site-a",
+            "--seed",
+            seed,
+            "--lesion-radius",
+            "0.15,0.25",
+            "--lesion-prevalence",
+            "0.4",
+        ]);
+    };
+    synth("s3://radfm/pool", "5");
+    // Production v1 and candidate v2 in the registry.
+    train_and_export(&node, work.path(), "base", "s3://radfm/pool", 20);
+    radfm(&[
+        "registry",
+        "register",
+        registry,
+        "chest",
+        "--export",
+        "s3://radfm/models/base",
+        "--reason",
+        "first",
+    ]);
+    radfm(&[
+        "registry",
+        "promote",
+        registry,
+        "chest",
+        "1",
+        "--reason",
+        "initial release",
+    ]);
+    train_and_export(&node, work.path(), "next", "s3://radfm/pool", 40);
+    radfm(&[
+        "registry",
+        "register",
+        registry,
+        "chest",
+        "--export",
+        "s3://radfm/models/next",
+        "--parent",
+        "1",
+        "--reason",
+        "more steps",
+    ]);
+
+    // The site's data on the node, offered as a PersistentVolume and claimed read-only.
+    let site_dir = node.dir().join("site-data");
+    synth(
+        &format!("file://{}", site_dir.join("cxr-labelled").display()),
+        "11",
+    );
+    let volume = json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": "hospital-cxr"},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+            "storageClassName": "", "hostPath": {"path": site_dir, "type": "Directory"},
+            "claimRef": {"namespace": ns, "name": "cxr-labelled"},
+        },
+    });
+    apply(&node, ns, &volume);
+    apply(
+        &node,
+        ns,
+        &json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "cxr-labelled"},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": "hospital-cxr",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }),
+    );
+
+    let public = radfm(&[
+        "keygen",
+        "--out",
+        &work.path().join("keys").to_string_lossy(),
+        "--site",
+        "hospital-c",
+    ]);
+    cluster
+        .kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "hospital-c-key",
+            "-n",
+            ns,
+            &format!(
+                "--from-file=ed25519.key={}",
+                work.path().join("keys/hospital-c.key").display()
+            ),
+        ])
+        .unwrap();
+    let mut secret = s3_secret(&node);
+    secret["metadata"]["name"] = json!("registry-s3");
+    apply(&node, ns, &secret);
+
+    // The sample SiteValidator, adapted in registry, image and sizes.
+    let path = radfm_e2e::repo_root().join("manifests/samples/sitevalidator.yaml");
+    let mut sv: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    sv["spec"]["registry"] = json!(registry);
+    sv["spec"]["model"] = json!("chest");
+    sv["spec"]["image"] = json!(TRAINER_IMAGE);
+    sv["spec"]["subgroups"] = json!(["sex"]);
+    sv["spec"]["pollIntervalSeconds"] = json!(5);
+    apply(&node, ns, &sv);
+    let policy = json!({
+        "apiVersion": "radfm.io/v1alpha1", "kind": "PromotionPolicy",
+        "metadata": {"name": "chest"},
+        "spec": {
+            "registry": registry, "model": "chest", "task": "lesion", "quorum": 1,
+            "trustedSites": [{"site": "hospital-c", "publicKey": public.trim()}],
+            "nonInferiorityMargin": 0.5, "pollIntervalSeconds": 5,
+        },
+    });
+    apply(&node, ns, &policy);
+
+    let svs: Api<SiteValidator> = Api::namespaced(cluster.client.clone(), ns);
+    wait_object(&svs, "hospital-c", TRAIN_WAIT, "validated v2", |sv| {
+        sv.status
+            .as_ref()
+            .is_some_and(|s| s.last_validated_version == Some(2))
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let pod = pods.get("hospital-c-v2").await.unwrap();
+    let exit = pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .as_ref()
+        .map(|t| t.exit_code);
+    assert_eq!(exit, Some(0), "the validation pod ran in a real container");
+    let policies: Api<PromotionPolicy> = Api::namespaced(cluster.client.clone(), ns);
+    // Held for review until the report is there; then decided on it.
+    let decided = wait_object(
+        &policies,
+        "chest",
+        TRAIN_WAIT,
+        "a decision on v2's report",
+        |pp| {
+            pp.status
+                .as_ref()
+                .and_then(|s| s.last_decision.as_ref())
+                .is_some_and(|d| d.version == 2 && !d.sites.is_empty())
+        },
+    )
+    .await;
+    let decision = decided.status.unwrap().last_decision.unwrap();
+    assert_eq!(decision.sites, ["hospital-c"], "{decision:?}");
+    assert!(
+        ["Promote", "Reject"].contains(&decision.outcome.as_str()),
+        "{decision:?}"
+    );
 }
 
 /// The instructions of a Dockerfile's last stage, as (instruction, rest of the line).
