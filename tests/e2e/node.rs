@@ -9,9 +9,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use radfm_api::TrainingJob;
 use radfm_api::trainingjob::Phase;
 use radfm_api::validation::{PromotionPolicy, SiteValidator};
+use radfm_api::{ContinualTraining, TrainingJob};
 use radfm_e2e::node::{self, NODE_IP, RealNode, TRAINER_IMAGE};
 use radfm_e2e::{S3_ACCESS_KEY, S3_SECRET_KEY, wait_object, wait_until};
 use serde_json::{Value, json};
@@ -668,6 +668,106 @@ async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_
         ["Promote", "Reject"].contains(&decision.outcome.as_str()),
         "{decision:?}"
     );
+}
+
+/// The sample ContinualTraining, adapted in image, sizes, buckets and a clock file instead of
+/// the wall clock, fires at its 02:00 Berlin slot: its run trains on real pods and its result is
+/// registered in the registry with the run's lineage.
+#[tokio::test]
+async fn continual_training_run_executes_on_real_pods_and_registers_its_version() {
+    if !node::in_private_namespaces(
+        "continual_training_run_executes_on_real_pods_and_registers_its_version",
+    ) {
+        return;
+    }
+    let node = RealNode::start().await.unwrap();
+    let cluster = &node.cluster;
+    let ns = "nightly";
+    let _guard = cluster.namespace(ns).await.unwrap();
+    let clock = node.dir().join("clock");
+    std::fs::write(&clock, jiff::Timestamp::now().to_string()).unwrap();
+    let s3_env = node.s3.env();
+    let env: Vec<(&str, &str)> = s3_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let _operator = cluster
+        .start_operator_with_env(
+            ns,
+            "operator-nightly",
+            &["--clock-file", &clock.to_string_lossy()],
+            &env,
+        )
+        .unwrap();
+    data_and_credentials(&node, ns);
+
+    let path = radfm_e2e::repo_root().join("manifests/samples/continualtraining.yaml");
+    let mut ct: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let spec = &mut ct["spec"];
+    spec["trigger"]["minNewShards"] = json!(1);
+    spec["dataset"]["uri"] = json!("s3://radfm/cohort");
+    spec["registry"] = json!("s3://radfm/registry");
+    spec["baseModel"]["model"] = json!("chest");
+    spec["register"]["model"] = json!("chest");
+    let template = &mut spec["jobTemplate"];
+    template["image"] = json!(TRAINER_IMAGE);
+    template["imagePullPolicy"] = json!("Never");
+    template["workers"] = json!({
+        "replicas": 1, "gpusPerWorker": 0,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+        "template": {"env": [{"name": "RADFM_THREADS", "value": "2"}]},
+    });
+    template["model"] = json!({"architecture": "vit-tiny", "imageSize": 32, "patchSize": 8});
+    template["training"] = json!({
+        "steps": 10, "batchSizePerDevice": 16, "learningRate": 0.001, "warmupSteps": 2,
+        "precision": "fp32",
+    });
+    template["checkpoint"] = json!({"uri": "s3://radfm/checkpoints/nightly", "everySteps": 5});
+    apply(&node, ns, &ct);
+
+    let cts: Api<ContinualTraining> = Api::namespaced(cluster.client.clone(), ns);
+    let scheduled = wait_object(
+        &cts,
+        "cxr-nightly",
+        TRAIN_WAIT,
+        "a next schedule time",
+        |c| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| s.next_schedule_time.is_some())
+        },
+    )
+    .await;
+    let slot = scheduled.status.unwrap().next_schedule_time.unwrap().0;
+    std::fs::write(
+        &clock,
+        (slot + jiff::SignedDuration::from_secs(5)).to_string(),
+    )
+    .unwrap();
+    let registered = wait_object(
+        &cts,
+        "cxr-nightly",
+        TRAIN_WAIT,
+        "a registered version",
+        |c| c.status.as_ref().and_then(|s| s.last_registered_version) == Some(1),
+    )
+    .await;
+    assert!(registered.status.unwrap().data_watermark.is_some());
+
+    // The run was a TrainingJob of real pods; the registry knows it by its uid.
+    let jobs: Api<TrainingJob> = Api::namespaced(cluster.client.clone(), ns);
+    let runs = jobs.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let run = &runs[0];
+    assert_eq!(
+        run.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Succeeded)
+    );
+    let out = radfm_e2e::ok(&radfm_e2e::radfm(
+        &["registry", "show", "s3://radfm/registry", "chest", "1"],
+        &env,
+    ));
+    assert!(out.contains(&run.uid().unwrap()), "{out}");
 }
 
 /// The instructions of a Dockerfile's last stage, as (instruction, rest of the line).
