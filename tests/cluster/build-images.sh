@@ -17,6 +17,9 @@ bin=$(cd "$1" && pwd)
 mkdir -p "$2"
 out=$(cd "$2" && pwd)
 tag=${3:-dev}
+# One builder at a time per output folder (tests in several processes may ask at once).
+exec 9>"$out/.lock"
+flock 9
 command -v umoci >/dev/null || { apt-get update -qq && apt-get install -y -qq umoci; }
 command -v catatonit >/dev/null || { apt-get update -qq && apt-get install -y -qq catatonit; }
 [ -f /etc/ssl/certs/ca-certificates.crt ] || { apt-get update -qq && apt-get install -y -qq ca-certificates; }

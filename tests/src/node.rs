@@ -43,6 +43,9 @@ pub fn in_private_namespaces(test: &str) -> bool {
     if std::env::var(INSIDE).is_ok_and(|v| v == "1") {
         return true;
     }
+    // One node at a time: each is a whole cluster, and two on 2 cores only slow each other down.
+    static ONE_NODE: Mutex<()> = Mutex::new(());
+    let _one = ONE_NODE.lock().unwrap_or_else(|e| e.into_inner());
     let exe = std::env::current_exe().expect("the test binary's path");
     let status = Command::new("unshare")
         .args([
