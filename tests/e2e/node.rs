@@ -64,6 +64,23 @@ fn s3_secret(node: &RealNode) -> Value {
     })
 }
 
+/// The real node for `test`, inside the test's own namespaces; `None` in the outer process,
+/// which has run the test in them already.
+async fn real_node(test: &str) -> Option<RealNode> {
+    if !node::in_private_namespaces(test) {
+        return None;
+    }
+    Some(RealNode::start().await.unwrap())
+}
+
+/// `pairs` as the `(&str, &str)` list the process helpers take.
+fn str_pairs(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
 /// JSON lines of a container's log (`kubectl logs`), skipping anything that is not JSON.
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()
@@ -180,12 +197,13 @@ async fn install_operator_with_helm(node: &RealNode) {
 
 #[tokio::test]
 async fn quick_start_on_a_real_node_trains_the_sample_survives_a_killed_worker_and_exports() {
-    if !node::in_private_namespaces(
+    let Some(node) = real_node(
         "quick_start_on_a_real_node_trains_the_sample_survives_a_killed_worker_and_exports",
-    ) {
+    )
+    .await
+    else {
         return;
-    }
-    let node = RealNode::start().await.unwrap();
+    };
     let cluster = &node.cluster;
     install_operator_with_helm(&node).await;
     let ns = "radiology";
@@ -313,10 +331,7 @@ async fn quick_start_on_a_real_node_trains_the_sample_survives_a_killed_worker_a
 /// in `ns`.
 fn data_and_credentials(node: &RealNode, ns: &str) {
     let s3_env = node.s3.env();
-    let env: Vec<(&str, &str)> = s3_env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let env = str_pairs(&s3_env);
     radfm_e2e::ok(&radfm_e2e::radfm(
         &[
             "synth",
@@ -354,12 +369,11 @@ fn apply(node: &RealNode, ns: &str, v: &Value) {
 /// the old container, the new attempt runs, resumes from the last checkpoint and succeeds.
 #[tokio::test]
 async fn kubelet_stopped_during_training_restarts_the_gang_when_the_node_returns() {
-    if !node::in_private_namespaces(
-        "kubelet_stopped_during_training_restarts_the_gang_when_the_node_returns",
-    ) {
+    let Some(node) =
+        real_node("kubelet_stopped_during_training_restarts_the_gang_when_the_node_returns").await
+    else {
         return;
-    }
-    let node = RealNode::start().await.unwrap();
+    };
     let cluster = &node.cluster;
     let ns = "outage";
     let _guard = cluster.namespace(ns).await.unwrap();
@@ -453,20 +467,7 @@ fn train_and_export(node: &RealNode, dir: &std::path::Path, name: &str, data: &s
          checkpoint: {{uri: \"s3://radfm/ckpt/{name}\", everySteps: 1000}}\n  \
          export: {{uri: \"s3://radfm/models/{name}\"}}\n"
     );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, job).unwrap();
-    let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm-trainer").unwrap())
-        .args(["train", "--job"])
-        .arg(&path)
-        .envs(node.s3.env())
-        .env("RADFM_THREADS", "2")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "training {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    radfm_e2e::train_locally(&job, dir, name, &str_pairs(&node.s3.env()));
 }
 
 /// A hospital's SiteValidator whose labelled images live on the node (a PersistentVolume the
@@ -475,20 +476,17 @@ fn train_and_export(node: &RealNode, dir: &std::path::Path, name: &str, data: &s
 /// decides on it.
 #[tokio::test]
 async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_decides() {
-    if !node::in_private_namespaces(
-        "site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_decides",
-    ) {
+    let Some(node) =
+        real_node("site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_decides")
+            .await
+    else {
         return;
-    }
-    let node = RealNode::start().await.unwrap();
+    };
     let cluster = &node.cluster;
     let ns = "hospital";
     let _guard = cluster.namespace(ns).await.unwrap();
     let s3_env = node.s3.env();
-    let env: Vec<(&str, &str)> = s3_env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let env = str_pairs(&s3_env);
     let _operator = cluster
         .start_operator_with_env(ns, "operator-hospital", &[], &env)
         .unwrap();
@@ -675,22 +673,18 @@ async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_
 /// registered in the registry with the run's lineage.
 #[tokio::test]
 async fn continual_training_run_executes_on_real_pods_and_registers_its_version() {
-    if !node::in_private_namespaces(
-        "continual_training_run_executes_on_real_pods_and_registers_its_version",
-    ) {
+    let Some(node) =
+        real_node("continual_training_run_executes_on_real_pods_and_registers_its_version").await
+    else {
         return;
-    }
-    let node = RealNode::start().await.unwrap();
+    };
     let cluster = &node.cluster;
     let ns = "nightly";
     let _guard = cluster.namespace(ns).await.unwrap();
     let clock = node.dir().join("clock");
     std::fs::write(&clock, jiff::Timestamp::now().to_string()).unwrap();
     let s3_env = node.s3.env();
-    let env: Vec<(&str, &str)> = s3_env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let env = str_pairs(&s3_env);
     let _operator = cluster
         .start_operator_with_env(
             ns,

@@ -86,20 +86,7 @@ impl World<'_> {
              checkpoint: {{uri: \"s3://radfm/ckpt/{name}\", everySteps: 1000}}\n  export: {{uri: \"{export}\"}}\n",
             data = self.uri(data),
         );
-        let path = self.path(&format!("{name}.yaml"));
-        std::fs::write(&path, job).unwrap();
-        let out = std::process::Command::new(radfm_e2e::workspace_bin("radfm-trainer").unwrap())
-            .args(["train", "--job"])
-            .arg(&path)
-            .envs(self.env())
-            .env("RADFM_THREADS", "2")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "training {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        radfm_e2e::train_locally(&job, &self.dir, name, &self.env());
         export
     }
 

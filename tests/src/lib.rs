@@ -106,6 +106,26 @@ pub fn spawn_logged(bin: &Path, log: &Path, args: &[&str], env: &[(&str, &str)])
         .with_context(|| format!("starting {}", bin.display()))
 }
 
+/// Runs a TrainingJob as one local trainer process (`radfm-trainer train --job`, two threads)
+/// with `env`; the YAML is written to `dir/<name>.yaml`. Panics with the trainer's stderr when
+/// it fails.
+pub fn train_locally(job_yaml: &str, dir: &Path, name: &str, env: &[(&str, &str)]) {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, job_yaml).expect("writing the job file");
+    let out = Command::new(workspace_bin("radfm-trainer").expect("radfm-trainer is built"))
+        .args(["train", "--job"])
+        .arg(&path)
+        .envs(env.iter().copied())
+        .env("RADFM_THREADS", "2")
+        .output()
+        .expect("radfm-trainer runs");
+    assert!(
+        out.status.success(),
+        "training {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A loopback port free at the time of the call.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
