@@ -17,6 +17,8 @@ use radfm_e2e::{S3_ACCESS_KEY, S3_SECRET_KEY, wait_object, wait_until};
 use serde_json::{Value, json};
 
 const TRAIN_WAIT: Duration = Duration::from_secs(300);
+/// Training steps of the adapted sample job.
+const SAMPLE_STEPS: i64 = 120;
 
 /// The sample TrainingJob, adapted only in image, sizes and the S3 endpoint.
 fn sample_job() -> Value {
@@ -39,7 +41,8 @@ fn sample_job() -> Value {
     });
     spec["dataset"]["uri"] = json!("s3://radfm/cohort");
     spec["model"] = json!({"architecture": "vit-tiny", "imageSize": 32, "patchSize": 8});
-    spec["training"]["steps"] = json!(40);
+    // Long enough that the kill below lands mid-training even on a slow, shared machine.
+    spec["training"]["steps"] = json!(SAMPLE_STEPS);
     spec["training"]["batchSizePerDevice"] = json!(8);
     spec["training"]["warmupSteps"] = json!(5);
     spec["training"]["precision"] = json!("fp32");
@@ -277,7 +280,7 @@ async fn quick_start_on_a_real_node_trains_the_sample_survives_a_killed_worker_a
     let status = done.status.unwrap();
     assert_eq!(status.attempt, 2, "{status:?}");
     assert_eq!(status.restarts, 1, "{status:?}");
-    assert_eq!(status.progress.as_ref().unwrap().step, 40);
+    assert_eq!(status.progress.as_ref().unwrap().step, SAMPLE_STEPS);
 
     let attempt2 = pods_of(&pods, &name, 2).await;
     let after = json_lines(
