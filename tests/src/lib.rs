@@ -1045,12 +1045,13 @@ impl Drop for S3Server {
 }
 
 /// Network namespaces that stand in for pods: namespace `i` has its own address
-/// `10.<net>.0.<10+i>` on a veth pair whose other end sits on a bridge in the host namespace, so
-/// processes talk over real interfaces, as pods do, and a link can be cut to simulate a stall.
+/// `10.<net>.0.<10+i>` on a veth pair whose other end sits on a bridge in a further namespace
+/// (the switch), so processes talk over real interfaces, as pods do, a link can be cut to
+/// simulate a stall, and no test address exists in the machine's own network namespace.
 /// Removed on drop.
 pub struct NetNs {
     names: Vec<String>,
-    bridge: String,
+    switch: String,
     net: u8,
 }
 
@@ -1070,30 +1071,31 @@ impl NetNs {
         let id = std::process::id() % 200;
         let net = 30 + (id % 200) as u8;
         let tag = format!("rf{id}");
-        let bridge = format!("{tag}br");
+        let switch = format!("{tag}sw");
         let ns = NetNs {
             names: (0..n).map(|i| format!("{tag}n{i}")).collect(),
-            bridge: bridge.clone(),
+            switch: switch.clone(),
             net,
         };
         // Leftovers of a killed earlier run with the same tag.
         for name in &ns.names {
             ip(&["netns", "del", name]);
-            ip(&["link", "del", &format!("{name}h")]);
         }
-        ip(&["link", "del", &bridge]);
-        if !ip(&["link", "add", &bridge, "type", "bridge"]) {
+        ip(&["netns", "del", &switch]);
+        if !ip(&["netns", "add", &switch]) {
             return None;
         }
-        let ok = ip(&["addr", "add", &format!("10.{net}.0.1/24"), "dev", &bridge])
-            && ip(&["link", "set", &bridge, "up"])
+        let ok = ip(&["-n", &switch, "link", "add", "sw0", "type", "bridge"])
+            && ip(&["-n", &switch, "link", "set", "sw0", "up"])
             && ns.names.iter().enumerate().all(|(i, name)| {
-                let (host, peer) = (format!("{name}h"), format!("{name}p"));
+                let (port, peer) = (format!("{name}h"), format!("{name}p"));
                 ip(&["netns", "add", name])
-                    && ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])
-                    && ip(&["link", "set", &peer, "netns", name])
-                    && ip(&["link", "set", &host, "master", &bridge])
-                    && ip(&["link", "set", &host, "up"])
+                    && ip(&[
+                        "-n", &switch, "link", "add", &port, "type", "veth", "peer", "name", &peer,
+                    ])
+                    && ip(&["-n", &switch, "link", "set", &peer, "netns", name])
+                    && ip(&["-n", &switch, "link", "set", &port, "master", "sw0"])
+                    && ip(&["-n", &switch, "link", "set", &port, "up"])
                     && ip(&[
                         "-n",
                         name,
@@ -1124,6 +1126,7 @@ impl NetNs {
     /// Takes namespace `i`'s link down (its process keeps running, unreachable: a stall).
     pub fn cut(&self, i: usize) {
         let _ = Command::new("ip")
+            .args(["-n", &self.switch])
             .args(["link", "set", &format!("{}h", self.names[i]), "down"])
             .status();
     }
@@ -1131,15 +1134,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        for name in &self.names {
+        // Deleting a namespace deletes its end of each veth pair, and with it the pair.
+        for name in self.names.iter().chain([&self.switch]) {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
-            let _ = Command::new("ip")
-                .args(["link", "del", &format!("{name}h")])
-                .stderr(Stdio::null())
-                .status();
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
     }
 }

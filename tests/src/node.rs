@@ -140,6 +140,15 @@ impl RealNode {
             bail!("RealNode::start runs only inside in_private_namespaces");
         }
         let images = images_dir()?;
+        // Paths that containerd, its shims and CNI use outside their configured folders: fresh
+        // tmpfs mounts in the test's private mount namespace, so nothing is left on the machine.
+        for dir in ["/run/netns", "/run/containerd", "/var/lib/cni"] {
+            std::fs::create_dir_all(dir)?;
+            sh(
+                &format!("mounting a tmpfs on {dir}"),
+                Command::new("mount").args(["-t", "tmpfs", "tmpfs", dir]),
+            )?;
+        }
         // The node's address sits on the namespace's loopback interface (this kernel has no
         // dummy interfaces): local to the node's processes, routed to from the pod bridge.
         ip(&["link", "set", "lo", "up"])?;
