@@ -43,8 +43,8 @@ cluster-tools:
 	@bash tests/cluster/build-tools.sh >/dev/null
 
 ## node-deps: what the real node takes from Debian: runc, the CNI plugins, iptables and conntrack
-## (kube-proxy), umoci and catatonit (images without Docker)
-NODE_DEPS := runc containernetworking-plugins iptables conntrack umoci catatonit ca-certificates
+## (kube-proxy), umoci and catatonit (images without Docker), skopeo (reads them as podman does)
+NODE_DEPS := runc containernetworking-plugins iptables conntrack umoci catatonit ca-certificates skopeo
 node-deps:
 	@missing=$$(for p in $(NODE_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi

@@ -79,6 +79,9 @@ EOF
   mv "$out/$name.tar.tmp" "$out/$name.tar"
 }
 
+# The PATH Debian-based images carry (the production bases set it).
+image_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
 stamp_of() { cat "$@" "$0" | sha256sum | cut -c1-16; }
 
 build_operator() {
@@ -89,7 +92,7 @@ build_operator() {
   add_elf "$root" "$bin/radfm-operator"
   ca_bundle "$root"
   accounts "$root" 65532 nonroot /home/nonroot
-  pack radfm-operator "$root" --config.user 65532:65532 \
+  pack radfm-operator "$root" --config.user 65532:65532 --config.env "PATH=$image_path" \
     --config.entrypoint /usr/local/bin/radfm-operator --config.cmd run
 }
 
@@ -115,6 +118,7 @@ build_trainer() {
   ca_bundle "$root"
   accounts "$root" 10001 radfm /home/radfm
   pack radfm-trainer "$root" --config.user 10001 --config.env HOME=/home/radfm \
+    --config.env "PATH=$image_path" \
     --config.entrypoint /usr/local/bin/radfm-trainer
 }
 

@@ -826,6 +826,25 @@ fn image_config_and_paths(archive: &std::path::Path) -> (Value, Vec<String>) {
 #[test]
 fn local_images_agree_with_the_production_dockerfiles() {
     let images = node::images_dir().unwrap();
+    let docker_archive = tempfile::tempdir().unwrap();
+    let copy = std::process::Command::new("skopeo")
+        .arg("copy")
+        .arg(format!(
+            "oci-archive:{}",
+            images.join("radfm-operator.tar").display()
+        ))
+        .arg(format!(
+            "docker-archive:{}:{}",
+            docker_archive.path().join("operator.tar").display(),
+            node::OPERATOR_IMAGE
+        ))
+        .output()
+        .expect("skopeo runs (make node-deps)");
+    assert!(
+        copy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
     for (dockerfile, archive) in [
         ("trainer/Dockerfile", "radfm-trainer.tar"),
         ("operator/Dockerfile", "radfm-operator.tar"),
@@ -857,6 +876,28 @@ fn local_images_agree_with_the_production_dockerfiles() {
         if let Some(cmd) = exec_form("CMD") {
             assert_eq!(config["Cmd"], cmd, "{dockerfile}: CMD");
         }
+        // podman's image library (through skopeo) reads the archive the same way, and turns it
+        // into the docker-archive that any `docker load` takes.
+        let skopeo = std::process::Command::new("skopeo")
+            .args(["inspect", "--config"])
+            .arg(format!("oci-archive:{}", images.join(archive).display()))
+            .output()
+            .expect("skopeo runs (make node-deps)");
+        assert!(
+            skopeo.status.success(),
+            "{}",
+            String::from_utf8_lossy(&skopeo.stderr)
+        );
+        let theirs: Value = serde_json::from_slice(&skopeo.stdout).unwrap();
+        assert_eq!(theirs["config"], config, "{archive}");
+        assert!(
+            config["Env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e.as_str().unwrap().starts_with("PATH=")),
+            "{archive}: {config}"
+        );
         for copy in instruction("COPY") {
             let target = copy.split_whitespace().last().unwrap().to_string();
             if target.starts_with("/usr/local/bin/") {
