@@ -137,28 +137,19 @@ async fn install_operator_with_helm(node: &RealNode) {
         ])
         .unwrap();
     let chart = radfm_e2e::repo_root().join("charts/radfm");
-    let home = node.dir().join("helm");
-    let out = std::process::Command::new(cluster.tool("helm"))
-        .args([
-            "install",
-            "radfm",
-            &chart.to_string_lossy(),
-            "-n",
-            "radfm-system",
-        ])
-        .args(["--set", "image.repository=docker.io/radfm/radfm-operator"])
-        .args(["--set", "image.tag=dev", "--set", "image.pullPolicy=Never"])
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    radfm_e2e::ok(&cluster.helm(&[
+        "install",
+        "radfm",
+        &chart.to_string_lossy(),
+        "-n",
+        "radfm-system",
+        "--set",
+        "image.repository=docker.io/radfm/radfm-operator",
+        "--set",
+        "image.tag=dev",
+        "--set",
+        "image.pullPolicy=Never",
+    ]));
 
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), "radfm-system");
     wait_object(
@@ -357,11 +348,7 @@ fn apply(node: &RealNode, ns: &str, v: &Value) {
         &["apply", "-n", ns, "-f", "-"],
         Some(&serde_json::to_string(v).unwrap()),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    radfm_e2e::ok(&out);
 }
 
 /// What happens when the node's kubelet stops mid-training (docs/architecture.md, "When a node's
@@ -840,11 +827,7 @@ fn local_images_agree_with_the_production_dockerfiles() {
         ))
         .output()
         .expect("skopeo runs (make node-deps)");
-    assert!(
-        copy.status.success(),
-        "{}",
-        String::from_utf8_lossy(&copy.stderr)
-    );
+    radfm_e2e::ok(&copy);
     for (dockerfile, archive) in [
         ("trainer/Dockerfile", "radfm-trainer.tar"),
         ("operator/Dockerfile", "radfm-operator.tar"),
@@ -883,12 +866,7 @@ fn local_images_agree_with_the_production_dockerfiles() {
             .arg(format!("oci-archive:{}", images.join(archive).display()))
             .output()
             .expect("skopeo runs (make node-deps)");
-        assert!(
-            skopeo.status.success(),
-            "{}",
-            String::from_utf8_lossy(&skopeo.stderr)
-        );
-        let theirs: Value = serde_json::from_slice(&skopeo.stdout).unwrap();
+        let theirs: Value = serde_json::from_str(&radfm_e2e::ok(&skopeo)).unwrap();
         assert_eq!(theirs["config"], config, "{archive}");
         assert!(
             config["Env"]

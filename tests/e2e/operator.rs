@@ -678,16 +678,6 @@ async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
     let _serial = serial().await;
     let cluster = Cluster::start(1, 8).await.unwrap();
     let chart = radfm_e2e::repo_root().join("charts/radfm");
-    let helm = |args: &[&str]| {
-        std::process::Command::new(cluster.tool("helm"))
-            .args(args)
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .env("HELM_CACHE_HOME", cluster.log_path("helm-cache"))
-            .env("HELM_CONFIG_HOME", cluster.log_path("helm-config"))
-            .env("HELM_DATA_HOME", cluster.log_path("helm-data"))
-            .output()
-            .unwrap()
-    };
     // The harness installed manifests/rbac.yaml; the chart must be able to own the same objects.
     cluster
         .kubectl_ok(&[
@@ -698,7 +688,7 @@ async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
                 .to_string_lossy(),
         ])
         .unwrap();
-    let lint = helm(&["lint", "--strict", &chart.to_string_lossy()]);
+    let lint = cluster.helm(&["lint", "--strict", &chart.to_string_lossy()]);
     assert!(
         lint.status.success(),
         "{}",
@@ -716,7 +706,7 @@ async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
             "run `make crds`"
         );
     }
-    let rendered = helm(&[
+    let rendered = cluster.helm(&[
         "template",
         "radfm",
         &chart.to_string_lossy(),
@@ -729,7 +719,7 @@ async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
         String::from_utf8_lossy(&rendered.stderr)
     );
     // Object-store credentials for the registry reach the operator only when named.
-    let with_secret = helm(&[
+    let with_secret = cluster.helm(&[
         "template",
         "radfm",
         &chart.to_string_lossy(),
@@ -763,7 +753,7 @@ async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
         rules(&manifests)
     );
 
-    let install = helm(&[
+    let install = cluster.helm(&[
         "install",
         "radfm",
         &chart.to_string_lossy(),

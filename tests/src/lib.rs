@@ -89,6 +89,13 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// The last `n` lines of a log file (empty when it cannot be read).
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Starts a process whose output goes to `log`; it is killed if the test process dies.
 pub fn spawn_logged(bin: &Path, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Child> {
     let logf = std::fs::OpenOptions::new()
@@ -461,9 +468,20 @@ impl Cluster {
 
     /// The last 40 lines of a process log.
     pub fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        tail_lines(&self.log_path(name), 40)
+    }
+
+    /// Runs the pinned helm against this cluster, with its cache, config and data folders in
+    /// the cluster folder (nothing of the user's helm setup is read or written).
+    pub fn helm(&self, args: &[&str]) -> Output {
+        Command::new(self.tool("helm"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", self.log_path("helm-cache"))
+            .env("HELM_CONFIG_HOME", self.log_path("helm-config"))
+            .env("HELM_DATA_HOME", self.log_path("helm-data"))
+            .output()
+            .expect("helm runs")
     }
 
     /// A pinned cluster tool (kubectl, helm, ...).

@@ -211,9 +211,7 @@ impl RealNode {
 
     /// The last 60 lines of a node process's log.
     pub fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        crate::tail_lines(&self.log_path(name), 60)
     }
 
     fn spawn(&self, name: &str, args: &[&str]) -> Result<()> {
