@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use radfm_trainer::dist::ring::Ring;
-use radfm_trainer::dist::store::{StoreClient, StoreServer};
+use radfm_trainer::collective::rendezvous::{RendezvousClient, RendezvousServer};
+use radfm_trainer::collective::ring::Ring;
 
 fn iterations(bytes: usize) -> usize {
     (((256usize << 20) / bytes.max(1)) * 2).clamp(3, 50)
@@ -15,11 +15,12 @@ fn iterations(bytes: usize) -> usize {
 
 fn rank_main(rank: usize, world: usize, port: u16, sizes: &[usize]) -> anyhow::Result<()> {
     let _server = if rank == 0 {
-        Some(StoreServer::start(&format!("127.0.0.1:{port}"))?)
+        Some(RendezvousServer::start(&format!("127.0.0.1:{port}"))?)
     } else {
         None
     };
-    let mut store = StoreClient::connect(&format!("127.0.0.1:{port}"), 1, Duration::from_secs(30))?;
+    let mut store =
+        RendezvousClient::connect(&format!("127.0.0.1:{port}"), 1, Duration::from_secs(30))?;
     let mut ring = Ring::connect(&mut store, rank, world, Duration::from_secs(60))?;
     for &mib in sizes {
         let bytes = mib << 20;

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use cudarc::driver::{CudaContext, DevicePtrMut};
-use radfm_dist::nccl::{self, Nccl};
-use radfm_dist::store::{StoreClient, StoreServer};
+use radfm_collective::nccl::{self, Nccl};
+use radfm_collective::rendezvous::{RendezvousClient, RendezvousServer};
 
 fn iterations(bytes: usize) -> usize {
     (((256usize << 20) / bytes.max(1)) * 2).clamp(3, 50)
@@ -37,16 +37,16 @@ fn gpus() -> anyhow::Result<(nccl::Version, usize)> {
 fn gang<T: Send + 'static>(
     world: usize,
     timeout: Duration,
-    f: impl Fn(usize, StoreClient) -> anyhow::Result<T> + Send + Sync + 'static,
+    f: impl Fn(usize, RendezvousClient) -> anyhow::Result<T> + Send + Sync + 'static,
 ) -> anyhow::Result<Vec<anyhow::Result<T>>> {
-    let server = StoreServer::start("127.0.0.1:0")?;
+    let server = RendezvousServer::start("127.0.0.1:0")?;
     let addr = server.addr.to_string();
     let f = Arc::new(f);
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             let (f, addr) = (f.clone(), addr.clone());
             std::thread::spawn(move || {
-                let store = StoreClient::connect(&addr, 1, timeout)?;
+                let store = RendezvousClient::connect(&addr, 1, timeout)?;
                 f(rank, store)
             })
         })
@@ -108,7 +108,7 @@ fn missing_peer(gpus: usize, timeout: Duration) -> anyhow::Result<serde_json::Va
     let results = gang(gpus, timeout, move |rank, mut store| {
         match Nccl::connect(&mut store, rank, world, rank, timeout) {
             Ok(_) => bail!("rank {rank}: joined a communicator whose rank {gpus} never came"),
-            Err(e @ radfm_dist::Error::PeerLost { .. }) => Ok(e.to_string()),
+            Err(e @ radfm_collective::Error::PeerLost { .. }) => Ok(e.to_string()),
             Err(e) => bail!("rank {rank}: wrong error: {e}"),
         }
     })?;
@@ -155,7 +155,9 @@ fn stalled_peer(world: usize, timeout: Duration) -> anyhow::Result<serde_json::V
                     "rank {rank}: all-reduce finished without rank {}",
                     world - 1
                 ),
-                Err(e @ radfm_dist::Error::PeerLost { .. }) => Ok(Some((secs, e.to_string()))),
+                Err(e @ radfm_collective::Error::PeerLost { .. }) => {
+                    Ok(Some((secs, e.to_string())))
+                }
                 Err(e) => bail!("rank {rank}: wrong error: {e}"),
             }
         }

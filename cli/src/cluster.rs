@@ -322,7 +322,7 @@ pub async fn logs(
         bail!("TrainingJob {ns}/{name} has no pod of rank {rank}");
     };
     let lp = LogParams {
-        container: Some(radfm_operator::children::CONTAINER.into()),
+        container: Some(radfm_operator::training_job::children::CONTAINER.into()),
         follow,
         tail_lines: tail,
         ..Default::default()

@@ -224,7 +224,11 @@ mod tests {
             unknown.iter().all(|p| p == "apiVersion" || p == "kind"),
             "{unknown:?}"
         );
-        crate::continual::Schedule::parse(&ct.spec.schedule, ct.spec.time_zone.as_deref()).unwrap();
+        crate::continual_training::schedule::Schedule::parse(
+            &ct.spec.schedule,
+            ct.spec.time_zone.as_deref(),
+        )
+        .unwrap();
         let spec = ct.spec.job_template.job_spec(
             "cxr-nightly-29000000",
             &ct.spec.dataset,

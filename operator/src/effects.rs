@@ -10,8 +10,8 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::Result;
-pub use crate::plan::PlannedEvent;
-use crate::reconcile::FIELD_MANAGER;
+use crate::training_job::FIELD_MANAGER;
+pub use crate::training_job::plan::PlannedEvent;
 
 /// The API of `K` in one namespace, or in all of them (the operator's `--namespace`).
 pub fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>

@@ -1,24 +1,22 @@
-//! radfm's Kubernetes operator: runs TrainingJobs as gangs of trainer pods, and
-//! ContinualTrainings as scheduled, data-triggered series of TrainingJobs.
+//! radfm's Kubernetes operator: runs TrainingJobs as gangs of trainer pods, ContinualTrainings
+//! as scheduled, data-triggered series of TrainingJobs, and the decentralised validation of
+//! SiteValidators and PromotionPolicies.
 //!
-//! The crate is split so that decisions stay pure: [`children`] builds the owned objects,
-//! [`plan`] decides what to create, delete and report, and [`reconcile`] is the thin layer that
-//! talks to the API server; [`continual`] decides and [`continual_controller`] acts for
-//! ContinualTrainings, and SiteValidators and PromotionPolicies ([`validation_controller`]). [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
+//! One folder per controller, each a thin async layer around a pure plan:
+//! [`training_job`] ([`training_job::plan`] decides, [`training_job::children`] builds the owned
+//! objects), [`continual_training`] ([`continual_training::schedule`] decides when),
+//! [`site_validator`]. [`effects`] holds the writes every controller ends a pass with;
+//! [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
 #![deny(missing_docs)]
 
-pub mod children;
-pub mod continual;
-pub mod continual_controller;
+pub mod continual_training;
 pub mod crdgen;
 pub mod effects;
 pub mod leader;
 pub mod metrics;
-pub mod plan;
-pub mod reconcile;
+pub mod site_validator;
 pub mod telemetry;
-pub mod validation_controller;
-
+pub mod training_job;
 /// Errors of the operator library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use radfm_operator::leader::Elector;
 use radfm_operator::metrics::{self, Metrics};
-use radfm_operator::{continual_controller, crdgen, reconcile, telemetry, validation_controller};
+use radfm_operator::{continual_training, crdgen, site_validator, telemetry, training_job};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -209,25 +209,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let clock = match args.clock_file {
-        Some(p) => continual_controller::Clock::File(p),
-        None => continual_controller::Clock::Wall,
+        Some(p) => continual_training::Clock::File(p),
+        None => continual_training::Clock::Wall,
     };
     tokio::join!(
-        reconcile::run_controller(
+        training_job::run_controller(
             client.clone(),
             metrics.clone(),
             Some(identity.clone()),
             args.namespace.clone(),
             shutdown(),
         ),
-        continual_controller::run_controller(
+        continual_training::run_controller(
             client.clone(),
             Some(identity.clone()),
             args.namespace.clone(),
             clock,
             shutdown(),
         ),
-        validation_controller::run_controllers(client, Some(identity), args.namespace, shutdown(),),
+        site_validator::run_controllers(client, Some(identity), args.namespace, shutdown(),),
     );
     if *lost_rx.borrow() {
         anyhow::bail!("lost the leader lease");

@@ -10,8 +10,8 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
-pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod launch;
@@ -61,7 +61,7 @@ pub enum Error {
     },
     /// Rendezvous or a collective failed: a peer died or stalled, the store is unreachable.
     #[error(transparent)]
-    Dist(#[from] radfm_dist::Error),
+    Collective(#[from] radfm_collective::Error),
     /// SIGTERM arrived; a checkpoint was written at `step`.
     #[error("terminated by SIGTERM; checkpoint written at step {step}")]
     Terminated {
@@ -90,12 +90,11 @@ impl Error {
             },
             Error::NonFinite { .. } => exit::NON_FINITE_LOSS,
             Error::Terminated { .. } => exit::TERMINATED,
-            Error::Dist(e) => match e {
-                radfm_dist::Error::Rendezvous { .. } | radfm_dist::Error::PeerLost { .. } => {
-                    exit::PEER_LOST
-                }
-                radfm_dist::Error::Io { .. } => exit::RETRYABLE,
-                radfm_dist::Error::Unavailable { .. } => exit::INVALID_CONFIG,
+            Error::Collective(e) => match e {
+                radfm_collective::Error::Rendezvous { .. }
+                | radfm_collective::Error::PeerLost { .. } => exit::PEER_LOST,
+                radfm_collective::Error::Io { .. } => exit::RETRYABLE,
+                radfm_collective::Error::Unavailable { .. } => exit::INVALID_CONFIG,
             },
             Error::Checkpoint { .. } | Error::Io { .. } => exit::RETRYABLE,
         }
@@ -128,17 +127,17 @@ mod tests {
             reason: "timeout".into(),
         };
         assert_eq!(io.exit_code(), 75);
-        let lost = Error::from(radfm_dist::Error::PeerLost {
+        let lost = Error::from(radfm_collective::Error::PeerLost {
             rank: 1,
             reason: "rank 2 closed".into(),
         });
         assert_eq!(lost.exit_code(), 76);
-        let rendezvous = Error::from(radfm_dist::Error::Rendezvous {
+        let rendezvous = Error::from(radfm_collective::Error::Rendezvous {
             what: "nccl-id".into(),
             reason: "timeout".into(),
         });
         assert_eq!(rendezvous.exit_code(), 76);
-        let no_nccl = Error::from(radfm_dist::Error::Unavailable {
+        let no_nccl = Error::from(radfm_collective::Error::Unavailable {
             reason: "libnccl.so".into(),
         });
         assert_eq!(no_nccl.exit_code(), 64);

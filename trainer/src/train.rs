@@ -141,7 +141,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
     }
 
     let mut gang = if cfg.world > 1 {
-        let g = crate::dist::Gang::join(
+        let g = crate::collective::Gang::join(
             &cfg.master_addr,
             cfg.master_port,
             cfg.rank,
@@ -155,7 +155,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let mut g = g;
         let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
-        crate::dist::broadcast_tensors(g.coll.as_mut(), &tensors)?;
+        crate::collective::broadcast_tensors(g.coll.as_mut(), &tensors)?;
         Some(g)
     } else {
         None
@@ -323,7 +323,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             finite = flags[0] == 0.0;
             loss_sum = flags[1] as f64 / cfg.world as f64;
             if finite {
-                crate::dist::all_reduce_grads(g.coll.as_mut(), &opt.params)?;
+                crate::collective::all_reduce_grads(g.coll.as_mut(), &opt.params)?;
             }
         }
         if finite {

@@ -16,7 +16,7 @@ use radfm_api::failure::{self, FailureAction, WorkerFailure};
 use radfm_api::trainingjob::{CheckpointRef, CleanPodPolicy, Phase, Progress};
 use radfm_api::{TrainingJob, TrainingJobStatus};
 
-use crate::children::{self, GangScheduler};
+use crate::training_job::children::{self, GangScheduler};
 
 /// What the reconciler saw in the cluster for one job.
 #[derive(Debug, Clone)]
@@ -628,7 +628,7 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::children::fixtures::{JobBuilder, exited, pod, t, terminating};
+    use crate::training_job::children::fixtures::{JobBuilder, exited, pod, t, terminating};
     use radfm_api::conditions::get;
 
     fn observe(pods: Vec<Pod>, now: i64) -> Observed {

@@ -1,6 +1,9 @@
 //! The thin layer that talks to the API server: gather [`Observed`], run [`plan`], carry out the
 //! plan, write the status once by server-side apply, then record events.
 
+pub mod children;
+pub mod plan;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,9 +24,9 @@ use radfm_api::conditions::{self, ConditionType, reason};
 use radfm_api::trainingjob::MANAGED_BY_RADFM;
 use tracing::{info, instrument, warn};
 
-use crate::children::{self, GangScheduler};
 use crate::metrics::Metrics;
-use crate::plan::{Observed, Plan, plan};
+use children::GangScheduler;
+use plan::{Observed, Plan, plan};
 use crate::{Error, Result};
 
 /// Field manager of every write the operator makes.
@@ -128,7 +131,7 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
             job.metadata.generation,
             &now,
         );
-        plan.events.push(crate::plan::PlannedEvent {
+        plan.events.push(crate::training_job::plan::PlannedEvent {
             warning: true,
             reason: reason::CREATE_FAILED,
             note: e.to_string(),

@@ -1,6 +1,6 @@
 //! radfm's collectives, kept free of libtorch so that they build, test and benchmark anywhere.
 //!
-//! Rank 0 serves the rendezvous [`store`]; the CPU collective is a TCP [`ring`]; GPUs talk
+//! Rank 0 serves the [`rendezvous`] server; the CPU collective is a TCP [`ring`]; GPUs talk
 //! through [`nccl`], loaded at run time so that a machine without CUDA builds and runs
 //! everything else. Every operation has a deadline: a peer that died or stalls turns into
 //! [`Error::PeerLost`] (or [`Error::Rendezvous`]) instead of a hang. The trainer glues these to
@@ -8,16 +8,16 @@
 #![deny(missing_docs)]
 
 pub mod nccl;
+pub mod rendezvous;
 pub mod ring;
-pub mod store;
 
 /// Errors of the collectives.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Rendezvous with the other ranks failed (store unreachable, a key never set).
+    /// Rendezvous with the other ranks failed (rendezvous server unreachable, a key never set).
     #[error("rendezvous {what}: {reason}")]
     Rendezvous {
-        /// The store operation or key.
+        /// The rendezvous operation or key.
         what: String,
         /// What went wrong.
         reason: String,

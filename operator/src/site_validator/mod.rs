@@ -34,7 +34,7 @@ use radfm_validation::apply::{self, Gated};
 use tracing::{info, warn};
 
 use crate::effects::{self, PlannedEvent};
-use crate::reconcile::FIELD_MANAGER;
+use crate::training_job::FIELD_MANAGER;
 use crate::{Error, Result};
 
 /// Label on validation pods: the SiteValidator's name.
@@ -143,8 +143,8 @@ pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
                 (LABEL_VALIDATOR.to_string(), sv.name_any()),
                 (LABEL_VERSION.to_string(), version.to_string()),
                 (
-                    crate::children::LABEL_MANAGED_BY.to_string(),
-                    crate::children::MANAGER.to_string(),
+                    crate::training_job::children::LABEL_MANAGED_BY.to_string(),
+                    crate::training_job::children::MANAGER.to_string(),
                 ),
             ])),
             owner_references: Some(vec![OwnerReference {
@@ -171,11 +171,13 @@ pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
                 }]),
                 env_from: (!env_from.is_empty()).then_some(env_from),
                 volume_mounts: Some(mounts),
-                security_context: Some(crate::children::restricted_container_security()),
+                security_context: Some(
+                    crate::training_job::children::restricted_container_security(),
+                ),
                 ..Default::default()
             }],
             volumes: Some(volumes),
-            security_context: Some(crate::children::restricted_pod_security()),
+            security_context: Some(crate::training_job::children::restricted_pod_security()),
             // The pod reads files and object storage only; it has no business with the API.
             automount_service_account_token: Some(false),
             ..Default::default()
@@ -550,7 +552,7 @@ mod tests {
         let pod_sc = spec.security_context.unwrap();
         assert_eq!(
             (pod_sc.run_as_non_root, pod_sc.fs_group),
-            (Some(true), Some(crate::children::IMAGE_GID))
+            (Some(true), Some(crate::training_job::children::IMAGE_GID))
         );
         assert_eq!(pod_sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
         let c_sc = spec.containers[0].security_context.clone().unwrap();

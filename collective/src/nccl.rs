@@ -3,7 +3,7 @@
 //! libnccl and the CUDA driver are loaded at run time (cudarc's dynamic loading), so radfm
 //! builds and runs where neither exists; [`probe`] says what is missing instead of letting the
 //! first NCCL call panic. Rank 0 draws the unique id and hands it out through the rendezvous
-//! store, whose keys carry the gang attempt.
+//! rendezvous server, whose keys carry the gang attempt.
 //!
 //! NCCL's blocking calls wait for peers forever, which is how a dead worker hangs a gang. The
 //! communicator is therefore created non-blocking, and every call here has a deadline: the
@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaContext, result as cu, sys as cusys};
 use cudarc::nccl::sys as nc;
 
-use crate::store::StoreClient;
+use crate::rendezvous::RendezvousClient;
 use crate::{Error, Result};
 
-/// Store key of the communicator's unique id (scoped to the attempt by the store).
+/// Rendezvous key of the communicator's unique id (scoped to the attempt by the rendezvous server).
 pub const ID_KEY: &str = "nccl-id";
 
 /// A loaded libnccl's version, as `ncclGetVersion` encodes it (2.29.7 is 22907).
@@ -128,12 +128,12 @@ fn config(version: Version) -> nc::ncclConfig_t {
     }
 }
 
-/// The unique id as bytes for the store.
+/// The unique id as bytes for the rendezvous server.
 fn id_bytes(id: &nc::ncclUniqueId) -> Vec<u8> {
     id.internal.iter().map(|&c| c as u8).collect()
 }
 
-/// The unique id from the store's bytes.
+/// The unique id from the rendezvous server's bytes.
 fn id_from(bytes: &[u8]) -> Result<nc::ncclUniqueId> {
     let mut id = nc::ncclUniqueId { internal: [0; 128] };
     if bytes.len() != id.internal.len() {
@@ -164,9 +164,9 @@ unsafe impl Send for Nccl {}
 
 impl Nccl {
     /// Joins the communicator of `world` ranks on GPU `ordinal` of this machine: rank 0 draws
-    /// the unique id and publishes it in the store, the others read it; all within `timeout`.
+    /// the unique id and publishes it through the rendezvous server, the others read it; all within `timeout`.
     pub fn connect(
-        store: &mut StoreClient,
+        rendezvous: &mut RendezvousClient,
         rank: usize,
         world: usize,
         ordinal: usize,
@@ -182,10 +182,10 @@ impl Nccl {
             if r != nc::ncclResult_t::ncclSuccess {
                 return Err(unavailable(format!("ncclGetUniqueId: {}", describe(r))));
             }
-            store.set(ID_KEY, &id_bytes(&id))?;
+            rendezvous.set(ID_KEY, &id_bytes(&id))?;
             id
         } else {
-            id_from(&store.get(ID_KEY)?)?
+            id_from(&rendezvous.get(ID_KEY)?)?
         };
         let event = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map_err(|e| unavailable(format!("cuEventCreate on GPU {ordinal}: {e:?}")))?;
@@ -407,7 +407,7 @@ mod tests {
     }
 
     #[test]
-    fn unique_ids_survive_the_store_and_wrong_lengths_are_refused() {
+    fn unique_ids_survive_the_rendezvous_server_and_wrong_lengths_are_refused() {
         let mut id = nc::ncclUniqueId { internal: [0; 128] };
         for (i, c) in id.internal.iter_mut().enumerate() {
             *c = (i as u8).wrapping_mul(37) as std::ffi::c_char;

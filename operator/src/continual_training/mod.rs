@@ -1,4 +1,4 @@
-//! The ContinualTraining controller: the thin layer around [`crate::continual`]'s decisions.
+//! The ContinualTraining controller: the thin layer around [`schedule`]'s decisions.
 //!
 //! One pass: observe the runs (TrainingJobs labelled with this resource), register every
 //! successful run that is not registered yet (idempotent through the job uid recorded in the
@@ -9,6 +9,8 @@
 //! carrying the job uid) is the commit point, and the status is derived from it. A crash between
 //! the two is repaired by the next pass, which finds the version by the job's uid instead of
 //! registering a second one.
+
+pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -34,9 +36,11 @@ use radfm_api::{ContinualTraining, ContinualTrainingStatus, TrainingJob};
 use radfm_registry::Registry;
 use tracing::{info, instrument, warn};
 
-use crate::continual::{self, Concurrency, Decision, Due, Finished, Inputs, Schedule};
+use crate::continual_training::schedule::{
+    self as continual, Concurrency, Decision, Due, Finished, Inputs, Schedule,
+};
 use crate::effects::{self, PlannedEvent};
-use crate::reconcile::FIELD_MANAGER;
+use crate::training_job::FIELD_MANAGER;
 use crate::{Error, Result};
 
 /// Annotation on a run once its model is registered: the version number.

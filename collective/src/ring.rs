@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::store::StoreClient;
+use crate::rendezvous::RendezvousClient;
 use crate::{Error, Result};
 
 /// A ring of `world` ranks.
@@ -50,10 +50,10 @@ fn disjoint(
 }
 
 impl Ring {
-    /// Joins the ring: publishes this rank's listening address in the store, connects to the
+    /// Joins the ring: publishes this rank's listening address with the rendezvous server, connects to the
     /// next rank and accepts the previous one, each within `timeout`.
     pub fn connect(
-        store: &mut StoreClient,
+        rendezvous: &mut RendezvousClient,
         rank: usize,
         world: usize,
         timeout: Duration,
@@ -68,14 +68,14 @@ impl Ring {
             });
         }
         let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
-        let listener = TcpListener::bind((store.local_ip, 0))
+        let listener = TcpListener::bind((rendezvous.local_ip, 0))
             .map_err(|e| lost(rank, prev_rank, "listen", e))?;
         let me = listener
             .local_addr()
             .map_err(|e| lost(rank, prev_rank, "listen", e))?;
-        store.set(&format!("ring/{rank}"), me.to_string().as_bytes())?;
+        rendezvous.set(&format!("ring/{rank}"), me.to_string().as_bytes())?;
         let next_addr: SocketAddr =
-            String::from_utf8_lossy(&store.get(&format!("ring/{next_rank}"))?)
+            String::from_utf8_lossy(&rendezvous.get(&format!("ring/{next_rank}"))?)
                 .parse()
                 .map_err(|e| lost(rank, next_rank, "address", e))?;
         let deadline = Instant::now() + timeout;
@@ -255,16 +255,17 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{StoreClient, StoreServer};
+    use crate::rendezvous::{RendezvousClient, RendezvousServer};
 
     fn rings(world: usize, timeout: Duration) -> Vec<std::thread::JoinHandle<Ring>> {
-        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let server = RendezvousServer::start("127.0.0.1:0").unwrap();
         let addr = server.addr.to_string();
         (0..world)
             .map(|rank| {
                 let addr = addr.clone();
                 std::thread::spawn(move || {
-                    let mut c = StoreClient::connect(&addr, 1, Duration::from_secs(10)).unwrap();
+                    let mut c =
+                        RendezvousClient::connect(&addr, 1, Duration::from_secs(10)).unwrap();
                     Ring::connect(&mut c, rank, world, timeout).unwrap()
                 })
             })

@@ -1,11 +1,11 @@
 //! Data parallelism across processes: collectives on tensors, gradient averaging, the gang.
 //!
-//! tch has no collectives, so radfm owns this layer. The rendezvous store, the CPU ring and the
-//! NCCL communicator live in `radfm-dist` (no libtorch there); this module puts them behind the
+//! tch has no collectives, so radfm owns this layer. The rendezvous server, the CPU ring and the
+//! NCCL communicator live in `radfm-collective` (no libtorch there); this module puts them behind the
 //! [`Collective`] trait on tensors. Parameters are broadcast from rank 0 at start; gradients
 //! are averaged in buckets, issued in the same (name-sorted) order on every rank.
 
-pub use radfm_dist::{nccl, ring, store};
+pub use radfm_collective::{nccl, rendezvous, ring};
 
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ pub trait Collective {
 fn host_values(t: &Tensor, rank: usize) -> Result<Vec<f32>> {
     Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).map_err(
         |e: tch::TchError| {
-            Error::Dist(radfm_dist::Error::PeerLost {
+            Error::Collective(radfm_collective::Error::PeerLost {
                 rank,
                 reason: e.to_string(),
             })
@@ -92,7 +92,7 @@ impl NcclTensors {
     /// A tensor NCCL may read and write in place: f32, contiguous, on this rank's GPU.
     fn buffer(&self, t: &Tensor) -> Result<*mut std::ffi::c_void> {
         if t.device() != self.device || t.kind() != Kind::Float || !t.is_contiguous() {
-            return Err(Error::Dist(radfm_dist::Error::PeerLost {
+            return Err(Error::Collective(radfm_collective::Error::PeerLost {
                 rank: self.comm.rank(),
                 reason: format!(
                     "NCCL needs a contiguous f32 tensor on {:?}, got {:?} {:?}",
@@ -172,13 +172,13 @@ pub fn resolve(backend: Backend, device: Device) -> Result<Chosen> {
 pub struct Gang {
     /// The collective.
     pub coll: Box<dyn Collective + Send>,
-    /// The store connection (kept open: rank 0's store lives as long as the gang).
-    pub store: store::StoreClient,
-    _server: Option<store::StoreServer>,
+    /// The rendezvous connection (kept open: rank 0's server lives as long as the gang).
+    pub rendezvous: rendezvous::RendezvousClient,
+    _server: Option<rendezvous::RendezvousServer>,
 }
 
 impl Gang {
-    /// Rendezvous: rank 0 serves the store on `0.0.0.0:port`; every rank connects to
+    /// Rendezvous: rank 0 serves rendezvous on `0.0.0.0:port`; every rank connects to
     /// `master:port`, joins the collective ([`resolve`]d from `backend` and `device`) and meets
     /// the others at a barrier. NCCL missing here is a configuration error naming
     /// `RADFM_COLLECTIVE`.
@@ -195,30 +195,32 @@ impl Gang {
     ) -> Result<Gang> {
         let chosen = resolve(backend, device)?;
         let server = if rank == 0 {
-            Some(store::StoreServer::start(&format!("0.0.0.0:{port}"))?)
+            Some(rendezvous::RendezvousServer::start(&format!(
+                "0.0.0.0:{port}"
+            ))?)
         } else {
             None
         };
-        let mut store = store::StoreClient::connect(&format!("{master}:{port}"), attempt, timeout)?;
+        let mut rendezvous =
+            rendezvous::RendezvousClient::connect(&format!("{master}:{port}"), attempt, timeout)?;
         let coll: Box<dyn Collective + Send> = match chosen {
             Chosen::Nccl { ordinal } => {
-                let comm = nccl::Nccl::connect(&mut store, rank, world, ordinal, timeout).map_err(
-                    |e| match e {
-                        radfm_dist::Error::Unavailable { reason } => Error::Field {
+                let comm = nccl::Nccl::connect(&mut rendezvous, rank, world, ordinal, timeout)
+                    .map_err(|e| match e {
+                        radfm_collective::Error::Unavailable { reason } => Error::Field {
                             field: crate::config::COLLECTIVE.into(),
                             reason,
                         },
-                        other => Error::Dist(other),
-                    },
-                )?;
+                        other => Error::Collective(other),
+                    })?;
                 Box::new(NcclTensors { comm, device })
             }
-            Chosen::Ring => Box::new(ring::Ring::connect(&mut store, rank, world, timeout)?),
+            Chosen::Ring => Box::new(ring::Ring::connect(&mut rendezvous, rank, world, timeout)?),
         };
-        store.barrier("joined", world)?;
+        rendezvous.barrier("joined", world)?;
         Ok(Gang {
             coll,
-            store,
+            rendezvous,
             _server: server,
         })
     }
@@ -453,7 +455,7 @@ mod tests {
                 steps.iter().map(|(x, n)| (x.copy(), n.copy())).collect(),
             );
 
-            let server = store::StoreServer::start("127.0.0.1:0").unwrap();
+            let server = rendezvous::RendezvousServer::start("127.0.0.1:0").unwrap();
             let addr = server.addr.to_string();
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
@@ -470,8 +472,12 @@ mod tests {
                     let init: Vec<(String, Tensor)> =
                         init.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
                     std::thread::spawn(move || {
-                        let mut c =
-                            store::StoreClient::connect(&addr, 1, Duration::from_secs(10)).unwrap();
+                        let mut c = rendezvous::RendezvousClient::connect(
+                            &addr,
+                            1,
+                            Duration::from_secs(10),
+                        )
+                        .unwrap();
                         let ring =
                             ring::Ring::connect(&mut c, rank, world, Duration::from_secs(10))
                                 .unwrap();

@@ -1,4 +1,4 @@
-//! The rendezvous store: a small TCP key-value server run by global rank 0.
+//! The rendezvous server: a small TCP key-value server run by global rank 0.
 //!
 //! Ranks find each other through it (ring addresses, the NCCL unique id) and meet at barriers.
 //! Every key is prefixed with the gang attempt, so a straggler of attempt n can never read or
@@ -22,35 +22,35 @@ struct State {
 }
 
 /// The server side, run by rank 0 on a background thread.
-pub struct StoreServer {
+pub struct RendezvousServer {
     /// The bound address.
     pub addr: SocketAddr,
 }
 
-impl StoreServer {
+impl RendezvousServer {
     /// Listens on `addr` (port 0 picks one) and serves until the process exits.
-    pub fn start(addr: &str) -> Result<StoreServer> {
+    pub fn start(addr: &str) -> Result<RendezvousServer> {
         let listener = TcpListener::bind(addr).map_err(|e| Error::Io {
-            path: format!("rendezvous store {addr}"),
+            path: format!("rendezvous server {addr}"),
             source: e,
         })?;
         let bound = listener.local_addr().map_err(|e| Error::Io {
-            path: format!("rendezvous store {addr}"),
+            path: format!("rendezvous server {addr}"),
             source: e,
         })?;
         let shared = Arc::new((Mutex::new(State::default()), Condvar::new()));
         std::thread::Builder::new()
-            .name("radfm-store".into())
+            .name("radfm-rendezvous".into())
             .spawn(move || {
                 for conn in listener.incoming().flatten() {
                     let shared = shared.clone();
                     let _ = std::thread::Builder::new()
-                        .name("radfm-store-conn".into())
+                        .name("radfm-rendezvous-conn".into())
                         .spawn(move || serve(conn, shared));
                 }
             })
-            .expect("spawn the store thread");
-        Ok(StoreServer { addr: bound })
+            .expect("spawn the rendezvous thread");
+        Ok(RendezvousServer { addr: bound })
     }
 }
 
@@ -109,24 +109,24 @@ fn serve(conn: TcpStream, shared: Arc<(Mutex<State>, Condvar)>) {
     }
 }
 
-/// A rank's connection to the store.
-pub struct StoreClient {
+/// A rank's connection to the rendezvous server.
+pub struct RendezvousClient {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     prefix: String,
     timeout: Duration,
-    /// The address this rank reaches the store from (what peers can reach it by).
+    /// The address this rank reaches the rendezvous server from (what peers can reach it by).
     pub local_ip: std::net::IpAddr,
     addr: String,
 }
 
-impl StoreClient {
+impl RendezvousClient {
     /// Connects to `addr` (retrying until `timeout`: rank 0 may not be up yet); keys are scoped
     /// to `attempt`.
-    pub fn connect(addr: &str, attempt: i32, timeout: Duration) -> Result<StoreClient> {
+    pub fn connect(addr: &str, attempt: i32, timeout: Duration) -> Result<RendezvousClient> {
         let deadline = Instant::now() + timeout;
         let err = |reason: String| Error::Rendezvous {
-            what: format!("store {addr}"),
+            what: format!("rendezvous server {addr}"),
             reason,
         };
         let stream = loop {
@@ -149,7 +149,7 @@ impl StoreClient {
         stream.set_nodelay(true).map_err(|e| err(e.to_string()))?;
         let local_ip = stream.local_addr().map_err(|e| err(e.to_string()))?.ip();
         let writer = stream.try_clone().map_err(|e| err(e.to_string()))?;
-        Ok(StoreClient {
+        Ok(RendezvousClient {
             reader: BufReader::new(stream),
             writer,
             prefix: format!("a{attempt}/"),
@@ -162,7 +162,7 @@ impl StoreClient {
     fn call(&mut self, req: String, wait: Duration) -> Result<String> {
         let what = req.split(' ').take(2).collect::<Vec<_>>().join(" ");
         let err = |reason: String| Error::Rendezvous {
-            what: format!("store {} {what}", self.addr),
+            what: format!("rendezvous server {} {what}", self.addr),
             reason,
         };
         self.reader
@@ -189,7 +189,7 @@ impl StoreClient {
         self.call(req, Duration::ZERO).map(|_| ())
     }
 
-    /// Waits (up to the store timeout) for `key` and returns its value.
+    /// Waits (up to the rendezvous timeout) for `key` and returns its value.
     pub fn get(&mut self, key: &str) -> Result<Vec<u8>> {
         let t = self.timeout;
         let req = format!("WAIT {}{key} {}", self.prefix, t.as_millis());
@@ -226,13 +226,14 @@ mod tests {
 
     #[test]
     fn ranks_exchange_values_and_meet_at_a_barrier() {
-        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let server = RendezvousServer::start("127.0.0.1:0").unwrap();
         let addr = server.addr.to_string();
         let handles: Vec<_> = (0..3)
             .map(|rank| {
                 let addr = addr.clone();
                 std::thread::spawn(move || {
-                    let mut c = StoreClient::connect(&addr, 1, Duration::from_secs(5)).unwrap();
+                    let mut c =
+                        RendezvousClient::connect(&addr, 1, Duration::from_secs(5)).unwrap();
                     c.set(&format!("addr/{rank}"), format!("r{rank}").as_bytes())
                         .unwrap();
                     c.barrier("start", 3).unwrap();
@@ -247,27 +248,28 @@ mod tests {
 
     #[test]
     fn keys_of_another_attempt_are_invisible_and_waits_time_out() {
-        let server = StoreServer::start("127.0.0.1:0").unwrap();
+        let server = RendezvousServer::start("127.0.0.1:0").unwrap();
         let addr = server.addr.to_string();
-        let mut old = StoreClient::connect(&addr, 1, Duration::from_millis(300)).unwrap();
+        let mut old = RendezvousClient::connect(&addr, 1, Duration::from_millis(300)).unwrap();
         old.set("nccl-id", b"stale").unwrap();
-        let mut new = StoreClient::connect(&addr, 2, Duration::from_millis(300)).unwrap();
+        let mut new = RendezvousClient::connect(&addr, 2, Duration::from_millis(300)).unwrap();
         let e = new.get("nccl-id").unwrap_err();
         assert!(e.to_string().contains("timeout"), "{e}");
         assert!(matches!(e, Error::Rendezvous { .. }), "{e}");
     }
 
     #[test]
-    fn an_absent_store_is_reported_after_the_connect_timeout() {
+    fn an_absent_rendezvous_server_is_reported_after_the_connect_timeout() {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let t = Instant::now();
-        let e = StoreClient::connect(&format!("127.0.0.1:{port}"), 1, Duration::from_millis(500))
-            .err()
-            .unwrap();
+        let e =
+            RendezvousClient::connect(&format!("127.0.0.1:{port}"), 1, Duration::from_millis(500))
+                .err()
+                .unwrap();
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(e.to_string().contains("unreachable"), "{e}");
     }
