@@ -186,6 +186,84 @@ pub fn classify(policy: Option<&FailurePolicy>, f: &WorkerFailure) -> Verdict {
     }
 }
 
+/// Why a gang's failures end the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailCause {
+    /// The failure policy says the failure cannot be retried.
+    Permanent,
+    /// The counted restarts reached `runPolicy.backoffLimit`.
+    BackoffLimitExceeded,
+}
+
+impl FailCause {
+    /// The condition reason the job's status and events carry.
+    pub fn reason(self) -> &'static str {
+        match self {
+            FailCause::Permanent => crate::conditions::reason::PERMANENT_FAILURE,
+            FailCause::BackoffLimitExceeded => crate::conditions::reason::BACKOFF_LIMIT_EXCEEDED,
+        }
+    }
+}
+
+/// What a gang does after workers of its current attempt failed: the same verdict for the
+/// operator's pods and `radfm run`'s processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GangVerdict {
+    /// Delete every worker and start the next attempt from the last checkpoint.
+    Restart {
+        /// Whether the restart counts against `runPolicy.backoffLimit`.
+        counted: bool,
+        /// The deciding failure, described.
+        message: String,
+    },
+    /// The job fails.
+    Fail {
+        /// Why.
+        cause: FailCause,
+        /// The deciding failure and the rule that ended the job.
+        message: String,
+    },
+}
+
+/// The harshest action wins; of equally harsh ones, the lowest rank's.
+fn severity(a: FailureAction) -> u8 {
+    match a {
+        FailureAction::FailJob => 2,
+        FailureAction::RestartGang => 1,
+        FailureAction::RestartGangNotCounted => 0,
+    }
+}
+
+/// The gang's verdict on `failures` (any order) given the restarts already counted, or None when
+/// nothing failed. Every failure is classified by `policy`; the harshest verdict decides, ties
+/// going to the lowest rank.
+pub fn gang_verdict(
+    policy: Option<&FailurePolicy>,
+    failures: &[WorkerFailure],
+    counted_restarts: i32,
+    backoff_limit: i32,
+) -> Option<GangVerdict> {
+    let (_, worst) = failures
+        .iter()
+        .map(|f| (f.rank, classify(policy, f)))
+        .max_by_key(|(rank, v)| (severity(v.action), std::cmp::Reverse(*rank)))?;
+    let message = worst.message;
+    Some(match worst.action {
+        FailureAction::FailJob => GangVerdict::Fail {
+            cause: FailCause::Permanent,
+            message: format!("{message}: the failure policy says this cannot be retried"),
+        },
+        FailureAction::RestartGang if counted_restarts >= backoff_limit => GangVerdict::Fail {
+            cause: FailCause::BackoffLimitExceeded,
+            message: format!("{message}; backoffLimit={backoff_limit} counted restarts exhausted"),
+        },
+        action => GangVerdict::Restart {
+            counted: action == FailureAction::RestartGang,
+            message,
+        },
+    })
+}
+
 /// "worker 3 exited with code 64 (InvalidConfig)", "worker 1 lost its node", ...
 pub fn describe(f: &WorkerFailure) -> String {
     let mut s = format!("worker {}", f.rank);
@@ -308,5 +386,78 @@ mod tests {
         let long = "x".repeat(5000);
         assert_eq!(last_line(&long).unwrap().len(), MESSAGE_LIMIT);
         assert_eq!(last_line(" \n \n"), None);
+    }
+
+    fn failed(rank: i32, code: i32) -> WorkerFailure {
+        WorkerFailure {
+            rank,
+            exit_code: Some(code),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_gang_takes_the_harshest_verdict_and_of_equals_the_lowest_ranks() {
+        use FailCause::*;
+        let lost = |rank| WorkerFailure {
+            rank,
+            node_lost: true,
+            ..Default::default()
+        };
+        let restart = |counted, m: &str| {
+            Some(GangVerdict::Restart {
+                counted,
+                message: m.into(),
+            })
+        };
+        let fail = |cause, m: &str| {
+            Some(GangVerdict::Fail {
+                cause,
+                message: m.into(),
+            })
+        };
+        let cases: Vec<(Vec<WorkerFailure>, i32, Option<GangVerdict>)> = vec![
+            (vec![], 0, None),
+            (
+                vec![failed(1, 76)],
+                0,
+                restart(true, "worker 1 exited with code 76 (PeerLost)"),
+            ),
+            (vec![lost(2)], 3, restart(false, "worker 2 lost its node")),
+            (
+                vec![lost(0), failed(3, 76)],
+                0,
+                restart(true, "worker 3 exited with code 76 (PeerLost)"),
+            ),
+            (
+                vec![failed(11, 76), failed(2, 77)],
+                0,
+                restart(true, "worker 2 exited with code 77 (Terminated)"),
+            ),
+            (
+                vec![failed(1, 76), failed(3, 64)],
+                0,
+                fail(
+                    Permanent,
+                    "worker 3 exited with code 64 (InvalidConfig): the failure policy says this cannot be retried",
+                ),
+            ),
+            (
+                vec![failed(1, 76)],
+                2,
+                fail(
+                    BackoffLimitExceeded,
+                    "worker 1 exited with code 76 (PeerLost); backoffLimit=2 counted restarts exhausted",
+                ),
+            ),
+            (vec![lost(1)], 2, restart(false, "worker 1 lost its node")),
+        ];
+        for (failures, counted, want) in cases {
+            assert_eq!(
+                gang_verdict(None, &failures, counted, 2),
+                want,
+                "{failures:?}"
+            );
+        }
     }
 }

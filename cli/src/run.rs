@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use radfm_api::TrainingJob;
 use radfm_api::env::EnvContract;
-use radfm_api::failure::{self, FailureAction, WorkerFailure};
+use radfm_api::failure::{self, GangVerdict, WorkerFailure};
 
 /// Flags of `radfm run`.
 #[derive(clap::Args)]
@@ -51,25 +51,9 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
-/// What to do after every worker of an attempt has exited.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Next {
-    /// Every worker succeeded.
-    Done,
-    /// Start the next attempt; `counted` against backoffLimit.
-    Restart {
-        /// Counted against backoffLimit.
-        counted: bool,
-        /// Why.
-        message: String,
-    },
-    /// Stop with an error.
-    Fail(String),
-}
-
-/// The decision after an attempt, from the workers' exit codes (rank order), the job's failure
-/// policy and the counted restarts so far: the operator's rules, applied to local processes.
-pub fn decide(job: &TrainingJob, codes: &[i32], counted_restarts: i32) -> Next {
+/// What to do after every worker of an attempt has exited: `None` when every worker succeeded,
+/// else the gang verdict the operator would reach for the same exit codes.
+pub fn decide(job: &TrainingJob, codes: &[i32], counted_restarts: i32) -> Option<GangVerdict> {
     let failures: Vec<WorkerFailure> = codes
         .iter()
         .enumerate()
@@ -80,47 +64,12 @@ pub fn decide(job: &TrainingJob, codes: &[i32], counted_restarts: i32) -> Next {
             ..Default::default()
         })
         .collect();
-    if failures.is_empty() {
-        return Next::Done;
-    }
-    let verdicts: Vec<failure::Verdict> = failures
-        .iter()
-        .map(|f| failure::classify(job.spec.failure_policy.as_ref(), f))
-        .collect();
-    let harshest = |a: FailureAction| match a {
-        FailureAction::FailJob => 2,
-        FailureAction::RestartGang => 1,
-        FailureAction::RestartGangNotCounted => 0,
-    };
-    // The harshest verdict, and of equally harsh ones the lowest rank's.
-    let v = verdicts
-        .iter()
-        .rev()
-        .max_by_key(|v| harshest(v.action))
-        .expect("at least one failure");
-    match v.action {
-        FailureAction::FailJob => {
-            Next::Fail(format!("{}: the failure policy fails the job", v.message))
-        }
-        FailureAction::RestartGangNotCounted => Next::Restart {
-            counted: false,
-            message: v.message.clone(),
-        },
-        FailureAction::RestartGang => {
-            let limit = job.spec.run_policy.backoff_limit;
-            if counted_restarts >= limit {
-                Next::Fail(format!(
-                    "{}; backoffLimit {limit} reached (BackoffLimitExceeded)",
-                    v.message
-                ))
-            } else {
-                Next::Restart {
-                    counted: true,
-                    message: v.message.clone(),
-                }
-            }
-        }
-    }
+    failure::gang_verdict(
+        job.spec.failure_policy.as_ref(),
+        &failures,
+        counted_restarts,
+        job.spec.run_policy.backoff_limit,
+    )
 }
 
 /// The loss curve as a standalone SVG (step on x, loss on y).
@@ -391,15 +340,18 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             break Ok(130);
         }
         match decide(&job, &codes, counted) {
-            Next::Done => break Ok(0),
-            Next::Fail(why) => {
-                eprintln!("radfm run: {name} failed after {attempt} attempt(s): {why}");
+            None => break Ok(0),
+            Some(GangVerdict::Fail { cause, message }) => {
+                eprintln!(
+                    "radfm run: {name} failed after {attempt} attempt(s): {message} ({})",
+                    cause.reason()
+                );
                 break Ok(1);
             }
-            Next::Restart {
+            Some(GangVerdict::Restart {
                 counted: c,
                 message,
-            } => {
+            }) => {
                 counted += c as i32;
                 eprintln!(
                     "radfm run: {message}; restarting the gang as attempt {} (from the last checkpoint)",
@@ -435,6 +387,7 @@ fn write_plot(path: &Path, losses: &[(i64, f64)], name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use radfm_api::failure::FailCause;
 
     fn job(extra: &str) -> TrainingJob {
         TrainingJob::from_yaml(
@@ -448,21 +401,33 @@ mod tests {
         .unwrap()
     }
 
+    fn fails(v: Option<GangVerdict>, cause: FailCause, rank: &str) -> bool {
+        matches!(v, Some(GangVerdict::Fail { cause: c, message }) if c == cause && message.starts_with(rank))
+    }
+
     #[test]
-    fn local_gangs_follow_the_operators_failure_rules() {
+    fn local_gangs_take_the_operators_verdict_for_their_exit_codes() {
         let j = job("  runPolicy: {backoffLimit: 2}\n");
-        assert_eq!(decide(&j, &[0, 0], 0), Next::Done);
+        assert_eq!(decide(&j, &[0, 0], 0), None);
         assert!(matches!(
             decide(&j, &[76, 77], 0),
-            Next::Restart { counted: true, .. }
+            Some(GangVerdict::Restart { counted: true, .. })
         ));
-        assert!(
-            matches!(decide(&j, &[76, 77], 2), Next::Fail(m) if m.contains("BackoffLimitExceeded"))
-        );
-        assert!(
-            matches!(decide(&j, &[64, 77], 0), Next::Fail(m) if m.contains("worker 0 exited with code 64"))
-        );
-        assert!(matches!(decide(&j, &[77, 66], 0), Next::Fail(m) if m.contains("worker 1")));
+        assert!(fails(
+            decide(&j, &[76, 77], 2),
+            FailCause::BackoffLimitExceeded,
+            "worker 0"
+        ));
+        assert!(fails(
+            decide(&j, &[64, 77], 0),
+            FailCause::Permanent,
+            "worker 0 exited with code 64"
+        ));
+        assert!(fails(
+            decide(&j, &[77, 66], 0),
+            FailCause::Permanent,
+            "worker 1"
+        ));
     }
 
     #[test]
@@ -472,9 +437,13 @@ mod tests {
         );
         assert!(matches!(
             decide(&j, &[75, 0], 0),
-            Next::Restart { counted: false, .. }
+            Some(GangVerdict::Restart { counted: false, .. })
         ));
-        assert!(matches!(decide(&j, &[76, 0], 0), Next::Fail(_)));
+        assert!(fails(
+            decide(&j, &[76, 0], 0),
+            FailCause::BackoffLimitExceeded,
+            "worker 0"
+        ));
     }
 
     #[test]

@@ -110,7 +110,7 @@ fn a_permanent_worker_failure_fails_the_local_run_without_restarts() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("radfm run: mae-local failed after 1 attempt(s): worker 0 exited with code 66 (NonFiniteLoss): the failure policy fails the job"),
+        err.contains("radfm run: mae-local failed after 1 attempt(s): worker 0 exited with code 66 (NonFiniteLoss): the failure policy says this cannot be retried (PermanentFailure)"),
         "{err}"
     );
 }

@@ -25,9 +25,9 @@ use radfm_api::trainingjob::MANAGED_BY_RADFM;
 use tracing::{info, instrument, warn};
 
 use crate::metrics::Metrics;
+use crate::{Error, Result};
 use children::GangScheduler;
 use plan::{Observed, Plan, plan};
-use crate::{Error, Result};
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "radfm-operator";

@@ -12,7 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use radfm_api::conditions::{self, ConditionType as C, reason};
-use radfm_api::failure::{self, FailureAction, WorkerFailure};
+use radfm_api::failure::{self, GangVerdict, WorkerFailure};
 use radfm_api::trainingjob::{CheckpointRef, CleanPodPolicy, Phase, Progress};
 use radfm_api::{TrainingJob, TrainingJobStatus};
 
@@ -286,15 +286,6 @@ impl Ctx<'_> {
     }
 }
 
-/// Severity order for several simultaneous failures: the harshest verdict wins.
-fn severity(a: FailureAction) -> u8 {
-    match a {
-        FailureAction::FailJob => 2,
-        FailureAction::RestartGang => 1,
-        FailureAction::RestartGangNotCounted => 0,
-    }
-}
-
 /// Decides what to do for `job` given what was observed.
 pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
     let ctx = Ctx {
@@ -448,74 +439,31 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
             .collect();
         for rank in (0..replicas).filter(|r| !present.contains(r)) {
             if !failures.iter().any(|f| f.rank == rank) {
+                // Deleted out from under a running gang: an infrastructure event, not the
+                // trainer's fault.
                 failures.push(WorkerFailure {
                     rank,
                     reason: Some("WorkerDeleted".into()),
+                    pod_conditions: vec!["DisruptionTarget".into()],
                     ..Default::default()
                 });
             }
         }
     }
-    if !failures.is_empty() {
-        let verdicts: Vec<_> = failures
-            .iter()
-            .map(|f| {
-                let mut f = f.clone();
-                if f.reason.as_deref() == Some("WorkerDeleted") {
-                    // Deleted out from under a running gang: an infrastructure event, not the trainer's fault.
-                    f.pod_conditions.push("DisruptionTarget".into());
-                }
-                failure::classify(job.spec.failure_policy.as_ref(), &f)
-            })
-            .collect();
-        let worst = verdicts
-            .iter()
-            .max_by_key(|v| (severity(v.action), std::cmp::Reverse(v.message.clone())))
-            .expect("non-empty");
-        let msg = worst.message.clone();
-        match worst.action {
-            FailureAction::FailJob => {
-                let msg = format!("{msg}: the failure policy says this cannot be retried");
-                ctx.fail(plan, st, workers, reason::PERMANENT_FAILURE, &msg);
-                return;
-            }
-            FailureAction::RestartGang
-                if st.counted_restarts >= job.spec.run_policy.backoff_limit =>
-            {
-                let msg = format!(
-                    "{msg}; backoffLimit={} counted restarts exhausted",
-                    job.spec.run_policy.backoff_limit
-                );
-                ctx.fail(plan, st, workers, reason::BACKOFF_LIMIT_EXCEEDED, &msg);
-                return;
-            }
-            action => {
-                let counted = action == FailureAction::RestartGang;
-                let why = if counted {
-                    reason::WORKER_FAILED
-                } else {
-                    reason::DISRUPTED
-                };
-                if counted {
-                    st.counted_restarts += 1;
-                }
-                st.restarts += 1;
-                let from = st.attempt;
-                st.attempt += 1;
-                let note = format!(
-                    "{msg}; restarting the whole gang as attempt {} (restart {}{})",
-                    st.attempt,
-                    st.restarts,
-                    if counted { "" } else { ", not counted" }
-                );
-                ctx.set(st, C::Restarting, true, why, &note);
-                ctx.set(st, C::Running, false, why, &note);
-                st.phase = Some(Phase::Restarting);
-                plan.event(true, why, note);
-                let doomed: Vec<&Worker> = workers.iter().filter(|w| w.attempt <= from).collect();
-                ctx.remove(plan, &doomed);
-                return;
-            }
+    match failure::gang_verdict(
+        job.spec.failure_policy.as_ref(),
+        &failures,
+        st.counted_restarts,
+        job.spec.run_policy.backoff_limit,
+    ) {
+        None => {}
+        Some(GangVerdict::Fail { cause, message }) => {
+            ctx.fail(plan, st, workers, cause.reason(), &message);
+            return;
+        }
+        Some(GangVerdict::Restart { counted, message }) => {
+            restart_gang(ctx, plan, st, workers, counted, &message);
+            return;
         }
     }
 
@@ -623,6 +571,40 @@ fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker
             Phase::Pending
         });
     }
+}
+
+/// Starts the next attempt: every worker of this and earlier attempts goes.
+fn restart_gang(
+    ctx: &Ctx,
+    plan: &mut Plan,
+    st: &mut TrainingJobStatus,
+    workers: &[Worker],
+    counted: bool,
+    message: &str,
+) {
+    let why = if counted {
+        reason::WORKER_FAILED
+    } else {
+        reason::DISRUPTED
+    };
+    if counted {
+        st.counted_restarts += 1;
+    }
+    st.restarts += 1;
+    let from = st.attempt;
+    st.attempt += 1;
+    let note = format!(
+        "{message}; restarting the whole gang as attempt {} (restart {}{})",
+        st.attempt,
+        st.restarts,
+        if counted { "" } else { ", not counted" }
+    );
+    ctx.set(st, C::Restarting, true, why, &note);
+    ctx.set(st, C::Running, false, why, &note);
+    st.phase = Some(Phase::Restarting);
+    plan.event(true, why, note);
+    let doomed: Vec<&Worker> = workers.iter().filter(|w| w.attempt <= from).collect();
+    ctx.remove(plan, &doomed);
 }
 
 #[cfg(test)]
