@@ -222,6 +222,38 @@ pub fn set(
     }
 }
 
+/// The generation and time a reconcile pass stamps on every condition it sets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stamp {
+    /// The object's `metadata.generation` this pass acted on.
+    pub generation: Option<i64>,
+    /// The pass's time.
+    pub now: Time,
+}
+
+impl Stamp {
+    /// Sets condition `ty` to `status` with `reason` and `message` (see [`set`]); returns whether
+    /// it flipped or is new.
+    pub fn set(
+        &self,
+        conditions: &mut Vec<Condition>,
+        ty: impl Kind,
+        status: bool,
+        reason: &str,
+        message: &str,
+    ) -> bool {
+        set(
+            conditions,
+            ty,
+            status,
+            reason,
+            message,
+            self.generation,
+            &self.now,
+        )
+    }
+}
+
 /// Whether the condition exists and is True.
 pub fn is_true(conditions: &[Condition], ty: impl Kind) -> bool {
     get(conditions, ty).is_some_and(|c| c.status == "True")

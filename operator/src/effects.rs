@@ -1,7 +1,7 @@
-//! What every controller shares: watching in one namespace or all, listing its children, and
-//! the two writes a pass
-//! ends with: the status, by server-side apply with the operator's fixed field manager (skipped
-//! when unchanged), then the events.
+//! The API calls every controller shares: watching in one namespace or all, listing its
+//! children, treating "already there" as success, and the two writes a pass ends with: the
+//! status, by server-side apply with the operator's fixed field manager (skipped when
+//! unchanged), then the events a plan asked for.
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -10,8 +10,60 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::Result;
-use crate::training_job::FIELD_MANAGER;
-pub use crate::training_job::plan::PlannedEvent;
+use crate::context::FIELD_MANAGER;
+
+/// Normal or Warning, as Kubernetes events are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Something expected happened.
+    Normal,
+    /// Something a person may need to look at.
+    Warning,
+}
+
+/// An event a plan asks for, recorded after the status is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedEvent {
+    /// Normal or Warning.
+    pub severity: Severity,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// Human-readable note.
+    pub note: String,
+}
+
+impl PlannedEvent {
+    /// A Normal event.
+    pub fn normal(reason: &'static str, note: impl Into<String>) -> Self {
+        PlannedEvent {
+            severity: Severity::Normal,
+            reason,
+            note: note.into(),
+        }
+    }
+
+    /// A Warning event.
+    pub fn warning(reason: &'static str, note: impl Into<String>) -> Self {
+        PlannedEvent {
+            severity: Severity::Warning,
+            reason,
+            note: note.into(),
+        }
+    }
+}
+
+/// Treats one API status code as success: AlreadyExists (409) on create and NotFound (404) on
+/// delete mean the plan's effect is already there.
+pub fn tolerate<T>(
+    r: std::result::Result<T, kube::Error>,
+    code: u16,
+) -> std::result::Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == code => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
 /// The API of `K` in one namespace, or in all of them (the operator's `--namespace`).
 pub fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
@@ -79,10 +131,9 @@ where
     let reference = obj.object_ref(&());
     for e in events {
         let ev = Event {
-            type_: if e.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
+            type_: match e.severity {
+                Severity::Normal => EventType::Normal,
+                Severity::Warning => EventType::Warning,
             },
             reason: e.reason.to_string(),
             note: Some(e.note.chars().take(1000).collect()),

@@ -5,15 +5,17 @@
 //! One folder per controller, each a thin async layer around a pure plan:
 //! [`training_job`] ([`training_job::plan`] decides, [`training_job::children`] builds the owned
 //! objects), [`continual_training`] ([`continual_training::schedule`] decides when),
-//! [`site_validator`]. [`effects`] holds the writes every controller ends a pass with;
+//! [`site_validator`], [`promotion_policy`]. [`effects`] holds the writes every controller ends a pass with;
 //! [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
 #![deny(missing_docs)]
 
+pub mod context;
 pub mod continual_training;
 pub mod crdgen;
 pub mod effects;
 pub mod leader;
 pub mod metrics;
+pub mod promotion_policy;
 pub mod site_validator;
 pub mod telemetry;
 pub mod training_job;

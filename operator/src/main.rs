@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use radfm_operator::context::{Clock, Context};
 use radfm_operator::leader::Elector;
 use radfm_operator::metrics::{self, Metrics};
-use radfm_operator::{continual_training, crdgen, site_validator, telemetry, training_job};
+use radfm_operator::{
+    continual_training, crdgen, promotion_policy, site_validator, telemetry, training_job,
+};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -208,26 +211,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let clock = match args.clock_file {
-        Some(p) => continual_training::Clock::File(p),
-        None => continual_training::Clock::Wall,
-    };
+    let ctx = Context::new(client, metrics.clone(), Some(identity));
+    // The clock file moves schedules only: pods and the API server keep the wall clock.
+    let schedules = Arc::new(ctx.with_clock(args.clock_file.map_or(Clock::Wall, Clock::File)));
+    let ctx = Arc::new(ctx);
+    let ns = &args.namespace;
     tokio::join!(
-        training_job::run_controller(
-            client.clone(),
-            metrics.clone(),
-            Some(identity.clone()),
-            args.namespace.clone(),
-            shutdown(),
-        ),
-        continual_training::run_controller(
-            client.clone(),
-            Some(identity.clone()),
-            args.namespace.clone(),
-            clock,
-            shutdown(),
-        ),
-        site_validator::run_controllers(client, Some(identity), args.namespace, shutdown(),),
+        training_job::run_controller(ctx.clone(), ns.clone(), shutdown()),
+        continual_training::run_controller(schedules, ns.clone(), shutdown()),
+        site_validator::run_controller(ctx.clone(), ns.clone(), shutdown()),
+        promotion_policy::run_controller(ctx, ns.clone(), shutdown()),
     );
     if *lost_rx.borrow() {
         anyhow::bail!("lost the leader lease");

@@ -1,8 +1,15 @@
-//! The thin layer that talks to the API server: gather [`Observed`], run [`plan`], carry out the
-//! plan, write the status once by server-side apply, then record events.
+//! The TrainingJob controller: the thin layer that talks to the API server. Gather
+//! [`Observed`], run [`plan`], carry out the plan, write the status once by server-side apply,
+//! then record events.
 
 pub mod children;
+mod failure_policy;
+mod gang_startup;
 pub mod plan;
+mod success_policy;
+mod suspend_policy;
+mod ttl_after_finished;
+pub mod workers;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -12,66 +19,22 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
 use radfm_api::TrainingJob;
-use radfm_api::conditions::{self, ConditionType, reason};
+use radfm_api::conditions::{self, ConditionType, Stamp, reason};
 use radfm_api::trainingjob::MANAGED_BY_RADFM;
 use tracing::{info, instrument, warn};
 
-use crate::metrics::Metrics;
+use crate::context::{Context, FIELD_MANAGER, error_policy};
+use crate::effects::{PlannedEvent, tolerate};
 use crate::{Error, Result};
 use children::GangScheduler;
 use plan::{Observed, Plan, plan};
-
-/// Field manager of every write the operator makes.
-pub const FIELD_MANAGER: &str = "radfm-operator";
-
-/// Shared state of the reconciler.
-pub struct Context {
-    /// API client.
-    pub client: Client,
-    /// Event recorder.
-    pub recorder: Recorder,
-    /// Prometheus metrics.
-    pub metrics: Arc<Metrics>,
-    /// Clock, injectable for tests.
-    pub now: fn() -> Time,
-}
-
-impl Context {
-    /// A context using the wall clock.
-    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance,
-        };
-        Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            now: || Time(k8s_openapi::jiff::Timestamp::now()),
-        }
-    }
-}
-
-/// Treats one API status code as success: AlreadyExists (409) on create and NotFound (404) on
-/// delete mean the plan's effect is already there.
-fn tolerate<T>(
-    r: std::result::Result<T, kube::Error>,
-    code: u16,
-) -> std::result::Result<(), kube::Error> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == code => Ok(()),
-        Err(e) => Err(e),
-    }
-}
 
 /// Reconciles one TrainingJob.
 #[instrument(skip_all, fields(job = %job.name_any(), namespace = job.namespace().unwrap_or_default()))]
@@ -121,21 +84,20 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
     }
     let create_error = apply(job, &ns, &plan, ctx).await.err();
     if let Some(e) = &create_error {
-        let now = (ctx.now)();
-        conditions::set(
+        let stamp = Stamp {
+            generation: job.metadata.generation,
+            now: Time(ctx.clock.now()),
+        };
+        let message = e.to_string();
+        let why = reason::CREATE_FAILED;
+        stamp.set(
             &mut plan.status.conditions,
             ConditionType::Created,
             false,
-            reason::CREATE_FAILED,
-            &e.to_string(),
-            job.metadata.generation,
-            &now,
+            why,
+            &message,
         );
-        plan.events.push(crate::training_job::plan::PlannedEvent {
-            warning: true,
-            reason: reason::CREATE_FAILED,
-            note: e.to_string(),
-        });
+        plan.events.push(PlannedEvent::warning(why, message));
     }
 
     let jobs: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &ns);
@@ -202,7 +164,7 @@ async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed>
         service_exists,
         pod_group_exists,
         lost_nodes,
-        now: (ctx.now)(),
+        now: Time(ctx.clock.now()),
     })
 }
 
@@ -229,53 +191,78 @@ fn pod_group_api(ctx: &Context, ns: &str, sched: GangScheduler) -> Api<DynamicOb
     Api::namespaced_with(ctx.client.clone(), ns, &ar)
 }
 
+/// The first failure of a pass's writes; every write is still tried.
+#[derive(Default)]
+struct Failures(Option<Error>);
+
+impl Failures {
+    fn note(&mut self, r: std::result::Result<(), kube::Error>, what: String) {
+        if let Err(e) = r {
+            warn!(error = %e, "{what}");
+            self.0.get_or_insert(Error::Child { what, source: e });
+        }
+    }
+}
+
+fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
 /// Carries out creates and deletes; AlreadyExists and NotFound are success (the plan is
 /// idempotent). Returns the first error after trying everything.
 async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Result<()> {
-    let mut first_error: Option<Error> = None;
-    let mut note = |r: std::result::Result<(), kube::Error>, what: String| {
-        if let Err(e) = r {
-            warn!(error = %e, "{what}");
-            if first_error.is_none() {
-                first_error = Some(Error::Child { what, source: e });
-            }
-        }
-    };
-    let pp = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
+    let mut failures = Failures::default();
+    create_gang_objects(job, ns, plan, ctx, &mut failures).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    create_pods(&pods, &plan.create_pods, &mut failures).await;
+    delete_pods(&pods, plan, &mut failures).await;
+    if plan.delete_service {
+        let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+        let name = children::service_name(job);
+        let r = tolerate(api.delete(&name, &DeleteParams::default()).await, 404);
+        failures.note(r, format!("deleting service {name}"));
+    }
+    failures.0.map_or(Ok(()), Err)
+}
+
+/// The headless Service, the PodGroup and the trainer's access, before any pod.
+async fn create_gang_objects(
+    job: &TrainingJob,
+    ns: &str,
+    plan: &Plan,
+    ctx: &Context,
+    failures: &mut Failures,
+) -> Result<()> {
+    let pp = post_params();
+    let name = children::service_name(job);
     if let Some(svc) = &plan.create_service {
         let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
         let r = tolerate(api.create(&pp, svc).await, 409);
-        note(
-            r,
-            format!("creating service {}", children::service_name(job)),
-        );
+        failures.note(r, format!("creating service {name}"));
     }
     if let Some((sched, pg)) = &plan.create_pod_group {
         let obj: DynamicObject = serde_json::from_value(pg.clone()).map_err(Error::Serialize)?;
         let r = tolerate(pod_group_api(ctx, ns, *sched).create(&pp, &obj).await, 409);
-        note(
-            r,
-            format!("creating PodGroup {}", children::service_name(job)),
-        );
+        failures.note(r, format!("creating PodGroup {name}"));
     }
     if let Some(access) = &plan.trainer_access {
-        note(
-            apply_trainer_access(ctx, ns, access).await,
-            format!(
-                "granting progress reporting to {}",
-                children::trainer_service_account_name(job)
-            ),
-        );
+        let account = children::trainer_service_account_name(job);
+        let r = apply_trainer_access(ctx, ns, access).await;
+        failures.note(r, format!("granting progress reporting to {account}"));
     }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(())
+}
+
+/// Creates the pods, 16 at a time.
+async fn create_pods(pods: &Api<Pod>, create: &[Pod], failures: &mut Failures) {
+    let pp = post_params();
     let created: Vec<(String, std::result::Result<(), kube::Error>)> =
-        stream::iter(plan.create_pods.clone())
+        stream::iter(create.iter().cloned())
             .map(|p| {
-                let pods = pods.clone();
-                let pp = pp.clone();
+                let (pods, pp) = (pods.clone(), pp.clone());
                 async move {
                     let r = tolerate(pods.create(&pp, &p).await, 409);
                     (p.metadata.name.clone().unwrap_or_default(), r)
@@ -285,9 +272,12 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
             .collect()
             .await;
     for (name, r) in created {
-        note(r, format!("creating pod {name}"));
+        failures.note(r, format!("creating pod {name}"));
     }
-    let graceful = DeleteParams::default();
+}
+
+/// Deletes the plan's pods, 16 at a time: gracefully, or with grace period 0 where stuck.
+async fn delete_pods(pods: &Api<Pod>, plan: &Plan, failures: &mut Failures) {
     let force = DeleteParams {
         grace_period_seconds: Some(0),
         ..Default::default()
@@ -295,7 +285,7 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
     let deletes: Vec<(String, DeleteParams)> = plan
         .delete_pods
         .iter()
-        .map(|n| (n.clone(), graceful.clone()))
+        .map(|n| (n.clone(), DeleteParams::default()))
         .chain(
             plan.force_delete_pods
                 .iter()
@@ -314,22 +304,7 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
         .collect()
         .await;
     for (name, r) in deleted {
-        note(r, format!("deleting pod {name}"));
-    }
-    if plan.delete_service {
-        let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-        let r = tolerate(
-            api.delete(&children::service_name(job), &graceful).await,
-            404,
-        );
-        note(
-            r,
-            format!("deleting service {}", children::service_name(job)),
-        );
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
+        failures.note(r, format!("deleting pod {name}"));
     }
 }
 
@@ -357,12 +332,6 @@ async fn apply_trainer_access(
     Ok(())
 }
 
-/// Requeue policy after an error: retry soon, the error is in the job's status and logs.
-pub fn error_policy(_job: Arc<TrainingJob>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(%error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
-}
-
 fn is_active(job: &TrainingJob) -> bool {
     let conds = job
         .status
@@ -375,12 +344,11 @@ fn is_active(job: &TrainingJob) -> bool {
 
 /// Runs the TrainingJob controller until `shutdown` resolves.
 pub async fn run_controller(
-    client: Client,
-    metrics: Arc<Metrics>,
-    instance: Option<String>,
+    ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let client = ctx.client.clone();
     let ns = namespace.as_deref();
     let jobs: Api<TrainingJob> = crate::effects::scoped(&client, ns);
     let pods: Api<Pod> = crate::effects::scoped(&client, ns);
@@ -390,7 +358,6 @@ pub async fn run_controller(
         children::LABEL_MANAGED_BY,
         children::MANAGER
     ));
-    let ctx = Arc::new(Context::new(client.clone(), metrics, instance));
     let controller = Controller::new(jobs, watcher::Config::default().any_semantic()).with_config(
         ControllerConfig::default()
             .debounce(Duration::from_millis(200))

@@ -1,24 +1,28 @@
-//! The decision core: observed TrainingJob + its children → a plan of creates and deletes and the
-//! new status.
+//! The decision core of the TrainingJob controller: observed job + its children → a plan of
+//! creates and deletes and the new status.
 //!
-//! [`plan`] is a pure function (time is an input), so every rule the operator follows — gang
-//! restarts, the failure policy, backoff, suspension, deadlines, TTL, sticky terminal states,
-//! force-deletion of pods stuck on a lost node — is table-tested without a cluster. The reconciler
-//! only gathers [`Observed`] and carries out the [`Plan`].
+//! [`plan`] is a pure function (time is an input), so every rule the operator follows is
+//! table-tested without a cluster. It is a list of policies, one file each with its own tests:
+//! [`super::ttl_after_finished`] (sticky terminal states, clean-up, TTL), the active deadline,
+//! [`super::suspend_policy`], [`super::failure_policy`] (gang restarts, backoff),
+//! [`super::success_policy`] and [`super::gang_startup`]. The controller only gathers
+//! [`Observed`] and carries out the [`Plan`].
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use radfm_api::conditions::{self, ConditionType as C, reason};
-use radfm_api::failure::{self, GangVerdict, WorkerFailure};
-use radfm_api::trainingjob::{CheckpointRef, CleanPodPolicy, Phase, Progress};
+use radfm_api::conditions::{self, ConditionType as C, Stamp, reason};
+use radfm_api::trainingjob::{CheckpointRef, Phase, Progress};
 use radfm_api::{TrainingJob, TrainingJobStatus};
 
-use crate::training_job::children::{self, GangScheduler};
+use super::children::{self, GangScheduler};
+use super::workers::{Worker, WorkerState, add_secs, secs_between, worker};
+use super::{failure_policy, gang_startup, success_policy, suspend_policy, ttl_after_finished};
+use crate::effects::PlannedEvent;
 
-/// What the reconciler saw in the cluster for one job.
+/// What the controller saw in the cluster for one job.
 #[derive(Debug, Clone)]
 pub struct Observed {
     /// Every pod labelled with the job's name and controlled by it, of any attempt.
@@ -33,18 +37,7 @@ pub struct Observed {
     pub now: Time,
 }
 
-/// An event to record after the status is written.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PlannedEvent {
-    /// Warning (true) or Normal.
-    pub warning: bool,
-    /// CamelCase reason.
-    pub reason: &'static str,
-    /// Human-readable note.
-    pub note: String,
-}
-
-/// What the reconciler must do, in order: create, delete, then write the status once.
+/// What the controller must do, in order: create, delete, then write the status once.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     /// The headless Service to create.
@@ -72,156 +65,44 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
 }
 
-/// One worker pod as the decision core sees it.
-#[derive(Debug, Clone)]
-struct Worker<'a> {
-    pod: &'a Pod,
-    name: String,
-    rank: i32,
-    attempt: i32,
-    /// When deletion was requested (deletionTimestamp minus the grace period).
-    deleting_since: Option<Time>,
-    state: WorkerState,
-    ready: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum WorkerState {
-    Pending,
-    Running,
-    Succeeded,
-    Failed(WorkerFailure),
-}
-
-fn label_i32(pod: &Pod, key: &str) -> Option<i32> {
-    pod.metadata.labels.as_ref()?.get(key)?.parse().ok()
-}
-
-fn worker<'a>(pod: &'a Pod, lost_nodes: &BTreeSet<String>) -> Option<Worker<'a>> {
-    let rank = label_i32(pod, children::LABEL_RANK)?;
-    let attempt = label_i32(pod, children::LABEL_ATTEMPT)?;
-    let status = pod.status.as_ref();
-    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
-    let true_conditions: Vec<String> = status
-        .and_then(|s| s.conditions.as_ref())
-        .map(|cs| {
-            cs.iter()
-                .filter(|c| c.status == "True")
-                .map(|c| c.type_.clone())
-                .collect()
-        })
-        .unwrap_or_default();
-    let ready = true_conditions.iter().any(|c| c == "Ready");
-    let terminated = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == children::CONTAINER))
-        .and_then(|c| c.state.as_ref()?.terminated.as_ref());
-    let node_lost = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.as_ref())
-        .is_some_and(|n| lost_nodes.contains(n));
-    let disrupted = true_conditions.iter().any(|c| c == "DisruptionTarget");
-    let failure = || WorkerFailure {
-        rank,
-        exit_code: terminated.map(|t| t.exit_code),
-        reason: terminated
-            .and_then(|t| t.reason.clone())
-            .filter(|r| r != "Error" && r != "Completed")
-            .or_else(|| status.and_then(|s| s.reason.clone())),
-        pod_conditions: true_conditions
-            .iter()
-            .filter(|c| {
-                *c != "Ready"
-                    && *c != "PodScheduled"
-                    && *c != "Initialized"
-                    && *c != "ContainersReady"
-                    && *c != "PodReadyToStartContainers"
-            })
-            .cloned()
-            .collect(),
-        node_lost,
-        termination_message: terminated
-            .and_then(|t| t.message.as_deref())
-            .and_then(failure::last_line),
-    };
-    let state = match phase {
-        "Succeeded" => WorkerState::Succeeded,
-        "Failed" => WorkerState::Failed(failure()),
-        _ if node_lost || disrupted => WorkerState::Failed(failure()),
-        "Running" => WorkerState::Running,
-        _ => WorkerState::Pending,
-    };
-    Some(Worker {
-        pod,
-        name: pod.metadata.name.clone()?,
-        rank,
-        attempt,
-        deleting_since: pod
-            .metadata
-            .deletion_timestamp
-            .as_ref()
-            .map(|t| add_secs(t, -pod.metadata.deletion_grace_period_seconds.unwrap_or(0))),
-        state,
-        ready,
-    })
-}
-
-fn secs_between(from: &Time, to: &Time) -> i64 {
-    to.0.as_second() - from.0.as_second()
-}
-
-fn add_secs(t: &Time, secs: i64) -> Time {
-    Time(
-        t.0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
-            .unwrap_or(t.0),
-    )
-}
-
 impl Plan {
-    fn requeue_at(&mut self, now: &Time, at: &Time) {
+    pub(super) fn requeue_at(&mut self, now: &Time, at: &Time) {
         let secs = secs_between(now, at).max(1) as u64;
         let d = Duration::from_secs(secs);
         self.requeue_after = Some(self.requeue_after.map_or(d, |r| r.min(d)));
     }
 
-    fn event(&mut self, warning: bool, reason: &'static str, note: impl Into<String>) {
-        self.events.push(PlannedEvent {
-            warning,
-            reason,
-            note: note.into(),
-        });
+    pub(super) fn normal(&mut self, reason: &'static str, note: impl Into<String>) {
+        self.events.push(PlannedEvent::normal(reason, note));
+    }
+
+    pub(super) fn warning(&mut self, reason: &'static str, note: impl Into<String>) {
+        self.events.push(PlannedEvent::warning(reason, note));
     }
 }
 
-struct Ctx<'a> {
-    job: &'a TrainingJob,
-    obs: &'a Observed,
-    generation: Option<i64>,
+/// One planning pass: the job, what was observed, and the stamp its conditions get.
+pub(super) struct Pass<'a> {
+    pub job: &'a TrainingJob,
+    pub obs: &'a Observed,
+    stamp: Stamp,
 }
 
-impl Ctx<'_> {
-    fn set(
+impl Pass<'_> {
+    /// Sets a condition of `st`; returns whether it flipped.
+    pub fn set(
         &self,
         st: &mut TrainingJobStatus,
         ty: C,
         status: bool,
-        reason: &str,
+        why: &str,
         msg: &str,
     ) -> bool {
-        conditions::set(
-            &mut st.conditions,
-            ty,
-            status,
-            reason,
-            msg,
-            self.generation,
-            &self.obs.now,
-        )
+        self.stamp.set(&mut st.conditions, ty, status, why, msg)
     }
 
     /// Deletes (or force-deletes, past the terminating timeout) the given workers.
-    fn remove(&self, plan: &mut Plan, workers: &[&Worker]) {
+    pub fn remove(&self, plan: &mut Plan, workers: &[&Worker]) {
         let timeout = self.job.spec.run_policy.terminating_timeout_seconds;
         for w in workers {
             match &w.deleting_since {
@@ -239,7 +120,7 @@ impl Ctx<'_> {
     }
 
     /// Moves the job to Failed and applies the terminal clean-up.
-    fn fail(
+    pub fn fail(
         &self,
         plan: &mut Plan,
         st: &mut TrainingJobStatus,
@@ -252,55 +133,25 @@ impl Ctx<'_> {
         self.set(st, C::Restarting, false, why, msg);
         st.phase = Some(Phase::Failed);
         st.completion_time = Some(self.obs.now.clone());
-        plan.event(true, why, msg);
-        self.terminal(plan, st, workers);
-    }
-
-    /// Clean-up and TTL of a finished job. Never creates anything: terminal states are sticky.
-    fn terminal(&self, plan: &mut Plan, st: &TrainingJobStatus, workers: &[Worker]) {
-        let rp = &self.job.spec.run_policy;
-        let doomed: Vec<&Worker> = workers
-            .iter()
-            .filter(|w| match rp.clean_pod_policy {
-                CleanPodPolicy::All => true,
-                CleanPodPolicy::Running => {
-                    matches!(w.state, WorkerState::Pending | WorkerState::Running)
-                        || w.attempt != st.attempt
-                }
-                CleanPodPolicy::None => false,
-            })
-            .collect();
-        self.remove(plan, &doomed);
-        plan.delete_service =
-            rp.clean_pod_policy != CleanPodPolicy::None && self.obs.service_exists;
-        if let (Some(ttl), Some(done)) =
-            (rp.ttl_seconds_after_finished, st.completion_time.as_ref())
-        {
-            let due = add_secs(done, ttl);
-            if secs_between(&due, &self.obs.now) >= 0 {
-                plan.delete_job = true;
-            } else {
-                plan.requeue_at(&self.obs.now, &due);
-            }
-        }
+        plan.warning(why, msg);
+        ttl_after_finished::finished(self, plan, st, workers);
     }
 }
 
 /// Decides what to do for `job` given what was observed.
 pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
-    let ctx = Ctx {
+    let pass = Pass {
         job,
         obs,
-        generation: job.metadata.generation,
+        stamp: Stamp {
+            generation: job.metadata.generation,
+            now: obs.now.clone(),
+        },
     };
     let mut plan = Plan::default();
     let mut st = job.status.clone().unwrap_or_default();
     st.observed_generation = job.metadata.generation;
     st.attempt = st.attempt.max(1);
-    let spec = &job.spec;
-    let rp = &spec.run_policy;
-    let replicas = spec.workers.replicas;
-
     let mut workers: Vec<Worker> = obs
         .pods
         .iter()
@@ -308,16 +159,14 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
         .collect();
     workers.sort_by_key(|w| (w.attempt, w.rank, w.name.clone()));
 
-    let finished = conditions::is_true(&st.conditions, C::Succeeded)
-        || conditions::is_true(&st.conditions, C::Failed);
-    if finished {
-        ctx.terminal(&mut plan, &st, &workers);
-    } else if let Some(deadline) = rp.active_deadline_seconds.filter(|_| !rp.suspend)
-        && let Some(start) = st.start_time.clone()
-        && secs_between(&start, &obs.now) >= deadline
+    let rp = &job.spec.run_policy;
+    if conditions::is_true(&st.conditions, C::Succeeded)
+        || conditions::is_true(&st.conditions, C::Failed)
     {
+        ttl_after_finished::finished(&pass, &mut plan, &st, &workers);
+    } else if let Some(deadline) = deadline_passed(job, &st, &obs.now) {
         let msg = format!("job ran longer than activeDeadlineSeconds={deadline}");
-        ctx.fail(
+        pass.fail(
             &mut plan,
             &mut st,
             &workers,
@@ -325,286 +174,86 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
             &msg,
         );
     } else if rp.suspend {
-        let live: Vec<&Worker> = workers.iter().collect();
-        ctx.remove(&mut plan, &live);
-        // Workers of this attempt existed: the resumed gang is a new attempt, so none of its
-        // ranks can meet a rank of the suspended one.
-        if workers.iter().any(|w| w.attempt == st.attempt) {
-            st.attempt += 1;
-        }
-        if ctx.set(
-            &mut st,
-            C::Suspended,
-            true,
-            reason::SUSPENDED,
-            "runPolicy.suspend is true; workers deleted",
-        ) {
-            plan.event(
-                false,
-                reason::SUSPENDED,
-                "job suspended; worker pods deleted",
-            );
-        }
-        ctx.set(
-            &mut st,
-            C::Running,
-            false,
-            reason::SUSPENDED,
-            "job is suspended",
-        );
-        st.phase = Some(Phase::Suspended);
-        st.start_time = None;
+        suspend_policy::suspend(&pass, &mut plan, &mut st, &workers);
     } else {
-        if conditions::is_true(&st.conditions, C::Suspended) {
-            ctx.set(
-                &mut st,
-                C::Suspended,
-                false,
-                reason::RESUMED,
-                "runPolicy.suspend is false",
-            );
-            plan.event(
-                false,
-                reason::RESUMED,
-                "job resumed; a new attempt starts from the last checkpoint",
-            );
+        suspend_policy::resume(&pass, &mut plan, &mut st);
+        let start = st.start_time.get_or_insert_with(|| obs.now.clone()).clone();
+        if let Some(deadline) = rp.active_deadline_seconds {
+            plan.requeue_at(&obs.now, &add_secs(&start, deadline));
         }
-        if st.start_time.is_none() {
-            st.start_time = Some(obs.now.clone());
-        }
-        if let Some(deadline) = rp.active_deadline_seconds
-            && let Some(start) = &st.start_time
-        {
-            plan.requeue_at(&obs.now, &add_secs(start, deadline));
-        }
-        run(&ctx, &mut plan, &mut st, &workers);
+        run(&pass, &mut plan, &mut st, &workers);
     }
+    report_workers(&mut st, &workers, job.spec.workers.replicas);
+    plan.status = st;
+    plan
+}
 
-    // Counts and progress describe the current attempt, whatever the branch.
+/// `activeDeadlineSeconds` when it has passed (a suspended job's clock does not run).
+fn deadline_passed(job: &TrainingJob, st: &TrainingJobStatus, now: &Time) -> Option<i64> {
+    let rp = &job.spec.run_policy;
+    let deadline = rp.active_deadline_seconds.filter(|_| !rp.suspend)?;
+    let start = st.start_time.as_ref()?;
+    (secs_between(start, now) >= deadline).then_some(deadline)
+}
+
+/// The running (not suspended, not finished) job: failures first, then success, then the
+/// old attempt's clean-up, then the current gang.
+fn run(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker]) {
+    let replicas = pass.job.spec.workers.replicas;
+    let stale: Vec<&Worker> = workers.iter().filter(|w| w.attempt != st.attempt).collect();
+    let current: Vec<&Worker> = workers.iter().filter(|w| w.attempt == st.attempt).collect();
+    let was_running = conditions::is_true(&st.conditions, C::Running);
+    let failures = failure_policy::gang_failures(&current, was_running, replicas);
+    if failure_policy::on_failures(pass, plan, st, workers, &failures)
+        || success_policy::on_success(pass, plan, st, workers, &current)
+    {
+        return;
+    }
+    // Old attempts must be gone before the new gang starts: its ranks would otherwise meet stale
+    // peers, and the GPUs they hold may be the ones the new pods need.
+    if !stale.is_empty() {
+        pass.remove(plan, &stale);
+        st.phase = Some(Phase::Restarting);
+        return;
+    }
+    gang_startup::start(pass, plan, st, &current);
+}
+
+/// Worker counts and progress describe the current attempt, whatever the branch.
+fn report_workers(st: &mut TrainingJobStatus, workers: &[Worker], replicas: i32) {
     let current: Vec<&Worker> = workers.iter().filter(|w| w.attempt == st.attempt).collect();
     let count = |f: &dyn Fn(&Worker) -> bool| current.iter().filter(|w| f(w)).count() as i32;
-    st.workers.active = count(&|w| {
-        matches!(w.state, WorkerState::Pending | WorkerState::Running) && w.deleting_since.is_none()
-    });
+    st.workers.active = count(&|w| w.is_active());
     st.workers.ready =
         count(&|w| w.ready && w.state == WorkerState::Running && w.deleting_since.is_none());
     st.workers.succeeded = count(&|w| w.state == WorkerState::Succeeded);
     st.workers.failed = count(&|w| matches!(w.state, WorkerState::Failed(_)));
     st.ready = Some(format!("{}/{replicas}", st.workers.ready));
     if let Some(rank0) = workers.iter().rev().find(|w| w.rank == 0) {
-        let ann = rank0.pod.metadata.annotations.as_ref();
-        if let Some(p) = ann
-            .and_then(|a| a.get(children::ANNOTATION_PROGRESS))
-            .and_then(|v| serde_json::from_str::<Progress>(v).ok())
-        {
-            st.progress = Some(p);
-        }
-        if let Some(c) = ann
-            .and_then(|a| a.get(children::ANNOTATION_CHECKPOINT))
-            .and_then(|v| serde_json::from_str::<CheckpointRef>(v).ok())
-            && st
-                .last_checkpoint
-                .as_ref()
-                .is_none_or(|old| c.step >= old.step)
-        {
-            st.last_checkpoint = Some(c);
-        }
-    }
-    plan.status = st;
-    plan
-}
-
-/// The running (not suspended, not finished) job.
-fn run(ctx: &Ctx, plan: &mut Plan, st: &mut TrainingJobStatus, workers: &[Worker]) {
-    let job = ctx.job;
-    let replicas = job.spec.workers.replicas;
-    let stale: Vec<&Worker> = workers.iter().filter(|w| w.attempt != st.attempt).collect();
-    let current: Vec<&Worker> = workers.iter().filter(|w| w.attempt == st.attempt).collect();
-
-    // A failure of the current attempt decides for the whole gang.
-    let was_running = conditions::is_true(&st.conditions, C::Running);
-    let mut failures: Vec<WorkerFailure> = current
-        .iter()
-        .filter_map(|w| match &w.state {
-            WorkerState::Failed(f) => Some(f.clone()),
-            _ => None,
-        })
-        .collect();
-    if was_running {
-        // A worker that vanished from a gang that was complete cannot rejoin its collectives.
-        let present: BTreeSet<i32> = current
-            .iter()
-            .filter(|w| w.deleting_since.is_none())
-            .map(|w| w.rank)
-            .collect();
-        for rank in (0..replicas).filter(|r| !present.contains(r)) {
-            if !failures.iter().any(|f| f.rank == rank) {
-                // Deleted out from under a running gang: an infrastructure event, not the
-                // trainer's fault.
-                failures.push(WorkerFailure {
-                    rank,
-                    reason: Some("WorkerDeleted".into()),
-                    pod_conditions: vec!["DisruptionTarget".into()],
-                    ..Default::default()
-                });
-            }
-        }
-    }
-    match failure::gang_verdict(
-        job.spec.failure_policy.as_ref(),
-        &failures,
-        st.counted_restarts,
-        job.spec.run_policy.backoff_limit,
-    ) {
-        None => {}
-        Some(GangVerdict::Fail { cause, message }) => {
-            ctx.fail(plan, st, workers, cause.reason(), &message);
-            return;
-        }
-        Some(GangVerdict::Restart { counted, message }) => {
-            restart_gang(ctx, plan, st, workers, counted, &message);
-            return;
-        }
-    }
-
-    let succeeded = current
-        .iter()
-        .filter(|w| w.state == WorkerState::Succeeded)
-        .map(|w| w.rank)
-        .collect::<BTreeSet<_>>();
-    if succeeded.len() as i32 >= replicas {
-        ctx.set(
-            st,
-            C::Succeeded,
-            true,
-            reason::SUCCEEDED,
-            "every worker exited successfully",
-        );
-        ctx.set(st, C::Running, false, reason::SUCCEEDED, "job finished");
-        ctx.set(st, C::Restarting, false, reason::SUCCEEDED, "job finished");
-        st.phase = Some(Phase::Succeeded);
-        st.completion_time = Some(ctx.obs.now.clone());
-        plan.event(
-            false,
-            reason::SUCCEEDED,
-            format!("all {replicas} workers succeeded"),
-        );
-        ctx.terminal(plan, st, workers);
-        return;
-    }
-
-    // Old attempts must be gone before the new gang starts: its ranks would otherwise meet stale
-    // peers, and the GPUs they hold may be the ones the new pods need.
-    if !stale.is_empty() {
-        ctx.remove(plan, &stale);
-        st.phase = Some(Phase::Restarting);
-        return;
-    }
-
-    if !ctx.obs.service_exists {
-        plan.create_service = Some(children::service(job));
-    }
-    if let Some(sched) = GangScheduler::of(job)
-        && !ctx.obs.pod_group_exists
-    {
-        plan.create_pod_group = Some((sched, children::pod_group(job, sched)));
-    }
-    let present: BTreeSet<i32> = current.iter().map(|w| w.rank).collect();
-    plan.create_pods = (0..replicas)
-        .filter(|r| !present.contains(r))
-        .map(|r| children::worker_pod(job, r, st.attempt))
-        .collect();
-    if !plan.create_pods.is_empty() {
-        plan.trainer_access = children::trainer_access(job, st.attempt);
-    }
-    // Created turns True once every worker of the attempt exists, not when creation is merely
-    // planned: a create the API server refuses leaves it False with the reason (set by the
-    // reconciler), instead of flapping.
-    if plan.create_pods.is_empty()
-        && ctx.obs.service_exists
-        && ctx.set(
-            st,
-            C::Created,
-            true,
-            reason::JOB_CREATED,
-            &format!("service and {replicas} workers created"),
-        )
-    {
-        plan.event(
-            false,
-            reason::JOB_CREATED,
-            format!("created service and {replicas} worker pods"),
-        );
-    }
-
-    let running = current
-        .iter()
-        .filter(|w| w.state == WorkerState::Running)
-        .count() as i32;
-    let all_running = running + succeeded.len() as i32 >= replicas && plan.create_pods.is_empty();
-    let restarting = conditions::is_true(&st.conditions, C::Restarting);
-    if all_running {
-        let (why, msg) = if restarting {
-            (
-                reason::RESTARTED,
-                format!("attempt {} running with all {replicas} workers", st.attempt),
-            )
-        } else {
-            (
-                reason::WORKERS_RUNNING,
-                format!("all {replicas} workers running"),
-            )
-        };
-        if ctx.set(st, C::Running, true, why, &msg) && restarting {
-            plan.event(false, reason::RESTARTED, msg.clone());
-        }
-        if restarting {
-            ctx.set(st, C::Restarting, false, why, &msg);
-        }
-        st.phase = Some(Phase::Running);
-    } else {
-        let msg = format!("{running}/{replicas} workers running");
-        ctx.set(st, C::Running, false, reason::WORKERS_PENDING, &msg);
-        st.phase = Some(if restarting {
-            Phase::Restarting
-        } else {
-            Phase::Pending
-        });
+        report_rank0(st, rank0);
     }
 }
 
-/// Starts the next attempt: every worker of this and earlier attempts goes.
-fn restart_gang(
-    ctx: &Ctx,
-    plan: &mut Plan,
-    st: &mut TrainingJobStatus,
-    workers: &[Worker],
-    counted: bool,
-    message: &str,
-) {
-    let why = if counted {
-        reason::WORKER_FAILED
-    } else {
-        reason::DISRUPTED
-    };
-    if counted {
-        st.counted_restarts += 1;
+/// Rank 0's progress and newest checkpoint annotations reach the status (a checkpoint never
+/// goes back).
+fn report_rank0(st: &mut TrainingJobStatus, rank0: &Worker) {
+    let ann = rank0.pod.metadata.annotations.as_ref();
+    if let Some(p) = ann
+        .and_then(|a| a.get(children::ANNOTATION_PROGRESS))
+        .and_then(|v| serde_json::from_str::<Progress>(v).ok())
+    {
+        st.progress = Some(p);
     }
-    st.restarts += 1;
-    let from = st.attempt;
-    st.attempt += 1;
-    let note = format!(
-        "{message}; restarting the whole gang as attempt {} (restart {}{})",
-        st.attempt,
-        st.restarts,
-        if counted { "" } else { ", not counted" }
-    );
-    ctx.set(st, C::Restarting, true, why, &note);
-    ctx.set(st, C::Running, false, why, &note);
-    st.phase = Some(Phase::Restarting);
-    plan.event(true, why, note);
-    let doomed: Vec<&Worker> = workers.iter().filter(|w| w.attempt <= from).collect();
-    ctx.remove(plan, &doomed);
+    if let Some(c) = ann
+        .and_then(|a| a.get(children::ANNOTATION_CHECKPOINT))
+        .and_then(|v| serde_json::from_str::<CheckpointRef>(v).ok())
+        && st
+            .last_checkpoint
+            .as_ref()
+            .is_none_or(|old| c.step >= old.step)
+    {
+        st.last_checkpoint = Some(c);
+    }
 }
 
 #[cfg(test)]
@@ -612,6 +261,7 @@ mod tests {
     use super::*;
     use crate::training_job::children::fixtures::{JobBuilder, exited, pod, t, terminating};
     use radfm_api::conditions::get;
+    use radfm_api::trainingjob::CleanPodPolicy;
 
     fn observe(pods: Vec<Pod>, now: i64) -> Observed {
         Observed {

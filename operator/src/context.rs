@@ -1,0 +1,114 @@
+//! What every controller shares: the API client, one event recorder, the metrics, the clock and
+//! the policy after a failed pass. One [`Context`] serves all four controllers (each may read
+//! time from its own [`Clock`]), so a controller differs from another only in its plan.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::Client;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use tracing::warn;
+
+use crate::Error;
+use crate::metrics::Metrics;
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "radfm-operator";
+
+/// How long a controller waits after a failed pass before trying again.
+pub const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
+
+/// A controller's notion of now.
+#[derive(Clone, Debug, Default)]
+pub enum Clock {
+    /// The wall clock.
+    #[default]
+    Wall,
+    /// The RFC 3339 time in a file, re-read on every pass (tests move time without waiting;
+    /// `radfm-operator run --clock-file`).
+    File(PathBuf),
+}
+
+impl Clock {
+    /// The current time.
+    pub fn now(&self) -> Timestamp {
+        match self {
+            Clock::Wall => Timestamp::now(),
+            Clock::File(p) => match std::fs::read_to_string(p)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                Some(t) => t,
+                None => {
+                    warn!(path = %p.display(), "clock file unreadable; using the wall clock");
+                    Timestamp::now()
+                }
+            },
+        }
+    }
+
+    /// How long to wait before looking again when nothing is due before `until` (at most an
+    /// hour; a file clock can jump at any moment, so it is read again every second).
+    pub fn requeue(&self, now: Timestamp, until: Option<Timestamp>) -> Duration {
+        match self {
+            Clock::File(_) => Duration::from_secs(1),
+            Clock::Wall => until
+                .map(|u| u.duration_since(now).as_secs().max(1) as u64)
+                .map_or(Duration::from_secs(3600), |s| {
+                    Duration::from_secs(s.min(3600))
+                }),
+        }
+    }
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder (reporting as [`FIELD_MANAGER`] and this replica).
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Where this controller reads the time.
+    pub clock: Clock,
+}
+
+impl Context {
+    /// A context on the wall clock; `instance` names this replica in events.
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            clock: Clock::Wall,
+        }
+    }
+
+    /// The same client, recorder and metrics, reading time from `clock`.
+    pub fn with_clock(&self, clock: Clock) -> Self {
+        Context {
+            client: self.client.clone(),
+            recorder: self.recorder.clone(),
+            metrics: self.metrics.clone(),
+            clock,
+        }
+    }
+}
+
+/// The requeue after a failed pass of any controller: soon, with the error logged (it is also in
+/// the object's status where the pass got that far).
+pub fn error_policy<K: kube::Resource<DynamicType = ()>>(
+    _obj: Arc<K>,
+    error: &Error,
+    _ctx: Arc<Context>,
+) -> Action {
+    warn!(%error, kind = %K::kind(&()), "reconcile failed");
+    Action::requeue(RETRY_AFTER_ERROR)
+}

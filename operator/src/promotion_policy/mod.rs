@@ -1,0 +1,70 @@
+//! The PromotionPolicy controller (next to the registry): poll, run the gate
+//! ([`radfm_validation::apply::gate`]) and show its decision ([`plan`]). The gate records
+//! decisions in the registry's event log, and records a decision only when it changes.
+
+pub mod plan;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use radfm_api::validation::{ANNOTATION_APPROVE, PromotionPolicy};
+use radfm_registry::Registry;
+use radfm_validation::apply;
+use tracing::warn;
+
+use crate::context::{Context, error_policy};
+use crate::effects;
+use crate::site_validator::registry_error;
+use crate::{Error, Result};
+
+/// The version a person approved through the policy's annotation (`7` or `v7`).
+fn approved(pp: &PromotionPolicy) -> Option<u64> {
+    pp.annotations()
+        .get(ANNOTATION_APPROVE)
+        .and_then(|v| v.trim().trim_start_matches('v').parse::<u64>().ok())
+}
+
+/// Reconciles one PromotionPolicy.
+#[tracing::instrument(skip_all, fields(pp = %pp.name_any()))]
+pub async fn reconcile(pp: Arc<PromotionPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = pp
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let now = ctx.clock.now();
+    let by = format!("radfm-operator/{ns}/{}", pp.name_any());
+    let gate = async {
+        let reg = Registry::open(&pp.spec.registry).map_err(registry_error)?;
+        apply::gate(&reg, &pp.spec, approved(&pp), &by, now)
+            .await
+            .map_err(registry_error)
+    }
+    .await
+    .map_err(|e| e.to_string());
+    let plan = plan::plan(&pp, &gate, now);
+    let api: Api<PromotionPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    effects::apply_status(&api, pp.as_ref(), pp.status.as_ref(), &plan.status).await?;
+    effects::publish(&ctx.recorder, pp.as_ref(), "Gate", &plan.events).await;
+    Ok(Action::requeue(plan.requeue_after))
+}
+
+/// Runs the PromotionPolicy controller until `shutdown` resolves.
+pub async fn run_controller(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let pps: Api<PromotionPolicy> = effects::scoped(&ctx.client, namespace.as_deref());
+    Controller::new(pps, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "promotion policy controller");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,215 @@
+//! The validation pod: `radfm validate` on the site's data, with the site's signing key, under
+//! the restricted Pod Security Standard and without an API token.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Container, EnvFromSource, EnvVar, Pod, PodSpec, SecretEnvSource, SecretVolumeSource, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+use radfm_api::validation::{DATA_MOUNT_PATH, SiteValidator};
+
+/// Label on validation pods: the SiteValidator's name.
+pub const LABEL_VALIDATOR: &str = "radfm.io/site-validator";
+/// Label on validation pods: the version validated.
+pub const LABEL_VERSION: &str = "radfm.io/model-version";
+/// Where the signing key is mounted in validation pods.
+pub const KEY_DIR: &str = "/var/run/radfm/signing-key";
+
+/// The validation pod's volumes and mounts: the signing key (mode 0400, readable through the
+/// pod's fsGroup) and, where the site keeps its data on a volume, that volume read-only at
+/// [`DATA_MOUNT_PATH`].
+fn validation_volumes(sv: &SiteValidator) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut volumes = vec![Volume {
+        name: "signing-key".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(sv.spec.signing_key_secret_ref.name.clone()),
+            default_mode: Some(0o400),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "signing-key".into(),
+        mount_path: KEY_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if let Some(data) = &sv.spec.data_volume {
+        volumes.push(Volume {
+            name: "site-data".into(),
+            ..data.clone()
+        });
+        mounts.push(VolumeMount {
+            name: "site-data".into(),
+            mount_path: DATA_MOUNT_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    (volumes, mounts)
+}
+
+/// The validation pod of `version` for `sv`: `radfm validate` with the site's settings.
+pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
+    let s = &sv.spec;
+    let name = format!("{}-v{version}", sv.name_any());
+    let mut args = vec![
+        "validate".to_string(),
+        "--registry".into(),
+        s.registry.clone(),
+        "--model".into(),
+        s.model.clone(),
+        "--site".into(),
+        s.site_id.clone(),
+        "--dataset".into(),
+        s.dataset.uri.clone(),
+        "--candidate".into(),
+        version.to_string(),
+        "--baseline".into(),
+        s.baseline_alias.clone(),
+        "--min-cell".into(),
+        s.min_cell_size.to_string(),
+        "--subgroups".into(),
+        s.subgroups.join(","),
+    ];
+    for t in &s.tasks {
+        args.push("--task".into());
+        args.push(t.name());
+    }
+    let env_from: Vec<EnvFromSource> = [
+        s.credentials_secret_ref.as_ref(),
+        s.dataset.credentials_secret_ref.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|r| EnvFromSource {
+        secret_ref: Some(SecretEnvSource {
+            name: r.name.clone(),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    })
+    .collect();
+    let (volumes, mounts) = validation_volumes(sv);
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: sv.namespace(),
+            labels: Some(BTreeMap::from([
+                (LABEL_VALIDATOR.to_string(), sv.name_any()),
+                (LABEL_VERSION.to_string(), version.to_string()),
+                (
+                    crate::training_job::children::LABEL_MANAGED_BY.to_string(),
+                    crate::training_job::children::MANAGER.to_string(),
+                ),
+            ])),
+            owner_references: Some(vec![OwnerReference {
+                api_version: SiteValidator::api_version(&()).to_string(),
+                kind: SiteValidator::kind(&()).to_string(),
+                name: sv.name_any(),
+                uid: sv.uid().unwrap_or_default(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            containers: vec![Container {
+                name: "validate".into(),
+                image: Some(s.image.clone()),
+                command: Some(vec!["/usr/local/bin/radfm".into()]),
+                args: Some(args),
+                env: Some(vec![EnvVar {
+                    name: "RADFM_SIGNING_KEY_FILE".into(),
+                    value: Some(format!("{KEY_DIR}/{}", s.signing_key_secret_ref.key)),
+                    ..Default::default()
+                }]),
+                env_from: (!env_from.is_empty()).then_some(env_from),
+                volume_mounts: Some(mounts),
+                security_context: Some(
+                    crate::training_job::children::restricted_container_security(),
+                ),
+                ..Default::default()
+            }],
+            volumes: Some(volumes),
+            security_context: Some(crate::training_job::children::restricted_pod_security()),
+            // The pod reads files and object storage only; it has no business with the API.
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validator(data_volume: &str) -> SiteValidator {
+        let yaml = [
+            "apiVersion: radfm.io/v1alpha1",
+            "kind: SiteValidator",
+            "metadata: {name: hospital-c, namespace: site, uid: uid-sv}",
+            "spec:",
+            "  siteId: hospital-c",
+            "  signingKeySecretRef: {name: hospital-c-key}",
+            "  registry: s3://radiology/registry",
+            "  model: cxr-mae",
+            "  dataset: {uri: 'file:///data/cxr-labelled'}",
+            data_volume,
+            "  tasks: [{label: lesion}]",
+            "  image: radfm-trainer:dev",
+        ]
+        .join("\n");
+        serde_yaml_ng::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn validation_pod_mounts_the_sites_data_volume_read_only_at_data() {
+        let sv = validator("  dataVolume: {persistentVolumeClaim: {claimName: cxr-labelled}}");
+        let spec = validation_pod(&sv, 7).spec.unwrap();
+        let volumes = spec.volumes.unwrap();
+        let data = volumes.iter().find(|v| v.name == "site-data").unwrap();
+        assert_eq!(
+            data.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "cxr-labelled"
+        );
+        let mounts = spec.containers[0].volume_mounts.clone().unwrap();
+        let mount = mounts.iter().find(|m| m.name == "site-data").unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/data", Some(true))
+        );
+        let args = spec.containers[0].args.clone().unwrap();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--dataset", "file:///data/cxr-labelled"])
+        );
+    }
+
+    #[test]
+    fn validation_pod_without_a_data_volume_mounts_only_its_key() {
+        let spec = validation_pod(&validator(""), 7).spec.unwrap();
+        let names: Vec<_> = spec.volumes.unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, ["signing-key"]);
+    }
+
+    #[test]
+    fn validation_pod_is_restricted_and_holds_no_api_token() {
+        let spec = validation_pod(&validator(""), 7).spec.unwrap();
+        let pod_sc = spec.security_context.unwrap();
+        assert_eq!(
+            (pod_sc.run_as_non_root, pod_sc.fs_group),
+            (Some(true), Some(crate::training_job::children::IMAGE_GID))
+        );
+        assert_eq!(pod_sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c_sc = spec.containers[0].security_context.clone().unwrap();
+        assert_eq!(c_sc.allow_privilege_escalation, Some(false));
+        assert_eq!(c_sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+        assert_eq!(spec.automount_service_account_token, Some(false));
+    }
+}

@@ -1,0 +1,104 @@
+//! Starting the current attempt's gang: the headless Service, the PodGroup of a gang scheduler,
+//! the trainer's access and every missing rank; then `Created` and `Running` say how far it got.
+
+use std::collections::BTreeSet;
+
+use radfm_api::TrainingJobStatus;
+use radfm_api::conditions::{self, ConditionType as C, reason};
+use radfm_api::trainingjob::Phase;
+
+use super::children::{self, GangScheduler};
+use super::plan::{Pass, Plan};
+use super::workers::{Worker, WorkerState};
+
+/// Plans the children the current attempt lacks.
+pub(super) fn create_missing(
+    pass: &Pass,
+    plan: &mut Plan,
+    st: &TrainingJobStatus,
+    current: &[&Worker],
+) {
+    let job = pass.job;
+    if !pass.obs.service_exists {
+        plan.create_service = Some(children::service(job));
+    }
+    if let Some(sched) = GangScheduler::of(job)
+        && !pass.obs.pod_group_exists
+    {
+        plan.create_pod_group = Some((sched, children::pod_group(job, sched)));
+    }
+    let present: BTreeSet<i32> = current.iter().map(|w| w.rank).collect();
+    plan.create_pods = (0..job.spec.workers.replicas)
+        .filter(|r| !present.contains(r))
+        .map(|r| children::worker_pod(job, r, st.attempt))
+        .collect();
+    if !plan.create_pods.is_empty() {
+        plan.trainer_access = children::trainer_access(job, st.attempt);
+    }
+}
+
+/// `Created` turns True once every worker of the attempt exists, not when creation is merely
+/// planned: a create the API server refuses leaves it False with the reason (set by the
+/// controller), instead of flapping.
+fn report_created(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus) {
+    let replicas = pass.job.spec.workers.replicas;
+    if plan.create_pods.is_empty()
+        && pass.obs.service_exists
+        && pass.set(
+            st,
+            C::Created,
+            true,
+            reason::JOB_CREATED,
+            &format!("service and {replicas} workers created"),
+        )
+    {
+        plan.normal(
+            reason::JOB_CREATED,
+            format!("created service and {replicas} worker pods"),
+        );
+    }
+}
+
+/// `Running` once every rank runs (or already succeeded); a restarted gang says so once.
+fn report_running(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, current: &[&Worker]) {
+    let replicas = pass.job.spec.workers.replicas;
+    let running = current
+        .iter()
+        .filter(|w| w.state == WorkerState::Running)
+        .count() as i32;
+    let succeeded = super::success_policy::succeeded_ranks(current).len() as i32;
+    let restarting = conditions::is_true(&st.conditions, C::Restarting);
+    if running + succeeded < replicas || !plan.create_pods.is_empty() {
+        let msg = format!("{running}/{replicas} workers running");
+        pass.set(st, C::Running, false, reason::WORKERS_PENDING, &msg);
+        st.phase = Some(if restarting {
+            Phase::Restarting
+        } else {
+            Phase::Pending
+        });
+        return;
+    }
+    let (why, msg) = if restarting {
+        let msg = format!("attempt {} running with all {replicas} workers", st.attempt);
+        (reason::RESTARTED, msg)
+    } else {
+        (
+            reason::WORKERS_RUNNING,
+            format!("all {replicas} workers running"),
+        )
+    };
+    if pass.set(st, C::Running, true, why, &msg) && restarting {
+        plan.normal(reason::RESTARTED, msg.clone());
+    }
+    if restarting {
+        pass.set(st, C::Restarting, false, why, &msg);
+    }
+    st.phase = Some(Phase::Running);
+}
+
+/// Creates what is missing and reports the gang's progress.
+pub(super) fn start(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, current: &[&Worker]) {
+    create_missing(pass, plan, st, current);
+    report_created(pass, plan, st);
+    report_running(pass, plan, st, current);
+}
