@@ -21,14 +21,15 @@ libtorch:
 	fi
 	@ln -sfn "$$(ls -d $(LIBTORCH_ENV)/lib/python3*/site-packages/torch)" .libtorch
 
-## install: the radfm and radfm-trainer binaries into $(PREFIX)/bin, radfm also as kubectl-radfm
-## (so `kubectl radfm get` works)
+## install: the radfm and radfm-trainer binaries into $(PREFIX)/bin, and a radfm built without
+## libtorch (cluster, registry and data commands) as kubectl-radfm (so `kubectl radfm get` works)
 PREFIX ?= $(HOME)/.local
 install: libtorch
 	$(CARGO) build --release -p radfm -p radfm-trainer
+	$(CARGO) build --release -p radfm --no-default-features --target-dir target/without-libtorch
 	install -d "$(PREFIX)/bin"
 	install target/release/radfm target/release/radfm-trainer "$(PREFIX)/bin/"
-	ln -sf radfm "$(PREFIX)/bin/kubectl-radfm"
+	install target/without-libtorch/release/radfm "$(PREFIX)/bin/kubectl-radfm"
 
 ## crds: regenerate the CRDs from the Rust types (manifests/ and the Helm chart)
 crds: libtorch
@@ -72,6 +73,7 @@ unit-test: libtorch
 lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p radfm --all-targets --no-default-features -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

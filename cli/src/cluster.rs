@@ -24,6 +24,42 @@ pub struct Target {
     pub all_namespaces: bool,
 }
 
+/// Arguments of `radfm get`.
+#[derive(clap::Args)]
+pub struct GetArgs {
+    /// One job.
+    name: Option<String>,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// Arguments of `radfm describe`.
+#[derive(clap::Args)]
+pub struct DescribeArgs {
+    /// The job.
+    name: String,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// Arguments of `radfm logs`.
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    /// The job.
+    name: String,
+    /// Worker rank.
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
+    /// Stream new lines.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Last lines only.
+    #[arg(long)]
+    tail: Option<i64>,
+    #[command(flatten)]
+    target: Target,
+}
+
 async fn client() -> Result<Client> {
     Client::try_default()
         .await
@@ -239,7 +275,8 @@ fn condition_line(c: &Condition) -> String {
 }
 
 /// `radfm get [NAME]`.
-pub async fn get(name: Option<String>, t: Target) -> Result<()> {
+pub async fn get(a: GetArgs) -> Result<()> {
+    let (name, t) = (a.name, a.target);
     let c = client().await?;
     let api = jobs(&c, &t);
     let items = match name {
@@ -278,7 +315,8 @@ async fn job_pods(c: &Client, ns: &str, name: &str) -> Result<Vec<Pod>> {
 }
 
 /// `radfm describe NAME`.
-pub async fn describe(name: String, t: Target) -> Result<()> {
+pub async fn describe(a: DescribeArgs) -> Result<()> {
+    let (name, t) = (a.name, a.target);
     let c = client().await?;
     let ns = namespace_of(&c, &t);
     let job = Api::<TrainingJob>::namespaced(c.clone(), &ns)
@@ -299,13 +337,14 @@ pub async fn describe(name: String, t: Target) -> Result<()> {
 }
 
 /// `radfm logs NAME [--rank R] [--follow]`: the trainer container of the rank's newest pod.
-pub async fn logs(
-    name: String,
-    rank: u32,
-    follow: bool,
-    tail: Option<i64>,
-    t: Target,
-) -> Result<()> {
+pub async fn logs(a: LogsArgs) -> Result<()> {
+    let LogsArgs {
+        name,
+        rank,
+        follow,
+        tail,
+        target: t,
+    } = a;
     let c = client().await?;
     let ns = namespace_of(&c, &t);
     let pods = job_pods(&c, &ns, &name).await?;

@@ -198,7 +198,7 @@ async fn ensure_data(job: &TrainingJob, samples: usize) -> Result<()> {
         eprintln!(
             "radfm run: {uri} has no shards; generating a synthetic cohort of {samples} images"
         );
-        crate::synth_into(uri, samples, job.spec.model.image_size as u32, 1).await?;
+        crate::synth::synth_into(uri, samples, job.spec.model.image_size as u32, 1).await?;
     }
     Ok(())
 }

@@ -3,13 +3,18 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+#[cfg(feature = "torch")]
+use anyhow::bail;
+use anyhow::{Context, Result};
 use radfm_api::validation::{PromotionPolicy, PromotionPolicySpec};
 use radfm_registry::Registry;
 use radfm_validation::apply::{self, Gated};
-use radfm_validation::report::{self, SiteReport};
+use radfm_validation::report;
+#[cfg(feature = "torch")]
+use radfm_validation::report::SiteReport;
 
 /// Arguments of `radfm validate`.
+#[cfg(feature = "torch")]
 #[derive(clap::Args)]
 pub struct ValidateArgs {
     /// Model registry URI.
@@ -51,6 +56,7 @@ pub struct ValidateArgs {
     pub seed: u64,
 }
 
+#[cfg(feature = "torch")]
 fn folder(weights_uri: &str) -> String {
     weights_uri
         .trim_end_matches(radfm_api::export_files::WEIGHTS)
@@ -59,6 +65,7 @@ fn folder(weights_uri: &str) -> String {
 }
 
 /// Validates a candidate on this site's data and publishes the signed report.
+#[cfg(feature = "torch")]
 pub async fn validate(a: ValidateArgs) -> Result<()> {
     if a.min_cell == 0 {
         bail!("--min-cell must be at least 1");
@@ -190,16 +197,43 @@ pub fn read_policy(path: &std::path::Path) -> Result<PromotionPolicySpec> {
     }
 }
 
-/// Runs the promotion gate once and prints the decision.
-pub async fn gate(
-    policy: &std::path::Path,
+/// Arguments of `radfm keygen`.
+#[derive(clap::Args)]
+pub struct KeygenArgs {
+    /// Folder for the key files.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Site identifier (names the files).
+    #[arg(long)]
+    pub site: String,
+}
+
+/// Arguments of `radfm gate`.
+#[derive(clap::Args)]
+pub struct GateArgs {
+    /// PromotionPolicy YAML (the resource or its spec).
+    #[arg(long)]
+    policy: PathBuf,
+    /// A human approval of this candidate version (policies with requireApproval).
+    #[arg(long)]
     approve: Option<u64>,
-    by: &str,
+    /// Who decides (default: $USER).
+    #[arg(long)]
+    by: Option<String>,
+    /// Print the decision as JSON.
+    #[arg(long)]
     json: bool,
-) -> Result<()> {
-    let spec = read_policy(policy)?;
+}
+
+/// Runs the promotion gate once and prints the decision.
+pub async fn gate(a: GateArgs) -> Result<()> {
+    let by =
+        a.by.or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "radfm".into());
+    let json = a.json;
+    let spec = read_policy(&a.policy)?;
     let reg = Registry::open(&spec.registry)?;
-    match apply::gate(&reg, &spec, approve, by, jiff::Timestamp::now())
+    match apply::gate(&reg, &spec, a.approve, &by, jiff::Timestamp::now())
         .await?
         .gated
     {

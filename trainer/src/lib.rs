@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod commands;
 pub mod config;
 pub mod eval;
 pub mod export;

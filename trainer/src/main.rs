@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
-use radfm_trainer::{Error, TrainConfig, eval, export, train};
+use radfm_trainer::commands::{EvalArgs, ExportArgs};
+use radfm_trainer::{Error, TrainConfig, export, train};
 
 #[derive(Parser)]
 #[command(
@@ -38,27 +39,9 @@ enum Command {
         job: Option<PathBuf>,
     },
     /// Export the newest checkpoint's encoder (timm names, safetensors) and a model card.
-    Export {
-        /// Checkpoint folder URI.
-        checkpoint: String,
-        /// Output folder URI.
-        out: String,
-    },
+    Export(ExportArgs),
     /// k-NN and linear-probe evaluation of an exported encoder against random initialisation.
-    Eval {
-        /// Exported model folder URI.
-        #[arg(long)]
-        model: String,
-        /// Labelled dataset folder URI.
-        #[arg(long)]
-        dataset: String,
-        /// Binary label field in the samples' metadata.
-        #[arg(long, default_value = "lesion")]
-        label: String,
-        /// Seed of the random-init baseline.
-        #[arg(long, default_value_t = 0)]
-        seed: i64,
-    },
+    Eval(EvalArgs),
     /// Print the version.
     Version,
 }
@@ -74,6 +57,19 @@ fn config(job: Option<PathBuf>) -> Result<TrainConfig, Error> {
 fn fail(e: Error) -> ExitCode {
     eprintln!("radfm-trainer: {e}");
     ExitCode::from(e.exit_code() as u8)
+}
+
+fn print_json<T: serde::Serialize>(r: Result<T, Error>) -> ExitCode {
+    match r {
+        Ok(v) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).expect("serialisable")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -138,31 +134,8 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Export { checkpoint, out } => {
-            match runtime().block_on(export::export(&checkpoint, &out)) {
-                Ok(card) => {
-                    println!("{}", serde_json::to_string_pretty(&card).expect("card"));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
-        }
-        Command::Eval {
-            model,
-            dataset,
-            label,
-            seed,
-        } => {
-            let rt = runtime();
-            let r = rt.block_on(eval::compare(&model, &dataset, &label, seed));
-            match r {
-                Ok(c) => {
-                    println!("{}", serde_json::to_string_pretty(&c).expect("report"));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
-        }
+        Command::Export(a) => print_json(runtime().block_on(a.run())),
+        Command::Eval(a) => print_json(runtime().block_on(a.run())),
         Command::Version => {
             println!("radfm-trainer {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
