@@ -1,20 +1,28 @@
 //! The training loop: resume or initialise, stream batches, MAE steps, progress, checkpoints.
 //!
+//! Shaped like burn-train: [`run`] sets up and then only loops; one step is
+//! [`Model::accumulate`] (the micro-batches), [`agree`] (the gang's all-reduce) and
+//! [`Model::update`]; [`Checkpoints`] decides when to save (a pure strategy) and saves; the
+//! [`Reporter`] owns every output (JSON lines, Prometheus metrics, pod annotations).
+//!
 //! The loop runs on the calling thread (libtorch work is synchronous); data loading, object-store
 //! writes, the metrics endpoint and pod annotations run on a small tokio runtime owned by the run.
 //! Every random draw derives from the seed and counters saved in the checkpoint, so a run
 //! resumed at step k continues exactly as the uninterrupted run would have.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use radfm_data::loader::{Batch, Cursor, Loader, LoaderConfig};
 use radfm_data::store::Location;
-use tch::Tensor;
 use tch::nn::VarStore;
+use tch::{Device, Tensor};
+use tokio::runtime::Runtime;
 
 use crate::checkpoint::{self, DataRef, TrainState};
+use crate::collective::Gang;
 use crate::config::{Fault, Precision, TrainConfig};
 use crate::model::Mae;
 use crate::optim::{AdamW, AdamWConfig, lr_at};
@@ -62,21 +70,96 @@ pub struct Summary {
     pub checkpoint: Option<String>,
 }
 
+/// Where training stands: what a checkpoint restores.
+#[derive(Debug, Clone, Default)]
+struct Position {
+    step: i64,
+    cursor: Cursor,
+    /// Non-finite steps in a row.
+    streak: u32,
+    /// Logged (step, loss) of the whole run, earlier attempts included.
+    history: Vec<(i64, f64)>,
+    last_loss: Option<f64>,
+    resumed_from: Option<i64>,
+}
+
 /// Runs training to the end (or to a stop) and returns what happened.
 pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
     if let Some(n) = cfg.threads {
         tch::set_num_threads(n);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = runtime()?;
+    let device = cfg.device();
+    let (loader, data) = open_data(cfg, &rt)?;
+    let mut model = Model::new(cfg, device);
+    let location = Location::open(&cfg.checkpoint_uri)?;
+    let mut pos = model.resume(cfg, &rt, &location)?;
+    let mut gang = join_gang(cfg, &model.vs, device)?;
+    let per_epoch = loader.batches_per_epoch();
+    let total = total_steps(cfg, per_epoch);
+    if pos.cursor.position >= per_epoch * cfg.batch_size as u64 {
+        pos.cursor = Cursor {
+            epoch: pos.cursor.epoch + 1,
+            position: 0,
+        };
+    }
+    let mut reporter = Reporter::open(cfg, hooks, &rt, loader.fetch_retries.clone(), total)?;
+    reporter.started(&pos, device);
+    let batches = spawn_batches(&rt, loader, pos.cursor);
+    let mut checkpoints = Checkpoints {
+        rt: &rt,
+        location,
+        cfg,
+        data,
+        total,
+        last: None,
+    };
+    let first_step = pos.step;
+    while pos.step < total {
+        if gang_stops(hooks, gang.as_mut())? {
+            if checkpoints.due_at_stop(&pos) {
+                let uri = checkpoints.save(&model, &pos)?;
+                reporter.checkpointed(&uri, pos.step);
+            }
+            return Err(Error::Terminated { step: pos.step });
+        }
+        let mut acc = model.accumulate(cfg, &batches, &mut pos, device)?;
+        agree(gang.as_mut(), cfg, &model.opt, &mut acc)?;
+        let update = model.update(cfg, &acc, &mut pos, total, &reporter.metrics)?;
+        reporter.stepped(&acc, update, &mut pos, first_step);
+        if hooks.halt_after == Some(pos.step) {
+            break;
+        }
+        if checkpoints.due_after(pos.step) {
+            let uri = checkpoints.save(&model, &pos)?;
+            reporter.metrics.checkpoints.inc();
+            reporter.checkpointed(&uri, pos.step);
+        }
+    }
+    drop(batches);
+    Ok(Summary {
+        steps: pos.step,
+        total_steps: total,
+        resumed_from: pos.resumed_from,
+        images_per_s: reporter.images_per_s(),
+        losses: reporter.losses,
+        checkpoint: checkpoints.last.map(|(uri, _)| uri),
+    })
+}
+
+fn runtime() -> Result<Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Error::Io {
             path: "tokio runtime".into(),
             source: e,
-        })?;
-    let device = cfg.device();
-    let ckpt = Location::open(&cfg.checkpoint_uri)?;
+        })
+}
+
+/// The loader of this rank and what checkpoints record of the data.
+fn open_data(cfg: &TrainConfig, rt: &Runtime) -> Result<(Loader, DataRef)> {
     let loader_cfg = LoaderConfig {
         seed: cfg.seed as u64,
         rank: cfg.rank,
@@ -88,7 +171,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         shards: cfg.dataset_shards.clone(),
         ..Default::default()
     };
-    let mut loader = rt.block_on(Loader::open(&cfg.dataset_uri, loader_cfg))?;
+    let loader = rt.block_on(Loader::open(&cfg.dataset_uri, loader_cfg))?;
     let shards = loader.shards();
     let data = DataRef {
         uri: cfg.dataset_uri.clone(),
@@ -103,108 +186,43 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         mean: loader.stats().mean,
         std: loader.stats().std,
     };
+    Ok((loader, data))
+}
 
-    tch::manual_seed(cfg.seed);
-    let mut vs = VarStore::new(device);
-    let mut mae = Mae::new(&vs.root(), cfg.model);
-    mae.norm_pix = cfg.norm_pix_loss;
-    let mut opt = AdamW::new(
-        &vs,
-        AdamWConfig {
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    );
-
-    let mut step = 0i64;
-    let mut cursor = Cursor::default();
-    let mut streak = 0u32;
-    let latest = rt.block_on(checkpoint::load_latest(&ckpt, |e| {
-        eprintln!("radfm-trainer: skipping checkpoint: {e}")
-    }))?;
-    let resumed_from = latest.as_ref().map(|l| l.manifest.step);
-    let mut history: Vec<(i64, f64)> = latest
-        .as_ref()
-        .map(|l| l.manifest.state.loss_history.clone())
-        .unwrap_or_default();
-    match &latest {
-        Some(l) => {
-            restore(&mut vs, &mut opt, cfg, l)?;
-            let s = &l.manifest.state;
-            (step, cursor, streak) = (s.step, s.cursor, s.nonfinite_streak);
-        }
-        None => {
-            if let Some(init) = &cfg.init_from {
-                rt.block_on(crate::export::load_init(&vs, init))?;
-            }
-        }
-    }
-
-    let mut gang = if cfg.world > 1 {
-        let g = crate::collective::Gang::join(
-            &cfg.master_addr,
-            cfg.master_port,
-            cfg.rank,
-            cfg.world,
-            cfg.attempt,
-            cfg.collective_timeout,
-            cfg.collective,
-            device,
-        )?;
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut g = g;
-        let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
-        crate::collective::broadcast_tensors(g.coll.as_mut(), &tensors)?;
-        Some(g)
-    } else {
-        None
-    };
-
-    let per_epoch = loader.batches_per_epoch();
-    let total = match (cfg.steps, cfg.epochs) {
+/// `steps`, or `epochs` worth of optimizer steps.
+fn total_steps(cfg: &TrainConfig, per_epoch: u64) -> i64 {
+    match (cfg.steps, cfg.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) => (e * per_epoch as i64 / cfg.grad_accumulation as i64).max(1),
         (None, None) => unreachable!("the env contract requires steps or epochs"),
-    };
-    if cursor.position >= per_epoch * cfg.batch_size as u64 {
-        cursor = Cursor {
-            epoch: cursor.epoch + 1,
-            position: 0,
-        };
     }
+}
 
-    let metrics = Metrics::default();
-    let retries = loader.fetch_retries.clone();
-    if let (Some(addr), 0) = (cfg.metrics_addr, cfg.rank) {
-        let bound = rt.block_on(metrics.serve(addr)).map_err(|e| Error::Io {
-            path: format!("metrics endpoint {addr}"),
-            source: e,
-        })?;
-        eprintln!("radfm-trainer: metrics on http://{bound}/metrics");
+/// Joins the gang (world > 1) and starts every rank from rank 0's parameters.
+fn join_gang(cfg: &TrainConfig, vs: &VarStore, device: Device) -> Result<Option<Gang>> {
+    if cfg.world <= 1 {
+        return Ok(None);
     }
-    let mut annotator = match (&cfg.pod_name, cfg.rank) {
-        (Some(pod), 0) => match rt.block_on(PodAnnotator::connect(&cfg.namespace, pod)) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("radfm-trainer: progress annotations off: {e}");
-                None
-            }
-        },
-        _ => None,
-    };
+    let mut g = Gang::join(
+        &cfg.master_addr,
+        cfg.master_port,
+        cfg.rank,
+        cfg.world,
+        cfg.attempt,
+        cfg.collective_timeout,
+        cfg.collective,
+        device,
+    )?;
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
+    crate::collective::broadcast_tensors(g.coll.as_mut(), &tensors)?;
+    Ok(Some(g))
+}
 
-    if cfg.rank == 0 && !hooks.quiet {
-        use std::io::Write;
-        let start = serde_json::json!({
-            "event": "start", "job": cfg.job, "attempt": cfg.attempt, "world": cfg.world,
-            "total_steps": total, "resumed_from": resumed_from, "cursor": cursor,
-            "device": format!("{device:?}"),
-        });
-        let _ = writeln!(std::io::stdout(), "{start}");
-    }
+/// Streams batches from `cursor` on, epoch after epoch, two ahead of the loop.
+fn spawn_batches(rt: &Runtime, mut loader: Loader, start: Cursor) -> Receiver<Result<Batch>> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
-    let start = cursor;
     rt.spawn(async move {
         let mut cursor = start;
         loop {
@@ -228,203 +246,401 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             };
         }
     });
+    rx
+}
 
-    let side = cfg.model.image_size;
-    let autocast = cfg.precision == Precision::Bf16 && device.is_cuda();
-    let run_start = Instant::now();
-    let first_step = step;
-    let mut images_total = 0u64;
-    let (mut win_loss, mut win_n, mut win_images, mut win_t) = (0.0, 0u32, 0u64, Instant::now());
-    let mut losses = Vec::new();
-    let mut last_loss = None;
-    let mut last_ckpt = None;
-    let (mut lr, mut grad_norm) = (0.0, 0.0);
-
-    let save = |vs: &VarStore,
-                opt: &AdamW,
-                step: i64,
-                cursor: Cursor,
-                streak: u32,
-                loss: Option<f64>,
-                history: &[(i64, f64)]|
-     -> Result<String> {
-        let state = TrainState {
-            step,
-            total_steps: total,
-            cursor,
-            adam_steps: opt.steps,
-            nonfinite_streak: streak,
-            rng: RNG_SCHEME.into(),
-            loss,
-            loss_history: history.to_vec(),
-            data: data.clone(),
-            config: serde_json::to_value(cfg).expect("config serialises"),
-            code_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        let files = state_files(vs, opt)?;
-        rt.block_on(async {
-            let uri = checkpoint::save(&ckpt, state, files).await?;
-            checkpoint::prune(&ckpt, cfg.checkpoint_keep).await?;
-            Ok(uri)
-        })
+/// Whether the gang stops now: every rank stops at the same step, whichever got the signal.
+fn gang_stops(hooks: &Hooks, gang: Option<&mut Gang>) -> Result<bool> {
+    let stop = hooks.stop.load(Ordering::SeqCst);
+    let Some(g) = gang else {
+        return Ok(stop);
     };
+    let mut flag = [stop as u8 as f32];
+    g.coll.all_reduce_host(&mut flag)?;
+    Ok(flag[0] > 0.0)
+}
 
-    while step < total {
-        let mut stop = hooks.stop.load(Ordering::SeqCst);
-        if let Some(g) = gang.as_mut() {
-            // Every rank stops at the same step, whichever rank got the signal.
-            let mut flag = [stop as u8 as f32];
-            g.coll.all_reduce_host(&mut flag)?;
-            stop = flag[0] > 0.0;
-        }
-        if stop {
-            if cfg.rank == 0 && resumed_from != Some(step) && last_ckpt_step(&last_ckpt) != step {
-                let uri = save(&vs, &opt, step, cursor, streak, last_loss, &history)?;
-                announce(&rt, &mut annotator, &uri, step);
+/// The micro-batches of one step, summed.
+struct Accumulated {
+    loss_sum: f64,
+    finite: bool,
+    images: u64,
+}
+
+/// One rank's NaN skips the step everywhere; the logged loss is the gang's mean; gradients are
+/// averaged only for a step every rank takes.
+fn agree(
+    gang: Option<&mut Gang>,
+    cfg: &TrainConfig,
+    opt: &AdamW,
+    acc: &mut Accumulated,
+) -> Result<()> {
+    let Some(g) = gang else {
+        return Ok(());
+    };
+    let mut flags = [(!acc.finite) as u8 as f32, acc.loss_sum as f32];
+    g.coll.all_reduce_host(&mut flags)?;
+    acc.finite = flags[0] == 0.0;
+    acc.loss_sum = flags[1] as f64 / cfg.world as f64;
+    if acc.finite {
+        crate::collective::all_reduce_grads(g.coll.as_mut(), &opt.params)?;
+    }
+    Ok(())
+}
+
+/// The learning rate and gradient norm of a step taken (zero for a skipped step).
+#[derive(Debug, Clone, Copy, Default)]
+struct Update {
+    lr: f64,
+    grad_norm: f64,
+}
+
+/// The MAE, its variables and its optimizer.
+struct Model {
+    vs: VarStore,
+    mae: Mae,
+    opt: AdamW,
+}
+
+impl Model {
+    fn new(cfg: &TrainConfig, device: Device) -> Model {
+        tch::manual_seed(cfg.seed);
+        let vs = VarStore::new(device);
+        let mut mae = Mae::new(&vs.root(), cfg.model);
+        mae.norm_pix = cfg.norm_pix_loss;
+        let opt = AdamW::new(
+            &vs,
+            AdamWConfig {
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+        );
+        Model { vs, mae, opt }
+    }
+
+    /// Restores the newest committed checkpoint, or initialises from `init_from`.
+    fn resume(&mut self, cfg: &TrainConfig, rt: &Runtime, location: &Location) -> Result<Position> {
+        let latest = rt.block_on(checkpoint::load_latest(location, |e| {
+            eprintln!("radfm-trainer: skipping checkpoint: {e}")
+        }))?;
+        let Some(l) = latest else {
+            if let Some(init) = &cfg.init_from {
+                rt.block_on(crate::export::load_init(&self.vs, init))?;
             }
-            return Err(Error::Terminated { step });
-        }
-        let mut loss_sum = 0.0;
-        let mut finite = true;
+            return Ok(Position::default());
+        };
+        restore(&mut self.vs, &mut self.opt, cfg, &l)?;
+        let s = &l.manifest.state;
+        Ok(Position {
+            step: s.step,
+            cursor: s.cursor,
+            streak: s.nonfinite_streak,
+            history: s.loss_history.clone(),
+            last_loss: None,
+            resumed_from: Some(l.manifest.step),
+        })
+    }
+
+    /// Forward and backward over the step's micro-batches; a non-finite loss stops the
+    /// accumulation of gradients (the step is skipped) but not the data.
+    fn accumulate(
+        &self,
+        cfg: &TrainConfig,
+        batches: &Receiver<Result<Batch>>,
+        pos: &mut Position,
+        device: Device,
+    ) -> Result<Accumulated> {
+        let side = cfg.model.image_size;
+        let autocast = cfg.precision == Precision::Bf16 && device.is_cuda();
+        let mut acc = Accumulated {
+            loss_sum: 0.0,
+            finite: true,
+            images: 0,
+        };
         for micro in 0..cfg.grad_accumulation {
-            let batch = match rx.recv() {
-                Ok(b) => b?,
-                Err(_) => {
-                    return Err(Error::Checkpoint {
-                        uri: cfg.dataset_uri.clone(),
-                        reason: "the data loader stopped".into(),
-                    });
-                }
-            };
+            let batch = batches.recv().map_err(|_| Error::Checkpoint {
+                uri: cfg.dataset_uri.clone(),
+                reason: "the data loader stopped".into(),
+            })??;
             let b = batch.keys.len() as i64;
             let images = Tensor::from_slice(&batch.images)
                 .view([b, 1, side, side])
                 .to_device(device);
-            tch::manual_seed(mask_seed(cfg.seed, step, micro, cfg.rank));
-            let loss = tch::autocast(autocast, || mae.loss(&images, cfg.mask_ratio));
+            tch::manual_seed(mask_seed(cfg.seed, pos.step, micro, cfg.rank));
+            let loss = tch::autocast(autocast, || self.mae.loss(&images, cfg.mask_ratio));
             let mut value = loss.double_value(&[]);
-            if matches!(cfg.fault, Some(Fault::NanLossFrom(k)) if step >= k) {
+            if matches!(cfg.fault, Some(Fault::NanLossFrom(k)) if pos.step >= k) {
                 value = f64::NAN;
             }
-            if value.is_finite() && finite {
+            if value.is_finite() && acc.finite {
                 (loss / cfg.grad_accumulation as f64).backward();
-                loss_sum += value;
+                acc.loss_sum += value;
             } else {
-                finite = false;
+                acc.finite = false;
             }
-            cursor = batch.cursor;
-            images_total += b as u64;
-            win_images += b as u64;
+            pos.cursor = batch.cursor;
+            acc.images += b as u64;
         }
-        if let Some(g) = gang.as_mut() {
-            // One rank's NaN skips the step everywhere; the logged loss is the gang's mean.
-            let mut flags = [(!finite) as u8 as f32, loss_sum as f32];
-            g.coll.all_reduce_host(&mut flags)?;
-            finite = flags[0] == 0.0;
-            loss_sum = flags[1] as f64 / cfg.world as f64;
-            if finite {
-                crate::collective::all_reduce_grads(g.coll.as_mut(), &opt.params)?;
-            }
-        }
-        if finite {
-            streak = 0;
-            grad_norm = opt.clip_grad_norm(cfg.grad_clip_norm);
-            lr = lr_at(step, total, cfg.warmup_steps, cfg.learning_rate);
-            opt.step(lr);
-            win_loss += loss_sum / cfg.grad_accumulation as f64;
-            win_n += 1;
+        Ok(acc)
+    }
+
+    /// Takes the optimizer step, or counts a skipped one (too many in a row fail the run).
+    fn update(
+        &mut self,
+        cfg: &TrainConfig,
+        acc: &Accumulated,
+        pos: &mut Position,
+        total: i64,
+        metrics: &Metrics,
+    ) -> Result<Option<Update>> {
+        let step = pos.step;
+        let update = if acc.finite {
+            pos.streak = 0;
+            let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip_norm);
+            let lr = lr_at(step, total, cfg.warmup_steps, cfg.learning_rate);
+            self.opt.step(lr);
+            Some(Update { lr, grad_norm })
         } else {
-            streak += 1;
+            pos.streak += 1;
             metrics.nonfinite_steps.inc();
             eprintln!(
-                "radfm-trainer: non-finite loss at step {step} ({streak} in a row), update skipped"
+                "radfm-trainer: non-finite loss at step {step} ({} in a row), update skipped",
+                pos.streak
             );
-            if streak >= cfg.max_nonfinite {
+            if pos.streak >= cfg.max_nonfinite {
                 return Err(Error::NonFinite {
                     step,
-                    count: streak,
+                    count: pos.streak,
                 });
             }
-        }
-        opt.zero_grad();
-        step += 1;
-        metrics.step.set(step);
+            None
+        };
+        self.opt.zero_grad();
+        pos.step += 1;
+        metrics.step.set(pos.step);
+        Ok(update)
+    }
+}
 
-        if step % cfg.log_every == 0 || step == total {
-            let dt = win_t.elapsed().as_secs_f64().max(1e-9);
-            let ips = win_images as f64 / dt;
-            let loss = if win_n > 0 {
-                win_loss / win_n as f64
-            } else {
-                f64::NAN
-            };
-            let done = (step - first_step).max(1) as f64;
-            let record = Record {
-                event: "step",
-                step,
-                total_steps: total,
-                epoch: cursor.epoch,
-                loss,
-                lr,
-                grad_norm,
-                images_per_s: ips,
-                eta_s: run_start.elapsed().as_secs_f64() / done * (total - step) as f64,
-                rank: cfg.rank,
-            };
-            if loss.is_finite() {
-                losses.push((step, loss));
-                checkpoint::record_loss(&mut history, step, loss);
-                last_loss = Some(loss);
-                metrics.loss.set(loss);
-            }
-            metrics.lr.set(lr);
-            metrics.images_per_second.set(ips);
-            metrics
-                .fetch_retries
-                .set(retries.load(Ordering::Relaxed) as i64);
-            if cfg.rank == 0 && !hooks.quiet {
-                // A closed stdout (a log collector gone) must not stop training.
-                use std::io::Write;
-                let line = serde_json::to_string(&record).expect("records serialise");
-                let _ = writeln!(std::io::stdout(), "{line}");
-            }
-            if let Some(a) = annotator.as_mut()
-                && let Err(e) = rt.block_on(a.progress(&record, step == total))
-            {
-                eprintln!("radfm-trainer: progress annotation failed: {e}");
-            }
-            (win_loss, win_n, win_images, win_t) = (0.0, 0, 0, Instant::now());
-        }
-        if hooks.halt_after == Some(step) {
-            break;
-        }
-        if cfg.rank == 0 && (step % cfg.checkpoint_every == 0 || step == total) {
-            let uri = save(&vs, &opt, step, cursor, streak, last_loss, &history)?;
-            metrics.checkpoints.inc();
-            announce(&rt, &mut annotator, &uri, step);
-            last_ckpt = Some((uri, step));
+/// When to checkpoint (rank 0 only), and the saving.
+struct Checkpoints<'a> {
+    rt: &'a Runtime,
+    location: Location,
+    cfg: &'a TrainConfig,
+    data: DataRef,
+    total: i64,
+    /// The last checkpoint this run wrote: (manifest URI, step).
+    last: Option<(String, i64)>,
+}
+
+impl Checkpoints<'_> {
+    /// Every `checkpoint_every` steps and at the last step.
+    fn due_after(&self, step: i64) -> bool {
+        self.cfg.rank == 0 && (step % self.cfg.checkpoint_every == 0 || step == self.total)
+    }
+
+    /// On a stop, unless the step is already saved (resumed from it, or just written).
+    fn due_at_stop(&self, pos: &Position) -> bool {
+        let saved = self.last.as_ref().map_or(-1, |(_, s)| *s);
+        self.cfg.rank == 0 && pos.resumed_from != Some(pos.step) && saved != pos.step
+    }
+
+    /// Saves the model, optimizer and position; prunes old checkpoints.
+    fn save(&mut self, model: &Model, pos: &Position) -> Result<String> {
+        let state = TrainState {
+            step: pos.step,
+            total_steps: self.total,
+            cursor: pos.cursor,
+            adam_steps: model.opt.steps,
+            nonfinite_streak: pos.streak,
+            rng: RNG_SCHEME.into(),
+            loss: pos.last_loss,
+            loss_history: pos.history.clone(),
+            data: self.data.clone(),
+            config: serde_json::to_value(self.cfg).expect("config serialises"),
+            code_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let files = state_files(&model.vs, &model.opt)?;
+        let uri = self.rt.block_on(async {
+            let uri = checkpoint::save(&self.location, state, files).await?;
+            checkpoint::prune(&self.location, self.cfg.checkpoint_keep).await?;
+            Ok::<_, Error>(uri)
+        })?;
+        self.last = Some((uri.clone(), pos.step));
+        Ok(uri)
+    }
+}
+
+/// Every output of the loop: JSON lines (rank 0), Prometheus metrics, pod annotations.
+struct Reporter<'a> {
+    cfg: &'a TrainConfig,
+    rt: &'a Runtime,
+    quiet: bool,
+    total: i64,
+    metrics: Metrics,
+    annotator: Option<PodAnnotator>,
+    fetch_retries: Arc<AtomicU64>,
+    started: Instant,
+    images: u64,
+    window: Window,
+    last_update: Update,
+    /// Mean loss of each logged window of this run.
+    losses: Vec<(i64, f64)>,
+}
+
+/// The steps since the last log line.
+struct Window {
+    loss: f64,
+    steps: u32,
+    images: u64,
+    since: Instant,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            loss: 0.0,
+            steps: 0,
+            images: 0,
+            since: Instant::now(),
         }
     }
-    drop(rx);
-    Ok(Summary {
-        steps: step,
-        total_steps: total,
-        resumed_from,
-        losses,
-        images_per_s: images_total as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
-        checkpoint: last_ckpt.map(|(uri, _)| uri),
-    })
 }
 
-fn last_ckpt_step(last: &Option<(String, i64)>) -> i64 {
-    last.as_ref().map_or(-1, |(_, s)| *s)
-}
+impl<'a> Reporter<'a> {
+    /// Serves metrics and connects the pod annotator (rank 0; annotations are best effort).
+    fn open(
+        cfg: &'a TrainConfig,
+        hooks: &Hooks,
+        rt: &'a Runtime,
+        fetch_retries: Arc<AtomicU64>,
+        total: i64,
+    ) -> Result<Reporter<'a>> {
+        let metrics = Metrics::default();
+        if let (Some(addr), 0) = (cfg.metrics_addr, cfg.rank) {
+            let bound = rt.block_on(metrics.serve(addr)).map_err(|e| Error::Io {
+                path: format!("metrics endpoint {addr}"),
+                source: e,
+            })?;
+            eprintln!("radfm-trainer: metrics on http://{bound}/metrics");
+        }
+        let annotator = match (&cfg.pod_name, cfg.rank) {
+            (Some(pod), 0) => rt
+                .block_on(PodAnnotator::connect(&cfg.namespace, pod))
+                .inspect_err(|e| eprintln!("radfm-trainer: progress annotations off: {e}"))
+                .ok(),
+            _ => None,
+        };
+        Ok(Reporter {
+            cfg,
+            rt,
+            quiet: hooks.quiet,
+            total,
+            metrics,
+            annotator,
+            fetch_retries,
+            started: Instant::now(),
+            images: 0,
+            window: Window::new(),
+            last_update: Update::default(),
+            losses: Vec::new(),
+        })
+    }
 
-fn announce(rt: &tokio::runtime::Runtime, a: &mut Option<PodAnnotator>, uri: &str, step: i64) {
-    if let Some(a) = a.as_mut()
-        && let Err(e) = rt.block_on(a.checkpoint(uri, step))
-    {
-        eprintln!("radfm-trainer: checkpoint annotation failed: {e}");
+    fn say(&self, line: &str) {
+        if self.cfg.rank == 0 && !self.quiet {
+            // A closed stdout (a log collector gone) must not stop training.
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "{line}");
+        }
+    }
+
+    fn started(&self, pos: &Position, device: Device) {
+        let cfg = self.cfg;
+        let start = serde_json::json!({
+            "event": "start", "job": cfg.job, "attempt": cfg.attempt, "world": cfg.world,
+            "total_steps": self.total, "resumed_from": pos.resumed_from, "cursor": pos.cursor,
+            "device": format!("{device:?}"),
+        });
+        self.say(&start.to_string());
+    }
+
+    /// Accounts a step; every `log_every` steps (and at the end) reports the window.
+    fn stepped(
+        &mut self,
+        acc: &Accumulated,
+        update: Option<Update>,
+        pos: &mut Position,
+        first_step: i64,
+    ) {
+        self.images += acc.images;
+        self.window.images += acc.images;
+        if let Some(u) = update {
+            self.last_update = u;
+            self.window.loss += acc.loss_sum / self.cfg.grad_accumulation as f64;
+            self.window.steps += 1;
+        }
+        let step = pos.step;
+        if step % self.cfg.log_every == 0 || step == self.total {
+            let record = self.record(pos, first_step);
+            self.report(&record, pos);
+            self.window = Window::new();
+        }
+    }
+
+    fn record(&self, pos: &Position, first_step: i64) -> Record {
+        let w = &self.window;
+        let loss = if w.steps > 0 {
+            w.loss / w.steps as f64
+        } else {
+            f64::NAN
+        };
+        let done = (pos.step - first_step).max(1) as f64;
+        Record {
+            event: "step",
+            step: pos.step,
+            total_steps: self.total,
+            epoch: pos.cursor.epoch,
+            loss,
+            lr: self.last_update.lr,
+            grad_norm: self.last_update.grad_norm,
+            images_per_s: w.images as f64 / w.since.elapsed().as_secs_f64().max(1e-9),
+            eta_s: self.started.elapsed().as_secs_f64() / done * (self.total - pos.step) as f64,
+            rank: self.cfg.rank,
+        }
+    }
+
+    fn report(&mut self, record: &Record, pos: &mut Position) {
+        if record.loss.is_finite() {
+            self.losses.push((record.step, record.loss));
+            checkpoint::record_loss(&mut pos.history, record.step, record.loss);
+            pos.last_loss = Some(record.loss);
+            self.metrics.loss.set(record.loss);
+        }
+        self.metrics.lr.set(record.lr);
+        self.metrics.images_per_second.set(record.images_per_s);
+        let retries = self.fetch_retries.load(Ordering::Relaxed) as i64;
+        self.metrics.fetch_retries.set(retries);
+        self.say(&serde_json::to_string(record).expect("records serialise"));
+        let last = record.step == self.total;
+        if let Some(a) = self.annotator.as_mut()
+            && let Err(e) = self.rt.block_on(a.progress(record, last))
+        {
+            eprintln!("radfm-trainer: progress annotation failed: {e}");
+        }
+    }
+
+    /// Announces a committed checkpoint on the pod.
+    fn checkpointed(&mut self, uri: &str, step: i64) {
+        if let Some(a) = self.annotator.as_mut()
+            && let Err(e) = self.rt.block_on(a.checkpoint(uri, step))
+        {
+            eprintln!("radfm-trainer: checkpoint annotation failed: {e}");
+        }
+    }
+
+    fn images_per_s(&self) -> f64 {
+        self.images as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 }
 
@@ -504,5 +720,43 @@ mod tests {
         assert_ne!(a, mask_seed(2, 0, 0, 0));
         assert_eq!(a, mask_seed(1, 0, 0, 0));
         assert!(a >= 0);
+    }
+
+    #[test]
+    fn rank_zero_checkpoints_on_schedule_at_the_end_and_at_a_stop_not_yet_saved() {
+        let m = crate::config::tests::vars(&[]);
+        let cfg = TrainConfig::from_lookup(|k| m.get(k).cloned()).unwrap();
+        let rt = runtime().unwrap();
+        let mut c = Checkpoints {
+            rt: &rt,
+            location: Location::open("file:///tmp/radfm-never-written").unwrap(),
+            cfg: &cfg,
+            data: DataRef::default(),
+            total: 12,
+            last: None,
+        };
+        let due: Vec<i64> = (1..=12).filter(|s| c.due_after(*s)).collect();
+        assert_eq!(due, [5, 10, 12], "every 5 steps and the last");
+        let at = |step, resumed_from| Position {
+            step,
+            resumed_from,
+            ..Default::default()
+        };
+        assert!(c.due_at_stop(&at(7, None)));
+        assert!(
+            !c.due_at_stop(&at(7, Some(7))),
+            "resumed from this very step"
+        );
+        c.last = Some(("m".into(), 7));
+        assert!(!c.due_at_stop(&at(7, None)), "just written");
+        let other = TrainConfig {
+            rank: 1,
+            ..cfg.clone()
+        };
+        c.cfg = &other;
+        assert!(
+            !c.due_after(10) && !c.due_at_stop(&at(8, None)),
+            "only rank 0 writes"
+        );
     }
 }
