@@ -191,7 +191,8 @@ fn forest_svg(reports: &[SiteReport], task: &str, margin: Option<f64>) -> String
     s
 }
 
-/// Renders the record of `model` at `version` (number or alias; default: the newest).
+/// Renders the record of `model` at `version` (number or alias; default: the newest): the
+/// header, then one section each for lineage, site validation, the gate and the history.
 pub async fn render(
     registry: &str,
     model: &str,
@@ -209,11 +210,31 @@ pub async fn render(
             .ok_or_else(|| anyhow::anyhow!("{model} has no versions in {registry}"))?,
     };
     let chain = reg.lineage(model, v).await?;
-    let this = &chain[0];
     let log = reg.events(model).await?;
-    let aliases = radfm_registry::aliases_of(&log);
-    let alias_text: Vec<String> = aliases.iter().map(|(a, t)| format!("{a} → v{t}")).collect();
     let mut h = String::new();
+    header(&mut h, model, v, &chain[0], &log);
+    lineage_section(&mut h, &chain);
+    let stored = reg.reports(model, v).await?;
+    sites_section(&mut h, v, &stored, policy);
+    h.push_str("<section id=\"gate\"><h2>Promotion gate</h2>");
+    if let Some(p) = policy {
+        gate_rules(&mut h, p);
+    }
+    let decided = decision_about(&reg, model, v, &log).await?;
+    decision(&mut h, decided);
+    history_section(&mut h, &log);
+    Ok(h)
+}
+
+fn header(
+    h: &mut String,
+    model: &str,
+    v: u64,
+    this: &radfm_registry::Version,
+    log: &[radfm_registry::Event],
+) {
+    let aliases = radfm_registry::aliases_of(log);
+    let alias_text: Vec<String> = aliases.iter().map(|(a, t)| format!("{a} → v{t}")).collect();
     let _ = write!(
         h,
         r#"<!DOCTYPE html>
@@ -230,13 +251,21 @@ pub async fn render(
         sha = esc(&this.spec.weights_sha256),
         aliases = esc(&alias_text.join(", ")),
     );
-    // Lineage and data.
+}
+
+fn lineage_section(h: &mut String, chain: &[radfm_registry::Version]) {
     let _ = write!(
         h,
         "<section id=\"lineage\"><h2>Lineage</h2>{}<table><tr><th>Version</th><th>Parent</th><th>TrainingJob</th><th>Data window</th><th>Shards</th><th>Replayed</th><th>Final loss</th><th>Steps</th></tr>",
-        lineage_svg(&chain)
+        lineage_svg(chain)
     );
-    for c in &chain {
+    for c in chain {
+        let metric = |name: &str, digits: usize| {
+            c.spec
+                .metrics
+                .get(name)
+                .map_or("—".into(), |x| format!("{x:.digits$}"))
+        };
         let _ = write!(
             h,
             "<tr><td>v{}</td><td>{}</td><td>{}</td><td><code>{}</code> {}–{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -248,64 +277,70 @@ pub async fn render(
             c.spec.data.last_seq,
             c.spec.data.shards.len(),
             c.spec.data.replayed.len(),
-            c.spec
-                .metrics
-                .get("final_loss")
-                .map_or("—".into(), |l| format!("{l:.4}")),
-            c.spec
-                .metrics
-                .get("steps")
-                .map_or("—".into(), |s| format!("{s}")),
+            metric("final_loss", 4),
+            metric("steps", 0),
         );
     }
     let _ = write!(
         h,
         "</table><h3>Training loss across the lineage</h3>{}</section>",
-        loss_svg(&chain)
+        loss_svg(chain)
     );
-    // Site reports.
-    let stored = reg.reports(model, v).await?;
+}
+
+/// One stored report as a table row: (signature, key, cells), and the report where it counts.
+fn site_row(
+    v: u64,
+    site: &str,
+    bytes: &[u8],
+    policy: Option<&PromotionPolicySpec>,
+) -> (String, String, String, Option<SiteReport>) {
+    let verified = serde_json::from_slice::<Signed>(bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            report::verify(&s)
+                .map(|r| (s, r))
+                .map_err(|e| e.to_string())
+        });
+    let (s, r) = match verified {
+        Ok(found) => found,
+        Err(e) => {
+            let cells = "<td colspan=\"4\">not counted</td>".to_string();
+            return (format!("FAILED: {}", esc(&e)), "—".into(), cells, None);
+        }
+    };
+    let trusted = policy.map(|p| {
+        p.trusted_sites
+            .iter()
+            .any(|t| t.site == r.site && t.public_key == s.public_key)
+    });
+    let key = match trusted {
+        Some(true) => "trusted".to_string(),
+        Some(false) => "NOT trusted".to_string(),
+        None => format!("{}…", &s.public_key[..16]),
+    };
+    let cells = format!(
+        "<td>{}</td><td>v{}</td><td>{:.3}</td><td>{:+.2}</td>",
+        r.cases,
+        r.baseline,
+        r.representation_drift.linear_cka,
+        r.data_drift.standardized_mean_difference
+    );
+    let counts = trusted != Some(false) && r.site == site && r.candidate == v;
+    ("verified".to_string(), key, cells, counts.then_some(r))
+}
+
+fn sites_section(
+    h: &mut String,
+    v: u64,
+    stored: &[(String, String, Vec<u8>)],
+    policy: Option<&PromotionPolicySpec>,
+) {
     let mut accepted: Vec<SiteReport> = Vec::new();
-    let _ = write!(
-        h,
-        "<section id=\"sites\"><h2>Site validation</h2><table><tr><th>Site</th><th>Signature</th><th>Key</th><th>Cases</th><th>Baseline</th><th>Representation drift (CKA)</th><th>Data drift (SMD)</th></tr>"
-    );
-    for (site, uri, bytes) in &stored {
-        let parsed: Result<Signed, _> = serde_json::from_slice(bytes);
-        let (sig, key, row) = match parsed
-            .as_ref()
-            .map_err(|e| e.to_string())
-            .and_then(|s| report::verify(s).map(|r| (s, r)).map_err(|e| e.to_string()))
-        {
-            Ok((s, r)) => {
-                let trusted = policy.map(|p| {
-                    p.trusted_sites
-                        .iter()
-                        .any(|t| t.site == r.site && t.public_key == s.public_key)
-                });
-                let key = match trusted {
-                    Some(true) => "trusted".to_string(),
-                    Some(false) => "NOT trusted".to_string(),
-                    None => format!("{}…", &s.public_key[..16]),
-                };
-                let row = format!(
-                    "<td>{}</td><td>v{}</td><td>{:.3}</td><td>{:+.2}</td>",
-                    r.cases,
-                    r.baseline,
-                    r.representation_drift.linear_cka,
-                    r.data_drift.standardized_mean_difference
-                );
-                if trusted != Some(false) && r.site == *site && r.candidate == v {
-                    accepted.push(r);
-                }
-                ("verified".to_string(), key, row)
-            }
-            Err(e) => (
-                format!("FAILED: {}", esc(&e)),
-                "—".into(),
-                "<td colspan=\"4\">not counted</td>".into(),
-            ),
-        };
+    h.push_str("<section id=\"sites\"><h2>Site validation</h2><table><tr><th>Site</th><th>Signature</th><th>Key</th><th>Cases</th><th>Baseline</th><th>Representation drift (CKA)</th><th>Data drift (SMD)</th></tr>");
+    for (site, uri, bytes) in stored {
+        let (sig, key, row, counted) = site_row(v, site, bytes, policy);
+        accepted.extend(counted);
         let _ = write!(
             h,
             "<tr><td title=\"{}\">{}</td><td class=\"signature\">{sig}</td><td>{key}</td>{row}</tr>",
@@ -329,32 +364,36 @@ pub async fn render(
         esc(&task),
         forest_svg(&accepted, &task, policy.map(|p| p.non_inferiority_margin))
     );
-    // Gate rules and the decision.
-    h.push_str("<section id=\"gate\"><h2>Promotion gate</h2>");
-    if let Some(p) = policy {
-        let _ = write!(
-            h,
-            "<table id=\"rules\"><tr><th>Rule</th><th>Value</th></tr><tr><td>Task</td><td>{}</td></tr><tr><td>Trusted sites</td><td>{}</td></tr><tr><td>Quorum</td><td>{}</td></tr><tr><td>Non-inferiority margin δ (lower CI of ΔAUROC ≥ −δ)</td><td>{}</td></tr><tr><td>Maximum worst-group gap</td><td>{}</td></tr><tr><td>Required subgroups</td><td>{}</td></tr><tr><td>Human approval</td><td>{}</td></tr><tr><td>Allowed clock skew</td><td>{} s</td></tr></table>",
-            esc(&p.task),
-            esc(&p
-                .trusted_sites
-                .iter()
-                .map(|t| t.site.clone())
-                .collect::<Vec<_>>()
-                .join(", ")),
-            p.quorum,
-            p.non_inferiority_margin,
-            p.max_worst_group_gap,
-            esc(&p.required_subgroups.join(", ")),
-            if p.require_approval {
-                "required"
-            } else {
-                "not required"
-            },
-            p.max_clock_skew_seconds
-        );
-    }
-    // The newest event about this version that stored a gate decision; else the newest note on it.
+}
+
+fn gate_rules(h: &mut String, p: &PromotionPolicySpec) {
+    let sites: Vec<&str> = p.trusted_sites.iter().map(|t| t.site.as_str()).collect();
+    let approval = if p.require_approval {
+        "required"
+    } else {
+        "not required"
+    };
+    let _ = write!(
+        h,
+        "<table id=\"rules\"><tr><th>Rule</th><th>Value</th></tr><tr><td>Task</td><td>{}</td></tr><tr><td>Trusted sites</td><td>{}</td></tr><tr><td>Quorum</td><td>{}</td></tr><tr><td>Non-inferiority margin δ (lower CI of ΔAUROC ≥ −δ)</td><td>{}</td></tr><tr><td>Maximum worst-group gap</td><td>{}</td></tr><tr><td>Required subgroups</td><td>{}</td></tr><tr><td>Human approval</td><td>{}</td></tr><tr><td>Allowed clock skew</td><td>{} s</td></tr></table>",
+        esc(&p.task),
+        esc(&sites.join(", ")),
+        p.quorum,
+        p.non_inferiority_margin,
+        p.max_worst_group_gap,
+        esc(&p.required_subgroups.join(", ")),
+        approval,
+        p.max_clock_skew_seconds
+    );
+}
+
+/// The newest event about version `v` that stored a gate decision; else the newest note on it.
+async fn decision_about<'a>(
+    reg: &Registry,
+    model: &str,
+    v: u64,
+    log: &'a [radfm_registry::Event],
+) -> Result<Option<(&'a radfm_registry::Event, Option<Decision>)>> {
     let about_v: Vec<&radfm_registry::Event> = log
         .iter()
         .rev()
@@ -364,73 +403,71 @@ pub async fn render(
             _ => false,
         })
         .collect();
-    let mut decided: Option<(&radfm_registry::Event, Option<Decision>)> = None;
     for e in &about_v {
         if let Some(d) = reg
             .decision(model, e.seq)
             .await?
             .and_then(|b| serde_json::from_slice::<Decision>(&b).ok())
         {
-            decided = Some((e, Some(d)));
-            break;
+            return Ok(Some((e, Some(d))));
         }
     }
-    if decided.is_none() {
-        decided = about_v
-            .iter()
-            .find(|e| matches!(e.kind, EventKind::Note { .. }))
-            .map(|e| (*e, None));
+    Ok(about_v
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::Note { .. }))
+        .map(|e| (*e, None)))
+}
+
+fn decision(h: &mut String, decided: Option<(&radfm_registry::Event, Option<Decision>)>) {
+    let Some((e, decision)) = decided else {
+        h.push_str("<div id=\"decision\"><p>No decision recorded yet.</p></div>");
+        return;
+    };
+    let Some(d) = decision else {
+        let _ = write!(
+            h,
+            "<div id=\"decision\"><p>Event {}: {}</p></div>",
+            e.seq,
+            esc(&e.reason)
+        );
+        return;
+    };
+    let _ = write!(
+        h,
+        "<div id=\"decision\"><p>Decision (event {}, {} by {}): <strong class=\"outcome {}\">{}</strong> v{} against v{}</p><ul id=\"reasons\">",
+        e.seq,
+        esc(&e.time),
+        esc(&e.by),
+        d.outcome.as_str(),
+        d.outcome.as_str(),
+        d.candidate,
+        d.baseline
+    );
+    for r in &d.reasons {
+        let _ = write!(
+            h,
+            "<li data-code=\"{}\" data-site=\"{}\" data-subgroup=\"{}\">{}</li>",
+            esc(&r.code),
+            esc(r.site.as_deref().unwrap_or("")),
+            esc(r.subgroup.as_deref().unwrap_or("")),
+            esc(&r.message)
+        );
     }
-    match decided {
-        Some((e, decision)) => match decision {
-            Some(d) => {
-                let _ = write!(
-                    h,
-                    "<div id=\"decision\"><p>Decision (event {}, {} by {}): <strong class=\"outcome {}\">{}</strong> v{} against v{}</p><ul id=\"reasons\">",
-                    e.seq,
-                    esc(&e.time),
-                    esc(&e.by),
-                    d.outcome.as_str(),
-                    d.outcome.as_str(),
-                    d.candidate,
-                    d.baseline
-                );
-                for r in &d.reasons {
-                    let _ = write!(
-                        h,
-                        "<li data-code=\"{}\" data-site=\"{}\" data-subgroup=\"{}\">{}</li>",
-                        esc(&r.code),
-                        esc(r.site.as_deref().unwrap_or("")),
-                        esc(r.subgroup.as_deref().unwrap_or("")),
-                        esc(&r.message)
-                    );
-                }
-                h.push_str("</ul></div>");
-            }
-            None => {
-                let _ = write!(
-                    h,
-                    "<div id=\"decision\"><p>Event {}: {}</p></div>",
-                    e.seq,
-                    esc(&e.reason)
-                );
-            }
-        },
-        None => h.push_str("<div id=\"decision\"><p>No decision recorded yet.</p></div>"),
-    }
+    h.push_str("</ul></div>");
+}
+
+fn history_section(h: &mut String, log: &[radfm_registry::Event]) {
     h.push_str("</section><section id=\"history\"><h2>History</h2><table><tr><th>#</th><th>Time</th><th>By</th><th>What</th><th>Why</th></tr>");
-    for e in &log {
-        let what = e.kind.to_string();
+    for e in log {
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             e.seq,
             esc(&e.time),
             esc(&e.by),
-            esc(&what),
+            esc(&e.kind.to_string()),
             esc(&e.reason)
         );
     }
     h.push_str("</table></section></body></html>\n");
-    Ok(h)
 }
