@@ -174,8 +174,20 @@ fn admit(
     Ok(r)
 }
 
+/// A rule that failed, without a site or subgroup.
+fn rule(code: &str, subgroup: Option<String>, message: String) -> Reason {
+    Reason {
+        code: code.into(),
+        site: None,
+        subgroup,
+        message,
+    }
+}
+
 /// Decides on a candidate from the stored reports (`(site, uri, bytes)`: the site is the name
-/// under which the report is stored).
+/// under which the report is stored): admit the reports, then every rule (quorum,
+/// non-inferiority, worst-group gap, required subgroups, approval); any reject rule rejects, any
+/// hold rule holds for review, else the candidate is promoted.
 pub fn decide(
     policy: &PromotionPolicySpec,
     v: &Versions,
@@ -183,181 +195,32 @@ pub fn decide(
     approved: bool,
     now: Timestamp,
 ) -> Decision {
-    let mut reasons = Vec::new();
-    let mut checks = Vec::new();
-    let mut accepted: Vec<SiteReport> = Vec::new();
-    for (site, uri, bytes) in stored {
-        match admit(policy, v, site, bytes, now) {
-            Ok(r) if accepted.iter().any(|a| a.site == r.site) => checks.push(ReportCheck {
-                uri: uri.clone(),
-                site: Some(r.site),
-                accepted: false,
-                rejected_because: Some("a second report of the same site".into()),
-            }),
-            Ok(r) => {
-                checks.push(ReportCheck {
-                    uri: uri.clone(),
-                    site: Some(r.site.clone()),
-                    accepted: true,
-                    rejected_because: None,
-                });
-                accepted.push(r);
-            }
-            Err(why) => {
-                reasons.push(Reason {
-                    code: "report_rejected".into(),
-                    site: Some(site.clone()),
-                    subgroup: None,
-                    message: format!("report {uri} not counted: {why}"),
-                });
-                checks.push(ReportCheck {
-                    uri: uri.clone(),
-                    site: Some(site.clone()),
-                    accepted: false,
-                    rejected_because: Some(why),
-                });
-            }
-        }
-    }
-    accepted.sort_by(|a, b| a.site.cmp(&b.site));
+    let (accepted, checks, mut reasons) = admit_all(policy, v, stored, now);
     let sites: Vec<String> = accepted.iter().map(|r| r.site.clone()).collect();
     let mut reject = Vec::new();
-    let mut hold = Vec::new();
-
-    if (accepted.len() as i32) < policy.quorum {
-        let missing: Vec<&str> = policy
-            .trusted_sites
-            .iter()
-            .map(|t| t.site.as_str())
-            .filter(|s| !sites.iter().any(|a| a == s))
-            .collect();
-        hold.push(Reason {
-            code: "quorum".into(),
-            site: None,
-            subgroup: None,
-            message: format!(
-                "{} of {} required site reports (missing: {})",
-                accepted.len(),
-                policy.quorum,
-                missing.join(", ")
-            ),
-        });
-    }
-    let margin = -policy.non_inferiority_margin;
+    let mut hold: Vec<Reason> = quorum(policy, &sites).into_iter().collect();
     for r in &accepted {
-        let Some(t) = r.tasks.iter().find(|t| t.task == policy.task) else {
-            continue;
-        };
-        let cells = std::iter::once((None, &t.overall))
-            .chain(t.subgroups.iter().map(|s| (Some(s.name()), &s.result)));
-        for (sub, p) in cells {
-            if p.delta_auroc.lo < margin {
-                reject.push(Reason {
-                    code: "non_inferiority".into(),
-                    site: Some(r.site.clone()),
-                    subgroup: sub.clone(),
-                    message: format!(
-                        "site {}, {}: ΔAUROC {} below margin {:+.3}",
-                        r.site,
-                        sub.as_deref().unwrap_or("all cases"),
-                        fmt_ci(&p.delta_auroc),
-                        margin
-                    ),
-                });
-            }
-        }
-        let mut fields: Vec<&str> = t.subgroups.iter().map(|s| s.field.as_str()).collect();
-        fields.sort_unstable();
-        fields.dedup();
-        for field in fields {
-            let aurocs: Vec<(f64, &report::SubgroupReport)> = t
-                .subgroups
-                .iter()
-                .filter(|s| s.field == field)
-                .map(|s| (s.result.candidate.auroc.value, s))
-                .collect();
-            if aurocs.len() < 2 {
-                continue;
-            }
-            let best = aurocs
-                .iter()
-                .max_by(|a, b| a.0.total_cmp(&b.0))
-                .expect("two cells");
-            let worst = aurocs
-                .iter()
-                .min_by(|a, b| a.0.total_cmp(&b.0))
-                .expect("two cells");
-            let gap = best.0 - worst.0;
-            if gap > policy.max_worst_group_gap {
-                reject.push(Reason {
-                    code: "worst_group_gap".into(),
-                    site: Some(r.site.clone()),
-                    subgroup: Some(worst.1.name()),
-                    message: format!(
-                        "site {}, {field}: AUROC {:.3} ({}) vs {:.3} ({}), gap {:.3} above {:.3}",
-                        r.site,
-                        worst.0,
-                        worst.1.name(),
-                        best.0,
-                        best.1.name(),
-                        gap,
-                        policy.max_worst_group_gap
-                    ),
-                });
-            }
+        if let Some(t) = r.tasks.iter().find(|t| t.task == policy.task) {
+            reject.extend(non_inferiority(policy, &r.site, t));
+            reject.extend(worst_group_gaps(policy, &r.site, t));
         }
     }
-    for required in &policy.required_subgroups {
-        let covered = accepted.iter().any(|r| {
-            r.tasks
-                .iter()
-                .filter(|t| t.task == policy.task)
-                .any(|t| t.subgroups.iter().any(|s| &s.name() == required))
-        });
-        if !covered {
-            hold.push(Reason {
-                code: "required_subgroup".into(),
-                site: None,
-                subgroup: Some(required.clone()),
-                message: format!(
-                    "no accepted report covers {required} (absent or below the minimum cell size)"
-                ),
-            });
-        }
-    }
+    hold.extend(required_subgroups(policy, &accepted));
     let outcome = if !reject.is_empty() {
         Outcome::Reject
     } else if !hold.is_empty() {
         Outcome::HoldForReview
     } else if policy.require_approval && !approved {
-        hold.push(Reason {
-            code: "approval".into(),
-            site: None,
-            subgroup: None,
-            message: format!(
-                "every rule passed; waiting for a human approval of v{}",
-                v.candidate
-            ),
-        });
+        let why = format!(
+            "every rule passed; waiting for a human approval of v{}",
+            v.candidate
+        );
+        hold.push(rule("approval", None, why));
         Outcome::HoldForReview
     } else {
+        reasons.push(passed(policy, &sites));
         Outcome::Promote
     };
-    if outcome == Outcome::Promote {
-        reasons.push(Reason {
-            code: "passed".into(),
-            site: None,
-            subgroup: None,
-            message: format!(
-                "{} site(s) ({}) non-inferior within {:.3} overall and in every reported subgroup; worst-group gaps within {:.3}{}",
-                sites.len(),
-                sites.join(", "),
-                policy.non_inferiority_margin,
-                policy.max_worst_group_gap,
-                if policy.require_approval { "; approved" } else { "" }
-            ),
-        });
-    }
     reasons.splice(0..0, reject.into_iter().chain(hold));
     Decision {
         model: v.model.clone(),
@@ -369,6 +232,174 @@ pub fn decide(
         reports: checks,
         accepted,
     }
+}
+
+/// The accepted reports (one per site, sorted by site), the check of every stored report, and
+/// a reason for each one rejected.
+fn admit_all(
+    policy: &PromotionPolicySpec,
+    v: &Versions,
+    stored: &[(String, String, Vec<u8>)],
+    now: Timestamp,
+) -> (Vec<SiteReport>, Vec<ReportCheck>, Vec<Reason>) {
+    let mut reasons = Vec::new();
+    let mut checks = Vec::new();
+    let mut accepted: Vec<SiteReport> = Vec::new();
+    for (site, uri, bytes) in stored {
+        let check = |site: &str, rejected_because: Option<String>| ReportCheck {
+            uri: uri.clone(),
+            site: Some(site.to_string()),
+            accepted: rejected_because.is_none(),
+            rejected_because,
+        };
+        match admit(policy, v, site, bytes, now) {
+            Ok(r) if accepted.iter().any(|a| a.site == r.site) => {
+                checks.push(check(
+                    &r.site,
+                    Some("a second report of the same site".into()),
+                ));
+            }
+            Ok(r) => {
+                checks.push(check(&r.site, None));
+                accepted.push(r);
+            }
+            Err(why) => {
+                reasons.push(Reason {
+                    code: "report_rejected".into(),
+                    site: Some(site.clone()),
+                    subgroup: None,
+                    message: format!("report {uri} not counted: {why}"),
+                });
+                checks.push(check(site, Some(why)));
+            }
+        }
+    }
+    accepted.sort_by(|a, b| a.site.cmp(&b.site));
+    (accepted, checks, reasons)
+}
+
+fn quorum(policy: &PromotionPolicySpec, sites: &[String]) -> Option<Reason> {
+    if sites.len() as i32 >= policy.quorum {
+        return None;
+    }
+    let missing: Vec<&str> = policy
+        .trusted_sites
+        .iter()
+        .map(|t| t.site.as_str())
+        .filter(|s| !sites.iter().any(|a| a == s))
+        .collect();
+    let why = format!(
+        "{} of {} required site reports (missing: {})",
+        sites.len(),
+        policy.quorum,
+        missing.join(", ")
+    );
+    Some(rule("quorum", None, why))
+}
+
+/// Every cell (all cases and each subgroup) whose lower CI of ΔAUROC is below −margin.
+fn non_inferiority(
+    policy: &PromotionPolicySpec,
+    site: &str,
+    t: &report::TaskReport,
+) -> Vec<Reason> {
+    let margin = -policy.non_inferiority_margin;
+    std::iter::once((None, &t.overall))
+        .chain(t.subgroups.iter().map(|s| (Some(s.name()), &s.result)))
+        .filter(|(_, p)| p.delta_auroc.lo < margin)
+        .map(|(sub, p)| Reason {
+            code: "non_inferiority".into(),
+            site: Some(site.to_string()),
+            message: format!(
+                "site {site}, {}: ΔAUROC {} below margin {margin:+.3}",
+                sub.as_deref().unwrap_or("all cases"),
+                fmt_ci(&p.delta_auroc),
+            ),
+            subgroup: sub,
+        })
+        .collect()
+}
+
+/// Each subgroup field whose best and worst candidate AUROC differ by more than allowed.
+fn worst_group_gaps(
+    policy: &PromotionPolicySpec,
+    site: &str,
+    t: &report::TaskReport,
+) -> Vec<Reason> {
+    let mut fields: Vec<&str> = t.subgroups.iter().map(|s| s.field.as_str()).collect();
+    fields.sort_unstable();
+    fields.dedup();
+    let mut reasons = Vec::new();
+    for field in fields {
+        let aurocs: Vec<(f64, &report::SubgroupReport)> = t
+            .subgroups
+            .iter()
+            .filter(|s| s.field == field)
+            .map(|s| (s.result.candidate.auroc.value, s))
+            .collect();
+        let best = aurocs.iter().max_by(|a, b| a.0.total_cmp(&b.0));
+        let worst = aurocs.iter().min_by(|a, b| a.0.total_cmp(&b.0));
+        let (Some(best), Some(worst)) = (best, worst) else {
+            continue;
+        };
+        let gap = best.0 - worst.0;
+        if aurocs.len() < 2 || gap <= policy.max_worst_group_gap {
+            continue;
+        }
+        reasons.push(Reason {
+            code: "worst_group_gap".into(),
+            site: Some(site.to_string()),
+            subgroup: Some(worst.1.name()),
+            message: format!(
+                "site {site}, {field}: AUROC {:.3} ({}) vs {:.3} ({}), gap {gap:.3} above {:.3}",
+                worst.0,
+                worst.1.name(),
+                best.0,
+                best.1.name(),
+                policy.max_worst_group_gap
+            ),
+        });
+    }
+    reasons
+}
+
+/// Each required subgroup no accepted report covers.
+fn required_subgroups(policy: &PromotionPolicySpec, accepted: &[SiteReport]) -> Vec<Reason> {
+    let covered = |required: &String| {
+        accepted.iter().any(|r| {
+            r.tasks
+                .iter()
+                .filter(|t| t.task == policy.task)
+                .any(|t| t.subgroups.iter().any(|s| &s.name() == required))
+        })
+    };
+    policy
+        .required_subgroups
+        .iter()
+        .filter(|r| !covered(r))
+        .map(|required| {
+            let why = format!(
+                "no accepted report covers {required} (absent or below the minimum cell size)"
+            );
+            rule("required_subgroup", Some(required.clone()), why)
+        })
+        .collect()
+}
+
+fn passed(policy: &PromotionPolicySpec, sites: &[String]) -> Reason {
+    let why = format!(
+        "{} site(s) ({}) non-inferior within {:.3} overall and in every reported subgroup; worst-group gaps within {:.3}{}",
+        sites.len(),
+        sites.join(", "),
+        policy.non_inferiority_margin,
+        policy.max_worst_group_gap,
+        if policy.require_approval {
+            "; approved"
+        } else {
+            ""
+        }
+    );
+    rule("passed", None, why)
 }
 
 #[cfg(test)]
