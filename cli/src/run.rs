@@ -203,6 +203,163 @@ async fn ensure_data(job: &TrainingJob, samples: usize) -> Result<()> {
     Ok(())
 }
 
+/// What the run shows and keeps of rank 0's JSON lines: a progress bar, the `--log` file and
+/// the loss curve.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    log: Option<std::fs::File>,
+    losses: Vec<(i64, f64)>,
+    workers: usize,
+}
+
+impl Progress {
+    fn new(a: &RunArgs, workers: usize) -> Result<Progress> {
+        let log = match &a.log {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("opening {}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Progress {
+            bar: indicatif::ProgressBar::hidden(),
+            log,
+            losses: Vec::new(),
+            workers,
+        })
+    }
+
+    /// A fresh bar for the attempt.
+    fn attempt(&mut self, quiet: bool, name: &str, attempt: i32, steps: u64) {
+        self.bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(steps)
+        };
+        self.bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        self.bar.set_prefix(format!("{name} attempt {attempt}"));
+    }
+
+    fn line(&mut self, v: &serde_json::Value) -> Result<()> {
+        if let Some(l) = self.log.as_mut() {
+            writeln!(l, "{v}")?;
+        }
+        match v["event"].as_str() {
+            Some("start") => {
+                self.bar.set_length(v["total_steps"].as_u64().unwrap_or(0));
+                if let Some(s) = v["resumed_from"].as_u64() {
+                    self.bar.set_position(s);
+                    self.bar.suspend(|| {
+                        eprintln!("radfm run: resuming from the checkpoint of step {s}")
+                    });
+                }
+            }
+            Some("step") => {
+                let (step, loss) = (v["step"].as_i64().unwrap_or(0), v["loss"].as_f64());
+                self.bar.set_position(step as u64);
+                self.bar.set_message(format!(
+                    "loss {:.4} {:.0} img/s",
+                    loss.unwrap_or(f64::NAN),
+                    v["images_per_s"].as_f64().unwrap_or(0.0) * self.workers as f64
+                ));
+                if let Some(l) = loss {
+                    self.losses.push((step, l));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Starts one `radfm-trainer train` per rank with the env the operator gives a worker pod;
+/// rank 0's stdout is piped.
+fn spawn_gang(job: &TrainingJob, attempt: i32, threads: usize) -> Result<Vec<Child>> {
+    let port = free_port()?;
+    let workers = job.spec.workers.replicas as usize;
+    let mut children: Vec<Child> = Vec::with_capacity(workers);
+    for rank in 0..workers {
+        let mut env = EnvContract::for_worker(job, rank as i32, attempt, "127.0.0.1");
+        env.master_port = port;
+        let mut cmd = Command::new(trainer_bin());
+        cmd.arg("train")
+            .envs(env.to_vars())
+            .env("RADFM_LOG_EVERY", "1")
+            .env("RADFM_THREADS", threads.to_string())
+            .stdout(if rank == 0 {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::inherit());
+        children.push(cmd.spawn().with_context(|| {
+            format!(
+                "starting {}: build it with `cargo build -p radfm-trainer` (libtorch: `make libtorch`)",
+                trainer_bin().display()
+            )
+        })?);
+    }
+    Ok(children)
+}
+
+/// Follows the attempt until every worker exited; returns their exit codes (rank order).
+/// Ctrl-C, or one worker failing, stops the others with SIGTERM (rank 0 checkpoints), as the
+/// operator deletes the rest of a gang.
+fn wait_for_gang(
+    mut children: Vec<Child>,
+    progress: &mut Progress,
+    stop: &AtomicBool,
+) -> Result<Vec<i32>> {
+    let reader = BufReader::new(children[0].stdout.take().expect("piped"));
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let pump = std::thread::spawn(move || {
+        for line in reader.lines().map_while(std::result::Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && tx.send(v).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut codes: Vec<Option<i32>> = vec![None; children.len()];
+    let mut signalled = false;
+    while codes.iter().any(Option::is_none) {
+        while let Ok(v) = rx.try_recv() {
+            progress.line(&v)?;
+        }
+        let failed_now = codes.iter().any(|c| c.is_some_and(|c| c != 0));
+        if (stop.load(Ordering::SeqCst) || failed_now) && !signalled {
+            for (c, code) in children.iter().zip(&codes) {
+                if code.is_none() {
+                    // SAFETY: kill(2) on our own children's pids.
+                    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                }
+            }
+            signalled = true;
+        }
+        for (i, c) in children.iter_mut().enumerate() {
+            if codes[i].is_none()
+                && let Some(status) = c.try_wait()?
+            {
+                codes[i] = Some(radfm_api::exit::of_status(status));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = pump.join();
+    progress.bar.finish_and_clear();
+    Ok(codes.into_iter().map(|c| c.unwrap_or(-1)).collect())
+}
+
 /// Runs the job to the end; returns the process exit code.
 pub async fn run(a: RunArgs) -> Result<i32> {
     let job = load_job(&a)?;
@@ -215,138 +372,29 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / workers).max(1);
-    let mut log = match &a.log {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        ),
-        None => None,
-    };
-    let mut losses: Vec<(i64, f64)> = Vec::new();
+    let mut progress = Progress::new(&a, workers)?;
+    let steps = job.spec.training.steps.unwrap_or(0).max(0) as u64;
     let (mut attempt, mut counted) = (1, 0);
     let started = Instant::now();
     let result = loop {
-        let port = free_port()?;
-        let mut children: Vec<Child> = Vec::with_capacity(workers);
-        for rank in 0..workers {
-            let mut env = EnvContract::for_worker(&job, rank as i32, attempt, "127.0.0.1");
-            env.master_port = port;
-            let mut cmd = Command::new(trainer_bin());
-            cmd.arg("train")
-                .envs(env.to_vars())
-                .env("RADFM_LOG_EVERY", "1")
-                .env("RADFM_THREADS", threads.to_string())
-                .stdout(if rank == 0 {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stderr(Stdio::inherit());
-            children.push(cmd.spawn().with_context(|| {
-                format!(
-                    "starting {}: build it with `cargo build -p radfm-trainer` (libtorch: `make libtorch`)",
-                    trainer_bin().display()
-                )
-            })?);
-        }
-        let reader = BufReader::new(children[0].stdout.take().expect("piped"));
-        let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-        let pump = std::thread::spawn(move || {
-            for line in reader.lines().map_while(std::result::Result::ok) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        let bar = if a.quiet {
-            indicatif::ProgressBar::hidden()
-        } else {
-            indicatif::ProgressBar::new(job.spec.training.steps.unwrap_or(0).max(0) as u64)
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
-            )
-            .expect("template")
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{name} attempt {attempt}"));
-        let mut codes: Vec<Option<i32>> = vec![None; workers];
-        let mut signalled = false;
-        while codes.iter().any(Option::is_none) {
-            while let Ok(v) = rx.try_recv() {
-                if let Some(l) = log.as_mut() {
-                    writeln!(l, "{v}")?;
-                }
-                match v["event"].as_str() {
-                    Some("start") => {
-                        bar.set_length(v["total_steps"].as_u64().unwrap_or(0));
-                        if let Some(s) = v["resumed_from"].as_u64() {
-                            bar.set_position(s);
-                            bar.suspend(|| {
-                                eprintln!("radfm run: resuming from the checkpoint of step {s}")
-                            });
-                        }
-                    }
-                    Some("step") => {
-                        let (step, loss) = (v["step"].as_i64().unwrap_or(0), v["loss"].as_f64());
-                        bar.set_position(step as u64);
-                        bar.set_message(format!(
-                            "loss {:.4} {:.0} img/s",
-                            loss.unwrap_or(f64::NAN),
-                            v["images_per_s"].as_f64().unwrap_or(0.0) * workers as f64
-                        ));
-                        if let Some(l) = loss {
-                            losses.push((step, l));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            let failed_now = codes.iter().any(|c| c.is_some_and(|c| c != 0));
-            if (stop.load(Ordering::SeqCst) || failed_now) && !signalled {
-                // Ctrl-C, or one worker failed: the others checkpoint (rank 0) and stop, as
-                // the operator deletes the rest of a gang.
-                for (c, code) in children.iter().zip(&codes) {
-                    if code.is_none() {
-                        // SAFETY: kill(2) on our own children's pids.
-                        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                    }
-                }
-                signalled = true;
-            }
-            for (i, c) in children.iter_mut().enumerate() {
-                if codes[i].is_none()
-                    && let Some(status) = c.try_wait()?
-                {
-                    codes[i] = Some(radfm_api::exit::of_status(status));
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = pump.join();
-        bar.finish_and_clear();
-        let codes: Vec<i32> = codes.into_iter().map(|c| c.unwrap_or(-1)).collect();
+        let children = spawn_gang(&job, attempt, threads)?;
+        progress.attempt(a.quiet, &name, attempt, steps);
+        let codes = wait_for_gang(children, &mut progress, &stop)?;
         if stop.load(Ordering::SeqCst) {
             eprintln!(
                 "radfm run: stopped; checkpoints are under {} — run the same command again to resume",
                 job.spec.checkpoint.uri
             );
-            break Ok(130);
+            break 130;
         }
         match decide(&job, &codes, counted) {
-            None => break Ok(0),
+            None => break 0,
             Some(GangVerdict::Fail { cause, message }) => {
                 eprintln!(
                     "radfm run: {name} failed after {attempt} attempt(s): {message} ({})",
                     cause.reason()
                 );
-                break Ok(1);
+                break 1;
             }
             Some(GangVerdict::Restart {
                 counted: c,
@@ -361,10 +409,11 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             }
         }
     };
+    let losses = &progress.losses;
     if let Some(p) = &a.loss_plot {
-        write_plot(p, &losses, &name)?;
+        write_plot(p, losses, &name)?;
     }
-    if let Ok(0) = result {
+    if result == 0 {
         let last = losses.last().map_or(f64::NAN, |l| l.1);
         println!(
             "radfm run: {name} finished in {:.0} s: {} steps, final loss {last:.4}, {attempt} attempt(s); checkpoints: {}",
@@ -373,7 +422,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             job.spec.checkpoint.uri
         );
     }
-    result
+    Ok(result)
 }
 
 fn write_plot(path: &Path, losses: &[(i64, f64)], name: &str) -> Result<()> {

@@ -3,10 +3,13 @@
 //! The process turns the env contract (or a TrainingJob file) into one validated [`TrainConfig`]
 //! before anything runs, trains with checkpoints that survive any restart, and maps every failure
 //! to an exit code of the documented table — the exit code is all the operator learns from a dead
-//! trainer. Modules: [`model`] (ViT + MAE), [`optim`] (AdamW whose state can be saved),
-//! [`checkpoint`] (atomic, manifest-last commits on any object store), [`train`] (the loop),
-//! [`progress`] (JSON lines, Prometheus, the pod annotation the operator reads), [`export`]
-//! (timm-named safetensors + model card) and [`eval`] (k-NN and linear probes).
+//! trainer. Modules: [`config`] (the env contract → one validated configuration), [`launch`]
+//! (one process per local device), [`collective`] (the gang's tensors over radfm-collective),
+//! [`model`] (ViT + MAE), [`optim`] (AdamW whose state can be saved), [`tensors`] (safetensors
+//! I/O), [`checkpoint`] (atomic, manifest-last commits on any object store), [`train`] (the
+//! loop), [`progress`] (JSON lines, Prometheus, the pod annotation the operator reads),
+//! [`export`] (timm-named safetensors + model card), [`eval`] (k-NN and linear probes),
+//! [`site`] (a site's validation metrics) and [`commands`] (arguments shared with `radfm`).
 #![deny(missing_docs)]
 
 pub mod checkpoint;

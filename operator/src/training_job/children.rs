@@ -19,6 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 use radfm_api::TrainingJob;
 use radfm_api::env::{self, EnvContract};
+use radfm_api::trainingjob::{PodOverrides, WorkersSpec};
 use serde_json::json;
 
 /// Label: the owning TrainingJob's name.
@@ -240,12 +241,14 @@ pub fn pod_group(job: &TrainingJob, sched: GangScheduler) -> serde_json::Value {
     })
 }
 
-/// Worker pod `rank` of `attempt`, carrying the env contract.
-pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
-    let spec = &job.spec;
-    let w = &spec.workers;
-    let over = w.template.clone().unwrap_or_default();
-
+/// The worker's labels (rank, attempt, gang scheduler group) and annotations over the
+/// template's.
+fn worker_metadata(
+    job: &TrainingJob,
+    over: &PodOverrides,
+    rank: i32,
+    attempt: i32,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let mut labels = over.labels.clone().unwrap_or_default();
     labels.extend(base_labels(job));
     labels.insert(LABEL_RANK.into(), rank.to_string());
@@ -260,7 +263,11 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
         }
         None => {}
     }
+    (labels, annotations)
+}
 
+/// The env contract and the pod's name, over the template's variables of other names.
+fn worker_env(job: &TrainingJob, over: &PodOverrides, rank: i32, attempt: i32) -> Vec<EnvVar> {
     let contract = EnvContract::for_worker(job, rank, attempt, &master_addr(job));
     let ours: Vec<EnvVar> = contract
         .to_vars()
@@ -290,32 +297,37 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
         .filter(|e| !ours.iter().any(|o| o.name == e.name))
         .collect();
     env_vars.extend(ours);
+    env_vars
+}
 
+/// Resources and tolerations: GPUs requested and limited, and the GPU taint tolerated.
+fn worker_resources(w: &WorkersSpec) -> (ResourceRequirements, Vec<Toleration>) {
     let mut resources = w.resources.clone().unwrap_or_default();
     let mut tolerations = w.tolerations.clone().unwrap_or_default();
-    if w.gpus_per_worker > 0 {
-        let gpus = Quantity(w.gpus_per_worker.to_string());
-        resources
-            .limits
-            .get_or_insert_with(BTreeMap::new)
-            .insert(GPU_RESOURCE.into(), gpus.clone());
-        resources
-            .requests
-            .get_or_insert_with(BTreeMap::new)
-            .insert(GPU_RESOURCE.into(), gpus);
-        if !tolerations
-            .iter()
-            .any(|t| t.key.as_deref() == Some(GPU_RESOURCE))
-        {
-            tolerations.push(Toleration {
-                key: Some(GPU_RESOURCE.into()),
-                operator: Some("Exists".into()),
-                effect: Some("NoSchedule".into()),
-                ..Default::default()
-            });
-        }
+    if w.gpus_per_worker == 0 {
+        return (resources, tolerations);
     }
+    let gpus = Quantity(w.gpus_per_worker.to_string());
+    for side in [&mut resources.limits, &mut resources.requests] {
+        side.get_or_insert_with(BTreeMap::new)
+            .insert(GPU_RESOURCE.into(), gpus.clone());
+    }
+    if !tolerations
+        .iter()
+        .any(|t| t.key.as_deref() == Some(GPU_RESOURCE))
+    {
+        tolerations.push(Toleration {
+            key: Some(GPU_RESOURCE.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        });
+    }
+    (resources, tolerations)
+}
 
+/// A memory-backed /dev/shm sized by `workers.shmSize`, then the template's volumes.
+fn worker_volumes(w: &WorkersSpec, over: &PodOverrides) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes = vec![Volume {
         name: "dshm".into(),
         empty_dir: Some(EmptyDirVolumeSource {
@@ -331,7 +343,18 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
         ..Default::default()
     }];
     mounts.extend(over.volume_mounts.clone().unwrap_or_default());
+    (volumes, mounts)
+}
 
+/// Worker pod `rank` of `attempt`, carrying the env contract.
+pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
+    let spec = &job.spec;
+    let w = &spec.workers;
+    let over = w.template.clone().unwrap_or_default();
+    let (labels, annotations) = worker_metadata(job, &over, rank, attempt);
+    let env_vars = worker_env(job, &over, rank, attempt);
+    let (resources, tolerations) = worker_resources(w);
+    let (volumes, mounts) = worker_volumes(w, &over);
     Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(job, rank, attempt)),
