@@ -113,23 +113,100 @@ async fn shutdown_signal() {
     }
 }
 
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    info!(addr = %listener.local_addr()?, "serving /metrics /healthz /readyz");
+    let router = metrics::router(metrics);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Waits for the leader lease (meanwhile a follower is ready but not leading). None without
+/// leader election, or when a stop came first (the caller reads `stop_rx` to tell them apart).
+async fn lead(
+    args: &RunArgs,
+    client: &kube::Client,
+    identity: &str,
+    metrics: &Metrics,
+    stop_rx: watch::Receiver<bool>,
+) -> Option<Arc<Elector>> {
+    if !args.leader_elect {
+        return None;
+    }
+    let elector = Elector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        identity,
+        Duration::from_secs(args.lease_seconds),
+    );
+    let retry = elector.duration / 3;
+    info!(%identity, lease = %args.lease_name, "waiting for the leader lease");
+    loop {
+        match elector.try_lead().await {
+            Ok(true) => break,
+            Ok(false) => metrics.set_ready(),
+            Err(e) => warn!(error = %e, "leader election"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {},
+            _ = stopped(stop_rx.clone()) => return None,
+        }
+    }
+    info!(%identity, "became leader");
+    Some(Arc::new(elector))
+}
+
+/// Renews the lease; losing it for a whole lease duration sends on the returned channel (the
+/// controllers stop, and the pod restarts as a follower), so two leaders never act together
+/// for long.
+fn keep_leading(elector: Option<Arc<Elector>>, metrics: Arc<Metrics>) -> watch::Receiver<bool> {
+    let (lost_tx, lost_rx) = watch::channel(false);
+    let Some(elector) = elector else {
+        return lost_rx;
+    };
+    tokio::spawn(async move {
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(elector.duration / 3).await;
+            match elector.try_lead().await {
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => {
+                    warn!("leader lease taken by another replica");
+                    break;
+                }
+                Err(e) if last_ok.elapsed() < elector.duration => {
+                    warn!(error = %e, "renewing the lease")
+                }
+                Err(e) => {
+                    error!(error = %e, "could not renew the lease for a whole lease duration");
+                    break;
+                }
+            }
+        }
+        metrics.set_leader(false);
+        let _ = lost_tx.send(true);
+    });
+    lost_rx
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _guard = telemetry::init("radfm-operator", !args.log_text);
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
     let metrics = Arc::new(Metrics::default());
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", args.metrics_addr))?;
-    info!(addr = %listener.local_addr()?, "serving /metrics /healthz /readyz");
-    let router = metrics::router(metrics.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            error!(error = %e, "metrics server stopped");
-        }
-    });
-
+    serve_metrics(args.metrics_addr, metrics.clone()).await?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -141,67 +218,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("shutdown requested");
         let _ = stop_tx.send(true);
     });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-
-    let elector = if args.leader_elect {
-        let elector = Elector::new(
-            client.clone(),
-            &args.lease_namespace,
-            &args.lease_name,
-            &identity,
-            Duration::from_secs(args.lease_seconds),
-        );
-        let retry = elector.duration / 3;
-        info!(%identity, lease = %args.lease_name, "waiting for the leader lease");
-        loop {
-            match elector.try_lead().await {
-                Ok(true) => break,
-                Ok(false) => metrics.set_ready(),
-                Err(e) => warn!(error = %e, "leader election"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(retry) => {},
-                _ = stopped(stop_rx.clone()) => return Ok(()),
-            }
-        }
-        info!(%identity, "became leader");
-        Some(Arc::new(elector))
-    } else {
-        None
-    };
+    let elector = lead(&args, &client, &identity, &metrics, stop_rx.clone()).await;
+    if *stop_rx.borrow() {
+        return Ok(());
+    }
     metrics.set_ready();
     metrics.set_leader(true);
-
-    // Renew the lease; losing it for a whole lease duration stops the controller (the pod then
-    // restarts as a follower), so two leaders never act together for long.
-    let (lost_tx, lost_rx) = watch::channel(false);
-    if let Some(elector) = elector.clone() {
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut last_ok = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(elector.duration / 3).await;
-                match elector.try_lead().await {
-                    Ok(true) => last_ok = tokio::time::Instant::now(),
-                    Ok(false) => {
-                        warn!("leader lease taken by another replica");
-                        break;
-                    }
-                    Err(e) if last_ok.elapsed() < elector.duration => {
-                        warn!(error = %e, "renewing the lease")
-                    }
-                    Err(e) => {
-                        error!(error = %e, "could not renew the lease for a whole lease duration");
-                        break;
-                    }
-                }
-            }
-            metrics.set_leader(false);
-            let _ = lost_tx.send(true);
-        });
-    }
+    let lost_rx = keep_leading(elector.clone(), metrics.clone());
     let shutdown = || {
         let (stop, lost) = (stop_rx.clone(), lost_rx.clone());
         async move {
