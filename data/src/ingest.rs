@@ -273,6 +273,115 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
         .collect())
 }
 
+/// The input's files as (source, path relative to the input): a local folder walked, or an
+/// object-store prefix listed (images only), in a stable order.
+async fn list_input(
+    local_root: Option<&Path>,
+    remote: Option<&Location>,
+) -> Result<Vec<(Source, String)>> {
+    if let Some(root) = local_root {
+        let mut paths = Vec::new();
+        walk(root, &mut paths)?;
+        return Ok(paths
+            .into_iter()
+            .map(|p| {
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .to_string();
+                (Source::Local(p), rel)
+            })
+            .collect());
+    }
+    let r = remote.expect("a remote input where the input is not a local folder");
+    use futures::TryStreamExt;
+    let mut objects: Vec<object_store::ObjectMeta> = r
+        .store
+        .list(Some(&r.prefix))
+        .try_collect()
+        .await
+        .map_err(|e| Error::Store {
+            uri: r.uri.clone(),
+            source: e,
+        })?;
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut files = Vec::new();
+    for o in objects {
+        let rel = o
+            .location
+            .prefix_match(&r.prefix)
+            .map(|parts| {
+                parts
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .unwrap_or_default();
+        if is_image(Path::new(&rel)) {
+            files.push((Source::Object(o.location), rel));
+        }
+    }
+    Ok(files)
+}
+
+/// The pseudonymous source ids already in the dataset (the shards' sidecars).
+async fn ingested_sources(loc: &Location) -> Result<BTreeSet<String>> {
+    let index = DatasetIndex::load(loc).await?;
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    for s in &index.shards {
+        let sidecar = crate::index::sources_name(&s.name);
+        if let Some(bytes) = loc.get_opt(&sidecar).await? {
+            let ids: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| Error::Index {
+                uri: loc.child_uri(&sidecar),
+                reason: e.to_string(),
+            })?;
+            done.extend(ids);
+        }
+    }
+    Ok(done)
+}
+
+/// A local path for each file of the batch: local files as they are, objects fetched into
+/// `scratch`.
+async fn fetch_batch(
+    batch: &[(Source, String, String)],
+    remote: Option<&Location>,
+    scratch: &Path,
+) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::with_capacity(batch.len());
+    for (k, (src, rel, _)) in batch.iter().enumerate() {
+        let o = match src {
+            Source::Local(p) => {
+                paths.push(p.clone());
+                continue;
+            }
+            Source::Object(o) => o,
+        };
+        let r = remote.expect("objects come from a remote input");
+        use object_store::ObjectStoreExt;
+        let got = match r.store.get(o).await {
+            Ok(g) => g.bytes().await,
+            Err(e) => Err(e),
+        };
+        let bytes = got.map_err(|e| Error::Store {
+            uri: format!("{}/{rel}", r.uri),
+            source: e,
+        })?;
+        let ext = Path::new(rel)
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("dcm");
+        let p = scratch.join(format!("{k}.{ext}"));
+        std::fs::write(&p, &bytes).map_err(|e| Error::Io {
+            path: p.display().to_string(),
+            source: e,
+        })?;
+        paths.push(p);
+    }
+    Ok(paths)
+}
+
 /// Ingests `cfg.input` into `cfg.output`. Identified DICOM files are refused (listed in the
 /// report and the error) unless `deidentify`; everything else is written.
 pub async fn ingest(
@@ -285,70 +394,14 @@ pub async fn ingest(
         Some(_) => None,
         None => Some(Location::open(&cfg.input)?),
     };
-    // (source, path relative to the input)
-    let mut files: Vec<(Source, String)> = Vec::new();
-    match (&local_root, &remote) {
-        (Some(root), _) => {
-            let mut paths = Vec::new();
-            walk(root, &mut paths)?;
-            files.extend(paths.into_iter().map(|p| {
-                let rel = p
-                    .strip_prefix(root)
-                    .unwrap_or(&p)
-                    .to_string_lossy()
-                    .to_string();
-                (Source::Local(p), rel)
-            }));
-        }
-        (None, Some(r)) => {
-            use futures::TryStreamExt;
-            let mut objects: Vec<object_store::ObjectMeta> = r
-                .store
-                .list(Some(&r.prefix))
-                .try_collect()
-                .await
-                .map_err(|e| Error::Store {
-                    uri: r.uri.clone(),
-                    source: e,
-                })?;
-            objects.sort_by(|a, b| a.location.cmp(&b.location));
-            for o in objects {
-                let rel = o
-                    .location
-                    .prefix_match(&r.prefix)
-                    .map(|parts| {
-                        parts
-                            .map(|p| p.as_ref().to_string())
-                            .collect::<Vec<_>>()
-                            .join("/")
-                    })
-                    .unwrap_or_default();
-                if is_image(Path::new(&rel)) {
-                    files.push((Source::Object(o.location), rel));
-                }
-            }
-        }
-        (None, None) => unreachable!("one of the two is set"),
-    }
+    let files = list_input(local_root.as_deref(), remote.as_ref()).await?;
     let labels = cfg
         .labels
         .as_deref()
         .map(read_labels)
         .transpose()?
         .unwrap_or_default();
-
-    let index = DatasetIndex::load(&loc).await?;
-    let mut done: BTreeSet<String> = BTreeSet::new();
-    for s in &index.shards {
-        let sidecar = crate::index::sources_name(&s.name);
-        if let Some(bytes) = loc.get_opt(&sidecar).await? {
-            let ids: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| Error::Index {
-                uri: loc.child_uri(&sidecar),
-                reason: e.to_string(),
-            })?;
-            done.extend(ids);
-        }
-    }
+    let done = ingested_sources(&loc).await?;
     let mut report = IngestReport {
         files: files.len(),
         ..Default::default()
@@ -365,7 +418,6 @@ pub async fn ingest(
             }
         })
         .collect();
-
     let mut sink = ShardSink::new(loc, cfg.shard_bytes);
     let total = todo.len();
     for (batch_no, batch) in todo.chunks(64).enumerate() {
@@ -374,34 +426,7 @@ pub async fn ingest(
             path: "(temporary folder)".into(),
             source: e,
         })?;
-        let mut paths = Vec::with_capacity(batch.len());
-        for (k, (src, rel, _)) in batch.iter().enumerate() {
-            paths.push(match src {
-                Source::Local(p) => p.clone(),
-                Source::Object(o) => {
-                    let r = remote.as_ref().expect("objects come from a remote input");
-                    use object_store::ObjectStoreExt;
-                    let got = match r.store.get(o).await {
-                        Ok(g) => g.bytes().await,
-                        Err(e) => Err(e),
-                    };
-                    let bytes = got.map_err(|e| Error::Store {
-                        uri: format!("{}/{rel}", r.uri),
-                        source: e,
-                    })?;
-                    let ext = Path::new(rel)
-                        .extension()
-                        .and_then(|e| e.to_str())
-                        .unwrap_or("dcm");
-                    let p = scratch.path().join(format!("{k}.{ext}"));
-                    std::fs::write(&p, &bytes).map_err(|e| Error::Io {
-                        path: p.display().to_string(),
-                        source: e,
-                    })?;
-                    p
-                }
-            });
-        }
+        let paths = fetch_batch(batch, remote.as_ref(), scratch.path()).await?;
         let decoded: Vec<(String, String, Result<Vec<Sample>>)> = batch
             .par_iter()
             .zip(paths.par_iter())
