@@ -105,41 +105,74 @@ fn who(by: Option<String>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// `radfm registry list`: the models, or one model's versions with their aliases.
+async fn list(registry: &str, model: Option<String>) -> Result<()> {
+    let r = Registry::open(registry)?;
+    let Some(m) = model else {
+        for m in r.models().await? {
+            println!("{m}");
+        }
+        return Ok(());
+    };
+    let aliases = r.aliases(&m).await?;
+    println!(
+        "{:<8} {:<26} {:<10} {:<20} ALIASES",
+        "VERSION", "CREATED", "PARENT", "JOB"
+    );
+    for v in r.versions(&m).await? {
+        let names: Vec<&str> = aliases
+            .iter()
+            .filter(|(_, t)| **t == v.version)
+            .map(|(a, _)| a.as_str())
+            .collect();
+        println!(
+            "{:<8} {:<26} {:<10} {:<20} {}",
+            v.version,
+            v.created.chars().take(25).collect::<String>(),
+            v.spec.parent.map_or("-".into(), |p| p.to_string()),
+            v.spec.job_name.clone().unwrap_or_else(|| "-".into()),
+            names.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `radfm registry lineage`: the version and its ancestors, indented.
+async fn lineage(registry: &str, model: &str, version: &str) -> Result<()> {
+    let r = Registry::open(registry)?;
+    let chain = r.lineage(model, r.resolve(model, version).await?).await?;
+    for (depth, v) in chain.iter().enumerate() {
+        println!(
+            "{}{model} v{} ({}, data {} shards {}..{}, {})",
+            "  ".repeat(depth),
+            v.version,
+            v.created,
+            v.spec.data.index_uri,
+            v.spec.data.first_seq,
+            v.spec.data.last_seq,
+            v.spec.job_name.clone().unwrap_or_else(|| "no job".into())
+        );
+    }
+    Ok(())
+}
+
+/// `radfm registry history`: the event log.
+async fn history(registry: &str, model: &str) -> Result<()> {
+    let r = Registry::open(registry)?;
+    for e in r.events(model).await? {
+        let what = e.kind.to_string();
+        println!(
+            "{:>4} {} {:<12} {:<28} {}",
+            e.seq, e.time, e.by, what, e.reason
+        );
+    }
+    Ok(())
+}
+
 /// Runs a registry command.
 pub async fn run(cmd: RegistryCmd) -> Result<()> {
     match cmd {
-        RegistryCmd::List { registry, model } => {
-            let r = Registry::open(&registry)?;
-            match model {
-                None => {
-                    for m in r.models().await? {
-                        println!("{m}");
-                    }
-                }
-                Some(m) => {
-                    let aliases = r.aliases(&m).await?;
-                    println!(
-                        "{:<8} {:<26} {:<10} {:<20} ALIASES",
-                        "VERSION", "CREATED", "PARENT", "JOB"
-                    );
-                    for v in r.versions(&m).await? {
-                        let names: Vec<&str> = aliases
-                            .iter()
-                            .filter(|(_, t)| **t == v.version)
-                            .map(|(a, _)| a.as_str())
-                            .collect();
-                        println!(
-                            "{:<8} {:<26} {:<10} {:<20} {}",
-                            v.version,
-                            v.created.chars().take(25).collect::<String>(),
-                            v.spec.parent.map_or("-".into(), |p| p.to_string()),
-                            v.spec.job_name.clone().unwrap_or_else(|| "-".into()),
-                            names.join(",")
-                        );
-                    }
-                }
-            }
-        }
+        RegistryCmd::List { registry, model } => list(&registry, model).await?,
         RegistryCmd::Show {
             registry,
             model,
@@ -155,34 +188,8 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
             registry,
             model,
             version,
-        } => {
-            let r = Registry::open(&registry)?;
-            let chain = r
-                .lineage(&model, r.resolve(&model, &version).await?)
-                .await?;
-            for (depth, v) in chain.iter().enumerate() {
-                println!(
-                    "{}{model} v{} ({}, data {} shards {}..{}, {})",
-                    "  ".repeat(depth),
-                    v.version,
-                    v.created,
-                    v.spec.data.index_uri,
-                    v.spec.data.first_seq,
-                    v.spec.data.last_seq,
-                    v.spec.job_name.clone().unwrap_or_else(|| "no job".into())
-                );
-            }
-        }
-        RegistryCmd::History { registry, model } => {
-            let r = Registry::open(&registry)?;
-            for e in r.events(&model).await? {
-                let what = e.kind.to_string();
-                println!(
-                    "{:>4} {} {:<12} {:<28} {}",
-                    e.seq, e.time, e.by, what, e.reason
-                );
-            }
-        }
+        } => lineage(&registry, &model, &version).await?,
+        RegistryCmd::History { registry, model } => history(&registry, &model).await?,
         RegistryCmd::Register {
             registry,
             model,

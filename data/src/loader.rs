@@ -216,6 +216,94 @@ impl Loader {
         per_rank(total, self.cfg.world, self.cfg.batch_size) / self.cfg.batch_size as u64
     }
 
+    /// Fetches the `needed` shards in order, `prefetch` ahead; stops at the first failure.
+    fn spawn_fetcher(&self, needed: &[usize]) -> (Fetched, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.prefetch.max(1));
+        let loc = self.loc.clone();
+        let shards: Vec<ShardEntry> = needed.iter().map(|&s| self.shards[s].clone()).collect();
+        let retries = self.cfg.fetch_retries;
+        let counter = self.fetch_retries.clone();
+        let needed = needed.to_vec();
+        let handle = tokio::spawn(async move {
+            for (entry, s) in shards.into_iter().zip(needed) {
+                let r = fetch_shard(&loc, &entry, retries, &counter)
+                    .await
+                    .map(|samples| (s, samples));
+                let failed = r.is_err();
+                if tx.send(r).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        (rx, handle)
+    }
+
+    /// Waits until every shard the batch `take` reads from is loaded.
+    async fn await_shards(
+        &self,
+        rx: &mut Fetched,
+        loaded: &mut Loaded,
+        take: &[(usize, u64)],
+    ) -> Result<()> {
+        for &(s, _) in take {
+            while !loaded.contains_key(&s) {
+                match rx.recv().await {
+                    Some(Ok((id, samples))) => {
+                        loaded.insert(id, samples);
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        return Err(Error::Shard {
+                            shard: self.shards[s].name.clone(),
+                            reason: "fetcher stopped".into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch's samples with their positions; corrupt ones count against the epoch's limit
+    /// and are replaced by repeating good ones of the batch.
+    fn choose<'a>(
+        &mut self,
+        loaded: &'a Loaded,
+        take: &[(usize, u64)],
+        position: u64,
+    ) -> Result<Vec<(u64, &'a Sample)>> {
+        let mut chosen: Vec<(u64, &Sample)> = Vec::new();
+        for (k, &(s, i)) in take.iter().enumerate() {
+            match loaded[&s].get(i as usize).and_then(|x| x.as_ref()) {
+                Some(sample) => chosen.push((position + k as u64, sample)),
+                None => {
+                    self.bad_samples += 1;
+                    if self.bad_samples > self.cfg.max_bad_samples {
+                        return Err(Error::Shard {
+                            shard: self.shards[s].name.clone(),
+                            reason: format!(
+                                "more than {} corrupt samples this epoch (sample {i} of this shard is one)",
+                                self.cfg.max_bad_samples
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        if chosen.is_empty() {
+            return Err(Error::Shard {
+                shard: self.shards[take[0].0].name.clone(),
+                reason: "a whole batch of corrupt samples".into(),
+            });
+        }
+        let mut k = 0;
+        while chosen.len() < take.len() {
+            chosen.push(chosen[k]);
+            k += 1;
+        }
+        Ok(chosen)
+    }
+
     /// Streams the rest of the epoch from `cursor`, calling `each` per batch; stops early when
     /// `each` returns false.
     pub async fn run_epoch(
@@ -235,29 +323,8 @@ impl Loader {
                 needed.push(s);
             }
         }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(usize, Vec<Option<Sample>>)>>(
-            self.cfg.prefetch.max(1),
-        );
-        let fetcher = {
-            let loc = self.loc.clone();
-            let shards: Vec<ShardEntry> = needed.iter().map(|&s| self.shards[s].clone()).collect();
-            let retries = self.cfg.fetch_retries;
-            let counter = self.fetch_retries.clone();
-            let needed = needed.clone();
-            tokio::spawn(async move {
-                for (entry, s) in shards.into_iter().zip(needed) {
-                    let r = fetch_shard(&loc, &entry, retries, &counter)
-                        .await
-                        .map(|samples| (s, samples));
-                    let failed = r.is_err();
-                    if tx.send(r).await.is_err() || failed {
-                        return;
-                    }
-                }
-            })
-        };
-
-        let mut loaded: std::collections::HashMap<usize, Vec<Option<Sample>>> = Default::default();
+        let (mut rx, fetcher) = self.spawn_fetcher(&needed);
+        let mut loaded = Loaded::default();
         let mut pending: VecDeque<(usize, u64)> = remaining.iter().copied().collect();
         let mut position = start as u64;
         let size = self.cfg.image_size;
@@ -265,53 +332,10 @@ impl Loader {
             let take: Vec<(usize, u64)> = pending
                 .drain(..self.cfg.batch_size.min(pending.len()))
                 .collect();
-            for &(s, _) in &take {
-                while !loaded.contains_key(&s) {
-                    match rx.recv().await {
-                        Some(Ok((id, samples))) => {
-                            loaded.insert(id, samples);
-                        }
-                        Some(Err(e)) => return Err(e),
-                        None => {
-                            return Err(Error::Shard {
-                                shard: self.shards[s].name.clone(),
-                                reason: "fetcher stopped".into(),
-                            });
-                        }
-                    }
-                }
-            }
-            let mut chosen: Vec<(u64, &Sample)> = Vec::new();
-            for (k, &(s, i)) in take.iter().enumerate() {
-                match loaded[&s].get(i as usize).and_then(|x| x.as_ref()) {
-                    Some(sample) => chosen.push((position + k as u64, sample)),
-                    None => {
-                        self.bad_samples += 1;
-                        if self.bad_samples > self.cfg.max_bad_samples {
-                            fetcher.abort();
-                            return Err(Error::Shard {
-                                shard: self.shards[s].name.clone(),
-                                reason: format!(
-                                    "more than {} corrupt samples this epoch (sample {i} of this shard is one)",
-                                    self.cfg.max_bad_samples
-                                ),
-                            });
-                        }
-                    }
-                }
-            }
-            if chosen.is_empty() {
-                fetcher.abort();
-                return Err(Error::Shard {
-                    shard: self.shards[take[0].0].name.clone(),
-                    reason: "a whole batch of corrupt samples".into(),
-                });
-            }
-            let mut k = 0;
-            while chosen.len() < take.len() {
-                chosen.push(chosen[k]);
-                k += 1;
-            }
+            self.await_shards(&mut rx, &mut loaded, &take).await?;
+            let chosen = self
+                .choose(&loaded, &take, position)
+                .inspect_err(|_| fetcher.abort())?;
             position += take.len() as u64;
             let (seed, epoch, augment, stats) =
                 (self.cfg.seed, cursor.epoch, self.cfg.augment, self.stats);
@@ -338,6 +362,12 @@ impl Loader {
         Ok(())
     }
 }
+
+/// Loaded shards by index: each sample, or None where it is corrupt.
+type Loaded = std::collections::HashMap<usize, Vec<Option<Sample>>>;
+
+/// The fetcher's shards as they arrive.
+type Fetched = tokio::sync::mpsc::Receiver<Result<(usize, Vec<Option<Sample>>)>>;
 
 async fn fetch_shard(
     loc: &Location,
