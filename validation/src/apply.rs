@@ -54,6 +54,79 @@ fn reg(e: radfm_registry::Error) -> Error {
     Error::Data(format!("registry: {e}"))
 }
 
+/// The candidate and the baseline as the gate compares them.
+async fn versions(
+    registry: &Registry,
+    model: &str,
+    candidate: u64,
+    baseline: u64,
+) -> Result<Versions> {
+    let cv = registry.version(model, candidate).await.map_err(reg)?;
+    let bv = registry.version(model, baseline).await.map_err(reg)?;
+    Ok(Versions {
+        model: model.to_string(),
+        candidate,
+        candidate_sha256: cv.spec.weights_sha256.clone(),
+        candidate_created: cv
+            .created
+            .parse()
+            .map_err(|e| Error::Data(format!("{model} v{candidate} created: {e}")))?,
+        baseline,
+        baseline_sha256: bv.spec.weights_sha256.clone(),
+    })
+}
+
+/// The summary of the newest decision recorded about `candidate`.
+fn last_recorded<'a>(
+    log: &'a [radfm_registry::Event],
+    candidate: u64,
+    production: &str,
+) -> Option<&'a str> {
+    log.iter().rev().find_map(|e| match &e.kind {
+        EventKind::Note { version: Some(v) } if *v == candidate => Some(e.reason.as_str()),
+        EventKind::AliasMoved { alias, to, .. } if *to == candidate && alias == production => {
+            Some(e.reason.as_str())
+        }
+        _ => None,
+    })
+}
+
+/// Records the decision: production moves (compare-and-set against the baseline) on Promote,
+/// a note otherwise; the decision itself is stored beside the event. Returns the event's number.
+async fn record(
+    registry: &Registry,
+    policy: &PromotionPolicySpec,
+    decision: &Decision,
+    baseline: u64,
+    by: &str,
+    text: &str,
+) -> Result<u64> {
+    let (model, candidate) = (&policy.model, decision.candidate);
+    let event = match decision.outcome {
+        Outcome::Promote => registry
+            .move_alias(
+                model,
+                &policy.production_alias,
+                candidate,
+                Some(baseline),
+                by,
+                text,
+            )
+            .await
+            .map_err(reg)?,
+        Outcome::Reject | Outcome::HoldForReview => registry
+            .note(model, Some(candidate), by, text)
+            .await
+            .map_err(reg)?,
+    };
+    let body = serde_json::to_vec_pretty(decision).expect("decisions serialise");
+    registry
+        .put_decision(model, event.seq, body)
+        .await
+        .map_err(reg)?;
+    Ok(event.seq)
+}
+
 /// Decides on the current candidate and records the decision. `approved`: the version a person
 /// approved, if any.
 pub async fn gate(
@@ -92,32 +165,11 @@ pub async fn gate(
             production,
         });
     }
-    let cv = registry.version(model, candidate).await.map_err(reg)?;
-    let bv = registry.version(model, baseline).await.map_err(reg)?;
-    let versions = Versions {
-        model: model.clone(),
-        candidate,
-        candidate_sha256: cv.spec.weights_sha256.clone(),
-        candidate_created: cv
-            .created
-            .parse()
-            .map_err(|e| Error::Data(format!("{model} v{candidate} created: {e}")))?,
-        baseline,
-        baseline_sha256: bv.spec.weights_sha256.clone(),
-    };
+    let versions = versions(registry, model, candidate, baseline).await?;
     let stored = registry.reports(model, candidate).await.map_err(reg)?;
     let decision = gate::decide(policy, &versions, &stored, approved == Some(candidate), now);
     let text = summary(&decision);
-    let already = log.iter().rev().find_map(|e| match &e.kind {
-        EventKind::Note { version: Some(v) } if *v == candidate => Some(e.reason.as_str()),
-        EventKind::AliasMoved { alias, to, .. }
-            if *to == candidate && alias == &policy.production_alias =>
-        {
-            Some(e.reason.as_str())
-        }
-        _ => None,
-    });
-    if already == Some(text.as_str()) {
+    if last_recorded(&log, candidate, &policy.production_alias) == Some(text.as_str()) {
         return Ok(GatePass {
             gated: Gated::Decided {
                 decision: Box::new(decision),
@@ -126,31 +178,7 @@ pub async fn gate(
             production,
         });
     }
-    let event = match decision.outcome {
-        Outcome::Promote => registry
-            .move_alias(
-                model,
-                &policy.production_alias,
-                candidate,
-                Some(baseline),
-                by,
-                &text,
-            )
-            .await
-            .map_err(reg)?,
-        Outcome::Reject | Outcome::HoldForReview => registry
-            .note(model, Some(candidate), by, &text)
-            .await
-            .map_err(reg)?,
-    };
-    registry
-        .put_decision(
-            model,
-            event.seq,
-            serde_json::to_vec_pretty(&decision).expect("decisions serialise"),
-        )
-        .await
-        .map_err(reg)?;
+    let seq = record(registry, policy, &decision, baseline, by, &text).await?;
     let production = if decision.outcome == Outcome::Promote {
         Some(candidate)
     } else {
@@ -159,7 +187,7 @@ pub async fn gate(
     Ok(GatePass {
         gated: Gated::Decided {
             decision: Box::new(decision),
-            recorded: Some(event.seq),
+            recorded: Some(seq),
         },
         production,
     })
