@@ -158,102 +158,20 @@ pub fn table(items: &[TrainingJob], now: Timestamp, with_namespace: bool) -> Str
         .collect()
 }
 
-/// The `describe` text.
+/// The `describe` text: the spec in brief, the status, conditions, workers, events.
 pub fn describe_text(j: &TrainingJob, pods: &[Pod], events: &[Event]) -> String {
-    let s = &j.spec;
-    let st = j.status.clone().unwrap_or_default();
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<18}{v}\n"));
-    line("Name:", j.name_any());
-    line("Namespace:", j.namespace().unwrap_or_default());
-    line("Image:", s.image.clone());
-    line(
-        "Workers:",
-        format!(
-            "{} x {} GPU, {} process(es) each",
-            s.workers.replicas,
-            s.workers.gpus_per_worker,
-            s.workers.nproc()
-        ),
-    );
-    line("Dataset:", s.dataset.uri.clone());
-    line(
-        "Model:",
-        format!(
-            "{} {}px patch {} mask {}",
-            s.model.architecture.as_str(),
-            s.model.image_size,
-            s.model.patch_size,
-            s.model.mask_ratio
-        ),
-    );
-    line(
-        "Training:",
-        format!(
-            "{} x batch {} lr {} {}",
-            s.training.steps.map_or_else(
-                || format!("{} epochs", s.training.epochs.unwrap_or(0)),
-                |n| format!("{n} steps")
-            ),
-            s.training.batch_size_per_device,
-            s.training.learning_rate,
-            s.training.precision.as_str()
-        ),
-    );
-    line(
-        "Checkpoints:",
-        format!(
-            "{} every {} steps, keep {}",
-            s.checkpoint.uri, s.checkpoint.every_steps, s.checkpoint.keep_last
-        ),
-    );
-    line("Phase:", st.phase.map_or("-".into(), |p| format!("{p:?}")));
-    line(
-        "Attempt:",
-        format!(
-            "{} ({} restarts, {} counted of backoffLimit {})",
-            st.attempt, st.restarts, st.counted_restarts, s.run_policy.backoff_limit
-        ),
-    );
-    if let Some(p) = &st.progress {
-        line(
-            "Progress:",
-            format!(
-                "step {}/{} loss {} {} img/s ({})",
-                p.step,
-                p.total_steps.map_or("?".into(), |t| t.to_string()),
-                p.loss.map_or("-".into(), |l| format!("{l:.4}")),
-                p.images_per_second
-                    .map_or("-".into(), |v| format!("{v:.0}")),
-                progress(j)
-            ),
-        );
-    }
-    if let Some(c) = &st.last_checkpoint {
-        line("Last checkpoint:", format!("step {} {}", c.step, c.uri));
-    }
+    describe_spec(j, &mut line);
+    describe_status(j, &mut line);
+    let st = j.status.clone().unwrap_or_default();
     out.push_str("Conditions:\n");
     for c in &st.conditions {
         out.push_str(&condition_line(c));
     }
     out.push_str("Workers:\n");
     for p in pods {
-        let phase = p
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.clone())
-            .unwrap_or_default();
-        let node = p
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .unwrap_or_else(|| "-".into());
-        out.push_str(&format!(
-            "  {:<28} rank {:<4} {:<10} {node}\n",
-            p.name_any(),
-            p.labels().get("radfm.io/rank").cloned().unwrap_or_default(),
-            phase
-        ));
+        out.push_str(&worker_line(p));
     }
     out.push_str("Events:\n");
     for e in events {
@@ -265,6 +183,93 @@ pub fn describe_text(j: &TrainingJob, pods: &[Pod], events: &[Event]) -> String 
         ));
     }
     out
+}
+
+fn describe_spec(j: &TrainingJob, line: &mut impl FnMut(&str, String)) {
+    let s = &j.spec;
+    line("Name:", j.name_any());
+    line("Namespace:", j.namespace().unwrap_or_default());
+    line("Image:", s.image.clone());
+    let w = &s.workers;
+    let each = format!(
+        "{} x {} GPU, {} process(es) each",
+        w.replicas,
+        w.gpus_per_worker,
+        w.nproc()
+    );
+    line("Workers:", each);
+    line("Dataset:", s.dataset.uri.clone());
+    let m = &s.model;
+    let model = format!(
+        "{} {}px patch {} mask {}",
+        m.architecture.as_str(),
+        m.image_size,
+        m.patch_size,
+        m.mask_ratio
+    );
+    line("Model:", model);
+    let t = &s.training;
+    let length = t.steps.map_or_else(
+        || format!("{} epochs", t.epochs.unwrap_or(0)),
+        |n| format!("{n} steps"),
+    );
+    let training = format!(
+        "{length} x batch {} lr {} {}",
+        t.batch_size_per_device,
+        t.learning_rate,
+        t.precision.as_str()
+    );
+    line("Training:", training);
+    let c = &s.checkpoint;
+    let checkpoints = format!(
+        "{} every {} steps, keep {}",
+        c.uri, c.every_steps, c.keep_last
+    );
+    line("Checkpoints:", checkpoints);
+}
+
+fn describe_status(j: &TrainingJob, line: &mut impl FnMut(&str, String)) {
+    let st = j.status.clone().unwrap_or_default();
+    line("Phase:", st.phase.map_or("-".into(), |p| format!("{p:?}")));
+    let attempt = format!(
+        "{} ({} restarts, {} counted of backoffLimit {})",
+        st.attempt, st.restarts, st.counted_restarts, j.spec.run_policy.backoff_limit
+    );
+    line("Attempt:", attempt);
+    if let Some(p) = &st.progress {
+        let text = format!(
+            "step {}/{} loss {} {} img/s ({})",
+            p.step,
+            p.total_steps.map_or("?".into(), |t| t.to_string()),
+            p.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            p.images_per_second
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            progress(j)
+        );
+        line("Progress:", text);
+    }
+    if let Some(c) = &st.last_checkpoint {
+        line("Last checkpoint:", format!("step {} {}", c.step, c.uri));
+    }
+}
+
+fn worker_line(p: &Pod) -> String {
+    let phase = p
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    let node = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "  {:<28} rank {:<4} {:<10} {node}\n",
+        p.name_any(),
+        p.labels().get("radfm.io/rank").cloned().unwrap_or_default(),
+        phase
+    )
 }
 
 fn condition_line(c: &Condition) -> String {
