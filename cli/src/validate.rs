@@ -64,6 +64,39 @@ fn folder(weights_uri: &str) -> String {
         .to_string()
 }
 
+/// The weights validated are the registered ones.
+#[cfg(feature = "torch")]
+fn check_weights(what: &str, loaded: &str, registered: &str) -> Result<()> {
+    if loaded != registered {
+        bail!("the {what}'s weights ({loaded}) are not the registered ones ({registered})");
+    }
+    Ok(())
+}
+
+/// One line per task: the overall comparison and what was reported or suppressed.
+#[cfg(feature = "torch")]
+fn print_summary(a: &ValidateArgs, r: &SiteReport) {
+    for t in &r.tasks {
+        let d = &t.overall.delta_auroc;
+        println!(
+            "{} v{} vs v{} at {}: {} AUROC {:.3} vs {:.3}, Δ {:+.3} [{:+.3}, {:+.3}] ({} cases, {} subgroups reported, {} suppressed)",
+            a.model,
+            r.candidate,
+            r.baseline,
+            a.site,
+            t.task,
+            t.overall.candidate.auroc.value,
+            t.overall.baseline.auroc.value,
+            d.value,
+            d.lo,
+            d.hi,
+            t.overall.n,
+            t.subgroups.len(),
+            t.suppressed_cells
+        );
+    }
+}
+
 /// Validates a candidate on this site's data and publishes the signed report.
 #[cfg(feature = "torch")]
 pub async fn validate(a: ValidateArgs) -> Result<()> {
@@ -92,22 +125,16 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
     })
     .await
     .context("validating")?;
-    for (what, loaded, registered) in [
-        (
-            "candidate",
-            &outcome.candidate_sha256,
-            &cand.spec.weights_sha256,
-        ),
-        (
-            "baseline",
-            &outcome.baseline_sha256,
-            &base.spec.weights_sha256,
-        ),
-    ] {
-        if loaded != registered {
-            bail!("the {what}'s weights ({loaded}) are not the registered ones ({registered})");
-        }
-    }
+    check_weights(
+        "candidate",
+        &outcome.candidate_sha256,
+        &cand.spec.weights_sha256,
+    )?;
+    check_weights(
+        "baseline",
+        &outcome.baseline_sha256,
+        &base.spec.weights_sha256,
+    )?;
     let r = SiteReport {
         format: report::FORMAT.into(),
         model: a.model.clone(),
@@ -134,25 +161,7 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
             serde_json::to_vec_pretty(&signed)?,
         )
         .await?;
-    for t in &r.tasks {
-        let d = &t.overall.delta_auroc;
-        println!(
-            "{} v{} vs v{} at {}: {} AUROC {:.3} vs {:.3}, Δ {:+.3} [{:+.3}, {:+.3}] ({} cases, {} subgroups reported, {} suppressed)",
-            a.model,
-            cand.version,
-            base.version,
-            a.site,
-            t.task,
-            t.overall.candidate.auroc.value,
-            t.overall.baseline.auroc.value,
-            d.value,
-            d.lo,
-            d.hi,
-            t.overall.n,
-            t.subgroups.len(),
-            t.suppressed_cells
-        );
-    }
+    print_summary(&a, &r);
     println!("signed report: {uri}");
     Ok(())
 }

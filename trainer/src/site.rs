@@ -63,6 +63,50 @@ fn invalid(reason: String) -> Error {
     }
 }
 
+/// The comparison of both encoders' probes on one task, by subgroup.
+fn task_report(
+    req: &Request<'_>,
+    ec: &Embedded,
+    eb: &Embedded,
+    groups: &[BTreeMap<String, String>],
+    ti: usize,
+    task: &str,
+) -> Result<report::TaskReport> {
+    let labels: Vec<f32> = ec
+        .meta
+        .iter()
+        .zip(&ec.keys)
+        .map(|(m, key)| {
+            eval::target(m, task).ok_or_else(|| {
+                invalid(format!(
+                    "sample {key} of {} has no 0/1 label {task:?}",
+                    req.dataset_uri
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let y = Tensor::from_slice(&labels);
+    let (lin_c, knn_c) = eval::cross_validated(&ec.features, &y, &ec.keys, FOLDS, K)?;
+    let (lin_b, knn_b) = eval::cross_validated(&eb.features, &y, &eb.keys, FOLDS, K)?;
+    let yb: Vec<bool> = labels.iter().map(|&l| l > 0.5).collect();
+    let knn = radfm_validation::stats::auroc(&knn_c, &yb)
+        .zip(radfm_validation::stats::auroc(&knn_b, &yb));
+    report::task_report(
+        &Cases {
+            task: task.to_string(),
+            candidate: &lin_c,
+            baseline: &lin_b,
+            labels: &yb,
+            groups,
+        },
+        req.subgroups,
+        req.min_cell,
+        knn,
+        req.seed ^ (ti as u64) << 48,
+    )
+    .map_err(|e| invalid(format!("{}: {e}", req.dataset_uri)))
+}
+
 /// Runs the validation of one candidate against one baseline on the site's data.
 pub async fn validate(req: &Request<'_>) -> Result<Outcome> {
     let first = req
@@ -91,43 +135,12 @@ pub async fn validate(req: &Request<'_>) -> Result<Outcome> {
                 .collect()
         })
         .collect();
-    let mut tasks = Vec::new();
-    for (ti, task) in req.tasks.iter().enumerate() {
-        let labels: Vec<f32> = ec
-            .meta
-            .iter()
-            .zip(&ec.keys)
-            .map(|(m, key)| {
-                eval::target(m, task).ok_or_else(|| {
-                    invalid(format!(
-                        "sample {key} of {} has no 0/1 label {task:?}",
-                        req.dataset_uri
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?;
-        let y = Tensor::from_slice(&labels);
-        let (lin_c, knn_c) = eval::cross_validated(&ec.features, &y, &ec.keys, FOLDS, K)?;
-        let (lin_b, knn_b) = eval::cross_validated(&eb.features, &y, &eb.keys, FOLDS, K)?;
-        let yb: Vec<bool> = labels.iter().map(|&l| l > 0.5).collect();
-        let knn = radfm_validation::stats::auroc(&knn_c, &yb)
-            .zip(radfm_validation::stats::auroc(&knn_b, &yb));
-        let r = report::task_report(
-            &Cases {
-                task: task.clone(),
-                candidate: &lin_c,
-                baseline: &lin_b,
-                labels: &yb,
-                groups: &groups,
-            },
-            req.subgroups,
-            req.min_cell,
-            knn,
-            req.seed ^ (ti as u64) << 48,
-        )
-        .map_err(|e| invalid(format!("{}: {e}", req.dataset_uri)))?;
-        tasks.push(r);
-    }
+    let tasks = req
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(ti, task)| task_report(req, &ec, &eb, &groups, ti, task))
+        .collect::<Result<Vec<_>>>()?;
     let loc = Location::open(req.dataset_uri)?;
     let index_bytes = loc
         .get_opt(radfm_data::index::INDEX)
