@@ -96,6 +96,23 @@ pub fn read(path: &Path, deidentify: bool, salt: &[u8]) -> Result<DicomImage> {
     read_named(path, &path.display().to_string(), deidentify, salt)
 }
 
+/// Stored values as 16-bit gray: colour by luma, MONOCHROME1 inverted against the largest
+/// stored value, shifted by `offset` (signed data) and clamped.
+fn stored_gray(values: &[f64], spp: usize, invert_from: Option<f64>, offset: f64) -> Vec<u16> {
+    values
+        .chunks(spp.max(1))
+        .map(|px| {
+            let v = if spp >= 3 {
+                0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2]
+            } else {
+                px[0]
+            };
+            let v = invert_from.map_or(v, |max| max - v);
+            (v + offset).round().clamp(0.0, 65535.0) as u16
+        })
+        .collect()
+}
+
 /// [`read`], naming the file `name` in errors (for example the object URI it was fetched from).
 pub fn read_named(path: &Path, name: &str, deidentify: bool, salt: &[u8]) -> Result<DicomImage> {
     let name = name.to_string();
@@ -140,18 +157,7 @@ pub fn read_named(path: &Path, name: &str, deidentify: bool, salt: &[u8]) -> Res
         let values: Vec<f64> = pd
             .to_vec_frame_with_options(f, &raw)
             .map_err(|e| img_err(format!("frame {f}: {e}")))?;
-        let pixels: Vec<u16> = values
-            .chunks(spp.max(1))
-            .map(|px| {
-                let v = if spp >= 3 {
-                    0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2]
-                } else {
-                    px[0]
-                };
-                let v = if invert { max_stored - v } else { v };
-                (v + offset).round().clamp(0.0, 65535.0) as u16
-            })
-            .collect();
+        let pixels = stored_gray(&values, spp, invert.then_some(max_stored), offset);
         if pixels.len() != (w * h) as usize {
             return Err(img_err(format!(
                 "frame {f} has {} pixels, expected {w}x{h}",
