@@ -115,6 +115,37 @@ const ELLIPSES: [(f64, f64, f64, f64, f64, f64); 10] = [
 /// Stored values use 12 bits, like most detectors.
 const MAX_VALUE: f64 = 4095.0;
 
+/// The ellipses summed on an `acq`×`acq` grid, the body rotated by `rot` and scaled by
+/// `scale`.
+fn rasterize(
+    shapes: &[(f64, f64, f64, f64, f64, f64)],
+    acq: usize,
+    rot: f64,
+    scale: (f64, f64),
+) -> Vec<f64> {
+    let (sx, sy) = scale;
+    let mut img = vec![0.0f64; acq * acq];
+    let (cr, sr) = (rot.cos(), rot.sin());
+    for py in 0..acq {
+        for px in 0..acq {
+            let u = (px as f64 + 0.5) / acq as f64 * 2.0 - 1.0;
+            let v = 1.0 - (py as f64 + 0.5) / acq as f64 * 2.0;
+            let (x, y) = ((u * cr - v * sr) / sx, (u * sr + v * cr) / sy);
+            let mut val = 0.0;
+            for &(x0, y0, a, b, ang, inten) in shapes {
+                let (dx, dy) = (x - x0, y - y0);
+                let (ca, sa) = (ang.cos(), ang.sin());
+                let (ex, ey) = ((dx * ca + dy * sa) / a, (-dx * sa + dy * ca) / b);
+                if ex * ex + ey * ey <= 1.0 {
+                    val += inten;
+                }
+            }
+            img[py * acq + px] = val;
+        }
+    }
+    img
+}
+
 /// Sample `i` of the cohort (absolute index, so cohorts can be extended).
 pub fn sample(cfg: &SynthConfig, i: usize) -> Sample {
     let mut rng =
@@ -163,25 +194,7 @@ pub fn sample(cfg: &SynthConfig, i: usize) -> Sample {
 
     let n = cfg.size as usize;
     let acq = ((n as f64 * site.resolution).round() as usize).max(8);
-    let mut img = vec![0.0f64; acq * acq];
-    let (cr, sr) = (rot.cos(), rot.sin());
-    for py in 0..acq {
-        for px in 0..acq {
-            let u = (px as f64 + 0.5) / acq as f64 * 2.0 - 1.0;
-            let v = 1.0 - (py as f64 + 0.5) / acq as f64 * 2.0;
-            let (x, y) = ((u * cr - v * sr) / sx, (u * sr + v * cr) / sy);
-            let mut val = 0.0;
-            for &(x0, y0, a, b, ang, inten) in &shapes {
-                let (dx, dy) = (x - x0, y - y0);
-                let (ca, sa) = (ang.cos(), ang.sin());
-                let (ex, ey) = ((dx * ca + dy * sa) / a, (-dx * sa + dy * ca) / b);
-                if ex * ex + ey * ey <= 1.0 {
-                    val += inten;
-                }
-            }
-            img[py * acq + px] = val;
-        }
-    }
+    let img = rasterize(&shapes, acq, rot, (sx, sy));
     let img = box_blur(&img, acq, site.blur);
     let mut out = Vec::with_capacity(n * n);
     for py in 0..n {
