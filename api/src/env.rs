@@ -323,15 +323,6 @@ impl EnvContract {
             })
         }
         let opt = |name: &str| get(name).filter(|v| !v.trim().is_empty());
-        let at_least = |name: &str, v: i64, min: i64| -> Result<()> {
-            if v < min {
-                return Err(Error::Env {
-                    name: name.into(),
-                    reason: format!("{v} must be >= {min}"),
-                });
-            }
-            Ok(())
-        };
         let c = EnvContract {
             job_name: req(JOB_NAME)?,
             job_namespace: opt(JOB_NAMESPACE).unwrap_or_else(|| "default".into()),
@@ -387,77 +378,94 @@ impl EnvContract {
             )?,
             export_uri: opt(EXPORT_URI),
         };
-        at_least(ATTEMPT, c.attempt.into(), 1)?;
-        at_least(NNODES, c.nnodes.into(), 1)?;
-        at_least(NPROC_PER_NODE, c.nproc_per_node.into(), 1)?;
-        at_least(NODE_RANK, c.node_rank.into(), 0)?;
-        if c.node_rank >= c.nnodes {
-            return Err(Error::Env {
-                name: NODE_RANK.into(),
-                reason: format!("{} must be < {NNODES}={}", c.node_rank, c.nnodes),
-            });
-        }
-        if let Some(w) = get(WORLD_SIZE).filter(|w| !w.is_empty())
-            && w != c.world_size().to_string()
-        {
-            return Err(Error::Env {
-                name: WORLD_SIZE.into(),
-                reason: format!("{w} != {NNODES} x {NPROC_PER_NODE} = {}", c.world_size()),
-            });
-        }
-        if c.steps.is_some() == c.epochs.is_some() {
-            return Err(Error::Env {
-                name: STEPS.into(),
-                reason: format!("exactly one of {STEPS} and {EPOCHS} must be set"),
-            });
-        }
-        at_least(BATCH_SIZE, c.batch_size.into(), 1)?;
-        at_least(CHECKPOINT_EVERY, c.checkpoint_every, 1)?;
-        at_least(CHECKPOINT_KEEP, c.checkpoint_keep.into(), 1)?;
-        if !(c.learning_rate > 0.0 && c.learning_rate < 1.0) {
-            return Err(Error::Env {
-                name: LEARNING_RATE.into(),
-                reason: format!("{} must be in (0, 1)", c.learning_rate),
-            });
-        }
-        if !["fp32", "bf16"].contains(&c.precision.as_str()) {
-            return Err(Error::Env {
-                name: PRECISION.into(),
-                reason: format!("{:?} must be fp32 or bf16", c.precision),
-            });
-        }
-        at_least(PATCH_SIZE, c.patch_size.into(), 1)?;
-        at_least(IMAGE_SIZE, c.image_size.into(), c.patch_size.into())?;
-        if c.image_size % c.patch_size != 0 {
-            return Err(Error::Env {
-                name: IMAGE_SIZE.into(),
-                reason: format!(
-                    "{} is not a multiple of {PATCH_SIZE}={}",
-                    c.image_size, c.patch_size
-                ),
-            });
-        }
-        at_least(GRAD_ACCUMULATION, c.grad_accumulation.into(), 1)?;
-        for (name, v, lo, hi) in [
-            (MASK_RATIO, c.mask_ratio, 0.0, 1.0),
-            (WEIGHT_DECAY, c.weight_decay, -1e-300, 1.0),
-            (GRAD_CLIP_NORM, c.grad_clip_norm, -1e-300, f64::INFINITY),
-        ] {
-            if !(v > lo && v < hi) {
-                return Err(Error::Env {
-                    name: name.into(),
-                    reason: format!("{v} is out of range"),
-                });
-            }
-        }
-        if !["vit-tiny", "vit-small", "vit-base"].contains(&c.model_arch.as_str()) {
-            return Err(Error::Env {
-                name: MODEL_ARCH.into(),
-                reason: format!("{:?} is not a known preset", c.model_arch),
-            });
-        }
+        check(&c, get(WORLD_SIZE))?;
         Ok(c)
     }
+}
+
+fn at_least(name: &str, v: i64, min: i64) -> Result<()> {
+    if v < min {
+        return Err(Error::Env {
+            name: name.into(),
+            reason: format!("{v} must be >= {min}"),
+        });
+    }
+    Ok(())
+}
+
+/// The contract's ranges and cross-field rules; `world_size`: RADFM_WORLD_SIZE where set, which
+/// must agree with the node and process counts.
+fn check(c: &EnvContract, world_size: Option<String>) -> Result<()> {
+    at_least(ATTEMPT, c.attempt.into(), 1)?;
+    at_least(NNODES, c.nnodes.into(), 1)?;
+    at_least(NPROC_PER_NODE, c.nproc_per_node.into(), 1)?;
+    at_least(NODE_RANK, c.node_rank.into(), 0)?;
+    if c.node_rank >= c.nnodes {
+        return Err(Error::Env {
+            name: NODE_RANK.into(),
+            reason: format!("{} must be < {NNODES}={}", c.node_rank, c.nnodes),
+        });
+    }
+    if let Some(w) = world_size.filter(|w| !w.is_empty())
+        && w != c.world_size().to_string()
+    {
+        return Err(Error::Env {
+            name: WORLD_SIZE.into(),
+            reason: format!("{w} != {NNODES} x {NPROC_PER_NODE} = {}", c.world_size()),
+        });
+    }
+    if c.steps.is_some() == c.epochs.is_some() {
+        return Err(Error::Env {
+            name: STEPS.into(),
+            reason: format!("exactly one of {STEPS} and {EPOCHS} must be set"),
+        });
+    }
+    at_least(BATCH_SIZE, c.batch_size.into(), 1)?;
+    at_least(CHECKPOINT_EVERY, c.checkpoint_every, 1)?;
+    at_least(CHECKPOINT_KEEP, c.checkpoint_keep.into(), 1)?;
+    if !(c.learning_rate > 0.0 && c.learning_rate < 1.0) {
+        return Err(Error::Env {
+            name: LEARNING_RATE.into(),
+            reason: format!("{} must be in (0, 1)", c.learning_rate),
+        });
+    }
+    if !["fp32", "bf16"].contains(&c.precision.as_str()) {
+        return Err(Error::Env {
+            name: PRECISION.into(),
+            reason: format!("{:?} must be fp32 or bf16", c.precision),
+        });
+    }
+    at_least(PATCH_SIZE, c.patch_size.into(), 1)?;
+    at_least(IMAGE_SIZE, c.image_size.into(), c.patch_size.into())?;
+    if c.image_size % c.patch_size != 0 {
+        return Err(Error::Env {
+            name: IMAGE_SIZE.into(),
+            reason: format!(
+                "{} is not a multiple of {PATCH_SIZE}={}",
+                c.image_size, c.patch_size
+            ),
+        });
+    }
+    at_least(GRAD_ACCUMULATION, c.grad_accumulation.into(), 1)?;
+    for (name, v, lo, hi) in [
+        (MASK_RATIO, c.mask_ratio, 0.0, 1.0),
+        (WEIGHT_DECAY, c.weight_decay, -1e-300, 1.0),
+        (GRAD_CLIP_NORM, c.grad_clip_norm, -1e-300, f64::INFINITY),
+    ] {
+        if !(v > lo && v < hi) {
+            return Err(Error::Env {
+                name: name.into(),
+                reason: format!("{v} is out of range"),
+            });
+        }
+    }
+    if !["vit-tiny", "vit-small", "vit-base"].contains(&c.model_arch.as_str()) {
+        return Err(Error::Env {
+            name: MODEL_ARCH.into(),
+            reason: format!("{:?} is not a known preset", c.model_arch),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
