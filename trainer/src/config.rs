@@ -245,18 +245,7 @@ impl TrainConfig {
             });
         }
         let model = VitConfig::preset(&c.model_arch, c.image_size.into(), c.patch_size.into())?;
-        let fault = match get(FAULT).filter(|v| !v.is_empty()) {
-            None => None,
-            Some(v) => match v.strip_prefix("nan-loss@").map(str::parse::<i64>) {
-                Some(Ok(step)) => Some(Fault::NanLossFrom(step)),
-                _ => {
-                    return Err(Error::Field {
-                        field: FAULT.into(),
-                        reason: format!("{v:?} is not nan-loss@STEP"),
-                    });
-                }
-            },
-        };
+        let fault = parse_fault(get)?;
         let metrics_addr = match get(METRICS_ADDR).filter(|v| !v.is_empty()) {
             None => None,
             Some(v) => Some(v.parse().map_err(|_| Error::Field {
@@ -266,25 +255,7 @@ impl TrainConfig {
         };
         let augment = parse_bool(get, AUGMENT, true)?;
         let norm_pix_loss = parse_bool(get, NORM_PIX_LOSS, true)?;
-        let timeout: f64 = parse_var(get, COLLECTIVE_TIMEOUT, 120.0)?;
-        if !(timeout > 0.0 && timeout < 1e6) {
-            return Err(Error::Field {
-                field: COLLECTIVE_TIMEOUT.into(),
-                reason: format!("{timeout} must be a positive number of seconds"),
-            });
-        }
-        let collective_timeout = std::time::Duration::from_secs_f64(timeout);
-        let collective = match get(COLLECTIVE).as_deref().map(str::trim) {
-            None | Some("") | Some("auto") => Backend::Auto,
-            Some("nccl") => Backend::Nccl,
-            Some("ring") => Backend::Ring,
-            Some(other) => {
-                return Err(Error::Field {
-                    field: COLLECTIVE.into(),
-                    reason: format!("{other:?} is not auto, nccl or ring"),
-                });
-            }
-        };
+        let (collective, collective_timeout) = parse_collective(get)?;
         let log_every: i64 = parse_var(get, LOG_EVERY, 10)?;
         if log_every < 1 {
             return Err(Error::Field {
@@ -334,18 +305,7 @@ impl TrainConfig {
             max_nonfinite: parse_var(get, MAX_NONFINITE, 3)?,
             log_every,
             metrics_addr,
-            threads: get(THREADS)
-                .filter(|v| !v.is_empty())
-                .map(|v| {
-                    v.parse::<i32>()
-                        .ok()
-                        .filter(|&n| n > 0)
-                        .ok_or(Error::Field {
-                            field: THREADS.into(),
-                            reason: format!("{v:?} is not a positive integer"),
-                        })
-                })
-                .transpose()?,
+            threads: parse_threads(get)?,
             pod_name: get(radfm_api::env::POD_NAME).filter(|v| !v.is_empty()),
             namespace: c.job_namespace,
             fault,
@@ -386,6 +346,64 @@ fn parse_var<T: std::str::FromStr>(
             reason: format!("{v:?} is not a valid number"),
         }),
     }
+}
+
+/// RADFM_FAULT: `nan-loss@STEP` (tests inject a non-finite loss from that step on).
+fn parse_fault(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Fault>> {
+    Ok(match get(FAULT).filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => match v.strip_prefix("nan-loss@").map(str::parse::<i64>) {
+            Some(Ok(step)) => Some(Fault::NanLossFrom(step)),
+            _ => {
+                return Err(Error::Field {
+                    field: FAULT.into(),
+                    reason: format!("{v:?} is not nan-loss@STEP"),
+                });
+            }
+        },
+    })
+}
+
+/// The collective backend and its timeout.
+fn parse_collective(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<(Backend, std::time::Duration)> {
+    let timeout: f64 = parse_var(get, COLLECTIVE_TIMEOUT, 120.0)?;
+    if !(timeout > 0.0 && timeout < 1e6) {
+        return Err(Error::Field {
+            field: COLLECTIVE_TIMEOUT.into(),
+            reason: format!("{timeout} must be a positive number of seconds"),
+        });
+    }
+    let collective_timeout = std::time::Duration::from_secs_f64(timeout);
+    let collective = match get(COLLECTIVE).as_deref().map(str::trim) {
+        None | Some("") | Some("auto") => Backend::Auto,
+        Some("nccl") => Backend::Nccl,
+        Some("ring") => Backend::Ring,
+        Some(other) => {
+            return Err(Error::Field {
+                field: COLLECTIVE.into(),
+                reason: format!("{other:?} is not auto, nccl or ring"),
+            });
+        }
+    };
+    Ok((collective, collective_timeout))
+}
+
+/// RADFM_THREADS: libtorch's intra-op threads, where set.
+fn parse_threads(get: &impl Fn(&str) -> Option<String>) -> Result<Option<i32>> {
+    get(THREADS)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<i32>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or(Error::Field {
+                    field: THREADS.into(),
+                    reason: format!("{v:?} is not a positive integer"),
+                })
+        })
+        .transpose()
 }
 
 #[cfg(test)]
