@@ -52,10 +52,9 @@ fn validation_volumes(sv: &SiteValidator) -> (Vec<Volume>, Vec<VolumeMount>) {
     (volumes, mounts)
 }
 
-/// The validation pod of `version` for `sv`: `radfm validate` with the site's settings.
-pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
+/// `radfm validate` with the site's settings, for `version`.
+fn validate_args(sv: &SiteValidator, version: u64) -> Vec<String> {
     let s = &sv.spec;
-    let name = format!("{}-v{version}", sv.name_any());
     let mut args = vec![
         "validate".to_string(),
         "--registry".into(),
@@ -79,6 +78,14 @@ pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
         args.push("--task".into());
         args.push(t.name());
     }
+    args
+}
+
+/// The validation pod of `version` for `sv`: `radfm validate` with the site's settings.
+pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
+    let s = &sv.spec;
+    let name = format!("{}-v{version}", sv.name_any());
+    let args = validate_args(sv, version);
     let env_from: Vec<EnvFromSource> = [
         s.credentials_secret_ref.as_ref(),
         s.dataset.credentials_secret_ref.as_ref(),
