@@ -2,6 +2,10 @@
 //! under its ServiceAccount, a clock file instead of the wall clock (no test waits for a cron
 //! minute), real `radfm synth` datasets growing shard by shard, the real trainer run with each
 //! run pod's environment, and the model registry on local folders.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads as one story from setup to the last assertion"
+)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

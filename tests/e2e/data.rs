@@ -1,6 +1,10 @@
 //! End-to-end tests of the data path: `radfm ingest` and `radfm synth` through the CLI, shards
 //! read back exactly, the de-identification gate on the DICOM files that ship with pydicom, and
 //! the Python `webdataset` library reading our shards unchanged.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads as one story from setup to the last assertion"
+)]
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,6 +1,10 @@
 //! End-to-end tests on a real node: radfm's own images run as real containers under a real
 //! kubelet and containerd, with pod networking, cluster DNS and kube-proxy, in namespaces each
 //! test creates for itself (see radfm_e2e::node). `make test-node` runs only these.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads as one story from setup to the last assertion"
+)]
 
 use std::time::Duration;
 

@@ -1,6 +1,10 @@
 //! End-to-end tests of the TrainingJob operator against a real API server, the real scheduler and
 //! kwok-simulated GPU nodes. Each test has its own control plane and namespace; the operator runs
 //! as its own binary under its ServiceAccount's RBAC.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads as one story from setup to the last assertion"
+)]
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

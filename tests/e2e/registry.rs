@@ -1,5 +1,9 @@
 //! End-to-end tests of the model registry on a real S3 server (s3s-fs): `radfm registry`
 //! commands over exported models, and concurrent writers that rely on create-only puts.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads as one story from setup to the last assertion"
+)]
 
 use radfm_e2e::{S3Server, repo_root};
 

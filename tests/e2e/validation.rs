@@ -4,6 +4,10 @@
 //! operator create validation pods, which this test runs with exactly their command, arguments,
 //! environment and mounted key Secret (kwok runs no containers); the PromotionPolicy's gate
 //! decides from the signed reports.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads as one story from setup to the last assertion"
+)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

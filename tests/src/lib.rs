@@ -187,6 +187,33 @@ pub struct Cluster {
     pub client: Client,
 }
 
+/// The service-account signing key pair and an admin token (in tokens.csv) in `d`; returns the
+/// token.
+fn credentials(d: &Path) -> Result<String> {
+    let sh = |cmd: &str| -> Result<()> {
+        let ok = Command::new("bash")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(d)
+            .status()?
+            .success();
+        if !ok {
+            bail!("{cmd} failed");
+        }
+        Ok(())
+    };
+    sh(
+        "openssl genrsa -out sa.key 2048 2>/dev/null && openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null",
+    )?;
+    let token = format!("admin-{}", std::process::id());
+    std::fs::write(
+        d.join("tokens.csv"),
+        format!("{token},admin,admin,system:masters\n"),
+    )?;
+
+    Ok(token)
+}
+
 impl Cluster {
     /// Starts etcd, the API server, the scheduler and kwok, then installs radfm's CRDs and RBAC
     /// and `nodes` simulated nodes with `gpus` GPUs each.
@@ -207,27 +234,7 @@ impl Cluster {
             .tempdir()?;
         let tools = tools_dir()?;
         let d = dir.path();
-        let sh = |cmd: &str| -> Result<()> {
-            let ok = Command::new("bash")
-                .arg("-c")
-                .arg(cmd)
-                .current_dir(d)
-                .status()?
-                .success();
-            if !ok {
-                bail!("{cmd} failed");
-            }
-            Ok(())
-        };
-        sh(
-            "openssl genrsa -out sa.key 2048 2>/dev/null && openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null",
-        )?;
-        let token = format!("admin-{}", std::process::id());
-        std::fs::write(
-            d.join("tokens.csv"),
-            format!("{token},admin,admin,system:masters\n"),
-        )?;
-
+        let token = credentials(d)?;
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
         let server = format!("https://{address}:{api_port}");
         let mut cluster = Cluster {
@@ -239,8 +246,36 @@ impl Cluster {
             dir,
         };
         let d = cluster.dir.path().to_path_buf();
+        let etcd_url = cluster.spawn_etcd(etcd_port, peer_port)?;
+        cluster.spawn_apiserver(address, api_port, &etcd_url)?;
+        let ca = d.join("certs/apiserver.crt");
+        wait_for_file(&ca, Duration::from_secs(60))?;
+        write_kubeconfig(&cluster.kubeconfig, &server, &ca, &token)?;
+        cluster.client = client_from(&cluster.kubeconfig).await?;
+        cluster.wait_for_apiserver().await?;
+        if options.controller_manager {
+            cluster.spawn_controller_manager(&ca)?;
+        }
+        cluster.spawn_scheduler_and_kwok(nodes)?;
+        cluster.install_radfm().await?;
+        for i in 0..nodes {
+            cluster.add_gpu_node(&format!("gpu-{i}"), gpus).await?;
+        }
+        let nodes_api: Api<Node> = Api::all(cluster.client.clone());
+        wait_until(Duration::from_secs(60), "simulated nodes Ready", || async {
+            let list = nodes_api.list(&Default::default()).await.ok()?;
+            let ready = list.items.iter().filter(|n| node_is_ready(n)).count();
+            (ready == nodes).then_some(())
+        })
+        .await?;
+        Ok(cluster)
+    }
+
+    /// Starts etcd; returns its client URL.
+    fn spawn_etcd(&self, etcd_port: u16, peer_port: u16) -> Result<String> {
+        let d = self.dir.path();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        cluster.spawn(
+        self.spawn(
             "etcd",
             &[
                 "--data-dir",
@@ -260,11 +295,17 @@ impl Cluster {
             ],
             &[],
         )?;
-        cluster.spawn(
+        Ok(etcd_url)
+    }
+
+    /// Starts kube-apiserver with RBAC, token and service-account authentication.
+    fn spawn_apiserver(&self, address: &str, api_port: u16, etcd_url: &str) -> Result<()> {
+        let d = self.dir.path();
+        self.spawn(
             "kube-apiserver",
             &[
                 "--etcd-servers",
-                &etcd_url,
+                etcd_url,
                 "--bind-address",
                 address,
                 "--advertise-address",
@@ -296,52 +337,89 @@ impl Cluster {
             ],
             &[],
         )?;
-        let ca = d.join("certs/apiserver.crt");
-        wait_for_file(&ca, Duration::from_secs(60))?;
-        write_kubeconfig(&cluster.kubeconfig, &server, &ca, &token)?;
-        cluster.client = client_from(&cluster.kubeconfig).await?;
+        Ok(())
+    }
+
+    /// Waits (90 s at most) until kube-apiserver answers /readyz.
+    async fn wait_for_apiserver(&self) -> Result<()> {
         let start = Instant::now();
         loop {
-            let ready = cluster.client.request_text(http_get("/readyz")?).await;
+            let ready = self.client.request_text(http_get("/readyz")?).await;
             if matches!(&ready, Ok(body) if body.trim() == "ok") {
-                break;
+                return Ok(());
             }
             if start.elapsed() > Duration::from_secs(90) {
                 bail!(
                     "kube-apiserver not ready after 90 s: {ready:?}; log: {}",
-                    cluster.log_tail("kube-apiserver")
+                    self.log_tail("kube-apiserver")
                 );
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        let kc = cluster.kubeconfig.to_string_lossy().to_string();
-        if options.controller_manager {
-            let ca = ca.to_string_lossy().to_string();
-            cluster.spawn(
-                "kube-controller-manager",
-                &[
-                    "--kubeconfig",
-                    &kc,
-                    "--leader-elect=false",
-                    "--secure-port",
-                    "0",
-                    "--root-ca-file",
-                    &ca,
-                    "--service-account-private-key-file",
-                    &d.join("sa.key").to_string_lossy(),
-                    "--cluster-cidr",
-                    "10.244.0.0/16",
-                    "--service-cluster-ip-range",
-                    "10.96.0.0/16",
-                    "--node-monitor-grace-period",
-                    "20s",
-                    "--v",
-                    "1",
-                ],
-                &[],
-            )?;
-        }
-        cluster.spawn(
+    }
+
+    /// Starts kube-controller-manager (node lifecycle, garbage collection, service accounts).
+    fn spawn_controller_manager(&self, ca: &Path) -> Result<()> {
+        let d = self.dir.path();
+        let kc = self.kubeconfig.to_string_lossy().to_string();
+        let ca = ca.to_string_lossy().to_string();
+        self.spawn(
+            "kube-controller-manager",
+            &[
+                "--kubeconfig",
+                &kc,
+                "--leader-elect=false",
+                "--secure-port",
+                "0",
+                "--root-ca-file",
+                &ca,
+                "--service-account-private-key-file",
+                &d.join("sa.key").to_string_lossy(),
+                "--cluster-cidr",
+                "10.244.0.0/16",
+                "--service-cluster-ip-range",
+                "10.96.0.0/16",
+                "--node-monitor-grace-period",
+                "20s",
+                "--v",
+                "1",
+            ],
+            &[],
+        )?;
+        Ok(())
+    }
+
+    /// Applies radfm's CRDs (waiting until Established), its namespace and its RBAC.
+    async fn install_radfm(&self) -> Result<()> {
+        let crds = repo_root().join("manifests/crds");
+        self.kubectl_ok(&["apply", "-f", &crds.to_string_lossy()])?;
+        // `kubectl wait` fails outright while a new CRD has no conditions yet; ask again.
+        wait_until(Duration::from_secs(60), "CRDs Established", || async {
+            self.kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=10s",
+                "crd",
+                "--all",
+            ])
+            .status
+            .success()
+            .then_some(())
+        })
+        .await?;
+        self.kubectl_ok(&["create", "namespace", "radfm-system"])?;
+        self.kubectl_ok(&[
+            "apply",
+            "-f",
+            &repo_root().join("manifests/rbac.yaml").to_string_lossy(),
+        ])?;
+        Ok(())
+    }
+
+    /// Starts kube-scheduler, and kwok where simulated nodes are wanted.
+    fn spawn_scheduler_and_kwok(&self, nodes: usize) -> Result<()> {
+        let kc = self.kubeconfig.to_string_lossy().to_string();
+        self.spawn(
             "kube-scheduler",
             &[
                 "--kubeconfig",
@@ -356,7 +434,7 @@ impl Cluster {
         )?;
         let stages = repo_root().join("tests/cluster/kwok-stages.yaml");
         if nodes > 0 {
-            cluster.spawn(
+            self.spawn(
                 "kwok",
                 &[
                     "--kubeconfig",
@@ -377,40 +455,7 @@ impl Cluster {
             )?;
         }
 
-        let crds = repo_root().join("manifests/crds");
-        cluster.kubectl_ok(&["apply", "-f", &crds.to_string_lossy()])?;
-        // `kubectl wait` fails outright while a new CRD has no conditions yet; ask again.
-        wait_until(Duration::from_secs(60), "CRDs Established", || async {
-            cluster
-                .kubectl(&[
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=10s",
-                    "crd",
-                    "--all",
-                ])
-                .status
-                .success()
-                .then_some(())
-        })
-        .await?;
-        cluster.kubectl_ok(&["create", "namespace", "radfm-system"])?;
-        cluster.kubectl_ok(&[
-            "apply",
-            "-f",
-            &repo_root().join("manifests/rbac.yaml").to_string_lossy(),
-        ])?;
-        for i in 0..nodes {
-            cluster.add_gpu_node(&format!("gpu-{i}"), gpus).await?;
-        }
-        let nodes_api: Api<Node> = Api::all(cluster.client.clone());
-        wait_until(Duration::from_secs(60), "simulated nodes Ready", || async {
-            let list = nodes_api.list(&Default::default()).await.ok()?;
-            let ready = list.items.iter().filter(|n| node_is_ready(n)).count();
-            (ready == nodes).then_some(())
-        })
-        .await?;
-        Ok(cluster)
+        Ok(())
     }
 
     /// Registers a simulated node with `gpus` GPUs that kwok keeps Ready.
