@@ -112,3 +112,34 @@ pub fn error_policy<K: kube::Resource<DynamicType = ()>>(
     warn!(%error, kind = %K::kind(&()), "reconcile failed");
     Action::requeue(RETRY_AFTER_ERROR)
 }
+
+/// Runs `controller` with `reconcile` and the shared error policy until `shutdown` resolves,
+/// logging what the controller itself reports (`what` names it in the logs).
+pub async fn drive<K, F, Fut>(
+    controller: kube::runtime::Controller<K>,
+    reconcile: F,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    what: &'static str,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: FnMut(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    use futures::StreamExt;
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, controller = what, "controller");
+            }
+        })
+        .await;
+}

@@ -17,7 +17,6 @@ pub mod schedule;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
@@ -27,7 +26,7 @@ use radfm_api::{ContinualTraining, TrainingJob};
 use radfm_registry::Registry;
 use tracing::{info, instrument, warn};
 
-use crate::context::{Context, FIELD_MANAGER, error_policy};
+use crate::context::{Context, FIELD_MANAGER, drive};
 use crate::effects::{self, tolerate};
 use crate::{Error, Result};
 pub use plan::ANNOTATION_REGISTERED;
@@ -279,19 +278,12 @@ pub async fn run_controller(
     let client: &Client = &ctx.client;
     let cts: Api<ContinualTraining> = effects::scoped(client, namespace.as_deref());
     let jobs: Api<TrainingJob> = effects::scoped(client, namespace.as_deref());
-    Controller::new(cts, watcher::Config::default().any_semantic())
+    let controller = Controller::new(cts, watcher::Config::default().any_semantic())
         .with_config(
             ControllerConfig::default()
                 .debounce(Duration::from_millis(200))
                 .concurrency(4),
         )
-        .owns(jobs, watcher::Config::default().labels(LABEL_CONTINUAL))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "continual training controller");
-            }
-        })
-        .await;
+        .owns(jobs, watcher::Config::default().labels(LABEL_CONTINUAL));
+    drive(controller, reconcile, ctx, shutdown, "ContinualTraining").await;
 }

@@ -6,7 +6,6 @@ pub mod plan;
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -14,9 +13,8 @@ use kube::runtime::watcher;
 use radfm_api::validation::{ANNOTATION_APPROVE, PromotionPolicy};
 use radfm_registry::Registry;
 use radfm_validation::apply;
-use tracing::warn;
 
-use crate::context::{Context, error_policy};
+use crate::context::{Context, drive};
 use crate::effects;
 use crate::site_validator::registry_error;
 use crate::{Error, Result};
@@ -58,13 +56,6 @@ pub async fn run_controller(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let pps: Api<PromotionPolicy> = effects::scoped(&ctx.client, namespace.as_deref());
-    Controller::new(pps, watcher::Config::default().any_semantic())
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                warn!(error = %e, "promotion policy controller");
-            }
-        })
-        .await;
+    let controller = Controller::new(pps, watcher::Config::default().any_semantic());
+    drive(controller, reconcile, ctx, shutdown, "PromotionPolicy").await;
 }

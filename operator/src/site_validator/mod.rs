@@ -9,7 +9,6 @@ pub mod pod;
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -19,7 +18,7 @@ use radfm_api::validation::SiteValidator;
 use radfm_registry::Registry;
 use tracing::{info, warn};
 
-use crate::context::{Context, FIELD_MANAGER, error_policy};
+use crate::context::{Context, FIELD_MANAGER, drive};
 use crate::effects::{self, tolerate};
 use crate::{Error, Result};
 use plan::{Candidate, Observed};
@@ -95,14 +94,7 @@ pub async fn run_controller(
 ) {
     let svs: Api<SiteValidator> = effects::scoped(&ctx.client, namespace.as_deref());
     let pods: Api<Pod> = effects::scoped(&ctx.client, namespace.as_deref());
-    Controller::new(svs, watcher::Config::default().any_semantic())
-        .owns(pods, watcher::Config::default().labels(LABEL_VALIDATOR))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                warn!(error = %e, "site validator controller");
-            }
-        })
-        .await;
+    let controller = Controller::new(svs, watcher::Config::default().any_semantic())
+        .owns(pods, watcher::Config::default().labels(LABEL_VALIDATOR));
+    drive(controller, reconcile, ctx, shutdown, "SiteValidator").await;
 }

@@ -30,7 +30,7 @@ use radfm_api::conditions::{self, ConditionType, Stamp, reason};
 use radfm_api::trainingjob::MANAGED_BY_RADFM;
 use tracing::{info, instrument, warn};
 
-use crate::context::{Context, FIELD_MANAGER, error_policy};
+use crate::context::{Context, FIELD_MANAGER, drive};
 use crate::effects::{PlannedEvent, tolerate};
 use crate::{Error, Result};
 use children::GangScheduler;
@@ -365,7 +365,7 @@ pub async fn run_controller(
     );
     let store = controller.store();
     let nodes: Api<Node> = Api::all(client);
-    controller
+    let controller = controller
         .owns(pods, owned.clone())
         .owns(services, owned)
         // A node going away changes no pod (no kubelet reports), so node events wake every
@@ -377,13 +377,6 @@ pub async fn run_controller(
                 .filter(|j| is_active(j))
                 .map(|j| ObjectRef::from_obj(j.as_ref()))
                 .collect::<Vec<_>>()
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "controller");
-            }
-        })
-        .await;
+        });
+    drive(controller, reconcile, ctx, shutdown, "TrainingJob").await;
 }
