@@ -15,8 +15,8 @@ pub mod continual;
 pub mod env;
 pub mod exit;
 pub mod failure;
+pub mod site_validation;
 pub mod trainingjob;
-pub mod validation;
 
 pub use continual::{ContinualTraining, ContinualTrainingSpec, ContinualTrainingStatus};
 pub use trainingjob::{TrainingJob, TrainingJobSpec, TrainingJobStatus};

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use anyhow::Result;
-use radfm_api::validation::PromotionPolicySpec;
+use radfm_api::site_validation::PromotionPolicySpec;
 use radfm_registry::{EventKind, Registry, Version};
 use radfm_validation::gate::Decision;
 use radfm_validation::report::{self, Signed, SiteReport};

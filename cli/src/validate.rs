@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[cfg(feature = "torch")]
 use anyhow::bail;
 use anyhow::{Context, Result};
-use radfm_api::validation::{PromotionPolicy, PromotionPolicySpec};
+use radfm_api::site_validation::{PromotionPolicy, PromotionPolicySpec};
 use radfm_registry::Registry;
 use radfm_validation::apply::{self, Gated};
 use radfm_validation::report;

@@ -2,7 +2,7 @@
 //! test fails when the two differ.
 
 use kube::CustomResourceExt;
-use radfm_api::validation::{PromotionPolicy, SiteValidator};
+use radfm_api::site_validation::{PromotionPolicy, SiteValidator};
 use radfm_api::{ContinualTraining, TrainingJob};
 
 /// Every CRD radfm installs, as (file name, YAML).

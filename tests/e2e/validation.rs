@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::Api;
-use radfm_api::validation::{PromotionPolicy, SiteValidator};
+use radfm_api::site_validation::{PromotionPolicy, SiteValidator};
 use radfm_e2e::{Cluster, S3Server, serial, wait_until};
 use radfm_registry::Registry;
 use radfm_validation::report::{self, Signed};

@@ -1,7 +1,7 @@
 //! `radfm-trainer`: the process each trainer pod (or local worker) runs.
 //!
 //! `train` reads the env contract (or `--job FILE`), trains, and exits with a code from
-//! docs/exit-codes.md; SIGTERM writes a checkpoint and exits 77 (retryable). `validate` prints
+//! docs/exit-codes.md; SIGTERM writes a checkpoint and exits 77 (retryable). `config` prints
 //! the resolved configuration; `export` and `eval` work on finished checkpoints.
 
 use std::path::PathBuf;
@@ -33,7 +33,7 @@ enum Command {
         job: Option<PathBuf>,
     },
     /// Print the resolved configuration as JSON, or exit 64 naming the bad variable.
-    Validate {
+    Config {
         /// A TrainingJob YAML file instead of the env contract.
         #[arg(long)]
         job: Option<PathBuf>,
@@ -83,7 +83,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { job } => match config(job) {
+        Command::Config { job } => match config(job) {
             Ok(c) => {
                 println!("{}", serde_json::to_string(&c).expect("config serialises"));
                 ExitCode::SUCCESS

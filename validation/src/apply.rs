@@ -5,7 +5,7 @@
 //! again, so polling does not flood the log.
 
 use jiff::Timestamp;
-use radfm_api::validation::PromotionPolicySpec;
+use radfm_api::site_validation::PromotionPolicySpec;
 use radfm_registry::{EventKind, Registry};
 
 use crate::gate::{self, Decision, Outcome, Versions};

@@ -9,7 +9,7 @@
 //! subgroups, human approval.
 
 use jiff::Timestamp;
-use radfm_api::validation::PromotionPolicySpec;
+use radfm_api::site_validation::PromotionPolicySpec;
 use serde::{Deserialize, Serialize};
 
 use crate::report::{self, Signed, SiteReport};
@@ -408,7 +408,7 @@ mod tests {
     use crate::report::tests::report;
     use crate::report::{generate_key, public_hex, sign};
     use ed25519_dalek::SigningKey;
-    use radfm_api::validation::TrustedSite;
+    use radfm_api::site_validation::TrustedSite;
 
     struct World {
         keys: Vec<(String, SigningKey)>,

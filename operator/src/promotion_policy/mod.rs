@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use radfm_api::validation::{ANNOTATION_APPROVE, PromotionPolicy};
+use radfm_api::site_validation::{ANNOTATION_APPROVE, PromotionPolicy};
 use radfm_registry::Registry;
 use radfm_validation::apply;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use radfm_api::conditions::{Stamp, ValidationConditionType as Cond, validation_reason};
-use radfm_api::validation::{DecisionStatus, PromotionPolicy, PromotionPolicyStatus};
+use radfm_api::site_validation::{DecisionStatus, PromotionPolicy, PromotionPolicyStatus};
 use radfm_validation::apply::{self, GatePass, Gated};
 use radfm_validation::gate::{Decision, Outcome};
 

@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use radfm_api::validation::SiteValidator;
+use radfm_api::site_validation::SiteValidator;
 use radfm_registry::Registry;
 use tracing::{info, warn};
 

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use radfm_api::conditions::{Stamp, ValidationConditionType as Cond, validation_reason};
-use radfm_api::validation::{SiteValidator, SiteValidatorStatus};
+use radfm_api::site_validation::{SiteValidator, SiteValidatorStatus};
 
 use super::pod::validation_pod;
 use crate::effects::PlannedEvent;

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
-use radfm_api::validation::{DATA_MOUNT_PATH, SiteValidator};
+use radfm_api::site_validation::{DATA_MOUNT_PATH, SiteValidator};
 
 /// Label on validation pods: the SiteValidator's name.
 pub const LABEL_VALIDATOR: &str = "radfm.io/site-validator";
