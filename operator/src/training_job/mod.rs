@@ -168,20 +168,16 @@ async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed>
     })
 }
 
-/// A node counts as lost when its Ready condition is not True or it carries the unreachable taint.
+/// A node counts as lost when its Ready condition is not True. (Its `unreachable` taints
+/// follow Ready=Unknown, but the NoExecute one lingers after the kubelet is back until the node
+/// controller's next pass, and pods tolerate it for 300 s: a worker the scheduler just placed on
+/// the returning node is not lost.)
 fn node_ready(node: &Node) -> bool {
-    let ready = node
-        .status
+    node.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True");
-    let unreachable = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|ts| ts.iter().any(|t| t.key == "node.kubernetes.io/unreachable"));
-    ready && !unreachable
+        .is_some_and(|c| c.status == "True")
 }
 
 fn pod_group_api(ctx: &Context, ns: &str, sched: GangScheduler) -> Api<DynamicObject> {
@@ -379,4 +375,31 @@ pub async fn run_controller(
                 .collect::<Vec<_>>()
         });
     drive(controller, reconcile, ctx, shutdown, "TrainingJob").await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(ready: &str, taints: &[&str]) -> Node {
+        let taints: Vec<_> = taints
+            .iter()
+            .map(|effect| serde_json::json!({"key": "node.kubernetes.io/unreachable", "effect": effect}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": taints},
+            "status": {"conditions": [{"type": "Ready", "status": ready}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_node_is_lost_while_not_ready_and_back_once_ready_whatever_taint_lingers() {
+        assert!(!node_ready(&node("Unknown", &["NoSchedule", "NoExecute"])));
+        assert!(!node_ready(&node("False", &[])));
+        assert!(node_ready(&node("True", &["NoExecute"])));
+        assert!(node_ready(&node("True", &[])));
+        assert!(!node_ready(&Node::default()));
+    }
 }
