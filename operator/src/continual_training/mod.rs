@@ -82,7 +82,7 @@ async fn observe(
         .collect();
     let mut registrations = Vec::new();
     for run in plan::to_register(&runs) {
-        let outcome = register_run(ct, &run.job).await.map_err(|e| {
+        let outcome = register_run(ct, run).await.map_err(|e| {
             warn!(run = %run.name, error = %e, "registering the run's model");
             e.to_string()
         });
@@ -188,7 +188,8 @@ async fn base_model(
 
 /// Registers a successful run's export (or finds the version registered by an earlier pass).
 /// Returns the version and whether it was registered now.
-async fn register_run(ct: &ContinualTraining, job: &TrainingJob) -> Result<Registered> {
+async fn register_run(ct: &ContinualTraining, run: &Run) -> Result<Registered> {
+    let job = &run.job;
     let invalid = |field: &str, reason: String| Error::Invalid {
         field: format!("{}: {field}", job.name_any()),
         reason,
@@ -234,14 +235,11 @@ async fn register_run(ct: &ContinualTraining, job: &TrainingJob) -> Result<Regis
     let mut spec = radfm_registry::from_export(&export.uri)
         .await
         .map_err(reg_err)?;
-    let window = Run::of(job.clone()).window();
-    let base = job
-        .annotations()
-        .get(ANNOTATION_BASE_VERSION)
-        .and_then(|b| {
-            let (m, v) = b.rsplit_once(':')?;
-            Some((m.to_string(), v.parse::<u64>().ok()?))
-        });
+    let window = run.window();
+    let base = run.annotation(ANNOTATION_BASE_VERSION).and_then(|b| {
+        let (m, v) = b.rsplit_once(':')?;
+        Some((m.to_string(), v.parse::<u64>().ok()?))
+    });
     spec.parent = base.as_ref().filter(|(m, _)| m == model).map(|(_, v)| *v);
     spec.job_name = Some(job.name_any());
     spec.job_uid = Some(uid);
@@ -251,9 +249,7 @@ async fn register_run(ct: &ContinualTraining, job: &TrainingJob) -> Result<Regis
         ct.namespace().unwrap_or_default(),
         ct.name_any(),
         job.name_any(),
-        job.annotations()
-            .get(ANNOTATION_SCHEDULED)
-            .map_or("?", String::as_str),
+        run.annotation(ANNOTATION_SCHEDULED).unwrap_or("?"),
         window.new.len(),
         radfm_api::trainingjob::format_shards(&window.new),
         window.replay.len(),

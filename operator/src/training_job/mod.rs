@@ -86,7 +86,7 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
     if let Some(e) = &create_error {
         let stamp = Stamp {
             generation: job.metadata.generation,
-            now: Time(ctx.clock.now()),
+            now: observed.now.clone(),
         };
         let message = e.to_string();
         let why = reason::CREATE_FAILED;
