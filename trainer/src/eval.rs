@@ -159,9 +159,21 @@ fn label_value(v: &serde_json::Value) -> Option<f32> {
     }
 }
 
-/// Whether a sample key falls in the held-out part (30 %, by sha256 of the key).
-pub fn held_out(key: &str) -> bool {
-    Sha256::digest(key.as_bytes())[0] as u32 * 10 / 256 >= 7
+/// Whether a patient falls in the held-out part (30 %, by sha256 of the patient's split unit,
+/// see [`split_unit`]).
+pub fn held_out(unit: &str) -> bool {
+    Sha256::digest(unit.as_bytes())[0] as u32 * 10 / 256 >= 7
+}
+
+/// What train/test splits and cross-validation folds keep together: the patient pseudonym, else
+/// the study pseudonym, else the sample key (a sample without either is its own patient). One
+/// patient's images never sit on both sides of a split, which would let a probe recognise the
+/// patient instead of the finding and inflate AUROC.
+pub fn split_unit<'a>(meta: &'a radfm_data::SampleMeta, key: &'a str) -> &'a str {
+    meta.patient
+        .as_deref()
+        .or(meta.study.as_deref())
+        .unwrap_or(key)
 }
 
 /// Area under the ROC curve of `scores` for binary `labels` (ties count half; 0.5 without both
@@ -196,12 +208,9 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 
 /// Fits the probes on the training part and scores them on the held-out part.
 pub fn probe(name: &str, e: &Embedded, k: usize) -> Result<Report> {
-    let test_rows: Vec<i64> = (0..e.keys.len() as i64)
-        .filter(|&i| held_out(&e.keys[i as usize]))
-        .collect();
-    let train_rows: Vec<i64> = (0..e.keys.len() as i64)
-        .filter(|&i| !held_out(&e.keys[i as usize]))
-        .collect();
+    let held = |i: i64| held_out(split_unit(&e.meta[i as usize], &e.keys[i as usize]));
+    let test_rows: Vec<i64> = (0..e.keys.len() as i64).filter(|&i| held(i)).collect();
+    let train_rows: Vec<i64> = (0..e.keys.len() as i64).filter(|&i| !held(i)).collect();
     if test_rows.len() < 4 || train_rows.len() < k.max(4) {
         return Err(Error::Field {
             field: "dataset".into(),
@@ -284,26 +293,27 @@ fn knn_scores(xtr: &Tensor, ytr: &Tensor, xte: &Tensor, k: usize) -> Vec<f64> {
     to_vec(&votes.mean_dim(1, false, Kind::Float))
 }
 
-/// Out-of-fold predictions of every row: `folds`-fold cross-validation by a hash of the sample
-/// key, standardising with each training fold's statistics. Returns (logistic-regression
-/// probabilities, k-NN scores), in row order.
+/// Out-of-fold predictions of every row: `folds`-fold cross-validation grouped by each row's
+/// split unit (its patient, see [`split_unit`]; the fold is a hash of it), standardising with
+/// each training fold's statistics. Returns (logistic-regression probabilities, k-NN scores),
+/// in row order.
 pub fn cross_validated(
     features: &Tensor,
     labels: &Tensor,
-    keys: &[String],
+    units: &[&str],
     folds: usize,
     k: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let n = keys.len();
-    let fold_of = |key: &str| Sha256::digest(key.as_bytes())[1] as usize % folds;
+    let n = units.len();
+    let fold_of = |unit: &str| Sha256::digest(unit.as_bytes())[1] as usize % folds;
     let x = features.to_kind(Kind::Float);
     let (mut linear, mut knn) = (vec![0.0; n], vec![0.0; n]);
     for f in 0..folds {
         let test: Vec<i64> = (0..n as i64)
-            .filter(|&i| fold_of(&keys[i as usize]) == f)
+            .filter(|&i| fold_of(units[i as usize]) == f)
             .collect();
         let train: Vec<i64> = (0..n as i64)
-            .filter(|&i| fold_of(&keys[i as usize]) != f)
+            .filter(|&i| fold_of(units[i as usize]) != f)
             .collect();
         if test.is_empty() {
             continue;

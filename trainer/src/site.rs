@@ -86,8 +86,14 @@ fn task_report(
         })
         .collect::<Result<_>>()?;
     let y = Tensor::from_slice(&labels);
-    let (lin_c, knn_c) = eval::cross_validated(&ec.features, &y, &ec.keys, FOLDS, K)?;
-    let (lin_b, knn_b) = eval::cross_validated(&eb.features, &y, &eb.keys, FOLDS, K)?;
+    let units: Vec<&str> = ec
+        .meta
+        .iter()
+        .zip(&ec.keys)
+        .map(|(m, key)| eval::split_unit(m, key))
+        .collect();
+    let (lin_c, knn_c) = eval::cross_validated(&ec.features, &y, &units, FOLDS, K)?;
+    let (lin_b, knn_b) = eval::cross_validated(&eb.features, &y, &units, FOLDS, K)?;
     let yb: Vec<bool> = labels.iter().map(|&l| l > 0.5).collect();
     let knn = radfm_validation::stats::auroc(&knn_c, &yb)
         .zip(radfm_validation::stats::auroc(&knn_b, &yb));
@@ -193,10 +199,11 @@ mod tests {
             .flat_map(|(i, &l)| [l * 2.0 + (i % 7) as f32 * 0.1, (i % 5) as f32 * 0.1])
             .collect();
         let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+        let units: Vec<&str> = keys.iter().map(String::as_str).collect();
         let (lin, knn) = eval::cross_validated(
             &Tensor::from_slice(&feats).view([n as i64, 2]),
             &Tensor::from_slice(&labels),
-            &keys,
+            &units,
             FOLDS,
             K,
         )
@@ -204,5 +211,36 @@ mod tests {
         let y: Vec<bool> = labels.iter().map(|&l| l > 0.5).collect();
         assert!(radfm_validation::stats::auroc(&lin, &y).unwrap() > 0.95);
         assert!(radfm_validation::stats::auroc(&knn, &y).unwrap() > 0.95);
+    }
+
+    /// Each patient has several images that look alike (the same patient, nothing about the
+    /// finding) and one label: a fold split by image puts a patient on both sides and the probe
+    /// recognises the patient (AUROC near 1); grouped by patient it cannot (near 0.5).
+    #[test]
+    fn folds_keep_each_patients_images_together_so_nothing_leaks() {
+        tch::manual_seed(3);
+        let (patients, per) = (40, 15);
+        let looks = Tensor::randn([patients, 16], (tch::Kind::Float, Device::Cpu));
+        let patient_label: Vec<f32> = (0..patients).map(|p| ((p * 7919) % 2) as f32).collect();
+        let rows: Vec<i64> = (0..patients * per).map(|i| i / per).collect();
+        let noise = Tensor::randn([patients * per, 16], (tch::Kind::Float, Device::Cpu)) * 0.05;
+        let feats = looks.index_select(0, &Tensor::from_slice(&rows)) + noise;
+        let labels: Vec<f32> = rows.iter().map(|&p| patient_label[p as usize]).collect();
+        let keys: Vec<String> = (0..rows.len()).map(|i| format!("img{i}")).collect();
+        let names: Vec<String> = rows.iter().map(|p| format!("patient{p}")).collect();
+        let y: Vec<bool> = labels.iter().map(|&l| l > 0.5).collect();
+        let knn_auroc = |units: Vec<&str>| {
+            let (_, knn) =
+                eval::cross_validated(&feats, &Tensor::from_slice(&labels), &units, FOLDS, K)
+                    .unwrap();
+            radfm_validation::stats::auroc(&knn, &y).unwrap()
+        };
+        let by_image = knn_auroc(keys.iter().map(String::as_str).collect());
+        let by_patient = knn_auroc(names.iter().map(String::as_str).collect());
+        assert!(
+            by_image > 0.9,
+            "split by image leaks the patient: {by_image}"
+        );
+        assert!(by_patient < 0.7, "grouped by patient: {by_patient}");
     }
 }
