@@ -21,6 +21,25 @@ pub const DATA_MOUNT_PATH: &str = "/data";
 /// (`"7"`), for policies with `requireApproval`.
 pub const ANNOTATION_APPROVE: &str = "radfm.io/approve-version";
 
+/// No site report may publish subgroup cells smaller than this (the common threshold of health
+/// statistics offices is 10 or 11).
+pub const MIN_CELL_FLOOR: i32 = 10;
+
+/// Metadata fields that identify a patient or an image: never subgroups.
+pub const IDENTIFIER_FIELDS: &[&str] = &[
+    "patient",
+    "study",
+    "key",
+    "frame",
+    "width",
+    "height",
+    "rescale_slope",
+    "rescale_intercept",
+];
+
+/// The CEL rule that keeps [`IDENTIFIER_FIELDS`] out of `subgroups` (a test keeps both equal).
+const SUBGROUPS_RULE: &str = "self.all(f, !(f in ['patient', 'study', 'key', 'frame', 'width', 'height', 'rescale_slope', 'rescale_intercept']))";
+
 /// Desired state of a SiteValidator.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -68,12 +87,15 @@ pub struct SiteValidatorSpec {
     /// Clinical tasks to validate.
     #[schemars(length(min = 1))]
     pub tasks: Vec<TaskSpec>,
-    /// Metadata fields reported per subgroup (sex, age_band, scanner, view, ...).
+    /// Metadata fields reported per subgroup (sex, age_band, scanner, view, ...); identifiers
+    /// (patient, study, ...) are refused.
     #[serde(default)]
+    #[x_kube(validation = Rule::new(SUBGROUPS_RULE).message("subgroups cannot name identifying fields (patient, study, key, frame, width, height, rescale_slope, rescale_intercept)"))]
     pub subgroups: Vec<String>,
-    /// Subgroups with fewer cases are suppressed, not reported.
+    /// Subgroups with fewer cases are suppressed, not reported, with the cells that would reveal
+    /// them by subtraction (at least 10).
     #[serde(default = "default_min_cell")]
-    #[schemars(range(min = 1))]
+    #[x_kube(validation = Rule::new("self >= 10").message("minCellSize must be at least 10"))]
     pub min_cell_size: i32,
     /// Seconds between looks at the registry.
     #[serde(default = "default_poll")]
@@ -135,6 +157,7 @@ impl TaskSpec {
 fn default_min_cell() -> i32 {
     20
 }
+
 fn default_poll() -> i64 {
     300
 }
@@ -187,6 +210,7 @@ pub struct SiteValidatorStatus {
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.quorum <= size(self.trustedSites)").message("quorum cannot exceed the number of trustedSites").field_path(".quorum"))]
 pub struct PromotionPolicySpec {
     /// Model registry URI.
     #[schemars(length(max = 2048))]
@@ -201,8 +225,8 @@ pub struct PromotionPolicySpec {
     /// Sites whose signed reports count, with their ed25519 public keys.
     #[schemars(length(min = 1, max = 256))]
     pub trusted_sites: Vec<TrustedSite>,
-    /// Valid reports needed before deciding.
-    #[schemars(range(min = 1))]
+    /// Valid reports needed before deciding (at most the number of trusted sites).
+    #[x_kube(validation = Rule::new("self >= 1").message("quorum must be at least 1"))]
     pub quorum: i32,
     /// Non-inferiority margin δ: the lower 95 % bound of candidate − production AUROC must be
     /// at least −δ, overall and in every reported subgroup of every site.
@@ -223,8 +247,13 @@ pub struct PromotionPolicySpec {
     pub require_approval: bool,
     /// Reports dated further in the future than this (site clock skew) are refused.
     #[serde(default = "default_skew")]
-    #[schemars(range(min = 0))]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 86400").message("maxClockSkewSeconds must be in [0, 86400]"))]
     pub max_clock_skew_seconds: i64,
+    /// Reports whose minimum cell size is smaller, or whose disclosure control is weaker than
+    /// this code's, are refused (at least 10).
+    #[serde(default = "default_min_cell")]
+    #[x_kube(validation = Rule::new("self >= 10").message("minCellSize must be at least 10"))]
+    pub min_cell_size: i32,
     /// Alias of the versions under decision.
     #[serde(default = "default_candidate")]
     pub candidate_alias: String,
@@ -233,8 +262,22 @@ pub struct PromotionPolicySpec {
     pub production_alias: String,
     /// Seconds between looks at the registry.
     #[serde(default = "default_poll")]
-    #[schemars(range(min = 5))]
+    #[x_kube(validation = Rule::new("self >= 5").message("pollIntervalSeconds must be at least 5"))]
     pub poll_interval_seconds: i64,
+}
+
+impl PromotionPolicy {
+    /// The same rules the API server applies (its CEL), for a policy read from a file
+    /// (`radfm gate --policy`): a quorum of 0, margins out of range or an untrusted key format
+    /// are refused with the rule's message.
+    pub fn validate(&self) -> crate::Result<()> {
+        self.validate_cel().map_err(|e| {
+            crate::Error::Invalid(format!(
+                "PromotionPolicy {}: {e}",
+                self.metadata.name.as_deref().unwrap_or("<unnamed>")
+            ))
+        })
+    }
 }
 
 fn default_margin() -> f64 {
@@ -255,7 +298,8 @@ pub struct TrustedSite {
     #[schemars(length(min = 1, max = 63))]
     pub site: String,
     /// ed25519 public key, 64 lowercase hex characters (`radfm keygen`).
-    #[schemars(length(min = 64, max = 64), regex(pattern = "^[0-9a-f]{64}$"))]
+    #[schemars(length(min = 64, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("publicKey must be 64 lowercase hex characters"))]
     pub public_key: String,
 }
 
@@ -294,4 +338,78 @@ pub struct DecisionStatus {
     pub sites: Vec<String>,
     /// When.
     pub time: Time,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(spec: &str) -> PromotionPolicy {
+        let spec: PromotionPolicySpec = serde_yaml_ng::from_str(spec).unwrap();
+        PromotionPolicy::new("gate", spec)
+    }
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn refusal(extra: &str) -> String {
+        let p = policy(&format!(
+            "{{registry: 's3://r', model: chest, task: lesion, trustedSites: [{{site: a, publicKey: {KEY}}}, {{site: b, publicKey: {KEY}}}], {extra}}}"
+        ));
+        p.validate()
+            .map(|()| String::new())
+            .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_policy_from_a_file_gets_the_api_servers_rules() {
+        assert_eq!(refusal("quorum: 2"), "");
+        assert!(refusal("quorum: 0").contains("quorum must be at least 1"));
+        assert!(refusal("quorum: 3").contains("quorum cannot exceed the number of trustedSites"));
+        assert!(
+            refusal("quorum: 1, nonInferiorityMargin: 1.5")
+                .contains("nonInferiorityMargin must be in [0, 1)")
+        );
+        assert!(
+            refusal("quorum: 1, maxWorstGroupGap: 0")
+                .contains("maxWorstGroupGap must be in (0, 1]")
+        );
+        assert!(refusal("quorum: 1, minCellSize: 5").contains("minCellSize must be at least 10"));
+        assert!(refusal("quorum: 1, maxClockSkewSeconds: -1").contains("maxClockSkewSeconds"));
+        let p = policy(&format!(
+            "{{registry: 's3://r', model: chest, task: lesion, quorum: 1, trustedSites: [{{site: a, publicKey: {}}}]}}",
+            KEY.to_uppercase()
+        ));
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("publicKey must be 64 lowercase hex")
+        );
+    }
+
+    #[test]
+    fn identifying_fields_are_never_subgroups() {
+        for field in IDENTIFIER_FIELDS {
+            assert!(SUBGROUPS_RULE.contains(&format!("'{field}'")), "{field}");
+        }
+        assert_eq!(
+            SUBGROUPS_RULE.matches('\'').count(),
+            IDENTIFIER_FIELDS.len() * 2
+        );
+        let validator = |subgroups: &str, min_cell: i32| {
+            let spec: SiteValidatorSpec = serde_yaml_ng::from_str(&format!(
+                "{{siteId: a, signingKeySecretRef: {{name: k}}, registry: 's3://r', model: chest, dataset: {{uri: 'file:///data'}}, tasks: [{{label: lesion}}], image: i, subgroups: {subgroups}, minCellSize: {min_cell}}}"
+            ))
+            .unwrap();
+            SiteValidator::new("v", spec)
+                .validate_cel()
+                .map(|()| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        assert_eq!(validator("[sex, age_band]", 20), "");
+        assert!(
+            validator("[sex, patient]", 20).contains("subgroups cannot name identifying fields")
+        );
+        assert!(validator("[sex]", 5).contains("minCellSize must be at least 10"));
+    }
 }

@@ -42,7 +42,8 @@ pub struct ValidateArgs {
         default_value = "sex,age_band,manufacturer"
     )]
     pub subgroups: Vec<String>,
-    /// Smallest subgroup cell reported; smaller ones are suppressed.
+    /// Smallest subgroup cell reported (at least 10); smaller ones, and the cells that would
+    /// reveal them by subtraction, are suppressed.
     #[arg(long, default_value_t = 20)]
     pub min_cell: usize,
     /// Version (number or alias) to validate.
@@ -100,9 +101,8 @@ fn print_summary(a: &ValidateArgs, r: &SiteReport) {
 /// Validates a candidate on this site's data and publishes the signed report.
 #[cfg(feature = "torch")]
 pub async fn validate(a: ValidateArgs) -> Result<()> {
-    if a.min_cell == 0 {
-        bail!("--min-cell must be at least 1");
-    }
+    radfm_validation::disclosure::check_settings(&a.subgroups, a.min_cell)
+        .context("--min-cell / --subgroups")?;
     let key_text = std::fs::read_to_string(&a.key_file)
         .with_context(|| format!("reading --key-file {}", a.key_file.display()))?;
     let key = report::signing_key(&key_text)
@@ -148,6 +148,7 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
         code_version: env!("CARGO_PKG_VERSION").into(),
         cases: outcome.cases,
         min_cell_size: a.min_cell,
+        disclosure_method: radfm_validation::disclosure::METHOD.into(),
         tasks: outcome.tasks,
         representation_drift: outcome.representation_drift,
         data_drift: outcome.data_drift,
@@ -197,13 +198,17 @@ pub fn read_policy(path: &std::path::Path) -> Result<PromotionPolicySpec> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let value: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    if value.get("kind").is_some() {
-        let p: PromotionPolicy =
-            serde_yaml_ng::from_value(value).with_context(|| format!("{}", path.display()))?;
-        Ok(p.spec)
+    let policy: PromotionPolicy = if value.get("kind").is_some() {
+        serde_yaml_ng::from_value(value).with_context(|| format!("{}", path.display()))?
     } else {
-        Ok(serde_yaml_ng::from_value(value).with_context(|| format!("{}", path.display()))?)
-    }
+        let spec =
+            serde_yaml_ng::from_value(value).with_context(|| format!("{}", path.display()))?;
+        PromotionPolicy::new("policy", spec)
+    };
+    policy
+        .validate()
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(policy.spec)
 }
 
 /// Arguments of `radfm keygen`.

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use radfm_data::store::Location;
+use radfm_validation::disclosure;
 use radfm_validation::report::{self, Cases, DataDrift, RepresentationDrift, TaskReport};
 use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
@@ -31,7 +32,7 @@ pub struct Request<'a> {
     pub tasks: &'a [String],
     /// Subgroup fields.
     pub subgroups: &'a [String],
-    /// Smallest reported cell.
+    /// Smallest reported cell (at least [`disclosure::MIN_CELL_FLOOR`]).
     pub min_cell: usize,
     /// Seed of the bootstrap.
     pub seed: u64,
@@ -63,15 +64,17 @@ fn invalid(reason: String) -> Error {
     }
 }
 
-/// The comparison of both encoders' probes on one task, by subgroup.
-fn task_report(
-    req: &Request<'_>,
-    ec: &Embedded,
-    eb: &Embedded,
-    groups: &[BTreeMap<String, String>],
-    ti: usize,
-    task: &str,
-) -> Result<report::TaskReport> {
+/// One task's out-of-fold predictions by both encoders, before aggregation.
+struct Predicted {
+    task: String,
+    labels: Vec<bool>,
+    candidate: Vec<f64>,
+    baseline: Vec<f64>,
+    knn_auroc: Option<(f64, f64)>,
+}
+
+/// Both encoders' probes on one task, cross-validated within the site, folds grouped by patient.
+fn predict(req: &Request<'_>, ec: &Embedded, eb: &Embedded, task: &str) -> Result<Predicted> {
     let labels: Vec<f32> = ec
         .meta
         .iter()
@@ -95,22 +98,46 @@ fn task_report(
     let (lin_c, knn_c) = eval::cross_validated(&ec.features, &y, &units, FOLDS, K)?;
     let (lin_b, knn_b) = eval::cross_validated(&eb.features, &y, &units, FOLDS, K)?;
     let yb: Vec<bool> = labels.iter().map(|&l| l > 0.5).collect();
-    let knn = radfm_validation::stats::auroc(&knn_c, &yb)
+    let knn_auroc = radfm_validation::stats::auroc(&knn_c, &yb)
         .zip(radfm_validation::stats::auroc(&knn_b, &yb));
-    report::task_report(
-        &Cases {
-            task: task.to_string(),
-            candidate: &lin_c,
-            baseline: &lin_b,
-            labels: &yb,
-            groups,
-        },
-        req.subgroups,
-        req.min_cell,
-        knn,
-        req.seed ^ (ti as u64) << 48,
-    )
-    .map_err(|e| invalid(format!("{}: {e}", req.dataset_uri)))
+    Ok(Predicted {
+        task: task.to_string(),
+        labels: yb,
+        candidate: lin_c,
+        baseline: lin_b,
+        knn_auroc,
+    })
+}
+
+/// The aggregates of every task, publishing only the cells the disclosure plan allows (one plan
+/// over all tasks, so that no task's table reveals what another hides).
+fn task_reports(
+    req: &Request<'_>,
+    predicted: &[Predicted],
+    groups: &[BTreeMap<String, String>],
+) -> Result<Vec<TaskReport>> {
+    let labels: Vec<&[bool]> = predicted.iter().map(|p| p.labels.as_slice()).collect();
+    let cells = disclosure::plan(groups, req.subgroups, req.min_cell, &labels)
+        .map_err(|e| invalid(format!("{}: {e}", req.dataset_uri)))?;
+    predicted
+        .iter()
+        .enumerate()
+        .map(|(ti, p)| {
+            report::task_report(
+                &Cases {
+                    task: p.task.clone(),
+                    candidate: &p.candidate,
+                    baseline: &p.baseline,
+                    labels: &p.labels,
+                    groups,
+                },
+                &cells,
+                p.knn_auroc,
+                req.seed ^ (ti as u64) << 48,
+            )
+            .map_err(|e| invalid(format!("{}: {e}", req.dataset_uri)))
+        })
+        .collect()
 }
 
 /// Runs the validation of one candidate against one baseline on the site's data.
@@ -141,12 +168,12 @@ pub async fn validate(req: &Request<'_>) -> Result<Outcome> {
                 .collect()
         })
         .collect();
-    let tasks = req
+    let predicted = req
         .tasks
         .iter()
-        .enumerate()
-        .map(|(ti, task)| task_report(req, &ec, &eb, &groups, ti, task))
+        .map(|task| predict(req, &ec, &eb, task))
         .collect::<Result<Vec<_>>>()?;
+    let tasks = task_reports(req, &predicted, &groups)?;
     let loc = Location::open(req.dataset_uri)?;
     let index_bytes = loc
         .get_opt(radfm_data::index::INDEX)

@@ -171,7 +171,43 @@ fn admit(
     if !r.tasks.iter().any(|t| t.task == policy.task) {
         return Err(format!("has no task {:?}", policy.task));
     }
+    disclosure_at_least(policy, &r)?;
     Ok(r)
+}
+
+/// A report's disclosure control must be this code's method with at least the policy's minimum
+/// cell size, and every cell it publishes must respect it.
+fn disclosure_at_least(policy: &PromotionPolicySpec, r: &SiteReport) -> Result<(), String> {
+    if r.disclosure_method != crate::disclosure::METHOD {
+        return Err(format!(
+            "applied disclosure control {:?}, weaker than {} that the policy requires",
+            r.disclosure_method,
+            crate::disclosure::METHOD
+        ));
+    }
+    let floor = usize::try_from(policy.min_cell_size)
+        .unwrap_or(0)
+        .max(crate::disclosure::MIN_CELL_FLOOR);
+    if r.min_cell_size < floor {
+        return Err(format!(
+            "suppresses cells below {} cases, the policy requires at least {floor}",
+            r.min_cell_size
+        ));
+    }
+    let small = r
+        .tasks
+        .iter()
+        .flat_map(|t| &t.subgroups)
+        .find(|s| s.result.n < r.min_cell_size);
+    if let Some(s) = small {
+        return Err(format!(
+            "publishes cell {} with {} cases, below its own minimum of {}",
+            s.name(),
+            s.result.n,
+            r.min_cell_size
+        ));
+    }
+    Ok(())
 }
 
 /// A rule that failed, without a site or subgroup.
@@ -438,6 +474,7 @@ mod tests {
             required_subgroups: vec!["sex=F".into()],
             require_approval: false,
             max_clock_skew_seconds: 300,
+            min_cell_size: 20,
             candidate_alias: "candidate".into(),
             production_alias: "production".into(),
             poll_interval_seconds: 60,
@@ -567,7 +604,7 @@ mod tests {
     #[test]
     fn missing_required_subgroups_and_approval_hold_for_review() {
         let mut w = world();
-        w.policy.required_subgroups = vec!["sex=M".into()];
+        w.policy.required_subgroups = vec!["age_band=80+".into()];
         let d = decide(&w.policy, &w.versions, &all_good(&w), false, now());
         assert_eq!(d.outcome, Outcome::HoldForReview);
         assert_eq!(d.reasons[0].code, "required_subgroup");
@@ -587,14 +624,49 @@ mod tests {
         let w = world();
         let mut reports = all_good(&w);
         let mut r = report("site-b", 2);
-        let mut second = r.tasks[0].subgroups[0].clone();
-        second.value = "M".into();
-        second.result.candidate.auroc.value -= 0.3;
-        r.tasks[0].subgroups.insert(1, second);
+        assert_eq!(r.tasks[0].subgroups[1].name(), "sex=M");
+        r.tasks[0].subgroups[1].result.candidate.auroc.value -= 0.3;
         reports[1] = stored("site-b", &r, &w.keys[1].1);
         let d = decide(&w.policy, &w.versions, &reports, false, now());
         assert_eq!(d.outcome, Outcome::Reject);
         assert_eq!(d.reasons[0].code, "worst_group_gap");
         assert_eq!(d.reasons[0].subgroup.as_deref(), Some("sex=M"));
+    }
+
+    #[test]
+    fn reports_with_weaker_disclosure_control_than_the_policy_do_not_count() {
+        let mut w = world();
+        let weaker = |change: &dyn Fn(&mut SiteReport)| {
+            let mut r = report("site-a", 2);
+            change(&mut r);
+            r
+        };
+        let cases: [(SiteReport, &str); 3] = [
+            (
+                weaker(&|r| r.disclosure_method = String::new()),
+                "applied disclosure control \"\", weaker than threshold+complementary/v1",
+            ),
+            (
+                weaker(&|r| r.min_cell_size = 12),
+                "suppresses cells below 12 cases, the policy requires at least 20",
+            ),
+            (
+                weaker(&|r| r.tasks[0].subgroups[1].result.n = 3),
+                "publishes cell sex=M with 3 cases, below its own minimum of 20",
+            ),
+        ];
+        w.policy.quorum = 1;
+        for (r, why) in cases {
+            let d = decide(
+                &w.policy,
+                &w.versions,
+                &[stored("site-a", &r, &w.keys[0].1)],
+                false,
+                now(),
+            );
+            assert_eq!(d.outcome, Outcome::HoldForReview);
+            let because = d.reports[0].rejected_because.as_deref().unwrap_or_default();
+            assert!(because.contains(why), "{because}");
+        }
     }
 }

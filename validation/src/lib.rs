@@ -4,7 +4,9 @@
 //! signed aggregates. This crate holds the parts every participant must agree on:
 //! - [`stats`]: AUROC, AUPRC, operating-point sensitivity and specificity, calibration, and
 //!   paired bootstrap intervals of candidate − baseline;
-//! - [`report`]: the site report with small-cell suppression, and its ed25519 signature;
+//! - [`disclosure`]: which subgroup cells a report may publish (small cells and their
+//!   complements hidden);
+//! - [`report`]: the site report and its ed25519 signature;
 //! - [`gate`]: the promotion decision from verified reports under a `PromotionPolicy`;
 //! - [`apply`]: the gate against the registry, recording each decision in its event log.
 //!
@@ -13,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod apply;
+pub mod disclosure;
 pub mod gate;
 pub mod report;
 pub mod stats;

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
+use crate::disclosure::FieldCells;
 use crate::stats::{self, Paired};
 use crate::{Error, Result};
 
@@ -49,6 +50,10 @@ pub struct SiteReport {
     pub cases: usize,
     /// Smallest subgroup cell reported.
     pub min_cell_size: usize,
+    /// The disclosure-control method applied ([`disclosure::METHOD`](crate::disclosure::METHOD));
+    /// empty in reports made before there was one.
+    #[serde(default)]
+    pub disclosure_method: String,
     /// Results per task.
     pub tasks: Vec<TaskReport>,
     /// How differently the two encoders represent the site's images.
@@ -70,7 +75,8 @@ pub struct TaskReport {
     pub knn_auroc: Option<(f64, f64)>,
     /// Subgroup cells large enough to report.
     pub subgroups: Vec<SubgroupReport>,
-    /// Cells suppressed (fewer than min_cell_size cases or one class only).
+    /// Cells suppressed (fewer than min_cell_size cases, one class only, or hidden so that
+    /// subtraction cannot reveal another hidden cell).
     pub suppressed_cells: usize,
 }
 
@@ -146,12 +152,11 @@ pub struct Cases<'a> {
     pub groups: &'a [BTreeMap<String, String>],
 }
 
-/// Aggregates one task: overall, then every cell of every subgroup field that has at least
-/// `min_cell` cases and both classes; the others are only counted.
+/// Aggregates one task: overall, then every cell that the disclosure plan publishes (see
+/// [`disclosure`](crate::disclosure)); the others are only counted.
 pub fn task_report(
     cases: &Cases,
-    fields: &[String],
-    min_cell: usize,
+    cells: &[FieldCells],
     knn_auroc: Option<(f64, f64)>,
     seed: u64,
 ) -> Result<TaskReport> {
@@ -167,21 +172,16 @@ pub fn task_report(
     .ok_or_else(|| Error::Data(format!("task {}: both classes are needed", cases.task)))?;
     let mut subgroups = Vec::new();
     let mut suppressed_cells = 0;
-    for (fi, field) in fields.iter().enumerate() {
-        let mut cells: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, g) in cases.groups.iter().enumerate() {
-            if let Some(v) = g.get(field) {
-                cells.entry(v.as_str()).or_default().push(i);
-            }
-        }
-        for (ci, (value, rows)) in cells.into_iter().enumerate() {
-            let result = (rows.len() >= min_cell)
+    for (fi, field) in cells.iter().enumerate() {
+        for (ci, cell) in field.cells.iter().enumerate() {
+            let result = cell
+                .published
                 .then(|| {
                     stats::paired(
                         cases.candidate,
                         cases.baseline,
                         cases.labels,
-                        &rows,
+                        &cell.rows,
                         RESAMPLES,
                         seed ^ ((fi as u64 + 1) << 32) ^ (ci as u64 + 1),
                     )
@@ -189,8 +189,8 @@ pub fn task_report(
                 .flatten();
             match result {
                 Some(result) => subgroups.push(SubgroupReport {
-                    field: field.clone(),
-                    value: value.to_string(),
+                    field: field.field.clone(),
+                    value: cell.value.clone(),
                     result,
                 }),
                 None => suppressed_cells += 1,
@@ -283,7 +283,13 @@ pub fn public_hex(key: &SigningKey) -> String {
 pub(crate) mod tests {
     use super::*;
 
+    /// A report of 60 cases, 40 women and 20 men, every cell published.
     pub(crate) fn report(site: &str, candidate: u64) -> SiteReport {
+        report_split(site, candidate, 40)
+    }
+
+    /// A report of 60 cases of which `women` are women (minimum cell size 20).
+    pub(crate) fn report_split(site: &str, candidate: u64, women: usize) -> SiteReport {
         let y: Vec<bool> = (0..60).map(|i| i % 2 == 0).collect();
         let p: Vec<f64> = y
             .iter()
@@ -295,12 +301,14 @@ pub(crate) mod tests {
                 BTreeMap::from([
                     (
                         "sex".to_string(),
-                        if i < 50 { "F" } else { "M" }.to_string(),
+                        if i < women { "F" } else { "M" }.to_string(),
                     ),
                     ("scanner".to_string(), "A".to_string()),
                 ])
             })
             .collect();
+        let fields = ["sex".to_string(), "scanner".to_string()];
+        let cells = crate::disclosure::plan(&groups, &fields, 20, &[&y]).unwrap();
         let task = task_report(
             &Cases {
                 task: "lesion".into(),
@@ -309,8 +317,7 @@ pub(crate) mod tests {
                 labels: &y,
                 groups: &groups,
             },
-            &["sex".into(), "scanner".into()],
-            20,
+            &cells,
             None,
             7,
         )
@@ -328,6 +335,7 @@ pub(crate) mod tests {
             code_version: "test".into(),
             cases: 60,
             min_cell_size: 20,
+            disclosure_method: crate::disclosure::METHOD.into(),
             tasks: vec![task],
             representation_drift: RepresentationDrift { linear_cka: 0.9 },
             data_drift: DataDrift::new(1.0, 1.0, 1.0, 1.0),
@@ -335,12 +343,19 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn small_cells_are_suppressed_and_never_reported() {
-        let r = report("site-a", 2);
+    fn small_cells_are_suppressed_with_a_complement_and_never_reported() {
+        let names = |r: &SiteReport| -> Vec<String> {
+            r.tasks[0].subgroups.iter().map(|s| s.name()).collect()
+        };
+        assert_eq!(names(&report("site-a", 2)), ["sex=F", "sex=M", "scanner=A"]);
+        let r = report_split("site-a", 2, 50);
         let t = &r.tasks[0];
-        let names: Vec<String> = t.subgroups.iter().map(|s| s.name()).collect();
-        assert_eq!(names, ["sex=F", "scanner=A"], "sex=M has 10 cases");
-        assert_eq!(t.suppressed_cells, 1);
+        assert_eq!(
+            names(&r),
+            ["scanner=A"],
+            "sex=M has 10 cases; sex=F (50) would reveal it as 60 - 50"
+        );
+        assert_eq!(t.suppressed_cells, 2);
         let text = sign(&r, &generate_key()).payload;
         assert!(!text.contains("\"M\""), "{text}");
     }
