@@ -90,6 +90,7 @@ pub struct SiteValidatorSpec {
     /// Metadata fields reported per subgroup (sex, age_band, scanner, view, ...); identifiers
     /// (patient, study, ...) are refused.
     #[serde(default)]
+    #[schemars(length(max = 16), inner(length(max = 63)))]
     #[x_kube(validation = Rule::new(SUBGROUPS_RULE).message("subgroups cannot name identifying fields (patient, study, key, frame, width, height, rescale_slope, rescale_intercept)"))]
     pub subgroups: Vec<String>,
     /// Subgroups with fewer cases are suppressed, not reported, with the cells that would reveal
