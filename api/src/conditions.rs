@@ -158,6 +158,8 @@ pub mod reason {
     pub const JOB_CREATED: &str = "JobCreated";
     /// Creating a child object failed.
     pub const CREATE_FAILED: &str = "CreateFailed";
+    /// The cluster's radfm pod policy refuses a field of the resource; nothing is created.
+    pub const POD_POLICY_VIOLATION: &str = "PodPolicyViolation";
     /// Waiting for workers to be scheduled and started.
     pub const WORKERS_PENDING: &str = "WorkersPending";
     /// Every worker running.

@@ -189,9 +189,10 @@ pub struct PodOverrides {
     /// Extra volume mounts of the trainer container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Vec<VolumeMount>>,
-    /// ServiceAccount of the worker pods. Default: `<job>-trainer`, which the operator creates
-    /// with permission to annotate the job's own worker pods and nothing else; a ServiceAccount
-    /// named here needs `get` and `patch` on those pods for progress to show.
+    /// ServiceAccount of the worker pods. Default: `<job>-trainer` for the rank-0 pod, which the
+    /// operator creates with permission to patch that pod and nothing else (the other ranks get
+    /// no API token). A ServiceAccount named here must be one the cluster's radfm pod policy
+    /// allows, and needs `patch` on the rank-0 pod for progress to show.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
     /// Entrypoint of the trainer container. Default: `/usr/local/bin/radfm-trainer`, the path in

@@ -14,6 +14,7 @@ use tracing::warn;
 
 use crate::Error;
 use crate::metrics::Metrics;
+use crate::pod_policy::PodPolicy;
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "radfm-operator";
@@ -74,6 +75,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Where this controller reads the time.
     pub clock: Clock,
+    /// What users' resources may add to the pods the operator creates.
+    pub pod_policy: PodPolicy,
 }
 
 impl Context {
@@ -88,6 +91,7 @@ impl Context {
             client,
             metrics,
             clock: Clock::Wall,
+            pod_policy: PodPolicy::default(),
         }
     }
 
@@ -98,6 +102,7 @@ impl Context {
             recorder: self.recorder.clone(),
             metrics: self.metrics.clone(),
             clock,
+            pod_policy: self.pod_policy.clone(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod crdgen;
 pub mod effects;
 pub mod leader;
 pub mod metrics;
+pub mod pod_policy;
 pub mod promotion_policy;
 pub mod site_validator;
 pub mod telemetry;

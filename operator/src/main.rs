@@ -72,6 +72,9 @@ struct RunArgs {
     /// every pass instead of the wall clock.
     #[arg(long, hide = true)]
     clock_file: Option<std::path::PathBuf>,
+    /// What users' resources may add to the pods the operator creates.
+    #[command(flatten)]
+    pod_policy: radfm_operator::pod_policy::PodPolicy,
 }
 
 #[tokio::main]
@@ -234,7 +237,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let ctx = Context::new(client, metrics.clone(), Some(identity));
+    let mut ctx = Context::new(client, metrics.clone(), Some(identity));
+    ctx.pod_policy = args.pod_policy.clone();
     // The clock file moves schedules only: pods and the API server keep the wall clock.
     let schedules = Arc::new(ctx.with_clock(args.clock_file.map_or(Clock::Wall, Clock::File)));
     let ctx = Arc::new(ctx);

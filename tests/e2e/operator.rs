@@ -139,9 +139,18 @@ async fn setup<'a>(
     cluster: &'a Cluster,
     ns: &str,
 ) -> (radfm_e2e::TestNamespace<'a>, radfm_e2e::Operator) {
+    setup_with(cluster, ns, &[]).await
+}
+
+/// [`setup`] with extra operator flags (a wider pod policy).
+async fn setup_with<'a>(
+    cluster: &'a Cluster,
+    ns: &str,
+    flags: &[&str],
+) -> (radfm_e2e::TestNamespace<'a>, radfm_e2e::Operator) {
     let guard = cluster.namespace(ns).await.unwrap();
     let op = cluster
-        .start_operator(ns, &format!("operator-{ns}"), &[])
+        .start_operator(ns, &format!("operator-{ns}"), flags)
         .unwrap();
     (guard, op)
 }
@@ -292,7 +301,13 @@ async fn sample_job_runs_on_gpu_nodes_and_kubectl_get_shows_its_columns() {
         ]);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    assert_eq!(can("patch", "pods/mae-chest-xray-w1-a1"), "yes");
+    assert_eq!(can("patch", "pods/mae-chest-xray-w0-a1"), "yes");
+    assert_eq!(can("get", "pods/mae-chest-xray-w0-a1"), "no");
+    assert_eq!(
+        can("patch", "pods/mae-chest-xray-w1-a1"),
+        "no",
+        "another rank's pod"
+    );
     assert_eq!(can("patch", "pods/another-job-w0-a1"), "no");
     assert_eq!(can("list", "pods"), "no");
     assert_eq!(can("get", "secrets/radiology-s3"), "no");
@@ -866,18 +881,39 @@ async fn errors_creating_workers_appear_in_the_created_condition() {
         .unwrap();
     assert!(events.contains("CreateFailed"), "{events}");
     assert!(env.pod_names("badvol").await.is_empty());
+
+    // A node-level volume passes the API server but not the cluster's radfm pod policy: nothing
+    // is created, and Created says which field.
+    let host = "gpusPerWorker: 4, template: {volumes: [{name: host, hostPath: {path: /etc}}]}}";
+    env.apply_ok(&job_yaml("hostvol", 1, "").replace("gpusPerWorker: 4}", host));
+    let job = env
+        .wait_job("hostvol", "Created=False", |j| {
+            j.status
+                .as_ref()
+                .and_then(|s| conditions::get(&s.conditions, ConditionType::Created))
+                .is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let (_, why, msg) = condition(&job, ConditionType::Created);
+    assert_eq!(why, "PodPolicyViolation");
+    assert!(
+        msg.contains("spec.workers.template.volumes[0]: volume type hostPath is not allowed"),
+        "{msg}"
+    );
+    assert!(env.pod_names("hostvol").await.is_empty());
 }
 
 #[tokio::test]
 async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
     let _serial = serial().await;
     let cluster = Cluster::start(1, 4).await.unwrap();
-    let (_ns, _op) = setup(&cluster, "progress").await;
+    // The admin allows the trainers' own ServiceAccount by name.
+    let (_ns, _op) = setup_with(&cluster, "progress", &["--pod-service-accounts=trainer"]).await;
     let env = Env {
         cluster: &cluster,
         ns: "progress".into(),
     };
-    // The trainers' ServiceAccount with only the radfm-trainer ClusterRole (pods get/patch).
+    // The trainers' ServiceAccount with only the radfm-trainer ClusterRole (pods patch).
     cluster
         .kubectl_ok(&["create", "serviceaccount", "trainer", "-n", "progress"])
         .unwrap();

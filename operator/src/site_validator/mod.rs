@@ -65,6 +65,11 @@ pub async fn reconcile(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result<Acti
         candidate: candidate(&sv).await.map_err(|e| e.to_string()),
         pods: effects::list_owned(&pods, &selector, &sv.uid().unwrap_or_default()).await?,
         now: ctx.clock.now(),
+        policy_violation: sv
+            .spec
+            .data_volume
+            .as_ref()
+            .and_then(|v| ctx.pod_policy.check_volume("spec.dataVolume", v).err()),
     };
     let plan = plan::plan(&sv, &observed);
     for name in &plan.delete_pods {

@@ -33,6 +33,8 @@ pub struct Observed {
     pub pods: Vec<Pod>,
     /// The current time.
     pub now: Timestamp,
+    /// Why the cluster's pod policy refuses the validation pod (its `dataVolume`), if it does.
+    pub policy_violation: Option<crate::pod_policy::Violation>,
 }
 
 /// What the controller must do: delete pods, create the pod, write the status, record events.
@@ -67,6 +69,19 @@ pub fn plan(sv: &SiteValidator, obs: &Observed) -> Plan {
         requeue_after: Duration::ZERO,
     };
     match &obs.candidate {
+        _ if obs.policy_violation.is_some() => {
+            let why = radfm_api::conditions::reason::POD_POLICY_VIOLATION;
+            let msg = format!(
+                "refused by the cluster's radfm pod policy: {}",
+                obs.policy_violation
+                    .as_ref()
+                    .map(|v| v.0.as_str())
+                    .unwrap_or_default()
+            );
+            if stamp.set(&mut plan.status.conditions, Cond::Ready, false, why, &msg) {
+                plan.events.push(PlannedEvent::warning(why, msg));
+            }
+        }
         Err(e) => {
             let why = validation_reason::REGISTRY_ERROR;
             stamp.set(&mut plan.status.conditions, Cond::Ready, false, why, e);
@@ -196,6 +211,7 @@ spec:
                 .map_err(String::from),
             pods,
             now: Timestamp::from_second(100).unwrap(),
+            policy_violation: None,
         }
     }
 
@@ -307,5 +323,23 @@ spec:
             ("False", validation_reason::REGISTRY_ERROR)
         );
         assert_eq!(broken.status.last_validated_version, Some(7));
+    }
+
+    #[test]
+    fn a_data_volume_the_pod_policy_refuses_starts_no_pod_and_says_why() {
+        let sv = validator();
+        let mut obs = observe(Ok(Some((7, false))), vec![]);
+        obs.policy_violation = Some(crate::pod_policy::Violation(
+            "spec.dataVolume: volume type hostPath is not allowed".into(),
+        ));
+        let p = plan(&sv, &obs);
+        assert!(p.create_pod.is_none());
+        let ready = conditions::get(&p.status.conditions, Cond::Ready).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", radfm_api::conditions::reason::POD_POLICY_VIOLATION)
+        );
+        assert!(ready.message.contains("hostPath"), "{}", ready.message);
+        assert_eq!(p.events.len(), 1);
     }
 }

@@ -126,13 +126,14 @@ pub fn trainer_service_account_name(job: &TrainingJob) -> String {
 }
 
 /// What rank 0 needs to report progress (annotations on its own pod), when the job's template
-/// names no ServiceAccount: the job's own ServiceAccount, a Role allowing `get` and `patch` of
-/// exactly this attempt's worker pods, and the binding between them. All owned by the job.
+/// names no ServiceAccount: the job's own ServiceAccount, used by the rank-0 pod only, a Role
+/// allowing `patch` of exactly that pod of this attempt (no `get`, no other pod), and the binding
+/// between them. The other ranks run without an API token. All owned by the job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainerAccess {
     /// `<job>-trainer`.
     pub service_account: ServiceAccount,
-    /// Pods of `attempt`, by name.
+    /// The rank-0 pod of `attempt`, by name.
     pub role: Role,
     /// The Role bound to the ServiceAccount.
     pub binding: RoleBinding,
@@ -152,9 +153,7 @@ pub fn trainer_access(job: &TrainingJob, attempt: i32) -> Option<TrainerAccess> 
         owner_references: Some(vec![owner(job)]),
         ..Default::default()
     };
-    let pods = (0..job.spec.workers.replicas)
-        .map(|r| pod_name(job, r, attempt))
-        .collect();
+    let pods = vec![pod_name(job, 0, attempt)];
     Some(TrainerAccess {
         service_account: ServiceAccount {
             metadata: meta.clone(),
@@ -166,7 +165,7 @@ pub fn trainer_access(job: &TrainingJob, attempt: i32) -> Option<TrainerAccess> 
                 api_groups: Some(vec![String::new()]),
                 resources: Some(vec!["pods".into()]),
                 resource_names: Some(pods),
-                verbs: vec!["get".into(), "patch".into()],
+                verbs: vec!["patch".into()],
                 ..Default::default()
             }]),
         },
@@ -403,11 +402,13 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
             affinity: w.affinity.clone(),
             priority_class_name: w.priority_class_name.clone(),
             scheduler_name: w.scheduler_name.clone(),
-            service_account_name: Some(
-                over.service_account_name
-                    .clone()
-                    .unwrap_or_else(|| trainer_service_account_name(job)),
-            ),
+            service_account_name: over
+                .service_account_name
+                .clone()
+                .or_else(|| (rank == 0).then(|| trainer_service_account_name(job))),
+            // Only rank 0 talks to the API server (its own pod's annotations).
+            automount_service_account_token: (over.service_account_name.is_none() && rank != 0)
+                .then_some(false),
             security_context: Some(restricted_pod_security()),
             ..Default::default()
         }),
@@ -655,13 +656,16 @@ mod tests {
     }
 
     #[test]
-    fn trainers_get_their_own_account_allowed_to_annotate_only_this_attempts_pods() {
+    fn rank_zero_gets_an_account_allowed_to_annotate_only_its_own_pod() {
         let job = JobBuilder::new(2).build();
-        let pod = worker_pod(&job, 1, 3);
+        let pod = worker_pod(&job, 0, 3);
         assert_eq!(
             pod.spec.unwrap().service_account_name.as_deref(),
             Some("mae-trainer")
         );
+        let other = worker_pod(&job, 1, 3).spec.unwrap();
+        assert_eq!(other.service_account_name, None);
+        assert_eq!(other.automount_service_account_token, Some(false));
         let access = trainer_access(&job, 3).unwrap();
         assert_eq!(
             access.service_account.metadata.name.as_deref(),
@@ -670,11 +674,8 @@ mod tests {
         let rules = access.role.rules.unwrap();
         assert_eq!(rules.len(), 1);
         assert_eq!(rules[0].resources.as_deref().unwrap(), ["pods"]);
-        assert_eq!(rules[0].verbs, ["get", "patch"]);
-        assert_eq!(
-            rules[0].resource_names.as_deref().unwrap(),
-            ["mae-w0-a3", "mae-w1-a3"]
-        );
+        assert_eq!(rules[0].verbs, ["patch"]);
+        assert_eq!(rules[0].resource_names.as_deref().unwrap(), ["mae-w0-a3"]);
         let subject = &access.binding.subjects.unwrap()[0];
         assert_eq!(
             (subject.kind.as_str(), subject.name.as_str()),

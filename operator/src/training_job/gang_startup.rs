@@ -37,6 +37,15 @@ pub(super) fn create_missing(
     }
 }
 
+/// The cluster's pod policy refuses the job: nothing is created, `Created=False` says why (a
+/// warning event once, when it turns).
+fn refuse(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, why: &str) {
+    let msg = format!("refused by the cluster's radfm pod policy: {why}");
+    if pass.set(st, C::Created, false, reason::POD_POLICY_VIOLATION, &msg) {
+        plan.warning(reason::POD_POLICY_VIOLATION, msg);
+    }
+}
+
 /// `Created` turns True once every worker of the attempt exists, not when creation is merely
 /// planned: a create the API server refuses leaves it False with the reason (set by the
 /// controller), instead of flapping.
@@ -98,6 +107,11 @@ fn report_running(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, curr
 
 /// Creates what is missing and reports the gang's progress.
 pub(super) fn start(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, current: &[&Worker]) {
+    if let Some(v) = &pass.obs.policy_violation {
+        refuse(pass, plan, st, &v.0);
+        report_running(pass, plan, st, current);
+        return;
+    }
     create_missing(pass, plan, st, current);
     report_created(pass, plan, st);
     report_running(pass, plan, st, current);

@@ -165,6 +165,7 @@ async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed>
         pod_group_exists,
         lost_nodes,
         now: Time(ctx.clock.now()),
+        policy_violation: ctx.pod_policy.check_training_job(&job.spec).err(),
     })
 }
 

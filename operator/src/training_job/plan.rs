@@ -35,6 +35,8 @@ pub struct Observed {
     pub lost_nodes: BTreeSet<String>,
     /// The current time.
     pub now: Time,
+    /// Why the cluster's pod policy refuses the job's pods, if it does.
+    pub policy_violation: Option<crate::pod_policy::Violation>,
 }
 
 /// What the controller must do, in order: create, delete, then write the status once.
@@ -270,6 +272,7 @@ mod tests {
             pod_group_exists: false,
             lost_nodes: BTreeSet::new(),
             now: t(now),
+            policy_violation: None,
         }
     }
 
@@ -339,7 +342,22 @@ mod tests {
                 .resource_names
                 .as_deref()
                 .unwrap(),
-            ["mae-w0-a1", "mae-w1-a1", "mae-w2-a1"]
+            ["mae-w0-a1"],
+            "only rank 0 reports progress, on its own pod"
+        );
+        assert_eq!(access.role.rules.as_ref().unwrap()[0].verbs, ["patch"]);
+        let token = |rank: usize| {
+            let spec = p.create_pods[rank].spec.as_ref().unwrap();
+            (
+                spec.service_account_name.clone(),
+                spec.automount_service_account_token,
+            )
+        };
+        assert_eq!(token(0), (Some("mae-trainer".into()), None));
+        assert_eq!(
+            token(1),
+            (None, Some(false)),
+            "other ranks get no API token"
         );
         let job = after(job, &p);
         let pods: Vec<Pod> = (0..3).map(|r| pod(&job, r, 1, "Pending")).collect();
@@ -349,6 +367,33 @@ mod tests {
             ("True".into(), reason::JOB_CREATED.into())
         );
         assert_eq!(p.events[0].reason, reason::JOB_CREATED);
+    }
+
+    #[test]
+    fn a_job_the_pod_policy_refuses_creates_nothing_and_says_why_once() {
+        let job = JobBuilder::new(2).build();
+        let mut obs = observe(vec![], 1);
+        obs.service_exists = false;
+        obs.policy_violation = Some(crate::pod_policy::Violation(
+            "spec.workers.template.volumes[0]: volume type hostPath is not allowed".into(),
+        ));
+        let p = plan(&job, &obs);
+        assert!(p.create_pods.is_empty() && p.create_service.is_none());
+        assert!(p.trainer_access.is_none());
+        let (status, why) = cond(&p.status, C::Created);
+        assert_eq!(
+            (status.as_str(), why.as_str()),
+            ("False", reason::POD_POLICY_VIOLATION)
+        );
+        assert!(
+            get(&p.status.conditions, C::Created)
+                .unwrap()
+                .message
+                .contains("hostPath")
+        );
+        assert_eq!(p.events.len(), 1);
+        let p = plan(&after(job, &p), &obs);
+        assert!(p.create_pods.is_empty() && p.events.is_empty());
     }
 
     #[test]
