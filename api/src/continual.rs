@@ -182,8 +182,10 @@ pub struct RegisterSpec {
     #[schemars(length(min = 1))]
     pub model: String,
     /// Alias moved to each new version (default `candidate`; promotion to production is a
-    /// separate, gated decision).
+    /// separate, gated decision: `production`, and the alias of the model's governing
+    /// PromotionPolicy, are refused).
     #[serde(default = "default_register_alias")]
+    #[x_kube(validation = Rule::new("self != 'production'").message("register.alias cannot be production: promotion is the PromotionPolicy gate's decision"))]
     pub alias: String,
 }
 
@@ -308,4 +310,42 @@ pub struct ContinualTrainingStatus {
     /// The last version registered by this resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_registered_version: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_alias(alias: &str) -> String {
+        let ct: ContinualTraining = serde_yaml_ng::from_str(&format!(
+            "apiVersion: radfm.io/v1alpha1
+kind: ContinualTraining
+metadata: {{name: chest}}
+spec:
+  schedule: '0 2 * * *'
+  dataset: {{uri: 's3://d'}}
+  registry: 's3://r'
+  register: {{model: chest, alias: {alias}}}
+  jobTemplate:
+    image: i
+    workers: {{replicas: 1}}
+    checkpoint: {{uri: 's3://c'}}
+    training: {{steps: 10}}
+"
+        ))
+        .unwrap();
+        ct.validate_cel()
+            .map(|()| String::new())
+            .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn continual_training_registers_candidates_and_never_production() {
+        assert_eq!(with_alias("candidate"), "");
+        assert!(
+            with_alias("production").contains("register.alias cannot be production"),
+            "{}",
+            with_alias("production")
+        );
+    }
 }

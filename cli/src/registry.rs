@@ -39,6 +39,17 @@ pub enum RegistryCmd {
         /// Model.
         model: String,
     },
+    /// Check the event log as a signed chain: no event missing, edited or reordered, each one
+    /// signed by a trusted key (exit status 1 when anything is wrong).
+    Verify {
+        /// Registry URI.
+        registry: String,
+        /// Model.
+        model: String,
+        /// A trusted signer's public key, hex (the operator's; repeatable).
+        #[arg(long = "trusted-key", required = true)]
+        trusted_keys: Vec<String>,
+    },
     /// Register an exported model folder (`radfm export` output) as a new version.
     Register {
         /// Registry URI.
@@ -190,6 +201,11 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
             version,
         } => lineage(&registry, &model, &version).await?,
         RegistryCmd::History { registry, model } => history(&registry, &model).await?,
+        RegistryCmd::Verify {
+            registry,
+            model,
+            trusted_keys,
+        } => verify(&registry, &model, &trusted_keys).await?,
         RegistryCmd::Register {
             registry,
             model,
@@ -243,4 +259,21 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn verify(registry: &str, model: &str, trusted: &[String]) -> Result<()> {
+    let r = Registry::open(registry)?;
+    let events = r.events(model).await?.len();
+    let problems = r.verify(model, trusted).await?;
+    if problems.is_empty() {
+        println!("{model}: {events} events, chain intact, every event signed by a trusted key");
+        return Ok(());
+    }
+    for p in &problems {
+        println!("event {}: {}", p.seq, p.problem);
+    }
+    anyhow::bail!(
+        "{model}: {} problem(s) in the event log of {registry}",
+        problems.len()
+    )
 }

@@ -15,6 +15,7 @@ use tracing::warn;
 use crate::Error;
 use crate::metrics::Metrics;
 use crate::pod_policy::PodPolicy;
+use crate::registry_access::RegistryAccess;
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "radfm-operator";
@@ -77,6 +78,8 @@ pub struct Context {
     pub clock: Clock,
     /// What users' resources may add to the pods the operator creates.
     pub pod_policy: PodPolicy,
+    /// Which registries each namespace may use.
+    pub registry_access: RegistryAccess,
 }
 
 impl Context {
@@ -92,6 +95,7 @@ impl Context {
             metrics,
             clock: Clock::Wall,
             pod_policy: PodPolicy::default(),
+            registry_access: RegistryAccess::default(),
         }
     }
 
@@ -103,6 +107,7 @@ impl Context {
             metrics: self.metrics.clone(),
             clock,
             pod_policy: self.pod_policy.clone(),
+            registry_access: self.registry_access.clone(),
         }
     }
 }

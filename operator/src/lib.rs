@@ -17,6 +17,7 @@ pub mod leader;
 pub mod metrics;
 pub mod pod_policy;
 pub mod promotion_policy;
+pub mod registry_access;
 pub mod site_validator;
 pub mod telemetry;
 pub mod training_job;

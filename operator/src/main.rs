@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CRDs as YAML, or write them into a folder.
     Crd {
         /// Folder to write one file per CRD into.
@@ -75,6 +75,9 @@ struct RunArgs {
     /// What users' resources may add to the pods the operator creates.
     #[command(flatten)]
     pod_policy: radfm_operator::pod_policy::PodPolicy,
+    /// Which registries each namespace may use.
+    #[command(flatten)]
+    registry_access: radfm_operator::registry_access::RegistryAccess,
 }
 
 #[tokio::main]
@@ -88,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Crd { out_dir, .. }) => print_crds(out_dir),
-        Some(Command::Run(args)) => run(args).await,
+        Some(Command::Run(args)) => run(*args).await,
         None => run(<RunArgs as clap::Parser>::parse_from(["run"])).await,
     }
 }
@@ -239,6 +242,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut ctx = Context::new(client, metrics.clone(), Some(identity));
     ctx.pod_policy = args.pod_policy.clone();
+    ctx.registry_access = args.registry_access.clone();
     // The clock file moves schedules only: pods and the API server keep the wall clock.
     let schedules = Arc::new(ctx.with_clock(args.clock_file.map_or(Clock::Wall, Clock::File)));
     let ctx = Arc::new(ctx);

@@ -15,6 +15,16 @@
 //! a move conditioned on the alias's current target (compare-and-set) cannot be lost or doubled
 //! by a concurrent writer. This needs only create-only puts, which local folders, S3
 //! (`If-None-Match`), GCS and Azure all provide.
+//!
+//! The log is tamper-evident: every event carries the sha256 of the previous event's stored
+//! bytes (`prev`), and a writer holding a signing key (the operator's, or a person's with
+//! `RADFM_REGISTRY_KEY_FILE`) signs each event with ed25519. [`Registry::verify`] walks the chain:
+//! someone with write access to the bucket who deletes, edits or reorders events, or appends
+//! without a trusted key, is detected.
+//!
+//! Who may change what is recorded too: a model belongs to the namespace that first claimed it
+//! ([`EventKind::Claimed`]), and one PromotionPolicy governs it ([`EventKind::Governed`]); the
+//! alias that policy promotes to is the gate's alone ([`check_alias_free`]).
 #![deny(missing_docs)]
 
 use std::collections::BTreeMap;
@@ -55,6 +65,10 @@ pub enum Error {
     /// A name or argument is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The caller may not do this to this model (another namespace owns it, another policy
+    /// governs it, or the alias is the gate's).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// Result alias of the registry.
@@ -236,6 +250,21 @@ pub enum EventKind {
         /// Version concerned.
         version: Option<u64>,
     },
+    /// The model belongs to a namespace: only that namespace's resources register to it or
+    /// govern it (the first claim counts).
+    Claimed {
+        /// The owning namespace.
+        namespace: String,
+    },
+    /// One PromotionPolicy governs the model: the alias it promotes to is the gate's alone.
+    Governed {
+        /// The policy's namespace.
+        namespace: String,
+        /// The policy's name.
+        policy: String,
+        /// The alias the policy moves (`production`).
+        production_alias: String,
+    },
 }
 
 impl std::fmt::Display for EventKind {
@@ -249,6 +278,15 @@ impl std::fmt::Display for EventKind {
             },
             EventKind::Note { version: Some(v) } => write!(f, "note on v{v}"),
             EventKind::Note { version: None } => write!(f, "note"),
+            EventKind::Claimed { namespace } => write!(f, "claimed by namespace {namespace}"),
+            EventKind::Governed {
+                namespace,
+                policy,
+                production_alias,
+            } => write!(
+                f,
+                "governed by PromotionPolicy {namespace}/{policy} ({production_alias})"
+            ),
         }
     }
 }
@@ -267,12 +305,82 @@ pub struct Event {
     /// What.
     #[serde(flatten)]
     pub kind: EventKind,
+    /// sha256 (hex) of the previous event's stored bytes; None for the first event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
+    /// The signer's ed25519 public key (hex), when signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// ed25519 signature (hex) of the event serialized without this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
+
+impl Event {
+    /// The bytes a signature covers: the event as JSON without its signature.
+    fn signed_bytes(&self) -> Vec<u8> {
+        let unsigned = Event {
+            signature: None,
+            ..self.clone()
+        };
+        serde_json::to_vec(&unsigned).expect("events serialise")
+    }
+}
+
+/// Environment variable naming a file with the hex ed25519 seed every append is signed with.
+pub const KEY_FILE_ENV: &str = "RADFM_REGISTRY_KEY_FILE";
 
 /// The registry at a URI.
 #[derive(Clone, Debug)]
 pub struct Registry {
     loc: Location,
+    signer: Option<ed25519_dalek::SigningKey>,
+}
+
+/// A signing key from the hex seed in `path`.
+pub fn read_key(path: &std::path::Path) -> Result<ed25519_dalek::SigningKey> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    let seed: [u8; 32] = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: not a 32-byte hex ed25519 seed",
+                path.display()
+            ))
+        })?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+}
+
+/// A public key from hex.
+pub fn public_key(hex_key: &str) -> Result<ed25519_dalek::VerifyingKey> {
+    let bytes: [u8; 32] = hex::decode(hex_key.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::Invalid(format!("public key {hex_key:?} is not 32 hex bytes")))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+        .map_err(|e| Error::Invalid(format!("public key {hex_key:?}: {e}")))
+}
+
+/// What [`Registry::verify`] found wrong with one event (or a missing one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainProblem {
+    /// The event's sequence number.
+    pub seq: u64,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// A PromotionPolicy's claim over a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Governor {
+    /// Namespace of the policy.
+    pub namespace: String,
+    /// Name of the policy.
+    pub policy: String,
+    /// The alias it promotes to.
+    pub production_alias: String,
 }
 
 fn check_name(what: &str, name: &str) -> Result<()> {
@@ -293,10 +401,22 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 
 impl Registry {
     /// Opens (or starts) a registry at `uri`.
+    /// Appends are signed with the key in [`KEY_FILE_ENV`] when it is set.
     pub fn open(uri: &str) -> Result<Registry> {
+        let signer = match std::env::var_os(KEY_FILE_ENV) {
+            Some(path) if !path.is_empty() => Some(read_key(std::path::Path::new(&path))?),
+            _ => None,
+        };
         Ok(Registry {
             loc: Location::open(uri)?,
+            signer,
         })
+    }
+
+    /// The same registry, signing appends with `key`.
+    pub fn with_signer(mut self, key: ed25519_dalek::SigningKey) -> Registry {
+        self.signer = Some(key);
+        self
     }
 
     /// The registry's URI.
@@ -416,6 +536,106 @@ impl Registry {
         Ok(out)
     }
 
+    /// sha256 (hex) of event `seq`'s stored bytes.
+    async fn event_digest(&self, model: &str, seq: u64) -> Result<String> {
+        use sha2::Digest;
+        let name = Self::event_name(model, seq);
+        let bytes = self
+            .loc
+            .get_opt(&name)
+            .await?
+            .ok_or_else(|| Error::Corrupt {
+                uri: self.loc.child_uri(&name),
+                reason: "listed but unreadable".into(),
+            })?;
+        Ok(hex::encode(sha2::Sha256::digest(&bytes)))
+    }
+
+    /// Walks the event log of `model` as a chain: sequence numbers from 1 without gaps, each
+    /// event naming the sha256 of the one before, each signed by one of `trusted` (hex public
+    /// keys). Returns every problem found (none: the history is what trusted writers wrote).
+    pub async fn verify(&self, model: &str, trusted: &[String]) -> Result<Vec<ChainProblem>> {
+        use sha2::Digest;
+        check_name("model", model)?;
+        let trusted: Vec<ed25519_dalek::VerifyingKey> = trusted
+            .iter()
+            .map(|k| public_key(k))
+            .collect::<Result<_>>()?;
+        let mut problems = Vec::new();
+        let mut prev_digest: Option<String> = None;
+        let mut expected = 1;
+        for seq in self.numbers(&format!("models/{model}/events")).await? {
+            let mut found = |problem: String| problems.push(ChainProblem { seq, problem });
+            if seq != expected {
+                found(format!("events {expected}..{} are missing", seq - 1));
+            }
+            expected = seq + 1;
+            let name = Self::event_name(model, seq);
+            let Some(bytes) = self.loc.get_opt(&name).await? else {
+                found("listed but unreadable".into());
+                continue;
+            };
+            let digest = hex::encode(sha2::Sha256::digest(&bytes));
+            match serde_json::from_slice::<Event>(&bytes) {
+                Err(e) => found(format!("not an event: {e}")),
+                Ok(e) => {
+                    for p in chain_problems(&e, seq, prev_digest.as_deref(), &trusted) {
+                        found(p);
+                    }
+                }
+            }
+            prev_digest = Some(digest);
+        }
+        Ok(problems)
+    }
+
+    /// Claims `model` for `namespace` (the first claim counts); refuses when another namespace
+    /// owns it.
+    pub async fn claim(&self, model: &str, namespace: &str, by: &str) -> Result<()> {
+        let log = self.events(model).await?;
+        match owner_of(&log) {
+            Some(owner) if owner == namespace => return Ok(()),
+            Some(owner) => return Err(not_owner(model, owner, namespace)),
+            None => {}
+        }
+        let reason = format!("model {model} belongs to namespace {namespace}");
+        self.append(model, by, &reason, |log| match owner_of(log) {
+            Some(owner) if owner != namespace => Err(not_owner(model, owner, namespace)),
+            _ => Ok(EventKind::Claimed {
+                namespace: namespace.into(),
+            }),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Records that PromotionPolicy `namespace/policy` governs `model`, promoting to
+    /// `production_alias`; refuses when the model belongs to another namespace or another policy
+    /// governs it. A model nobody owns yet is claimed for the policy's namespace.
+    pub async fn govern(&self, model: &str, g: &Governor, by: &str) -> Result<()> {
+        self.claim(model, &g.namespace, by).await?;
+        let log = self.events(model).await?;
+        match governor_of(&log) {
+            Some(current) if current == *g => return Ok(()),
+            Some(current) => return Err(governed_elsewhere(model, &current)),
+            None => {}
+        }
+        let reason = format!(
+            "PromotionPolicy {}/{} governs {model}; {} moves only through its gate",
+            g.namespace, g.policy, g.production_alias
+        );
+        self.append(model, by, &reason, |log| match governor_of(log) {
+            Some(current) if current != *g => Err(governed_elsewhere(model, &current)),
+            _ => Ok(EventKind::Governed {
+                namespace: g.namespace.clone(),
+                policy: g.policy.clone(),
+                production_alias: g.production_alias.clone(),
+            }),
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Where every alias points, from the event log.
     pub async fn aliases(&self, model: &str) -> Result<BTreeMap<String, u64>> {
         Ok(aliases_of(&self.events(model).await?))
@@ -446,13 +666,26 @@ impl Registry {
         loop {
             let log = self.events(model).await?;
             let kind = make(&log)?;
-            let e = Event {
-                seq: log.last().map_or(1, |e| e.seq + 1),
+            let seq = log.last().map_or(1, |e| e.seq + 1);
+            let prev = match seq {
+                1 => None,
+                _ => Some(self.event_digest(model, seq - 1).await?),
+            };
+            let mut e = Event {
+                seq,
                 time: jiff::Timestamp::now().to_string(),
                 by: by.into(),
                 reason: reason.into(),
                 kind,
+                prev,
+                signer: None,
+                signature: None,
             };
+            if let Some(key) = &self.signer {
+                use ed25519_dalek::Signer;
+                e.signer = Some(hex::encode(key.verifying_key().to_bytes()));
+                e.signature = Some(hex::encode(key.sign(&e.signed_bytes()).to_bytes()));
+            }
             let body = serde_json::to_vec_pretty(&e).expect("events serialise");
             if self
                 .loc
@@ -691,6 +924,97 @@ pub fn aliases_of(log: &[Event]) -> BTreeMap<String, u64> {
     m
 }
 
+/// The namespace that owns the model (its first claim).
+pub fn owner_of(log: &[Event]) -> Option<&str> {
+    log.iter().find_map(|e| match &e.kind {
+        EventKind::Claimed { namespace } => Some(namespace.as_str()),
+        _ => None,
+    })
+}
+
+/// The PromotionPolicy that governs the model (its first record).
+pub fn governor_of(log: &[Event]) -> Option<Governor> {
+    log.iter().find_map(|e| match &e.kind {
+        EventKind::Governed {
+            namespace,
+            policy,
+            production_alias,
+        } => Some(Governor {
+            namespace: namespace.clone(),
+            policy: policy.clone(),
+            production_alias: production_alias.clone(),
+        }),
+        _ => None,
+    })
+}
+
+/// Refuses `alias` when the model's governing policy owns it (only its gate moves it).
+pub fn check_alias_free(log: &[Event], model: &str, alias: &str) -> Result<()> {
+    match governor_of(log) {
+        Some(g) if g.production_alias == alias => Err(Error::Forbidden(format!(
+            "alias {alias} of {model} is moved only by the gate of PromotionPolicy {}/{}",
+            g.namespace, g.policy
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn not_owner(model: &str, owner: &str, namespace: &str) -> Error {
+    Error::Forbidden(format!(
+        "model {model} belongs to namespace {owner}, not {namespace}"
+    ))
+}
+
+fn governed_elsewhere(model: &str, g: &Governor) -> Error {
+    Error::Forbidden(format!(
+        "model {model} is governed by PromotionPolicy {}/{}; one model has one governing policy",
+        g.namespace, g.policy
+    ))
+}
+
+/// What is wrong with one event of a chain: its sequence number, its link to the previous
+/// event's digest, its signature.
+fn chain_problems(
+    e: &Event,
+    seq: u64,
+    prev_digest: Option<&str>,
+    trusted: &[ed25519_dalek::VerifyingKey],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if e.seq != seq {
+        problems.push(format!(
+            "stored as event {seq} but says it is event {}",
+            e.seq
+        ));
+    }
+    if e.prev.as_deref() != prev_digest {
+        problems.push(match (&e.prev, prev_digest) {
+            (None, Some(_)) => "does not link to the previous event (unchained)".into(),
+            _ => "its link does not match the previous event (history was changed)".into(),
+        });
+    }
+    match (&e.signer, &e.signature) {
+        (Some(signer), Some(sig)) => {
+            let key = public_key(signer).ok();
+            let sig = hex::decode(sig)
+                .ok()
+                .and_then(|b| <[u8; 64]>::try_from(b).ok())
+                .map(|b| ed25519_dalek::Signature::from_bytes(&b));
+            let valid = key.zip(sig).is_some_and(|(k, s)| {
+                use ed25519_dalek::Verifier;
+                k.verify(&e.signed_bytes(), &s).is_ok()
+            });
+            if !valid {
+                problems.push("its signature does not match (edited after signing)".into());
+            } else if !trusted.iter().any(|t| key == Some(*t)) {
+                problems.push(format!("signed by {signer}, which is not a trusted key"));
+            }
+        }
+        _ => problems.push(format!("unsigned (written by {:?})", e.by)),
+    }
+    problems
+}
+
 /// (from, to) of every move of `alias`, in order.
 pub fn alias_history(log: &[Event], alias: &str) -> Vec<(Option<u64>, u64)> {
     log.iter()
@@ -873,5 +1197,104 @@ mod tests {
         assert_eq!(alias_history(&log, "production").len(), 2);
         let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    }
+
+    fn key(seed: u8) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn public(seed: u8) -> String {
+        hex::encode(key(seed).verifying_key().to_bytes())
+    }
+
+    /// Someone with write access to the bucket rewrites history; the chain shows where.
+    #[test]
+    fn the_signed_chain_detects_deleted_edited_and_foreign_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        let r = Registry::open(root).unwrap().with_signer(key(1));
+        let events = dir.path().join("models/cxr/events");
+        let file = |seq: u64| events.join(format!("{seq:09}.json"));
+        rt().block_on(async {
+            r.register("cxr", spec(None), "ci", "first", Some("candidate"))
+                .await
+                .unwrap();
+            r.move_alias("cxr", "production", 1, Some(0), "gate", "passed")
+                .await
+                .unwrap();
+            r.note("cxr", Some(1), "gate", "held").await.unwrap();
+            let trusted = [public(1)];
+            assert_eq!(r.verify("cxr", &trusted).await.unwrap(), []);
+
+            let untrusted = r.verify("cxr", &[public(9)]).await.unwrap();
+            assert_eq!(untrusted.len(), 4, "{untrusted:?}");
+            assert!(untrusted[0].problem.contains("not a trusted key"));
+
+            // An edit: the production move now names another reason.
+            let moved = std::fs::read_to_string(file(3)).unwrap();
+            std::fs::write(file(3), moved.replace("passed", "approved by the board")).unwrap();
+            let p = r.verify("cxr", &trusted).await.unwrap();
+            assert_eq!(p.iter().map(|p| p.seq).collect::<Vec<_>>(), [3, 4], "{p:?}");
+            assert!(p[0].problem.contains("signature does not match"), "{p:?}");
+            assert!(p[1].problem.contains("link does not match"), "{p:?}");
+            std::fs::write(file(3), moved).unwrap();
+            assert_eq!(r.verify("cxr", &trusted).await.unwrap(), []);
+
+            // A deletion of the last event and an append without the key.
+            std::fs::remove_file(file(4)).unwrap();
+            assert_eq!(r.verify("cxr", &trusted).await.unwrap(), []);
+            let anyone = Registry::open(root).unwrap();
+            anyone.note("cxr", None, "intruder", "x").await.unwrap();
+            let p = r.verify("cxr", &trusted).await.unwrap();
+            assert_eq!(p.len(), 1);
+            assert!(
+                p[0].problem.contains("unsigned (written by \"intruder\")"),
+                "{p:?}"
+            );
+
+            // A deletion in the middle.
+            std::fs::remove_file(file(2)).unwrap();
+            let p = r.verify("cxr", &trusted).await.unwrap();
+            assert!(
+                p.iter()
+                    .any(|p| p.seq == 3 && p.problem.contains("events 2..2 are missing")),
+                "{p:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn a_model_has_one_owner_namespace_and_one_governing_policy_that_owns_its_alias() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().to_str().unwrap()).unwrap();
+        let gate = |ns: &str, policy: &str| Governor {
+            namespace: ns.into(),
+            policy: policy.into(),
+            production_alias: "production".into(),
+        };
+        rt().block_on(async {
+            r.claim("cxr", "radiology", "ct").await.unwrap();
+            r.claim("cxr", "radiology", "ct").await.unwrap();
+            let e = r.claim("cxr", "cardiology", "ct").await.unwrap_err();
+            assert!(matches!(e, Error::Forbidden(_)));
+            assert_eq!(e.to_string(), "model cxr belongs to namespace radiology, not cardiology");
+
+            let e = r.govern("cxr", &gate("cardiology", "chest"), "pp").await.unwrap_err();
+            assert!(e.to_string().contains("belongs to namespace radiology"), "{e}");
+            r.govern("cxr", &gate("radiology", "chest"), "pp").await.unwrap();
+            r.govern("cxr", &gate("radiology", "chest"), "pp").await.unwrap();
+            let e = r.govern("cxr", &gate("radiology", "other"), "pp").await.unwrap_err();
+            assert!(e.to_string().contains("one model has one governing policy"), "{e}");
+
+            let log = r.events("cxr").await.unwrap();
+            assert_eq!(log.len(), 2, "repeated claims write nothing");
+            assert_eq!(governor_of(&log), Some(gate("radiology", "chest")));
+            assert!(check_alias_free(&log, "cxr", "candidate").is_ok());
+            let e = check_alias_free(&log, "cxr", "production").unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "alias production of cxr is moved only by the gate of PromotionPolicy radiology/chest"
+            );
+        });
     }
 }

@@ -661,6 +661,11 @@ impl Cluster {
             "127.0.0.1:0",
             "--log-text",
         ];
+        // The test registries (local folders and the S3 server) are allowed for every namespace
+        // unless the test sets its own allowances.
+        if !extra.iter().any(|a| a.starts_with("--allowed-registries")) {
+            args.push("--allowed-registries=*=file:///,*=s3://");
+        }
         args.extend_from_slice(extra);
         let child = self.spawn_logged(
             &bin,

@@ -23,11 +23,11 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use radfm_api::continual::{ANNOTATION_BASE_VERSION, ANNOTATION_SCHEDULED, LABEL_CONTINUAL};
 use radfm_api::{ContinualTraining, TrainingJob};
-use radfm_registry::Registry;
 use tracing::{info, instrument, warn};
 
 use crate::context::{Context, FIELD_MANAGER, drive};
 use crate::effects::{self, tolerate};
+use crate::registry_access::RegistryAccess;
 use crate::{Error, Result};
 pub use plan::ANNOTATION_REGISTERED;
 use plan::{
@@ -50,7 +50,7 @@ pub async fn reconcile(ct: Arc<ContinualTraining>, ctx: Arc<Context>) -> Result<
     let plan = match plan::settings(&ct) {
         Err(e) => plan::invalid(&ct, &e, now),
         Ok(settings) => {
-            let observed = observe(&ct, &settings, &jobs, now).await?;
+            let observed = observe(&ct, &settings, &jobs, &ctx.registry_access, now).await?;
             plan::plan(&ct, &settings, &observed)
         }
     };
@@ -71,6 +71,7 @@ async fn observe(
     ct: &ContinualTraining,
     settings: &plan::Settings,
     jobs: &Api<TrainingJob>,
+    access: &RegistryAccess,
     now: jiff::Timestamp,
 ) -> Result<Observed> {
     let selector = format!("{LABEL_CONTINUAL}={}", ct.name_any());
@@ -82,7 +83,7 @@ async fn observe(
         .collect();
     let mut registrations = Vec::new();
     for run in plan::to_register(&runs) {
-        let outcome = register_run(ct, run).await.map_err(|e| {
+        let outcome = register_run(ct, run, access).await.map_err(|e| {
             warn!(run = %run.name, error = %e, "registering the run's model");
             e.to_string()
         });
@@ -96,7 +97,7 @@ async fn observe(
             if missed > 0 {
                 info!(%scheduled, missed, "missed scheduled times skipped (no catch-up)");
             }
-            Some(read_data(ct, plan::base_ref(ct, &registrations)).await)
+            Some(read_data(ct, plan::base_ref(ct, &registrations), access).await)
         }
         _ => None,
     };
@@ -134,6 +135,7 @@ async fn apply(ct: &ContinualTraining, jobs: &Api<TrainingJob>, plan: &Plan) -> 
 async fn read_data(
     ct: &ContinualTraining,
     base: Option<BaseRef>,
+    access: &RegistryAccess,
 ) -> std::result::Result<DataSnapshot, DataError> {
     let loc = radfm_data::store::Location::open(&ct.spec.dataset.uri)
         .map_err(|e| DataError::Store(format!("spec.dataset.uri: {e}")))?;
@@ -142,7 +144,7 @@ async fn read_data(
         .map_err(|e| DataError::Store(format!("dataset index: {e}")))?;
     Ok(DataSnapshot {
         shards: index.shards.iter().map(|s| s.seq).collect(),
-        base: base_model(ct, base).await,
+        base: base_model(ct, base, access).await,
     })
 }
 
@@ -151,12 +153,16 @@ async fn read_data(
 async fn base_model(
     ct: &ContinualTraining,
     base: Option<BaseRef>,
+    access: &RegistryAccess,
 ) -> std::result::Result<Option<BaseModel>, DataError> {
     let store = |e: radfm_registry::Error| DataError::Store(format!("registry: {e}"));
     let Some(base) = base else {
         return Ok(None);
     };
-    let reg = Registry::open(&ct.spec.registry).map_err(store)?;
+    let ns = ct.namespace().unwrap_or_default();
+    let reg = access
+        .open(&ns, &ct.spec.registry)
+        .map_err(DataError::Store)?;
     let (model, version) = match base {
         BaseRef::Version { model, version } => (model, version),
         BaseRef::Alias { model, alias } => {
@@ -188,21 +194,29 @@ async fn base_model(
 
 /// Registers a successful run's export (or finds the version registered by an earlier pass).
 /// Returns the version and whether it was registered now.
-async fn register_run(ct: &ContinualTraining, run: &Run) -> Result<Registered> {
+async fn register_run(
+    ct: &ContinualTraining,
+    run: &Run,
+    access: &RegistryAccess,
+) -> Result<Registered> {
     let job = &run.job;
     let invalid = |field: &str, reason: String| Error::Invalid {
         field: format!("{}: {field}", job.name_any()),
         reason,
     };
     let reg_err = |e: radfm_registry::Error| invalid("registry", e.to_string());
-    let reg = Registry::open(&ct.spec.registry).map_err(reg_err)?;
+    let ns = ct.namespace().unwrap_or_default();
+    let reg = access
+        .open(&ns, &ct.spec.registry)
+        .map_err(|reason| invalid("spec.registry", reason))?;
     let model = &ct.spec.register.model;
     let alias = &ct.spec.register.alias;
-    let by = format!(
-        "radfm-operator/{}/{}",
-        ct.namespace().unwrap_or_default(),
-        ct.name_any()
-    );
+    let by = format!("radfm-operator/{ns}/{}", ct.name_any());
+    // A ContinualTraining registers candidates only: the model must be this namespace's, and
+    // the alias not the one its governing PromotionPolicy promotes to.
+    reg.claim(model, &ns, &by).await.map_err(reg_err)?;
+    radfm_registry::check_alias_free(&reg.events(model).await.map_err(reg_err)?, model, alias)
+        .map_err(|e| invalid("spec.register.alias", e.to_string()))?;
     let uid = job.uid().unwrap_or_default();
     if let Some(v) = reg.find_by_job(model, &uid).await.map_err(reg_err)? {
         // Registered by a pass that stopped before recording it; make sure the alias moved too.

@@ -11,7 +11,7 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use radfm_api::site_validation::{ANNOTATION_APPROVE, PromotionPolicy};
-use radfm_registry::Registry;
+use radfm_registry::Governor;
 use radfm_validation::apply;
 
 use crate::context::{Context, drive};
@@ -35,13 +35,20 @@ pub async fn reconcile(pp: Arc<PromotionPolicy>, ctx: Arc<Context>) -> Result<Ac
     let now = ctx.clock.now();
     let by = format!("radfm-operator/{ns}/{}", pp.name_any());
     let gate = async {
-        let reg = Registry::open(&pp.spec.registry).map_err(registry_error)?;
+        let reg = ctx.registry_access.open(&ns, &pp.spec.registry)?;
+        let governor = Governor {
+            namespace: ns.clone(),
+            policy: pp.name_any(),
+            production_alias: pp.spec.production_alias.clone(),
+        };
+        reg.govern(&pp.spec.model, &governor, &by)
+            .await
+            .map_err(|e| format!("registry: {e}"))?;
         apply::gate(&reg, &pp.spec, approved(&pp), &by, now)
             .await
-            .map_err(registry_error)
+            .map_err(|e| registry_error(e).to_string())
     }
-    .await
-    .map_err(|e| e.to_string());
+    .await;
     let plan = plan::plan(&pp, &gate, now);
     let api: Api<PromotionPolicy> = Api::namespaced(ctx.client.clone(), &ns);
     effects::apply_status(&api, pp.as_ref(), pp.status.as_ref(), &plan.status).await?;

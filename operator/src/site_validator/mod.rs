@@ -15,11 +15,11 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use radfm_api::site_validation::SiteValidator;
-use radfm_registry::Registry;
 use tracing::{info, warn};
 
 use crate::context::{Context, FIELD_MANAGER, drive};
 use crate::effects::{self, tolerate};
+use crate::registry_access::RegistryAccess;
 use crate::{Error, Result};
 use plan::{Candidate, Observed};
 pub use pod::{KEY_DIR, LABEL_VALIDATOR, LABEL_VERSION, validation_pod};
@@ -33,9 +33,15 @@ pub(crate) fn registry_error(e: impl std::fmt::Display) -> Error {
 }
 
 /// The version this site should validate, and whether its report is in already.
-async fn candidate(sv: &SiteValidator) -> Result<Option<Candidate>> {
+async fn candidate(sv: &SiteValidator, access: &RegistryAccess) -> Result<Option<Candidate>> {
     let s = &sv.spec;
-    let reg = Registry::open(&s.registry).map_err(registry_error)?;
+    let ns = sv.namespace().unwrap_or_default();
+    let reg = access
+        .open(&ns, &s.registry)
+        .map_err(|reason| Error::Invalid {
+            field: "spec.registry".into(),
+            reason,
+        })?;
     let aliases = reg.aliases(&s.model).await.map_err(registry_error)?;
     let Some(&version) = aliases.get(&s.candidate_alias) else {
         return Ok(None);
@@ -62,7 +68,9 @@ pub async fn reconcile(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result<Acti
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{LABEL_VALIDATOR}={}", sv.name_any());
     let observed = Observed {
-        candidate: candidate(&sv).await.map_err(|e| e.to_string()),
+        candidate: candidate(&sv, &ctx.registry_access)
+            .await
+            .map_err(|e| e.to_string()),
         pods: effects::list_owned(&pods, &selector, &sv.uid().unwrap_or_default()).await?,
         now: ctx.clock.now(),
         policy_violation: sv
