@@ -17,10 +17,6 @@ use crate::trainingjob::{DatasetSpec, SecretRef};
 /// Where a SiteValidator's `dataVolume` is mounted in its validation pods.
 pub const DATA_MOUNT_PATH: &str = "/data";
 
-/// Annotation on a PromotionPolicy that records a human approval of one candidate version
-/// (`"7"`), for policies with `requireApproval`.
-pub const ANNOTATION_APPROVE: &str = "radfm.io/approve-version";
-
 /// No site report may publish subgroup cells smaller than this (the common threshold of health
 /// statistics offices is 10 or 11).
 pub const MIN_CELL_FLOOR: i32 = 10;
@@ -212,6 +208,7 @@ pub struct SiteValidatorStatus {
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.quorum <= size(self.trustedSites)").message("quorum cannot exceed the number of trustedSites").field_path(".quorum"))]
+#[x_kube(validation = Rule::new("!self.requireApproval || size(self.approvers) > 0").message("requireApproval needs at least one approver").field_path(".approvers"))]
 pub struct PromotionPolicySpec {
     /// Model registry URI.
     #[schemars(length(max = 2048))]
@@ -242,10 +239,14 @@ pub struct PromotionPolicySpec {
     /// Subgroups (`sex=F`) that at least one valid report must cover.
     #[serde(default)]
     pub required_subgroups: Vec<String>,
-    /// Promotion also needs a human approval (annotation radfm.io/approve-version or
-    /// `radfm gate --approve`).
+    /// Promotion also needs a human approval: a statement signed by one of `approvers`
+    /// (`radfm approve`), about exactly the candidate.
     #[serde(default)]
     pub require_approval: bool,
+    /// People whose signed approvals count, with their ed25519 public keys.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub approvers: Vec<Approver>,
     /// Reports dated further in the future than this (site clock skew) are refused.
     #[serde(default = "default_skew")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 86400").message("maxClockSkewSeconds must be in [0, 86400]"))]
@@ -298,6 +299,20 @@ pub struct TrustedSite {
     /// Site identifier.
     #[schemars(length(min = 1, max = 63))]
     pub site: String,
+    /// ed25519 public key, 64 lowercase hex characters (`radfm keygen`).
+    #[schemars(length(min = 64, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("publicKey must be 64 lowercase hex characters"))]
+    pub public_key: String,
+}
+
+/// A person who may approve promotions, and their public key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Approver {
+    /// The person's name as approvals carry it (`dr-alice`).
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("approver names are lowercase letters, digits, - and ."))]
+    pub name: String,
     /// ed25519 public key, 64 lowercase hex characters (`radfm keygen`).
     #[schemars(length(min = 64, max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("publicKey must be 64 lowercase hex characters"))]
@@ -376,6 +391,16 @@ mod tests {
         );
         assert!(refusal("quorum: 1, minCellSize: 5").contains("minCellSize must be at least 10"));
         assert!(refusal("quorum: 1, maxClockSkewSeconds: -1").contains("maxClockSkewSeconds"));
+        assert!(
+            refusal("quorum: 1, requireApproval: true")
+                .contains("requireApproval needs at least one approver")
+        );
+        assert_eq!(
+            refusal(&format!(
+                "quorum: 1, requireApproval: true, approvers: [{{name: dr-alice, publicKey: {KEY}}}]"
+            )),
+            ""
+        );
         let p = policy(&format!(
             "{{registry: 's3://r', model: chest, task: lesion, quorum: 1, trustedSites: [{{site: a, publicKey: {}}}]}}",
             KEY.to_uppercase()
@@ -412,5 +437,28 @@ mod tests {
             validator("[sex, patient]", 20).contains("subgroups cannot name identifying fields")
         );
         assert!(validator("[sex]", 5).contains("minCellSize must be at least 10"));
+    }
+}
+
+#[cfg(test)]
+mod sample_tests {
+    use super::*;
+
+    fn sample(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/samples")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap()
+    }
+
+    #[test]
+    fn the_samples_pass_the_api_servers_rules() {
+        let pp: PromotionPolicy = serde_yaml_ng::from_str(&sample("promotionpolicy.yaml")).unwrap();
+        pp.validate().unwrap();
+        let sv: SiteValidator = serde_yaml_ng::from_str(&sample("sitevalidator.yaml")).unwrap();
+        sv.validate_cel().unwrap();
+        let ct: crate::ContinualTraining =
+            serde_yaml_ng::from_str(&sample("continualtraining.yaml")).unwrap();
+        ct.validate_cel().unwrap();
     }
 }

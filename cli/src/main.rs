@@ -51,7 +51,7 @@ enum Command {
     /// Compare an exported encoder with random initialisation by k-NN and linear probes.
     #[cfg(feature = "torch")]
     Eval(model::EvalCommand),
-    /// Model registry: list, show, lineage, history, register, promote, rollback.
+    /// Model registry: list, show, lineage, history, verify, register, promote, rollback.
     #[command(subcommand)]
     Registry(registry::RegistryCmd),
     /// Validate a candidate version on this site's labelled data and publish a signed report of
@@ -63,6 +63,9 @@ enum Command {
     /// Run the promotion gate of a PromotionPolicy once: decide on the candidate from the signed
     /// site reports, record the decision, move production on Promote.
     Gate(validate::GateArgs),
+    /// Approve a candidate version as a person the PromotionPolicy lists: signs a statement with
+    /// the approver's key and stores it beside the version.
+    Approve(validate::ApproveArgs),
     /// Render a version's change-control record (lineage, data, site reports, forest plot, gate
     /// decision and reasons) as a static HTML page.
     Report(report::ReportArgs),
@@ -93,6 +96,7 @@ async fn main() -> Result<()> {
         Command::Validate(a) => validate::validate(a).await.context("radfm validate"),
         Command::Keygen(a) => validate::keygen(&a.out, &a.site).context("radfm keygen"),
         Command::Gate(a) => validate::gate(a).await.context("radfm gate"),
+        Command::Approve(a) => validate::approve(a).await.context("radfm approve"),
         Command::Report(a) => report::run(a).await.context("radfm report"),
         Command::Crd => {
             for (_, yaml) in radfm_operator::crdgen::crds() {

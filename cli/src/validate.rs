@@ -228,9 +228,6 @@ pub struct GateArgs {
     /// PromotionPolicy YAML (the resource or its spec).
     #[arg(long)]
     policy: PathBuf,
-    /// A human approval of this candidate version (policies with requireApproval).
-    #[arg(long)]
-    approve: Option<u64>,
     /// Who decides (default: $USER).
     #[arg(long)]
     by: Option<String>,
@@ -247,7 +244,7 @@ pub async fn gate(a: GateArgs) -> Result<()> {
     let json = a.json;
     let spec = read_policy(&a.policy)?;
     let reg = Registry::open(&spec.registry)?;
-    match apply::gate(&reg, &spec, a.approve, &by, jiff::Timestamp::now())
+    match apply::gate(&reg, &spec, &by, jiff::Timestamp::now())
         .await?
         .gated
     {
@@ -272,5 +269,60 @@ pub async fn gate(a: GateArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Arguments of `radfm approve`.
+#[derive(clap::Args)]
+pub struct ApproveArgs {
+    /// Registry URI.
+    registry: String,
+    /// Model.
+    model: String,
+    /// Version (number or alias) approved.
+    version: String,
+    /// The approver's name, as the PromotionPolicy's approvers list it.
+    #[arg(long = "as")]
+    approver: String,
+    /// The approver's ed25519 key file (`radfm keygen`).
+    #[arg(long, env = "RADFM_APPROVER_KEY_FILE")]
+    key_file: PathBuf,
+    /// Why (recorded with the decision).
+    #[arg(long)]
+    reason: String,
+}
+
+/// Signs and stores a person's approval of a candidate version.
+pub async fn approve(a: ApproveArgs) -> Result<()> {
+    let key_text = std::fs::read_to_string(&a.key_file)
+        .with_context(|| format!("reading --key-file {}", a.key_file.display()))?;
+    let key = report::signing_key(&key_text)
+        .with_context(|| format!("--key-file {}", a.key_file.display()))?;
+    let reg = Registry::open(&a.registry)?;
+    let v = reg
+        .version(&a.model, reg.resolve(&a.model, &a.version).await?)
+        .await?;
+    let statement = radfm_validation::approval::Approval {
+        format: radfm_validation::approval::FORMAT.into(),
+        model: a.model.clone(),
+        version: v.version,
+        weights_sha256: v.spec.weights_sha256.clone(),
+        approver: a.approver.clone(),
+        created: jiff::Timestamp::now().to_string(),
+        reason: a.reason,
+    };
+    let signed = radfm_validation::approval::sign(&statement, &key);
+    let uri = reg
+        .put_approval(
+            &a.model,
+            v.version,
+            &a.approver,
+            serde_json::to_vec(&signed)?,
+        )
+        .await?;
+    println!(
+        "{} approved {} v{} (key {}): {uri}",
+        a.approver, a.model, v.version, signed.public_key
+    );
     Ok(())
 }

@@ -859,6 +859,54 @@ impl Registry {
         Ok(out)
     }
 
+    fn approval_prefix(model: &str, version: u64) -> String {
+        format!("models/{model}/approvals/v{version:06}")
+    }
+
+    /// Stores a person's signed approval of a version (their later approval replaces an
+    /// earlier one); returns its URI.
+    pub async fn put_approval(
+        &self,
+        model: &str,
+        version: u64,
+        approver: &str,
+        signed: Vec<u8>,
+    ) -> Result<String> {
+        check_name("model", model)?;
+        if approver.is_empty()
+            || approver.len() > 63
+            || !approver
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            || approver.starts_with('.')
+        {
+            return Err(Error::Invalid(format!(
+                "approver {approver:?} must be 1-63 characters of a-z, 0-9, - and ."
+            )));
+        }
+        self.version(model, version).await?;
+        let name = format!("{}/{approver}.json", Self::approval_prefix(model, version));
+        self.loc.put(&name, signed).await?;
+        Ok(self.loc.child_uri(&name))
+    }
+
+    /// Every stored approval of a version as (approver, bytes), by approver.
+    pub async fn approvals(&self, model: &str, version: u64) -> Result<Vec<(String, Vec<u8>)>> {
+        check_name("model", model)?;
+        let prefix = Self::approval_prefix(model, version);
+        let mut out = Vec::new();
+        for approver in self.json_names(&prefix).await? {
+            if let Some(bytes) = self
+                .loc
+                .get_opt(&format!("{prefix}/{approver}.json"))
+                .await?
+            {
+                out.push((approver, bytes.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Stores a promotion decision (JSON) next to the event that recorded it; create-only.
     pub async fn put_decision(&self, model: &str, event_seq: u64, body: Vec<u8>) -> Result<String> {
         let name = format!("models/{model}/decisions/{event_seq:09}.json");

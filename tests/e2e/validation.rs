@@ -475,8 +475,29 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
     .await
     .unwrap();
 
-    // The bad reports go; the policy now wants a person's approval; the sites validate v3 for
-    // real: every rule passes and the gate waits for the approval, then promotes.
+    // The bad reports go; the policy now wants a person's approval (dr-alice's signature); the
+    // sites validate v3 for real: every rule passes and the gate waits for the approval, then
+    // promotes. A policy that wants approval without naming approvers is refused.
+    let refused = cluster.kubectl(&[
+        "patch",
+        "pp",
+        "chest",
+        "-n",
+        NS,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec": {"requireApproval": true}}"#,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("requireApproval needs at least one approver"),
+        "{refused:?}"
+    );
+    let keys = w.path("keys").display().to_string();
+    let alice = w.radfm(&["keygen", "--out", &keys, "--site", "dr-alice"]);
+    let mallory = w.radfm(&["keygen", "--out", &keys, "--site", "mallory"]);
+    assert_ne!(alice, mallory);
     cluster
         .kubectl_ok(&[
             "patch",
@@ -487,7 +508,10 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
             "--type",
             "merge",
             "-p",
-            r#"{"spec": {"requireApproval": true}}"#,
+            &format!(
+                r#"{{"spec": {{"requireApproval": true, "approvers": [{{"name": "dr-alice", "publicKey": "{}"}}]}}}}"#,
+                alice.trim()
+            ),
         ])
         .unwrap();
     for site in SITES {
@@ -502,16 +526,33 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
         ["every rule passed; waiting for a human approval of v3"]
     );
     assert_eq!(reg.aliases("chest").await.unwrap()["production"], 1);
-    cluster
-        .kubectl_ok(&[
-            "annotate",
-            "pp",
+    // Someone with write access to the registry signs "dr-alice"'s approval with another key:
+    // it does not count. Then dr-alice approves.
+    let approve = |who: &str, key: &str| {
+        w.radfm(&[
+            "approve",
+            REGISTRY,
             "chest",
-            "-n",
-            NS,
-            "radfm.io/approve-version=3",
+            "3",
+            "--as",
+            who,
+            "--key-file",
+            &format!("{keys}/{key}.key"),
+            "--reason",
+            "read the three site reports",
         ])
-        .unwrap();
+    };
+    approve("dr-alice", "mallory");
+    let refused = "approval by dr-alice not counted: signed with a key that is not dr-alice's";
+    wait_until(WAIT, "the forged approval refused", || async {
+        let pp = w.policy().get_opt("chest").await.ok()??;
+        let d = pp.status?.last_decision?;
+        (d.outcome == "HoldForReview" && d.reasons.iter().any(|r| r.contains(refused)))
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    approve("dr-alice", "dr-alice");
     let pp = w.wait_decision(3, "Promote", 3).await;
     let st = pp.status.unwrap();
     assert_eq!(st.production, Some(3));
@@ -536,6 +577,11 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
             .last()
             .unwrap()
             .starts_with("Promote v3 (against v1): "),
+        "{notes:?}"
+    );
+    assert!(notes.iter().any(|n| n.contains(refused)), "{notes:?}");
+    assert!(
+        notes.last().unwrap().contains("; approved by dr-alice at "),
         "{notes:?}"
     );
     let table = cluster.kubectl_ok(&["get", "pp", "-n", NS]).unwrap();

@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use radfm_api::site_validation::PromotionPolicySpec;
 use radfm_registry::{EventKind, Registry};
 
+use crate::approval;
 use crate::gate::{self, Decision, Outcome, Versions};
 use crate::{Error, Result};
 
@@ -127,12 +128,11 @@ async fn record(
     Ok(event.seq)
 }
 
-/// Decides on the current candidate and records the decision. `approved`: the version a person
-/// approved, if any.
+/// Decides on the current candidate (with the signed approvals stored for it) and records the
+/// decision.
 pub async fn gate(
     registry: &Registry,
     policy: &PromotionPolicySpec,
-    approved: Option<u64>,
     by: &str,
     now: Timestamp,
 ) -> Result<GatePass> {
@@ -167,7 +167,19 @@ pub async fn gate(
     }
     let versions = versions(registry, model, candidate, baseline).await?;
     let stored = registry.reports(model, candidate).await.map_err(reg)?;
-    let decision = gate::decide(policy, &versions, &stored, approved == Some(candidate), now);
+    let approvals = registry.approvals(model, candidate).await.map_err(reg)?;
+    let (approval, refused) = approval::first_valid(policy, &versions, &approvals, now);
+    let mut decision = gate::decide(policy, &versions, &stored, approval.as_ref(), now);
+    if policy.require_approval {
+        decision
+            .reasons
+            .extend(refused.into_iter().map(|(who, why)| gate::Reason {
+                code: "approval_rejected".into(),
+                site: None,
+                subgroup: None,
+                message: format!("approval by {who} not counted: {why}"),
+            }));
+    }
     let text = summary(&decision);
     if last_recorded(&log, candidate, &policy.production_alias) == Some(text.as_str()) {
         return Ok(GatePass {

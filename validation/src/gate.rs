@@ -84,6 +84,9 @@ pub struct Decision {
     /// The accepted reports, for the record.
     #[serde(skip)]
     pub accepted: Vec<SiteReport>,
+    /// The signed human approval that counted, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::approval::Approval>,
 }
 
 /// What the registry says about the versions under decision.
@@ -228,7 +231,7 @@ pub fn decide(
     policy: &PromotionPolicySpec,
     v: &Versions,
     stored: &[(String, String, Vec<u8>)],
-    approved: bool,
+    approval: Option<&crate::approval::Approval>,
     now: Timestamp,
 ) -> Decision {
     let (accepted, checks, mut reasons) = admit_all(policy, v, stored, now);
@@ -246,7 +249,7 @@ pub fn decide(
         Outcome::Reject
     } else if !hold.is_empty() {
         Outcome::HoldForReview
-    } else if policy.require_approval && !approved {
+    } else if policy.require_approval && approval.is_none() {
         let why = format!(
             "every rule passed; waiting for a human approval of v{}",
             v.candidate
@@ -254,7 +257,7 @@ pub fn decide(
         hold.push(rule("approval", None, why));
         Outcome::HoldForReview
     } else {
-        reasons.push(passed(policy, &sites));
+        reasons.push(passed(policy, &sites, approval));
         Outcome::Promote
     };
     reasons.splice(0..0, reject.into_iter().chain(hold));
@@ -267,6 +270,7 @@ pub fn decide(
         sites,
         reports: checks,
         accepted,
+        approval: approval.filter(|_| policy.require_approval).cloned(),
     }
 }
 
@@ -422,18 +426,25 @@ fn required_subgroups(policy: &PromotionPolicySpec, accepted: &[SiteReport]) -> 
         .collect()
 }
 
-fn passed(policy: &PromotionPolicySpec, sites: &[String]) -> Reason {
+fn passed(
+    policy: &PromotionPolicySpec,
+    sites: &[String],
+    approval: Option<&crate::approval::Approval>,
+) -> Reason {
+    let approved = match approval.filter(|_| policy.require_approval) {
+        Some(a) => format!(
+            "; approved by {} at {} ({})",
+            a.approver, a.created, a.reason
+        ),
+        None => String::new(),
+    };
     let why = format!(
         "{} site(s) ({}) non-inferior within {:.3} overall and in every reported subgroup; worst-group gaps within {:.3}{}",
         sites.len(),
         sites.join(", "),
         policy.non_inferiority_margin,
         policy.max_worst_group_gap,
-        if policy.require_approval {
-            "; approved"
-        } else {
-            ""
-        }
+        approved
     );
     rule("passed", None, why)
 }
@@ -473,6 +484,7 @@ mod tests {
             max_worst_group_gap: 0.15,
             required_subgroups: vec!["sex=F".into()],
             require_approval: false,
+            approvers: Vec::new(),
             max_clock_skew_seconds: 300,
             min_cell_size: 20,
             candidate_alias: "candidate".into(),
@@ -515,7 +527,7 @@ mod tests {
     #[test]
     fn equal_candidates_at_every_site_are_promoted() {
         let w = world();
-        let d = decide(&w.policy, &w.versions, &all_good(&w), false, now());
+        let d = decide(&w.policy, &w.versions, &all_good(&w), None, now());
         assert_eq!(d.outcome, Outcome::Promote, "{:?}", d.reasons);
         assert_eq!(d.sites, ["site-a", "site-b", "site-c"]);
         assert_eq!(d.reasons[0].code, "passed");
@@ -533,7 +545,7 @@ mod tests {
             hi: -0.03,
         };
         reports[2] = stored("site-c", &bad, &w.keys[2].1);
-        let d = decide(&w.policy, &w.versions, &reports, false, now());
+        let d = decide(&w.policy, &w.versions, &reports, None, now());
         assert_eq!(d.outcome, Outcome::Reject);
         assert_eq!(
             d.reasons[0].message,
@@ -588,7 +600,7 @@ mod tests {
             let mut reports = good.clone();
             let i = w.keys.iter().position(|(s, _)| *s == bad.0).unwrap();
             reports[i] = bad;
-            let d = decide(&w.policy, &w.versions, &reports, false, now());
+            let d = decide(&w.policy, &w.versions, &reports, None, now());
             assert_eq!(d.outcome, Outcome::HoldForReview, "{why}: {:?}", d.reasons);
             assert!(
                 d.reasons
@@ -605,18 +617,38 @@ mod tests {
     fn missing_required_subgroups_and_approval_hold_for_review() {
         let mut w = world();
         w.policy.required_subgroups = vec!["age_band=80+".into()];
-        let d = decide(&w.policy, &w.versions, &all_good(&w), false, now());
+        let d = decide(&w.policy, &w.versions, &all_good(&w), None, now());
         assert_eq!(d.outcome, Outcome::HoldForReview);
         assert_eq!(d.reasons[0].code, "required_subgroup");
         w.policy.required_subgroups.clear();
         w.policy.require_approval = true;
-        let d = decide(&w.policy, &w.versions, &all_good(&w), false, now());
+        let d = decide(&w.policy, &w.versions, &all_good(&w), None, now());
         assert_eq!(
             (d.outcome, d.reasons[0].code.as_str()),
             (Outcome::HoldForReview, "approval")
         );
-        let d = decide(&w.policy, &w.versions, &all_good(&w), true, now());
+        let alice = crate::approval::Approval {
+            format: crate::approval::FORMAT.into(),
+            model: "chest".into(),
+            version: 2,
+            weights_sha256: "c".repeat(64),
+            approver: "dr-alice".into(),
+            created: "2026-11-29T12:00:30Z".into(),
+            reason: "read every report".into(),
+        };
+        let d = decide(&w.policy, &w.versions, &all_good(&w), Some(&alice), now());
         assert_eq!(d.outcome, Outcome::Promote);
+        assert!(
+            d.reasons[0]
+                .message
+                .ends_with("; approved by dr-alice at 2026-11-29T12:00:30Z (read every report)"),
+            "{}",
+            d.reasons[0].message
+        );
+        assert_eq!(
+            d.approval.as_ref().map(|a| a.approver.as_str()),
+            Some("dr-alice")
+        );
     }
 
     #[test]
@@ -627,7 +659,7 @@ mod tests {
         assert_eq!(r.tasks[0].subgroups[1].name(), "sex=M");
         r.tasks[0].subgroups[1].result.candidate.auroc.value -= 0.3;
         reports[1] = stored("site-b", &r, &w.keys[1].1);
-        let d = decide(&w.policy, &w.versions, &reports, false, now());
+        let d = decide(&w.policy, &w.versions, &reports, None, now());
         assert_eq!(d.outcome, Outcome::Reject);
         assert_eq!(d.reasons[0].code, "worst_group_gap");
         assert_eq!(d.reasons[0].subgroup.as_deref(), Some("sex=M"));
@@ -661,7 +693,7 @@ mod tests {
                 &w.policy,
                 &w.versions,
                 &[stored("site-a", &r, &w.keys[0].1)],
-                false,
+                None,
                 now(),
             );
             assert_eq!(d.outcome, Outcome::HoldForReview);

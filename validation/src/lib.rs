@@ -8,6 +8,7 @@
 //!   complements hidden);
 //! - [`report`]: the site report and its ed25519 signature;
 //! - [`gate`]: the promotion decision from verified reports under a `PromotionPolicy`;
+//! - [`approval`]: human approvals signed by the people the policy lists;
 //! - [`apply`]: the gate against the registry, recording each decision in its event log.
 //!
 //! Everything but [`apply`] is pure: the site validator (`radfm validate`) computes predictions with libtorch
@@ -15,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod apply;
+pub mod approval;
 pub mod disclosure;
 pub mod gate;
 pub mod report;

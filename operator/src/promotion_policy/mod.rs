@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use radfm_api::site_validation::{ANNOTATION_APPROVE, PromotionPolicy};
+use radfm_api::site_validation::PromotionPolicy;
 use radfm_registry::Governor;
 use radfm_validation::apply;
 
@@ -18,13 +18,6 @@ use crate::context::{Context, drive};
 use crate::effects;
 use crate::site_validator::registry_error;
 use crate::{Error, Result};
-
-/// The version a person approved through the policy's annotation (`7` or `v7`).
-fn approved(pp: &PromotionPolicy) -> Option<u64> {
-    pp.annotations()
-        .get(ANNOTATION_APPROVE)
-        .and_then(|v| v.trim().trim_start_matches('v').parse::<u64>().ok())
-}
 
 /// Reconciles one PromotionPolicy.
 #[tracing::instrument(skip_all, fields(pp = %pp.name_any()))]
@@ -44,7 +37,7 @@ pub async fn reconcile(pp: Arc<PromotionPolicy>, ctx: Arc<Context>) -> Result<Ac
         reg.govern(&pp.spec.model, &governor, &by)
             .await
             .map_err(|e| format!("registry: {e}"))?;
-        apply::gate(&reg, &pp.spec, approved(&pp), &by, now)
+        apply::gate(&reg, &pp.spec, &by, now)
             .await
             .map_err(|e| registry_error(e).to_string())
     }

@@ -127,6 +127,7 @@ spec:
             sites: vec!["a".into(), "b".into()],
             reports: Vec::new(),
             accepted: Vec::new(),
+            approval: None,
         };
         Ok(GatePass {
             gated: Gated::Decided {
