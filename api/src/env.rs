@@ -129,6 +129,11 @@ pub const GRAD_ACCUMULATION: &str = "RADFM_GRAD_ACCUMULATION";
 /// Pod name (downward API; set by the operator, absent in local runs).
 pub const POD_NAME: &str = "RADFM_POD_NAME";
 
+/// File holding the gang's secret (hex), mounted by the operator from the job's Secret: only
+/// processes holding it join the rendezvous and the ring. Unset in ad-hoc launches, which then
+/// do not check membership.
+pub const GANG_SECRET_FILE: &str = "RADFM_GANG_SECRET_FILE";
+
 /// Default rendezvous port.
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 

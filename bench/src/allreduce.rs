@@ -15,12 +15,20 @@ fn iterations(bytes: usize) -> usize {
 
 fn rank_main(rank: usize, world: usize, port: u16, sizes: &[usize]) -> anyhow::Result<()> {
     let _server = if rank == 0 {
-        Some(RendezvousServer::start(&format!("127.0.0.1:{port}"))?)
+        Some(RendezvousServer::start(
+            &format!("127.0.0.1:{port}"),
+            None,
+            1,
+        )?)
     } else {
         None
     };
-    let mut store =
-        RendezvousClient::connect(&format!("127.0.0.1:{port}"), 1, Duration::from_secs(30))?;
+    let mut store = RendezvousClient::connect(
+        &format!("127.0.0.1:{port}"),
+        1,
+        Duration::from_secs(30),
+        None,
+    )?;
     let mut ring = Ring::connect(&mut store, rank, world, Duration::from_secs(60))?;
     for &mib in sizes {
         let bytes = mib << 20;

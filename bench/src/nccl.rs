@@ -39,14 +39,14 @@ fn gang<T: Send + 'static>(
     timeout: Duration,
     f: impl Fn(usize, RendezvousClient) -> anyhow::Result<T> + Send + Sync + 'static,
 ) -> anyhow::Result<Vec<anyhow::Result<T>>> {
-    let server = RendezvousServer::start("127.0.0.1:0")?;
+    let server = RendezvousServer::start("127.0.0.1:0", None, 1)?;
     let addr = server.addr.to_string();
     let f = Arc::new(f);
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             let (f, addr) = (f.clone(), addr.clone());
             std::thread::spawn(move || {
-                let store = RendezvousClient::connect(&addr, 1, timeout)?;
+                let store = RendezvousClient::connect(&addr, 1, timeout, None)?;
                 f(rank, store)
             })
         })

@@ -281,9 +281,31 @@ impl Progress {
     }
 }
 
+/// The attempt's gang secret, in a file only this user can read (kept until the attempt ends),
+/// as the operator mounts one into a job's pods: other local users cannot join the gang.
+fn gang_secret_file() -> Result<tempfile::NamedTempFile> {
+    use std::io::Write;
+    let mut f = tempfile::Builder::new()
+        .prefix("radfm-gang-")
+        .tempfile()
+        .context("creating the gang secret file")?;
+    f.write_all(
+        radfm_collective::auth::GangSecret::generate()
+            .to_hex()
+            .as_bytes(),
+    )?;
+    f.flush()?;
+    Ok(f)
+}
+
 /// Starts one `radfm-trainer train` per rank with the env the operator gives a worker pod;
 /// rank 0's stdout is piped.
-fn spawn_gang(job: &TrainingJob, attempt: i32, threads: usize) -> Result<Vec<Child>> {
+fn spawn_gang(
+    job: &TrainingJob,
+    attempt: i32,
+    threads: usize,
+    secret: &std::path::Path,
+) -> Result<Vec<Child>> {
     let port = free_port()?;
     let workers = job.spec.workers.replicas as usize;
     let mut children: Vec<Child> = Vec::with_capacity(workers);
@@ -295,6 +317,7 @@ fn spawn_gang(job: &TrainingJob, attempt: i32, threads: usize) -> Result<Vec<Chi
             .envs(env.to_vars())
             .env("RADFM_LOG_EVERY", "1")
             .env("RADFM_THREADS", threads.to_string())
+            .env(radfm_api::env::GANG_SECRET_FILE, secret)
             .stdout(if rank == 0 {
                 Stdio::piped()
             } else {
@@ -377,7 +400,8 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     let (mut attempt, mut counted) = (1, 0);
     let started = Instant::now();
     let result = loop {
-        let children = spawn_gang(&job, attempt, threads)?;
+        let secret = gang_secret_file()?;
+        let children = spawn_gang(&job, attempt, threads, secret.path())?;
         progress.attempt(a.quiet, &name, attempt, steps);
         let codes = wait_for_gang(children, &mut progress, &stop)?;
         if stop.load(Ordering::SeqCst) {

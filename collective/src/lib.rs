@@ -1,12 +1,13 @@
 //! radfm's collectives, kept free of libtorch so that they build, test and benchmark anywhere.
 //!
-//! Rank 0 serves the [`rendezvous`] server; the CPU collective is a TCP [`ring`]; GPUs talk
+//! Only members of the job's gang join ([`auth`]). Rank 0 serves the [`rendezvous`] server; the CPU collective is a TCP [`ring`]; GPUs talk
 //! through [`nccl`], loaded at run time so that a machine without CUDA builds and runs
 //! everything else. Every operation has a deadline: a peer that died or stalls turns into
 //! [`Error::PeerLost`] (or [`Error::Rendezvous`]) instead of a hang. The trainer glues these to
 //! tensors.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod nccl;
 pub mod rendezvous;
 pub mod ring;

@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::auth::{self, GangSecret};
 use crate::rendezvous::RendezvousClient;
 use crate::{Error, Result};
 
@@ -49,9 +50,115 @@ fn disjoint(
     }
 }
 
+/// Time a connection to a rank's ring listener has to prove it is the previous rank.
+const LINK_HANDSHAKE: Duration = Duration::from_secs(5);
+
+/// One rank's side of the ring handshake.
+#[derive(Clone)]
+struct Link {
+    secret: Option<GangSecret>,
+    attempt: i32,
+    rank: usize,
+    world: usize,
+}
+
+impl Link {
+    fn proof(&self, role: &str, rank: usize, ours: &[u8], theirs: &[u8]) -> [u8; 32] {
+        self.secret.as_ref().map_or([0; 32], |s| {
+            s.proof(role, self.attempt, Some(rank), ours, theirs)
+        })
+    }
+
+    fn proven(&self, proof: &[u8], role: &str, rank: usize, ours: &[u8], theirs: &[u8]) -> bool {
+        self.secret
+            .as_ref()
+            .is_none_or(|s| s.check(proof, role, self.attempt, Some(rank), ours, theirs))
+    }
+
+    /// Connects to the next rank and proves we are its previous rank; retries until `deadline`.
+    fn connect_next(&self, addr: SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
+        let next_rank = (self.rank + 1) % self.world;
+        loop {
+            let tried =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+                    s.set_read_timeout(Some(LINK_HANDSHAKE))?;
+                    let mut theirs = [0u8; auth::NONCE_BYTES];
+                    s.read_exact(&mut theirs)?;
+                    let ours = auth::nonce();
+                    let mut hello = (self.rank as u32).to_le_bytes().to_vec();
+                    hello.extend_from_slice(&ours);
+                    hello.extend_from_slice(&self.proof("ring-prev", self.rank, &ours, &theirs));
+                    s.write_all(&hello)?;
+                    let mut proof = [0u8; 32];
+                    s.read_exact(&mut proof)?;
+                    if !self.proven(&proof, "ring-next", next_rank, &theirs, &ours) {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!("the listener of rank {next_rank} could not prove membership"),
+                        ));
+                    }
+                    Ok(s)
+                });
+            match tried {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Accepts connections until one proves it is the previous rank (strangers are dropped).
+    fn accept_prev(&self, listener: &TcpListener, deadline: Instant) -> Result<TcpStream> {
+        let prev_rank = (self.rank + self.world - 1) % self.world;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| lost(self.rank, prev_rank, "listen", e))?;
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    if let Ok(s) = self.admit_prev(s, prev_rank) {
+                        return Ok(s);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(lost(self.rank, prev_rank, "accept", "timed out"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(lost(self.rank, prev_rank, "accept", e)),
+            }
+        }
+    }
+
+    fn admit_prev(&self, mut s: TcpStream, prev_rank: usize) -> std::io::Result<TcpStream> {
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(LINK_HANDSHAKE))?;
+        s.set_write_timeout(Some(LINK_HANDSHAKE))?;
+        let ours = auth::nonce();
+        s.write_all(&ours)?;
+        let mut hello = [0u8; 4 + auth::NONCE_BYTES + 32];
+        s.read_exact(&mut hello)?;
+        let who = u32::from_le_bytes(hello[..4].try_into().expect("4 bytes")) as usize;
+        let theirs = &hello[4..4 + auth::NONCE_BYTES];
+        let proof = &hello[4 + auth::NONCE_BYTES..];
+        if who != prev_rank || !self.proven(proof, "ring-prev", prev_rank, theirs, &ours) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "not the previous rank of this gang",
+            ));
+        }
+        s.write_all(&self.proof("ring-next", self.rank, &ours, theirs))?;
+        Ok(s)
+    }
+}
+
 impl Ring {
-    /// Joins the ring: publishes this rank's listening address with the rendezvous server, connects to the
-    /// next rank and accepts the previous one, each within `timeout`.
+    /// Joins the ring: publishes this rank's listening address with the rendezvous server,
+    /// connects to the next rank and accepts the previous one, each within `timeout`. Both links
+    /// start with the membership proof of [`crate::auth`] (with the gang's secret, bound to the
+    /// attempt and both ranks): a connection that cannot prove it is the previous rank is dropped
+    /// and the rank keeps waiting for the real one.
     pub fn connect(
         rendezvous: &mut RendezvousClient,
         rank: usize,
@@ -78,38 +185,20 @@ impl Ring {
             String::from_utf8_lossy(&rendezvous.get(&format!("ring/{next_rank}"))?)
                 .parse()
                 .map_err(|e| lost(rank, next_rank, "address", e))?;
-        let deadline = Instant::now() + timeout;
-        let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
-            loop {
-                match TcpStream::connect_timeout(&next_addr, Duration::from_secs(2)) {
-                    Ok(s) => return Ok(s),
-                    Err(e) if Instant::now() >= deadline => return Err(e),
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        });
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| lost(rank, prev_rank, "listen", e))?;
-        let prev = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(lost(rank, prev_rank, "accept", "timed out"));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(lost(rank, prev_rank, "accept", e)),
-            }
+        let link = Link {
+            secret: rendezvous.secret.clone(),
+            attempt: rendezvous.attempt,
+            rank,
+            world,
         };
-        let mut next = connector
+        let deadline = Instant::now() + timeout;
+        let to_next = link.clone();
+        let connector = std::thread::spawn(move || to_next.connect_next(next_addr, deadline));
+        let prev = link.accept_prev(&listener, deadline)?;
+        let next = connector
             .join()
-            .expect("connector thread")
+            .map_err(|_| lost(rank, next_rank, "connect", "connector thread panicked"))?
             .map_err(|e| lost(rank, next_rank, "connect", e))?;
-        let mut prev = prev;
-        prev.set_nonblocking(false)
-            .map_err(|e| lost(rank, prev_rank, "accept", e))?;
         for s in [&next, &prev] {
             s.set_nodelay(true)
                 .map_err(|e| lost(rank, prev_rank, "socket", e))?;
@@ -117,20 +206,6 @@ impl Ring {
                 .map_err(|e| lost(rank, prev_rank, "socket", e))?;
             s.set_write_timeout(Some(timeout))
                 .map_err(|e| lost(rank, prev_rank, "socket", e))?;
-        }
-        // Handshake: the previous rank must be who the ring says it is.
-        next.write_all(&(rank as u32).to_le_bytes())
-            .map_err(|e| lost(rank, next_rank, "handshake", e))?;
-        let mut who = [0u8; 4];
-        prev.read_exact(&mut who)
-            .map_err(|e| lost(rank, prev_rank, "handshake", e))?;
-        if u32::from_le_bytes(who) as usize != prev_rank {
-            return Err(lost(
-                rank,
-                prev_rank,
-                "handshake",
-                format!("got rank {}", u32::from_le_bytes(who)),
-            ));
         }
         Ok(Ring {
             rank,
@@ -258,14 +333,16 @@ mod tests {
     use crate::rendezvous::{RendezvousClient, RendezvousServer};
 
     fn rings(world: usize, timeout: Duration) -> Vec<std::thread::JoinHandle<Ring>> {
-        let server = RendezvousServer::start("127.0.0.1:0").unwrap();
+        let secret = GangSecret::generate();
+        let server = RendezvousServer::start("127.0.0.1:0", Some(secret.clone()), 1).unwrap();
         let addr = server.addr.to_string();
         (0..world)
             .map(|rank| {
-                let addr = addr.clone();
+                let (addr, secret) = (addr.clone(), secret.clone());
                 std::thread::spawn(move || {
                     let mut c =
-                        RendezvousClient::connect(&addr, 1, Duration::from_secs(10)).unwrap();
+                        RendezvousClient::connect(&addr, 1, Duration::from_secs(10), Some(secret))
+                            .unwrap();
                     Ring::connect(&mut c, rank, world, timeout).unwrap()
                 })
             })
@@ -328,5 +405,36 @@ mod tests {
         for e in errs {
             assert!(matches!(e, Error::PeerLost { .. }), "{e}");
         }
+    }
+
+    /// A stranger reaches rank 1's ring port first and claims to be rank 0: it is dropped and the
+    /// real rank 0 joins; the all-reduce is exact.
+    #[test]
+    fn a_stranger_on_a_ring_port_is_dropped_and_the_ring_forms() {
+        let secret = GangSecret::generate();
+        let server = RendezvousServer::start("127.0.0.1:0", Some(secret.clone()), 1).unwrap();
+        let addr = server.addr.to_string();
+        let t = Duration::from_secs(10);
+        let spawn = |rank: usize, delay: Duration| {
+            let (addr, secret) = (addr.clone(), secret.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let mut c = RendezvousClient::connect(&addr, 1, t, Some(secret)).unwrap();
+                let mut ring = Ring::connect(&mut c, rank, 2, t).unwrap();
+                let mut v = vec![rank as f32 + 1.0; 4];
+                ring.all_reduce_sum(&mut v).unwrap();
+                v
+            })
+        };
+        let one = spawn(1, Duration::ZERO);
+        let mut spy = RendezvousClient::connect(&addr, 1, t, Some(secret.clone())).unwrap();
+        let port = String::from_utf8(spy.get("ring/1").unwrap()).unwrap();
+        let mut stranger = TcpStream::connect(&port).unwrap();
+        let mut claim = 0u32.to_le_bytes().to_vec();
+        claim.extend_from_slice(&[7u8; auth::NONCE_BYTES + 32]);
+        let _ = stranger.write_all(&claim);
+        let zero = spawn(0, Duration::from_millis(300));
+        assert_eq!(one.join().unwrap(), [3.0; 4]);
+        assert_eq!(zero.join().unwrap(), [3.0; 4]);
     }
 }

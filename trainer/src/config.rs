@@ -189,6 +189,8 @@ pub struct TrainConfig {
     pub threads: Option<i32>,
     /// Pod to annotate with progress (rank 0 in a cluster).
     pub pod_name: Option<String>,
+    /// File with the gang's secret ([`radfm_api::env::GANG_SECRET_FILE`]).
+    pub gang_secret_file: Option<std::path::PathBuf>,
     /// Pod namespace.
     pub namespace: String,
     /// Injected fault.
@@ -307,6 +309,9 @@ impl TrainConfig {
             metrics_addr,
             threads: parse_threads(get)?,
             pod_name: get(radfm_api::env::POD_NAME).filter(|v| !v.is_empty()),
+            gang_secret_file: get(radfm_api::env::GANG_SECRET_FILE)
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from),
             namespace: c.job_namespace,
             fault,
         })

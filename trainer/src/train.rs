@@ -203,6 +203,7 @@ fn join_gang(cfg: &TrainConfig, vs: &VarStore, device: Device) -> Result<Option<
     if cfg.world <= 1 {
         return Ok(None);
     }
+    let secret = gang_secret(cfg)?;
     let mut g = Gang::join(
         &cfg.master_addr,
         cfg.master_port,
@@ -212,12 +213,38 @@ fn join_gang(cfg: &TrainConfig, vs: &VarStore, device: Device) -> Result<Option<
         cfg.collective_timeout,
         cfg.collective,
         device,
+        secret,
     )?;
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
     crate::collective::broadcast_tensors(g.coll.as_mut(), &tensors)?;
     Ok(Some(g))
+}
+
+/// The gang's secret from its file; without one, membership is not checked (said once).
+fn gang_secret(cfg: &TrainConfig) -> Result<Option<radfm_collective::auth::GangSecret>> {
+    let Some(path) = &cfg.gang_secret_file else {
+        tracing::warn!(
+            "no {}: the rendezvous and the ring do not check gang membership",
+            radfm_api::env::GANG_SECRET_FILE
+        );
+        return Ok(None);
+    };
+    let field = |reason: String| Error::Field {
+        field: radfm_api::env::GANG_SECRET_FILE.into(),
+        reason,
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| field(format!("{}: {e}", path.display())))?;
+    radfm_collective::auth::GangSecret::from_hex(&text)
+        .map(Some)
+        .ok_or_else(|| {
+            field(format!(
+                "{}: not a hex secret of 16 bytes or more",
+                path.display()
+            ))
+        })
 }
 
 /// Streams batches from `cursor` on, epoch after epoch, two ahead of the loop.

@@ -200,8 +200,8 @@ mod tests {
         let good = sign(&approval(3, "dr-alice"), key);
         let now = "2026-12-01T12:00:00Z".parse().unwrap();
         let a = admit(
-            &policy,
-            &v,
+            policy,
+            v,
             "dr-alice",
             &serde_json::to_vec(&good).unwrap(),
             now,

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
     ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
-    SecretEnvSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    Secret, SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -116,6 +116,37 @@ pub fn restricted_container_security() -> SecurityContext {
             drop: Some(vec!["ALL".into()]),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// Where the gang's secret is mounted in worker pods.
+pub const GANG_SECRET_DIR: &str = "/var/run/radfm/gang";
+/// The key of the gang's Secret (and its file name).
+pub const GANG_SECRET_KEY: &str = "secret";
+const GANG_SECRET_VOLUME: &str = "radfm-gang";
+
+/// The job's gang Secret: named after the job and its uid, so that a re-created job of the same
+/// name never meets the old job's secret.
+pub fn gang_secret_name(job: &TrainingJob) -> String {
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+    format!("{}-gang-{}", service_name(job), &uid[..uid.len().min(8)])
+}
+
+/// The Secret only this job's pods mount: `hex`, a fresh random secret the controller draws
+/// when it creates the Secret (rendezvous and ring admit only holders, see
+/// `radfm_collective::auth`).
+pub fn gang_secret(job: &TrainingJob, hex: String) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(gang_secret_name(job)),
+            namespace: job.metadata.namespace.clone(),
+            labels: Some(base_labels(job)),
+            owner_references: Some(vec![owner(job)]),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(GANG_SECRET_KEY.to_string(), hex)])),
+        type_: Some("Opaque".into()),
         ..Default::default()
     }
 }
@@ -277,6 +308,11 @@ fn worker_env(job: &TrainingJob, over: &PodOverrides, rank: i32, attempt: i32) -
             ..Default::default()
         })
         .chain([EnvVar {
+            name: env::GANG_SECRET_FILE.into(),
+            value: Some(format!("{GANG_SECRET_DIR}/{GANG_SECRET_KEY}")),
+            ..Default::default()
+        }])
+        .chain([EnvVar {
             name: env::POD_NAME.into(),
             value_from: Some(EnvVarSource {
                 field_ref: Some(ObjectFieldSelector {
@@ -326,21 +362,45 @@ fn worker_resources(w: &WorkersSpec) -> (ResourceRequirements, Vec<Toleration>) 
 }
 
 /// A memory-backed /dev/shm sized by `workers.shmSize`, then the template's volumes.
-fn worker_volumes(w: &WorkersSpec, over: &PodOverrides) -> (Vec<Volume>, Vec<VolumeMount>) {
-    let mut volumes = vec![Volume {
-        name: "dshm".into(),
-        empty_dir: Some(EmptyDirVolumeSource {
-            medium: Some("Memory".into()),
-            size_limit: w.shm_size.clone(),
-        }),
-        ..Default::default()
-    }];
+fn worker_volumes(
+    job: &TrainingJob,
+    w: &WorkersSpec,
+    over: &PodOverrides,
+) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut volumes = vec![
+        Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: w.shm_size.clone(),
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: GANG_SECRET_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(gang_secret_name(job)),
+                default_mode: Some(0o440),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
     volumes.extend(over.volumes.clone().unwrap_or_default());
-    let mut mounts = vec![VolumeMount {
-        name: "dshm".into(),
-        mount_path: "/dev/shm".into(),
-        ..Default::default()
-    }];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "dshm".into(),
+            mount_path: "/dev/shm".into(),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: GANG_SECRET_VOLUME.into(),
+            mount_path: GANG_SECRET_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
     mounts.extend(over.volume_mounts.clone().unwrap_or_default());
     (volumes, mounts)
 }
@@ -353,7 +413,7 @@ pub fn worker_pod(job: &TrainingJob, rank: i32, attempt: i32) -> Pod {
     let (labels, annotations) = worker_metadata(job, &over, rank, attempt);
     let env_vars = worker_env(job, &over, rank, attempt);
     let (resources, tolerations) = worker_resources(w);
-    let (volumes, mounts) = worker_volumes(w, &over);
+    let (volumes, mounts) = worker_volumes(job, w, &over);
     Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(job, rank, attempt)),
@@ -653,6 +713,49 @@ mod tests {
             (shm.medium.as_deref(), shm.size_limit),
             (Some("Memory"), Some(Quantity("2Gi".into())))
         );
+    }
+
+    #[test]
+    fn every_worker_mounts_its_jobs_gang_secret_and_nothing_of_another_job() {
+        let job = JobBuilder::new(2).build();
+        let secret = gang_secret(&job, "ab".repeat(32));
+        assert_eq!(secret.metadata.name.as_deref(), Some("mae-gang-uid-1"));
+        assert_eq!(
+            secret.metadata.owner_references.unwrap()[0].kind,
+            "TrainingJob"
+        );
+        let pod = worker_pod(&job, 1, 2);
+        let spec = pod.spec.unwrap();
+        let volume = spec
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == GANG_SECRET_VOLUME)
+            .unwrap();
+        assert_eq!(
+            volume.secret.unwrap().secret_name.as_deref(),
+            Some("mae-gang-uid-1")
+        );
+        let c = &spec.containers[0];
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == GANG_SECRET_VOLUME)
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (GANG_SECRET_DIR, Some(true))
+        );
+        let file = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == env::GANG_SECRET_FILE)
+            .unwrap();
+        assert_eq!(file.value.as_deref(), Some("/var/run/radfm/gang/secret"));
     }
 
     #[test]

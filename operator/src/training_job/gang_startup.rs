@@ -33,6 +33,7 @@ pub(super) fn create_missing(
         .map(|r| children::worker_pod(job, r, st.attempt))
         .collect();
     if !plan.create_pods.is_empty() {
+        plan.create_gang_secret = true;
         plan.trainer_access = children::trainer_access(job, st.attempt);
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
@@ -244,6 +244,12 @@ async fn create_gang_objects(
         let obj: DynamicObject = serde_json::from_value(pg.clone()).map_err(Error::Serialize)?;
         let r = tolerate(pod_group_api(ctx, ns, *sched).create(&pp, &obj).await, 409);
         failures.note(r, format!("creating PodGroup {name}"));
+    }
+    if plan.create_gang_secret {
+        let secret = children::gang_secret(job, hex::encode(rand::random::<[u8; 32]>()));
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let r = tolerate(api.create(&pp, &secret).await, 409);
+        failures.note(r, format!("creating the gang secret of {name}"));
     }
     if let Some(access) = &plan.trainer_access {
         let account = children::trainer_service_account_name(job);

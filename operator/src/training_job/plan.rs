@@ -51,6 +51,8 @@ pub struct Plan {
     /// The ServiceAccount, Role and RoleBinding the new pods report progress with, applied
     /// before they are created (absent where the user brings a ServiceAccount).
     pub trainer_access: Option<children::TrainerAccess>,
+    /// Create the job's gang Secret (if it does not exist yet) before the pods.
+    pub create_gang_secret: bool,
     /// Pods to delete gracefully.
     pub delete_pods: Vec<String>,
     /// Pods to delete with grace period 0 (stuck Terminating past the timeout).
@@ -346,6 +348,7 @@ mod tests {
             "only rank 0 reports progress, on its own pod"
         );
         assert_eq!(access.role.rules.as_ref().unwrap()[0].verbs, ["patch"]);
+        assert!(p.create_gang_secret, "the gang secret comes with the pods");
         let token = |rank: usize| {
             let spec = p.create_pods[rank].spec.as_ref().unwrap();
             (

@@ -192,17 +192,24 @@ impl Gang {
         timeout: Duration,
         backend: Backend,
         device: Device,
+        secret: Option<radfm_collective::auth::GangSecret>,
     ) -> Result<Gang> {
         let chosen = resolve(backend, device)?;
         let server = if rank == 0 {
-            Some(rendezvous::RendezvousServer::start(&format!(
-                "0.0.0.0:{port}"
-            ))?)
+            Some(rendezvous::RendezvousServer::start(
+                &format!("0.0.0.0:{port}"),
+                secret.clone(),
+                attempt,
+            )?)
         } else {
             None
         };
-        let mut rendezvous =
-            rendezvous::RendezvousClient::connect(&format!("{master}:{port}"), attempt, timeout)?;
+        let mut rendezvous = rendezvous::RendezvousClient::connect(
+            &format!("{master}:{port}"),
+            attempt,
+            timeout,
+            secret,
+        )?;
         let coll: Box<dyn Collective + Send> = match chosen {
             Chosen::Nccl { ordinal } => {
                 let comm = nccl::Nccl::connect(&mut rendezvous, rank, world, ordinal, timeout)
@@ -416,6 +423,7 @@ mod tests {
             Duration::from_secs(5),
             Backend::Nccl,
             Device::Cuda(0),
+            None,
         )
         .map(|_| ())
         .unwrap_err();
@@ -455,7 +463,7 @@ mod tests {
                 steps.iter().map(|(x, n)| (x.copy(), n.copy())).collect(),
             );
 
-            let server = rendezvous::RendezvousServer::start("127.0.0.1:0").unwrap();
+            let server = rendezvous::RendezvousServer::start("127.0.0.1:0", None, 1).unwrap();
             let addr = server.addr.to_string();
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
@@ -476,6 +484,7 @@ mod tests {
                             &addr,
                             1,
                             Duration::from_secs(10),
+                            None,
                         )
                         .unwrap();
                         let ring =
