@@ -18,6 +18,15 @@ pub struct IngestArgs {
     /// Strip identifiers (documented PS3.15 subset) instead of refusing identified DICOM.
     #[arg(long)]
     deidentify: bool,
+    /// State that you checked the pixels of PNG/JPEG inputs and of DICOM images at risk of
+    /// burned-in text (secondary capture, ultrasound, ... without BurnedInAnnotation NO): they
+    /// carry no identifiers. Without it such files are refused.
+    #[arg(long)]
+    accept_burned_in_risk: bool,
+    /// Write the refused files (source id, path, reason) to this local file, readable by you
+    /// only; messages name files by their source id, never their path.
+    #[arg(long)]
+    refusals: Option<PathBuf>,
     /// Secret salt of the pseudonyms; default: $RADFM_PSEUDONYM_SALT.
     #[arg(long, env = "RADFM_PSEUDONYM_SALT", hide_env_values = true)]
     salt: String,
@@ -47,6 +56,8 @@ pub async fn run(a: IngestArgs) -> Result<()> {
         input: a.input.clone(),
         output: a.out.clone(),
         deidentify: a.deidentify,
+        accept_burned_in_risk: a.accept_burned_in_risk,
+        refusals: a.refusals.clone(),
         salt: a.salt.into_bytes(),
         site: a.site,
         labels: a.labels,
@@ -67,8 +78,14 @@ pub async fn run(a: IngestArgs) -> Result<()> {
         for r in &report.refused {
             eprintln!("{r}");
         }
+        let listed = a
+            .refusals
+            .as_ref()
+            .map_or(" (--refusals FILE lists their paths)".to_string(), |f| {
+                format!(" (their paths are in {})", f.display())
+            });
         bail!(
-            "{} file(s) refused by the de-identification gate; nothing of them was written",
+            "{} file(s) refused by the de-identification gate; nothing of them was written{listed}",
             report.refused.len()
         );
     }

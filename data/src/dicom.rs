@@ -40,6 +40,74 @@ pub const DIRECT_IDENTIFIERS: &[(Tag, &str)] = &[
     (tags::ACCESSION_NUMBER, "AccessionNumber"),
 ];
 
+/// SOP classes whose images often carry burned-in identifying text (screenshots, scanned
+/// documents, ultrasound with its annotation overlay, endoscopy and photography).
+pub const AT_RISK_SOP_CLASSES: &[(&str, &str)] = &[
+    ("1.2.840.10008.5.1.4.1.1.7", "Secondary Capture"),
+    (
+        "1.2.840.10008.5.1.4.1.1.7.1",
+        "Multi-frame Single Bit Secondary Capture",
+    ),
+    (
+        "1.2.840.10008.5.1.4.1.1.7.2",
+        "Multi-frame Grayscale Byte Secondary Capture",
+    ),
+    (
+        "1.2.840.10008.5.1.4.1.1.7.3",
+        "Multi-frame Grayscale Word Secondary Capture",
+    ),
+    (
+        "1.2.840.10008.5.1.4.1.1.7.4",
+        "Multi-frame True Color Secondary Capture",
+    ),
+    ("1.2.840.10008.5.1.4.1.1.6.1", "Ultrasound Image"),
+    ("1.2.840.10008.5.1.4.1.1.6.2", "Enhanced US Volume"),
+    (
+        "1.2.840.10008.5.1.4.1.1.3.1",
+        "Ultrasound Multi-frame Image",
+    ),
+    ("1.2.840.10008.5.1.4.1.1.77.1.1", "VL Endoscopic Image"),
+    ("1.2.840.10008.5.1.4.1.1.77.1.4", "VL Photographic Image"),
+];
+
+/// Modalities at the same risk when the SOP class says nothing more (US, other, secondary
+/// capture, external camera, endoscopy).
+pub const AT_RISK_MODALITIES: &[&str] = &["US", "OT", "SC", "XC", "ES", "GM", "SM"];
+
+/// Why a file's pixels may carry identifiers and need the ingest operator's explicit
+/// acceptance: `BurnedInAnnotation` is not `NO` and the SOP class or modality is one whose images
+/// often carry burned-in text. None: no known risk. (`YES` is refused earlier, always.)
+pub fn pixel_risk(
+    sop_class: Option<&str>,
+    modality: Option<&str>,
+    burned_in: Option<&str>,
+) -> Option<String> {
+    if burned_in.is_some_and(|v| v.eq_ignore_ascii_case("NO")) {
+        return None;
+    }
+    let class = sop_class.and_then(|uid| {
+        AT_RISK_SOP_CLASSES
+            .iter()
+            .find(|(u, _)| *u == uid.trim_end_matches('\0').trim())
+            .map(|(_, name)| format!("SOP class {name}"))
+    });
+    let modality = modality
+        .filter(|m| AT_RISK_MODALITIES.contains(&m.trim()))
+        .map(|m| format!("modality {}", m.trim()));
+    class.or(modality).map(|what| {
+        format!("{what} often carries burned-in text and BurnedInAnnotation does not say NO")
+    })
+}
+
+/// What the de-identification gate lets through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gate {
+    /// Strip identifiers instead of refusing identified files.
+    pub deidentify: bool,
+    /// The ingest operator checked that images at risk of burned-in text carry none.
+    pub accept_burned_in_risk: bool,
+}
+
 /// A decoded DICOM file: one image per frame plus whitelisted metadata.
 #[derive(Debug, Clone)]
 pub struct DicomImage {
@@ -91,9 +159,9 @@ fn age_years(obj: &DefaultDicomObject) -> Option<u32> {
     Some(sy.checked_sub(by)? - u32::from(smd < bmd))
 }
 
-/// Reads a DICOM file. Refuses identified files unless `deidentify`; pseudonyms use `salt`.
-pub fn read(path: &Path, deidentify: bool, salt: &[u8]) -> Result<DicomImage> {
-    read_named(path, &path.display().to_string(), deidentify, salt)
+/// Reads a DICOM file through the `gate`; pseudonyms use `salt`.
+pub fn read(path: &Path, gate: Gate, salt: &[u8]) -> Result<DicomImage> {
+    read_named(path, &path.display().to_string(), gate, salt)
 }
 
 /// Stored values as 16-bit gray: colour by luma, MONOCHROME1 inverted against the largest
@@ -113,8 +181,43 @@ fn stored_gray(values: &[f64], spp: usize, invert_from: Option<f64>, offset: f64
         .collect()
 }
 
-/// [`read`], naming the file `name` in errors (for example the object URI it was fetched from).
-pub fn read_named(path: &Path, name: &str, deidentify: bool, salt: &[u8]) -> Result<DicomImage> {
+/// The gate: burned-in text refused, pixels at risk refused unless accepted, identified files
+/// refused unless de-identified.
+fn admit(obj: &DefaultDicomObject, name: &str, gate: Gate) -> Result<()> {
+    let burned_in = text(obj, tags::BURNED_IN_ANNOTATION);
+    if burned_in
+        .as_deref()
+        .is_some_and(|v| v.eq_ignore_ascii_case("YES"))
+    {
+        return Err(Error::Image {
+            source_name: name.to_string(),
+            reason: "BurnedInAnnotation is YES: the pixels themselves carry identifiers; such images are never ingested".into(),
+        });
+    }
+    let risk = pixel_risk(
+        text(obj, tags::SOP_CLASS_UID).as_deref(),
+        text(obj, tags::MODALITY).as_deref(),
+        burned_in.as_deref(),
+    );
+    if let Some(reason) = risk.filter(|_| !gate.accept_burned_in_risk) {
+        return Err(Error::PixelRisk {
+            source_name: name.to_string(),
+            reason,
+        });
+    }
+    let found = identifiers_present(obj);
+    if !found.is_empty() && !gate.deidentify {
+        return Err(Error::Identified {
+            path: name.to_string(),
+            tags: found.join(", "),
+        });
+    }
+    Ok(())
+}
+
+/// [`read`], naming the file `name` in errors (ingest names it by its pseudonymous source id:
+/// paths often carry names and record numbers).
+pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<DicomImage> {
     let name = name.to_string();
     let img_err = |reason: String| Error::Image {
         source_name: name.clone(),
@@ -122,16 +225,7 @@ pub fn read_named(path: &Path, name: &str, deidentify: bool, salt: &[u8]) -> Res
     };
     let obj = dicom_object::open_file(path)
         .map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
-    if text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES")) {
-        return Err(img_err("BurnedInAnnotation is YES: the pixels themselves carry identifiers; such images are never ingested".into()));
-    }
-    let found = identifiers_present(&obj);
-    if !found.is_empty() && !deidentify {
-        return Err(Error::Identified {
-            path: name,
-            tags: found.join(", "),
-        });
-    }
+    admit(&obj, &name, gate)?;
 
     let pd = obj
         .decode_pixel_data()
@@ -189,4 +283,35 @@ pub fn read_named(path: &Path, name: &str, deidentify: bool, salt: &[u8]) -> Res
         labels: Default::default(),
     };
     Ok(DicomImage { frames, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_that_often_carry_burned_in_text_need_an_explicit_no() {
+        let sc = Some("1.2.840.10008.5.1.4.1.1.7");
+        let cr = Some("1.2.840.10008.5.1.4.1.1.1");
+        let table = [
+            (sc, Some("OT"), None, Some("SOP class Secondary Capture")),
+            (sc, None, Some("NO"), None),
+            (cr, Some("CR"), None, None),
+            (None, Some("US"), None, Some("modality US")),
+            (
+                Some("1.2.840.10008.5.1.4.1.1.6.1"),
+                Some("US"),
+                Some(""),
+                Some("Ultrasound Image"),
+            ),
+            (None, Some("CT"), None, None),
+        ];
+        for (class, modality, burned_in, want) in table {
+            let got = pixel_risk(class, modality, burned_in);
+            match want {
+                None => assert_eq!(got, None, "{class:?} {modality:?}"),
+                Some(w) => assert!(got.as_deref().is_some_and(|g| g.contains(w)), "{got:?}"),
+            }
+        }
+    }
 }

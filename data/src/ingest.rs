@@ -90,6 +90,12 @@ pub struct IngestConfig {
     pub output: String,
     /// Strip identifiers instead of refusing identified DICOM files.
     pub deidentify: bool,
+    /// The ingest operator checked that PNG/JPEG inputs and DICOM images at risk of burned-in
+    /// text ([`dicom::pixel_risk`]) carry no identifiers in their pixels.
+    pub accept_burned_in_risk: bool,
+    /// A local file to write the refused files to (`source id,path,reason`, readable by this
+    /// user only): the only place source paths appear.
+    pub refusals: Option<PathBuf>,
     /// Secret salt of the pseudonyms (patient, study, source ids).
     pub salt: Vec<u8>,
     /// Site recorded for every sample.
@@ -112,7 +118,8 @@ pub struct IngestReport {
     pub samples: u64,
     /// Shards written.
     pub shards: u64,
-    /// Files refused, with why (identifier names only, never values).
+    /// Files refused, with why (named by source id; identifier names only, never values or
+    /// paths).
     pub refused: Vec<String>,
 }
 
@@ -224,12 +231,21 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
         .unwrap_or_default();
     let read = || {
         std::fs::read(path).map_err(|e| Error::Io {
-            path: path.display().to_string(),
+            path: name.to_string(),
             source: e,
         })
     };
     let (frames, mut meta) = match ext.as_str() {
         "png" | "jpg" | "jpeg" => {
+            if !cfg.accept_burned_in_risk {
+                return Err(Error::PixelRisk {
+                    source_name: name.to_string(),
+                    reason: format!(
+                        "a {} file has no metadata to say whether its pixels carry identifiers",
+                        ext.to_uppercase()
+                    ),
+                });
+            }
             let bytes = read()?;
             let img = if ext == "png" {
                 Image16::from_png(&bytes, name)?
@@ -245,7 +261,11 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
             (vec![img], meta)
         }
         _ => {
-            let d = dicom::read_named(path, name, cfg.deidentify, &cfg.salt)?;
+            let gate = dicom::Gate {
+                deidentify: cfg.deidentify,
+                accept_burned_in_risk: cfg.accept_burned_in_risk,
+            };
+            let d = dicom::read_named(path, name, gate, &cfg.salt)?;
             (d.frames, d.meta)
         }
     };
@@ -350,7 +370,7 @@ async fn fetch_batch(
     scratch: &Path,
 ) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::with_capacity(batch.len());
-    for (k, (src, rel, _)) in batch.iter().enumerate() {
+    for (k, (src, _, id)) in batch.iter().enumerate() {
         let o = match src {
             Source::Local(p) => {
                 paths.push(p.clone());
@@ -365,10 +385,10 @@ async fn fetch_batch(
             Err(e) => Err(e),
         };
         let bytes = got.map_err(|e| Error::Store {
-            uri: format!("{}/{rel}", r.uri),
+            uri: format!("{} ({})", r.uri, source_name(id)),
             source: e,
         })?;
-        let ext = Path::new(rel)
+        let ext = Path::new(o.as_ref())
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or("dcm");
@@ -380,6 +400,38 @@ async fn fetch_batch(
         paths.push(p);
     }
     Ok(paths)
+}
+
+/// How errors, logs and reports name a source file: by its keyed id, never its path.
+fn source_name(id: &str) -> String {
+    format!("source {}", &id[..id.len().min(12)])
+}
+
+/// The local list of refused files, `source id,path,reason` (CSV), readable by this user only.
+fn write_refusals(path: &Path, rows: &[(String, String, String)]) -> Result<()> {
+    use std::io::Write;
+    let io = |e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).map_err(io)?;
+    writeln!(f, "source,path,reason").map_err(io)?;
+    for (id, rel, why) in rows {
+        let quoted = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        writeln!(
+            f,
+            "{},{},{}",
+            &id[..id.len().min(12)],
+            quoted(rel),
+            quoted(why)
+        )
+        .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Ingests `cfg.input` into `cfg.output`. Identified DICOM files are refused (listed in the
@@ -420,6 +472,7 @@ pub async fn ingest(
         .collect();
     let mut sink = ShardSink::new(loc, cfg.shard_bytes);
     let total = todo.len();
+    let mut refusals: Vec<(String, String, String)> = Vec::new();
     for (batch_no, batch) in todo.chunks(64).enumerate() {
         // Objects of a remote input are fetched into a scratch folder one batch at a time.
         let scratch = tempfile::tempdir().map_err(|e| Error::Io {
@@ -430,12 +483,12 @@ pub async fn ingest(
         let decoded: Vec<(String, String, Result<Vec<Sample>>)> = batch
             .par_iter()
             .zip(paths.par_iter())
-            .map(|((src, rel, id), p)| {
-                let name = match src {
-                    Source::Local(p) => p.display().to_string(),
-                    Source::Object(_) => format!("{}/{rel}", cfg.input.trim_end_matches('/')),
-                };
-                (rel.clone(), id.clone(), decode(cfg, p, &name, id))
+            .map(|((_, rel, id), p)| {
+                (
+                    rel.clone(),
+                    id.clone(),
+                    decode(cfg, p, &source_name(id), id),
+                )
             })
             .collect();
         for (rel, id, result) in decoded {
@@ -448,13 +501,19 @@ pub async fn ingest(
                         sink.add(&s, Some(&id)).await?;
                     }
                 }
-                Err(e @ Error::Identified { .. }) => report.refused.push(e.to_string()),
+                Err(e @ (Error::Identified { .. } | Error::PixelRisk { .. })) => {
+                    refusals.push((id, rel, e.to_string()));
+                    report.refused.push(e.to_string());
+                }
                 Err(e) => return Err(e),
             }
         }
         progress((batch_no * 64 + batch.len()).min(total), total);
     }
     sink.flush().await?;
+    if let Some(path) = &cfg.refusals {
+        write_refusals(path, &refusals)?;
+    }
     report.samples = sink.samples_written;
     report.shards = sink.shards_written;
     Ok(report)

@@ -74,6 +74,17 @@ pub enum Error {
         /// Names of the identifying attributes found (never their values).
         tags: String,
     },
+    /// The de-identification gate refuses a file whose pixels may carry identifiers (burned-in
+    /// text) without the ingest operator's explicit acceptance of that risk.
+    #[error(
+        "{source_name}: refused: {reason}; if you checked that the pixels carry no identifiers, re-run with --accept-burned-in-risk"
+    )]
+    PixelRisk {
+        /// The file (its pseudonymous source id).
+        source_name: String,
+        /// Why the pixels are at risk.
+        reason: String,
+    },
     /// The dataset index is invalid or was changed in a way that is not an append.
     #[error("{uri}: {reason}")]
     Index {

@@ -80,6 +80,8 @@ pub struct Context {
     pub pod_policy: PodPolicy,
     /// Which registries each namespace may use.
     pub registry_access: RegistryAccess,
+    /// Create a NetworkPolicy per TrainingJob that admits only the gang's own pods.
+    pub gang_network_policy: bool,
 }
 
 impl Context {
@@ -96,6 +98,7 @@ impl Context {
             clock: Clock::Wall,
             pod_policy: PodPolicy::default(),
             registry_access: RegistryAccess::default(),
+            gang_network_policy: true,
         }
     }
 
@@ -108,6 +111,7 @@ impl Context {
             clock,
             pod_policy: self.pod_policy.clone(),
             registry_access: self.registry_access.clone(),
+            gang_network_policy: self.gang_network_policy,
         }
     }
 }

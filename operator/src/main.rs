@@ -75,6 +75,10 @@ struct RunArgs {
     /// What users' resources may add to the pods the operator creates.
     #[command(flatten)]
     pod_policy: radfm_operator::pod_policy::PodPolicy,
+    /// Create a NetworkPolicy per TrainingJob that admits only the gang's own pods to its
+    /// workers (rendezvous, ring, NCCL bootstrap).
+    #[arg(long, env = "RADFM_GANG_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    gang_network_policy: bool,
     /// Which registries each namespace may use.
     #[command(flatten)]
     registry_access: radfm_operator::registry_access::RegistryAccess,
@@ -243,6 +247,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut ctx = Context::new(client, metrics.clone(), Some(identity));
     ctx.pod_policy = args.pod_policy.clone();
     ctx.registry_access = args.registry_access.clone();
+    ctx.gang_network_policy = args.gang_network_policy;
     // The clock file moves schedules only: pods and the API server keep the wall clock.
     let schedules = Arc::new(ctx.with_clock(args.clock_file.map_or(Clock::Wall, Clock::File)));
     let ctx = Arc::new(ctx);

@@ -73,6 +73,21 @@ async fn png_ingest_round_trip_keeps_pixels_labels_and_metadata_exact_and_resume
     std::fs::write(dir.path().join("labels.csv"), labels).unwrap();
     let out = dir.path().join("ds");
     let labels_csv = dir.path().join("labels.csv");
+    // PNG has no metadata to say whether its pixels carry identifiers: refused until the ingest
+    // operator states it checked them.
+    let unchecked = radfm(&[
+        "ingest",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&unchecked.stderr);
+    assert!(!unchecked.status.success());
+    assert!(
+        err.contains("a PNG file has no metadata to say whether its pixels carry identifiers")
+            && err.contains("--accept-burned-in-risk"),
+        "{err}"
+    );
     let args = [
         "ingest",
         input.to_str().unwrap(),
@@ -84,6 +99,7 @@ async fn png_ingest_round_trip_keeps_pixels_labels_and_metadata_exact_and_resume
         labels_csv.to_str().unwrap(),
         "--shard-mib",
         "1",
+        "--accept-burned-in-risk",
     ];
     let text = ok(&radfm(&args));
     assert!(
@@ -153,20 +169,32 @@ async fn identified_dicom_is_refused_and_deidentify_strips_every_identifier() {
     assert!(!patient_name.is_empty());
 
     let out = dir.path().join("ds");
+    let refusals = dir.path().join("refused.csv");
     let refused = radfm(&[
         "ingest",
         input.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
+        "--refusals",
+        refusals.to_str().unwrap(),
     ]);
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        err.contains(
-            "CT_small.dcm: refused: the file carries direct identifiers (PatientName, PatientID"
-        ),
+        err.contains("refused: the file carries direct identifiers (PatientName, PatientID"),
         "{err}"
     );
+    // Paths often carry names: messages name the file by its keyed source id; only the local
+    // refusals file (this user's) maps ids to paths.
+    assert!(
+        !err.contains("CT_small") && !err.contains(input.to_str().unwrap()),
+        "{err}"
+    );
+    let listed = std::fs::read_to_string(&refusals).unwrap();
+    assert!(listed.contains("\"CT_small.dcm\""), "{listed}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&refusals).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
     assert!(err.contains("re-run with --deidentify"), "{err}");
     assert!(
         !err.contains(&patient_name) && !err.contains(&patient_id),
@@ -532,6 +560,7 @@ async fn ingest_reads_an_s3_prefix_and_writes_to_s3() {
             "s3://radfm/ds",
             "--site",
             "h2",
+            "--accept-burned-in-risk",
         ];
         args.extend_from_slice(extra);
         Command::new(workspace_bin("radfm").unwrap())
@@ -587,6 +616,7 @@ print(json.dumps({n: np.asarray(Image.open(sys.argv[1] + "/" + n).convert("L")).
         input.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
+        "--accept-burned-in-risk",
     ]));
     let samples = read_dataset(&out).await;
     assert_eq!(samples.len(), 2);

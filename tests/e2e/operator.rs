@@ -248,6 +248,24 @@ async fn sample_job_runs_on_gpu_nodes_and_kubectl_get_shows_its_columns() {
         .kubectl_ok(&["apply", "-n", "sample", "-f", &sample.to_string_lossy()])
         .unwrap();
     let pods = env.wait_running("mae-chest-xray", 1, 2).await;
+    // The gang's own Secret and NetworkPolicy exist, owned by the job.
+    let owned = cluster
+        .kubectl_ok(&[
+            "get",
+            "secrets,networkpolicies",
+            "-n",
+            "sample",
+            "-l",
+            "radfm.io/job-name=mae-chest-xray",
+            "-o",
+            "jsonpath={range .items[*]}{.kind}/{.metadata.ownerReferences[0].kind} {end}",
+        ])
+        .unwrap();
+    assert_eq!(
+        owned.trim(),
+        "Secret/TrainingJob NetworkPolicy/TrainingJob",
+        "{owned}"
+    );
     let nodes: BTreeSet<String> = pods
         .iter()
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
@@ -808,18 +826,26 @@ async fn helm_chart_lints_installs_and_agrees_with_the_manifests() {
         ])
         .unwrap();
     assert_eq!(sa.trim(), "yes");
-    let no = cluster.kubectl(&[
-        "auth",
-        "can-i",
-        "create",
-        "secrets",
-        "--as=system:serviceaccount:radfm-release:radfm-operator",
-    ]);
-    assert_eq!(
-        String::from_utf8_lossy(&no.stdout).trim(),
-        "no",
-        "least privilege: no secrets"
-    );
+    // Least privilege: the operator creates each job's gang Secret but can never read one.
+    for (verb, want) in [
+        ("create", "yes"),
+        ("get", "no"),
+        ("list", "no"),
+        ("watch", "no"),
+    ] {
+        let can = cluster.kubectl(&[
+            "auth",
+            "can-i",
+            verb,
+            "secrets",
+            "--as=system:serviceaccount:radfm-release:radfm-operator",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&can.stdout).trim(),
+            want,
+            "{verb} secrets"
+        );
+    }
 }
 
 #[tokio::test]
@@ -866,7 +892,7 @@ async fn errors_creating_workers_appear_in_the_created_condition() {
     let (_, why, msg) = condition(&job, ConditionType::Created);
     assert_eq!(why, "CreateFailed");
     assert!(
-        msg.contains("creating pod badvol-w0-a1") && msg.contains("spec.volumes[1].name"),
+        msg.contains("creating pod badvol-w0-a1") && msg.contains("spec.volumes[2].name"),
         "{msg}"
     );
     let events = cluster

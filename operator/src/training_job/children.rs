@@ -13,9 +13,12 @@ use k8s_openapi::api::core::v1::{
     Secret, SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
     ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicySpec,
+};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::Resource;
 use radfm_api::TrainingJob;
 use radfm_api::env::{self, EnvContract};
@@ -251,6 +254,37 @@ pub fn service(job: &TrainingJob) -> Service {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// The job's NetworkPolicy: its worker pods accept connections from the same job's pods only
+/// (rendezvous, ring, NCCL's bootstrap); egress (object storage) is left alone. Enforced where
+/// the cluster's network plugin implements NetworkPolicy.
+pub fn gang_network_policy(job: &TrainingJob) -> NetworkPolicy {
+    let gang = LabelSelector {
+        match_labels: Some(BTreeMap::from([(LABEL_JOB.to_string(), service_name(job))])),
+        ..Default::default()
+    };
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(format!("{}-gang", service_name(job))),
+            namespace: job.metadata.namespace.clone(),
+            labels: Some(base_labels(job)),
+            owner_references: Some(vec![owner(job)]),
+            ..Default::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(gang.clone()),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![NetworkPolicyPeer {
+                    pod_selector: Some(gang),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
     }
 }
 
@@ -713,6 +747,33 @@ mod tests {
             (shm.medium.as_deref(), shm.size_limit),
             (Some("Memory"), Some(Quantity("2Gi".into())))
         );
+    }
+
+    #[test]
+    fn only_the_gangs_own_pods_may_connect_to_its_workers() {
+        let job = JobBuilder::new(2).build();
+        let np = gang_network_policy(&job);
+        let spec = np.spec.unwrap();
+        let own = BTreeMap::from([(LABEL_JOB.to_string(), "mae".to_string())]);
+        assert_eq!(spec.pod_selector.unwrap().match_labels.unwrap(), own);
+        assert_eq!(spec.policy_types.unwrap(), ["Ingress"]);
+        let rules = spec.ingress.unwrap();
+        assert_eq!(rules.len(), 1);
+        let from = rules[0].from.as_ref().unwrap();
+        assert_eq!(from.len(), 1);
+        assert_eq!(
+            from[0]
+                .pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap(),
+            &own
+        );
+        assert!(from[0].namespace_selector.is_none(), "this namespace only");
+        let worker_labels = worker_pod(&job, 1, 1).metadata.labels.unwrap();
+        assert_eq!(worker_labels[LABEL_JOB], "mae");
     }
 
     #[test]

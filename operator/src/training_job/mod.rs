@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
@@ -250,6 +251,12 @@ async fn create_gang_objects(
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         let r = tolerate(api.create(&pp, &secret).await, 409);
         failures.note(r, format!("creating the gang secret of {name}"));
+        if ctx.gang_network_policy {
+            let policy = children::gang_network_policy(job);
+            let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+            let r = tolerate(api.create(&pp, &policy).await, 409);
+            failures.note(r, format!("creating the gang NetworkPolicy of {name}"));
+        }
     }
     if let Some(access) = &plan.trainer_access {
         let account = children::trainer_service_account_name(job);

@@ -51,7 +51,8 @@ pub struct Plan {
     /// The ServiceAccount, Role and RoleBinding the new pods report progress with, applied
     /// before they are created (absent where the user brings a ServiceAccount).
     pub trainer_access: Option<children::TrainerAccess>,
-    /// Create the job's gang Secret (if it does not exist yet) before the pods.
+    /// Create the job's gang Secret and NetworkPolicy (if they do not exist yet) before the
+    /// pods.
     pub create_gang_secret: bool,
     /// Pods to delete gracefully.
     pub delete_pods: Vec<String>,
