@@ -15,12 +15,26 @@ fn radfm(args: &[&str], env: &[(&str, &str)]) -> String {
 #[test]
 fn versions_aliases_lineage_and_history_on_s3() {
     let s3 = S3Server::start().unwrap();
-    let owned = s3.env();
+    let dir = tempfile::tempdir().unwrap();
+    // Every write below is signed with this writer's key.
+    let keys = dir.path().join("keys");
+    let public = radfm(
+        &[
+            "keygen",
+            "--out",
+            keys.to_str().unwrap(),
+            "--site",
+            "writer",
+        ],
+        &[],
+    );
+    let key_file = keys.join("writer.key").display().to_string();
+    let mut owned = s3.env();
+    owned.push((radfm_registry::KEY_FILE_ENV.to_string(), key_file.clone()));
     let env: Vec<(&str, &str)> = owned
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let dir = tempfile::tempdir().unwrap();
     let uri = |p: &str| format!("file://{}/{p}", dir.path().display());
     let sample = repo_root().join("manifests/samples/trainingjob-local.yaml");
     radfm(
@@ -168,6 +182,45 @@ fn versions_aliases_lineage_and_history_on_s3() {
         "{history}"
     );
     assert_eq!(radfm(&["registry", "list", reg], &env).trim(), "cxr");
+
+    // The history is a signed chain: intact as written; an edit by someone with bucket access
+    // (the reason of the first promotion rewritten) is found, and `verify` fails.
+    let verified = radfm(
+        &[
+            "registry",
+            "verify",
+            reg,
+            "cxr",
+            "--trusted-key",
+            public.trim(),
+        ],
+        &env,
+    );
+    assert!(verified.contains("chain intact"), "{verified}");
+    let event = s3
+        .bucket_dir()
+        .join("registry/models/cxr/events/000000005.json");
+    let text = std::fs::read_to_string(&event).unwrap();
+    assert!(text.contains("first model"), "{text}");
+    std::fs::write(&event, text.replace("first model", "approved by the board")).unwrap();
+    let out = radfm_e2e::radfm(
+        &[
+            "registry",
+            "verify",
+            reg,
+            "cxr",
+            "--trusted-key",
+            public.trim(),
+        ],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("event 5: its signature does not match")
+            && said.contains("event 6: its link does not match"),
+        "{said}"
+    );
 }
 
 /// Needs an S3 server that honours `If-None-Match: *` (AWS S3 since 2024, MinIO): s3s-fs 0.14,
