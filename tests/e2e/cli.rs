@@ -125,7 +125,19 @@ fn bad_inputs_get_messages_that_name_the_problem() {
     let bad = bad.display().to_string();
     let line = yaml.lines().position(|l| l.contains("steps: 300")).unwrap() + 1;
     let missing = dir.path().join("nope.yaml").display().to_string();
+    // A PromotionPolicy file that the API server would refuse is refused by `radfm gate` too.
+    let policy = dir.path().join("policy.yaml");
+    let sample_policy = repo_root().join("manifests/samples/promotionpolicy.yaml");
+    let policy_yaml = std::fs::read_to_string(sample_policy).unwrap();
+    std::fs::write(&policy, policy_yaml.replace("quorum: 3", "quorum: 0")).unwrap();
+    let policy = policy.display().to_string();
     for (args, expected) in [
+        (
+            vec!["gate", "--policy", policy.as_str()],
+            format!(
+                "Error: radfm gate\n\nCaused by:\n    0: {policy}\n    1: PromotionPolicy cxr-mae: 1 validation error(s):\n         - spec.quorum: quorum must be at least 1\n"
+            ),
+        ),
         (
             vec!["run", bad.as_str()],
             format!(
