@@ -50,6 +50,20 @@ pub enum RegistryCmd {
         #[arg(long = "trusted-key", required = true)]
         trusted_keys: Vec<String>,
     },
+    /// End the governing PromotionPolicy's claim over a model (a handover to another policy of
+    /// the owning namespace).
+    ReleaseGovernance {
+        /// Registry URI.
+        registry: String,
+        /// Model.
+        model: String,
+        /// Why (recorded in the history).
+        #[arg(long)]
+        reason: String,
+        /// Who (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
     /// Register an exported model folder (`radfm export` output) as a new version.
     Register {
         /// Registry URI.
@@ -206,6 +220,20 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
             model,
             trusted_keys,
         } => verify(&registry, &model, &trusted_keys).await?,
+        RegistryCmd::ReleaseGovernance {
+            registry,
+            model,
+            reason,
+            by,
+        } => {
+            let g = Registry::open(&registry)?
+                .release(&model, &who(by), &reason)
+                .await?;
+            println!(
+                "{model}: released by PromotionPolicy {}/{}",
+                g.namespace, g.policy
+            );
+        }
         RegistryCmd::Register {
             registry,
             model,

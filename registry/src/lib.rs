@@ -265,6 +265,14 @@ pub enum EventKind {
         /// The alias the policy moves (`production`).
         production_alias: String,
     },
+    /// The governing policy gave the model up (a person's decision, for a handover to another
+    /// policy of the owning namespace).
+    Released {
+        /// The policy's namespace.
+        namespace: String,
+        /// The policy's name.
+        policy: String,
+    },
 }
 
 impl std::fmt::Display for EventKind {
@@ -287,6 +295,9 @@ impl std::fmt::Display for EventKind {
                 f,
                 "governed by PromotionPolicy {namespace}/{policy} ({production_alias})"
             ),
+            EventKind::Released { namespace, policy } => {
+                write!(f, "released by PromotionPolicy {namespace}/{policy}")
+            }
         }
     }
 }
@@ -636,6 +647,28 @@ impl Registry {
         .map(|_| ())
     }
 
+    /// Ends the current governing policy's claim (a handover: the next PromotionPolicy of the
+    /// owning namespace to reconcile governs the model).
+    pub async fn release(&self, model: &str, by: &str, reason: &str) -> Result<Governor> {
+        let current = governor_of(&self.events(model).await?)
+            .ok_or_else(|| Error::NotFound(format!("no PromotionPolicy governs {model}")))?;
+        let g = current.clone();
+        self.append(model, by, reason, move |log| match governor_of(log) {
+            Some(now) if now == g => Ok(EventKind::Released {
+                namespace: g.namespace.clone(),
+                policy: g.policy.clone(),
+            }),
+            _ => Err(Error::Conflict {
+                model: model.into(),
+                alias: "governance".into(),
+                expected: format!("{}/{}", g.namespace, g.policy),
+                actual: "changed meanwhile".into(),
+            }),
+        })
+        .await?;
+        Ok(current)
+    }
+
     /// Where every alias points, from the event log.
     pub async fn aliases(&self, model: &str) -> Result<BTreeMap<String, u64>> {
         Ok(aliases_of(&self.events(model).await?))
@@ -980,20 +1013,33 @@ pub fn owner_of(log: &[Event]) -> Option<&str> {
     })
 }
 
-/// The PromotionPolicy that governs the model (its first record).
+/// The PromotionPolicy that governs the model now: the last one recorded and not released.
 pub fn governor_of(log: &[Event]) -> Option<Governor> {
-    log.iter().find_map(|e| match &e.kind {
-        EventKind::Governed {
-            namespace,
-            policy,
-            production_alias,
-        } => Some(Governor {
-            namespace: namespace.clone(),
-            policy: policy.clone(),
-            production_alias: production_alias.clone(),
-        }),
-        _ => None,
-    })
+    let mut current = None;
+    for e in log {
+        match &e.kind {
+            EventKind::Governed {
+                namespace,
+                policy,
+                production_alias,
+            } if current.is_none() => {
+                current = Some(Governor {
+                    namespace: namespace.clone(),
+                    policy: policy.clone(),
+                    production_alias: production_alias.clone(),
+                });
+            }
+            EventKind::Released { namespace, policy }
+                if current.as_ref().is_some_and(|g: &Governor| {
+                    &g.namespace == namespace && &g.policy == policy
+                }) =>
+            {
+                current = None;
+            }
+            _ => {}
+        }
+    }
+    current
 }
 
 /// Refuses `alias` when the model's governing policy owns it (only its gate moves it).
@@ -1337,6 +1383,18 @@ mod tests {
             let log = r.events("cxr").await.unwrap();
             assert_eq!(log.len(), 2, "repeated claims write nothing");
             assert_eq!(governor_of(&log), Some(gate("radiology", "chest")));
+
+            // A handover: the governing policy is released, then another one of the same
+            // namespace governs.
+            let released = r.release("cxr", "alice", "replacing the chest policy").await.unwrap();
+            assert_eq!(released, gate("radiology", "chest"));
+            r.govern("cxr", &gate("radiology", "chest-v2"), "pp").await.unwrap();
+            let log = r.events("cxr").await.unwrap();
+            assert_eq!(governor_of(&log), Some(gate("radiology", "chest-v2")));
+            r.release("cxr", "alice", "x").await.unwrap();
+            assert!(matches!(r.release("cxr", "alice", "x").await, Err(Error::NotFound(_))));
+            r.govern("cxr", &gate("radiology", "chest"), "pp").await.unwrap();
+            let log = r.events("cxr").await.unwrap();
             assert!(check_alias_free(&log, "cxr", "candidate").is_ok());
             let e = check_alias_free(&log, "cxr", "production").unwrap_err();
             assert_eq!(
