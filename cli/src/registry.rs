@@ -225,15 +225,7 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
             model,
             reason,
             by,
-        } => {
-            let g = Registry::open(&registry)?
-                .release(&model, &who(by), &reason)
-                .await?;
-            println!(
-                "{model}: released by PromotionPolicy {}/{}",
-                g.namespace, g.policy
-            );
-        }
+        } => release(&registry, &model, &who(by), &reason).await?,
         RegistryCmd::Register {
             registry,
             model,
@@ -245,14 +237,9 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
         } => {
             let r = Registry::open(&registry)?;
             let spec = radfm_registry::from_export(&export).await?;
+            let spec = NewVersion { parent, ..spec };
             let v = r
-                .register(
-                    &model,
-                    NewVersion { parent, ..spec },
-                    &who(by),
-                    &reason,
-                    Some(&alias),
-                )
+                .register(&model, spec, &who(by), &reason, Some(&alias))
                 .await?;
             println!("registered {model} v{} ({alias})", v.version);
         }
@@ -286,6 +273,15 @@ pub async fn run(cmd: RegistryCmd) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+async fn release(registry: &str, model: &str, by: &str, reason: &str) -> Result<()> {
+    let g = Registry::open(registry)?.release(model, by, reason).await?;
+    println!(
+        "{model}: released by PromotionPolicy {}/{}",
+        g.namespace, g.policy
+    );
     Ok(())
 }
 
