@@ -208,7 +208,10 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 
 /// Fits the probes on the training part and scores them on the held-out part.
 pub fn probe(name: &str, e: &Embedded, k: usize) -> Result<Report> {
-    let held = |i: i64| held_out(split_unit(&e.meta[i as usize], &e.keys[i as usize]));
+    let held = |i: i64| {
+        let key = e.keys[i as usize].as_str();
+        held_out(e.meta.get(i as usize).map_or(key, |m| split_unit(m, key)))
+    };
     let test_rows: Vec<i64> = (0..e.keys.len() as i64).filter(|&i| held(i)).collect();
     let train_rows: Vec<i64> = (0..e.keys.len() as i64).filter(|&i| !held(i)).collect();
     if test_rows.len() < 4 || train_rows.len() < k.max(4) {
