@@ -401,6 +401,7 @@ async fn fetch_shard(
     };
     let name = entry.name.clone();
     let uri = loc.child_uri(&entry.name);
+    verify_digest(entry, &bytes, &uri)?;
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         ShardReader::new(&bytes[..], &name).for_each(|s| out.push(s.ok()))?;
@@ -411,6 +412,28 @@ async fn fetch_shard(
         shard: uri,
         reason: e.to_string(),
     })?
+}
+
+/// A shard must be the bytes the index recorded (its sha256): one changed after it was indexed
+/// (edited, truncated, replaced) is a data error naming the shard, not a source of silently
+/// different training data. Entries without a digest (written by other tools) are not checked.
+fn verify_digest(entry: &ShardEntry, bytes: &[u8], uri: &str) -> Result<()> {
+    use sha2::Digest;
+    if entry.sha256.is_empty() {
+        return Ok(());
+    }
+    let actual = hex::encode(sha2::Sha256::digest(bytes));
+    if actual.eq_ignore_ascii_case(&entry.sha256) {
+        return Ok(());
+    }
+    Err(Error::Shard {
+        shard: uri.to_string(),
+        reason: format!(
+            "sha256 {} does not match the index's {}: the shard changed after it was indexed",
+            &actual[..12],
+            &entry.sha256[..entry.sha256.len().min(12)]
+        ),
+    })
 }
 
 /// Crop, flip, jitter and normalise one sample into `size × size` floats. Deterministic from
@@ -577,6 +600,16 @@ mod tests {
         }
     }
 
+    /// Records `bytes` as shard 0's content in the index (a writer that indexed what it wrote).
+    fn reindex(dir: &std::path::Path, bytes: &[u8]) {
+        use sha2::Digest;
+        let path = dir.join(crate::index::INDEX);
+        let mut index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        index["shards"][0]["sha256"] = hex::encode(sha2::Sha256::digest(bytes)).into();
+        std::fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+    }
+
     async fn dataset(dir: &std::path::Path, samples: usize, shard_bytes: usize) -> String {
         let uri = dir.display().to_string();
         let mut sink = ShardSink::new(Location::open(&uri).unwrap(), shard_bytes);
@@ -695,6 +728,21 @@ mod tests {
             max_bad_samples: 3,
             ..Default::default()
         };
+        // Changed after indexing: the whole shard is refused, by name.
+        let mut changed = Loader::open(&uri, cfg.clone()).await.unwrap();
+        let err = changed
+            .run_epoch(Cursor::default(), |_| true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("shard ")
+                && err.contains("shard-000000.tar: sha256 ")
+                && err.contains("does not match the index's"),
+            "{err}"
+        );
+        // Written corrupt by its writer (the index records these bytes): samples are skipped.
+        reindex(dir.path(), &bytes);
         let mut loader = Loader::open(&uri, cfg.clone()).await.unwrap();
         let mut n = 0;
         loader

@@ -622,10 +622,27 @@ fn corrupt_samples_beyond_the_limit_exit_with_the_data_error_code() {
     for b in &mut bytes[1024..len / 2] {
         *b ^= 0x5a;
     }
-    std::fs::write(&shard, bytes).unwrap();
+    std::fs::write(&shard, &bytes).unwrap();
+    // Changed after it was indexed: a data error naming the shard and its digest.
     let (code, _, err) = run(&w.env("ckpt", 5, &[("RADFM_MAX_BAD_SAMPLES", "2")]));
     assert_eq!(code, 65, "{err}");
-    assert!(err.contains("shard-000000.tar"), "{err}");
+    assert!(
+        err.contains("shard-000000.tar: sha256 ") && err.contains("does not match the index's"),
+        "{err}"
+    );
+    // Written corrupt and indexed that way: past the digest, the damage itself is the data error.
+    use sha2::Digest;
+    let index_path = w.path("data").join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["shards"][0]["sha256"] = hex::encode(sha2::Sha256::digest(&bytes)).into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let (code, _, err) = run(&w.env("ckpt2", 5, &[("RADFM_MAX_BAD_SAMPLES", "2")]));
+    assert_eq!(code, 65, "{err}");
+    assert!(
+        err.contains("shard-000000.tar") && !err.contains("sha256"),
+        "{err}"
+    );
 }
 
 #[test]
