@@ -338,6 +338,17 @@ impl Event {
     }
 }
 
+/// How often a writer re-reads and retries a number another writer took, before giving up
+/// (a store that refuses every create would otherwise keep it looping).
+const MAX_CLAIM_ATTEMPTS: usize = 64;
+
+fn gave_up(model: &str, what: &str) -> Error {
+    Error::Invalid(format!(
+        "{model}: could not claim {what} in {MAX_CLAIM_ATTEMPTS} attempts (every create-only \
+         put was refused: many concurrent writers, or a store that refuses creates)"
+    ))
+}
+
 /// Environment variable naming a file with the hex ed25519 seed every append is signed with.
 pub const KEY_FILE_ENV: &str = "RADFM_REGISTRY_KEY_FILE";
 
@@ -535,13 +546,22 @@ impl Registry {
         check_name("model", model)?;
         let mut out = Vec::new();
         for seq in self.numbers(&format!("models/{model}/events")).await? {
+            let uri = || self.loc.child_uri(&Self::event_name(model, seq));
             let e: Event = self
                 .read(&Self::event_name(model, seq))
                 .await?
                 .ok_or_else(|| Error::Corrupt {
-                    uri: self.loc.child_uri(&Self::event_name(model, seq)),
+                    uri: uri(),
                     reason: "listed but unreadable".into(),
                 })?;
+            // The next number is derived from the last event: one that lies about its number
+            // would send every writer to an existing slot forever.
+            if e.seq != seq {
+                return Err(Error::Corrupt {
+                    uri: uri(),
+                    reason: format!("stored as event {seq} but says it is event {}", e.seq),
+                });
+            }
             out.push(e);
         }
         Ok(out)
@@ -696,7 +716,7 @@ impl Registry {
         reason: &str,
         make: impl Fn(&[Event]) -> Result<EventKind>,
     ) -> Result<Event> {
-        loop {
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
             let log = self.events(model).await?;
             let kind = make(&log)?;
             let seq = log.last().map_or(1, |e| e.seq + 1);
@@ -728,6 +748,7 @@ impl Registry {
                 return Ok(e);
             }
         }
+        Err(gave_up(model, "an event number"))
     }
 
     /// Registers a new version (number assigned here) and records it in the log; with `alias`,
@@ -747,7 +768,8 @@ impl Registry {
         if let Some(p) = spec.parent {
             self.version(model, p).await?;
         }
-        let version = loop {
+        let mut claimed = None;
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
             let next = self
                 .numbers(&format!("models/{model}/versions"))
                 .await?
@@ -766,9 +788,11 @@ impl Registry {
                 .put_new(&Self::version_name(model, next), body)
                 .await?
             {
-                break v;
+                claimed = Some(v);
+                break;
             }
-        };
+        }
+        let version = claimed.ok_or_else(|| gave_up(model, "a version number"))?;
         let n = version.version;
         self.append(model, by, reason, |_| {
             Ok(EventKind::Registered { version: n })
@@ -1400,6 +1424,34 @@ mod tests {
             assert_eq!(
                 e.to_string(),
                 "alias production of cxr is moved only by the gate of PromotionPolicy radiology/chest"
+            );
+        });
+    }
+
+    /// An event whose body names another number than its object would send every writer to an
+    /// existing slot forever: the log is refused as corrupt instead, naming the event.
+    #[test]
+    fn an_event_that_lies_about_its_number_is_refused_instead_of_looping() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().to_str().unwrap()).unwrap();
+        rt().block_on(async {
+            r.register("cxr", spec(None), "ci", "first", Some("candidate"))
+                .await
+                .unwrap();
+            let last = dir.path().join("models/cxr/events/000000002.json");
+            let text = std::fs::read_to_string(&last).unwrap();
+            std::fs::write(&last, text.replace("\"seq\": 2", "\"seq\": 1")).unwrap();
+            let e = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                r.note("cxr", None, "ci", "x"),
+            )
+            .await
+            .expect("append returns instead of looping")
+            .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("stored as event 2 but says it is event 1"),
+                "{e}"
             );
         });
     }
