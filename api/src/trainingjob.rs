@@ -543,13 +543,14 @@ pub struct RunPolicy {
     #[schemars(range(min = 0, max = 1000))]
     pub backoff_limit: i32,
     /// Seconds the job may run (not counting suspended time) before it fails with
-    /// DeadlineExceeded.
+    /// DeadlineExceeded (at most ten years).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 315_360_000))]
     pub active_deadline_seconds: Option<i64>,
-    /// Seconds after Succeeded or Failed when the job (and its pods) is deleted.
+    /// Seconds after Succeeded or Failed when the job (and its pods) is deleted (at most ten
+    /// years).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 315_360_000))]
     pub ttl_seconds_after_finished: Option<i64>,
     /// Suspended: no worker pods exist; status is kept; resuming starts a new attempt from the
     /// last checkpoint.
@@ -560,9 +561,9 @@ pub struct RunPolicy {
     #[serde(default = "default_clean")]
     pub clean_pod_policy: CleanPodPolicy,
     /// Seconds a deleted worker may stay Terminating (for example because its node is gone)
-    /// before it is force-deleted.
+    /// before it is force-deleted (at most a week).
     #[serde(default = "default_terminating")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 604_800))]
     pub terminating_timeout_seconds: i64,
 }
 

@@ -200,6 +200,15 @@ async fn invalid_trainingjobs_are_rejected_naming_the_field() {
             "exactly one of training.steps and training.epochs must be set",
         ),
         (
+            "a TTL past any representable time",
+            job_yaml(
+                "ok",
+                2,
+                "  runPolicy: {ttlSecondsAfterFinished: 9223372036854775807}\n",
+            ),
+            "spec.runPolicy.ttlSecondsAfterFinished: Invalid value",
+        ),
+        (
             "unknown field",
             job_yaml("ok", 2, "  replicaz: 3\n"),
             "unknown field \"spec.replicaz\"",

@@ -755,6 +755,31 @@ mod tests {
         assert!(plan(&job, &observe(done, 40)).delete_job);
     }
 
+    /// Durations past the representable time must not wrap or fall back to "now": a TTL of
+    /// i64::MAX seconds never deletes the job, a deadline of i64::MAX never fails it.
+    #[test]
+    fn huge_durations_mean_never_not_now() {
+        let (job, pods) = running_job(1);
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.ttl_seconds_after_finished = Some(i64::MAX))
+            .build();
+        let done = vec![exited(pods[0].clone(), 0, "Completed")];
+        let p = plan(&job, &observe(done.clone(), 10));
+        let job = after(job, &p);
+        assert!(!plan(&job, &observe(done, 1_000)).delete_job);
+
+        let (job, pods) = running_job(1);
+        let job = JobBuilder(job)
+            .with(|j| j.spec.run_policy.active_deadline_seconds = Some(i64::MAX))
+            .build();
+        let p = plan(&job, &observe(pods, 1_000));
+        assert!(
+            get(&p.status.conditions, C::Failed).is_none(),
+            "{:?}",
+            p.status
+        );
+    }
+
     #[test]
     fn gang_scheduler_gets_a_pod_group_with_min_member() {
         let job = JobBuilder::new(4)

@@ -164,11 +164,17 @@ pub(super) fn secs_between(from: &Time, to: &Time) -> i64 {
     to.0.as_second() - from.0.as_second()
 }
 
-/// `t` moved by `secs` (unchanged where that leaves the representable range).
+/// `t` moved by `secs`, saturating at the ends of the representable range: a duration too
+/// long to represent means "never", not "now".
 pub(super) fn add_secs(t: &Time, secs: i64) -> Time {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
     Time(
-        t.0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
-            .unwrap_or(t.0),
+        t.0.checked_add(SignedDuration::from_secs(secs))
+            .unwrap_or(if secs >= 0 {
+                Timestamp::MAX
+            } else {
+                Timestamp::MIN
+            }),
     )
 }
 
