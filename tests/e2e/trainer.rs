@@ -609,6 +609,20 @@ fn a_checkpoint_of_another_model_shape_is_refused_not_mixed() {
 }
 
 #[test]
+fn a_worker_that_asked_for_a_gpu_and_has_none_fails_permanently_instead_of_using_the_cpu() {
+    if radfm_collective::nccl::driver_present() {
+        return; // a GPU machine: the premise does not hold
+    }
+    let w = Workdir::new(8, 32);
+    let (code, _, err) = run(&w.env("ckpt", 2, &[("RADFM_GPUS", "1")]));
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("RADFM_GPUS") && err.contains("refusing to train on the CPU"),
+        "{err}"
+    );
+}
+
+#[test]
 fn corrupt_samples_beyond_the_limit_exit_with_the_data_error_code() {
     let w = Workdir::new(64, 32);
     // Damage the image data of the shard (past the first tar header) without changing its size.

@@ -317,14 +317,36 @@ impl TrainConfig {
         })
     }
 
-    /// The device of this process: its GPU when the pod has GPUs and CUDA is usable, else CPU.
-    pub fn device(&self) -> tch::Device {
-        if self.gpus > 0 && tch::Cuda::is_available() {
-            tch::Device::Cuda(self.local_rank)
+    /// The device of this process: its GPU when the pod has GPUs, the CPU when it has none. A
+    /// pod that asked for GPUs but sees no usable one is a permanent error: training on the CPU
+    /// instead would be silently hundreds of times slower.
+    pub fn device(&self) -> Result<tch::Device> {
+        let usable = if tch::Cuda::is_available() {
+            tch::Cuda::device_count().max(0) as usize
         } else {
-            tch::Device::Cpu
-        }
+            0
+        };
+        select_device(self.gpus, self.local_rank, usable)
     }
+}
+
+/// [`TrainConfig::device`] for `gpus` requested, this process's `local_rank` and the number of
+/// CUDA devices it can use.
+pub fn select_device(gpus: usize, local_rank: usize, usable: usize) -> Result<tch::Device> {
+    if gpus == 0 {
+        return Ok(tch::Device::Cpu);
+    }
+    if local_rank < usable {
+        return Ok(tch::Device::Cuda(local_rank));
+    }
+    Err(Error::Field {
+        field: radfm_api::env::GPUS.into(),
+        reason: format!(
+            "the pod requested {gpus} GPU(s) but local rank {local_rank} sees {usable} usable CUDA \
+             device(s) (driver or device plugin missing, CUDA_VISIBLE_DEVICES, or a CPU-only \
+             libtorch); refusing to train on the CPU"
+        ),
+    })
 }
 
 fn parse_bool(get: &impl Fn(&str) -> Option<String>, name: &str, default: bool) -> Result<bool> {
@@ -413,6 +435,24 @@ fn parse_threads(get: &impl Fn(&str) -> Option<String>) -> Result<Option<i32>> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn a_pod_that_asked_for_gpus_never_trains_on_the_cpu() {
+        assert_eq!(select_device(0, 0, 0).unwrap(), tch::Device::Cpu);
+        assert_eq!(select_device(0, 0, 8).unwrap(), tch::Device::Cpu);
+        assert_eq!(select_device(8, 3, 8).unwrap(), tch::Device::Cuda(3));
+        let e = select_device(1, 0, 0).unwrap_err();
+        assert_eq!(e.exit_code(), radfm_api::exit::INVALID_CONFIG);
+        assert!(
+            e.to_string()
+                .contains("requested 1 GPU(s) but local rank 0 sees 0 usable"),
+            "{e}"
+        );
+        assert!(
+            select_device(2, 1, 1).is_err(),
+            "fewer devices than local ranks"
+        );
+    }
     use super::*;
     use std::collections::HashMap;
 

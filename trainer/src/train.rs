@@ -89,7 +89,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         tch::set_num_threads(n);
     }
     let rt = runtime()?;
-    let device = cfg.device();
+    let device = cfg.device()?;
     let (loader, data) = open_data(cfg, &rt)?;
     let mut model = Model::new(cfg, device);
     let location = Location::open(&cfg.checkpoint_uri)?;
