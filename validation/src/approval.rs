@@ -13,8 +13,7 @@ use radfm_api::site_validation::PromotionPolicySpec;
 use serde::{Deserialize, Serialize};
 
 use crate::gate::Versions;
-use crate::report::{self, Signed};
-use crate::{Error, Result};
+use crate::report::Signed;
 
 /// Format tag of the payload.
 pub const FORMAT: &str = "radfm.approval/v1";
@@ -40,13 +39,7 @@ pub struct Approval {
 
 /// Signs an approval with the approver's key.
 pub fn sign(a: &Approval, key: &SigningKey) -> Signed {
-    use ed25519_dalek::Signer;
-    let payload = serde_json::to_string(a).expect("approvals serialise");
-    Signed {
-        signature: hex::encode(key.sign(payload.as_bytes()).to_bytes()),
-        public_key: report::public_hex(key),
-        payload,
-    }
+    Signed::of(a, key)
 }
 
 /// Checks one stored approval (`name`: the approver it is stored under) against the policy's
@@ -71,7 +64,9 @@ pub fn admit(
     {
         return Err(format!("signed with a key that is not {name}'s"));
     }
-    let a = verify(&signed).map_err(|e| e.to_string())?;
+    let a = signed
+        .open(|a: &Approval| &a.format, FORMAT)
+        .map_err(|e| e.to_string())?;
     if a.approver != name {
         return Err(format!("names {} but is stored as {name}'s", a.approver));
     }
@@ -88,27 +83,6 @@ pub fn admit(
     let skew = jiff::SignedDuration::from_secs(policy.max_clock_skew_seconds.max(0));
     if created > now + skew || created + skew < v.candidate_created {
         return Err(format!("dated {created}, outside the candidate's lifetime"));
-    }
-    Ok(a)
-}
-
-/// The signature against the embedded key, then the payload.
-fn verify(signed: &Signed) -> Result<Approval> {
-    use ed25519_dalek::{Signature, Verifier};
-    let key = report::verifying_key(&signed.public_key)?;
-    let sig: [u8; 64] = hex::decode(&signed.signature)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| Error::Signature("signature is not 64 hex bytes".into()))?;
-    key.verify(signed.payload.as_bytes(), &Signature::from_bytes(&sig))
-        .map_err(|_| Error::Signature("signature does not match the payload".into()))?;
-    let a: Approval =
-        serde_json::from_str(&signed.payload).map_err(|e| Error::Data(format!("payload: {e}")))?;
-    if a.format != FORMAT {
-        return Err(Error::Data(format!(
-            "payload format {:?}, expected {FORMAT}",
-            a.format
-        )));
     }
     Ok(a)
 }
@@ -149,7 +123,7 @@ mod tests {
         let policy = PromotionPolicySpec {
             approvers: vec![Approver {
                 name: "dr-alice".into(),
-                public_key: report::public_hex(&key),
+                public_key: crate::report::public_hex(&key),
             }],
             ..policy
         };

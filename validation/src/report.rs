@@ -218,36 +218,54 @@ pub struct Signed {
     pub public_key: String,
 }
 
+impl Signed {
+    /// `value` as JSON, signed with `key`.
+    pub fn of<T: Serialize>(value: &T, key: &SigningKey) -> Signed {
+        let payload = serde_json::to_string(value).expect("signed statements serialise");
+        let signature = key.sign(payload.as_bytes());
+        Signed {
+            payload,
+            signature: hex::encode(signature.to_bytes()),
+            public_key: public_hex(key),
+        }
+    }
+
+    /// The payload, after checking the signature against the embedded public key, parsed and
+    /// required to carry the format tag `expected` (read by `format`). Whether that key is
+    /// trusted, and for whom, is the caller's decision.
+    pub fn open<T: serde::de::DeserializeOwned>(
+        &self,
+        format: impl Fn(&T) -> &str,
+        expected: &str,
+    ) -> Result<T> {
+        let key = verifying_key(&self.public_key)?;
+        let sig: [u8; 64] = hex::decode(&self.signature)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| Error::Signature("signature is not 64 hex bytes".into()))?;
+        key.verify(self.payload.as_bytes(), &Signature::from_bytes(&sig))
+            .map_err(|_| Error::Signature("signature does not match the payload".into()))?;
+        let value: T = serde_json::from_str(&self.payload)
+            .map_err(|e| Error::Data(format!("payload: {e}")))?;
+        if format(&value) != expected {
+            return Err(Error::Data(format!(
+                "payload format {:?}, expected {expected}",
+                format(&value)
+            )));
+        }
+        Ok(value)
+    }
+}
+
 /// Signs a report.
 pub fn sign(report: &SiteReport, key: &SigningKey) -> Signed {
-    let payload = serde_json::to_string(report).expect("reports serialise");
-    let signature = key.sign(payload.as_bytes());
-    Signed {
-        payload,
-        signature: hex::encode(signature.to_bytes()),
-        public_key: public_hex(key),
-    }
+    Signed::of(report, key)
 }
 
 /// Checks the signature against the embedded public key and parses the payload. Whether that
 /// key is trusted, and for which site, is the caller's decision.
 pub fn verify(signed: &Signed) -> Result<SiteReport> {
-    let key = verifying_key(&signed.public_key)?;
-    let sig: [u8; 64] = hex::decode(&signed.signature)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| Error::Signature("signature is not 64 hex bytes".into()))?;
-    key.verify(signed.payload.as_bytes(), &Signature::from_bytes(&sig))
-        .map_err(|_| Error::Signature("signature does not match the payload".into()))?;
-    let report: SiteReport =
-        serde_json::from_str(&signed.payload).map_err(|e| Error::Data(format!("payload: {e}")))?;
-    if report.format != FORMAT {
-        return Err(Error::Data(format!(
-            "payload format {:?}, expected {FORMAT}",
-            report.format
-        )));
-    }
-    Ok(report)
+    signed.open(|r: &SiteReport| &r.format, FORMAT)
 }
 
 /// A public key from hex.
