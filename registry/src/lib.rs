@@ -622,10 +622,12 @@ impl Registry {
 
     /// Claims `model` for `namespace` (the first claim counts); refuses when another namespace
     /// owns it.
-    pub async fn claim(&self, model: &str, namespace: &str, by: &str) -> Result<()> {
+    /// Returns the model's log as it stands after the claim (read once where the model is
+    /// already this namespace's).
+    pub async fn claim(&self, model: &str, namespace: &str, by: &str) -> Result<Vec<Event>> {
         let log = self.events(model).await?;
         match owner_of(&log) {
-            Some(owner) if owner == namespace => return Ok(()),
+            Some(owner) if owner == namespace => return Ok(log),
             Some(owner) => return Err(not_owner(model, owner, namespace)),
             None => {}
         }
@@ -636,16 +638,15 @@ impl Registry {
                 namespace: namespace.into(),
             }),
         })
-        .await
-        .map(|_| ())
+        .await?;
+        self.events(model).await
     }
 
     /// Records that PromotionPolicy `namespace/policy` governs `model`, promoting to
     /// `production_alias`; refuses when the model belongs to another namespace or another policy
     /// governs it. A model nobody owns yet is claimed for the policy's namespace.
     pub async fn govern(&self, model: &str, g: &Governor, by: &str) -> Result<()> {
-        self.claim(model, &g.namespace, by).await?;
-        let log = self.events(model).await?;
+        let log = self.claim(model, &g.namespace, by).await?;
         match governor_of(&log) {
             Some(current) if current == *g => return Ok(()),
             Some(current) => return Err(governed_elsewhere(model, &current)),

@@ -214,13 +214,12 @@ async fn register_run(
     let by = format!("radfm-operator/{ns}/{}", ct.name_any());
     // A ContinualTraining registers candidates only: the model must be this namespace's, and
     // the alias not the one its governing PromotionPolicy promotes to.
-    reg.claim(model, &ns, &by).await.map_err(reg_err)?;
-    radfm_registry::check_alias_free(&reg.events(model).await.map_err(reg_err)?, model, alias)
+    let log = reg.claim(model, &ns, &by).await.map_err(reg_err)?;
+    radfm_registry::check_alias_free(&log, model, alias)
         .map_err(|e| invalid("spec.register.alias", e.to_string()))?;
     let uid = job.uid().unwrap_or_default();
     if let Some(v) = reg.find_by_job(model, &uid).await.map_err(reg_err)? {
         // Registered by a pass that stopped before recording it; make sure the alias moved too.
-        let log = reg.events(model).await.map_err(reg_err)?;
         if !radfm_registry::alias_history(&log, alias)
             .iter()
             .any(|(_, to)| *to == v.version)
