@@ -404,7 +404,12 @@ async fn fetch_batch(
 
 /// How errors, logs and reports name a source file: by its keyed id, never its path.
 fn source_name(id: &str) -> String {
-    format!("source {}", &id[..id.len().min(12)])
+    format!("source {}", short_id(id))
+}
+
+/// The part of a keyed source id that messages and the refusals file show.
+fn short_id(id: &str) -> &str {
+    &id[..id.len().min(12)]
 }
 
 /// The local list of refused files, `source id,path,reason` (CSV), readable by this user only.
@@ -422,14 +427,7 @@ fn write_refusals(path: &Path, rows: &[(String, String, String)]) -> Result<()> 
     writeln!(f, "source,path,reason").map_err(io)?;
     for (id, rel, why) in rows {
         let quoted = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-        writeln!(
-            f,
-            "{},{},{}",
-            &id[..id.len().min(12)],
-            quoted(rel),
-            quoted(why)
-        )
-        .map_err(io)?;
+        writeln!(f, "{},{},{}", short_id(id), quoted(rel), quoted(why)).map_err(io)?;
     }
     Ok(())
 }

@@ -68,25 +68,19 @@ pub fn plan(sv: &SiteValidator, obs: &Observed) -> Plan {
         events: Vec::new(),
         requeue_after: Duration::ZERO,
     };
-    match &obs.candidate {
-        _ if obs.policy_violation.is_some() => {
+    match (&obs.policy_violation, &obs.candidate) {
+        (Some(violation), _) => {
             let why = radfm_api::conditions::reason::POD_POLICY_VIOLATION;
-            let msg = format!(
-                "refused by the cluster's radfm pod policy: {}",
-                obs.policy_violation
-                    .as_ref()
-                    .map(|v| v.0.as_str())
-                    .unwrap_or_default()
-            );
+            let msg = format!("refused by the cluster's radfm pod policy: {violation}");
             if stamp.set(&mut plan.status.conditions, Cond::Ready, false, why, &msg) {
                 plan.events.push(PlannedEvent::warning(why, msg));
             }
         }
-        Err(e) => {
+        (None, Err(e)) => {
             let why = validation_reason::REGISTRY_ERROR;
             stamp.set(&mut plan.status.conditions, Cond::Ready, false, why, e);
         }
-        Ok(found) => {
+        (None, Ok(found)) => {
             let msg = match found {
                 Some(c) => format!("candidate is v{}", c.version),
                 None => "no candidate to validate".into(),
