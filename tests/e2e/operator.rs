@@ -890,14 +890,15 @@ async fn errors_creating_workers_appear_in_the_created_condition() {
     // Extra volumes pass the CRD schema as given; the Pod validation rejects this one.
     let bad = "gpusPerWorker: 4, template: {volumes: [{name: Not_A_DNS_Label, emptyDir: {}}]}}";
     env.apply_ok(&job_yaml("badvol", 1, "").replace("gpusPerWorker: 4}", bad));
-    let job = env
-        .wait_job("badvol", "Created=False", |j| {
+    let not_created = |name: &'static str| {
+        env.wait_job(name, "Created=False", |j| {
             j.status
                 .as_ref()
                 .and_then(|s| conditions::get(&s.conditions, ConditionType::Created))
                 .is_some_and(|c| c.status == "False")
         })
-        .await;
+    };
+    let job = not_created("badvol").await;
     let (_, why, msg) = condition(&job, ConditionType::Created);
     assert_eq!(why, "CreateFailed");
     assert!(
@@ -921,14 +922,7 @@ async fn errors_creating_workers_appear_in_the_created_condition() {
     // is created, and Created says which field.
     let host = "gpusPerWorker: 4, template: {volumes: [{name: host, hostPath: {path: /etc}}]}}";
     env.apply_ok(&job_yaml("hostvol", 1, "").replace("gpusPerWorker: 4}", host));
-    let job = env
-        .wait_job("hostvol", "Created=False", |j| {
-            j.status
-                .as_ref()
-                .and_then(|s| conditions::get(&s.conditions, ConditionType::Created))
-                .is_some_and(|c| c.status == "False")
-        })
-        .await;
+    let job = not_created("hostvol").await;
     let (_, why, msg) = condition(&job, ConditionType::Created);
     assert_eq!(why, "PodPolicyViolation");
     assert!(

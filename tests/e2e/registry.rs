@@ -185,17 +185,20 @@ fn versions_aliases_lineage_and_history_on_s3() {
 
     // The history is a signed chain: intact as written; an edit by someone with bucket access
     // (the reason of the first promotion rewritten) is found, and `verify` fails.
-    let verified = radfm(
-        &[
-            "registry",
-            "verify",
-            reg,
-            "cxr",
-            "--trusted-key",
-            public.trim(),
-        ],
-        &env,
-    );
+    let verify = || {
+        radfm_e2e::radfm(
+            &[
+                "registry",
+                "verify",
+                reg,
+                "cxr",
+                "--trusted-key",
+                public.trim(),
+            ],
+            &env,
+        )
+    };
+    let verified = radfm_e2e::ok(&verify());
     assert!(verified.contains("chain intact"), "{verified}");
     let event = s3
         .bucket_dir()
@@ -203,17 +206,7 @@ fn versions_aliases_lineage_and_history_on_s3() {
     let text = std::fs::read_to_string(&event).unwrap();
     assert!(text.contains("first model"), "{text}");
     std::fs::write(&event, text.replace("first model", "approved by the board")).unwrap();
-    let out = radfm_e2e::radfm(
-        &[
-            "registry",
-            "verify",
-            reg,
-            "cxr",
-            "--trusted-key",
-            public.trim(),
-        ],
-        &env,
-    );
+    let out = verify();
     assert_eq!(out.status.code(), Some(1));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(

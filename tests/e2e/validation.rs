@@ -478,17 +478,12 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
     // The bad reports go; the policy now wants a person's approval (dr-alice's signature); the
     // sites validate v3 for real: every rule passes and the gate waits for the approval, then
     // promotes. A policy that wants approval without naming approvers is refused.
-    let refused = cluster.kubectl(&[
-        "patch",
-        "pp",
-        "chest",
-        "-n",
-        NS,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec": {"requireApproval": true}}"#,
-    ]);
+    let patch_policy = |spec: &str| {
+        cluster.kubectl(&[
+            "patch", "pp", "chest", "-n", NS, "--type", "merge", "-p", spec,
+        ])
+    };
+    let refused = patch_policy(r#"{"spec": {"requireApproval": true}}"#);
     assert!(
         String::from_utf8_lossy(&refused.stderr)
             .contains("requireApproval needs at least one approver"),
@@ -498,22 +493,10 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
     let alice = w.radfm(&["keygen", "--out", &keys, "--site", "dr-alice"]);
     let mallory = w.radfm(&["keygen", "--out", &keys, "--site", "mallory"]);
     assert_ne!(alice, mallory);
-    cluster
-        .kubectl_ok(&[
-            "patch",
-            "pp",
-            "chest",
-            "-n",
-            NS,
-            "--type",
-            "merge",
-            "-p",
-            &format!(
-                r#"{{"spec": {{"requireApproval": true, "approvers": [{{"name": "dr-alice", "publicKey": "{}"}}]}}}}"#,
-                alice.trim()
-            ),
-        ])
-        .unwrap();
+    radfm_e2e::ok(&patch_policy(&format!(
+        r#"{{"spec": {{"requireApproval": true, "approvers": [{{"name": "dr-alice", "publicKey": "{}"}}]}}}}"#,
+        alice.trim()
+    )));
     for site in SITES {
         store.delete(&name(3, site)).await.unwrap();
     }
