@@ -76,14 +76,7 @@ pub fn admit(
             a.model, a.version, v.candidate
         ));
     }
-    let created: Timestamp = a
-        .created
-        .parse()
-        .map_err(|e| format!("created {:?}: {e}", a.created))?;
-    let skew = jiff::SignedDuration::from_secs(policy.max_clock_skew_seconds.max(0));
-    if created > now + skew || created + skew < v.candidate_created {
-        return Err(format!("dated {created}, outside the candidate's lifetime"));
-    }
+    crate::gate::dated_within(policy, v, &a.created, now)?;
     Ok(a)
 }
 

@@ -154,23 +154,7 @@ fn admit(
             r.baseline, v.baseline
         ));
     }
-    let created: Timestamp = r
-        .created
-        .parse()
-        .map_err(|e| format!("created {:?}: {e}", r.created))?;
-    let skew = jiff::SignedDuration::from_secs(policy.max_clock_skew_seconds.max(0));
-    if created > now + skew {
-        return Err(format!(
-            "dated {created}, beyond the allowed clock skew of {}s ahead of {now}",
-            policy.max_clock_skew_seconds
-        ));
-    }
-    if created + skew < v.candidate_created {
-        return Err(format!(
-            "dated {created}, before the candidate was registered ({})",
-            v.candidate_created
-        ));
-    }
+    dated_within(policy, v, &r.created, now)?;
     if !r.tasks.iter().any(|t| t.task == policy.task) {
         return Err(format!("has no task {:?}", policy.task));
     }
@@ -208,6 +192,34 @@ fn disclosure_at_least(policy: &PromotionPolicySpec, r: &SiteReport) -> Result<(
             s.name(),
             s.result.n,
             r.min_cell_size
+        ));
+    }
+    Ok(())
+}
+
+/// A signed statement about the candidate (a site report, an approval) must be dated within the
+/// candidate's lifetime: not ahead of now, nor before its registration, by more than the
+/// policy's clock skew.
+pub(crate) fn dated_within(
+    policy: &PromotionPolicySpec,
+    v: &Versions,
+    created: &str,
+    now: Timestamp,
+) -> Result<(), String> {
+    let created: Timestamp = created
+        .parse()
+        .map_err(|e| format!("created {created:?}: {e}"))?;
+    let skew = jiff::SignedDuration::from_secs(policy.max_clock_skew_seconds.max(0));
+    if created > now + skew {
+        return Err(format!(
+            "dated {created}, beyond the allowed clock skew of {}s ahead of {now}",
+            policy.max_clock_skew_seconds
+        ));
+    }
+    if created + skew < v.candidate_created {
+        return Err(format!(
+            "dated {created}, before the candidate was registered ({})",
+            v.candidate_created
         ));
     }
     Ok(())
