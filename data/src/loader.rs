@@ -401,8 +401,10 @@ async fn fetch_shard(
     };
     let name = entry.name.clone();
     let uri = loc.child_uri(&entry.name);
-    verify_digest(entry, &bytes, &uri)?;
+    let (entry, shard) = (entry.clone(), uri.clone());
+    // Hashing a shard is CPU work like parsing it: both stay off the async workers.
     tokio::task::spawn_blocking(move || {
+        verify_digest(&entry, &bytes, &shard)?;
         let mut out = Vec::new();
         ShardReader::new(&bytes[..], &name).for_each(|s| out.push(s.ok()))?;
         Ok::<_, Error>(out)
