@@ -45,6 +45,13 @@ struct State {
     map: HashMap<String, String>,
 }
 
+impl State {
+    /// Whether `key` is new and there is no room for another key.
+    fn full_for(&self, key: &str) -> bool {
+        self.map.len() >= MAX_KEYS && !self.map.contains_key(key)
+    }
+}
+
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
@@ -208,7 +215,7 @@ fn answer(line: &str, shared: &Shared) -> String {
     match parts.as_slice() {
         ["SET", key, value] => {
             let mut st = shared.lock();
-            if st.map.len() >= MAX_KEYS && !st.map.contains_key(*key) {
+            if st.full_for(key) {
                 return format!("ERR more than {MAX_KEYS} keys");
             }
             st.map.insert(key.to_string(), value.to_string());
@@ -222,7 +229,7 @@ fn answer(line: &str, shared: &Shared) -> String {
         ["ADD", key, n] => match n.parse::<i64>() {
             Ok(n) => {
                 let mut st = shared.lock();
-                if st.map.len() >= MAX_KEYS && !st.map.contains_key(*key) {
+                if st.full_for(key) {
                     return format!("ERR more than {MAX_KEYS} keys");
                 }
                 let cur: i64 = st.map.get(*key).and_then(|v| v.parse().ok()).unwrap_or(0);
