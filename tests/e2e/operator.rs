@@ -377,7 +377,9 @@ async fn sample_job_runs_on_gpu_nodes_and_kubectl_get_shows_its_columns() {
 #[tokio::test]
 async fn all_workers_succeeding_completes_the_job_and_cleans_pods() {
     let _serial = serial().await;
-    let cluster = Cluster::start(2, 8).await.unwrap();
+    // Room for both jobs at once (5 pods of 4 GPUs); with less, whichever job the scheduler
+    // placed first decided whether `done` could ever have all three pods running.
+    let cluster = Cluster::start(3, 8).await.unwrap();
     let (_ns, _op) = setup(&cluster, "success").await;
     let env = Env {
         cluster: &cluster,
