@@ -121,10 +121,13 @@ py-deps:
 	  "$(PY_ENV)/bin/pip" install -q $(PY_DEPS) && touch "$$stamp"; \
 	fi
 
-## s3-server: a real S3-compatible server for the tests (s3s-fs from crates.io), cached
-S3S_ROOT := $(RADFM_CACHE)/s3s-fs-0.14.1
+## s3-server: a real S3 server for the tests (versitygw's POSIX gateway, from its pinned Go
+## module in tests/cluster/s3: it honours conditional writes), cached
+S3_SERVER := $(RADFM_CACHE)/versitygw-v1.8.0/versitygw
 s3-server:
-	@[ -x "$(S3S_ROOT)/bin/s3s-fs" ] || $(CARGO) install --locked s3s-fs@0.14.1 --features binary --root "$(S3S_ROOT)"
+	@[ -x "$(S3_SERVER)" ] || (cd tests/cluster/s3 && GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 \
+	  go build -trimpath -ldflags="-s -w" -o "$(S3_SERVER).tmp" github.com/versity/versitygw/cmd/versitygw && \
+	  mv "$(S3_SERVER).tmp" "$(S3_SERVER)")
 
 ## bench-loader: radfm's loader vs Python webdataset + PIL on the same shards, per CPU core
 BENCH_DIR ?= /tmp/radfm-bench-loader

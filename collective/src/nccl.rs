@@ -164,7 +164,8 @@ unsafe impl Send for Nccl {}
 
 impl Nccl {
     /// Joins the communicator of `world` ranks on GPU `ordinal` of this machine: rank 0 draws
-    /// the unique id and publishes it through the rendezvous server, the others read it; all within `timeout`.
+    /// the unique id and publishes it through the rendezvous server, the others read it; all
+    /// within the rendezvous client's join timeout. Each collective then waits up to `timeout`.
     pub fn connect(
         rendezvous: &mut RendezvousClient,
         rank: usize,
@@ -197,7 +198,7 @@ impl Nccl {
             event,
             ctx,
         };
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + rendezvous.timeout();
         let mut cfg = config(version);
         // SAFETY: `me.comm` and `cfg` outlive the call; NCCL copies the config.
         let r = unsafe {

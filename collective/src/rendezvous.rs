@@ -411,6 +411,11 @@ impl RendezvousClient {
         }
     }
 
+    /// How long joining may wait: connecting, and each key waited for.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Sets `key` to `value`.
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
         let req = format!("SET {}{key} {}", self.prefix, hex::encode(value));

@@ -155,7 +155,8 @@ impl Link {
 
 impl Ring {
     /// Joins the ring: publishes this rank's listening address with the rendezvous server,
-    /// connects to the next rank and accepts the previous one, each within `timeout`. Both links
+    /// connects to the next rank and accepts the previous one, each within the rendezvous
+    /// client's join timeout; the links then carry read and write timeouts of `timeout`. Both links
     /// start with the membership proof of [`crate::auth`] (with the gang's secret, bound to the
     /// attempt and both ranks): a connection that cannot prove it is the previous rank is dropped
     /// and the rank keeps waiting for the real one.
@@ -191,7 +192,7 @@ impl Ring {
             rank,
             world,
         };
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + rendezvous.timeout();
         let to_next = link.clone();
         let connector = std::thread::spawn(move || to_next.connect_next(next_addr, deadline));
         let prev = link.accept_prev(&listener, deadline)?;

@@ -173,6 +173,7 @@ impl DatasetIndex {
         stats: Stats,
         sources: &[&String],
     ) -> Result<ShardEntry> {
+        loc.require_conditional_writes().await?;
         let mut index = DatasetIndex::load(loc).await?;
         let seq = index.shards.len() as u64;
         let name = shard_name(seq);

@@ -85,6 +85,25 @@ pub enum Error {
         /// Why the pixels are at risk.
         reason: String,
     },
+    /// The object store accepted a second create-only write of one object: concurrent writers
+    /// (registrations, index appends, checkpoint epochs) could overwrite each other.
+    #[error(
+        "{uri}: the object store does not honour create-only writes (If-None-Match: *); concurrent writers could overwrite each other. Use a store that does (AWS S3, MinIO, versitygw, GCS, Azure, a local folder), or set RADFM_SINGLE_WRITER=true if only one writer ever uses this location"
+    )]
+    Unconditional {
+        /// The location checked.
+        uri: String,
+    },
+    /// An object is larger than what reading it may allocate.
+    #[error("{uri}: {bytes} bytes is more than the limit of {limit} for this kind of object")]
+    TooLarge {
+        /// The object.
+        uri: String,
+        /// Its size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The dataset index is invalid or was changed in a way that is not an append.
     #[error("{uri}: {reason}")]
     Index {

@@ -1,12 +1,23 @@
 //! Object-store locations from URIs (`file://`, `s3://`, `gs://`, `az://`), configured from the
 //! environment the way the trainer pods receive credentials (AWS_*, GOOGLE_*, AZURE_*).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::{Error, Result};
+
+/// Variable that lets radfm use a store without create-only writes (`true`), when one writer
+/// alone ever uses the location.
+pub const SINGLE_WRITER: &str = "RADFM_SINGLE_WRITER";
+
+/// Locations whose store this process already found to honour create-only writes.
+fn checked() -> &'static Mutex<HashSet<String>> {
+    static CHECKED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    CHECKED.get_or_init(Mutex::default)
+}
 
 /// A folder in an object store.
 #[derive(Clone, Debug)]
@@ -128,6 +139,32 @@ impl Location {
         }
     }
 
+    /// Reads a whole object of at most `limit` bytes; Ok(None) when it does not exist, and
+    /// [`Error::TooLarge`] (before reading the body) when it is larger.
+    pub async fn get_bounded(&self, name: &str, limit: usize) -> Result<Option<bytes::Bytes>> {
+        let r = match self.store.get(&self.child(name)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err(name, e)),
+        };
+        if r.meta.size > limit as u64 {
+            return Err(Error::TooLarge {
+                uri: self.child_uri(name),
+                bytes: r.meta.size,
+                limit: limit as u64,
+            });
+        }
+        let body = r.bytes().await.map_err(|e| self.err(name, e))?;
+        if body.len() > limit {
+            return Err(Error::TooLarge {
+                uri: self.child_uri(name),
+                bytes: body.len() as u64,
+                limit: limit as u64,
+            });
+        }
+        Ok(Some(body))
+    }
+
     /// Writes a whole object atomically (readers see the old or the new object, never a part).
     pub async fn put(&self, name: &str, data: Vec<u8>) -> Result<()> {
         self.store
@@ -162,10 +199,206 @@ impl Location {
         }
     }
 
+    /// Fails with [`Error::Unconditional`] unless the store refuses a second create-only write of
+    /// one object, or [`SINGLE_WRITER`] is `true`. Everything that numbers objects by claiming
+    /// the next free name (registry events and versions, index shards, checkpoint epochs) calls
+    /// this first: on a store that ignores `If-None-Match`, two writers would both "win".
+    /// Checked once per location and process.
+    pub async fn require_conditional_writes(&self) -> Result<()> {
+        let single = std::env::var(SINGLE_WRITER).is_ok_and(|v| v.trim() == "true");
+        if single || checked().lock().expect("not poisoned").contains(&self.uri) {
+            return Ok(());
+        }
+        self.check_conditional_writes().await?;
+        checked()
+            .lock()
+            .expect("not poisoned")
+            .insert(self.uri.clone());
+        Ok(())
+    }
+
+    /// Writes a probe object twice, create-only, and deletes it: the second write must be
+    /// refused.
+    pub async fn check_conditional_writes(&self) -> Result<()> {
+        let name = format!(
+            ".radfm-probe/{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let first = self.put_new(&name, b"first".to_vec()).await;
+        let second = match first {
+            Ok(true) => Some(self.put_new(&name, b"second".to_vec()).await),
+            _ => None,
+        };
+        self.delete(&name).await?;
+        let created = first?;
+        let refused = match second {
+            Some(r) => !r?,
+            None => false,
+        };
+        if created && refused {
+            Ok(())
+        } else {
+            Err(Error::Unconditional {
+                uri: self.uri.clone(),
+            })
+        }
+    }
+
     fn err(&self, name: &str, source: object_store::Error) -> Error {
         Error::Store {
             uri: self.child_uri(name),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
+        PutMultipartOptions, PutResult,
+    };
+
+    /// A store that takes every write as an overwrite, as s3s-fs 0.14 does with
+    /// `If-None-Match: *`.
+    #[derive(Debug, Default)]
+    struct IgnoresConditions(InMemory);
+
+    impl std::fmt::Display for IgnoresConditions {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "IgnoresConditions")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for IgnoresConditions {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            _: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.0
+                .put_opts(location, payload, PutOptions::default())
+                .await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.0.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.0.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<Path>>,
+        ) -> BoxStream<'static, object_store::Result<Path>> {
+            self.0.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.0.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<ListResult> {
+            self.0.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.0.copy_opts(from, to, options).await
+        }
+    }
+
+    fn at(store: Arc<dyn ObjectStore>, uri: &str) -> Location {
+        Location {
+            store,
+            prefix: Path::from("folder"),
+            uri: uri.into(),
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_store_that_ignores_create_only_writes_is_refused_naming_the_override() {
+        rt().block_on(async {
+            let sloppy = at(Arc::new(IgnoresConditions::default()), "s3://sloppy/folder");
+            let e = sloppy.check_conditional_writes().await.unwrap_err();
+            assert!(matches!(e, Error::Unconditional { .. }), "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("s3://sloppy/folder") && text.contains("RADFM_SINGLE_WRITER"),
+                "{text}"
+            );
+            let mut left = sloppy.store.list(None);
+            assert!(
+                futures::StreamExt::next(&mut left).await.is_none(),
+                "the probe is deleted"
+            );
+            let honest = at(Arc::new(InMemory::new()), "mem://honest/folder");
+            honest.require_conditional_writes().await.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let local = Location::open(dir.path().to_str().unwrap()).unwrap();
+            local.check_conditional_writes().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn large_objects_are_refused_before_their_body_is_read() {
+        rt().block_on(async {
+            let loc = at(Arc::new(InMemory::new()), "mem://m/folder");
+            loc.put("big.json", vec![b'x'; 2048]).await.unwrap();
+            assert_eq!(
+                loc.get_bounded("big.json", 4096)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .len(),
+                2048
+            );
+            let e = loc.get_bounded("big.json", 1024).await.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::TooLarge {
+                        bytes: 2048,
+                        limit: 1024,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(loc.get_bounded("absent.json", 1).await.unwrap().is_none());
+        });
     }
 }

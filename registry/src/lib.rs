@@ -717,6 +717,7 @@ impl Registry {
         reason: &str,
         make: impl Fn(&[Event]) -> Result<EventKind>,
     ) -> Result<Event> {
+        self.loc.require_conditional_writes().await?;
         for _ in 0..MAX_CLAIM_ATTEMPTS {
             let log = self.events(model).await?;
             let kind = make(&log)?;
@@ -769,6 +770,7 @@ impl Registry {
         if let Some(p) = spec.parent {
             self.version(model, p).await?;
         }
+        self.loc.require_conditional_writes().await?;
         let mut claimed = None;
         for _ in 0..MAX_CLAIM_ATTEMPTS {
             let next = self

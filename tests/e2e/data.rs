@@ -537,7 +537,7 @@ print(json.dumps({"frames": [f.astype("int64").ravel().tolist() for f in frames]
 #[tokio::test]
 async fn ingest_reads_an_s3_prefix_and_writes_to_s3() {
     let s3 = radfm_e2e::S3Server::start().unwrap();
-    // Objects under s3://radfm/incoming/ (s3s-fs serves the bucket folder as objects).
+    // Objects under s3://radfm/incoming/ (the POSIX gateway serves the bucket folder's files as objects).
     let incoming = s3.bucket_dir().join("incoming/ct");
     std::fs::create_dir_all(&incoming).unwrap();
     std::fs::copy(testdata("CT_small.dcm"), incoming.join("a.dcm")).unwrap();

@@ -1031,7 +1031,7 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
     assert!(progress.loss.is_some_and(|l| l.is_finite() && l > 0.0));
     assert_eq!(
         st.last_checkpoint.unwrap().uri,
-        format!("{ckpt}/manifests/step-000000030.json")
+        format!("{ckpt}/manifests/step-000000030-e000001.json")
     );
     let table = cluster
         .kubectl_ok(&["get", "tj", "-n", "progress"])
@@ -1103,7 +1103,7 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
     for needle in [
         "Phase:            Running".to_string(),
         "Progress:         step 30/30".to_string(),
-        format!("Last checkpoint:  step 30 {ckpt}/manifests/step-000000030.json"),
+        format!("Last checkpoint:  step 30 {ckpt}/manifests/step-000000030-e000001.json"),
         "Running      True".to_string(),
         pod.name_any(),
     ] {

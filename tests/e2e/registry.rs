@@ -1,4 +1,4 @@
-//! End-to-end tests of the model registry on a real S3 server (s3s-fs): `radfm registry`
+//! End-to-end tests of the model registry on a real S3 server (versitygw): `radfm registry`
 //! commands over exported models, and concurrent writers that rely on create-only puts.
 #![allow(
     clippy::too_many_lines,
@@ -216,10 +216,9 @@ fn versions_aliases_lineage_and_history_on_s3() {
     );
 }
 
-/// Needs an S3 server that honours `If-None-Match: *` (AWS S3 since 2024, MinIO): s3s-fs 0.14,
-/// the test server of `make test`, ignores it, and this test then shows versions overwritten.
+/// Needs an S3 server that honours `If-None-Match: *` (AWS S3 since 2024, MinIO, versitygw, the
+/// test server); on one that ignores it (s3s-fs 0.14) this test shows versions overwritten.
 #[test]
-#[ignore = "s3s-fs 0.14 ignores If-None-Match; run with --ignored against a server that honours it"]
 fn concurrent_registrations_on_s3_get_distinct_gapless_versions() {
     let s3 = S3Server::start().unwrap();
     for (k, v) in s3.env() {

@@ -991,8 +991,9 @@ pub fn run_python(code: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// A real S3-compatible server (s3s-fs: checks SigV4 signatures) on a loopback port, serving a
-/// temporary folder; bucket `radfm` exists. Credentials reach clients through AWS_* variables,
+/// A real S3 server (versitygw's POSIX gateway: checks SigV4 signatures and honours conditional
+/// writes, `If-None-Match: *` and `If-Match`, as AWS S3 and MinIO do) on a loopback port, serving
+/// a temporary folder; bucket `radfm` exists. Credentials reach clients through AWS_* variables,
 /// as in production.
 pub struct S3Server {
     child: Option<Child>,
@@ -1010,18 +1011,18 @@ pub const S3_ACCESS_KEY: &str = "radfm-test-access";
 pub const S3_SECRET_KEY: &str = "radfm-test-secret-key-0123456789";
 
 impl S3Server {
-    /// Starts the server (`make s3-server` installs it; `$RADFM_S3S_FS` overrides the path).
+    /// Starts the server (`make s3-server` builds it; `$RADFM_S3_SERVER` overrides the path).
     pub fn start() -> Result<S3Server> {
         S3Server::start_on("127.0.0.1")
     }
 
     /// Starts the server listening on `host` (an address pods reach, on a real node).
     pub fn start_on(host: &str) -> Result<S3Server> {
-        let bin = std::env::var("RADFM_S3S_FS")
+        let bin = std::env::var("RADFM_S3_SERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|_| {
                 PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                    .join(".cache/radfm/s3s-fs-0.14.1/bin/s3s-fs")
+                    .join(".cache/radfm/versitygw-v1.8.0/versitygw")
             });
         if !bin.is_file() {
             bail!(
@@ -1048,17 +1049,17 @@ impl S3Server {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("s3s.log"))?;
+            .open(self.dir.path().join("s3.log"))?;
         let mut cmd = Command::new(&self.bin);
         cmd.args([
-            "--host",
-            &self.host,
-            "--port",
-            &self.port.to_string(),
-            "--access-key",
+            "--access",
             S3_ACCESS_KEY,
-            "--secret-key",
+            "--secret",
             S3_SECRET_KEY,
+            "--port",
+            &format!("{}:{}", self.host, self.port),
+            "--quiet",
+            "posix",
         ])
         .arg(self.dir.path().join("data"))
         .stdin(Stdio::null())
@@ -1072,7 +1073,7 @@ impl S3Server {
         let start = Instant::now();
         while std::net::TcpStream::connect((self.host.as_str(), self.port)).is_err() {
             if start.elapsed() > Duration::from_secs(20) {
-                bail!("s3s-fs did not listen on {} within 20 s", self.port);
+                bail!("the S3 server did not listen on {} within 20 s", self.port);
             }
             std::thread::sleep(Duration::from_millis(50));
         }

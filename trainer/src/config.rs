@@ -29,8 +29,11 @@ pub const AUGMENT: &str = "RADFM_AUGMENT";
 pub const THREADS: &str = "RADFM_THREADS";
 /// Loss targets normalised per patch (`true`, MAE's default) or raw pixels (`false`).
 pub const NORM_PIX_LOSS: &str = "RADFM_NORM_PIX_LOSS";
-/// Seconds a collective or rendezvous may wait for a peer before failing with exit 76.
+/// Seconds a collective may wait for a peer before failing with exit 76, once the gang formed.
 pub const COLLECTIVE_TIMEOUT: &str = "RADFM_COLLECTIVE_TIMEOUT";
+/// Seconds joining the gang may take (rank 0 reachable, every rank connected): sized for
+/// scheduling and image pulls, so a late node is not a failed attempt.
+pub const RENDEZVOUS_TIMEOUT: &str = "RADFM_RENDEZVOUS_TIMEOUT";
 /// The collective between ranks: `auto` (default: NCCL on GPUs, the TCP ring on CPUs), `nccl`
 /// or `ring`.
 pub const COLLECTIVE: &str = "RADFM_COLLECTIVE";
@@ -71,6 +74,14 @@ pub const LOCAL_VARS: &[(&str, &str)] = &[
     (
         COLLECTIVE_TIMEOUT,
         "seconds a collective waits for a peer before exiting 76 (default 120)",
+    ),
+    (
+        radfm_data::store::SINGLE_WRITER,
+        "true: accept a store without create-only writes (one writer only)",
+    ),
+    (
+        RENDEZVOUS_TIMEOUT,
+        "seconds joining the gang may take before exiting 76 (default 900)",
     ),
     (
         COLLECTIVE,
@@ -121,6 +132,9 @@ pub struct TrainConfig {
     pub master_port: u16,
     /// How long collectives wait for a peer.
     pub collective_timeout: std::time::Duration,
+    /// How long joining the gang may take.
+    #[serde(default = "default_rendezvous_timeout")]
+    pub rendezvous_timeout: std::time::Duration,
     /// The collective backend asked for.
     pub collective: Backend,
     /// Global rank of this process.
@@ -258,6 +272,7 @@ impl TrainConfig {
         let augment = parse_bool(get, AUGMENT, true)?;
         let norm_pix_loss = parse_bool(get, NORM_PIX_LOSS, true)?;
         let (collective, collective_timeout) = parse_collective(get)?;
+        let rendezvous_timeout = parse_seconds(get, RENDEZVOUS_TIMEOUT, 900.0)?;
         let log_every: i64 = parse_var(get, LOG_EVERY, 10)?;
         if log_every < 1 {
             return Err(Error::Field {
@@ -271,6 +286,7 @@ impl TrainConfig {
             master_addr: c.master_addr.clone(),
             master_port: c.master_port,
             collective_timeout,
+            rendezvous_timeout,
             collective,
             rank: c.node_rank as usize * nproc + local_rank,
             world: c.world_size() as usize,
@@ -391,18 +407,31 @@ fn parse_fault(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Fault>> {
     })
 }
 
+fn default_rendezvous_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(900)
+}
+
+/// A positive number of seconds below a million.
+fn parse_seconds(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &str,
+    default: f64,
+) -> Result<std::time::Duration> {
+    let secs: f64 = parse_var(get, var, default)?;
+    if !(secs > 0.0 && secs < 1e6) {
+        return Err(Error::Field {
+            field: var.into(),
+            reason: format!("{secs} must be a positive number of seconds below 1000000"),
+        });
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 /// The collective backend and its timeout.
 fn parse_collective(
     get: &impl Fn(&str) -> Option<String>,
 ) -> Result<(Backend, std::time::Duration)> {
-    let timeout: f64 = parse_var(get, COLLECTIVE_TIMEOUT, 120.0)?;
-    if !(timeout > 0.0 && timeout < 1e6) {
-        return Err(Error::Field {
-            field: COLLECTIVE_TIMEOUT.into(),
-            reason: format!("{timeout} must be a positive number of seconds"),
-        });
-    }
-    let collective_timeout = std::time::Duration::from_secs_f64(timeout);
+    let collective_timeout = parse_seconds(get, COLLECTIVE_TIMEOUT, 120.0)?;
     let collective = match get(COLLECTIVE).as_deref().map(str::trim) {
         None | Some("") | Some("auto") => Backend::Auto,
         Some("nccl") => Backend::Nccl,
@@ -519,6 +548,12 @@ pub(crate) mod tests {
             ("RADFM_LOG_EVERY", "0", "RADFM_LOG_EVERY"),
             ("RADFM_THREADS", "-2", "RADFM_THREADS"),
             ("RADFM_COLLECTIVE_TIMEOUT", "-1", "RADFM_COLLECTIVE_TIMEOUT"),
+            ("RADFM_RENDEZVOUS_TIMEOUT", "0", "RADFM_RENDEZVOUS_TIMEOUT"),
+            (
+                "RADFM_RENDEZVOUS_TIMEOUT",
+                "1e9",
+                "RADFM_RENDEZVOUS_TIMEOUT",
+            ),
             ("RADFM_COLLECTIVE", "gloo", "RADFM_COLLECTIVE"),
         ] {
             let e = parse(&[(var, value)]).unwrap_err();

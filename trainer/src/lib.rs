@@ -6,7 +6,7 @@
 //! trainer. Modules: [`config`] (the env contract → one validated configuration), [`launch`]
 //! (one process per local device), [`collective`] (the gang's tensors over radfm-collective),
 //! [`model`] (ViT + MAE), [`optim`] (AdamW whose state can be saved), [`tensors`] (safetensors
-//! I/O), [`checkpoint`] (atomic, manifest-last commits on any object store), [`train`] (the
+//! I/O), [`checkpoint`] (atomic, manifest-last, fenced commits on any object store), [`train`] (the
 //! loop), [`progress`] (JSON lines, Prometheus, the pod annotation the operator reads),
 //! [`export`] (timm-named safetensors + model card), [`eval`] (k-NN and linear probes),
 //! [`site`] (a site's validation metrics) and [`commands`] (arguments shared with `radfm`).
@@ -80,6 +80,21 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A newer writer (a later gang) started on the checkpoint folder: this process is stale and
+    /// may neither commit nor prune.
+    #[error(
+        "checkpoint {uri}: fenced: this writer holds epoch {epoch}, but {writer} started epoch {newer}; a newer gang owns the checkpoints"
+    )]
+    Fenced {
+        /// The checkpoint folder.
+        uri: String,
+        /// This writer's epoch.
+        epoch: u64,
+        /// The newest epoch claimed.
+        newer: u64,
+        /// Who claimed it.
+        writer: String,
+    },
 }
 
 impl Error {
@@ -89,7 +104,9 @@ impl Error {
             Error::Config(_) | Error::Field { .. } => exit::INVALID_CONFIG,
             Error::Data(e) => match e {
                 radfm_data::Error::Store { .. } | radfm_data::Error::Io { .. } => exit::RETRYABLE,
-                radfm_data::Error::Uri { .. } => exit::INVALID_CONFIG,
+                radfm_data::Error::Uri { .. } | radfm_data::Error::Unconditional { .. } => {
+                    exit::INVALID_CONFIG
+                }
                 _ => exit::DATA_ERROR_LIMIT,
             },
             Error::NonFinite { .. } => exit::NON_FINITE_LOSS,
@@ -100,7 +117,7 @@ impl Error {
                 radfm_collective::Error::Io { .. } => exit::RETRYABLE,
                 radfm_collective::Error::Unavailable { .. } => exit::INVALID_CONFIG,
             },
-            Error::Checkpoint { .. } | Error::Io { .. } => exit::RETRYABLE,
+            Error::Checkpoint { .. } | Error::Io { .. } | Error::Fenced { .. } => exit::RETRYABLE,
         }
     }
 }

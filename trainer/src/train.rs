@@ -21,7 +21,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use tokio::runtime::Runtime;
 
-use crate::checkpoint::{self, DataRef, TrainState};
+use crate::checkpoint::{self, CommitId, DataRef, TrainState};
 use crate::collective::Gang;
 use crate::config::{Fault, Precision, TrainConfig};
 use crate::model::Mae;
@@ -93,8 +93,23 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
     let (loader, data) = open_data(cfg, &rt)?;
     let mut model = Model::new(cfg, device);
     let location = Location::open(&cfg.checkpoint_uri)?;
-    let mut pos = model.resume(cfg, &rt, &location)?;
-    let mut gang = join_gang(cfg, &model.vs, device)?;
+    let (writer, chosen) = begin_checkpoints(cfg, &rt, &location)?;
+    let mut gang = join_gang(cfg, device)?;
+    let resume = match gang.as_mut() {
+        Some(g) => {
+            let id = agree_on_resume(g.coll.as_mut(), chosen.as_ref().map(|l| l.id()))?;
+            match (chosen, id) {
+                (Some(l), _) => Resume::Loaded(Box::new(l)),
+                (None, Some(id)) => Resume::Named(id),
+                (None, None) => Resume::Fresh,
+            }
+        }
+        None => chosen.map_or(Resume::Fresh, |l| Resume::Loaded(Box::new(l))),
+    };
+    let mut pos = model.resume(cfg, &rt, &location, resume)?;
+    if let Some(g) = gang.as_mut() {
+        broadcast_parameters(g, &model.vs)?;
+    }
     let per_epoch = loader.batches_per_epoch();
     let total = total_steps(cfg, per_epoch);
     if pos.cursor.position >= per_epoch * cfg.batch_size as u64 {
@@ -108,19 +123,20 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
     let batches = spawn_batches(&rt, loader, pos.cursor);
     let mut checkpoints = Checkpoints {
         rt: &rt,
-        location,
+        writer,
         cfg,
         data,
         total,
         last: None,
+        pending: None,
     };
     let first_step = pos.step;
     while pos.step < total {
         if gang_stops(hooks, gang.as_mut())? {
             if checkpoints.due_at_stop(&pos) {
-                let uri = checkpoints.save(&model, &pos)?;
-                reporter.checkpointed(&uri, pos.step);
+                checkpoints.start(&model, &pos)?;
             }
+            reporter.committed(checkpoints.finish()?);
             return Err(Error::Terminated { step: pos.step });
         }
         let mut acc = model.accumulate(cfg, &batches, &mut pos, device)?;
@@ -131,11 +147,12 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             break;
         }
         if checkpoints.due_after(pos.step) {
-            let uri = checkpoints.save(&model, &pos)?;
-            reporter.metrics.checkpoints.inc();
-            reporter.checkpointed(&uri, pos.step);
+            reporter.committed(checkpoints.finish()?);
+            checkpoints.start(&model, &pos)?;
         }
+        reporter.committed(checkpoints.poll()?);
     }
+    reporter.committed(checkpoints.finish()?);
     drop(batches);
     Ok(Summary {
         steps: pos.step,
@@ -198,28 +215,97 @@ fn total_steps(cfg: &TrainConfig, per_epoch: u64) -> i64 {
     }
 }
 
-/// Joins the gang (world > 1) and starts every rank from rank 0's parameters.
-fn join_gang(cfg: &TrainConfig, vs: &VarStore, device: Device) -> Result<Option<Gang>> {
+/// Rank 0 chooses the checkpoint to resume from and claims the folder's next epoch (see
+/// [`checkpoint`]); the other ranks learn the choice from it, never choosing on their own.
+fn begin_checkpoints(
+    cfg: &TrainConfig,
+    rt: &Runtime,
+    location: &Location,
+) -> Result<(Option<checkpoint::Writer>, Option<checkpoint::Loaded>)> {
+    if cfg.rank != 0 {
+        return Ok((None, None));
+    }
+    let who = format!(
+        "job {} attempt {} pod {}",
+        cfg.job,
+        cfg.attempt,
+        cfg.pod_name.as_deref().unwrap_or("-")
+    );
+    let (writer, chosen) = rt.block_on(checkpoint::Writer::begin(location, &who, |e| {
+        eprintln!("radfm-trainer: skipping checkpoint: {e}")
+    }))?;
+    Ok((Some(writer), chosen))
+}
+
+/// Values of one resume choice: presence, then the step and the epoch in 16-bit pieces (exact
+/// in f32, so a sum with zeros from the other ranks carries them unchanged).
+const CHOICE_VALUES: usize = 7;
+
+fn encode_choice(choice: Option<CommitId>) -> [f32; CHOICE_VALUES] {
+    let mut v = [0.0; CHOICE_VALUES];
+    if let Some(id) = choice {
+        v[0] = 1.0;
+        for (i, x) in [id.step as u64, id.epoch].into_iter().enumerate() {
+            for k in 0..3 {
+                v[1 + 3 * i + k] = ((x >> (16 * k)) & 0xFFFF) as f32;
+            }
+        }
+    }
+    v
+}
+
+fn decode_choice(v: &[f32; CHOICE_VALUES]) -> Option<CommitId> {
+    if v[0] != 1.0 {
+        return None;
+    }
+    let part = |i: usize| (0..3).fold(0u64, |x, k| x | ((v[1 + 3 * i + k] as u64) << (16 * k)));
+    Some(CommitId {
+        step: part(0) as i64,
+        epoch: part(1),
+    })
+}
+
+/// Every rank gets rank 0's resume choice (`mine` counts only on rank 0).
+fn agree_on_resume(
+    coll: &mut dyn crate::collective::Collective,
+    mine: Option<CommitId>,
+) -> Result<Option<CommitId>> {
+    let mut v = match coll.rank() {
+        0 => encode_choice(mine),
+        _ => [0.0; CHOICE_VALUES],
+    };
+    coll.all_reduce_host(&mut v)?;
+    Ok(decode_choice(&v))
+}
+
+/// Joins the gang (world > 1).
+fn join_gang(cfg: &TrainConfig, device: Device) -> Result<Option<Gang>> {
     if cfg.world <= 1 {
         return Ok(None);
     }
     let secret = gang_secret(cfg)?;
-    let mut g = Gang::join(
+    Ok(Some(Gang::join(
         &cfg.master_addr,
         cfg.master_port,
         cfg.rank,
         cfg.world,
         cfg.attempt,
-        cfg.collective_timeout,
+        crate::collective::Timeouts {
+            join: cfg.rendezvous_timeout,
+            collective: cfg.collective_timeout,
+        },
         cfg.collective,
         device,
         secret,
-    )?;
+    )?))
+}
+
+/// Every rank continues from rank 0's parameters.
+fn broadcast_parameters(g: &mut Gang, vs: &VarStore) -> Result<()> {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
-    crate::collective::broadcast_tensors(g.coll.as_mut(), &tensors)?;
-    Ok(Some(g))
+    crate::collective::broadcast_tensors(g.coll.as_mut(), &tensors)
 }
 
 /// The gang's secret from its file; without one, membership is not checked (said once).
@@ -322,6 +408,16 @@ struct Update {
     grad_norm: f64,
 }
 
+/// Where a run starts.
+enum Resume {
+    /// From `init_from`, or from scratch.
+    Fresh,
+    /// From a checkpoint this rank loaded (rank 0).
+    Loaded(Box<checkpoint::Loaded>),
+    /// From the checkpoint rank 0 chose.
+    Named(CommitId),
+}
+
 /// The MAE, its variables and its optimizer.
 struct Model {
     vs: VarStore,
@@ -345,16 +441,23 @@ impl Model {
         Model { vs, mae, opt }
     }
 
-    /// Restores the newest committed checkpoint, or initialises from `init_from`.
-    fn resume(&mut self, cfg: &TrainConfig, rt: &Runtime, location: &Location) -> Result<Position> {
-        let latest = rt.block_on(checkpoint::load_latest(location, |e| {
-            eprintln!("radfm-trainer: skipping checkpoint: {e}")
-        }))?;
-        let Some(l) = latest else {
-            if let Some(init) = &cfg.init_from {
-                rt.block_on(crate::export::load_init(&self.vs, init))?;
+    /// Restores the chosen checkpoint, or initialises from `init_from`.
+    fn resume(
+        &mut self,
+        cfg: &TrainConfig,
+        rt: &Runtime,
+        location: &Location,
+        resume: Resume,
+    ) -> Result<Position> {
+        let l = match resume {
+            Resume::Loaded(l) => *l,
+            Resume::Named(id) => rt.block_on(checkpoint::load(location, id))?,
+            Resume::Fresh => {
+                if let Some(init) = &cfg.init_from {
+                    rt.block_on(crate::export::load_init(&self.vs, init))?;
+                }
+                return Ok(Position::default());
             }
-            return Ok(Position::default());
         };
         restore(&mut self.vs, &mut self.opt, cfg, &l)?;
         let s = &l.manifest.state;
@@ -449,15 +552,20 @@ impl Model {
     }
 }
 
-/// When to checkpoint (rank 0 only), and the saving.
+/// When to checkpoint (rank 0 only), and the saving. The state is copied to host memory on
+/// the loop's thread; the upload, commit and pruning run on the runtime while training goes on,
+/// so a slow object store delays the next checkpoint, never the gang's next collective.
 struct Checkpoints<'a> {
     rt: &'a Runtime,
-    location: Location,
+    /// The folder's writer (rank 0 only).
+    writer: Option<checkpoint::Writer>,
     cfg: &'a TrainConfig,
     data: DataRef,
     total: i64,
-    /// The last checkpoint this run wrote: (manifest URI, step).
+    /// The last checkpoint this run committed: (manifest URI, step).
     last: Option<(String, i64)>,
+    /// The upload under way: its step and task.
+    pending: Option<(i64, tokio::task::JoinHandle<Result<String>>)>,
 }
 
 impl Checkpoints<'_> {
@@ -466,14 +574,22 @@ impl Checkpoints<'_> {
         self.cfg.rank == 0 && (step % self.cfg.checkpoint_every == 0 || step == self.total)
     }
 
-    /// On a stop, unless the step is already saved (resumed from it, or just written).
+    /// On a stop, unless the step is already saved (resumed from it, or written or being written).
     fn due_at_stop(&self, pos: &Position) -> bool {
         let saved = self.last.as_ref().map_or(-1, |(_, s)| *s);
-        self.cfg.rank == 0 && pos.resumed_from != Some(pos.step) && saved != pos.step
+        let uploading = self.pending.as_ref().map_or(-1, |(s, _)| *s);
+        self.cfg.rank == 0
+            && pos.resumed_from != Some(pos.step)
+            && saved != pos.step
+            && uploading != pos.step
     }
 
-    /// Saves the model, optimizer and position; prunes old checkpoints.
-    fn save(&mut self, model: &Model, pos: &Position) -> Result<String> {
+    /// Copies the model, optimizer and position and starts their upload, commit and pruning.
+    /// The previous upload must be finished ([`Checkpoints::finish`]).
+    fn start(&mut self, model: &Model, pos: &Position) -> Result<()> {
+        let Some(writer) = self.writer.clone() else {
+            return Ok(());
+        };
         let state = TrainState {
             step: pos.step,
             total_steps: self.total,
@@ -488,13 +604,35 @@ impl Checkpoints<'_> {
             code_version: env!("CARGO_PKG_VERSION").into(),
         };
         let files = state_files(&model.vs, &model.opt)?;
-        let uri = self.rt.block_on(async {
-            let uri = checkpoint::save(&self.location, state, files).await?;
-            checkpoint::prune(&self.location, self.cfg.checkpoint_keep).await?;
-            Ok::<_, Error>(uri)
-        })?;
-        self.last = Some((uri.clone(), pos.step));
-        Ok(uri)
+        let keep = self.cfg.checkpoint_keep;
+        let task = self.rt.spawn(async move {
+            let uri = writer.save(state, files).await?;
+            writer.prune(keep).await?;
+            Ok(uri)
+        });
+        self.pending = Some((pos.step, task));
+        Ok(())
+    }
+
+    /// The upload under way, if it has finished: its manifest URI and step.
+    fn poll(&mut self) -> Result<Option<(String, i64)>> {
+        match &self.pending {
+            Some((_, task)) if task.is_finished() => self.finish(),
+            _ => Ok(None),
+        }
+    }
+
+    /// Waits for the upload under way: its manifest URI and step.
+    fn finish(&mut self) -> Result<Option<(String, i64)>> {
+        let Some((step, task)) = self.pending.take() else {
+            return Ok(None);
+        };
+        let uri = self.rt.block_on(task).map_err(|e| Error::Checkpoint {
+            uri: self.cfg.checkpoint_uri.clone(),
+            reason: format!("the upload of step {step} stopped: {e}"),
+        })??;
+        self.last = Some((uri.clone(), step));
+        Ok(Some((uri, step)))
     }
 }
 
@@ -658,9 +796,14 @@ impl<'a> Reporter<'a> {
     }
 
     /// Announces a committed checkpoint on the pod.
-    fn checkpointed(&mut self, uri: &str, step: i64) {
+    /// A checkpoint upload finished (None: nothing finished).
+    fn committed(&mut self, done: Option<(String, i64)>) {
+        let Some((uri, step)) = done else {
+            return;
+        };
+        self.metrics.checkpoints.inc();
         if let Some(a) = self.annotator.as_mut()
-            && let Err(e) = self.rt.block_on(a.checkpoint(uri, step))
+            && let Err(e) = self.rt.block_on(a.checkpoint(&uri, step))
         {
             eprintln!("radfm-trainer: checkpoint annotation failed: {e}");
         }
@@ -750,17 +893,61 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_choice_survives_the_sum_with_the_other_ranks_zeros() {
+        for id in [
+            None,
+            Some(CommitId { step: 0, epoch: 1 }),
+            Some(CommitId {
+                step: 123_456_789_012,
+                epoch: 65_537,
+            }),
+        ] {
+            assert_eq!(decode_choice(&encode_choice(id)), id);
+        }
+    }
+
+    #[test]
+    fn every_rank_resumes_from_rank_zeros_choice_not_its_own() {
+        use crate::collective::{rendezvous, ring};
+        let server = rendezvous::RendezvousServer::start("127.0.0.1:0", None, 1).unwrap();
+        let addr = server.addr.to_string();
+        // Each rank believes in a different checkpoint (a commit landed between their reads).
+        let beliefs = [
+            Some(CommitId { step: 40, epoch: 3 }),
+            Some(CommitId { step: 50, epoch: 2 }),
+            None,
+        ];
+        let threads: Vec<_> = beliefs
+            .into_iter()
+            .enumerate()
+            .map(|(rank, belief)| {
+                let addr = addr.clone();
+                std::thread::spawn(move || {
+                    let t = std::time::Duration::from_secs(10);
+                    let mut c = rendezvous::RendezvousClient::connect(&addr, 1, t, None).unwrap();
+                    let mut r = ring::Ring::connect(&mut c, rank, 3, t).unwrap();
+                    agree_on_resume(&mut r, belief).unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), Some(CommitId { step: 40, epoch: 3 }));
+        }
+    }
+
+    #[test]
     fn rank_zero_checkpoints_on_schedule_at_the_end_and_at_a_stop_not_yet_saved() {
         let m = crate::config::tests::vars(&[]);
         let cfg = TrainConfig::from_lookup(|k| m.get(k).cloned()).unwrap();
         let rt = runtime().unwrap();
         let mut c = Checkpoints {
             rt: &rt,
-            location: Location::open("file:///tmp/radfm-never-written").unwrap(),
+            writer: None,
             cfg: &cfg,
             data: DataRef::default(),
             total: 12,
             last: None,
+            pending: None,
         };
         let due: Vec<i64> = (1..=12).filter(|s| c.due_after(*s)).collect();
         assert_eq!(due, [5, 10, 12], "every 5 steps and the last");

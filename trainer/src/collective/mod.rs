@@ -168,6 +168,15 @@ pub fn resolve(backend: Backend, device: Device) -> Result<Chosen> {
     }
 }
 
+/// How long the gang waits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Joining: rank 0 reachable, every rank connected (scheduling and image pulls included).
+    pub join: Duration,
+    /// Each collective once the gang formed.
+    pub collective: Duration,
+}
+
 /// The gang as seen from one process.
 pub struct Gang {
     /// The collective.
@@ -180,7 +189,8 @@ pub struct Gang {
 impl Gang {
     /// Rendezvous: rank 0 serves rendezvous on `0.0.0.0:port`; every rank connects to
     /// `master:port`, joins the collective ([`resolve`]d from `backend` and `device`) and meets
-    /// the others at a barrier. NCCL missing here is a configuration error naming
+    /// the others at a barrier, all within `timeouts.join`; collectives then wait
+    /// `timeouts.collective`. NCCL missing here is a configuration error naming
     /// `RADFM_COLLECTIVE`.
     #[allow(clippy::too_many_arguments)]
     pub fn join(
@@ -189,7 +199,7 @@ impl Gang {
         rank: usize,
         world: usize,
         attempt: i32,
-        timeout: Duration,
+        timeouts: Timeouts,
         backend: Backend,
         device: Device,
         secret: Option<radfm_collective::auth::GangSecret>,
@@ -207,9 +217,10 @@ impl Gang {
         let mut rendezvous = rendezvous::RendezvousClient::connect(
             &format!("{master}:{port}"),
             attempt,
-            timeout,
+            timeouts.join,
             secret,
         )?;
+        let timeout = timeouts.collective;
         let coll: Box<dyn Collective + Send> = match chosen {
             Chosen::Nccl { ordinal } => {
                 let comm = nccl::Nccl::connect(&mut rendezvous, rank, world, ordinal, timeout)
@@ -403,6 +414,47 @@ mod tests {
     }
 
     #[test]
+    fn a_rank_arriving_after_the_collective_timeout_still_joins_within_the_rendezvous_timeout() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let timeouts = Timeouts {
+            join: Duration::from_secs(30),
+            collective: Duration::from_secs(1),
+        };
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    if rank == 1 {
+                        // A slow image pull: three collective timeouts late.
+                        std::thread::sleep(Duration::from_secs(3));
+                    }
+                    let mut g = Gang::join(
+                        "127.0.0.1",
+                        port,
+                        rank,
+                        2,
+                        1,
+                        timeouts,
+                        Backend::Ring,
+                        Device::Cpu,
+                        None,
+                    )
+                    .unwrap();
+                    let mut v = [1.0f32];
+                    g.coll.all_reduce_host(&mut v).unwrap();
+                    v[0]
+                })
+            })
+            .collect();
+        for r in ranks {
+            assert_eq!(r.join().unwrap(), 2.0);
+        }
+    }
+
+    #[test]
     fn nccl_on_a_machine_without_cuda_is_a_configuration_error_naming_what_is_missing() {
         // Without the CUDA driver (every CI machine), joining NCCL must fail with a permanent,
         // explained error, not cudarc's panic; with a driver this proves nothing and is skipped.
@@ -420,7 +472,10 @@ mod tests {
             0,
             2,
             1,
-            Duration::from_secs(5),
+            Timeouts {
+                join: Duration::from_secs(5),
+                collective: Duration::from_secs(5),
+            },
             Backend::Nccl,
             Device::Cuda(0),
             None,
