@@ -4,7 +4,8 @@
 //! keeps every existing entry unchanged, so continual training can ask for "the shards since
 //! sequence N" and trust the answer. Shards are written with create-only puts before the index
 //! names them; the index itself is replaced by one atomic put, so readers never see a partial
-//! index or an entry whose shard is missing.
+//! index or an entry whose shard is missing. An ingest killed between a shard and the index
+//! leaves an unlisted shard; the next append adopts or replaces it ([`ORPHAN_GRACE`]).
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -16,6 +17,9 @@ use crate::{Error, Result};
 pub const FORMAT_VERSION: u32 = 1;
 /// Object name of the index in a dataset folder.
 pub const INDEX: &str = "index.json";
+/// How old an unlisted shard must be before an append takes it for a dead ingest's and replaces
+/// it (an ingest writes the index seconds after the shard).
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Running intensity statistics of physical pixel values.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -162,6 +166,44 @@ impl DatasetIndex {
         &self.shards[start..]
     }
 
+    /// A shard object exists at the name the next append takes but the index does not list it:
+    /// an ingest died between writing it and updating the index, or another ingest is between
+    /// the two right now. The same bytes are adopted (a re-run of the same inputs writes the same
+    /// shard: headers are deterministic); different bytes older than [`ORPHAN_GRACE`] are a dead
+    /// ingest's and are replaced; anything else is refused, naming the object.
+    async fn recover_orphan(loc: &Location, name: &str, tar: &bytes::Bytes) -> Result<()> {
+        let refuse = |reason: String| Error::Index {
+            uri: loc.child_uri(name),
+            reason,
+        };
+        let Some(meta) = loc.head_opt(name).await? else {
+            return Err(refuse(
+                "appeared and vanished while this ingest wrote it".into(),
+            ));
+        };
+        if meta.size == tar.len() as u64
+            && let Some(theirs) = loc.get_opt(name).await?
+            && sha2::Sha256::digest(&theirs) == sha2::Sha256::digest(tar)
+        {
+            return Ok(());
+        }
+        let age = jiff::Timestamp::now().as_second() - meta.last_modified.timestamp();
+        if age < ORPHAN_GRACE.as_secs() as i64 {
+            return Err(refuse(format!(
+                "a shard with this sequence number exists but the index does not list it; another \
+                 ingest may be writing it (written {age} s ago): run again in {} min, when an \
+                 orphan this old is taken for a dead ingest's and replaced",
+                ORPHAN_GRACE.as_secs() / 60
+            )));
+        }
+        loc.delete(&sources_name(name)).await?;
+        loc.delete(name).await?;
+        if !loc.put_new(name, tar.clone()).await? {
+            return Err(refuse("another ingest replaced the orphan first".into()));
+        }
+        Ok(())
+    }
+
     /// Writes a new shard (create-only: an existing object is never overwritten) and appends it
     /// to the index with one atomic put. Non-empty `sources` (keyed ids of the inputs) go to the
     /// shard's sidecar before the index names the shard, so a crash in between only repeats
@@ -186,11 +228,9 @@ impl DatasetIndex {
             created: jiff::Timestamp::now().to_string(),
             stats,
         };
-        if !loc.put_new(&name, tar).await? {
-            return Err(Error::Index {
-                uri: loc.child_uri(&name),
-                reason: "a shard with this sequence number exists but the index does not list it (another writer?)".into(),
-            });
+        let tar = bytes::Bytes::from(tar);
+        if !loc.put_new(&name, tar.clone()).await? {
+            Self::recover_orphan(loc, &name, &tar).await?;
         }
         if !sources.is_empty() {
             let ids = serde_json::to_vec(sources).expect("strings serialize");
@@ -260,12 +300,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("shard-000000.tar") && err.contains("another writer"),
+            err.contains("shard-000000.tar") && err.contains("another ingest"),
             "{err}"
         );
         assert_eq!(
             std::fs::read(dir.path().join("shard-000000.tar")).unwrap(),
             b"someone else's"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ingest_killed_between_shard_and_index_resumes_without_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
+        DatasetIndex::append_shard(&loc, b"first".to_vec(), 1, Stats::default(), &[])
+            .await
+            .unwrap();
+        // Killed after writing shard 1, before the index named it.
+        std::fs::write(dir.path().join("shard-000001.tar"), b"second").unwrap();
+        // The re-run writes the same shard: adopted.
+        let e = DatasetIndex::append_shard(&loc, b"second".to_vec(), 1, Stats::default(), &[])
+            .await
+            .unwrap();
+        assert_eq!(e.name, "shard-000001.tar");
+        // Killed again, and the re-run's shard differs (inputs changed meanwhile): while the
+        // orphan is fresh it may be a live ingest's, so it is refused; once stale, replaced.
+        let orphan = dir.path().join("shard-000002.tar");
+        std::fs::write(&orphan, b"half-done").unwrap();
+        let refused =
+            DatasetIndex::append_shard(&loc, b"third".to_vec(), 1, Stats::default(), &[]).await;
+        let text = refused.unwrap_err().to_string();
+        assert!(
+            text.contains("shard-000002.tar") && text.contains("run again"),
+            "{text}"
+        );
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&orphan)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+        DatasetIndex::append_shard(&loc, b"third".to_vec(), 1, Stats::default(), &[])
+            .await
+            .unwrap();
+        let index = DatasetIndex::load(&loc).await.unwrap();
+        assert_eq!(index.shards.len(), 3);
+        assert_eq!(std::fs::read(&orphan).unwrap(), b"third");
+        assert_eq!(
+            index.shards[2].sha256,
+            hex::encode(sha2::Sha256::digest(b"third"))
         );
     }
 

@@ -174,6 +174,15 @@ impl Location {
         Ok(())
     }
 
+    /// An object's size and last modification; Ok(None) when it does not exist.
+    pub async fn head_opt(&self, name: &str) -> Result<Option<object_store::ObjectMeta>> {
+        match self.store.head(&self.child(name)).await {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
     /// Deletes an object; deleting one that does not exist is not an error.
     pub async fn delete(&self, name: &str) -> Result<()> {
         match self.store.delete(&self.child(name)).await {
@@ -183,14 +192,14 @@ impl Location {
     }
 
     /// Writes a whole object only if none exists yet; Ok(false) if one does.
-    pub async fn put_new(&self, name: &str, data: Vec<u8>) -> Result<bool> {
+    pub async fn put_new(&self, name: &str, data: impl Into<bytes::Bytes>) -> Result<bool> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
         match self
             .store
-            .put_opts(&self.child(name), PutPayload::from(data), opts)
+            .put_opts(&self.child(name), PutPayload::from(data.into()), opts)
             .await
         {
             Ok(_) => Ok(true),

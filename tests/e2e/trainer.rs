@@ -598,6 +598,73 @@ fn a_stalled_rank_is_noticed_within_the_collective_timeout() {
 }
 
 #[test]
+fn a_slow_object_store_delays_checkpoints_but_never_the_gangs_collectives() {
+    // 16 MiB/s to the store: each checkpoint's upload takes seconds, longer than the
+    // collective timeout below. Waiting for it on the training thread timed the other rank out.
+    const RATE: u64 = 16 << 20;
+    const COLLECTIVE_TIMEOUT_S: f64 = 2.0;
+    let w = Workdir::new(64, 32);
+    let s3 = radfm_e2e::S3Server::start().unwrap();
+    let proxy =
+        radfm_e2e::SlowProxy::start(format!("127.0.0.1:{}", s3.port).parse().unwrap(), RATE)
+            .unwrap();
+    let port = free_port();
+    let mut env = w.env(
+        "unused",
+        20,
+        &[
+            ("RADFM_NNODES", "2"),
+            ("RADFM_MASTER_PORT", &port),
+            ("RADFM_BATCH_SIZE", "8"),
+            ("RADFM_CHECKPOINT_EVERY", "5"),
+            (
+                "RADFM_COLLECTIVE_TIMEOUT",
+                &COLLECTIVE_TIMEOUT_S.to_string(),
+            ),
+            ("RADFM_CHECKPOINT_URI", "s3://radfm/slow"),
+        ],
+    );
+    for (k, v) in s3.env() {
+        let v = match k.as_str() {
+            "AWS_ENDPOINT_URL" => format!("http://127.0.0.1:{}", proxy.port),
+            _ => v,
+        };
+        env.push((k, v));
+    }
+    let mut rank1_env = env.clone();
+    rank1_env.retain(|(k, _)| k != "RADFM_NODE_RANK");
+    rank1_env.push(("RADFM_NODE_RANK".into(), "1".into()));
+    let rank1 = trainer(&rank1_env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, lines, err) = run(&env);
+    let out = rank1.wait_with_output().unwrap();
+    assert_eq!(code, 0, "rank 0: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "rank 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines.last().unwrap()["steps"], 20);
+    let vars: Vec<(String, String)> = s3.env();
+    let loc = radfm_data::store::Location::open_with("s3://radfm/slow", vars).unwrap();
+    let newest = rt()
+        .block_on(checkpoint::load_latest(&loc, |e| panic!("{e}")))
+        .unwrap()
+        .expect("the last step is always checkpointed");
+    assert_eq!(newest.manifest.step, 20);
+    let bytes: u64 = newest.manifest.objects.iter().map(|o| o.bytes).sum();
+    let upload_s = bytes as f64 / RATE as f64;
+    assert!(
+        upload_s > COLLECTIVE_TIMEOUT_S,
+        "the premise: one upload ({bytes} bytes, {upload_s:.1} s) outlasts the collective timeout"
+    );
+}
+
+#[test]
 fn a_checkpoint_of_another_model_shape_is_refused_not_mixed() {
     let w = Workdir::new(32, 32);
     let (code, _, err) = run(&w.env("ckpt", 2, &[]));

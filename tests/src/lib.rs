@@ -1113,6 +1113,70 @@ impl Drop for S3Server {
     }
 }
 
+/// A TCP proxy whose client-to-server direction runs at `bytes_per_s` (a congested link to an
+/// object store); the other direction is not slowed. Stops accepting on drop.
+pub struct SlowProxy {
+    /// Port it listens on (127.0.0.1).
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlowProxy {
+    /// Forwards connections on a free loopback port to `target`.
+    pub fn start(target: std::net::SocketAddr, bytes_per_s: u64) -> Result<SlowProxy> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                std::thread::spawn(move || throttled_copy(client, server, bytes_per_s));
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (s2, c2);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Ok(SlowProxy { port, stop })
+    }
+}
+
+fn throttled_copy(mut from: std::net::TcpStream, mut to: std::net::TcpStream, bytes_per_s: u64) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                std::thread::sleep(Duration::from_secs_f64(n as f64 / bytes_per_s as f64));
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
 /// Network namespaces that stand in for pods: namespace `i` has its own address
 /// `10.<net>.0.<10+i>` on a veth pair whose other end sits on a bridge in a further namespace
 /// (the switch), so processes talk over real interfaces, as pods do, a link can be cut to

@@ -147,8 +147,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             break;
         }
         if checkpoints.due_after(pos.step) {
-            reporter.committed(checkpoints.finish()?);
-            checkpoints.start(&model, &pos)?;
+            reporter.committed(checkpoints.begin_due(&model, &pos)?);
         }
         reporter.committed(checkpoints.poll()?);
     }
@@ -582,6 +581,26 @@ impl Checkpoints<'_> {
             && pos.resumed_from != Some(pos.step)
             && saved != pos.step
             && uploading != pos.step
+    }
+
+    /// A scheduled checkpoint: started, unless the previous upload is still running and this is
+    /// not the last step (waiting would hold the gang's next collective; the step is skipped and
+    /// said). The last step waits for the previous upload and always checkpoints. Returns an
+    /// upload that finished meanwhile.
+    fn begin_due(&mut self, model: &Model, pos: &Position) -> Result<Option<(String, i64)>> {
+        let done = self.poll()?;
+        if let Some((uploading, _)) = &self.pending
+            && pos.step != self.total
+        {
+            eprintln!(
+                "radfm-trainer: checkpoint at step {} skipped: the upload of step {uploading} is still running",
+                pos.step
+            );
+            return Ok(done);
+        }
+        let waited = self.finish()?;
+        self.start(model, pos)?;
+        Ok(done.or(waited))
     }
 
     /// Copies the model, optimizer and position and starts their upload, commit and pruning.
