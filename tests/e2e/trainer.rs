@@ -664,6 +664,60 @@ fn a_slow_object_store_delays_checkpoints_but_never_the_gangs_collectives() {
     );
 }
 
+/// Runs two ranks (rank 1 in the background) to the end; returns rank 0's exit code and stderr.
+fn run_two_ranks(env: &[(String, String)]) -> (i32, String) {
+    let mut rank1_env = env.to_vec();
+    rank1_env.retain(|(k, _)| k != "RADFM_NODE_RANK");
+    rank1_env.push(("RADFM_NODE_RANK".into(), "1".into()));
+    let rank1 = trainer(&rank1_env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (code, _, err) = run(env);
+    let _ = rank1.wait_with_output();
+    (code, err)
+}
+
+#[test]
+fn resuming_with_fewer_ranks_is_refused_mid_epoch_and_exact_at_an_epoch_boundary() {
+    // 64 samples, 2 ranks × batch 8: an epoch is 4 steps.
+    let w = Workdir::new(64, 32);
+    let two = |ckpt: &str, steps: u32| {
+        w.env(
+            ckpt,
+            steps,
+            &[
+                ("RADFM_NNODES", "2"),
+                ("RADFM_MASTER_PORT", &free_port()),
+                ("RADFM_BATCH_SIZE", "8"),
+            ],
+        )
+    };
+    let one = |ckpt: &str, steps: u32| w.env(ckpt, steps, &[("RADFM_BATCH_SIZE", "8")]);
+
+    // Mid-epoch (step 3 of 4): one rank would read other samples at that position.
+    let (code, err) = run_two_ranks(&two("mid", 3));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&one("mid", 6));
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("written mid-epoch") && err.contains("Resume with 2 ranks"),
+        "{err}"
+    );
+
+    // At the epoch's end (step 4): the next epoch starts under the new partition.
+    let (code, err) = run_two_ranks(&two("edge", 4));
+    assert_eq!(code, 0, "{err}");
+    let (code, lines, err) = run(&one("edge", 6));
+    assert_eq!(code, 0, "{err}");
+    let start = lines.iter().find(|l| l["event"] == "start").unwrap();
+    assert_eq!(start["resumed_from"], 4, "{start}");
+    assert_eq!(start["cursor"]["epoch"], 1, "{start}");
+    assert_eq!(start["cursor"]["position"], 0, "{start}");
+    assert_eq!(lines.last().unwrap()["steps"], 6);
+}
+
 #[test]
 fn a_checkpoint_of_another_model_shape_is_refused_not_mixed() {
     let w = Workdir::new(32, 32);

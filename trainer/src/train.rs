@@ -407,6 +407,51 @@ struct Update {
     grad_norm: f64,
 }
 
+/// How an epoch is cut between ranks: a cursor's position means something only under the
+/// partition that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Partition {
+    world: usize,
+    batch_size: usize,
+}
+
+/// The cursor to resume from when the checkpoint was written under `saved` and this run has
+/// `now`. Under the same partition, the saved cursor. Under another (workers, processes or the
+/// batch changed while suspended) the position would name other samples, so only an epoch
+/// boundary is exact: the start of an epoch, or its end (the next epoch then starts under the
+/// new partition). A checkpoint from mid-epoch is refused, saying how to resume.
+fn resume_cursor(
+    saved: Partition,
+    now: Partition,
+    cursor: Cursor,
+    samples: u64,
+) -> std::result::Result<Cursor, String> {
+    if saved == now || cursor.position == 0 {
+        return Ok(cursor);
+    }
+    let block = radfm_data::loader::per_rank(samples, saved.world.max(1), saved.batch_size.max(1));
+    if cursor.position >= block {
+        return Ok(Cursor {
+            epoch: cursor.epoch + 1,
+            position: 0,
+        });
+    }
+    Err(format!(
+        "written mid-epoch (epoch {}, {} of {block} samples per rank) by {} ranks with batch {}; \
+         this run has {} ranks with batch {}, under which that position names other samples. \
+         Resume with {} ranks and batch {} (and change them at the next epoch), or start from a \
+         checkpoint at an epoch boundary",
+        cursor.epoch,
+        cursor.position,
+        saved.world,
+        saved.batch_size,
+        now.world,
+        now.batch_size,
+        saved.world,
+        saved.batch_size
+    ))
+}
+
 /// Where a run starts.
 enum Resume {
     /// From `init_from`, or from scratch.
@@ -460,9 +505,26 @@ impl Model {
         };
         restore(&mut self.vs, &mut self.opt, cfg, &l)?;
         let s = &l.manifest.state;
+        let partition = |c: &serde_json::Value| Partition {
+            world: c.get("world").and_then(|v| v.as_u64()).unwrap_or(1) as usize,
+            batch_size: c.get("batch_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
+        };
+        let cursor = resume_cursor(
+            partition(&s.config),
+            Partition {
+                world: cfg.world,
+                batch_size: cfg.batch_size,
+            },
+            s.cursor,
+            s.data.samples,
+        )
+        .map_err(|reason| Error::Field {
+            field: "workers".into(),
+            reason: format!("{}: {reason}", l.uri),
+        })?;
         Ok(Position {
             step: s.step,
-            cursor: s.cursor,
+            cursor,
             streak: s.nonfinite_streak,
             history: s.loss_history.clone(),
             last_loss: None,
@@ -909,6 +971,58 @@ mod tests {
         assert_ne!(a, mask_seed(2, 0, 0, 0));
         assert_eq!(a, mask_seed(1, 0, 0, 0));
         assert!(a >= 0);
+    }
+
+    #[test]
+    fn resuming_under_another_partition_is_exact_at_epoch_boundaries_and_refused_between() {
+        let p = |world, batch_size| Partition { world, batch_size };
+        let at = |epoch, position| Cursor { epoch, position };
+        // 96 samples, 4 ranks × batch 8: a block of 24 per rank (three batches).
+        let table = [
+            (
+                p(4, 8),
+                p(4, 8),
+                at(2, 8),
+                Ok(at(2, 8)),
+                "same partition: unchanged",
+            ),
+            (
+                p(4, 8),
+                p(2, 8),
+                at(2, 0),
+                Ok(at(2, 0)),
+                "start of an epoch",
+            ),
+            (p(4, 8), p(2, 8), at(2, 24), Ok(at(3, 0)), "end of an epoch"),
+            (
+                p(4, 8),
+                p(4, 4),
+                at(2, 24),
+                Ok(at(3, 0)),
+                "batch changed at the end",
+            ),
+            (
+                p(4, 8),
+                p(2, 8),
+                at(2, 8),
+                Err("written mid-epoch"),
+                "mid-epoch",
+            ),
+            (
+                p(2, 8),
+                p(4, 8),
+                at(0, 40),
+                Err("Resume with 2 ranks"),
+                "says how",
+            ),
+        ];
+        for (saved, now, cursor, want, case) in table {
+            match (resume_cursor(saved, now, cursor, 96), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{case}"),
+                (Err(e), Err(needle)) => assert!(e.contains(needle), "{case}: {e}"),
+                (got, want) => panic!("{case}: {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]
