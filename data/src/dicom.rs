@@ -117,6 +117,35 @@ pub struct DicomImage {
     pub meta: SampleMeta,
 }
 
+/// Largest DICOM file read.
+pub const MAX_FILE_BYTES: u64 = 2 << 30;
+/// Most frames one DICOM file may declare.
+pub const MAX_FRAMES: u64 = 4096;
+
+/// The decoded size the header declares (rows, columns, frames, samples per pixel), checked
+/// before any decompression allocates it.
+fn check_declared_size(obj: &DefaultDicomObject, name: &str) -> Result<()> {
+    let number = |tag: Tag, default: u64| -> u64 {
+        text(obj, tag)
+            .and_then(|v| v.split('\\').next()?.trim().parse::<u64>().ok())
+            .or_else(|| obj.element_opt(tag).ok()??.to_int::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let (rows, cols) = (number(tags::ROWS, 0), number(tags::COLUMNS, 0));
+    let frames = number(tags::NUMBER_OF_FRAMES, 1);
+    let samples = number(tags::SAMPLES_PER_PIXEL, 1);
+    crate::image16::check_size(cols, rows, name)?;
+    if frames > MAX_FRAMES || samples > 4 {
+        return Err(Error::Image {
+            source_name: name.to_string(),
+            reason: format!(
+                "{frames} frames of {samples} samples per pixel is outside the limits ({MAX_FRAMES} frames, 4 samples)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn text(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
     let v = obj
         .element_opt(tag)
@@ -223,9 +252,16 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
         source_name: name.clone(),
         reason,
     };
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if bytes > MAX_FILE_BYTES {
+        return Err(img_err(format!(
+            "{bytes} bytes is more than the limit of {MAX_FILE_BYTES} for one DICOM file"
+        )));
+    }
     let obj = dicom_object::open_file(path)
         .map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
     admit(&obj, &name, gate)?;
+    check_declared_size(&obj, &name)?;
 
     let pd = obj
         .decode_pixel_data()

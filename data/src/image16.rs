@@ -2,6 +2,25 @@
 
 use crate::{Error, Result};
 
+/// Most pixels one decoded image (or DICOM frame) may have: 8192 × 8192. Checked from the header,
+/// before the pixels are allocated, so a hostile file cannot make a decoder allocate gigabytes.
+pub const MAX_PIXELS: u64 = 8192 * 8192;
+/// Longest side of a decoded image.
+pub const MAX_SIDE: u32 = 65_535;
+
+/// Whether `w` × `h` (× `frames` × `samples` per pixel) is within [`MAX_PIXELS`] per frame.
+pub fn check_size(w: u64, h: u64, source_name: &str) -> Result<()> {
+    if w == 0 || h == 0 || w > MAX_SIDE as u64 || h > MAX_SIDE as u64 || w * h > MAX_PIXELS {
+        return Err(Error::Image {
+            source_name: source_name.to_string(),
+            reason: format!(
+                "{w}x{h} pixels is outside the limits (1 to {MAX_SIDE} per side, {MAX_PIXELS} in all)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A 16-bit grayscale image, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Image16 {
@@ -37,9 +56,15 @@ impl Image16 {
             source_name: source_name.to_string(),
             reason,
         };
-        let mut dec = png::Decoder::new(std::io::Cursor::new(data));
+        // RGBA at 16 bits is 8 bytes a pixel: what the largest allowed image decodes to.
+        let limits = png::Limits {
+            bytes: (MAX_PIXELS * 8) as usize,
+        };
+        let mut dec = png::Decoder::new_with_limits(std::io::Cursor::new(data), limits);
         dec.set_transformations(png::Transformations::EXPAND);
         let mut reader = dec.read_info().map_err(|e| err(e.to_string()))?;
+        let header = reader.info();
+        check_size(header.width as u64, header.height as u64, source_name)?;
         let mut buf = vec![
             0;
             reader
@@ -85,8 +110,15 @@ impl Image16 {
             source_name: source_name.to_string(),
             reason,
         };
-        let opts = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::Luma);
+        let opts = DecoderOptions::default()
+            .jpeg_set_out_colorspace(ColorSpace::Luma)
+            .set_max_width(8192)
+            .set_max_height(8192);
         let mut dec = zune_jpeg::JpegDecoder::new_with_options(std::io::Cursor::new(data), opts);
+        dec.decode_headers().map_err(|e| err(format!("{e:?}")))?;
+        if let Some((w, h)) = dec.dimensions() {
+            check_size(w as u64, h as u64, source_name)?;
+        }
         let px = dec.decode().map_err(|e| err(format!("{e:?}")))?;
         let (w, h) = dec
             .dimensions()
@@ -106,6 +138,53 @@ fn luminance(r: u16, g: u16, b: u16) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// A valid PNG whose header is rewritten to claim `w` × `h` (checksum fixed).
+    fn claiming(w: u32, h: u32) -> Vec<u8> {
+        let mut png = Image16 {
+            width: 2,
+            height: 2,
+            pixels: vec![1, 2, 3, 4],
+        }
+        .to_png();
+        // Signature (8), IHDR length (4), "IHDR" (4), width, height, ...; CRC after 13 bytes.
+        png[16..20].copy_from_slice(&w.to_be_bytes());
+        png[20..24].copy_from_slice(&h.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        png
+    }
+
+    #[test]
+    fn an_image_header_claiming_gigapixels_is_refused_before_decoding() {
+        assert_eq!(
+            Image16::from_png(&claiming(2, 2), "ok.png").unwrap().width,
+            2
+        );
+        for (w, h) in [(100_000, 100_000), (9000, 9000), (1, 70_000)] {
+            let e = Image16::from_png(&claiming(w, h), "bomb.png").unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("bomb.png") && text.contains("outside the limits"),
+                "{w}x{h}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn png_round_trip_is_exact_over_the_full_16_bit_range() {

@@ -17,6 +17,19 @@ use crate::{Error, Result};
 pub const FORMAT_VERSION: u32 = 1;
 /// Object name of the index in a dataset folder.
 pub const INDEX: &str = "index.json";
+/// Largest index read (about a million shard entries).
+pub const MAX_INDEX_BYTES: usize = 512 << 20;
+/// Largest shard read (whole shards are held in memory while decoded).
+pub const MAX_SHARD_BYTES: u64 = 4 << 30;
+/// Fewest bytes a sample takes in a shard: two tar members (image and metadata) of a 512-byte
+/// header and at least one 512-byte block each. An index claiming more samples than its shard's
+/// bytes can hold is refused before the loader allocates the epoch's order.
+pub const MIN_SAMPLE_BYTES: u64 = 2048;
+/// Most samples one dataset may list.
+pub const MAX_SAMPLES: u64 = 1 << 32;
+/// Largest sidecar or other JSON document read beside the shards.
+pub const MAX_DOCUMENT_BYTES: usize = 64 << 20;
+
 /// How old an unlisted shard must be before an append takes it for a dead ingest's and replaces
 /// it (an ingest writes the index seconds after the shard).
 pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
@@ -118,7 +131,7 @@ pub fn sources_name(shard: &str) -> String {
 impl DatasetIndex {
     /// Loads the index of a dataset folder; an absent index is an empty dataset.
     pub async fn load(loc: &Location) -> Result<DatasetIndex> {
-        match loc.get_opt(INDEX).await? {
+        match loc.get_bounded(INDEX, MAX_INDEX_BYTES).await? {
             None => Ok(DatasetIndex::default()),
             Some(bytes) => {
                 let index: DatasetIndex =
@@ -135,7 +148,9 @@ impl DatasetIndex {
         }
     }
 
-    /// Checks the invariants: a known format, consecutive sequence numbers from 0.
+    /// Checks the invariants: a known format, consecutive sequence numbers from 0, sizes within
+    /// [`MAX_SHARD_BYTES`], sample counts that the shard's bytes can hold ([`MIN_SAMPLE_BYTES`])
+    /// and at most [`MAX_SAMPLES`] in all.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.format_version != FORMAT_VERSION {
             return Err(format!(
@@ -147,6 +162,24 @@ impl DatasetIndex {
             if s.seq != i as u64 {
                 return Err(format!("shards[{i}].seq is {} (expected {i})", s.seq));
             }
+            if s.bytes > MAX_SHARD_BYTES {
+                return Err(format!(
+                    "shards[{i}].bytes is {} (more than the limit of {MAX_SHARD_BYTES})",
+                    s.bytes
+                ));
+            }
+            if s.samples > s.bytes / MIN_SAMPLE_BYTES {
+                return Err(format!(
+                    "shards[{i}].samples is {}, more than {} bytes can hold",
+                    s.samples, s.bytes
+                ));
+            }
+        }
+        let total: u64 = self.shards.iter().map(|s| s.samples).sum();
+        if total > MAX_SAMPLES {
+            return Err(format!(
+                "{total} samples in all (more than the limit of {MAX_SAMPLES})"
+            ));
         }
         Ok(())
     }
@@ -182,7 +215,7 @@ impl DatasetIndex {
             ));
         };
         if meta.size == tar.len() as u64
-            && let Some(theirs) = loc.get_opt(name).await?
+            && let Some(theirs) = loc.get_bounded(name, tar.len()).await?
             && sha2::Sha256::digest(&theirs) == sha2::Sha256::digest(tar)
         {
             return Ok(());
@@ -267,10 +300,10 @@ mod tests {
         s1.add(&[0, 2], 1.0, 0.0);
         let mut s2 = Stats::default();
         s2.add(&[4, 6], 1.0, -1.0);
-        DatasetIndex::append_shard(&loc, b"tar-one".to_vec(), 1, s1, &[])
+        DatasetIndex::append_shard(&loc, b"tar-one".to_vec(), 0, s1, &[])
             .await
             .unwrap();
-        let e = DatasetIndex::append_shard(&loc, b"tar-two".to_vec(), 1, s2, &[])
+        let e = DatasetIndex::append_shard(&loc, b"tar-two".to_vec(), 0, s2, &[])
             .await
             .unwrap();
         assert_eq!((e.seq, e.name.as_str()), (1, "shard-000001.tar"));
@@ -295,7 +328,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
         std::fs::write(dir.path().join("shard-000000.tar"), b"someone else's").unwrap();
-        let err = DatasetIndex::append_shard(&loc, b"mine".to_vec(), 1, Stats::default(), &[])
+        let err = DatasetIndex::append_shard(&loc, b"mine".to_vec(), 0, Stats::default(), &[])
             .await
             .unwrap_err()
             .to_string();
@@ -313,13 +346,13 @@ mod tests {
     async fn an_ingest_killed_between_shard_and_index_resumes_without_repair() {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
-        DatasetIndex::append_shard(&loc, b"first".to_vec(), 1, Stats::default(), &[])
+        DatasetIndex::append_shard(&loc, b"first".to_vec(), 0, Stats::default(), &[])
             .await
             .unwrap();
         // Killed after writing shard 1, before the index named it.
         std::fs::write(dir.path().join("shard-000001.tar"), b"second").unwrap();
         // The re-run writes the same shard: adopted.
-        let e = DatasetIndex::append_shard(&loc, b"second".to_vec(), 1, Stats::default(), &[])
+        let e = DatasetIndex::append_shard(&loc, b"second".to_vec(), 0, Stats::default(), &[])
             .await
             .unwrap();
         assert_eq!(e.name, "shard-000001.tar");
@@ -328,7 +361,7 @@ mod tests {
         let orphan = dir.path().join("shard-000002.tar");
         std::fs::write(&orphan, b"half-done").unwrap();
         let refused =
-            DatasetIndex::append_shard(&loc, b"third".to_vec(), 1, Stats::default(), &[]).await;
+            DatasetIndex::append_shard(&loc, b"third".to_vec(), 0, Stats::default(), &[]).await;
         let text = refused.unwrap_err().to_string();
         assert!(
             text.contains("shard-000002.tar") && text.contains("run again"),
@@ -341,7 +374,7 @@ mod tests {
             .unwrap()
             .set_modified(an_hour_ago)
             .unwrap();
-        DatasetIndex::append_shard(&loc, b"third".to_vec(), 1, Stats::default(), &[])
+        DatasetIndex::append_shard(&loc, b"third".to_vec(), 0, Stats::default(), &[])
             .await
             .unwrap();
         let index = DatasetIndex::load(&loc).await.unwrap();
@@ -351,6 +384,37 @@ mod tests {
             index.shards[2].sha256,
             hex::encode(sha2::Sha256::digest(b"third"))
         );
+    }
+
+    #[tokio::test]
+    async fn an_index_claiming_more_than_its_shards_can_hold_is_refused_before_any_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
+        let entry = |samples: u64, bytes: u64| ShardEntry {
+            seq: 0,
+            name: shard_name(0),
+            samples,
+            bytes,
+            sha256: "00".into(),
+            created: String::new(),
+            stats: Stats::default(),
+        };
+        for (shard, needle) in [
+            (entry(1 << 40, 4096), "shards[0].samples"),
+            (entry(1, MAX_SHARD_BYTES + 1), "shards[0].bytes"),
+        ] {
+            let index = DatasetIndex {
+                shards: vec![shard],
+                ..Default::default()
+            };
+            std::fs::write(
+                dir.path().join("index.json"),
+                serde_json::to_vec(&index).unwrap(),
+            )
+            .unwrap();
+            let err = DatasetIndex::load(&loc).await.unwrap_err().to_string();
+            assert!(err.contains("index.json") && err.contains(needle), "{err}");
+        }
     }
 
     #[tokio::test]

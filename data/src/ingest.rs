@@ -351,7 +351,10 @@ async fn ingested_sources(loc: &Location) -> Result<BTreeSet<String>> {
     let mut done: BTreeSet<String> = BTreeSet::new();
     for s in &index.shards {
         let sidecar = crate::index::sources_name(&s.name);
-        if let Some(bytes) = loc.get_opt(&sidecar).await? {
+        if let Some(bytes) = loc
+            .get_bounded(&sidecar, crate::index::MAX_DOCUMENT_BYTES)
+            .await?
+        {
             let ids: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| Error::Index {
                 uri: loc.child_uri(&sidecar),
                 reason: e.to_string(),

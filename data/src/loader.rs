@@ -378,7 +378,7 @@ async fn fetch_shard(
     let mut delay = Duration::from_millis(200);
     let mut attempt = 0;
     let bytes = loop {
-        match loc.get_opt(&entry.name).await {
+        match loc.get_bounded(&entry.name, entry.bytes as usize).await {
             Ok(Some(b)) => break b,
             Ok(None) => {
                 return Err(Error::Shard {
@@ -386,7 +386,7 @@ async fn fetch_shard(
                     reason: "listed in the index but missing".into(),
                 });
             }
-            Err(e) if attempt < retries => {
+            Err(e @ Error::Store { .. }) if attempt < retries => {
                 attempt += 1;
                 counter.fetch_add(1, Ordering::Relaxed);
                 eprintln!(

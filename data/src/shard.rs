@@ -9,6 +9,10 @@ use crate::image16::Image16;
 use crate::meta::SampleMeta;
 use crate::{Error, Result};
 
+/// Largest tar member read (an image or metadata file of one sample); a header claiming more
+/// breaks the shard before anything is allocated.
+pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
+
 /// One training sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -143,7 +147,13 @@ impl<R: Read> ShardReader<R> {
                 .map_err(|e| broken(e.to_string()))?
                 .to_string_lossy()
                 .to_string();
-            let mut data = Vec::with_capacity(entry.size() as usize);
+            let size = entry.size();
+            if size > MAX_MEMBER_BYTES {
+                return Err(broken(format!(
+                    "member {path} claims {size} bytes (more than the limit of {MAX_MEMBER_BYTES})"
+                )));
+            }
+            let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
             entry
                 .read_to_end(&mut data)
                 .map_err(|e| broken(format!("member {path}: {e}")))?;
@@ -227,6 +237,23 @@ fn decode(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_claiming_gigabytes_breaks_the_shard_before_anything_is_allocated() {
+        let mut header = tar::Header::new_gnu();
+        header.set_path("x.png").unwrap();
+        header.set_size(8 << 30);
+        header.set_mode(0o644);
+        header.set_cksum();
+        let mut tar = header.as_bytes().to_vec();
+        tar.extend_from_slice(&[0; 4096]);
+        let reader = ShardReader::new(std::io::Cursor::new(tar), "hostile.tar");
+        let e = reader.for_each(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains("hostile.tar") && e.contains("more than the limit"),
+            "{e}"
+        );
+    }
 
     pub fn sample(key: &str, seed: u16) -> Sample {
         let pixels = (0..16 * 12)

@@ -127,8 +127,31 @@ pub fn error_policy<K: kube::Resource<DynamicType = ()>>(
     Action::requeue(RETRY_AFTER_ERROR)
 }
 
-/// Runs `controller` with `reconcile` and the shared error policy until `shutdown` resolves,
-/// logging what the controller itself reports (`what` names it in the logs).
+/// Runs `fut`, the pass of `object`, turning a panic into [`Error::Panicked`]: the controller
+/// polls every object's pass in one task, so an unwinding pass would otherwise end the
+/// controller, and with it every other object's reconciliation.
+pub async fn contained<F>(object: String, fut: F) -> Result<Action, Error>
+where
+    F: std::future::Future<Output = Result<Action, Error>>,
+{
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".into());
+            tracing::error!(%object, %message, "reconcile panicked");
+            Err(Error::Panicked { object, message })
+        })
+}
+
+/// Runs `controller` with `reconcile` (each pass [`contained`]) and the shared error policy
+/// until `shutdown` resolves, logging what the controller itself reports (`what` names it in
+/// the logs).
 pub async fn drive<K, F, Fut>(
     controller: kube::runtime::Controller<K>,
     reconcile: F,
@@ -147,9 +170,27 @@ pub async fn drive<K, F, Fut>(
     Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
 {
     use futures::StreamExt;
+    let mut reconcile = reconcile;
+    let pass = move |obj: Arc<K>, ctx: Arc<Context>| {
+        let object = format!(
+            "{} {}/{}",
+            K::kind(&()),
+            obj.meta().namespace.as_deref().unwrap_or(""),
+            obj.meta().name.as_deref().unwrap_or("")
+        );
+        let metrics = ctx.metrics.clone();
+        let fut = reconcile(obj, ctx);
+        async move {
+            let r = contained(object, fut).await;
+            if let Err(e @ Error::Panicked { .. }) = &r {
+                metrics.observe_reconcile(Duration::ZERO, Some(e));
+            }
+            r
+        }
+    };
     controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(pass, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, controller = what, "controller");

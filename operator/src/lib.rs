@@ -49,6 +49,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A reconcile pass panicked: a bug. The pass is abandoned and retried like a failed one;
+    /// the other objects' passes go on.
+    #[error("reconcile of {object} panicked: {message}")]
+    Panicked {
+        /// Kind, namespace and name of the object.
+        object: String,
+        /// The panic's message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -59,6 +68,7 @@ impl Error {
             Error::Child { .. } => "child",
             Error::Serialize(_) => "serialize",
             Error::MissingField(_) | Error::Invalid { .. } => "invalid",
+            Error::Panicked { .. } => "panic",
         }
     }
 }

@@ -119,9 +119,12 @@ struct CardData {
 pub async fn from_export(uri: &str) -> Result<NewVersion> {
     let loc = Location::open(uri)?;
     let card_uri = loc.child_uri(export::CARD);
-    let bytes = loc.get_opt(export::CARD).await?.ok_or_else(|| {
-        Error::NotFound(format!("{card_uri} does not exist: not an exported model"))
-    })?;
+    let bytes = loc
+        .get_bounded(export::CARD, MAX_DOCUMENT_BYTES)
+        .await?
+        .ok_or_else(|| {
+            Error::NotFound(format!("{card_uri} does not exist: not an exported model"))
+        })?;
     let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
         uri: card_uri.clone(),
         reason: e.to_string(),
@@ -341,6 +344,9 @@ impl Event {
 /// How often a writer re-reads and retries a number another writer took, before giving up
 /// (a store that refuses every create would otherwise keep it looping).
 const MAX_CLAIM_ATTEMPTS: usize = 64;
+/// Largest registry document read (event, version, model card, approval, decision): whoever can
+/// write the bucket cannot make a reader, the operator included, allocate more.
+pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
 
 fn gave_up(model: &str, what: &str) -> Error {
     Error::Invalid(format!(
@@ -489,7 +495,7 @@ impl Registry {
     }
 
     async fn read<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
-        match self.loc.get_opt(name).await? {
+        match self.loc.get_bounded(name, MAX_DOCUMENT_BYTES).await? {
             None => Ok(None),
             Some(b) => serde_json::from_slice(&b)
                 .map(Some)
@@ -573,7 +579,7 @@ impl Registry {
         let name = Self::event_name(model, seq);
         let bytes = self
             .loc
-            .get_opt(&name)
+            .get_bounded(&name, MAX_DOCUMENT_BYTES)
             .await?
             .ok_or_else(|| Error::Corrupt {
                 uri: self.loc.child_uri(&name),
@@ -602,7 +608,7 @@ impl Registry {
             }
             expected = seq + 1;
             let name = Self::event_name(model, seq);
-            let Some(bytes) = self.loc.get_opt(&name).await? else {
+            let Some(bytes) = self.loc.get_bounded(&name, MAX_DOCUMENT_BYTES).await? else {
                 found("listed but unreadable".into());
                 continue;
             };
@@ -912,7 +918,7 @@ impl Registry {
         let mut out = Vec::new();
         for site in self.report_sites(model, version).await? {
             let name = format!("{prefix}/{site}.json");
-            if let Some(bytes) = self.loc.get_opt(&name).await? {
+            if let Some(bytes) = self.loc.get_bounded(&name, MAX_DOCUMENT_BYTES).await? {
                 out.push((site, self.loc.child_uri(&name), bytes.to_vec()));
             }
         }
@@ -958,7 +964,7 @@ impl Registry {
         for approver in self.json_names(&prefix).await? {
             if let Some(bytes) = self
                 .loc
-                .get_opt(&format!("{prefix}/{approver}.json"))
+                .get_bounded(&format!("{prefix}/{approver}.json"), MAX_DOCUMENT_BYTES)
                 .await?
             {
                 out.push((approver, bytes.to_vec()));
@@ -977,7 +983,11 @@ impl Registry {
     /// The decision recorded with event `event_seq`, if any.
     pub async fn decision(&self, model: &str, event_seq: u64) -> Result<Option<Vec<u8>>> {
         let name = format!("models/{model}/decisions/{event_seq:09}.json");
-        Ok(self.loc.get_opt(&name).await?.map(|b| b.to_vec()))
+        Ok(self
+            .loc
+            .get_bounded(&name, MAX_DOCUMENT_BYTES)
+            .await?
+            .map(|b| b.to_vec()))
     }
 
     /// The version trained by the TrainingJob with this uid, if one was registered.

@@ -645,3 +645,29 @@ print(json.dumps({n: np.asarray(Image.open(sys.argv[1] + "/" + n).convert("L")).
         assert!(worst <= 3, "{name}: max difference to PIL {worst}");
     }
 }
+
+#[test]
+fn a_dicom_header_declaring_an_enormous_image_is_refused_before_its_pixels_are_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("huge.dcm");
+    // A real CT file whose header now declares 60000 × 60000 pixels in 2000 frames.
+    run_python(
+        "import sys; from pydicom import dcmread; from pydicom.data import get_testdata_file\n\
+         ds = dcmread(get_testdata_file('CT_small.dcm'))\n\
+         ds.Rows = 60000; ds.Columns = 60000; ds.NumberOfFrames = 2000\n\
+         ds.save_as(sys.argv[1])",
+        &[out.to_str().unwrap()],
+    );
+    let gate = radfm_data::dicom::Gate {
+        deidentify: true,
+        accept_burned_in_risk: true,
+    };
+    let e = radfm_data::dicom::read_named(&out, "huge", gate, b"salt")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("huge") && e.contains("outside the limits"),
+        "{e}"
+    );
+}

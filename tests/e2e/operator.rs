@@ -1110,3 +1110,75 @@ async fn real_trainer_progress_and_checkpoint_reach_the_trainingjob_status() {
         assert!(text.contains(&needle), "{needle:?} not in:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_reconcile_that_panics_is_contained_and_every_other_object_is_still_reconciled() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::controller::{Action, Controller};
+    use radfm_operator::context::{Context, drive};
+    use std::sync::{Arc, Mutex};
+
+    let _serial = serial().await;
+    let cluster = Cluster::start(0, 0).await.unwrap();
+    let ns = cluster.namespace("panics").await.unwrap();
+    let maps: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), &ns.name);
+    let make = |name: &str| -> ConfigMap {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
+    };
+    for name in ["boom", "fine-1"] {
+        maps.create(&Default::default(), &make(name)).await.unwrap();
+    }
+    let passes: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = passes.clone();
+    let reconcile = move |cm: Arc<ConfigMap>, _ctx: Arc<Context>| {
+        let seen = seen.clone();
+        async move {
+            let name = cm.metadata.name.clone().unwrap_or_default();
+            seen.lock().unwrap().push(name.clone());
+            if name == "boom" {
+                panic!("a bug that only this object reaches");
+            }
+            Ok(Action::await_change())
+        }
+    };
+    let metrics = Arc::new(radfm_operator::metrics::Metrics::default());
+    let ctx = Arc::new(Context::new(cluster.client.clone(), metrics.clone(), None));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = Controller::new(maps.clone(), Default::default());
+    let running = tokio::spawn(drive(
+        controller,
+        reconcile,
+        ctx,
+        async move {
+            let _ = stopped.await;
+        },
+        "ConfigMap",
+    ));
+    let count = |name: &str| passes.lock().unwrap().iter().filter(|n| *n == name).count();
+    wait_until(
+        WAIT,
+        "fine-1 reconciled and boom retried after its panic",
+        || async { (count("fine-1") >= 1 && count("boom") >= 2).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // The controller lives on: an object created after the panics is reconciled.
+    maps.create(&Default::default(), &make("fine-2"))
+        .await
+        .unwrap();
+    wait_until(WAIT, "fine-2 reconciled", || async {
+        (count("fine-2") >= 1).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(!running.is_finished(), "the controller stopped");
+    assert!(
+        metrics
+            .encode()
+            .contains("radfm_operator_reconcile_errors_total{kind=\"panic\"}"),
+        "{}",
+        metrics.encode()
+    );
+    let _ = stop.send(());
+    running.await.unwrap();
+}

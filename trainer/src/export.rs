@@ -165,7 +165,7 @@ pub async fn load(uri: &str, device: tch::Device) -> Result<LoadedEncoder> {
         reason,
     };
     let card: ModelCard = serde_json::from_slice(
-        &loc.get_opt(CARD)
+        &loc.get_bounded(CARD, radfm_data::index::MAX_DOCUMENT_BYTES)
             .await?
             .ok_or_else(|| bad(format!("no {CARD}: not an exported model")))?,
     )

@@ -176,7 +176,7 @@ pub async fn validate(req: &Request<'_>) -> Result<Outcome> {
     let tasks = task_reports(req, &predicted, &groups)?;
     let loc = Location::open(req.dataset_uri)?;
     let index_bytes = loc
-        .get_opt(radfm_data::index::INDEX)
+        .get_bounded(radfm_data::index::INDEX, radfm_data::index::MAX_INDEX_BYTES)
         .await?
         .ok_or_else(|| invalid(format!("{} has no index", req.dataset_uri)))?;
     let index = radfm_data::DatasetIndex::load(&loc).await?;
