@@ -6,6 +6,8 @@ pub mod children;
 mod failure_policy;
 mod gang_startup;
 pub mod plan;
+#[cfg(test)]
+mod properties;
 mod success_policy;
 mod suspend_policy;
 mod ttl_after_finished;
