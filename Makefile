@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling clean
+.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling clean
 
 all: build
 
@@ -128,6 +128,23 @@ s3-server:
 	@[ -x "$(S3_SERVER)" ] || (cd tests/cluster/s3 && GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 \
 	  go build -trimpath -ldflags="-s -w" -o "$(S3_SERVER).tmp" github.com/versity/versitygw/cmd/versitygw && \
 	  mv "$(S3_SERVER).tmp" "$(S3_SERVER)")
+
+## fuzz: each cargo-fuzz target (fuzz/) for FUZZ_SECONDS (default 60) on the nightly toolchain,
+## growing a corpus cached outside git from the seeds in fuzz/corpus; a crash stops it and leaves
+## the input in fuzz/artifacts/<target>/ (turn it into a regression test)
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= shard_reader image_decoders dicom_ingest dataset_index site_report resources rendezvous
+CARGO_FUZZ_ROOT := $(RADFM_CACHE)/cargo-fuzz-0.13.1
+fuzz:
+	@[ -x "$(CARGO_FUZZ_ROOT)/bin/cargo-fuzz" ] || cargo install --locked cargo-fuzz@0.13.1 --root "$(CARGO_FUZZ_ROOT)"
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p "$(RADFM_CACHE)/fuzz-corpus/$$t" && \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s" && \
+	  PATH="$(CARGO_FUZZ_ROOT)/bin:$$PATH" cargo +nightly fuzz run $$t \
+	    "$(RADFM_CACHE)/fuzz-corpus/$$t" corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 2>&1 \
+	    | grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+== ERROR|SUMMARY|Test unit written|panicked|thread)" ; \
+	  test "$${PIPESTATUS[0]}" = 0 || exit 1; done
 
 ## bench-loader: radfm's loader vs Python webdataset + PIL on the same shards, per CPU core
 BENCH_DIR ?= /tmp/radfm-bench-loader

@@ -230,7 +230,7 @@ impl Location {
     /// refused.
     pub async fn check_conditional_writes(&self) -> Result<()> {
         let name = format!(
-            ".radfm-probe/{}-{:016x}",
+            ".radfm-probe-{}-{:016x}",
             std::process::id(),
             rand::random::<u64>()
         );
