@@ -30,6 +30,8 @@ pub const MAX_SAMPLES: u64 = 1 << 32;
 /// Largest sidecar or other JSON document read beside the shards.
 pub const MAX_DOCUMENT_BYTES: usize = 64 << 20;
 
+/// How long an append waits for another ingest to list the shard it holds the next number with.
+pub const APPEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// How old an unlisted shard must be before an append takes it for a dead ingest's and replaces
 /// it (an ingest writes the index seconds after the shard).
 pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
@@ -238,8 +240,11 @@ impl DatasetIndex {
     }
 
     /// Writes a new shard (create-only: an existing object is never overwritten) and appends it
-    /// to the index with one atomic put. Non-empty `sources` (keyed ids of the inputs) go to the
-    /// shard's sidecar before the index names the shard, so a crash in between only repeats
+    /// to the index with one atomic put. The shard's name is the index slot: whoever creates
+    /// `shard-N` is the only writer that may list it, so concurrent ingests take turns (one
+    /// waits, up to [`APPEND_PATIENCE`], until the other's index names its shard, then takes the
+    /// next number) and every shard is kept. Non-empty `sources` (keyed ids of the inputs) go to
+    /// the shard's sidecar before the index names the shard, so a crash in between only repeats
     /// work. Returns the new entry.
     pub async fn append_shard(
         loc: &Location,
@@ -248,23 +253,48 @@ impl DatasetIndex {
         stats: Stats,
         sources: &[&String],
     ) -> Result<ShardEntry> {
+        Self::append_waiting(loc, tar, samples, stats, sources, APPEND_PATIENCE).await
+    }
+
+    /// [`DatasetIndex::append_shard`], waiting at most `patience` for a held slot.
+    async fn append_waiting(
+        loc: &Location,
+        tar: Vec<u8>,
+        samples: u64,
+        stats: Stats,
+        sources: &[&String],
+        patience: std::time::Duration,
+    ) -> Result<ShardEntry> {
         loc.require_conditional_writes().await?;
-        let mut index = DatasetIndex::load(loc).await?;
-        let seq = index.shards.len() as u64;
-        let name = shard_name(seq);
+        let sha256 = hex::encode(sha2::Sha256::digest(&tar));
+        let tar = bytes::Bytes::from(tar);
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(50);
+        let (mut index, seq, name) = loop {
+            let index = DatasetIndex::load(loc).await?;
+            let seq = index.shards.len() as u64;
+            let name = shard_name(seq);
+            if loc.put_new(&name, tar.clone()).await? {
+                break (index, seq, name);
+            }
+            match Self::recover_orphan(loc, &name, &tar).await {
+                Ok(()) => break (index, seq, name),
+                Err(_) if started.elapsed() < patience => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let entry = ShardEntry {
             seq,
             name: name.clone(),
             samples,
             bytes: tar.len() as u64,
-            sha256: hex::encode(sha2::Sha256::digest(&tar)),
+            sha256,
             created: jiff::Timestamp::now().to_string(),
             stats,
         };
-        let tar = bytes::Bytes::from(tar);
-        if !loc.put_new(&name, tar.clone()).await? {
-            Self::recover_orphan(loc, &name, &tar).await?;
-        }
         if !sources.is_empty() {
             let ids = serde_json::to_vec(sources).expect("strings serialize");
             loc.put(&sources_name(&name), ids).await?;
@@ -328,10 +358,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
         std::fs::write(dir.path().join("shard-000000.tar"), b"someone else's").unwrap();
-        let err = DatasetIndex::append_shard(&loc, b"mine".to_vec(), 0, Stats::default(), &[])
-            .await
-            .unwrap_err()
-            .to_string();
+        let patience = std::time::Duration::from_millis(300);
+        let err = DatasetIndex::append_waiting(
+            &loc,
+            b"mine".to_vec(),
+            0,
+            Stats::default(),
+            &[],
+            patience,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("shard-000000.tar") && err.contains("another ingest"),
             "{err}"
@@ -360,8 +398,15 @@ mod tests {
         // orphan is fresh it may be a live ingest's, so it is refused; once stale, replaced.
         let orphan = dir.path().join("shard-000002.tar");
         std::fs::write(&orphan, b"half-done").unwrap();
-        let refused =
-            DatasetIndex::append_shard(&loc, b"third".to_vec(), 0, Stats::default(), &[]).await;
+        let refused = DatasetIndex::append_waiting(
+            &loc,
+            b"third".to_vec(),
+            0,
+            Stats::default(),
+            &[],
+            std::time::Duration::ZERO,
+        )
+        .await;
         let text = refused.unwrap_err().to_string();
         assert!(
             text.contains("shard-000002.tar") && text.contains("run again"),
@@ -415,6 +460,42 @@ mod tests {
             let err = DatasetIndex::load(&loc).await.unwrap_err().to_string();
             assert!(err.contains("index.json") && err.contains(needle), "{err}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_ingests_take_turns_and_keep_every_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::open(dir.path().to_str().unwrap()).unwrap();
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let loc = loc.clone();
+                tokio::spawn(async move {
+                    for k in 0..3 {
+                        let body = format!("writer {w} shard {k}").into_bytes();
+                        DatasetIndex::append_shard(&loc, body, 0, Stats::default(), &[])
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let index = DatasetIndex::load(&loc).await.unwrap();
+        assert_eq!(index.shards.len(), 12);
+        let mut bodies: Vec<String> = index
+            .shards
+            .iter()
+            .map(|s| String::from_utf8(std::fs::read(dir.path().join(&s.name)).unwrap()).unwrap())
+            .collect();
+        bodies.sort();
+        bodies.dedup();
+        assert_eq!(
+            bodies.len(),
+            12,
+            "every writer's every shard, once: {bodies:?}"
+        );
     }
 
     #[tokio::test]

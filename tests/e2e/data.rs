@@ -671,3 +671,42 @@ fn a_dicom_header_declaring_an_enormous_image_is_refused_before_its_pixels_are_d
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_ingests_on_s3_keep_every_shard() {
+    let s3 = radfm_e2e::S3Server::start().unwrap();
+    let loc = Location::open_with("s3://radfm/concurrent", s3.env()).unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let loc = loc.clone();
+            tokio::spawn(async move {
+                for k in 0..3 {
+                    let body = format!("writer {w} shard {k}").into_bytes();
+                    DatasetIndex::append_shard(&loc, body, 0, Default::default(), &[])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let index = DatasetIndex::load(&loc).await.unwrap();
+    let seqs: Vec<u64> = index.shards.iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, (0..12).collect::<Vec<u64>>());
+    let mut bodies = Vec::new();
+    for s in &index.shards {
+        let b = loc.get_opt(&s.name).await.unwrap().unwrap();
+        assert_eq!(
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b)),
+            s.sha256,
+            "{}",
+            s.name
+        );
+        bodies.push(String::from_utf8(b.to_vec()).unwrap());
+    }
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 12, "{bodies:?}");
+}
