@@ -258,6 +258,9 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
             "{bytes} bytes is more than the limit of {MAX_FILE_BYTES} for one DICOM file"
         )));
     }
+    let bytes = std::fs::read(path).map_err(|e| img_err(format!("unreadable: {e}")))?;
+    crate::dicom_lengths::check(&bytes).map_err(|why| img_err(format!("malformed: {why}")))?;
+    drop(bytes);
     let obj = dicom_object::open_file(path)
         .map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
     admit(&obj, &name, gate)?;

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod dicom;
+pub mod dicom_lengths;
 pub mod image16;
 pub mod index;
 pub mod ingest;

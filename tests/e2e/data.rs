@@ -710,3 +710,27 @@ async fn concurrent_ingests_on_s3_keep_every_shard() {
     bodies.dedup();
     assert_eq!(bodies.len(), 12, "{bodies:?}");
 }
+
+#[test]
+fn the_length_check_refuses_only_the_truncated_files_among_pydicoms_test_files() {
+    let dir = run_python(
+        "import os; from pydicom.data import get_testdata_file; \
+         print(os.path.dirname(get_testdata_file('CT_small.dcm')))",
+        &[],
+    );
+    let mut refused = Vec::new();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir.trim()).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        checked += 1;
+        if radfm_data::dicom_lengths::check(&std::fs::read(&path).unwrap()).is_err() {
+            refused.push(path.file_name().unwrap().to_string_lossy().to_string());
+        }
+    }
+    refused.sort();
+    assert!(checked > 50, "{checked}");
+    assert_eq!(refused, ["MR_truncated.dcm", "rtplan_truncated.dcm"]);
+}
