@@ -142,7 +142,7 @@ fuzz:
 	  echo "fuzz: $$t for $(FUZZ_SECONDS) s" && \
 	  PATH="$(CARGO_FUZZ_ROOT)/bin:$$PATH" cargo +nightly fuzz run $$t \
 	    "$(RADFM_CACHE)/fuzz-corpus/$$t" corpus/$$t -- \
-	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 2>&1 \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10 -print_final_stats=1 2>&1 \
 	    | grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+== ERROR|SUMMARY|Test unit written|panicked|thread)" ; \
 	  test "$${PIPESTATUS[0]}" = 0 || exit 1; done
 
