@@ -271,6 +271,12 @@ const SHARDS_RULE: &str = "self.matches('^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$'
 /// Parses a shard selection (`0-9,12,15-20`) into sorted, distinct sequence numbers; the error
 /// says which part is wrong.
 pub fn parse_shards(text: &str) -> std::result::Result<Vec<u64>, String> {
+    if out_of_bounds(text) {
+        return Err(format!(
+            "{} characters is longer than a shard selection may be",
+            text.len()
+        ));
+    }
     let mut out = std::collections::BTreeSet::new();
     for part in text.split(',').map(str::trim) {
         let num = |t: &str| {
@@ -284,8 +290,12 @@ pub fn parse_shards(text: &str) -> std::result::Result<Vec<u64>, String> {
                 if a > b {
                     return Err(format!("{part:?}: range start is after its end"));
                 }
-                if b - a > 10_000_000 {
-                    return Err(format!("{part:?}: range too large"));
+                if b - a >= MAX_SELECTED_SHARDS as u64
+                    || out.len() + (b - a) as usize >= MAX_SELECTED_SHARDS
+                {
+                    return Err(format!(
+                        "{part:?}: more than {MAX_SELECTED_SHARDS} shards selected"
+                    ));
                 }
                 out.extend(a..=b);
             }
@@ -295,6 +305,13 @@ pub fn parse_shards(text: &str) -> std::result::Result<Vec<u64>, String> {
         }
     }
     Ok(out.into_iter().collect())
+}
+
+/// Most shards one selection may name (about what the largest index can list).
+pub const MAX_SELECTED_SHARDS: usize = 1_000_000;
+
+fn out_of_bounds(text: &str) -> bool {
+    text.len() > 64 << 10
 }
 
 /// Writes sorted sequence numbers as the shortest selection (`0-3,7,9-10`).
@@ -984,6 +1001,16 @@ spec:
             ("3-1", "range start is after its end"),
             ("a", "\"a\" is not a shard number"),
             ("1,,2", "\"\" is not a shard number"),
+            ("0-18446744073709551615", "more than 1000000 shards"),
+            // Many ranges, each small: the total counts.
+            (
+                &(0..3)
+                    .map(|k| format!("{}-{}", k * 600_000, k * 600_000 + 599_999))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                "more than 1000000 shards",
+            ),
+            (&"1,".repeat(40_000), "longer than a shard selection may be"),
         ] {
             let err = parse_shards(bad).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
