@@ -157,6 +157,9 @@ pub struct LoadedEncoder {
     pub card: ModelCard,
 }
 
+/// Largest exported encoder read (a ViT-g in f32 is about 4 GiB).
+pub const MAX_WEIGHTS_BYTES: usize = 8 << 30;
+
 /// Loads an exported model folder.
 pub async fn load(uri: &str, device: tch::Device) -> Result<LoadedEncoder> {
     let loc = Location::open(uri)?;
@@ -171,7 +174,7 @@ pub async fn load(uri: &str, device: tch::Device) -> Result<LoadedEncoder> {
     )
     .map_err(|e| bad(format!("{CARD}: {e}")))?;
     let weights = loc
-        .get_opt(WEIGHTS)
+        .get_bounded(WEIGHTS, MAX_WEIGHTS_BYTES)
         .await?
         .ok_or_else(|| bad(format!("{WEIGHTS} is missing")))?;
     if hex::encode(Sha256::digest(&weights)) != card.weights_sha256 {
