@@ -378,10 +378,17 @@ pub async fn load(loc: &Location, id: CommitId) -> Result<Loaded> {
                 format!("names {} outside its folder {}", o.name, id.dir()),
             ));
         }
-        let data = loc
-            .get_opt(&o.name)
-            .await?
-            .ok_or_else(|| bad(loc, &name, format!("{} is missing", o.name)))?;
+        let data = match loc.get_bounded(&o.name, o.bytes as usize).await {
+            Err(radfm_data::Error::TooLarge { bytes, .. }) => {
+                return Err(bad(
+                    loc,
+                    &name,
+                    format!("{} is {bytes} bytes, not the {} it names", o.name, o.bytes),
+                ));
+            }
+            other => other?,
+        }
+        .ok_or_else(|| bad(loc, &name, format!("{} is missing", o.name)))?;
         if data.len() as u64 != o.bytes || sha256(&data) != o.sha256 {
             return Err(bad(
                 loc,
