@@ -95,17 +95,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
     let location = Location::open(&cfg.checkpoint_uri)?;
     let (writer, chosen) = begin_checkpoints(cfg, &rt, &location)?;
     let mut gang = join_gang(cfg, device)?;
-    let resume = match gang.as_mut() {
-        Some(g) => {
-            let id = agree_on_resume(g.coll.as_mut(), chosen.as_ref().map(|l| l.id()))?;
-            match (chosen, id) {
-                (Some(l), _) => Resume::Loaded(Box::new(l)),
-                (None, Some(id)) => Resume::Named(id),
-                (None, None) => Resume::Fresh,
-            }
-        }
-        None => chosen.map_or(Resume::Fresh, |l| Resume::Loaded(Box::new(l))),
-    };
+    let resume = resume_point(gang.as_mut(), chosen)?;
     let mut pos = model.resume(cfg, &rt, &location, resume)?;
     if let Some(g) = gang.as_mut() {
         broadcast_parameters(g, &model.vs)?;
@@ -133,10 +123,11 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
     let first_step = pos.step;
     while pos.step < total {
         if gang_stops(hooks, gang.as_mut())? {
+            reporter.committed(checkpoints.finish()?);
             if checkpoints.due_at_stop(&pos) {
                 checkpoints.start(&model, &pos)?;
+                reporter.committed(checkpoints.finish()?);
             }
-            reporter.committed(checkpoints.finish()?);
             return Err(Error::Terminated { step: pos.step });
         }
         let mut acc = model.accumulate(cfg, &batches, &mut pos, device)?;
@@ -275,6 +266,20 @@ fn agree_on_resume(
     };
     coll.all_reduce_host(&mut v)?;
     Ok(decode_choice(&v))
+}
+
+/// Where this rank starts: rank 0's choice (its loaded checkpoint, or fresh), learnt over the
+/// gang by the other ranks.
+fn resume_point(gang: Option<&mut Gang>, chosen: Option<checkpoint::Loaded>) -> Result<Resume> {
+    let Some(g) = gang else {
+        return Ok(chosen.map_or(Resume::Fresh, |l| Resume::Loaded(Box::new(l))));
+    };
+    let id = agree_on_resume(g.coll.as_mut(), chosen.as_ref().map(checkpoint::Loaded::id))?;
+    Ok(match (chosen, id) {
+        (Some(l), _) => Resume::Loaded(Box::new(l)),
+        (None, Some(id)) => Resume::Named(id),
+        (None, None) => Resume::Fresh,
+    })
 }
 
 /// Joins the gang (world > 1).
