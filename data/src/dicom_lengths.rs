@@ -16,6 +16,16 @@ const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
 const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
 const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
 
+/// Bytes per value of the binary VRs whose values have a fixed size.
+fn value_size(vr: [u8; 2]) -> Option<usize> {
+    match &vr {
+        b"SS" | b"US" | b"OW" => Some(2),
+        b"SL" | b"UL" | b"FL" | b"AT" | b"OF" | b"OL" => Some(4),
+        b"FD" | b"SV" | b"UV" | b"OD" | b"OV" => Some(8),
+        _ => None,
+    }
+}
+
 /// How the data set is encoded.
 #[derive(Clone, Copy)]
 struct Syntax {
@@ -74,6 +84,15 @@ impl Walk<'_> {
                 continue;
             }
             let len = len as usize;
+            if let Some(size) = vr.and_then(value_size)
+                && len % size != 0
+            {
+                // Parsers read whole values and would lose their place in the file.
+                return Err(format!(
+                    "element ({:04X},{:04X}) declares {len} bytes, not a multiple of its {size}-byte values",
+                    tag.0, tag.1
+                ));
+            }
             if len > end.saturating_sub(value) {
                 return Err(format!(
                     "element ({:04X},{:04X}) declares {len} bytes but {} remain",
@@ -392,10 +411,15 @@ mod tests {
         for found in [
             include_bytes!("../testdata/fuzz-oom-declared-length.dcm").as_slice(),
             include_bytes!("../testdata/fuzz-oom-meta-group-length.dcm").as_slice(),
+            // An SL of 2 bytes: dicom-rs reads no value, loses its place by 2 bytes and reads
+            // the next bytes as an element of unknown VR declaring 1.9 GiB.
+            include_bytes!("../testdata/fuzz-oom-odd-value-length.dcm").as_slice(),
         ] {
             let e = check(found).unwrap_err();
             assert!(
-                e.contains("remain") || e.contains("no valid value representation"),
+                e.contains("remain")
+                    || e.contains("no valid value representation")
+                    || e.contains("not a multiple"),
                 "{e}"
             );
         }
