@@ -85,7 +85,7 @@ impl Walk<'_> {
             }
             let len = len as usize;
             if let Some(size) = vr.and_then(value_size)
-                && len % size != 0
+                && !len.is_multiple_of(size)
             {
                 // Parsers read whole values and would lose their place in the file.
                 return Err(format!(
