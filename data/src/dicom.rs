@@ -261,7 +261,11 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
     let bytes = std::fs::read(path).map_err(|e| img_err(format!("unreadable: {e}")))?;
     crate::dicom_lengths::check(&bytes).map_err(|why| img_err(format!("malformed: {why}")))?;
     drop(bytes);
-    let obj = dicom_object::open_file(path)
+    // The standard layout only (preamble, then `DICM`): the length walk above checked that one;
+    // the parser's guess at other layouts would read what the walk did not.
+    let obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .open_file(path)
         .map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
     admit(&obj, &name, gate)?;
     check_declared_size(&obj, &name)?;
@@ -327,6 +331,28 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_without_the_preamble_is_refused_not_guessed_at() {
+        // Found by `make fuzz`: `DICM` at byte 0. Guessing that layout, the parser read an
+        // element the length walk (which reads the standard layout) never saw, and reserved
+        // 1.1 GiB.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("found.dcm");
+        std::fs::write(
+            &path,
+            include_bytes!("../testdata/fuzz-oom-no-preamble.dcm"),
+        )
+        .unwrap();
+        let gate = Gate {
+            deidentify: true,
+            accept_burned_in_risk: true,
+        };
+        let e = read_named(&path, "found", gate, b"salt")
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.to_string().contains("not a readable DICOM file"), "{e}");
+    }
 
     #[test]
     fn images_that_often_carry_burned_in_text_need_an_explicit_no() {

@@ -254,8 +254,8 @@ impl Walk<'_> {
 }
 
 /// Checks a DICOM Part 10 file (preamble, `DICM`, file meta group, data set): every declared
-/// length fits in what encloses it. Ok for what this walk does not read (no `DICM` marker, a
-/// deflated data set): the parser then decides.
+/// length fits in what encloses it. Ok for what this walk does not read (no `DICM` marker at
+/// byte 128, which the ingest's parser then refuses too; a deflated data set).
 pub fn check(bytes: &[u8]) -> Result<(), String> {
     if bytes.get(128..132) != Some(b"DICM".as_slice()) {
         return Ok(());
