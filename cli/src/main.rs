@@ -75,6 +75,11 @@ enum Command {
     Version,
 }
 
+/// DICOM parsers reserve what a file declares; the ingest caps that per parse (see
+/// `radfm_data::alloc_cap`).
+#[global_allocator]
+static ALLOCATOR: radfm_data::alloc_cap::Capped = radfm_data::alloc_cap::Capped;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {

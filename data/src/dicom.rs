@@ -252,10 +252,10 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
         source_name: name.clone(),
         reason,
     };
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    if bytes > MAX_FILE_BYTES {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if size > MAX_FILE_BYTES {
         return Err(img_err(format!(
-            "{bytes} bytes is more than the limit of {MAX_FILE_BYTES} for one DICOM file"
+            "{size} bytes is more than the limit of {MAX_FILE_BYTES} for one DICOM file"
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| img_err(format!("unreadable: {e}")))?;
@@ -263,10 +263,15 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
     drop(bytes);
     // The standard layout only (preamble, then `DICM`): the length walk above checked that one;
     // the parser's guess at other layouts would read what the walk did not.
-    let obj = dicom_object::OpenFileOptions::new()
-        .read_preamble(dicom_object::file::ReadPreamble::Always)
-        .open_file(path)
-        .map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
+    // No single value is larger than the file: a reservation beyond it is refused (where the
+    // binary installs `alloc_cap::Capped`), whatever layout the parser believes it reads.
+    let cap = (size as usize).saturating_mul(2).max(1 << 20);
+    let obj = crate::alloc_cap::with_cap(cap, || {
+        dicom_object::OpenFileOptions::new()
+            .read_preamble(dicom_object::file::ReadPreamble::Always)
+            .open_file(path)
+    })
+    .map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
     admit(&obj, &name, gate)?;
     check_declared_size(&obj, &name)?;
 

@@ -6,6 +6,7 @@
 //! for everyone else, and the Python `webdataset` library reads the shards unchanged.
 #![deny(missing_docs)]
 
+pub mod alloc_cap;
 pub mod dicom;
 pub mod dicom_lengths;
 pub mod image16;

@@ -2,6 +2,9 @@
 #![no_main]
 use std::io::Write;
 
+#[global_allocator]
+static ALLOCATOR: radfm_data::alloc_cap::Capped = radfm_data::alloc_cap::Capped;
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let mut file = tempfile_in_shm();
     file.write_all(data).unwrap();
