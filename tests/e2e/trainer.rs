@@ -341,14 +341,7 @@ fn a_lost_rank_stops_the_others_with_the_peer_lost_code() {
         ],
     );
     // Rank 1 as a separate "pod" process; rank 0 is killed once training runs.
-    let mut rank1_env = env.clone();
-    rank1_env.retain(|(k, _)| k != "RADFM_NODE_RANK");
-    rank1_env.push(("RADFM_NODE_RANK".into(), "1".into()));
-    let rank1 = trainer(&rank1_env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let rank1 = spawn_rank_one(&env);
     let started = std::time::Instant::now();
     let (code, _) = interrupt(&env, 3, libc::SIGKILL);
     assert_eq!(code, 128 + libc::SIGKILL);
@@ -631,14 +624,7 @@ fn a_slow_object_store_delays_checkpoints_but_never_the_gangs_collectives() {
         };
         env.push((k, v));
     }
-    let mut rank1_env = env.clone();
-    rank1_env.retain(|(k, _)| k != "RADFM_NODE_RANK");
-    rank1_env.push(("RADFM_NODE_RANK".into(), "1".into()));
-    let rank1 = trainer(&rank1_env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let rank1 = spawn_rank_one(&env);
     let (code, lines, err) = run(&env);
     let out = rank1.wait_with_output().unwrap();
     assert_eq!(code, 0, "rank 0: {err}");
@@ -664,16 +650,21 @@ fn a_slow_object_store_delays_checkpoints_but_never_the_gangs_collectives() {
     );
 }
 
-/// Runs two ranks (rank 1 in the background) to the end; returns rank 0's exit code and stderr.
-fn run_two_ranks(env: &[(String, String)]) -> (i32, String) {
+/// Starts rank 1 of the same env as a separate "pod" process (stderr kept for messages).
+fn spawn_rank_one(env: &[(String, String)]) -> Child {
     let mut rank1_env = env.to_vec();
     rank1_env.retain(|(k, _)| k != "RADFM_NODE_RANK");
     rank1_env.push(("RADFM_NODE_RANK".into(), "1".into()));
-    let rank1 = trainer(&rank1_env)
+    trainer(&rank1_env)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs two ranks (rank 1 in the background) to the end; returns rank 0's exit code and stderr.
+fn run_two_ranks(env: &[(String, String)]) -> (i32, String) {
+    let rank1 = spawn_rank_one(env);
     let (code, _, err) = run(env);
     let _ = rank1.wait_with_output();
     (code, err)
