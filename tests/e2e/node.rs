@@ -604,6 +604,9 @@ async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_
     sv["spec"]["image"] = json!(TRAINER_IMAGE);
     sv["spec"]["subgroups"] = json!(["sex"]);
     sv["spec"]["pollIntervalSeconds"] = json!(5);
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    // Watched from before it exists: the operator deletes the pod once it has finished.
+    let validation_exit = tokio::spawn(first_exit_code(pods.clone(), "hospital-c-v2"));
     apply(&node, ns, &sv);
     let policy = json!({
         "apiVersion": "radfm.io/v1alpha1", "kind": "PromotionPolicy",
@@ -623,22 +626,12 @@ async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_
             .is_some_and(|s| s.last_validated_version == Some(2))
     })
     .await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
-    let pod = pods.get("hospital-c-v2").await.unwrap();
-    let exit = pod
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .state
-        .as_ref()
-        .unwrap()
-        .terminated
-        .as_ref()
-        .map(|t| t.exit_code);
-    assert_eq!(exit, Some(0), "the validation pod ran in a real container");
+    // The report is published before the container has exited, so its exit code may come later.
+    let exit = tokio::time::timeout(TRAIN_WAIT, validation_exit)
+        .await
+        .expect("the validation pod's container terminates")
+        .unwrap();
+    assert_eq!(exit, 0, "the validation pod ran in a real container");
     let policies: Api<PromotionPolicy> = Api::namespaced(cluster.client.clone(), ns);
     // Held for review until the report is there; then decided on it.
     let decided = wait_object(
@@ -660,6 +653,29 @@ async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_
         ["Promote", "Reject"].contains(&decision.outcome.as_str()),
         "{decision:?}"
     );
+}
+
+/// The exit code of the first container of pod `name` once it has terminated, seen through a
+/// watch so that a pod deleted right after finishing is not missed.
+async fn first_exit_code(pods: Api<Pod>, name: &'static str) -> i32 {
+    use futures::TryStreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = std::pin::pin!(watcher(pods, config).applied_objects());
+    loop {
+        let Ok(Some(pod)) = stream.try_next().await else {
+            continue;
+        };
+        let terminated = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.into_iter().next())
+            .and_then(|c| c.state)
+            .and_then(|s| s.terminated);
+        if let Some(t) = terminated {
+            return t.exit_code;
+        }
+    }
 }
 
 /// The sample ContinualTraining, adapted in image, sizes, buckets and a clock file instead of
