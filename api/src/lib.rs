@@ -15,6 +15,7 @@ pub mod continual;
 pub mod env;
 pub mod exit;
 pub mod failure;
+pub mod health;
 pub mod site_validation;
 pub mod trainingjob;
 

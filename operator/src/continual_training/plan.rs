@@ -18,6 +18,7 @@ use radfm_api::continual::{
     ANNOTATION_BASE_VERSION, ANNOTATION_SCHEDULED, ANNOTATION_WINDOW, ConcurrencyPolicy,
     LABEL_CONTINUAL, RunWindow,
 };
+use radfm_api::health;
 use radfm_api::{ContinualTraining, ContinualTrainingStatus, TrainingJob, conditions};
 
 use super::schedule::{self, Concurrency, Decision, Due, Finished, Inputs, Schedule, Window};
@@ -277,6 +278,9 @@ pub fn invalid(ct: &ContinualTraining, error: &Error, now: Timestamp) -> Plan {
     );
     plan.events.push(PlannedEvent::warning(why, message));
     plan.requeue = Requeue::OnChange;
+    let stamp = stamp(ct, now);
+    health::of_ready_condition(&plan.status.conditions)
+        .write_beside_ready(&mut plan.status.conditions, &stamp);
     plan
 }
 
@@ -323,7 +327,8 @@ pub fn base_ref(ct: &ContinualTraining, registrations: &[Registration]) -> Optio
 /// Decides what to do for `ct`.
 pub fn plan(ct: &ContinualTraining, settings: &Settings, obs: &Observed) -> Plan {
     let mut plan = Plan::new(ct);
-    let mut store_error = record_registrations(ct, obs, &mut plan);
+    let mut store_error =
+        record_registrations(ct, obs, &mut plan).map(|e| (continual_reason::STORE_UNAVAILABLE, e));
     plan.prune = prune(ct, &obs.runs);
     let mut active: Vec<String> = obs
         .runs
@@ -343,15 +348,17 @@ pub fn plan(ct: &ContinualTraining, settings: &Settings, obs: &Observed) -> Plan
             if let Err(e) = on_schedule(ct, settings, obs, due, &mut active, &mut plan) {
                 plan.events
                     .push(PlannedEvent::warning(e.reason(), e.to_string()));
-                store_error = Some(e.to_string());
+                store_error = Some((e.reason(), e.to_string()));
             }
-            report_ready(ct, &stamp, store_error.as_deref(), &mut plan.status);
+            report_ready(ct, &stamp, store_error.as_ref(), &mut plan.status);
         }
     }
     if store_error.is_some() {
         plan.requeue = Requeue::Soon;
     }
     report_active(&stamp, active, &mut plan.status);
+    health::of_ready_condition(&plan.status.conditions)
+        .write_beside_ready(&mut plan.status.conditions, &stamp);
     plan
 }
 
@@ -677,11 +684,10 @@ fn owner(ct: &ContinualTraining) -> OwnerReference {
 fn report_ready(
     ct: &ContinualTraining,
     stamp: &Stamp,
-    store_error: Option<&str>,
+    store_error: Option<&(&'static str, String)>,
     st: &mut ContinualTrainingStatus,
 ) {
-    if let Some(e) = store_error {
-        let why = continual_reason::STORE_UNAVAILABLE;
+    if let Some((why, e)) = store_error {
         stamp.set(&mut st.conditions, Cond::Ready, false, why, e);
         return;
     }
@@ -822,6 +828,8 @@ spec:
             condition(&p, Cond::Ready),
             ("False".into(), continual_reason::INVALID_SPEC.into())
         );
+        let stalled = conditions::get(&p.status.conditions, health::HealthConditionType::Stalled);
+        assert_eq!(stalled.map(|c| c.status.as_str()), Some("True"));
         assert_eq!(
             (p.requeue, reasons(&p)),
             (Requeue::OnChange, vec![continual_reason::INVALID_SPEC])

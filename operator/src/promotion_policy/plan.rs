@@ -7,6 +7,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use radfm_api::conditions::{Stamp, ValidationConditionType as Cond, validation_reason};
+use radfm_api::health;
 use radfm_api::site_validation::{DecisionStatus, PromotionPolicy, PromotionPolicyStatus};
 use radfm_validation::apply::{self, GatePass, Gated};
 use radfm_validation::gate::{Decision, Outcome};
@@ -53,6 +54,8 @@ pub fn plan(pp: &PromotionPolicy, gate: &Result<GatePass, String>, now: Timestam
             stamp.set(&mut plan.status.conditions, Cond::Ready, true, why, &msg);
         }
     }
+    health::of_ready_condition(&plan.status.conditions)
+        .write_beside_ready(&mut plan.status.conditions, &stamp);
     plan
 }
 

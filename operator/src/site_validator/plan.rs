@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use radfm_api::conditions::{Stamp, ValidationConditionType as Cond, validation_reason};
+use radfm_api::health;
 use radfm_api::site_validation::{SiteValidator, SiteValidatorStatus};
 
 use super::pod::validation_pod;
@@ -96,6 +97,8 @@ pub fn plan(sv: &SiteValidator, obs: &Observed) -> Plan {
         }
     }
     report_validating(&stamp, &mut plan.status);
+    health::of_ready_condition(&plan.status.conditions)
+        .write_beside_ready(&mut plan.status.conditions, &stamp);
     let poll = Duration::from_secs(sv.spec.poll_interval_seconds.max(5) as u64);
     plan.requeue_after = match plan.status.running {
         Some(_) => poll.min(Duration::from_secs(10)),

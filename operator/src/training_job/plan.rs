@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use radfm_api::conditions::{self, ConditionType as C, Stamp, reason};
 use radfm_api::trainingjob::{CheckpointRef, Phase, Progress};
-use radfm_api::{TrainingJob, TrainingJobStatus};
+use radfm_api::{TrainingJob, TrainingJobStatus, health};
 
 use super::children::{self, GangScheduler};
 use super::workers::{Worker, WorkerState, add_secs, secs_between, worker};
@@ -189,6 +189,7 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
         run(&pass, &mut plan, &mut st, &workers);
     }
     report_workers(&mut st, &workers, job.spec.workers.replicas);
+    health::of_training_job(&st).write(&mut st.conditions, &pass.stamp);
     plan.status = st;
     plan
 }
@@ -506,6 +507,12 @@ mod tests {
                 ),
             "{:?}",
             p.status.conditions
+        );
+        let stalled = get(&p.status.conditions, health::HealthConditionType::Stalled).unwrap();
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", reason::PERMANENT_FAILURE),
+            "GitOps tools see the failure"
         );
         assert_eq!(p.status.attempt, 1);
         assert_eq!(
