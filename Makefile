@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling clean
+.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server health-tool demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling clean
 
 all: build
 
@@ -33,8 +33,9 @@ install: libtorch
 
 ## crds: regenerate the CRDs from the Rust types (manifests/ and the Helm chart)
 crds: libtorch
-	$(CARGO) run -q -p radfm-operator -- crd --out-dir manifests/crds
+	$(CARGO) run -q -p radfm-operator -- crd --out-dir manifests/crds --argocd-out-dir manifests/argocd
 	cp manifests/crds/*.yaml charts/radfm/crds/
+	mkdir -p charts/radfm/files && cp manifests/argocd/argocd-cm-health.yaml charts/radfm/files/
 	$(CARGO) run -q -p radfm-operator -- crd --reference > docs/crd-reference.md
 
 ## cluster-tools: build the pinned control plane (etcd, kube-apiserver, kube-scheduler,
@@ -60,12 +61,12 @@ images: libtorch node-deps
 
 ## test: unit tests, then end-to-end tests against a real API server with simulated GPU nodes,
 ## and on a real node (kubelet, containerd) running radfm's own images
-test: cluster-tools node-deps py-deps s3-server build
-	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test --workspace --no-fail-fast
+test: cluster-tools node-deps py-deps s3-server health-tool build
+	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOL="$$(bash tests/cluster/build-health.sh)" $(CARGO) test --workspace --no-fail-fast
 
 ## test-node: only the real-node end-to-end tests (tests/e2e/node.rs)
-test-node: cluster-tools node-deps py-deps s3-server build
-	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" $(CARGO) test -p radfm-e2e --test node
+test-node: cluster-tools node-deps py-deps s3-server health-tool build
+	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOL="$$(bash tests/cluster/build-health.sh)" $(CARGO) test -p radfm-e2e --test node
 
 unit-test: libtorch
 	$(CARGO) test --workspace --lib --bins
@@ -128,6 +129,11 @@ s3-server:
 	@[ -x "$(S3_SERVER)" ] || (cd tests/cluster/s3 && GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 \
 	  go build -trimpath -ldflags="-s -w" -o "$(S3_SERVER).tmp" github.com/versity/versitygw/cmd/versitygw && \
 	  mv "$(S3_SERVER).tmp" "$(S3_SERVER)")
+
+## health-tool: radfm-health, which judges objects with kstatus (what Flux uses) and Argo CD's
+## own Lua health evaluation, built from their pinned Go modules in tests/cluster/health, cached
+health-tool:
+	@bash tests/cluster/build-health.sh >/dev/null
 
 ## fuzz: each cargo-fuzz target (fuzz/) for FUZZ_SECONDS (default 60) on the nightly toolchain,
 ## growing a corpus cached outside git from the seeds in fuzz/corpus; a crash stops it and leaves

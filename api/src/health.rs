@@ -42,8 +42,8 @@ pub enum Verdict {
     Healthy,
     /// Still on its way: Reconciling=True (kstatus InProgress, Argo CD Progressing).
     Progressing,
-    /// Paused because the spec says so: nothing True but a Ready of reason `Suspended` on a job,
-    /// or Ready=True of reason `Suspended` on a schedule (kstatus Current, Argo CD Suspended).
+    /// Paused because the spec says so: Ready=True of reason `Suspended` (kstatus Current, so that
+    /// `flux`/`kubectl wait` on a paused object end; Argo CD Suspended).
     Suspended,
     /// Cannot get on without a change: Stalled=True (kstatus Failed, Argo CD Degraded).
     Stalled,
@@ -96,7 +96,7 @@ impl Health {
 
     /// Writes all three conditions of a TrainingJob, whose `Ready` is health's alone.
     pub fn write(&self, conditions: &mut Vec<Condition>, stamp: &Stamp) {
-        let ready = self.verdict == Verdict::Healthy;
+        let ready = matches!(self.verdict, Verdict::Healthy | Verdict::Suspended);
         let ty = HealthConditionType::Ready;
         stamp.set(conditions, ty, ready, &self.reason, &self.message);
         self.write_reconciling_and_stalled(conditions, stamp);
@@ -301,12 +301,12 @@ mod tests {
     }
 
     #[test]
-    fn a_job_gets_exactly_one_true_condition_per_verdict_except_suspended() {
+    fn a_job_gets_exactly_one_true_condition_per_verdict() {
         let table = [
             (Some(Phase::Running), ["False", "True", "False"]),
             (Some(Phase::Succeeded), ["True", "False", "False"]),
             (Some(Phase::Failed), ["False", "False", "True"]),
-            (Some(Phase::Suspended), ["False", "False", "False"]),
+            (Some(Phase::Suspended), ["True", "False", "False"]),
         ];
         for (phase, want) in table {
             let mut conditions = Vec::new();

@@ -38,6 +38,9 @@ enum Command {
         /// Print the Markdown field reference instead.
         #[arg(long)]
         reference: bool,
+        /// Also write Argo CD's health checks of every kind into this folder.
+        #[arg(long)]
+        argocd_out_dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -94,7 +97,16 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", crdgen::reference());
             Ok(())
         }
-        Some(Command::Crd { out_dir, .. }) => print_crds(out_dir),
+        Some(Command::Crd {
+            out_dir,
+            argocd_out_dir,
+            ..
+        }) => {
+            if let Some(dir) = argocd_out_dir {
+                write_argocd(&dir)?;
+            }
+            print_crds(out_dir)
+        }
         Some(Command::Run(args)) => run(*args).await,
         None => run(<RunArgs as clap::Parser>::parse_from(["run"])).await,
     }
@@ -110,6 +122,18 @@ fn print_crds(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
             }
             None => print!("---\n{yaml}"),
         }
+    }
+    Ok(())
+}
+
+fn write_argocd(dir: &std::path::Path) -> anyhow::Result<()> {
+    for (name, content) in crdgen::argocd() {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -291,6 +291,21 @@ async fn scheduled_runs_train_on_new_data_from_the_base_model_and_register_with_
         .unwrap();
     assert_eq!(st.data_watermark, Some(*first.last().unwrap() as i64));
     assert!(st.last_successful_time.is_some());
+    // GitOps tools see a healthy schedule and a finished run.
+    let ct_health = &cluster
+        .gitops_health("continual", "continualtrainings")
+        .unwrap()["chest"];
+    assert_eq!(
+        ct_health.statuses(),
+        ("Current", "Healthy"),
+        "{ct_health:?}"
+    );
+    let run_health = &cluster.gitops_health("continual", "trainingjobs").unwrap()[&run1.name_any()];
+    assert_eq!(
+        run_health.statuses(),
+        ("Current", "Healthy"),
+        "{run_health:?}"
+    );
     let reg = Registry::open(&s.uri("registry")).unwrap();
     let v1 = reg.version("chest", 1).await.unwrap();
     assert_eq!(v1.spec.job_uid, run1.uid());

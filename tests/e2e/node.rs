@@ -647,6 +647,15 @@ async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_
         },
     )
     .await;
+    for resource in ["sitevalidators", "promotionpolicies"] {
+        for (name, h) in cluster.gitops_health(ns, resource).unwrap() {
+            assert_eq!(
+                h.statuses(),
+                ("Current", "Healthy"),
+                "{resource} {name}: {h:?}"
+            );
+        }
+    }
     let decision = decided.status.unwrap().last_decision.unwrap();
     assert_eq!(decision.sites, ["hospital-c"], "{decision:?}");
     assert!(

@@ -12,6 +12,7 @@
 
 pub mod node;
 
+use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -38,18 +39,28 @@ pub fn repo_root() -> PathBuf {
 
 /// Folder of the pinned cluster binaries: `$RADFM_CLUSTER_TOOLS`, else built now.
 pub fn tools_dir() -> Result<PathBuf> {
-    if let Ok(d) = std::env::var("RADFM_CLUSTER_TOOLS")
+    built_path("RADFM_CLUSTER_TOOLS", "build-tools.sh", "cluster-tools")
+}
+
+/// The radfm-health judge (tests/cluster/health): `$RADFM_HEALTH_TOOL`, else built now.
+pub fn health_tool() -> Result<PathBuf> {
+    built_path("RADFM_HEALTH_TOOL", "build-health.sh", "health-tool")
+}
+
+/// `$var`, else the last line printed by tests/cluster/`script` (which builds what is missing).
+fn built_path(var: &str, script: &str, make_target: &str) -> Result<PathBuf> {
+    if let Ok(d) = std::env::var(var)
         && !d.is_empty()
     {
         return Ok(PathBuf::from(d));
     }
     let out = Command::new("bash")
-        .arg(repo_root().join("tests/cluster/build-tools.sh"))
+        .arg(repo_root().join("tests/cluster").join(script))
         .stderr(Stdio::inherit())
         .output()
-        .context("running tests/cluster/build-tools.sh")?;
+        .with_context(|| format!("running tests/cluster/{script}"))?;
     if !out.status.success() {
-        bail!("tests/cluster/build-tools.sh failed; run `make cluster-tools`");
+        bail!("tests/cluster/{script} failed; run `make {make_target}`");
     }
     Ok(PathBuf::from(
         String::from_utf8(out.stdout)?
@@ -58,6 +69,61 @@ pub fn tools_dir() -> Result<PathBuf> {
             .last()
             .unwrap_or_default(),
     ))
+}
+
+/// An object's health as GitOps tools judge it, each with its own code (radfm-health).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GitOpsHealth {
+    /// The object's kind.
+    pub kind: String,
+    /// The object's name.
+    pub name: String,
+    /// kstatus' status (what Flux waits on): InProgress, Current, Failed, Terminating, ...
+    pub kstatus: String,
+    /// kstatus' message.
+    pub kstatus_message: String,
+    /// Argo CD's health with radfm's argocd-cm overrides: Healthy, Progressing, Degraded, ...
+    pub argocd: String,
+    /// Argo CD's message.
+    pub argocd_message: String,
+}
+
+impl GitOpsHealth {
+    /// (kstatus, Argo CD) statuses.
+    pub fn statuses(&self) -> (&str, &str) {
+        (&self.kstatus, &self.argocd)
+    }
+}
+
+/// Judges `objects` (one object or a List, as JSON) with kstatus and with Argo CD's health
+/// evaluation fed by the argocd-cm snippet radfm ships (manifests/argocd).
+pub fn gitops_health(objects: &str) -> Result<Vec<GitOpsHealth>> {
+    let cm = repo_root().join("manifests/argocd/argocd-cm-health.yaml");
+    let mut child = Command::new(health_tool()?)
+        .arg("eval")
+        .arg(&cm)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting radfm-health")?;
+    child
+        .stdin
+        .take()
+        .context("radfm-health stdin")?
+        .write_all(objects.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "radfm-health eval: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("radfm-health printed {l}")))
+        .collect()
 }
 
 /// A binary of this workspace, built by `cargo build --workspace --bins` next to the test binary.
@@ -573,6 +639,20 @@ impl Cluster {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Every object of `resource` (e.g. `trainingjobs`) in `namespace` judged by kstatus and
+    /// Argo CD (see [`gitops_health`]), by name.
+    pub fn gitops_health(
+        &self,
+        namespace: &str,
+        resource: &str,
+    ) -> Result<std::collections::BTreeMap<String, GitOpsHealth>> {
+        let list = self.kubectl_ok(&["get", resource, "-n", namespace, "-o", "json"])?;
+        Ok(gitops_health(&list)?
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect())
     }
 
     /// Creates a namespace that enforces the `restricted` Pod Security Standard, with its
