@@ -62,11 +62,11 @@ images: libtorch node-deps
 ## test: unit tests, then end-to-end tests against a real API server with simulated GPU nodes,
 ## and on a real node (kubelet, containerd) running radfm's own images
 test: cluster-tools node-deps py-deps s3-server health-tool build
-	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOL="$$(bash tests/cluster/build-health.sh)" $(CARGO) test --workspace --no-fail-fast
+	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOLS="$$(bash tests/cluster/build-health.sh)" $(CARGO) test --workspace --no-fail-fast
 
 ## test-node: only the real-node end-to-end tests (tests/e2e/node.rs)
 test-node: cluster-tools node-deps py-deps s3-server health-tool build
-	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOL="$$(bash tests/cluster/build-health.sh)" $(CARGO) test -p radfm-e2e --test node
+	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOLS="$$(bash tests/cluster/build-health.sh)" $(CARGO) test -p radfm-e2e --test node
 
 unit-test: libtorch
 	$(CARGO) test --workspace --lib --bins

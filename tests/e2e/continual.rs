@@ -297,13 +297,13 @@ async fn scheduled_runs_train_on_new_data_from_the_base_model_and_register_with_
         .unwrap()["chest"];
     assert_eq!(
         ct_health.statuses(),
-        ("Current", "Healthy"),
+        ("Current", "Healthy", "Current"),
         "{ct_health:?}"
     );
     let run_health = &cluster.gitops_health("continual", "trainingjobs").unwrap()[&run1.name_any()];
     assert_eq!(
         run_health.statuses(),
-        ("Current", "Healthy"),
+        ("Current", "Healthy", "Current"),
         "{run_health:?}"
     );
     let reg = Registry::open(&s.uri("registry")).unwrap();

@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(60);
 #[test]
 fn every_radfm_kind_passes_argo_cds_own_health_tests() {
     let dir = repo_root().join("manifests/argocd/resource_customizations");
-    let out = std::process::Command::new(radfm_e2e::health_tool().unwrap())
+    let out = std::process::Command::new(radfm_e2e::health_tools().unwrap().join("radfm-health"))
         .arg("test")
         .arg(&dir)
         .output()
@@ -39,6 +39,30 @@ fn every_radfm_kind_passes_argo_cds_own_health_tests() {
     ] {
         assert!(report.contains(&format!("radfm.io/{kind} ")), "{report}");
     }
+}
+
+#[test]
+fn an_object_the_operator_has_not_reconciled_yet_is_not_called_healthy() {
+    let testdata =
+        repo_root().join("manifests/argocd/resource_customizations/radfm.io/TrainingJob/testdata");
+    let judge = |file: &str| {
+        let yaml = std::fs::read_to_string(testdata.join(file)).unwrap();
+        radfm_e2e::gitops_health(&yaml).unwrap().remove(0)
+    };
+    // A spec change the operator has not seen: every tool waits.
+    let changed = judge("new_generation.yaml");
+    assert_eq!(
+        changed.statuses(),
+        ("InProgress", "Progressing", "InProgress")
+    );
+    // No status at all: Argo CD waits and Flux's expressions cannot be evaluated, which Flux
+    // retries; plain kstatus calls it Current (its documented limit, see docs/health.md).
+    let fresh = judge("no_status.yaml");
+    assert_eq!(
+        fresh.statuses(),
+        ("Current", "Progressing", "Error"),
+        "{fresh:?}"
+    );
 }
 
 fn job(name: &str, extra: &str) -> String {
@@ -121,15 +145,19 @@ async fn kstatus_and_argo_cd_judge_every_phase_of_live_objects() {
     }
 
     let want_jobs = [
-        ("queued", ("InProgress", "Progressing")),
-        ("running", ("InProgress", "Progressing")),
-        ("done", ("Current", "Healthy")),
-        ("broken", ("Failed", "Degraded")),
-        ("paused", ("Current", "Suspended")),
+        ("queued", ("InProgress", "Progressing", "InProgress")),
+        ("running", ("InProgress", "Progressing", "InProgress")),
+        ("done", ("Current", "Healthy", "Current")),
+        ("broken", ("Failed", "Degraded", "Failed")),
+        ("paused", ("Current", "Suspended", "Current")),
     ];
     let judged = cluster.gitops_health(ns, "trainingjobs").unwrap();
     for (name, want) in want_jobs {
         assert_eq!(judged[name].statuses(), want, "{:?}", judged[name]);
+        assert_eq!(
+            judged[name].flux_kstatus, want.0,
+            "Flux's kstatus fork agrees"
+        );
     }
     assert!(
         judged["broken"]
@@ -150,9 +178,9 @@ async fn kstatus_and_argo_cd_judge_every_phase_of_live_objects() {
     .await
     .unwrap();
     for (name, want) in [
-        ("nightly", ("Current", "Healthy")),
-        ("paused-nightly", ("Current", "Suspended")),
-        ("on-mars", ("Failed", "Degraded")),
+        ("nightly", ("Current", "Healthy", "Current")),
+        ("paused-nightly", ("Current", "Suspended", "Current")),
+        ("on-mars", ("Failed", "Degraded", "Failed")),
     ] {
         assert_eq!(judged[name].statuses(), want, "{:?}", judged[name]);
     }

@@ -651,7 +651,7 @@ async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_
         for (name, h) in cluster.gitops_health(ns, resource).unwrap() {
             assert_eq!(
                 h.statuses(),
-                ("Current", "Healthy"),
+                ("Current", "Healthy", "Current"),
                 "{resource} {name}: {h:?}"
             );
         }

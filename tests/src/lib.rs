@@ -42,9 +42,10 @@ pub fn tools_dir() -> Result<PathBuf> {
     built_path("RADFM_CLUSTER_TOOLS", "build-tools.sh", "cluster-tools")
 }
 
-/// The radfm-health judge (tests/cluster/health): `$RADFM_HEALTH_TOOL`, else built now.
-pub fn health_tool() -> Result<PathBuf> {
-    built_path("RADFM_HEALTH_TOOL", "build-health.sh", "health-tool")
+/// Folder of the GitOps health judges, radfm-health and radfm-flux-health
+/// (tests/cluster/build-health.sh): `$RADFM_HEALTH_TOOLS`, else built now.
+pub fn health_tools() -> Result<PathBuf> {
+    built_path("RADFM_HEALTH_TOOLS", "build-health.sh", "health-tool")
 }
 
 /// `$var`, else the last line printed by tests/cluster/`script` (which builds what is missing).
@@ -71,7 +72,8 @@ fn built_path(var: &str, script: &str, make_target: &str) -> Result<PathBuf> {
     ))
 }
 
-/// An object's health as GitOps tools judge it, each with its own code (radfm-health).
+/// An object's health as GitOps tools judge it, each with its own code (radfm-health and
+/// radfm-flux-health).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GitOpsHealth {
@@ -87,43 +89,89 @@ pub struct GitOpsHealth {
     pub argocd: String,
     /// Argo CD's message.
     pub argocd_message: String,
+    /// Flux with radfm's healthCheckExprs (manifests/flux): InProgress, Current, Failed, or
+    /// Error while they cannot be evaluated (no status yet; Flux retries).
+    #[serde(default)]
+    pub flux: String,
+    /// Flux's own kstatus fork, without expressions.
+    #[serde(default)]
+    pub flux_kstatus: String,
+}
+
+/// What radfm-flux-health prints per object.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FluxVerdict {
+    name: String,
+    flux: String,
+    flux_kstatus: String,
 }
 
 impl GitOpsHealth {
-    /// (kstatus, Argo CD) statuses.
-    pub fn statuses(&self) -> (&str, &str) {
-        (&self.kstatus, &self.argocd)
+    /// (kstatus, Argo CD, Flux with radfm's expressions) statuses.
+    pub fn statuses(&self) -> (&str, &str, &str) {
+        (&self.kstatus, &self.argocd, &self.flux)
     }
 }
 
-/// Judges `objects` (one object or a List, as JSON) with kstatus and with Argo CD's health
-/// evaluation fed by the argocd-cm snippet radfm ships (manifests/argocd).
+/// Judges `objects` (one object or a List, as JSON) with kstatus, with Argo CD's health
+/// evaluation fed by the argocd-cm snippet radfm ships (manifests/argocd), and with Flux's
+/// evaluator of the healthCheckExprs radfm ships (manifests/flux).
 pub fn gitops_health(objects: &str) -> Result<Vec<GitOpsHealth>> {
+    let tools = health_tools()?;
     let cm = repo_root().join("manifests/argocd/argocd-cm-health.yaml");
-    let mut child = Command::new(health_tool()?)
-        .arg("eval")
-        .arg(&cm)
+    let argocd_args = ["eval".as_ref(), cm.as_os_str()];
+    let printed = run_judge(&tools.join("radfm-health"), &argocd_args, objects)?;
+    let mut judged: Vec<GitOpsHealth> = json_lines(&printed)?;
+    let kustomization = repo_root().join("manifests/flux/kustomization-health.yaml");
+    let flux_args = [kustomization.as_os_str()];
+    let printed = run_judge(&tools.join("radfm-flux-health"), &flux_args, objects)?;
+    let flux: Vec<FluxVerdict> = json_lines(&printed)?;
+    if flux.len() != judged.len() {
+        bail!(
+            "Flux judged {} objects, kstatus {}",
+            flux.len(),
+            judged.len()
+        );
+    }
+    for (h, f) in judged.iter_mut().zip(flux) {
+        if h.name != f.name {
+            bail!("Flux judged {} where kstatus judged {}", f.name, h.name);
+        }
+        (h.flux, h.flux_kstatus) = (f.flux, f.flux_kstatus);
+    }
+    Ok(judged)
+}
+
+fn json_lines<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("a judge printed {l}")))
+        .collect()
+}
+
+/// Runs one judge with `objects` on its stdin; returns what it printed.
+fn run_judge(bin: &Path, args: &[&std::ffi::OsStr], objects: &str) -> Result<String> {
+    let mut child = Command::new(bin)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting radfm-health")?;
+        .with_context(|| format!("starting {}", bin.display()))?;
     child
         .stdin
         .take()
-        .context("radfm-health stdin")?
+        .context("judge stdin")?
         .write_all(objects.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "radfm-health eval: {}",
+            "{}: {}",
+            bin.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    String::from_utf8(out.stdout)?
-        .lines()
-        .map(|l| serde_json::from_str(l).with_context(|| format!("radfm-health printed {l}")))
-        .collect()
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// A binary of this workspace, built by `cargo build --workspace --bins` next to the test binary.
