@@ -140,6 +140,9 @@ pub mod continual_reason {
     pub const NEW_DATA: &str = "NewData";
     /// A due run was later than startingDeadlineSeconds.
     pub const MISSED_DEADLINE: &str = "MissedSchedule";
+    /// The status lacked progress the registry records (an object re-applied from Git); the
+    /// watermark was taken from the registry.
+    pub const WATERMARK_RECOVERED: &str = "WatermarkRecovered";
     /// A run succeeded and its model was registered; the watermark moved.
     pub const REGISTERED: &str = "VersionRegistered";
     /// A run succeeded but its export could not be registered.
@@ -184,6 +187,8 @@ pub mod reason {
     pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
     /// Not in that state.
     pub const NOT_APPLICABLE: &str = "NotApplicable";
+    /// ttlSecondsAfterFinished is due but not applied: a GitOps tool applied the job.
+    pub const TTL_KEPT_FOR_GITOPS: &str = "TTLKeptForGitOps";
 }
 
 /// Sets a condition, keeping `lastTransitionTime` unless `status` flips. Returns whether the status

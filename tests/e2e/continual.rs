@@ -521,3 +521,110 @@ async fn operator_restarted_at_the_firing_instant_creates_exactly_one_run() {
     let names: Vec<String> = runs.iter().map(|r| r.name_any()).collect();
     assert_eq!(names, [format!("chest-{}", t1.as_second() / 60)]);
 }
+
+/// GitOps restore: the ContinualTraining is deleted and applied again from Git with no status.
+/// Its progress is in the registry, so the next run trains only on data it has not seen, from
+/// the last version, instead of from scratch on everything.
+#[tokio::test]
+async fn a_schedule_deleted_and_applied_again_from_git_does_not_retrain_on_old_data() {
+    let _serial = serial().await;
+    let cluster = Cluster::start(1, 0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_ns, s) = start(&cluster, "restore", dir.path()).await;
+    let clock = s.clock.display().to_string();
+    let _op = cluster
+        .start_operator("restore", "operator-restore", &["--clock-file", &clock])
+        .unwrap();
+    let first = s.add_data(0, 32).await;
+    let yaml = ct_yaml("chest", &s, "");
+    s.apply(&yaml);
+    let ct = s
+        .wait_ct("chest", "next schedule time", |ct| {
+            ct.status
+                .as_ref()
+                .is_some_and(|st| st.next_schedule_time.is_some())
+        })
+        .await;
+    let t1 = next_hour(ct.metadata.creation_timestamp.clone().unwrap().0);
+    s.set_clock(t1 + jiff::SignedDuration::from_secs(5));
+    let run1 = s.wait_run_count("chest", 1).await.remove(0);
+    s.train(&run1.name_any()).await;
+    s.wait_ct("chest", "v1 registered", |ct| {
+        ct.status
+            .as_ref()
+            .is_some_and(|st| st.last_registered_version == Some(1))
+    })
+    .await;
+
+    // Deleted (its runs go with it) and applied again, as Argo CD or Flux would after a restore.
+    cluster
+        .kubectl_ok(&["delete", "ct", "chest", "-n", "restore", "--wait=true"])
+        .unwrap();
+    // Its runs go too, as the garbage collector would delete them (this control plane runs none).
+    cluster
+        .kubectl_ok(&[
+            "delete",
+            "trainingjobs",
+            "--all",
+            "-n",
+            "restore",
+            "--wait=true",
+        ])
+        .unwrap();
+    s.apply(&yaml);
+    // Its clock is past the first slot, so it evaluates the data at once: the registry's record
+    // says there is nothing new, and nothing runs.
+    let restored = s
+        .wait_ct("chest", "the watermark taken from the registry", |ct| {
+            ct.status
+                .as_ref()
+                .is_some_and(|st| st.data_watermark.is_some())
+        })
+        .await;
+    assert_eq!(
+        restored.status.unwrap().data_watermark,
+        Some(*first.last().unwrap() as i64)
+    );
+    assert!(s.runs("chest").await.is_empty(), "no run on old data");
+    let grown = s.add_data(32, 32).await;
+    let new: Vec<u64> = grown
+        .iter()
+        .copied()
+        .filter(|q| !first.contains(q))
+        .collect();
+    s.set_clock(t1 + hours(1) + jiff::SignedDuration::from_secs(5));
+    let run = wait_until(WAIT, "the restored schedule's run", || async {
+        s.runs("chest")
+            .await
+            .into_iter()
+            .find(|r| r.name_any() == format!("chest-{}", (t1 + hours(1)).as_second() / 60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        window_of(&run).new,
+        new,
+        "only the shards v1 was not trained on"
+    );
+    let v1 = Registry::open(&s.uri("registry"))
+        .unwrap()
+        .version("chest", 1)
+        .await
+        .unwrap();
+    let v1_folder = v1.spec.weights_uri.trim_end_matches("/encoder.safetensors");
+    assert_eq!(run.spec.model.init_from.as_deref(), Some(v1_folder));
+    let st = s.cts().get("chest").await.unwrap().status.unwrap();
+    assert_eq!(st.data_watermark, Some(*first.last().unwrap() as i64));
+    assert_eq!(st.last_registered_version, Some(1));
+    let reasons = cluster
+        .kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            "restore",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])
+        .unwrap();
+    assert!(reasons.contains("WatermarkRecovered"), "{reasons}");
+}

@@ -92,19 +92,25 @@ async fn observe(
             outcome,
         });
     }
-    let data = match plan::due(ct, settings, now) {
-        Some(Due::Fire { scheduled, missed }) => {
-            if missed > 0 {
-                info!(%scheduled, missed, "missed scheduled times skipped (no catch-up)");
-            }
-            Some(read_data(ct, plan::base_ref(ct, &registrations), access).await)
+    let (mut data, mut trained) = (None, None);
+    if let Some(Due::Fire { scheduled, missed }) = plan::due(ct, settings, now) {
+        if missed > 0 {
+            info!(%scheduled, missed, "missed scheduled times skipped (no catch-up)");
         }
-        _ => None,
-    };
+        data = Some(match trained_in_registry(ct, access).await {
+            Ok(found) => {
+                trained = found;
+                let base = plan::base_ref(ct, &registrations, trained.as_ref());
+                read_data(ct, base, access).await
+            }
+            Err(e) => Err(e),
+        });
+    }
     Ok(Observed {
         runs,
         registrations,
         data,
+        trained,
         now,
     })
 }
@@ -146,6 +152,53 @@ async fn read_data(
         shards: index.shards.iter().map(|s| s.seq).collect(),
         base: base_model(ct, base, access).await,
     })
+}
+
+/// The registry's record of what `spec.register.model` was trained on from `spec.dataset.uri`
+/// (None: no such version yet).
+async fn trained_in_registry(
+    ct: &ContinualTraining,
+    access: &RegistryAccess,
+) -> std::result::Result<Option<plan::Trained>, DataError> {
+    let store = |e: radfm_registry::Error| DataError::Store(format!("registry: {e}"));
+    let ns = ct.namespace().unwrap_or_default();
+    let reg = access
+        .open(&ns, &ct.spec.registry)
+        .map_err(DataError::Store)?;
+    let model = &ct.spec.register.model;
+    if !reg.exists(model).await.map_err(store)? {
+        return Ok(None);
+    }
+    let mut trained: Option<plan::Trained> = None;
+    for v in reg.versions(model).await.map_err(store)? {
+        if v.spec.data.index_uri != ct.spec.dataset.uri {
+            continue;
+        }
+        let last_seq = v
+            .spec
+            .data
+            .shards
+            .iter()
+            .map(|s| s.seq)
+            .max()
+            .unwrap_or(v.spec.data.last_seq);
+        let created = v.created.parse().map_err(|e| {
+            DataError::Store(format!(
+                "registry: {model} v{} created {:?}: {e}",
+                v.version, v.created
+            ))
+        })?;
+        let t = trained.get_or_insert(plan::Trained {
+            version: v.version,
+            created,
+            last_seq,
+        });
+        t.last_seq = t.last_seq.max(last_seq);
+        if v.version > t.version {
+            (t.version, t.created) = (v.version, created);
+        }
+    }
+    Ok(trained)
 }
 
 /// The exported folder and version `base` names (None: random initialisation, also where

@@ -197,6 +197,20 @@ pub struct DataSnapshot {
     pub base: std::result::Result<Option<BaseModel>, DataError>,
 }
 
+/// What the registry says the schedule's model was trained on: the versions of
+/// `spec.register.model` trained from `spec.dataset.uri`. The status is not the only record of
+/// progress: a ContinualTraining deleted and applied again from Git has none, and would train
+/// from scratch on all the data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trained {
+    /// The newest such version.
+    pub version: u64,
+    /// When it was registered.
+    pub created: Timestamp,
+    /// The highest shard sequence number any of them was trained on.
+    pub last_seq: u64,
+}
+
 /// What the controller saw for one ContinualTraining.
 #[derive(Debug, Clone)]
 pub struct Observed {
@@ -206,6 +220,8 @@ pub struct Observed {
     pub registrations: Vec<Registration>,
     /// The data, read only when [`due`] fires.
     pub data: Option<std::result::Result<DataSnapshot, DataError>>,
+    /// The registry's record of training on this dataset, read with the data.
+    pub trained: Option<Trained>,
     /// The current time.
     pub now: Timestamp,
 }
@@ -305,7 +321,11 @@ pub fn due(ct: &ContinualTraining, settings: &Settings, now: Timestamp) -> Optio
 }
 
 /// The model a new run would start from, after this pass's `registrations`.
-pub fn base_ref(ct: &ContinualTraining, registrations: &[Registration]) -> Option<BaseRef> {
+pub fn base_ref(
+    ct: &ContinualTraining,
+    registrations: &[Registration],
+    trained: Option<&Trained>,
+) -> Option<BaseRef> {
     if let Some(base) = &ct.spec.base_model {
         return Some(BaseRef::Alias {
             model: base.model.clone(),
@@ -317,7 +337,8 @@ pub fn base_ref(ct: &ContinualTraining, registrations: &[Registration]) -> Optio
         .iter()
         .filter_map(|r| r.outcome.as_ref().ok())
         .map(|r| r.version as i64);
-    let last = before.into_iter().chain(now).max()?;
+    let recorded = trained.map(|t| t.version as i64);
+    let last = before.into_iter().chain(now).chain(recorded).max()?;
     Some(BaseRef::Version {
         model: ct.spec.register.model.clone(),
         version: last as u64,
@@ -329,6 +350,9 @@ pub fn plan(ct: &ContinualTraining, settings: &Settings, obs: &Observed) -> Plan
     let mut plan = Plan::new(ct);
     let mut store_error =
         record_registrations(ct, obs, &mut plan).map(|e| (continual_reason::STORE_UNAVAILABLE, e));
+    if let Some(trained) = &obs.trained {
+        recover(ct, trained, &mut plan);
+    }
     plan.prune = prune(ct, &obs.runs);
     let mut active: Vec<String> = obs
         .runs
@@ -383,6 +407,34 @@ fn record_registrations(ct: &ContinualTraining, obs: &Observed, plan: &mut Plan)
         }
     }
     failed
+}
+
+/// Progress the registry records but the status lacks (a restored or re-applied object) is
+/// taken from the registry; the status never moves back.
+fn recover(ct: &ContinualTraining, trained: &Trained, plan: &mut Plan) {
+    let st = &mut plan.status;
+    let before = st.data_watermark;
+    st.data_watermark = Some(before.unwrap_or(-1).max(trained.last_seq as i64));
+    let version = trained.version as i64;
+    if st.last_registered_version.is_none_or(|v| v < version) {
+        st.last_registered_version = Some(version);
+        st.last_successful_time = Some(Time(trained.created));
+    }
+    if before.is_none_or(|w| w < trained.last_seq as i64) {
+        let note = format!(
+            "data watermark {} taken from the registry: {} v{} and earlier versions were \
+             trained on {} up to shard {}",
+            trained.last_seq,
+            ct.spec.register.model,
+            trained.version,
+            ct.spec.dataset.uri,
+            trained.last_seq
+        );
+        plan.events.push(PlannedEvent::normal(
+            continual_reason::WATERMARK_RECOVERED,
+            note,
+        ));
+    }
 }
 
 fn record_registered(ct: &ContinualTraining, run: &Run, done: &Registered, plan: &mut Plan) {
@@ -802,6 +854,7 @@ spec:
             runs,
             registrations: Vec::new(),
             data,
+            trained: None,
             now: at(now),
         }
     }
@@ -835,6 +888,55 @@ spec:
             (Requeue::OnChange, vec![continual_reason::INVALID_SPEC])
         );
         assert!(p.create.is_none());
+    }
+
+    #[test]
+    fn a_schedule_reapplied_without_status_continues_from_what_the_registry_recorded() {
+        let trained = Trained {
+            version: 3,
+            created: at(1000),
+            last_seq: 4,
+        };
+        let mut obs = observe(vec![], data(&[1, 2, 3, 4, 5, 6]), HOUR);
+        obs.trained = Some(trained.clone());
+        let p = plan_of(&ct(""), &obs);
+        assert_eq!(
+            reasons(&p),
+            [
+                continual_reason::WATERMARK_RECOVERED,
+                continual_reason::RUN_CREATED
+            ]
+        );
+        let job = p.create.as_ref().unwrap();
+        let window: RunWindow =
+            serde_json::from_str(&job.annotations()[ANNOTATION_WINDOW]).unwrap();
+        assert_eq!(
+            window.new,
+            [5, 6],
+            "only the shards after the registry's watermark"
+        );
+        assert_eq!(p.status.data_watermark, Some(4));
+        assert_eq!(p.status.last_registered_version, Some(3));
+        assert_eq!(
+            base_ref(&ct(""), &[], Some(&trained)),
+            Some(BaseRef::Version {
+                model: "cxr".into(),
+                version: 3
+            }),
+            "training goes on from the last version, not from scratch"
+        );
+
+        // A status ahead of the registry's record is kept (it never moves back), silently.
+        let mut ahead = ct("");
+        ahead.status = Some(ContinualTrainingStatus {
+            data_watermark: Some(5),
+            last_registered_version: Some(4),
+            ..Default::default()
+        });
+        let p = plan_of(&ahead, &obs);
+        assert_eq!(p.status.data_watermark, Some(5));
+        assert_eq!(p.status.last_registered_version, Some(4));
+        assert!(!reasons(&p).contains(&continual_reason::WATERMARK_RECOVERED));
     }
 
     /// (extra spec, runs, shards, now, creates a run, events, DataReady reason)
@@ -1035,7 +1137,7 @@ spec:
         );
         assert_eq!(p.requeue, Requeue::Soon);
         assert_eq!(
-            base_ref(&c, &obs.registrations),
+            base_ref(&c, &obs.registrations, None),
             Some(BaseRef::Version {
                 model: "cxr".into(),
                 version: 4

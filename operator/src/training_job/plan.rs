@@ -266,6 +266,7 @@ fn report_rank0(st: &mut TrainingJobStatus, rank0: &Worker) {
 mod tests {
     use super::*;
     use crate::training_job::children::fixtures::{JobBuilder, exited, pod, t, terminating};
+    use kube::ResourceExt as _;
     use radfm_api::conditions::get;
     use radfm_api::trainingjob::CleanPodPolicy;
 
@@ -759,7 +760,29 @@ mod tests {
         assert!(!p.delete_job);
         assert_eq!(p.requeue_after, Some(Duration::from_secs(30)));
         let job = after(job, &p);
-        assert!(plan(&job, &observe(done, 40)).delete_job);
+        assert!(plan(&job, &observe(done.clone(), 40)).delete_job);
+
+        // Applied by Argo CD or Flux: deleting it would only make self-heal train it again.
+        for (annotation, label) in [
+            (Some("argocd.argoproj.io/tracking-id"), None),
+            (None, Some("kustomize.toolkit.fluxcd.io/name")),
+        ] {
+            let mut managed = job.clone();
+            if let Some(key) = annotation {
+                managed
+                    .annotations_mut()
+                    .insert(key.into(), "app:radfm.io/TrainingJob:ml/mae".into());
+            }
+            if let Some(key) = label {
+                managed.labels_mut().insert(key.into(), "training".into());
+            }
+            let p = plan(&managed, &observe(done.clone(), 40));
+            assert!(!p.delete_job, "{annotation:?} {label:?}");
+            assert_eq!(
+                p.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+                [reason::TTL_KEPT_FOR_GITOPS]
+            );
+        }
     }
 
     /// Durations past the representable time must not wrap or fall back to "now": a TTL of

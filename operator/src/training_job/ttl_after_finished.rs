@@ -1,7 +1,11 @@
 //! A finished job: terminal states are sticky (nothing is created again), `cleanPodPolicy` says
-//! which pods go, and `ttlSecondsAfterFinished` deletes the job itself once due.
+//! which pods go, and `ttlSecondsAfterFinished` deletes the job itself once due, except a job a
+//! GitOps tool applied: Argo CD's or Flux's self-heal would apply it again, and the job would
+//! train again from scratch, in a loop (docs/health.md, "GitOps").
 
+use kube::ResourceExt;
 use radfm_api::TrainingJobStatus;
+use radfm_api::conditions::reason;
 use radfm_api::trainingjob::CleanPodPolicy;
 
 use super::plan::{Pass, Plan};
@@ -18,6 +22,24 @@ fn cleaned(policy: CleanPodPolicy, w: &Worker, attempt: i32) -> bool {
     }
 }
 
+/// Markers GitOps tools put on what they apply: Argo CD's annotation tracking (its default since
+/// 3.0), and Flux's kustomize- and helm-controller labels.
+const GITOPS_ANNOTATIONS: [&str; 1] = ["argocd.argoproj.io/tracking-id"];
+const GITOPS_LABELS: [&str; 2] = [
+    "kustomize.toolkit.fluxcd.io/name",
+    "helm.toolkit.fluxcd.io/name",
+];
+
+/// The marker that says a GitOps tool applied `job`, if any.
+fn gitops_marker(job: &radfm_api::TrainingJob) -> Option<&'static str> {
+    let annotations = job.annotations();
+    let labels = job.labels();
+    GITOPS_ANNOTATIONS
+        .into_iter()
+        .find(|k| annotations.contains_key(*k))
+        .or_else(|| GITOPS_LABELS.into_iter().find(|k| labels.contains_key(*k)))
+}
+
 /// Clean-up and TTL of a finished job.
 pub(super) fn finished(pass: &Pass, plan: &mut Plan, st: &TrainingJobStatus, workers: &[Worker]) {
     let rp = &pass.job.spec.run_policy;
@@ -29,10 +51,21 @@ pub(super) fn finished(pass: &Pass, plan: &mut Plan, st: &TrainingJobStatus, wor
     plan.delete_service = rp.clean_pod_policy != CleanPodPolicy::None && pass.obs.service_exists;
     if let (Some(ttl), Some(done)) = (rp.ttl_seconds_after_finished, st.completion_time.as_ref()) {
         let due = add_secs(done, ttl);
-        if secs_between(&due, &pass.obs.now) >= 0 {
-            plan.delete_job = true;
-        } else {
+        if secs_between(&due, &pass.obs.now) < 0 {
             plan.requeue_at(&pass.obs.now, &due);
+        } else if let Some(marker) = gitops_marker(pass.job) {
+            // No requeue after this: repeated only by later changes, and the event recorder
+            // counts repeats of one event.
+            plan.warning(
+                reason::TTL_KEPT_FOR_GITOPS,
+                format!(
+                    "ttlSecondsAfterFinished is not applied: {marker} says a GitOps tool applied \
+                     this job and would apply it again; keep a ContinualTraining in Git instead, \
+                     or remove the job from Git"
+                ),
+            );
+        } else {
+            plan.delete_job = true;
         }
     }
 }
