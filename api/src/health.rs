@@ -101,13 +101,6 @@ impl Health {
         stamp.set(conditions, ty, ready, &self.reason, &self.message);
         self.write_reconciling_and_stalled(conditions, stamp);
     }
-
-    /// Writes `Reconciling` and `Stalled` of a kind that sets its own `Ready` (ContinualTraining,
-    /// SiteValidator, PromotionPolicy): health was derived from that `Ready` by
-    /// [`of_ready_condition`].
-    pub fn write_beside_ready(&self, conditions: &mut Vec<Condition>, stamp: &Stamp) {
-        self.write_reconciling_and_stalled(conditions, stamp);
-    }
 }
 
 /// A TrainingJob's health.
@@ -161,6 +154,12 @@ pub fn of_training_job(status: &TrainingJobStatus) -> Health {
             None => Health::new(Verdict::Stalled, Phase::Failed.as_str(), "the job failed"),
         },
     }
+}
+
+/// Writes `Reconciling` and `Stalled` of a kind that sets its own `Ready` (ContinualTraining,
+/// SiteValidator, PromotionPolicy), derived from that `Ready` by [`of_ready_condition`].
+pub fn follow_ready(conditions: &mut Vec<Condition>, stamp: &Stamp) {
+    of_ready_condition(conditions).write_reconciling_and_stalled(conditions, stamp);
 }
 
 /// `Ready=False` reasons that only a change from outside clears (Stalled); every other reason of
@@ -364,8 +363,7 @@ mod tests {
             why,
             "bad cron",
         );
-        let health = of_ready_condition(&conditions);
-        health.write_beside_ready(&mut conditions, &stamp());
+        follow_ready(&mut conditions, &stamp());
         let ready = conditions::get(&conditions, HealthConditionType::Ready).unwrap();
         assert_eq!(
             (ready.reason.as_str(), ready.message.as_str()),

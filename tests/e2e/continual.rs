@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use radfm_api::continual::{ANNOTATION_WINDOW, LABEL_CONTINUAL, RunWindow};
@@ -124,18 +123,11 @@ impl Scene<'_> {
     /// Runs the real trainer with the run's pod environment (as its container would), then
     /// reports the pod's exit as a kubelet would.
     async fn train(&self, run: &str) {
-        let pods: Api<Pod> = Api::namespaced(self.cluster.client.clone(), &self.ns);
-        let lp = ListParams::default().labels(&format!("radfm.io/job-name={run}"));
-        let pod = wait_until(WAIT, &format!("running pod of {run}"), || async {
-            pods.list(&lp)
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        })
-        .await
-        .unwrap();
+        let pod = self
+            .cluster
+            .running_pod_of(&self.ns, run, WAIT)
+            .await
+            .unwrap();
         let container = &pod.spec.as_ref().unwrap().containers[0];
         let mut vars: Vec<(String, String)> = container
             .env

@@ -8,9 +8,8 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use radfm_api::TrainingJob;
 use radfm_api::trainingjob::Phase;
 use radfm_e2e::{Cluster, repo_root, serial, wait_object, wait_until};
@@ -86,18 +85,7 @@ fn continual(name: &str, extra: &str) -> String {
 
 /// Ends the running worker of job `name` as its kubelet would report the exit.
 async fn end_worker(cluster: &Cluster, ns: &str, name: &str, exit: i32, reason: &str) {
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("radfm.io/job-name={name}"));
-    let pod = wait_until(WAIT, &format!("{name}'s worker running"), || async {
-        pods.list(&lp)
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-    })
-    .await
-    .unwrap();
+    let pod = cluster.running_pod_of(ns, name, WAIT).await.unwrap();
     cluster
         .end_pod(ns, &pod.name_any(), exit, reason)
         .await

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
@@ -812,6 +812,26 @@ impl Cluster {
             child,
             name: name.to_string(),
         })
+    }
+
+    /// The first Running pod of TrainingJob `job` in `namespace`, waiting up to `timeout`.
+    pub async fn running_pod_of(
+        &self,
+        namespace: &str,
+        job: &str,
+        timeout: Duration,
+    ) -> Result<Pod> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let lp = ListParams::default().labels(&format!("radfm.io/job-name={job}"));
+        wait_until(timeout, &format!("a running pod of {job}"), || async {
+            pods.list(&lp)
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        })
+        .await
     }
 
     /// Ends a running pod as a kubelet would report it: phase, exit code and reason of the trainer

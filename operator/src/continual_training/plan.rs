@@ -295,8 +295,7 @@ pub fn invalid(ct: &ContinualTraining, error: &Error, now: Timestamp) -> Plan {
     plan.events.push(PlannedEvent::warning(why, message));
     plan.requeue = Requeue::OnChange;
     let stamp = stamp(ct, now);
-    health::of_ready_condition(&plan.status.conditions)
-        .write_beside_ready(&mut plan.status.conditions, &stamp);
+    health::follow_ready(&mut plan.status.conditions, &stamp);
     plan
 }
 
@@ -381,8 +380,7 @@ pub fn plan(ct: &ContinualTraining, settings: &Settings, obs: &Observed) -> Plan
         plan.requeue = Requeue::Soon;
     }
     report_active(&stamp, active, &mut plan.status);
-    health::of_ready_condition(&plan.status.conditions)
-        .write_beside_ready(&mut plan.status.conditions, &stamp);
+    health::follow_ready(&mut plan.status.conditions, &stamp);
     plan
 }
 

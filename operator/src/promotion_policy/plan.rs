@@ -54,8 +54,7 @@ pub fn plan(pp: &PromotionPolicy, gate: &Result<GatePass, String>, now: Timestam
             stamp.set(&mut plan.status.conditions, Cond::Ready, true, why, &msg);
         }
     }
-    health::of_ready_condition(&plan.status.conditions)
-        .write_beside_ready(&mut plan.status.conditions, &stamp);
+    health::follow_ready(&mut plan.status.conditions, &stamp);
     plan
 }
 

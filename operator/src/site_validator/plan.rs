@@ -97,8 +97,7 @@ pub fn plan(sv: &SiteValidator, obs: &Observed) -> Plan {
         }
     }
     report_validating(&stamp, &mut plan.status);
-    health::of_ready_condition(&plan.status.conditions)
-        .write_beside_ready(&mut plan.status.conditions, &stamp);
+    health::follow_ready(&mut plan.status.conditions, &stamp);
     let poll = Duration::from_secs(sv.spec.poll_interval_seconds.max(5) as u64);
     plan.requeue_after = match plan.status.running {
         Some(_) => poll.min(Duration::from_secs(10)),
