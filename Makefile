@@ -40,9 +40,11 @@ crds: libtorch
 
 ## cluster-tools: build the pinned control plane (etcd, kube-apiserver, kube-scheduler,
 ## kube-controller-manager, kubectl), kwok, helm and a real node (kubelet, kube-proxy,
-## containerd + shim + ctr, CoreDNS) from Go modules (cached)
+## containerd + shim + ctr, CoreDNS), and Kueue's controller-manager with its CRDs and webhooks
+## (tests/cluster/kueue), from Go modules (cached)
 cluster-tools:
 	@bash tests/cluster/build-tools.sh >/dev/null
+	@bash tests/cluster/build-kueue.sh >/dev/null
 
 ## node-deps: what the real node takes from Debian: runc, the CNI plugins, iptables and conntrack
 ## (kube-proxy), umoci and catatonit (images without Docker), skopeo (reads them as podman does)
@@ -62,11 +64,11 @@ images: libtorch node-deps
 ## test: unit tests, then end-to-end tests against a real API server with simulated GPU nodes,
 ## and on a real node (kubelet, containerd) running radfm's own images
 test: cluster-tools node-deps py-deps s3-server health-tool build
-	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOLS="$$(bash tests/cluster/build-health.sh)" $(CARGO) test --workspace --no-fail-fast
+	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOLS="$$(bash tests/cluster/build-health.sh)" RADFM_KUEUE="$$(bash tests/cluster/build-kueue.sh)" $(CARGO) test --workspace --no-fail-fast
 
 ## test-node: only the real-node end-to-end tests (tests/e2e/node.rs)
 test-node: cluster-tools node-deps py-deps s3-server health-tool build
-	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOLS="$$(bash tests/cluster/build-health.sh)" $(CARGO) test -p radfm-e2e --test node
+	RADFM_PYTHON="$(PY_ENV)/bin/python" RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_HEALTH_TOOLS="$$(bash tests/cluster/build-health.sh)" RADFM_KUEUE="$$(bash tests/cluster/build-kueue.sh)" $(CARGO) test -p radfm-e2e --test node
 
 unit-test: libtorch
 	$(CARGO) test --workspace --lib --bins

@@ -21,11 +21,14 @@ pub enum ConditionType {
     Succeeded,
     /// The job failed.
     Failed,
+    /// Kueue admitted the job's Workload (only for jobs labelled with a Kueue queue).
+    Admitted,
 }
 
 impl ConditionType {
     /// Every type, in display order.
-    pub const ALL: [ConditionType; 6] = [
+    pub const ALL: [ConditionType; 7] = [
+        ConditionType::Admitted,
         ConditionType::Created,
         ConditionType::Running,
         ConditionType::Restarting,
@@ -43,6 +46,7 @@ impl ConditionType {
             ConditionType::Suspended => "Suspended",
             ConditionType::Succeeded => "Succeeded",
             ConditionType::Failed => "Failed",
+            ConditionType::Admitted => "Admitted",
         }
     }
 }
@@ -189,6 +193,16 @@ pub mod reason {
     pub const NOT_APPLICABLE: &str = "NotApplicable";
     /// ttlSecondsAfterFinished is due but not applied: a GitOps tool applied the job.
     pub const TTL_KEPT_FOR_GITOPS: &str = "TTLKeptForGitOps";
+    /// The job waits in its Kueue queue: its Workload has no admission yet.
+    pub const QUEUED: &str = "Queued";
+    /// Kueue admitted the job's Workload; its gang may start.
+    pub const ADMITTED: &str = "Admitted";
+    /// Kueue evicted the job's Workload (preemption, quota change, deactivation); the gang is
+    /// stopped and the job queues again.
+    pub const EVICTED: &str = "Evicted";
+    /// Kueue's admission cannot be applied to the gang (a missing ResourceFlavor, a node
+    /// selector that contradicts the job's).
+    pub const ADMISSION_NOT_APPLICABLE: &str = "AdmissionNotApplicable";
 }
 
 /// Sets a condition, keeping `lastTransitionTime` unless `status` flips. Returns whether the status

@@ -139,6 +139,16 @@ pub fn of_training_job(status: &TrainingJobStatus) -> Health {
             phase.as_str(),
             format!("attempt {}: {}", status.attempt.max(1), progress()),
         ),
+        Some(Phase::Queued) => {
+            let admitted = conditions::get(&status.conditions, conditions::ConditionType::Admitted);
+            Health::new(
+                Verdict::Progressing,
+                Phase::Queued.as_str(),
+                admitted.map_or("waiting for Kueue to admit the job".to_string(), |c| {
+                    c.message.clone()
+                }),
+            )
+        }
         Some(Phase::Suspended) => Health::new(
             Verdict::Suspended,
             health_reason::SUSPENDED,
@@ -239,6 +249,7 @@ mod tests {
     fn every_training_job_phase_has_its_verdict() {
         let table = [
             (None, Verdict::Progressing, "Pending"),
+            (Some(Phase::Queued), Verdict::Progressing, "Queued"),
             (Some(Phase::Pending), Verdict::Progressing, "Pending"),
             (Some(Phase::Running), Verdict::Progressing, "Running"),
             (Some(Phase::Restarting), Verdict::Progressing, "Restarting"),

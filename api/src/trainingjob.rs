@@ -664,6 +664,8 @@ pub struct TrainingJobStatus {
 /// Lifecycle phase, a summary of the conditions for `kubectl get`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
 pub enum Phase {
+    /// Waiting in a Kueue queue for admission: no workers exist.
+    Queued,
     /// Workers are being created or scheduled.
     Pending,
     /// Every worker of the current attempt is running.
@@ -682,6 +684,7 @@ impl Phase {
     /// The phase's name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Phase::Queued => "Queued",
             Phase::Pending => "Pending",
             Phase::Running => "Running",
             Phase::Restarting => "Restarting",

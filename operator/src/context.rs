@@ -82,6 +82,8 @@ pub struct Context {
     pub registry_access: RegistryAccess,
     /// Create a NetworkPolicy per TrainingJob that admits only the gang's own pods.
     pub gang_network_policy: bool,
+    /// Kueue's Workload API is served: jobs labelled with a queue are admitted through it.
+    pub kueue: bool,
 }
 
 impl Context {
@@ -99,6 +101,7 @@ impl Context {
             pod_policy: PodPolicy::default(),
             registry_access: RegistryAccess::default(),
             gang_network_policy: true,
+            kueue: false,
         }
     }
 
@@ -112,6 +115,7 @@ impl Context {
             pod_policy: self.pod_policy.clone(),
             registry_access: self.registry_access.clone(),
             gang_network_policy: self.gang_network_policy,
+            kueue: self.kueue,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod context;
 pub mod continual_training;
 pub mod crdgen;
 pub mod effects;
+pub mod kueue;
 pub mod leader;
 pub mod metrics;
 pub mod pod_policy;

@@ -272,6 +272,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ctx.pod_policy = args.pod_policy.clone();
     ctx.registry_access = args.registry_access.clone();
     ctx.gang_network_policy = args.gang_network_policy;
+    ctx.kueue = training_job::workloads::kueue_served(&ctx.client).await;
+    info!(kueue = ctx.kueue, "Kueue's Workload API served");
     // The clock file moves schedules only: pods and the API server keep the wall clock.
     let schedules = Arc::new(ctx.with_clock(args.clock_file.map_or(Clock::Wall, Clock::File)));
     let ctx = Arc::new(ctx);
@@ -280,7 +282,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         training_job::run_controller(ctx.clone(), ns.clone(), shutdown()),
         continual_training::run_controller(schedules, ns.clone(), shutdown()),
         site_validator::run_controller(ctx.clone(), ns.clone(), shutdown()),
-        promotion_policy::run_controller(ctx, ns.clone(), shutdown()),
+        promotion_policy::run_controller(ctx.clone(), ns.clone(), shutdown()),
+        async {
+            if ctx.kueue {
+                training_job::workloads::run_release_controller(
+                    ctx.clone(),
+                    ns.clone(),
+                    shutdown(),
+                )
+                .await;
+            }
+        },
     );
     if *lost_rx.borrow() {
         anyhow::bail!("lost the leader lease");

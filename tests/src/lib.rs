@@ -10,6 +10,7 @@
 //! which the operator must cope with anyway.
 #![deny(missing_docs)]
 
+pub mod kueue;
 pub mod node;
 
 use std::io::Write as _;
@@ -601,11 +602,16 @@ impl Cluster {
     fn spawn(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
         let bin = self.tools.join(name);
         let child = self.spawn_logged(&bin, name, args, env)?;
+        self.adopt(name, child);
+        Ok(())
+    }
+
+    /// Keeps `child` running as long as the cluster (it is killed with it).
+    fn adopt(&self, name: &str, child: Child) {
         self.children
             .lock()
             .unwrap()
             .push((name.to_string(), child));
-        Ok(())
     }
 
     /// Starts a process whose output goes to `<cluster dir>/<log>.log`; it is killed if the test

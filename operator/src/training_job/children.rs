@@ -220,7 +220,7 @@ pub fn trainer_access(job: &TrainingJob, attempt: i32) -> Option<TrainerAccess> 
     })
 }
 
-fn owner(job: &TrainingJob) -> OwnerReference {
+pub(crate) fn owner(job: &TrainingJob) -> OwnerReference {
     job.controller_owner_ref(&())
         .expect("a TrainingJob from the API server has a name and uid")
 }

@@ -30,7 +30,13 @@ pub(super) fn create_missing(
     let present: BTreeSet<i32> = current.iter().map(|w| w.rank).collect();
     plan.create_pods = (0..job.spec.workers.replicas)
         .filter(|r| !present.contains(r))
-        .map(|r| children::worker_pod(job, r, st.attempt))
+        .map(|r| {
+            let mut pod = children::worker_pod(job, r, st.attempt);
+            if let Some(admission) = &pass.admitted {
+                admission.apply(&mut pod);
+            }
+            pod
+        })
         .collect();
     if !plan.create_pods.is_empty() {
         plan.create_gang_secret = true;

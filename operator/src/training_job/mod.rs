@@ -8,10 +8,12 @@ mod gang_startup;
 pub mod plan;
 #[cfg(test)]
 mod properties;
+pub mod queue_policy;
 mod success_policy;
 mod suspend_policy;
 mod ttl_after_finished;
 pub mod workers;
+pub mod workloads;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -85,7 +87,15 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
             "applying plan"
         );
     }
-    let create_error = apply(job, &ns, &plan, ctx).await.err();
+    let queued_workload = observed.queueing.as_ref().and_then(|q| q.workload.as_ref());
+    let create_error = match apply(job, &ns, &plan, ctx).await {
+        // The Workload after the pods: a released quota must not be re-admitted before the
+        // gang it paid for is gone (the plan releases only once no pod is left).
+        Ok(()) => workloads::apply(job, &ns, &plan.workload, queued_workload, ctx)
+            .await
+            .err(),
+        Err(e) => Some(e),
+    };
     if let Some(e) = &create_error {
         let stamp = Stamp {
             generation: job.metadata.generation,
@@ -169,6 +179,10 @@ async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed>
         lost_nodes,
         now: Time(ctx.clock.now()),
         policy_violation: ctx.pod_policy.check_training_job(&job.spec).err(),
+        queueing: match crate::kueue::queue_of(job) {
+            Some(_) => Some(workloads::observe(job, ns, ctx).await?),
+            None => None,
+        },
     })
 }
 
@@ -377,9 +391,14 @@ pub async fn run_controller(
     );
     let store = controller.store();
     let nodes: Api<Node> = Api::all(client);
-    let controller = controller
+    let mut controller = controller
         .owns(pods, owned.clone())
-        .owns(services, owned)
+        .owns(services, owned.clone());
+    if ctx.kueue {
+        let workloads: Api<crate::kueue::Workload> = crate::effects::scoped(&ctx.client, ns);
+        controller = controller.owns(workloads, owned);
+    }
+    let controller = controller
         // A node going away changes no pod (no kubelet reports), so node events wake every
         // active job; the plan decides whether its workers were on that node.
         .watches(nodes, watcher::Config::default(), move |_node| {

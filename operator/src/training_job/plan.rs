@@ -5,7 +5,8 @@
 //! table-tested without a cluster. It is a list of policies, one file each with its own tests:
 //! [`super::ttl_after_finished`] (sticky terminal states, clean-up, TTL), the active deadline,
 //! [`super::suspend_policy`], [`super::failure_policy`] (gang restarts, backoff),
-//! [`super::success_policy`] and [`super::gang_startup`]. The controller only gathers
+//! [`super::success_policy`], [`super::queue_policy`] (Kueue admission) and
+//! [`super::gang_startup`]. The controller only gathers
 //! [`Observed`] and carries out the [`Plan`].
 
 use std::collections::BTreeSet;
@@ -18,9 +19,11 @@ use radfm_api::trainingjob::{CheckpointRef, Phase, Progress};
 use radfm_api::{TrainingJob, TrainingJobStatus, health};
 
 use super::children::{self, GangScheduler};
+use super::queue_policy::{self, Gate};
 use super::workers::{Worker, WorkerState, add_secs, secs_between, worker};
 use super::{failure_policy, gang_startup, success_policy, suspend_policy, ttl_after_finished};
 use crate::effects::PlannedEvent;
+use crate::kueue;
 
 /// What the controller saw in the cluster for one job.
 #[derive(Debug, Clone)]
@@ -37,6 +40,8 @@ pub struct Observed {
     pub now: Time,
     /// Why the cluster's pod policy refuses the job's pods, if it does.
     pub policy_violation: Option<crate::pod_policy::Violation>,
+    /// Kueue's side of a job labelled with a queue (None for other jobs).
+    pub queueing: Option<super::queue_policy::Queueing>,
 }
 
 /// What the controller must do, in order: create, delete, then write the status once.
@@ -68,6 +73,8 @@ pub struct Plan {
     pub events: Vec<PlannedEvent>,
     /// When to look again even if nothing changes (deadlines, TTL, terminating timeouts).
     pub requeue_after: Option<Duration>,
+    /// What the Kueue Workload of a queued job needs.
+    pub workload: super::queue_policy::WorkloadActions,
 }
 
 impl Plan {
@@ -90,6 +97,8 @@ impl Plan {
 pub(super) struct Pass<'a> {
     pub job: &'a TrainingJob,
     pub obs: &'a Observed,
+    /// What Kueue's admission adds to the workers (queued jobs only).
+    pub admitted: Option<kueue::PodSetChanges>,
     stamp: Stamp,
 }
 
@@ -145,9 +154,11 @@ impl Pass<'_> {
 
 /// Decides what to do for `job` given what was observed.
 pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
+    let gate = queue_policy::gate(job, obs);
     let pass = Pass {
         job,
         obs,
+        admitted: gate.changes().cloned(),
         stamp: Stamp {
             generation: job.metadata.generation,
             now: obs.now.clone(),
@@ -180,8 +191,14 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
         );
     } else if rp.suspend {
         suspend_policy::suspend(&pass, &mut plan, &mut st, &workers);
+    } else if let Gate::Held { why, message } = &gate {
+        suspend_policy::resume(&pass, &mut plan, &mut st);
+        queue_policy::hold(&pass, &mut plan, &mut st, &workers, why, message);
     } else {
         suspend_policy::resume(&pass, &mut plan, &mut st);
+        if let Some(ch) = &pass.admitted {
+            queue_policy::admitted(&pass, &mut plan, &mut st, ch);
+        }
         let start = st.start_time.get_or_insert_with(|| obs.now.clone()).clone();
         if let Some(deadline) = rp.active_deadline_seconds {
             plan.requeue_at(&obs.now, &add_secs(&start, deadline));
@@ -189,6 +206,7 @@ pub fn plan(job: &TrainingJob, obs: &Observed) -> Plan {
         run(&pass, &mut plan, &mut st, &workers);
     }
     report_workers(&mut st, &workers, job.spec.workers.replicas);
+    queue_policy::sync(&pass, &mut plan, &st, &workers);
     health::of_training_job(&st).write(&mut st.conditions, &pass.stamp);
     plan.status = st;
     plan
@@ -278,6 +296,7 @@ mod tests {
             lost_nodes: BTreeSet::new(),
             now: t(now),
             policy_violation: None,
+            queueing: None,
         }
     }
 

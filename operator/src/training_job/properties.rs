@@ -107,6 +107,7 @@ impl World {
             lost_nodes: self.lost.clone(),
             now: t(self.now),
             policy_violation: None,
+            queueing: None,
         }
     }
 }
