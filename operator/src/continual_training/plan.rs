@@ -1031,6 +1031,19 @@ spec:
     }
 
     #[test]
+    fn a_run_waits_in_the_kueue_queue_its_template_names() {
+        let mut c = ct("");
+        c.spec.job_template.labels = Some(std::collections::BTreeMap::from([(
+            crate::kueue::QUEUE_LABEL.to_string(),
+            "team-a".to_string(),
+        )]));
+        let p = plan_of(&c, &observe(vec![], data(&[1, 2]), HOUR + 5));
+        let job = p.create.unwrap();
+        assert_eq!(crate::kueue::queue_of(&job), Some("team-a"));
+        assert_eq!(job.labels()[LABEL_CONTINUAL], "nightly");
+    }
+
+    #[test]
     fn a_run_is_the_template_on_the_new_shards_owned_and_annotated() {
         let c = ct("");
         let p = plan_of(&c, &observe(vec![], data(&[1, 2]), HOUR + 5));

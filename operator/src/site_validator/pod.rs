@@ -81,6 +81,29 @@ fn validate_args(sv: &SiteValidator, version: u64) -> Vec<String> {
     args
 }
 
+/// The validation pod's labels: which validator and version, and the Kueue queue and priority
+/// class of the SiteValidator, so a site that queues its GPUs with Kueue's pod integration
+/// queues validation too.
+fn labels(sv: &SiteValidator, version: u64) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (LABEL_VALIDATOR.to_string(), sv.name_any()),
+        (LABEL_VERSION.to_string(), version.to_string()),
+        (
+            crate::training_job::children::LABEL_MANAGED_BY.to_string(),
+            crate::training_job::children::MANAGER.to_string(),
+        ),
+    ]);
+    for key in [
+        crate::kueue::QUEUE_LABEL,
+        crate::kueue::PRIORITY_CLASS_LABEL,
+    ] {
+        if let Some(v) = sv.labels().get(key) {
+            labels.insert(key.to_string(), v.clone());
+        }
+    }
+    labels
+}
+
 /// The validation pod of `version` for `sv`: `radfm validate` with the site's settings.
 pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
     let s = &sv.spec;
@@ -105,14 +128,7 @@ pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
         metadata: ObjectMeta {
             name: Some(name),
             namespace: sv.namespace(),
-            labels: Some(BTreeMap::from([
-                (LABEL_VALIDATOR.to_string(), sv.name_any()),
-                (LABEL_VERSION.to_string(), version.to_string()),
-                (
-                    crate::training_job::children::LABEL_MANAGED_BY.to_string(),
-                    crate::training_job::children::MANAGER.to_string(),
-                ),
-            ])),
+            labels: Some(labels(sv, version)),
             owner_references: Some(vec![OwnerReference {
                 api_version: SiteValidator::api_version(&()).to_string(),
                 kind: SiteValidator::kind(&()).to_string(),
@@ -196,6 +212,19 @@ mod tests {
             args.windows(2)
                 .any(|w| w == ["--dataset", "file:///data/cxr-labelled"])
         );
+    }
+
+    #[test]
+    fn validation_pod_waits_in_the_kueue_queue_of_its_validator() {
+        let mut sv = validator("");
+        sv.metadata.labels = Some(BTreeMap::from([(
+            crate::kueue::QUEUE_LABEL.to_string(),
+            "site-gpus".to_string(),
+        )]));
+        let labels = validation_pod(&sv, 7).metadata.labels.unwrap();
+        assert_eq!(labels[crate::kueue::QUEUE_LABEL], "site-gpus");
+        let unqueued = validation_pod(&validator(""), 7).metadata.labels.unwrap();
+        assert!(!unqueued.contains_key(crate::kueue::QUEUE_LABEL));
     }
 
     #[test]
