@@ -24,6 +24,11 @@ pub const PRIORITY_CLASS_LABEL: &str = "kueue.x-k8s.io/priority-class";
 pub const JOB_UID_LABEL: &str = "kueue.x-k8s.io/job-uid";
 /// The finalizer that keeps a Workload (and its quota) while its pods may still run.
 pub const FINALIZER: &str = "kueue.x-k8s.io/resource-in-use";
+/// The annotation (or label) MultiKueue puts on the copy of a job it creates in a worker
+/// cluster: the Workload it created there for it, which the job must use instead of its own.
+pub const PREBUILT_WORKLOAD: &str = "kueue.x-k8s.io/prebuilt-workload-name";
+/// `spec.managedBy` of a job MultiKueue dispatches from its manager cluster.
+pub const MULTIKUEUE: &str = "kueue.x-k8s.io/multikueue";
 /// The one pod set of a TrainingJob's Workload: its gang of workers.
 pub const POD_SET: &str = "workers";
 
@@ -207,9 +212,40 @@ pub fn queue_of(job: &TrainingJob) -> Option<&str> {
         .filter(|q| !q.is_empty())
 }
 
-/// The name of a job's Workload: unique per job UID, so a job deleted and created again never
-/// meets the old job's Workload.
+/// The Workload MultiKueue built for this copy of a job, if it is one.
+pub fn prebuilt_workload(job: &TrainingJob) -> Option<&str> {
+    let annotated = job
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PREBUILT_WORKLOAD));
+    let labelled = job
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(PREBUILT_WORKLOAD));
+    annotated
+        .or(labelled)
+        .map(String::as_str)
+        .filter(|n| !n.is_empty())
+}
+
+/// Whether `wl`'s controller is `job`.
+pub fn controlled_by(wl: &Workload, job: &TrainingJob) -> bool {
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+    wl.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// The name of a job's Workload: MultiKueue's prebuilt one, else one unique per job UID, so a
+/// job deleted and created again never meets the old job's Workload.
 pub fn workload_name(job: &TrainingJob) -> String {
+    if let Some(prebuilt) = prebuilt_workload(job) {
+        return prebuilt.to_string();
+    }
     let name = job.metadata.name.as_deref().unwrap_or_default();
     let uid: String = job
         .metadata

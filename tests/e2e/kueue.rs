@@ -357,3 +357,100 @@ async fn a_job_in_a_queue_without_room_waits_queued_with_kueues_reason() {
     })
     .await;
 }
+
+/// What MultiKueue does across clusters, played on one: the manager's side of a dispatched job
+/// (managedBy MultiKueue) and the worker's side (a copy naming its prebuilt Workload).
+#[tokio::test]
+async fn multikueue_jobs_get_their_workload_on_the_manager_and_use_the_prebuilt_one_on_a_worker() {
+    let _serial = serial().await;
+    let cluster = Cluster::start(2, 8).await.unwrap();
+    cluster.start_kueue().await.unwrap();
+    let ns = "multikueue";
+    let _guard = cluster.namespace(ns).await.unwrap();
+    let env = Env {
+        cluster: &cluster,
+        ns: ns.into(),
+    };
+    env.apply(&queues(ns));
+    let _op = cluster
+        .start_operator(ns, "operator-multikueue", &[])
+        .unwrap();
+
+    // Manager: radfm creates the Workload and nothing else; the status is MultiKueue's to copy.
+    let dispatched = job("dispatched", Some("team"), "", 8)
+        .replace("spec:\n", "spec:\n  managedBy: kueue.x-k8s.io/multikueue\n");
+    env.apply(&dispatched);
+    wait_until(WAIT, "the dispatched job's Workload", || async {
+        let lp = ListParams::default().labels("radfm.io/job-name=dispatched");
+        (!env.workloads().list(&lp).await.ok()?.items.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.pod_count("dispatched").await,
+        0,
+        "nothing runs on the manager"
+    );
+    assert!(
+        env.jobs().get("dispatched").await.unwrap().status.is_none(),
+        "radfm writes no status there"
+    );
+    // MultiKueue copies the worker's status back; radfm then finishes and releases the Workload.
+    let mirrored = serde_json::json!({"status": {"phase": "Succeeded", "attempt": 1}});
+    env.jobs()
+        .patch_status(
+            "dispatched",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&mirrored),
+        )
+        .await
+        .unwrap();
+    wait_until(
+        WAIT,
+        "the dispatched Workload finished and released",
+        || async {
+            let wl = env.workload_of("dispatched").await;
+            let finished = workload_condition(&wl, "Finished").is_some_and(|c| c.0 == "True");
+            (finished && wl.finalizers().is_empty()).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // Worker: MultiKueue created the Workload and the job's copy naming it; radfm adopts it and
+    // runs the gang once this cluster's Kueue admits it.
+    env.apply(
+        "apiVersion: kueue.x-k8s.io/v1beta2
+kind: Workload
+metadata: {name: from-manager}
+spec:
+  queueName: team
+  podSets:
+  - name: workers
+    count: 2
+    template:
+      spec:
+        restartPolicy: Never
+        containers:
+        - name: trainer
+          image: radfm/trainer:test
+          resources: {requests: {nvidia.com/gpu: 8}, limits: {nvidia.com/gpu: 8}}
+",
+    );
+    let copy = job("copy", Some("team"), "", 8).replace(
+        "metadata: {name: copy,",
+        "metadata: {name: copy, annotations: {kueue.x-k8s.io/prebuilt-workload-name: from-manager},",
+    );
+    env.apply(&copy);
+    env.running("copy", 1, 2).await;
+    let wl = env.workloads().get("from-manager").await.unwrap();
+    assert_eq!(wl.owner_references()[0].kind, "TrainingJob", "adopted");
+    assert_eq!(wl.labels()["radfm.io/job-name"], "copy");
+    let lp = ListParams::default().labels("radfm.io/job-name=copy");
+    assert_eq!(
+        env.workloads().list(&lp).await.unwrap().items.len(),
+        1,
+        "no second Workload"
+    );
+}

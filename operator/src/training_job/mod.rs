@@ -53,7 +53,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Actio
 
 async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
     if job.managed_by() != MANAGED_BY_RADFM {
-        return Ok(Action::await_change());
+        return reconcile_managed_elsewhere(job, ctx).await;
     }
     if job.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -135,6 +135,19 @@ async fn reconcile_inner(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         Some(d) => Action::requeue(d),
         None => Action::await_change(),
     })
+}
+
+/// A job another controller runs: only one MultiKueue dispatches from this cluster needs
+/// something here (its Workload).
+async fn reconcile_managed_elsewhere(job: &TrainingJob, ctx: &Context) -> Result<Action> {
+    let dispatched = job.managed_by() == crate::kueue::MULTIKUEUE
+        && ctx.kueue
+        && crate::kueue::queue_of(job).is_some()
+        && job.metadata.deletion_timestamp.is_none();
+    if dispatched {
+        return workloads::reconcile_dispatched(job, ctx).await;
+    }
+    Ok(Action::await_change())
 }
 
 async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed> {

@@ -44,6 +44,9 @@ pub struct WorkloadActions {
     pub active: Option<bool>,
     /// Remove Kueue's finalizer (after the status change, if any, was written).
     pub remove_finalizer: bool,
+    /// Make the job the controller of MultiKueue's prebuilt Workload (as Kueue's job
+    /// controllers do), so it follows the job's events and its garbage collection.
+    pub adopt: bool,
 }
 
 /// Whether the gang may run.
@@ -89,6 +92,12 @@ pub(super) fn gate(job: &TrainingJob, obs: &Observed) -> Gate {
         );
     }
     let Some(wl) = &q.workload else {
+        if let Some(prebuilt) = kueue::prebuilt_workload(job) {
+            return held(
+                reason::QUEUED,
+                format!("queue {queue}: waiting for MultiKueue's Workload {prebuilt}"),
+            );
+        }
         return match &q.priority {
             Err(e) => held(reason::ADMISSION_NOT_APPLICABLE, e.clone()),
             Ok(_) => held(
@@ -97,6 +106,20 @@ pub(super) fn gate(job: &TrainingJob, obs: &Observed) -> Gate {
             ),
         };
     };
+    let foreign = wl.metadata.owner_references.iter().flatten().find(|o| {
+        o.controller == Some(true) && Some(o.uid.as_str()) != job.metadata.uid.as_deref()
+    });
+    if let Some(owner) = foreign {
+        return held(
+            reason::ADMISSION_NOT_APPLICABLE,
+            format!(
+                "Workload {} is controlled by {} {}",
+                kueue::workload_name(job),
+                owner.kind,
+                owner.name
+            ),
+        );
+    }
     match kueue::standing(wl) {
         Standing::Waiting(message) => held(reason::QUEUED, message),
         Standing::Evicted {
@@ -177,21 +200,68 @@ pub(super) fn admitted(
 
 /// What the Workload needs after this pass's decisions (`st` is the new status).
 pub(super) fn sync(pass: &Pass, plan: &mut Plan, st: &TrainingJobStatus, workers: &[Worker]) {
-    let job = pass.job;
-    let (Some(queue), Some(q)) = (kueue::queue_of(job), &pass.obs.queueing) else {
+    let Some(q) = &pass.obs.queueing else {
         return;
     };
+    let gang = Gang {
+        phase: st.phase,
+        failure: radfm_api::conditions::get(&st.conditions, C::Failed).map(|c| c.message.clone()),
+        pods_left: !workers.is_empty(),
+        admitted: pass.admitted.is_some(),
+        attempt: st.attempt,
+    };
+    plan.workload = actions(pass.job, q, &gang, &pass.obs.now);
+}
+
+/// The Workload of a job that MultiKueue dispatches from this (manager) cluster: radfm creates
+/// and releases it, and runs nothing here; MultiKueue copies the job to a worker cluster and its
+/// status back.
+pub fn mirror(
+    job: &TrainingJob,
+    q: &Queueing,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> WorkloadActions {
+    let st = job.status.clone().unwrap_or_default();
+    let gang = Gang {
+        phase: st.phase,
+        failure: radfm_api::conditions::get(&st.conditions, C::Failed).map(|c| c.message.clone()),
+        pods_left: false,
+        admitted: false,
+        attempt: st.attempt.max(1),
+    };
+    actions(job, q, &gang, now)
+}
+
+/// What the Workload's side needs to know of the gang.
+struct Gang {
+    phase: Option<Phase>,
+    failure: Option<String>,
+    pods_left: bool,
+    admitted: bool,
+    attempt: i32,
+}
+
+fn actions(
+    job: &TrainingJob,
+    q: &Queueing,
+    gang: &Gang,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> WorkloadActions {
+    let mut out = WorkloadActions::default();
+    let Some(queue) = kueue::queue_of(job) else {
+        return out;
+    };
     if !q.kueue_installed {
-        return;
+        return out;
     }
-    let finished = matches!(st.phase, Some(Phase::Succeeded | Phase::Failed));
+    let finished = matches!(gang.phase, Some(Phase::Succeeded | Phase::Failed));
     let active = !job.spec.run_policy.suspend;
-    let now = &pass.obs.now;
     let Some(wl) = &q.workload else {
-        if let (false, Ok(priority)) = (finished, &q.priority) {
-            let template = children::worker_pod(job, 0, st.attempt);
+        let prebuilt = kueue::prebuilt_workload(job).is_some();
+        if let (false, false, Ok(priority)) = (finished, prebuilt, &q.priority) {
+            let template = children::worker_pod(job, 0, gang.attempt);
             let owner = children::owner(job);
-            plan.workload.create = Some(kueue::workload(
+            out.create = Some(kueue::workload(
                 job,
                 owner,
                 &template,
@@ -200,47 +270,54 @@ pub(super) fn sync(pass: &Pass, plan: &mut Plan, st: &TrainingJobStatus, workers
                 active,
             ));
         }
-        return;
+        return out;
     };
     let has_finalizer = wl
         .metadata
         .finalizers
         .as_ref()
         .is_some_and(|f| f.iter().any(|f| f == kueue::FINALIZER));
+    let uncontrolled = !wl
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true));
+    out.adopt = uncontrolled && kueue::prebuilt_workload(job).is_some();
     let standing = kueue::standing(wl);
     match &standing {
-        Standing::Deleting => plan.workload.remove_finalizer = has_finalizer && workers.is_empty(),
-        Standing::Finished => plan.workload.remove_finalizer = has_finalizer,
+        Standing::Deleting => out.remove_finalizer = has_finalizer && !gang.pods_left,
+        Standing::Finished => out.remove_finalizer = has_finalizer,
         _ if finished => {
-            let succeeded = st.phase == Some(Phase::Succeeded);
-            let message = if succeeded {
-                "the TrainingJob succeeded".to_string()
-            } else {
-                radfm_api::conditions::get(&st.conditions, C::Failed)
-                    .map_or("the TrainingJob failed".into(), |c| c.message.clone())
+            let succeeded = gang.phase == Some(Phase::Succeeded);
+            let message = match (succeeded, &gang.failure) {
+                (true, _) => "the TrainingJob succeeded".to_string(),
+                (false, Some(m)) => m.clone(),
+                (false, None) => "the TrainingJob failed".to_string(),
             };
-            plan.workload.status = Some(kueue::finish(wl, succeeded, &message, now));
-            plan.workload.remove_finalizer = has_finalizer;
+            out.status = Some(kueue::finish(wl, succeeded, &message, now));
+            out.remove_finalizer = has_finalizer;
         }
         Standing::Evicted {
             reason: why,
             message,
         } => {
             // Pods being deleted still hold their GPUs: the quota goes back when they are gone.
-            if workers.is_empty() {
-                plan.workload.status = Some(kueue::release(wl, why, message, now));
+            if !gang.pods_left {
+                out.status = Some(kueue::release(wl, why, message, now));
             }
         }
-        Standing::Admitted(_) if pass.admitted.is_some() => {
-            let ready = st.phase == Some(Phase::Running);
-            plan.workload.status = kueue::pods_ready(wl, ready, now);
+        Standing::Admitted(_) if gang.admitted => {
+            let ready = gang.phase == Some(Phase::Running);
+            out.status = kueue::pods_ready(wl, ready, now);
         }
         Standing::Admitted(_) | Standing::Waiting(_) => {}
     }
     let live = !finished && standing != Standing::Deleting;
     if live && wl.spec.active != Some(active) {
-        plan.workload.active = Some(active);
+        out.active = Some(active);
     }
+    out
 }
 
 #[cfg(test)]
@@ -529,6 +606,84 @@ mod tests {
         assert_eq!(p.create_pods.len(), 2);
         assert!(p.workload.create.is_none());
         assert!(conditions::get(&p.status.conditions, C::Admitted).is_none());
+    }
+
+    #[test]
+    fn a_multikueue_copy_waits_for_and_adopts_its_prebuilt_workload() {
+        let job = JobBuilder(queued_job())
+            .with(|j| {
+                j.metadata.annotations = Some(BTreeMap::from([(
+                    kueue::PREBUILT_WORKLOAD.into(),
+                    "wl-from-manager".into(),
+                )]))
+            })
+            .build();
+        assert_eq!(kueue::workload_name(&job), "wl-from-manager");
+        let p = plan(&job, &obs(vec![], None));
+        assert!(p.workload.create.is_none(), "MultiKueue made it");
+        assert!(p.create_pods.is_empty());
+        let admitted = conditions::get(&p.status.conditions, C::Admitted).unwrap();
+        assert!(
+            admitted.message.contains("wl-from-manager"),
+            "{}",
+            admitted.message
+        );
+
+        let mut wl = workload(&job, admitted_conditions(), true);
+        wl.metadata.owner_references = None;
+        let p = plan(&job, &obs(vec![], Some(wl.clone())));
+        assert!(p.workload.adopt);
+        assert_eq!(p.create_pods.len(), 2, "admitted: the gang runs");
+
+        wl.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                controller: Some(true),
+                kind: "JobSet".into(),
+                name: "other".into(),
+                uid: "other-uid".into(),
+                ..Default::default()
+            },
+        ]);
+        let p = plan(&job, &obs(vec![], Some(wl)));
+        assert!(p.create_pods.is_empty() && !p.workload.adopt);
+        let admitted = conditions::get(&p.status.conditions, C::Admitted).unwrap();
+        assert_eq!(admitted.reason, reason::ADMISSION_NOT_APPLICABLE);
+    }
+
+    #[test]
+    fn a_multikueue_job_on_the_manager_gets_a_workload_and_finishes_it_from_the_mirrored_status() {
+        let job = JobBuilder(queued_job())
+            .with(|j| j.spec.managed_by = Some(kueue::MULTIKUEUE.into()))
+            .build();
+        let q = obs(vec![], None).queueing.unwrap();
+        let a = super::mirror(&job, &q, &t(1));
+        assert_eq!(a.create.unwrap().spec.queue_name.as_deref(), Some("team-a"));
+
+        let wl = workload(&job, admitted_conditions(), true);
+        let q = obs(vec![], Some(wl)).queueing.unwrap();
+        let a = super::mirror(&job, &q, &t(2));
+        assert!(
+            a.create.is_none() && a.status.is_none() && !a.remove_finalizer,
+            "running elsewhere"
+        );
+
+        let done = JobBuilder(job)
+            .with(|j| {
+                j.status = Some(radfm_api::TrainingJobStatus {
+                    phase: Some(Phase::Succeeded),
+                    ..Default::default()
+                })
+            })
+            .build();
+        let a = super::mirror(&done, &q, &t(3));
+        assert!(
+            a.status
+                .unwrap()
+                .conditions()
+                .iter()
+                .any(|c| c.type_ == "Finished")
+        );
+        assert!(a.remove_finalizer);
     }
 
     #[test]

@@ -146,6 +146,13 @@ pub(super) async fn apply(
         tolerate(api.create(&pp, wl).await, 409).map_err(|e| child("creating", e))?;
         info!(workload = %name, "created the Kueue Workload");
     }
+    if actions.adopt
+        && let Some(wl) = observed
+    {
+        adopt(&api, wl, job)
+            .await
+            .map_err(|e| child("adopting", e))?;
+    }
     if let Some(active) = actions.active {
         let body = serde_json::json!({"spec": {"active": active}});
         api.patch(&name, &params(), &Patch::Merge(&body))
@@ -165,6 +172,45 @@ pub(super) async fn apply(
             .map_err(|e| child("releasing", e))?;
     }
     Ok(())
+}
+
+/// Makes `job` the controller of MultiKueue's prebuilt Workload `wl`, labelled as radfm's own,
+/// guarded by the resourceVersion it was read at.
+async fn adopt(
+    api: &Api<Workload>,
+    wl: &Workload,
+    job: &TrainingJob,
+) -> std::result::Result<(), kube::Error> {
+    let mut owners = wl.owner_references().to_vec();
+    owners.push(children::owner(job));
+    let body = serde_json::json!({
+        "metadata": {
+            "resourceVersion": wl.resource_version(),
+            "ownerReferences": owners,
+            "labels": {
+                children::LABEL_MANAGED_BY: children::MANAGER,
+                children::LABEL_JOB: job.name_any(),
+                kueue::JOB_UID_LABEL: job.uid().unwrap_or_default(),
+            },
+        },
+    });
+    api.patch(&wl.name_any(), &params(), &Patch::Merge(&body))
+        .await?;
+    info!(workload = %wl.name_any(), "adopted MultiKueue's prebuilt Workload");
+    Ok(())
+}
+
+/// The Workload side of a job MultiKueue dispatches from this cluster (`spec.managedBy:
+/// kueue.x-k8s.io/multikueue`): its Workload is created and released here, nothing else.
+pub(super) async fn reconcile_dispatched(job: &TrainingJob, ctx: &Context) -> Result<Action> {
+    let ns = job
+        .namespace()
+        .ok_or_else(|| Error::MissingField("metadata.namespace"))?;
+    let q = observe(job, &ns, ctx).await?;
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ctx.clock.now());
+    let actions = super::queue_policy::mirror(job, &q, &now);
+    apply(job, &ns, &actions, q.workload.as_ref(), ctx).await?;
+    Ok(Action::await_change())
 }
 
 /// Removes Kueue's finalizer, keeping any other, guarded by the resourceVersion it was read at
