@@ -454,3 +454,130 @@ spec:
         "no second Workload"
     );
 }
+
+/// MultiKueue between two control planes, each with its own Kueue and radfm operator: the
+/// manager dispatches a TrainingJob to the worker, the worker runs the gang on its nodes, and the
+/// worker's status comes back to the manager's job.
+#[tokio::test]
+async fn multikueue_dispatches_a_job_to_a_worker_cluster_and_mirrors_its_status_back() {
+    let _serial = serial().await;
+    let manager = Cluster::start(0, 0).await.unwrap();
+    let worker = Cluster::start(2, 8).await.unwrap();
+    manager
+        .start_kueue_with(
+            "multiKueue:\n  externalFrameworks:\n  - name: TrainingJob.v1alpha1.radfm.io\n",
+        )
+        .await
+        .unwrap();
+    worker.start_kueue().await.unwrap();
+    let ns = "dispatch";
+    let _manager_ns = manager.namespace(ns).await.unwrap();
+    let _worker_ns = worker.namespace(ns).await.unwrap();
+    let on_manager = Env {
+        cluster: &manager,
+        ns: ns.into(),
+    };
+    let on_worker = Env {
+        cluster: &worker,
+        ns: ns.into(),
+    };
+    on_worker.apply(&queues(ns));
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "worker-kubeconfig", "namespace": "kueue-system"},
+        "stringData": {"kubeconfig": worker.embedded_kubeconfig().unwrap()},
+    });
+    manager.kubectl_stdin(&["apply", "-f", "-"], Some(&secret.to_string()));
+    on_manager.apply(&format!(
+        "apiVersion: kueue.x-k8s.io/v1beta2
+kind: MultiKueueCluster
+metadata: {{name: worker}}
+spec: {{clusterSource: {{kubeConfig: {{locationType: Secret, location: worker-kubeconfig}}}}}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: MultiKueueConfig
+metadata: {{name: dispatch}}
+spec: {{clusters: [worker]}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: AdmissionCheck
+metadata: {{name: dispatch}}
+spec:
+  controllerName: kueue.x-k8s.io/multikueue
+  parameters: {{apiGroup: kueue.x-k8s.io, kind: MultiKueueConfig, name: dispatch}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ResourceFlavor
+metadata: {{name: h100}}
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: ClusterQueue
+metadata: {{name: gpus}}
+spec:
+  namespaceSelector: {{}}
+  admissionChecksStrategy: {{admissionChecks: [{{name: dispatch}}]}}
+  resourceGroups:
+  - coveredResources: [nvidia.com/gpu]
+    flavors:
+    - name: h100
+      resources: [{{name: nvidia.com/gpu, nominalQuota: 16}}]
+---
+apiVersion: kueue.x-k8s.io/v1beta2
+kind: LocalQueue
+metadata: {{name: team, namespace: {ns}}}
+spec: {{clusterQueue: gpus}}
+"
+    ));
+    let _manager_op = manager.start_operator(ns, "operator-manager", &[]).unwrap();
+    let _worker_op = worker.start_operator(ns, "operator-worker", &[]).unwrap();
+
+    let dispatched = job("remote", Some("team"), "", 8)
+        .replace("spec:\n", "spec:\n  managedBy: kueue.x-k8s.io/multikueue\n");
+    on_manager.apply(&dispatched);
+    let pods = on_worker.running("remote", 1, 2).await;
+    assert_eq!(
+        on_manager.pod_count("remote").await,
+        0,
+        "nothing runs on the manager"
+    );
+    let copy = wait_object(
+        &on_worker.jobs(),
+        "remote",
+        WAIT,
+        "the worker's copy",
+        |_| true,
+    )
+    .await;
+    assert!(
+        copy.spec.managed_by.is_none(),
+        "the worker's copy is radfm's to run"
+    );
+    on_manager
+        .job("remote", "the worker's Running status mirrored", |j| {
+            phase(j) == Some(Phase::Running)
+        })
+        .await;
+
+    for pod in pods {
+        worker
+            .end_pod(ns, &pod.name_any(), 0, "Completed")
+            .await
+            .unwrap();
+    }
+    on_manager
+        .job("remote", "the worker's Succeeded status mirrored", |j| {
+            phase(j) == Some(Phase::Succeeded)
+        })
+        .await;
+    wait_until(
+        WAIT,
+        "the manager's Workload finished and released",
+        || async {
+            let wl = on_manager.workload_of("remote").await;
+            let finished = workload_condition(&wl, "Finished").is_some_and(|c| c.0 == "True");
+            (finished && wl.finalizers().is_empty()).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}

@@ -151,6 +151,12 @@ impl Cluster {
     /// webhooks answer (a ResourceFlavor can be created). Start the operator after this: it
     /// looks for Kueue's API when it starts.
     pub async fn start_kueue(&self) -> Result<()> {
+        self.start_kueue_with("").await
+    }
+
+    /// [`Cluster::start_kueue`] with more top-level Configuration fields (YAML), e.g.
+    /// `multiKueue`.
+    pub async fn start_kueue_with(&self, extra_config: &str) -> Result<()> {
         let kueue = kueue_dir()?;
         let crds = kueue.join("crds");
         self.kubectl_ok(&["apply", "--server-side", "-f", &crds.to_string_lossy()])?;
@@ -196,7 +202,7 @@ impl Cluster {
                 .context("applying Kueue's webhook configuration")?;
         }
         let config = self.log_path("kueue-config.yaml");
-        std::fs::write(&config, configuration(port, &certs))?;
+        std::fs::write(&config, configuration(port, &certs) + extra_config)?;
         let kubeconfig = self.kubeconfig.to_string_lossy().to_string();
         let child = self.spawn_logged(
             &kueue.join("kueue"),
@@ -219,6 +225,26 @@ impl Cluster {
         .with_context(|| format!("Kueue did not come up; its log:\n{}", self.log_tail("kueue")))?;
         self.kubectl_ok(&["delete", "resourceflavor", "kueue-ready-probe"])?;
         Ok(())
+    }
+}
+
+impl Cluster {
+    /// The admin kubeconfig with the API server's CA embedded, as MultiKueue accepts a worker
+    /// cluster's (no file paths).
+    pub fn embedded_kubeconfig(&self) -> Result<String> {
+        let ca = std::fs::read(self.dir.path().join("certs/apiserver.crt"))?;
+        let ca = serde_json::to_value(k8s_openapi::ByteString(ca))?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let tokens = std::fs::read_to_string(self.dir.path().join("tokens.csv"))?;
+        let token = tokens.split(',').next().unwrap_or_default();
+        Ok(format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    \
+             certificate-authority-data: {ca}\nusers:\n- name: u\n  user:\n    token: {token}\n\
+             contexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+            self.server
+        ))
     }
 }
 

@@ -207,7 +207,7 @@ pub(super) fn sync(pass: &Pass, plan: &mut Plan, st: &TrainingJobStatus, workers
         phase: st.phase,
         failure: radfm_api::conditions::get(&st.conditions, C::Failed).map(|c| c.message.clone()),
         pods_left: !workers.is_empty(),
-        admitted: pass.admitted.is_some(),
+        reports_pods_ready: pass.admitted.is_some(),
         attempt: st.attempt,
     };
     plan.workload = actions(pass.job, q, &gang, &pass.obs.now);
@@ -226,7 +226,9 @@ pub fn mirror(
         phase: st.phase,
         failure: radfm_api::conditions::get(&st.conditions, C::Failed).map(|c| c.message.clone()),
         pods_left: false,
-        admitted: false,
+        // The status MultiKueue copies back says how the worker's gang is doing; Kueue's
+        // waitForPodsReady on the manager reads it from here.
+        reports_pods_ready: true,
         attempt: st.attempt.max(1),
     };
     actions(job, q, &gang, now)
@@ -237,7 +239,7 @@ struct Gang {
     phase: Option<Phase>,
     failure: Option<String>,
     pods_left: bool,
-    admitted: bool,
+    reports_pods_ready: bool,
     attempt: i32,
 }
 
@@ -307,7 +309,7 @@ fn actions(
                 out.status = Some(kueue::release(wl, why, message, now));
             }
         }
-        Standing::Admitted(_) if gang.admitted => {
+        Standing::Admitted(_) if gang.reports_pods_ready => {
             let ready = gang.phase == Some(Phase::Running);
             out.status = kueue::pods_ready(wl, ready, now);
         }
@@ -661,10 +663,25 @@ mod tests {
 
         let wl = workload(&job, admitted_conditions(), true);
         let q = obs(vec![], Some(wl)).queueing.unwrap();
-        let a = super::mirror(&job, &q, &t(2));
+        let running = JobBuilder(job.clone())
+            .with(|j| {
+                j.status = Some(radfm_api::TrainingJobStatus {
+                    phase: Some(Phase::Running),
+                    ..Default::default()
+                })
+            })
+            .build();
+        let a = super::mirror(&running, &q, &t(2));
         assert!(
-            a.create.is_none() && a.status.is_none() && !a.remove_finalizer,
+            a.create.is_none() && !a.remove_finalizer,
             "running elsewhere"
+        );
+        let ready = a.status.expect("the mirrored Running is PodsReady");
+        assert!(
+            ready
+                .conditions()
+                .iter()
+                .any(|c| c.type_ == "PodsReady" && c.status == "True")
         );
 
         let done = JobBuilder(job)
