@@ -5,6 +5,9 @@
 //! without clusters, stores or GPUs:
 //! - [`weights`]: named f32 tensors to and from safetensors (f32 or bf16 on the wire), their
 //!   digests, the update of a site (local − global), its norm;
+//! - [`exchange`]: the object-store layout between hub and sites (sites only write their own
+//!   prefix and only make outbound calls), the hub's signed global models, and one round run
+//!   from contributions to the next global model;
 //! - [`contribution`]: the statement a site signs for its update (federation, round, base
 //!   digest, update digest, samples, steps, dataset-index digest, local loss);
 //! - [`admission`]: which contributions a round takes, and why it refuses the others (unknown
@@ -19,6 +22,7 @@
 pub mod admission;
 pub mod aggregate;
 pub mod contribution;
+pub mod exchange;
 pub mod privacy;
 pub mod weights;
 
@@ -30,6 +34,17 @@ pub enum Error {
     Weights {
         /// The file or tensor.
         what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The exchange could not be read or written.
+    #[error(transparent)]
+    Store(#[from] radfm_data::Error),
+    /// Something in the exchange is not what it must be (named: which object).
+    #[error("{key}: {reason}")]
+    Exchange {
+        /// The object.
+        key: String,
         /// What is wrong.
         reason: String,
     },
