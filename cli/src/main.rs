@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod cluster;
+mod federate;
 mod ingest;
 #[cfg(feature = "torch")]
 mod model;
@@ -66,6 +67,9 @@ enum Command {
     /// Approve a candidate version as a person the PromotionPolicy lists: signs a statement with
     /// the approver's key and stores it beside the version.
     Approve(validate::ApproveArgs),
+    /// Federated training through an exchange folder: publish, contribute, aggregate, status.
+    #[command(subcommand)]
+    Federate(federate::FederateCmd),
     /// Render a version's change-control record (lineage, data, site reports, forest plot, gate
     /// decision and reasons) as a static HTML page.
     Report(report::ReportArgs),
@@ -103,6 +107,7 @@ async fn main() -> Result<()> {
         Command::Gate(a) => validate::gate(a).await.context("radfm gate"),
         Command::Approve(a) => validate::approve(a).await.context("radfm approve"),
         Command::Report(a) => report::run(a).await.context("radfm report"),
+        Command::Federate(cmd) => federate::run(cmd).await.context("radfm federate"),
         Command::Crd => {
             for (_, yaml) in radfm_operator::crdgen::crds() {
                 print!("---\n{yaml}");

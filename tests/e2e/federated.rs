@@ -1,0 +1,243 @@
+//! Federated rounds through an exchange on a real S3 server (versitygw), driven by the `radfm
+//! federate` commands a hub and its sites run: hub-signed global models, signed site updates,
+//! a refused impostor, the norm bound, two rounds with FedAvg then a robust aggregator, and the
+//! bytes each site sends.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads as one story from setup to the last assertion"
+)]
+
+use std::path::Path;
+
+use radfm_e2e::S3Server;
+use radfm_federated::weights::{Precision, Tensor, Weights};
+
+const EXCHANGE: &str = "s3://radfm/federation/exchange";
+const FEDERATION: &str = "hub/cxr";
+
+fn model(path: &Path, values: Vec<f32>) {
+    let w = Weights(
+        [(
+            "encoder.blocks.0.w".to_string(),
+            Tensor {
+                shape: vec![values.len()],
+                values,
+            },
+        )]
+        .into_iter()
+        .collect(),
+    );
+    std::fs::write(path, w.to_safetensors(Precision::F32).unwrap()).unwrap();
+}
+
+fn values(path: &Path) -> Vec<f32> {
+    let w = Weights::from_safetensors(&std::fs::read(path).unwrap(), "model").unwrap();
+    w.0["encoder.blocks.0.w"].values.clone()
+}
+
+#[test]
+fn a_hub_and_three_sites_run_two_signed_rounds_through_s3() {
+    let s3 = S3Server::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let owned = s3.env();
+    let env: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let run = |args: &[&str]| radfm_e2e::radfm(args, &env);
+    let ok = |args: &[&str]| radfm_e2e::ok(&run(args));
+    let keys = dir.path().join("keys");
+    let mut public = std::collections::BTreeMap::new();
+    for who in ["hub", "a", "b", "c"] {
+        let key = ok(&["keygen", "--out", keys.to_str().unwrap(), "--site", who]);
+        public.insert(who, key.trim().to_string());
+    }
+    let key = |who: &str| keys.join(format!("{who}.key")).display().to_string();
+    let common = ["--exchange", EXCHANGE, "--federation", FEDERATION];
+    let base = dir.path().join("base.safetensors");
+    model(&base, vec![1.0; 8]);
+    let published = ok(&[
+        &["federate", "publish"][..],
+        &common,
+        &["--model", base.to_str().unwrap(), "--key-file", &key("hub")],
+    ]
+    .concat());
+    assert!(published.contains("\"round\":1"), "{published}");
+
+    // Each site trains from the global model (here: its weights moved by a site-specific step).
+    let contribute = |site: &str, signer: &str, round: u32, local: &Path| {
+        run(&[
+            &["federate", "contribute"][..],
+            &common,
+            &[
+                "--round",
+                &round.to_string(),
+                "--hub-key",
+                &public["hub"],
+                "--site",
+                site,
+                "--key-file",
+                &key(signer),
+                "--local",
+                local.to_str().unwrap(),
+                "--samples",
+                "100",
+                "--steps",
+                "10",
+                "--dataset-index-digest",
+                &format!("{site}-index"),
+                "--norm-bound",
+                "4",
+                "--precision",
+                "bf16",
+            ],
+        ]
+        .concat())
+    };
+    let local = |name: &str, v: f32| {
+        let p = dir.path().join(format!("{name}.safetensors"));
+        model(&p, vec![v; 8]);
+        p
+    };
+    let sent = radfm_e2e::ok(&contribute("a", "a", 1, &local("a1", 1.5)));
+    let sent: serde_json::Value = serde_json::from_str(sent.trim()).unwrap();
+    assert!(sent["bytesSent"].as_u64().unwrap() > 0);
+    eprintln!(
+        "bytes sent per site per round (8 bf16 values + statement): {}",
+        sent["bytesSent"]
+    );
+    radfm_e2e::ok(&contribute("b", "b", 1, &local("b1", 0.5)));
+    // An impostor signs for c with a's key; and c's weights moved far: the site clips them.
+    radfm_e2e::ok(&contribute("c", "a", 1, &local("c1", 100.0)));
+    let twice = contribute("a", "a", 1, &local("a1b", 2.0));
+    assert!(!twice.status.success(), "one upload per site and round");
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("already contributed"));
+    // A site checks the hub's signature: a wrong hub key is refused.
+    let mut forged = common.to_vec();
+    forged.extend([
+        "--round",
+        "1",
+        "--hub-key",
+        &public["a"],
+        "--site",
+        "b",
+        "--key-file",
+    ]);
+    let kb = key("b");
+    let lb = local("b1x", 0.5);
+    forged.extend([
+        kb.as_str(),
+        "--local",
+        lb.to_str().unwrap(),
+        "--samples",
+        "1",
+        "--steps",
+        "1",
+        "--dataset-index-digest",
+        "x",
+        "--norm-bound",
+        "4",
+    ]);
+    let refused = run(&[&["federate", "contribute"][..], &forged].concat());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not the hub's"),
+        "{refused:?}"
+    );
+
+    let site_args: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|s| format!("{s}={}", public[s]))
+        .collect();
+    let aggregate = |round: &str, aggregator: &str| {
+        let mut args: Vec<&str> = vec!["federate", "aggregate"];
+        args.extend(common);
+        args.extend([
+            "--round",
+            round,
+            "--min-sites",
+            "2",
+            "--norm-bound",
+            "5",
+            "--aggregator",
+            aggregator,
+        ]);
+        let hub_key = key("hub");
+        for s in &site_args {
+            args.extend(["--site", s.as_str()]);
+        }
+        args.extend(["--key-file", hub_key.as_str()]);
+        let out = ok(&args);
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let r1 = aggregate("1", "fedavg");
+    let admitted: Vec<&str> = r1["admitted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["site"].as_str().unwrap())
+        .collect();
+    assert_eq!(admitted, ["a", "b"]);
+    assert_eq!(r1["rejected"][0]["site"], "c");
+    assert_eq!(r1["rejected"][0]["reason"], "WrongKey");
+    // Round 2 opens with 1 + mean(0.5, -0.5) = 1.0 per value.
+    let global2 = s3
+        .bucket_dir()
+        .join("federation/exchange/rounds/00002/global.safetensors");
+    for v in values(&global2) {
+        assert!((v - 1.0).abs() < 1e-2, "{v}");
+    }
+
+    // Round 2 with a robust aggregator: two honest sites near +0.5 and one far off.
+    radfm_e2e::ok(&contribute("a", "a", 2, &local("a2", 1.5)));
+    radfm_e2e::ok(&contribute("b", "b", 2, &local("b2", 1.4)));
+    radfm_e2e::ok(&contribute("c", "c", 2, &local("c2", -50.0)));
+    let r2 = aggregate("2", "median");
+    assert_eq!(r2["admitted"].as_array().unwrap().len(), 3);
+    let status = ok(&[
+        &["federate", "status"][..],
+        &common,
+        &[
+            "--hub-key",
+            &public["hub"],
+            "--site",
+            "a",
+            "--site",
+            "b",
+            "--site",
+            "c",
+        ],
+    ]
+    .concat());
+    assert!(
+        status.contains("round 1") && status.contains("round 3"),
+        "{status}"
+    );
+    assert!(
+        status.lines().nth(1).unwrap().ends_with("a,b,c"),
+        "{status}"
+    );
+
+    // Only models and updates ever enter the exchange.
+    let exchange = s3.bucket_dir().join("federation/exchange");
+    for entry in walk(&exchange) {
+        let name = entry.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            name.ends_with(".safetensors") || name.ends_with(".json"),
+            "unexpected object in the exchange: {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
