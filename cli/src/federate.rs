@@ -24,6 +24,8 @@ const DEFAULT_MAX_MODEL_BYTES: usize = 4 << 30;
 pub enum FederateCmd {
     /// Hub: publish the global model that opens a round (round 1: the base model), signed.
     Publish(PublishArgs),
+    /// Site: fetch the round's global model, checked against the hub's key, to train from.
+    Fetch(FetchArgs),
     /// Site: fetch the round's global model, turn the locally trained weights into a bounded
     /// update, sign and upload it.
     Contribute(ContributeArgs),
@@ -65,12 +67,29 @@ pub struct PublishArgs {
     /// The round the model opens.
     #[arg(long, default_value_t = 1)]
     round: u32,
-    /// The model (safetensors of F32 or BF16 tensors).
+    /// The model: a safetensors file of F32 or BF16 tensors, or a checkpoint folder URI (its
+    /// newest committed checkpoint, every variable).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// File holding the hub's ed25519 signing key (hex seed, `radfm keygen`).
     #[arg(long, env = "RADFM_SIGNING_KEY_FILE")]
     key_file: PathBuf,
+}
+
+/// Arguments of `radfm federate fetch`.
+#[derive(clap::Args)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    exchange: ExchangeArgs,
+    /// The round.
+    #[arg(long)]
+    round: u32,
+    /// The hub's public key (hex): the global model must be signed with it.
+    #[arg(long)]
+    hub_key: String,
+    /// Where to write the model (a local TrainingJob's `model.initFrom`).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// Arguments of `radfm federate contribute`.
@@ -90,9 +109,11 @@ pub struct ContributeArgs {
     /// File holding the site's ed25519 signing key.
     #[arg(long, env = "RADFM_SIGNING_KEY_FILE")]
     key_file: PathBuf,
-    /// The weights local training ended with, started from the round's global model.
+    /// The weights local training ended with, started from the round's global model: a
+    /// safetensors file, or the local TrainingJob's checkpoint folder URI (its newest committed
+    /// checkpoint; every variable, encoder and decoder).
     #[arg(long)]
-    local: PathBuf,
+    local: String,
     /// Training samples seen this round.
     #[arg(long)]
     samples: u64,
@@ -185,6 +206,7 @@ impl From<Wire> for Precision {
 pub async fn run(cmd: FederateCmd) -> Result<()> {
     match cmd {
         FederateCmd::Publish(a) => publish(a).await,
+        FederateCmd::Fetch(a) => fetch(a).await,
         FederateCmd::Contribute(a) => contribute(a).await,
         FederateCmd::Aggregate(a) => aggregate(a).await,
         FederateCmd::Status(a) => status(a).await,
@@ -203,10 +225,39 @@ fn read_weights(path: &Path) -> Result<(Vec<u8>, Weights)> {
     Ok((bytes, w))
 }
 
+/// The weights of a local run: a safetensors file, or a checkpoint folder's newest committed
+/// checkpoint.
+async fn local_weights(local: &str) -> Result<Weights> {
+    let path = Path::new(local);
+    if path.is_file() {
+        return Ok(read_weights(path)?.1);
+    }
+    checkpoint_weights(local).await
+}
+
+#[cfg(feature = "torch")]
+async fn checkpoint_weights(uri: &str) -> Result<Weights> {
+    let loc = Location::open(uri)?;
+    let loaded = radfm_trainer::checkpoint::load_latest(&loc, |e| {
+        eprintln!("radfm federate: skipping checkpoint: {e}");
+    })
+    .await?
+    .with_context(|| format!("{uri} is neither a file nor a folder with committed checkpoints"))?;
+    let bytes = loaded.object("model.safetensors")?;
+    Ok(Weights::from_safetensors(bytes, &loaded.uri)?)
+}
+
+#[cfg(not(feature = "torch"))]
+async fn checkpoint_weights(uri: &str) -> Result<Weights> {
+    bail!("{uri} is not a file; reading checkpoints needs radfm built with the torch feature")
+}
+
 async fn publish(a: PublishArgs) -> Result<()> {
     let ex = a.exchange.open()?;
     let hub = signing_key(&a.key_file)?;
-    let (bytes, _) = read_weights(&a.model)?;
+    let bytes = local_weights(&a.model)
+        .await?
+        .to_safetensors(Precision::F32)?;
     let previous = match a.round {
         1 => None,
         r => {
@@ -226,6 +277,20 @@ async fn publish(a: PublishArgs) -> Result<()> {
     Ok(())
 }
 
+async fn fetch(a: FetchArgs) -> Result<()> {
+    let ex = a.exchange.open()?;
+    let (bytes, statement) = ex
+        .fetch_global(a.round, &a.hub_key)
+        .await?
+        .with_context(|| format!("round {} has no published global model yet", a.round))?;
+    std::fs::write(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({"round": a.round, "digest": statement.digest, "bytes": bytes.len()})
+    );
+    Ok(())
+}
+
 async fn contribute(a: ContributeArgs) -> Result<()> {
     let ex = a.exchange.open()?;
     let key = signing_key(&a.key_file)?;
@@ -234,8 +299,8 @@ async fn contribute(a: ContributeArgs) -> Result<()> {
         .await?
         .with_context(|| format!("round {} has no published global model yet", a.round))?;
     let global = Weights::from_safetensors(&global_bytes, "the global model")?;
-    let (_, local) = read_weights(&a.local)?;
-    let update = local.minus(&global, &a.local.display().to_string())?;
+    let local = local_weights(&a.local).await?;
+    let update = local.minus(&global, &a.local)?;
     let norm = update.norm();
     let update = privacy::clip(&update, a.norm_bound);
     let bytes = update.to_safetensors(a.precision.into())?;

@@ -241,3 +241,157 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The real trainer in the loop: the hub's base model comes from a checkpoint, each site fetches
+/// the round's model, trains from it on its own synthetic cohort (every variable: encoder and
+/// decoder) and contributes its newest checkpoint; the hub aggregates and opens round 2.
+#[test]
+fn sites_train_the_global_model_with_the_real_trainer_and_the_hub_aggregates() {
+    let s3 = S3Server::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let owned = s3.env();
+    let env: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let ok = |args: &[&str]| radfm_e2e::ok(&radfm_e2e::radfm(args, &env));
+    let keys = dir.path().join("keys");
+    let mut public = std::collections::BTreeMap::new();
+    for who in ["hub", "north", "south"] {
+        let key = ok(&["keygen", "--out", keys.to_str().unwrap(), "--site", who]);
+        public.insert(who, key.trim().to_string());
+    }
+    let key = |who: &str| keys.join(format!("{who}.key")).display().to_string();
+    let uri = |p: &str| format!("file://{}/{p}", dir.path().display());
+    let sample = radfm_e2e::repo_root().join("manifests/samples/trainingjob-local.yaml");
+    let train = |yaml: &Path, name: &str, steps: &str| {
+        ok(&[
+            "run",
+            yaml.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--steps",
+            steps,
+            "--dataset",
+            &uri(&format!("{name}-cohort")),
+            "--checkpoint",
+            &uri(&format!("{name}-ckpt")),
+            "--synth-samples",
+            "64",
+            "--quiet",
+        ]);
+    };
+    let common = ["--exchange", EXCHANGE, "--federation", FEDERATION];
+
+    train(&sample, "hub", "1");
+    ok(&[
+        &["federate", "publish"][..],
+        &common,
+        &["--model", &uri("hub-ckpt"), "--key-file", &key("hub")],
+    ]
+    .concat());
+
+    for site in ["north", "south"] {
+        let global = dir.path().join(format!("{site}-global.safetensors"));
+        ok(&[
+            &["federate", "fetch"][..],
+            &common,
+            &[
+                "--round",
+                "1",
+                "--hub-key",
+                &public["hub"],
+                "--out",
+                global.to_str().unwrap(),
+            ],
+        ]
+        .concat());
+        let yaml = dir.path().join(format!("{site}.yaml"));
+        let text = std::fs::read_to_string(&sample).unwrap().replace(
+            "    patchSize: 8\n",
+            &format!(
+                "    patchSize: 8\n    initFrom: file://{}\n",
+                global.display()
+            ),
+        );
+        std::fs::write(&yaml, text).unwrap();
+        train(&yaml, site, "2");
+        ok(&[
+            &["federate", "contribute"][..],
+            &common,
+            &[
+                "--round",
+                "1",
+                "--hub-key",
+                &public["hub"],
+                "--site",
+                site,
+                "--key-file",
+                &key(site),
+                "--local",
+                &uri(&format!("{site}-ckpt")),
+                "--samples",
+                "64",
+                "--steps",
+                "2",
+                "--dataset-index-digest",
+                site,
+                "--norm-bound",
+                "1000",
+            ],
+        ]
+        .concat());
+    }
+    let mut args: Vec<String> = ["federate", "aggregate"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(common.iter().map(|s| s.to_string()));
+    args.extend(
+        [
+            "--round",
+            "1",
+            "--min-sites",
+            "2",
+            "--norm-bound",
+            "1000",
+            "--key-file",
+        ]
+        .map(String::from),
+    );
+    args.push(key("hub"));
+    for site in ["north", "south"] {
+        args.extend(["--site".to_string(), format!("{site}={}", public[site])]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out: serde_json::Value = serde_json::from_str(ok(&refs).trim()).unwrap();
+    assert_eq!(out["admitted"].as_array().unwrap().len(), 2, "{out}");
+    let norms: Vec<f64> = out["admitted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["norm"].as_f64().unwrap())
+        .collect();
+    assert!(
+        norms.iter().all(|n| *n > 0.0),
+        "both sites trained: {norms:?}"
+    );
+
+    let exchange = s3.bucket_dir().join("federation/exchange/rounds");
+    let base = Weights::from_safetensors(
+        &std::fs::read(exchange.join("00001/global.safetensors")).unwrap(),
+        "1",
+    )
+    .unwrap();
+    let next = Weights::from_safetensors(
+        &std::fs::read(exchange.join("00002/global.safetensors")).unwrap(),
+        "2",
+    )
+    .unwrap();
+    base.check_same_layout(&next, "round 2").unwrap();
+    assert!(
+        base.0.keys().any(|k| k.starts_with("decoder")),
+        "the decoder is federated too"
+    );
+    assert!(next.minus(&base, "step").unwrap().norm() > 0.0);
+}

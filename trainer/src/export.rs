@@ -195,8 +195,22 @@ pub async fn load(uri: &str, device: tch::Device) -> Result<LoadedEncoder> {
 }
 
 /// Initialises `vars` from `uri`: an exported model folder (encoder only; the decoder keeps its
-/// fresh initialisation) or a checkpoint folder (its newest committed checkpoint, every variable).
+/// fresh initialisation), a checkpoint folder (its newest committed checkpoint, every variable),
+/// or a `.safetensors` file of every variable (a federated round's global model).
 pub async fn load_init(vars: &VarStore, uri: &str) -> Result<usize> {
+    if let Some((folder, file)) = uri.rsplit_once('/')
+        && file.ends_with(".safetensors")
+    {
+        let bytes = Location::open(folder)?
+            .get_opt(file)
+            .await?
+            .ok_or_else(|| Error::Checkpoint {
+                uri: uri.into(),
+                reason: "initFrom names a safetensors file that does not exist".into(),
+            })?;
+        let model = tensors::from_bytes(&bytes, uri)?;
+        return tensors::load_into(vars, &model, "", uri);
+    }
     let loc = Location::open(uri)?;
     if loc.get_opt(CARD).await?.is_some() {
         let exported = load(uri, tch::Device::Cpu).await?;
