@@ -16,7 +16,7 @@ use radfm_api::{TrainingJob, TrainingJobStatus};
 
 use super::children;
 use super::plan::{Observed, Pass, Plan};
-use super::workers::Worker;
+use super::workers::{Worker, add_secs};
 use crate::kueue::{self, PodSetChanges, Priority, ResourceFlavorSpec, Standing, Workload};
 
 /// What the controller saw of Kueue for a queued job.
@@ -183,7 +183,23 @@ pub(super) fn hold(
     );
     st.phase = Some(Phase::Queued);
     st.start_time = None;
+    // What would end these holds changes no object the controller watches (a ResourceFlavor or
+    // PriorityClass created later; MultiKueue's prebuilt Workload, not yet labelled as the
+    // job's): look again.
+    let waits_for_prebuilt = kueue::prebuilt_workload(pass.job).is_some()
+        && pass
+            .obs
+            .queueing
+            .as_ref()
+            .is_some_and(|q| q.workload.is_none());
+    if why == reason::ADMISSION_NOT_APPLICABLE || waits_for_prebuilt {
+        let now = &pass.obs.now;
+        plan.requeue_at(now, &add_secs(now, RECHECK_SECS));
+    }
 }
+
+/// How often a hold that no watched object ends is looked at again.
+const RECHECK_SECS: i64 = 15;
 
 /// Records the admission once.
 pub(super) fn admitted(
@@ -587,6 +603,10 @@ mod tests {
         let admitted = conditions::get(&p.status.conditions, C::Admitted).unwrap();
         assert_eq!(admitted.reason, reason::ADMISSION_NOT_APPLICABLE);
         assert!(admitted.message.contains("ResourceFlavor missing"));
+        assert!(
+            p.requeue_after.is_some(),
+            "a flavor created later is noticed"
+        );
     }
 
     #[test]
@@ -624,6 +644,10 @@ mod tests {
         let p = plan(&job, &obs(vec![], None));
         assert!(p.workload.create.is_none(), "MultiKueue made it");
         assert!(p.create_pods.is_empty());
+        assert!(
+            p.requeue_after.is_some(),
+            "the prebuilt Workload is not watched yet"
+        );
         let admitted = conditions::get(&p.status.conditions, C::Admitted).unwrap();
         assert!(
             admitted.message.contains("wl-from-manager"),
