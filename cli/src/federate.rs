@@ -76,17 +76,33 @@ pub struct PublishArgs {
     key_file: PathBuf,
 }
 
-/// Arguments of `radfm federate fetch`.
+/// Which global model a site takes, and whose signature it must carry.
 #[derive(clap::Args)]
-pub struct FetchArgs {
-    #[command(flatten)]
-    exchange: ExchangeArgs,
+pub struct GlobalArgs {
     /// The round.
     #[arg(long)]
     round: u32,
     /// The hub's public key (hex): the global model must be signed with it.
     #[arg(long)]
     hub_key: String,
+}
+
+impl GlobalArgs {
+    /// The round's global model and the hub's statement, checked.
+    async fn fetch(&self, ex: &Exchange) -> Result<(Vec<u8>, exchange::GlobalStatement)> {
+        ex.fetch_global(self.round, &self.hub_key)
+            .await?
+            .with_context(|| format!("round {} has no published global model yet", self.round))
+    }
+}
+
+/// Arguments of `radfm federate fetch`.
+#[derive(clap::Args)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    exchange: ExchangeArgs,
+    #[command(flatten)]
+    global: GlobalArgs,
     /// Where to write the model (a local TrainingJob's `model.initFrom`).
     #[arg(long)]
     out: PathBuf,
@@ -97,12 +113,8 @@ pub struct FetchArgs {
 pub struct ContributeArgs {
     #[command(flatten)]
     exchange: ExchangeArgs,
-    /// The round.
-    #[arg(long)]
-    round: u32,
-    /// The hub's public key (hex): the global model must be signed with it.
-    #[arg(long)]
-    hub_key: String,
+    #[command(flatten)]
+    global: GlobalArgs,
     /// This site's name, as the federation lists it.
     #[arg(long)]
     site: String,
@@ -213,12 +225,6 @@ pub async fn run(cmd: FederateCmd) -> Result<()> {
     }
 }
 
-fn signing_key(path: &Path) -> Result<ed25519_dalek::SigningKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    report::signing_key(&text).with_context(|| format!("{}", path.display()))
-}
-
 fn read_weights(path: &Path) -> Result<(Vec<u8>, Weights)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let w = Weights::from_safetensors(&bytes, &path.display().to_string())?;
@@ -254,7 +260,7 @@ async fn checkpoint_weights(uri: &str) -> Result<Weights> {
 
 async fn publish(a: PublishArgs) -> Result<()> {
     let ex = a.exchange.open()?;
-    let hub = signing_key(&a.key_file)?;
+    let hub = crate::validate::read_signing_key(&a.key_file)?;
     let bytes = local_weights(&a.model)
         .await?
         .to_safetensors(Precision::F32)?;
@@ -279,25 +285,20 @@ async fn publish(a: PublishArgs) -> Result<()> {
 
 async fn fetch(a: FetchArgs) -> Result<()> {
     let ex = a.exchange.open()?;
-    let (bytes, statement) = ex
-        .fetch_global(a.round, &a.hub_key)
-        .await?
-        .with_context(|| format!("round {} has no published global model yet", a.round))?;
+    let (bytes, statement) = a.global.fetch(&ex).await?;
     std::fs::write(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
     println!(
         "{}",
-        serde_json::json!({"round": a.round, "digest": statement.digest, "bytes": bytes.len()})
+        serde_json::json!({"round": a.global.round, "digest": statement.digest, "bytes": bytes.len()})
     );
     Ok(())
 }
 
 async fn contribute(a: ContributeArgs) -> Result<()> {
     let ex = a.exchange.open()?;
-    let key = signing_key(&a.key_file)?;
-    let (global_bytes, statement) = ex
-        .fetch_global(a.round, &a.hub_key)
-        .await?
-        .with_context(|| format!("round {} has no published global model yet", a.round))?;
+    let key = crate::validate::read_signing_key(&a.key_file)?;
+    let (global_bytes, statement) = a.global.fetch(&ex).await?;
+    let round = a.global.round;
     let global = Weights::from_safetensors(&global_bytes, "the global model")?;
     let local = local_weights(&a.local).await?;
     let update = local.minus(&global, &a.local)?;
@@ -308,7 +309,7 @@ async fn contribute(a: ContributeArgs) -> Result<()> {
         format: FORMAT.into(),
         federation: ex.federation.clone(),
         site: a.site.clone(),
-        round: a.round,
+        round,
         base_digest: statement.digest,
         update_digest: weights::digest(&bytes),
         samples: a.samples,
@@ -317,13 +318,13 @@ async fn contribute(a: ContributeArgs) -> Result<()> {
         local_loss: a.local_loss,
     };
     let signed = c.sign(&key);
-    if !ex.contribute(&a.site, a.round, &bytes, &signed).await? {
-        bail!("site {} already contributed to round {}", a.site, a.round);
+    if !ex.contribute(&a.site, round, &bytes, &signed).await? {
+        bail!("site {} already contributed to round {}", a.site, round);
     }
     let sent = bytes.len() + serde_json::to_vec(&signed)?.len();
     println!(
         "{}",
-        serde_json::json!({"site": a.site, "round": a.round, "norm": norm,
+        serde_json::json!({"site": a.site, "round": round, "norm": norm,
             "clipped": norm > a.norm_bound, "bytesSent": sent})
     );
     Ok(())
@@ -358,7 +359,7 @@ fn sites(list: &[String]) -> Result<BTreeMap<String, String>> {
 
 async fn aggregate(a: AggregateArgs) -> Result<()> {
     let ex = a.exchange.open()?;
-    let hub = signing_key(&a.key_file)?;
+    let hub = crate::validate::read_signing_key(&a.key_file)?;
     let listed = sites(&a.sites)?;
     let (global_bytes, statement) = ex
         .fetch_global(a.round, &report::public_hex(&hub))

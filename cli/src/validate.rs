@@ -103,10 +103,7 @@ fn print_summary(a: &ValidateArgs, r: &SiteReport) {
 pub async fn validate(a: ValidateArgs) -> Result<()> {
     radfm_validation::disclosure::check_settings(&a.subgroups, a.min_cell)
         .context("--min-cell / --subgroups")?;
-    let key_text = std::fs::read_to_string(&a.key_file)
-        .with_context(|| format!("reading --key-file {}", a.key_file.display()))?;
-    let key = report::signing_key(&key_text)
-        .with_context(|| format!("--key-file {}", a.key_file.display()))?;
+    let key = read_signing_key(&a.key_file)?;
     let reg = Registry::open(&a.registry)?;
     let cand = reg
         .version(&a.model, reg.resolve(&a.model, &a.candidate).await?)
@@ -165,6 +162,13 @@ pub async fn validate(a: ValidateArgs) -> Result<()> {
     print_summary(&a, &r);
     println!("signed report: {uri}");
     Ok(())
+}
+
+/// The ed25519 signing key in `path` (hex seed, as `radfm keygen` writes it).
+pub fn read_signing_key(path: &std::path::Path) -> Result<ed25519_dalek::SigningKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --key-file {}", path.display()))?;
+    report::signing_key(&text).with_context(|| format!("--key-file {}", path.display()))
 }
 
 /// Writes a new signing key and prints its public key.
@@ -294,10 +298,7 @@ pub struct ApproveArgs {
 
 /// Signs and stores a person's approval of a candidate version.
 pub async fn approve(a: ApproveArgs) -> Result<()> {
-    let key_text = std::fs::read_to_string(&a.key_file)
-        .with_context(|| format!("reading --key-file {}", a.key_file.display()))?;
-    let key = report::signing_key(&key_text)
-        .with_context(|| format!("--key-file {}", a.key_file.display()))?;
+    let key = read_signing_key(&a.key_file)?;
     let reg = Registry::open(&a.registry)?;
     let v = reg
         .version(&a.model, reg.resolve(&a.model, &a.version).await?)

@@ -7,7 +7,8 @@
     reason = "a scenario test reads as one story from setup to the last assertion"
 )]
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use radfm_e2e::S3Server;
 use radfm_federated::weights::{Precision, Tensor, Weights};
@@ -30,6 +31,22 @@ fn model(path: &Path, values: Vec<f32>) {
     std::fs::write(path, w.to_safetensors(Precision::F32).unwrap()).unwrap();
 }
 
+/// `radfm keygen` for each of `who` into `dir`/keys: the folder, and each one's public key.
+fn keygen(dir: &Path, who: &[&str]) -> (PathBuf, BTreeMap<String, String>) {
+    let keys = dir.join("keys");
+    let public = who
+        .iter()
+        .map(|w| {
+            let out = radfm_e2e::radfm(
+                &["keygen", "--out", keys.to_str().unwrap(), "--site", w],
+                &[],
+            );
+            (w.to_string(), radfm_e2e::ok(&out).trim().to_string())
+        })
+        .collect();
+    (keys, public)
+}
+
 fn values(path: &Path) -> Vec<f32> {
     let w = Weights::from_safetensors(&std::fs::read(path).unwrap(), "model").unwrap();
     w.0["encoder.blocks.0.w"].values.clone()
@@ -46,12 +63,7 @@ fn a_hub_and_three_sites_run_two_signed_rounds_through_s3() {
         .collect();
     let run = |args: &[&str]| radfm_e2e::radfm(args, &env);
     let ok = |args: &[&str]| radfm_e2e::ok(&run(args));
-    let keys = dir.path().join("keys");
-    let mut public = std::collections::BTreeMap::new();
-    for who in ["hub", "a", "b", "c"] {
-        let key = ok(&["keygen", "--out", keys.to_str().unwrap(), "--site", who]);
-        public.insert(who, key.trim().to_string());
-    }
+    let (keys, public) = keygen(dir.path(), &["hub", "a", "b", "c"]);
     let key = |who: &str| keys.join(format!("{who}.key")).display().to_string();
     let common = ["--exchange", EXCHANGE, "--federation", FEDERATION];
     let base = dir.path().join("base.safetensors");
@@ -146,7 +158,7 @@ fn a_hub_and_three_sites_run_two_signed_rounds_through_s3() {
 
     let site_args: Vec<String> = ["a", "b", "c"]
         .iter()
-        .map(|s| format!("{s}={}", public[s]))
+        .map(|s| format!("{s}={}", public[*s]))
         .collect();
     let aggregate = |round: &str, aggregator: &str| {
         let mut args: Vec<&str> = vec!["federate", "aggregate"];
@@ -255,12 +267,7 @@ fn sites_train_the_global_model_with_the_real_trainer_and_the_hub_aggregates() {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let ok = |args: &[&str]| radfm_e2e::ok(&radfm_e2e::radfm(args, &env));
-    let keys = dir.path().join("keys");
-    let mut public = std::collections::BTreeMap::new();
-    for who in ["hub", "north", "south"] {
-        let key = ok(&["keygen", "--out", keys.to_str().unwrap(), "--site", who]);
-        public.insert(who, key.trim().to_string());
-    }
+    let (keys, public) = keygen(dir.path(), &["hub", "north", "south"]);
     let key = |who: &str| keys.join(format!("{who}.key")).display().to_string();
     let uri = |p: &str| format!("file://{}/{p}", dir.path().display());
     let sample = radfm_e2e::repo_root().join("manifests/samples/trainingjob-local.yaml");

@@ -137,6 +137,23 @@ impl Env<'_> {
         pods.list(&lp).await.unwrap().items.len()
     }
 
+    /// Waits until `job`'s Workload is `Finished` (with `reason`, where given) and Kueue's
+    /// finalizer is gone.
+    async fn wait_released(&self, job: &str, reason: Option<&str>) {
+        wait_until(
+            WAIT,
+            &format!("the Workload of {job} finished and released"),
+            || async {
+                let wl = self.workload_of(job).await;
+                let finished = workload_condition(&wl, "Finished")
+                    .is_some_and(|c| c.0 == "True" && reason.is_none_or(|r| c.1 == r));
+                (finished && wl.finalizers().is_empty()).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+    }
+
     /// The Workload radfm made for `job`.
     async fn workload_of(&self, job: &str) -> Workload {
         let lp = ListParams::default().labels(&format!("radfm.io/job-name={job}"));
@@ -144,6 +161,25 @@ impl Env<'_> {
         assert_eq!(list.len(), 1, "one Workload per job: {list:?}");
         list.into_iter().next().unwrap()
     }
+}
+
+/// Kueue on `cluster`, namespace `ns` with [`queues`], and radfm's operator watching it (started
+/// after Kueue: it looks for Kueue's API when it starts).
+async fn queued<'a>(
+    cluster: &'a Cluster,
+    ns: &str,
+) -> (radfm_e2e::TestNamespace<'a>, Env<'a>, radfm_e2e::Operator) {
+    cluster.start_kueue().await.unwrap();
+    let guard = cluster.namespace(ns).await.unwrap();
+    let env = Env {
+        cluster,
+        ns: ns.into(),
+    };
+    env.apply(&queues(ns));
+    let op = cluster
+        .start_operator(ns, &format!("operator-{ns}"), &[])
+        .unwrap();
+    (guard, env, op)
 }
 
 fn condition(job: &TrainingJob, ty: ConditionType) -> Option<(String, String, String)> {
@@ -177,15 +213,8 @@ async fn kueue_admits_preempts_and_requeues_gangs_within_a_16_gpu_quota() {
     })
     .await
     .unwrap();
-    cluster.start_kueue().await.unwrap();
     let ns = "kueue";
-    let _guard = cluster.namespace(ns).await.unwrap();
-    let env = Env {
-        cluster: &cluster,
-        ns: ns.into(),
-    };
-    env.apply(&queues(ns));
-    let _op = cluster.start_operator(ns, "operator-kueue", &[]).unwrap();
+    let (_guard, env, _op) = queued(&cluster, ns).await;
 
     // A low-priority gang takes the whole quota, on the flavor's nodes.
     env.apply(&job(
@@ -284,14 +313,7 @@ async fn kueue_admits_preempts_and_requeues_gangs_within_a_16_gpu_quota() {
         phase(j) == Some(Phase::Succeeded)
     })
     .await;
-    wait_until(WAIT, "the high Workload finished and released", || async {
-        let wl = env.workload_of("high").await;
-        let finished =
-            workload_condition(&wl, "Finished") == Some(("True".into(), "Succeeded".into()));
-        (finished && wl.finalizers().is_empty()).then_some(())
-    })
-    .await
-    .unwrap();
+    env.wait_released("high", Some("Succeeded")).await;
     env.running("low", 2, 2).await;
     let low = env
         .job("low", "low admitted again", |j| {
@@ -320,17 +342,8 @@ async fn kueue_admits_preempts_and_requeues_gangs_within_a_16_gpu_quota() {
 async fn a_job_in_a_queue_without_room_waits_queued_with_kueues_reason() {
     let _serial = serial().await;
     let cluster = Cluster::start(1, 8).await.unwrap();
-    cluster.start_kueue().await.unwrap();
     let ns = "kueue-full";
-    let _guard = cluster.namespace(ns).await.unwrap();
-    let env = Env {
-        cluster: &cluster,
-        ns: ns.into(),
-    };
-    env.apply(&queues(ns));
-    let _op = cluster
-        .start_operator(ns, "operator-kueue-full", &[])
-        .unwrap();
+    let (_guard, env, _op) = queued(&cluster, ns).await;
 
     // 3 workers of 8 GPUs never fit a 16-GPU quota.
     env.apply(&job("huge", Some("team"), "", 8).replace("replicas: 2", "replicas: 3"));
@@ -364,17 +377,8 @@ async fn a_job_in_a_queue_without_room_waits_queued_with_kueues_reason() {
 async fn multikueue_jobs_get_their_workload_on_the_manager_and_use_the_prebuilt_one_on_a_worker() {
     let _serial = serial().await;
     let cluster = Cluster::start(2, 8).await.unwrap();
-    cluster.start_kueue().await.unwrap();
     let ns = "multikueue";
-    let _guard = cluster.namespace(ns).await.unwrap();
-    let env = Env {
-        cluster: &cluster,
-        ns: ns.into(),
-    };
-    env.apply(&queues(ns));
-    let _op = cluster
-        .start_operator(ns, "operator-multikueue", &[])
-        .unwrap();
+    let (_guard, env, _op) = queued(&cluster, ns).await;
 
     // Manager: radfm creates the Workload and nothing else; the status is MultiKueue's to copy.
     let dispatched = job("dispatched", Some("team"), "", 8)
@@ -406,17 +410,7 @@ async fn multikueue_jobs_get_their_workload_on_the_manager_and_use_the_prebuilt_
         )
         .await
         .unwrap();
-    wait_until(
-        WAIT,
-        "the dispatched Workload finished and released",
-        || async {
-            let wl = env.workload_of("dispatched").await;
-            let finished = workload_condition(&wl, "Finished").is_some_and(|c| c.0 == "True");
-            (finished && wl.finalizers().is_empty()).then_some(())
-        },
-    )
-    .await
-    .unwrap();
+    env.wait_released("dispatched", None).await;
 
     // Worker: MultiKueue created the Workload and the job's copy naming it; radfm adopts it and
     // runs the gang once this cluster's Kueue admits it.
@@ -569,15 +563,5 @@ spec: {{clusterQueue: gpus}}
             phase(j) == Some(Phase::Succeeded)
         })
         .await;
-    wait_until(
-        WAIT,
-        "the manager's Workload finished and released",
-        || async {
-            let wl = on_manager.workload_of("remote").await;
-            let finished = workload_condition(&wl, "Finished").is_some_and(|c| c.0 == "True");
-            (finished && wl.finalizers().is_empty()).then_some(())
-        },
-    )
-    .await
-    .unwrap();
+    on_manager.wait_released("remote", None).await;
 }

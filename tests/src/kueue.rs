@@ -46,6 +46,14 @@ openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
     Ok(())
 }
 
+/// A file's bytes in base64, as Kubernetes writes bytes in JSON (a `caBundle`, kubeconfig
+/// `*-data`).
+fn base64_of(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = serde_json::to_value(k8s_openapi::ByteString(bytes))?;
+    Ok(text.as_str().unwrap_or_default().to_string())
+}
+
 /// Where Kueue's controller reads its metrics server's certificate when it does not manage
 /// certificates itself: a fixed path in its cmd/kueue (its release manifests mount a Secret
 /// there).
@@ -184,14 +192,7 @@ impl Cluster {
         let certs = self.log_path("kueue").with_extension("certs");
         webhook_certificates(&certs)?;
         metrics_certificate(&certs)?;
-        let ca = std::fs::read(certs.join("ca.crt"))?;
-        let ca_bundle = {
-            use k8s_openapi::ByteString;
-            serde_json::to_value(ByteString(ca))?
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        };
+        let ca_bundle = base64_of(&certs.join("ca.crt"))?;
         let port = free_port();
         let manifests = std::fs::read_to_string(kueue.join("webhooks.yaml"))?;
         for config in webhook_configurations(&manifests, port, &ca_bundle)? {
@@ -232,11 +233,7 @@ impl Cluster {
     /// The admin kubeconfig with the API server's CA embedded, as MultiKueue accepts a worker
     /// cluster's (no file paths).
     pub fn embedded_kubeconfig(&self) -> Result<String> {
-        let ca = std::fs::read(self.dir.path().join("certs/apiserver.crt"))?;
-        let ca = serde_json::to_value(k8s_openapi::ByteString(ca))?
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let ca = base64_of(&self.dir.path().join("certs/apiserver.crt"))?;
         let tokens = std::fs::read_to_string(self.dir.path().join("tokens.csv"))?;
         let token = tokens.split(',').next().unwrap_or_default();
         Ok(format!(

@@ -421,6 +421,18 @@ mod tests {
         w
     }
 
+    /// `job` with the status phase MultiKueue copied back from a worker cluster.
+    fn with_phase(job: radfm_api::TrainingJob, phase: Phase) -> radfm_api::TrainingJob {
+        JobBuilder(job)
+            .with(|j| {
+                j.status = Some(radfm_api::TrainingJobStatus {
+                    phase: Some(phase),
+                    ..Default::default()
+                })
+            })
+            .build()
+    }
+
     fn admitted_conditions() -> Vec<Condition> {
         vec![
             c("QuotaReserved", "True", "QuotaReserved"),
@@ -687,14 +699,7 @@ mod tests {
 
         let wl = workload(&job, admitted_conditions(), true);
         let q = obs(vec![], Some(wl)).queueing.unwrap();
-        let running = JobBuilder(job.clone())
-            .with(|j| {
-                j.status = Some(radfm_api::TrainingJobStatus {
-                    phase: Some(Phase::Running),
-                    ..Default::default()
-                })
-            })
-            .build();
+        let running = with_phase(job.clone(), Phase::Running);
         let a = super::mirror(&running, &q, &t(2));
         assert!(
             a.create.is_none() && !a.remove_finalizer,
@@ -708,14 +713,7 @@ mod tests {
                 .any(|c| c.type_ == "PodsReady" && c.status == "True")
         );
 
-        let done = JobBuilder(job)
-            .with(|j| {
-                j.status = Some(radfm_api::TrainingJobStatus {
-                    phase: Some(Phase::Succeeded),
-                    ..Default::default()
-                })
-            })
-            .build();
+        let done = with_phase(job, Phase::Succeeded);
         let a = super::mirror(&done, &q, &t(3));
         assert!(
             a.status
