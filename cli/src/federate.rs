@@ -11,7 +11,7 @@ use radfm_data::store::Location;
 use radfm_federated::admission::Round;
 use radfm_federated::aggregate::Aggregator;
 use radfm_federated::contribution::{Contribution, FORMAT};
-use radfm_federated::exchange::{self, Exchange, Privacy};
+use radfm_federated::exchange::{self, Closing, Exchange, Privacy};
 use radfm_federated::privacy;
 use radfm_federated::weights::{self, Precision, Weights};
 use radfm_validation::report;
@@ -49,13 +49,49 @@ pub struct ExchangeArgs {
     pub max_model_bytes: usize,
 }
 
+/// Prefix of the environment variables that hold the exchange's store settings when they differ
+/// from the site's own store (`RADFM_EXCHANGE_AWS_ACCESS_KEY_ID`, ...; a Secret given to a pod
+/// with `envFrom.prefix`).
+pub const EXCHANGE_ENV_PREFIX: &str = "RADFM_EXCHANGE_";
+
+/// The exchange's store settings: the `RADFM_EXCHANGE_`-prefixed variables (prefix removed)
+/// where there are any, else the environment's own.
+fn exchange_settings(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let vars: Vec<(String, String)> = vars.collect();
+    let prefixed: Vec<(String, String)> = vars
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(EXCHANGE_ENV_PREFIX)?.to_string(), v.clone())))
+        .collect();
+    if prefixed.is_empty() { vars } else { prefixed }
+}
+
 impl ExchangeArgs {
     fn open(&self) -> Result<Exchange> {
         Ok(Exchange {
-            location: Location::open(&self.exchange)?,
+            location: Location::open_with(&self.exchange, exchange_settings(std::env::vars()))?,
             federation: self.federation.clone(),
             max_model_bytes: self.max_model_bytes,
         })
+    }
+}
+
+/// The federation's schedule, signed into each global model's statement.
+#[derive(clap::Args)]
+pub struct ScheduleArgs {
+    /// The last training round (the model opening the round after it is the result).
+    #[arg(long)]
+    last_round: u32,
+    /// Optimizer steps each site runs a round.
+    #[arg(long)]
+    local_steps: u64,
+}
+
+impl From<&ScheduleArgs> for exchange::Schedule {
+    fn from(a: &ScheduleArgs) -> exchange::Schedule {
+        exchange::Schedule {
+            last_round: a.last_round,
+            local_steps: a.local_steps,
+        }
     }
 }
 
@@ -64,6 +100,8 @@ impl ExchangeArgs {
 pub struct PublishArgs {
     #[command(flatten)]
     exchange: ExchangeArgs,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
     /// The round the model opens.
     #[arg(long, default_value_t = 1)]
     round: u32,
@@ -103,9 +141,10 @@ pub struct FetchArgs {
     exchange: ExchangeArgs,
     #[command(flatten)]
     global: GlobalArgs,
-    /// Where to write the model (a local TrainingJob's `model.initFrom`).
+    /// Where to write the model (a local TrainingJob's `model.initFrom`): a file, or a store URI
+    /// ending in `.safetensors` (written with the environment's own store settings).
     #[arg(long)]
-    out: PathBuf,
+    out: String,
 }
 
 /// Arguments of `radfm federate contribute`.
@@ -126,18 +165,20 @@ pub struct ContributeArgs {
     /// checkpoint; every variable, encoder and decoder).
     #[arg(long)]
     local: String,
-    /// Training samples seen this round.
+    /// Training samples seen this round (default: from the checkpoint: steps × batch ×
+    /// accumulation × processes).
     #[arg(long)]
-    samples: u64,
-    /// Optimizer steps this round.
+    samples: Option<u64>,
+    /// Optimizer steps this round (default: the checkpoint's step).
     #[arg(long)]
-    steps: u64,
-    /// Digest of the site's dataset index.
+    steps: Option<u64>,
+    /// Digest of the site's dataset index (default: the sha256 of the index.json the checkpoint
+    /// trained on).
     #[arg(long)]
-    dataset_index_digest: String,
-    /// Local loss at the end of the round.
-    #[arg(long, default_value_t = 0.0)]
-    local_loss: f64,
+    dataset_index_digest: Option<String>,
+    /// Local loss at the end of the round (default: the checkpoint's).
+    #[arg(long)]
+    local_loss: Option<f64>,
     /// The federation's update-norm bound: a larger update is scaled down to it.
     #[arg(long)]
     norm_bound: f64,
@@ -151,6 +192,8 @@ pub struct ContributeArgs {
 pub struct AggregateArgs {
     #[command(flatten)]
     exchange: ExchangeArgs,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
     /// The round to close.
     #[arg(long)]
     round: u32,
@@ -162,7 +205,7 @@ pub struct AggregateArgs {
     min_sites: usize,
     /// How updates are combined: fedavg, median, or trimmed-mean:FRACTION.
     #[arg(long, default_value = "fedavg")]
-    aggregator: String,
+    aggregator: Aggregator,
     /// Largest update norm admitted.
     #[arg(long)]
     norm_bound: f64,
@@ -231,18 +274,28 @@ fn read_weights(path: &Path) -> Result<(Vec<u8>, Weights)> {
     Ok((bytes, w))
 }
 
+/// What a checkpoint says about the local training that wrote it.
+#[derive(Debug, Clone, PartialEq)]
+struct LocalRun {
+    steps: u64,
+    samples: u64,
+    loss: Option<f64>,
+    dataset_uri: String,
+}
+
 /// The weights of a local run: a safetensors file, or a checkpoint folder's newest committed
-/// checkpoint.
-async fn local_weights(local: &str) -> Result<Weights> {
+/// checkpoint (with what it says about the run).
+async fn local_weights(local: &str) -> Result<(Weights, Option<LocalRun>)> {
     let path = Path::new(local);
     if path.is_file() {
-        return Ok(read_weights(path)?.1);
+        return Ok((read_weights(path)?.1, None));
     }
-    checkpoint_weights(local).await
+    let (w, run) = checkpoint_weights(local).await?;
+    Ok((w, Some(run)))
 }
 
 #[cfg(feature = "torch")]
-async fn checkpoint_weights(uri: &str) -> Result<Weights> {
+async fn checkpoint_weights(uri: &str) -> Result<(Weights, LocalRun)> {
     let loc = Location::open(uri)?;
     let loaded = radfm_trainer::checkpoint::load_latest(&loc, |e| {
         eprintln!("radfm federate: skipping checkpoint: {e}");
@@ -250,11 +303,23 @@ async fn checkpoint_weights(uri: &str) -> Result<Weights> {
     .await?
     .with_context(|| format!("{uri} is neither a file nor a folder with committed checkpoints"))?;
     let bytes = loaded.object("model.safetensors")?;
-    Ok(Weights::from_safetensors(bytes, &loaded.uri)?)
+    let state = &loaded.manifest.state;
+    let per_step = ["batch_size", "grad_accumulation", "world"]
+        .iter()
+        .map(|k| state.config[k].as_u64().unwrap_or(1))
+        .product::<u64>();
+    let steps = u64::try_from(state.step).unwrap_or(0);
+    let run = LocalRun {
+        steps,
+        samples: steps * per_step,
+        loss: state.loss,
+        dataset_uri: state.data.uri.clone(),
+    };
+    Ok((Weights::from_safetensors(bytes, &loaded.uri)?, run))
 }
 
 #[cfg(not(feature = "torch"))]
-async fn checkpoint_weights(uri: &str) -> Result<Weights> {
+async fn checkpoint_weights(uri: &str) -> Result<(Weights, LocalRun)> {
     bail!("{uri} is not a file; reading checkpoints needs radfm built with the torch feature")
 }
 
@@ -263,19 +328,22 @@ async fn publish(a: PublishArgs) -> Result<()> {
     let hub = crate::validate::read_signing_key(&a.key_file)?;
     let bytes = local_weights(&a.model)
         .await?
+        .0
         .to_safetensors(Precision::F32)?;
     let previous = match a.round {
         1 => None,
         r => {
             let hub_hex = report::public_hex(&hub);
-            let (_, s) = ex
-                .fetch_global(r - 1, &hub_hex)
+            let s = ex
+                .global_statement(r - 1, Some(&hub_hex))
                 .await?
                 .with_context(|| format!("round {} has no published model", r - 1))?;
             Some(s.digest)
         }
     };
-    let digest = ex.publish_global(a.round, &bytes, previous, &hub).await?;
+    let digest = ex
+        .publish_global(a.round, &bytes, previous, (&a.schedule).into(), &hub)
+        .await?;
     println!(
         "{}",
         serde_json::json!({"round": a.round, "digest": digest, "bytes": bytes.len()})
@@ -283,15 +351,80 @@ async fn publish(a: PublishArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to `out`: a local file, or an object at a store URI.
+async fn write_out(out: &str, bytes: Vec<u8>) -> Result<()> {
+    match out.split_once("://") {
+        Some((scheme, _)) if scheme != "file" => {
+            let (folder, name) = out
+                .rsplit_once('/')
+                .with_context(|| format!("--out {out}: expected FOLDER/NAME.safetensors"))?;
+            Location::open(folder)?.put(name, bytes).await?;
+        }
+        _ => {
+            let path = PathBuf::from(out.strip_prefix("file://").unwrap_or(out));
+            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 async fn fetch(a: FetchArgs) -> Result<()> {
     let ex = a.exchange.open()?;
     let (bytes, statement) = a.global.fetch(&ex).await?;
-    std::fs::write(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
+    let len = bytes.len();
+    write_out(&a.out, bytes).await?;
     println!(
         "{}",
-        serde_json::json!({"round": a.global.round, "digest": statement.digest, "bytes": bytes.len()})
+        serde_json::json!({"round": a.global.round, "digest": statement.digest, "bytes": len,
+            "localSteps": statement.local_steps})
     );
     Ok(())
+}
+
+/// The sha256 of the dataset index a local run trained on.
+async fn index_digest(dataset_uri: &str) -> Result<String> {
+    let loc = Location::open(dataset_uri)?;
+    let index = loc
+        .get_bounded(radfm_data::index::INDEX, 256 << 20)
+        .await?
+        .with_context(|| format!("{dataset_uri} has no {}", radfm_data::index::INDEX))?;
+    Ok(weights::digest(&index))
+}
+
+/// The contribution statement of `a`'s site: the flags, else what the checkpoint says.
+async fn statement_of(
+    a: &ContributeArgs,
+    run: Option<&LocalRun>,
+    federation: &str,
+    base_digest: String,
+    update_digest: String,
+) -> Result<Contribution> {
+    let need = |flag: &str| {
+        format!("--{flag} is needed when --local is a safetensors file (a checkpoint says it)")
+    };
+    let dataset_index_digest = match (&a.dataset_index_digest, run) {
+        (Some(d), _) => d.clone(),
+        (None, Some(r)) => index_digest(&r.dataset_uri).await?,
+        (None, None) => bail!(need("dataset-index-digest")),
+    };
+    Ok(Contribution {
+        format: FORMAT.into(),
+        federation: federation.to_string(),
+        site: a.site.clone(),
+        round: a.global.round,
+        base_digest,
+        update_digest,
+        samples: a
+            .samples
+            .or(run.map(|r| r.samples))
+            .with_context(|| need("samples"))?,
+        steps: a
+            .steps
+            .or(run.map(|r| r.steps))
+            .with_context(|| need("steps"))?,
+        dataset_index_digest,
+        local_loss: a.local_loss.or(run.and_then(|r| r.loss)).unwrap_or(0.0),
+    })
 }
 
 async fn contribute(a: ContributeArgs) -> Result<()> {
@@ -300,23 +433,19 @@ async fn contribute(a: ContributeArgs) -> Result<()> {
     let (global_bytes, statement) = a.global.fetch(&ex).await?;
     let round = a.global.round;
     let global = Weights::from_safetensors(&global_bytes, "the global model")?;
-    let local = local_weights(&a.local).await?;
+    let (local, run) = local_weights(&a.local).await?;
     let update = local.minus(&global, &a.local)?;
     let norm = update.norm();
     let update = privacy::clip(&update, a.norm_bound);
     let bytes = update.to_safetensors(a.precision.into())?;
-    let c = Contribution {
-        format: FORMAT.into(),
-        federation: ex.federation.clone(),
-        site: a.site.clone(),
-        round,
-        base_digest: statement.digest,
-        update_digest: weights::digest(&bytes),
-        samples: a.samples,
-        steps: a.steps,
-        dataset_index_digest: a.dataset_index_digest,
-        local_loss: a.local_loss,
-    };
+    let c = statement_of(
+        &a,
+        run.as_ref(),
+        &ex.federation,
+        statement.digest,
+        weights::digest(&bytes),
+    )
+    .await?;
     let signed = c.sign(&key);
     if !ex.contribute(&a.site, round, &bytes, &signed).await? {
         bail!("site {} already contributed to round {}", a.site, round);
@@ -325,24 +454,10 @@ async fn contribute(a: ContributeArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"site": a.site, "round": round, "norm": norm,
-            "clipped": norm > a.norm_bound, "bytesSent": sent})
+            "clipped": norm > a.norm_bound, "samples": c.samples, "steps": c.steps,
+            "bytesSent": sent})
     );
     Ok(())
-}
-
-fn aggregator(text: &str) -> Result<Aggregator> {
-    Ok(match text {
-        "fedavg" => Aggregator::FedAvg,
-        "median" => Aggregator::Median,
-        t => match t.strip_prefix("trimmed-mean:") {
-            Some(f) => Aggregator::TrimmedMean {
-                trim: f
-                    .parse()
-                    .with_context(|| format!("--aggregator {t}: trim fraction"))?,
-            },
-            None => bail!("--aggregator {t}: expected fedavg, median or trimmed-mean:FRACTION"),
-        },
-    })
 }
 
 fn sites(list: &[String]) -> Result<BTreeMap<String, String>> {
@@ -372,64 +487,34 @@ async fn aggregate(a: AggregateArgs) -> Result<()> {
         base_digest: statement.digest.clone(),
         layout: global.clone(),
         norm_bound: a.norm_bound,
-        sites: listed.clone(),
+        sites: listed,
     };
-    let submissions = ex
-        .submissions(a.round, listed.keys().map(String::as_str))
-        .await?;
     let privacy = match (a.dp_clip, a.dp_noise_multiplier) {
         (Some(clip), Some(noise_multiplier)) => Some((
             Privacy {
                 clip,
                 noise_multiplier,
             },
-            rand::random::<[u8; 32]>(),
+            a.dp_delta,
         )),
         _ => None,
     };
-    let out = exchange::run_round(
-        &round,
-        &global,
-        &submissions,
-        aggregator(&a.aggregator)?,
+    let closing = Closing {
+        aggregator: a.aggregator,
         privacy,
-        a.min_sites,
-    )?;
-    let next = exchange::encode(&out.next, a.precision.into())?;
-    let digest = ex
-        .publish_global(a.round + 1, &next, Some(statement.digest), &hub)
-        .await?;
-    let epsilon = match privacy {
-        Some((p, _)) => Some(privacy::epsilon(p.noise_multiplier, a.round, a.dp_delta)?),
-        None => None,
+        min_sites: a.min_sites,
+        precision: a.precision.into(),
+        schedule: (&a.schedule).into(),
     };
-    let admitted: Vec<_> = out
-        .admitted
-        .iter()
-        .map(|x| {
-            serde_json::json!({"site": x.contribution.site, "samples": x.contribution.samples,
-                "norm": x.norm, "updateDigest": x.contribution.update_digest})
-        })
-        .collect();
-    let rejected: Vec<_> = out
-        .rejected
-        .iter()
-        .map(
-            |(s, r)| serde_json::json!({"site": s, "reason": r.reason(), "message": r.to_string()}),
-        )
-        .collect();
-    println!(
-        "{}",
-        serde_json::json!({"round": a.round, "admitted": admitted, "rejected": rejected,
-            "next": {"round": a.round + 1, "digest": digest}, "epsilon": epsilon, "delta": a.dp_delta})
-    );
+    let record = ex.close_round(&round, &global, &closing, &hub).await?;
+    println!("{}", serde_json::to_string(&record)?);
     Ok(())
 }
 
 async fn status(a: StatusArgs) -> Result<()> {
     let ex = a.exchange.open()?;
     let mut round = 1;
-    while let Some((_, s)) = ex.fetch_global(round, &a.hub_key).await? {
+    while let Some(s) = ex.global_statement(round, Some(&a.hub_key)).await? {
         let mut uploaded = Vec::new();
         for site in &a.sites {
             if ex
@@ -452,4 +537,37 @@ async fn status(a: StatusArgs) -> Result<()> {
         println!("no round published yet");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn the_exchange_uses_its_prefixed_store_settings_and_else_the_environments() {
+        let site_and_exchange = [
+            ("AWS_ACCESS_KEY_ID", "site"),
+            ("RADFM_EXCHANGE_AWS_ACCESS_KEY_ID", "exchange"),
+            ("RADFM_EXCHANGE_AWS_ENDPOINT", "http://hub:9000"),
+        ];
+        assert_eq!(
+            exchange_settings(vars(&site_and_exchange)),
+            [
+                ("AWS_ACCESS_KEY_ID".to_string(), "exchange".to_string()),
+                ("AWS_ENDPOINT".to_string(), "http://hub:9000".to_string()),
+            ]
+        );
+        let one_store = [("AWS_ACCESS_KEY_ID", "shared")];
+        assert_eq!(
+            exchange_settings(vars(&one_store)),
+            [("AWS_ACCESS_KEY_ID".to_string(), "shared".to_string())]
+        );
+    }
 }

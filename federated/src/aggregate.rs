@@ -22,6 +22,48 @@ pub enum Aggregator {
     Median,
 }
 
+impl std::fmt::Display for Aggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Aggregator::FedAvg => f.write_str("fedavg"),
+            Aggregator::Median => f.write_str("median"),
+            Aggregator::TrimmedMean { trim } => write!(f, "trimmed-mean:{trim}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Aggregator {
+    type Err = Error;
+
+    /// `fedavg`, `median` or `trimmed-mean:FRACTION` (the fraction in [0, 0.5)).
+    fn from_str(text: &str) -> Result<Aggregator> {
+        let invalid = |reason: String| Error::Invalid {
+            field: "aggregator",
+            reason,
+        };
+        match text {
+            "fedavg" => Ok(Aggregator::FedAvg),
+            "median" => Ok(Aggregator::Median),
+            t => {
+                let fraction = t.strip_prefix("trimmed-mean:").ok_or_else(|| {
+                    invalid(format!(
+                        "{t}: expected fedavg, median or trimmed-mean:FRACTION"
+                    ))
+                })?;
+                let trim: f64 = fraction
+                    .parse()
+                    .map_err(|_| invalid(format!("{t}: the trim fraction is not a number")))?;
+                if !(0.0..0.5).contains(&trim) {
+                    return Err(invalid(format!(
+                        "{t}: the trim fraction must be in [0, 0.5)"
+                    )));
+                }
+                Ok(Aggregator::TrimmedMean { trim })
+            }
+        }
+    }
+}
+
 /// Combines `updates` (each with its sample count); they must share one layout.
 pub fn aggregate(aggregator: Aggregator, updates: &[(u64, &Weights)]) -> Result<Weights> {
     let Some((_, first)) = updates.first() else {
@@ -121,6 +163,25 @@ fn trimmed(trim: f64, n: usize) -> Result<usize> {
 mod tests {
     use super::*;
     use crate::weights::tests::weights;
+
+    #[test]
+    fn aggregators_are_named_as_the_cli_and_the_resources_spell_them() {
+        for text in ["fedavg", "median", "trimmed-mean:0.2"] {
+            let a: Aggregator = text.parse().unwrap();
+            assert_eq!(a.to_string(), text);
+        }
+        for (bad, why) in [
+            ("mean", "expected fedavg, median or trimmed-mean"),
+            ("trimmed-mean:x", "not a number"),
+            ("trimmed-mean:0.5", "must be in [0, 0.5)"),
+        ] {
+            let e = bad.parse::<Aggregator>().unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.starts_with("aggregator:"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn fedavg_weights_sites_by_their_samples() {

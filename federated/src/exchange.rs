@@ -38,6 +38,113 @@ pub struct GlobalStatement {
     pub digest: String,
     /// Digest of the previous round's model (None for round 1).
     pub previous: Option<String>,
+    /// The federation's last training round: a model opening a later round is the final one,
+    /// and no site trains on it.
+    pub last_round: u32,
+    /// Optimizer steps each site runs in this round.
+    pub local_steps: u64,
+}
+
+impl GlobalStatement {
+    /// Whether sites train on this model (false: it is the federation's result).
+    pub fn opens_training(&self) -> bool {
+        self.round <= self.last_round
+    }
+}
+
+/// How many rounds a federation runs and how long each site trains in one; the hub signs it
+/// into every global model's statement so a site follows the hub, not its own settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// The last training round.
+    pub last_round: u32,
+    /// Optimizer steps each site runs a round.
+    pub local_steps: u64,
+}
+
+/// The format tag of the hub's record of a closed round.
+pub const RECORD_FORMAT: &str = "radfm.federated.round/v1";
+
+/// A contribution the hub admitted, as its round record keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmittedRecord {
+    /// The site.
+    pub site: String,
+    /// Training samples the site saw this round (the FedAvg weight).
+    pub samples: u64,
+    /// Optimizer steps the site ran.
+    pub steps: u64,
+    /// L2 norm of the update.
+    pub norm: f64,
+    /// Digest of the update's bytes.
+    pub update_digest: String,
+    /// Digest of the site's dataset index.
+    pub dataset_index_digest: String,
+    /// The site's loss at the end of its local training.
+    pub local_loss: f64,
+}
+
+/// A refused contribution, as the round record keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedRecord {
+    /// The site whose prefix it came from.
+    pub site: String,
+    /// Machine-readable reason ([`Rejection::reason`]).
+    pub reason: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+/// The hub's signed record of a closed round: what it admitted and refused and the model it
+/// published next (the lineage of a federated model, round by round).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundRecord {
+    /// [`RECORD_FORMAT`].
+    pub format: String,
+    /// The federation.
+    pub federation: String,
+    /// The round closed.
+    pub round: u32,
+    /// Digest of the round's global model (what every admitted update is based on).
+    pub base_digest: String,
+    /// The aggregator (`fedavg`, `median`, `trimmed-mean:0.2`).
+    pub aggregator: String,
+    /// Admitted contributions.
+    pub admitted: Vec<AdmittedRecord>,
+    /// Refused contributions, with why.
+    pub rejected: Vec<RejectedRecord>,
+    /// Digest of the next global model.
+    pub next_digest: String,
+    /// Client-level DP: (ε, δ) spent after this round.
+    pub privacy: Option<PrivacySpent>,
+}
+
+/// The privacy budget spent so far.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivacySpent {
+    /// ε at `delta` over every round so far.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+}
+
+/// How a round is closed at the hub.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    /// How updates are combined.
+    pub aggregator: Aggregator,
+    /// Client-level DP with its δ, if on.
+    pub privacy: Option<(Privacy, f64)>,
+    /// Fewest admitted sites.
+    pub min_sites: usize,
+    /// Precision of the published model.
+    pub precision: Precision,
+    /// The federation's schedule, signed into the next model's statement.
+    pub schedule: Schedule,
 }
 
 /// The exchange folder of one federation.
@@ -53,6 +160,16 @@ pub struct Exchange {
 
 fn round_dir(round: u32) -> String {
     format!("rounds/{round:05}")
+}
+
+/// Where the hub's signed statement of the model opening `round` is.
+pub fn global_statement_key(round: u32) -> String {
+    format!("{}/global.json", round_dir(round))
+}
+
+/// Where the hub's signed record of closed `round` is.
+pub fn record_key(round: u32) -> String {
+    format!("{}/record.json", round_dir(round))
 }
 
 /// Where site `site` puts its update of `round`.
@@ -112,6 +229,7 @@ impl Exchange {
         round: u32,
         model: &[u8],
         previous: Option<String>,
+        schedule: Schedule,
         hub: &SigningKey,
     ) -> Result<String> {
         let dir = round_dir(round);
@@ -122,17 +240,218 @@ impl Exchange {
             round,
             digest: digest.clone(),
             previous,
+            last_round: schedule.last_round,
+            local_steps: schedule.local_steps,
         };
         let signed =
             serde_json::to_vec(&Signed::of(&statement, hub)).expect("statements serialise");
         let model_key = format!("{dir}/global.safetensors");
         if !self.location.put_new(&model_key, model.to_vec()).await? {
-            return Err(self.invalid(&model_key, "the round's global model is already published"));
+            let existing = self
+                .location
+                .get_bounded(&model_key, self.max_model_bytes)
+                .await?
+                .unwrap_or_default();
+            if weights::digest(&existing) != digest {
+                return Err(
+                    self.invalid(&model_key, "the round's global model is already published")
+                );
+            }
         }
-        self.location
-            .put_new(&format!("{dir}/global.json"), signed)
-            .await?;
+        let statement_key = global_statement_key(round);
+        if !self.location.put_new(&statement_key, signed).await? {
+            let hub_hex = radfm_validation::report::public_hex(hub);
+            let existing = self.global_statement(round, Some(&hub_hex)).await?;
+            if existing.is_none_or(|e| e.digest != digest) {
+                return Err(self.invalid(&statement_key, "another statement is published"));
+            }
+        }
         Ok(digest)
+    }
+
+    /// Closes `round` at the hub and publishes the next global model; safe to run again after a
+    /// crash at any point. The decision (the signed [`RoundRecord`]) is written first and is
+    /// final: a later run recomputes the next model from the recorded admitted sites only (the
+    /// DP noise is seeded from the hub's key and the round, so the bytes are the same), then
+    /// writes what is missing. The next model's statement is written last, so a site that finds
+    /// it finds the record and the model.
+    pub async fn close_round(
+        &self,
+        round: &Round,
+        global: &Weights,
+        closing: &Closing,
+        hub: &SigningKey,
+    ) -> Result<RoundRecord> {
+        let hub_hex = radfm_validation::report::public_hex(hub);
+        let decided = self.round_record(round.round, Some(&hub_hex)).await?;
+        let (sites, min_sites): (Vec<&str>, usize) = match &decided {
+            Some(rec) => (
+                rec.admitted.iter().map(|a| a.site.as_str()).collect(),
+                rec.admitted.len(),
+            ),
+            None => (
+                round.sites.keys().map(String::as_str).collect(),
+                closing.min_sites,
+            ),
+        };
+        let submissions = self.submissions(round.round, sites).await?;
+        let seed = noise_seed(hub, &self.federation, round.round);
+        let privacy = closing.privacy.map(|(p, _)| (p, seed));
+        let out = run_round(
+            round,
+            global,
+            &submissions,
+            closing.aggregator,
+            privacy,
+            min_sites,
+        )?;
+        let next = encode(&out.next, closing.precision)?;
+        let record = match decided {
+            Some(rec) if rec.next_digest == weights::digest(&next) => rec,
+            Some(_) => {
+                return Err(self.invalid(
+                    &record_key(round.round),
+                    "the recorded next model cannot be reproduced from the admitted updates",
+                ));
+            }
+            None => self.decide(round, closing, &out, &next, hub).await?,
+        };
+        self.publish_global(
+            round.round + 1,
+            &next,
+            Some(round.base_digest.clone()),
+            closing.schedule,
+            hub,
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// Writes the round's signed record; if another run recorded the round first, that record.
+    async fn decide(
+        &self,
+        round: &Round,
+        closing: &Closing,
+        out: &Outcome,
+        next: &[u8],
+        hub: &SigningKey,
+    ) -> Result<RoundRecord> {
+        let privacy = match closing.privacy {
+            Some((p, delta)) => Some(PrivacySpent {
+                epsilon: privacy::epsilon(p.noise_multiplier, round.round, delta)?,
+                delta,
+            }),
+            None => None,
+        };
+        let record = RoundRecord {
+            format: RECORD_FORMAT.into(),
+            federation: self.federation.clone(),
+            round: round.round,
+            base_digest: round.base_digest.clone(),
+            aggregator: closing.aggregator.to_string(),
+            admitted: out.admitted.iter().map(admitted_record).collect(),
+            rejected: out
+                .rejected
+                .iter()
+                .map(|(site, why)| RejectedRecord {
+                    site: site.clone(),
+                    reason: why.reason().into(),
+                    message: why.to_string(),
+                })
+                .collect(),
+            next_digest: weights::digest(next),
+            privacy,
+        };
+        let body = serde_json::to_vec(&Signed::of(&record, hub)).expect("records serialise");
+        if self
+            .location
+            .put_new(&record_key(round.round), body)
+            .await?
+        {
+            return Ok(record);
+        }
+        let hub_hex = radfm_validation::report::public_hex(hub);
+        self.round_record(round.round, Some(&hub_hex))
+            .await?
+            .ok_or_else(|| self.invalid(&record_key(round.round), "vanished after a write race"))
+    }
+
+    /// A signed document of the hub's: Ok(None) while absent; its signature and format checked,
+    /// and with `hub_key` (hex), that the hub signed it.
+    async fn hub_document<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        hub_key: Option<&str>,
+        format: impl Fn(&T) -> &str,
+        expected: &str,
+    ) -> Result<Option<T>> {
+        let Some(raw) = self.location.get_bounded(key, MAX_STATEMENT_BYTES).await? else {
+            return Ok(None);
+        };
+        let signed: Signed = serde_json::from_slice(&raw)
+            .map_err(|e| self.invalid(key, format!("not a signed statement: {e}")))?;
+        if let Some(hub) = hub_key
+            && !signed.public_key.trim().eq_ignore_ascii_case(hub.trim())
+        {
+            return Err(self.invalid(key, "signed by a key that is not the hub's"));
+        }
+        let value = signed
+            .open(format, expected)
+            .map_err(|e| self.invalid(key, e.to_string()))?;
+        Ok(Some(value))
+    }
+
+    /// The statement of the model opening `round`, without the model (what a controller polls):
+    /// signature, federation and round checked, and with `hub_key`, the signer.
+    pub async fn global_statement(
+        &self,
+        round: u32,
+        hub_key: Option<&str>,
+    ) -> Result<Option<GlobalStatement>> {
+        let key = global_statement_key(round);
+        let Some(statement) = self
+            .hub_document(
+                &key,
+                hub_key,
+                |s: &GlobalStatement| &s.format,
+                GLOBAL_FORMAT,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        if statement.federation != self.federation || statement.round != round {
+            return Err(self.invalid(
+                &key,
+                format!(
+                    "statement of {} round {}",
+                    statement.federation, statement.round
+                ),
+            ));
+        }
+        Ok(Some(statement))
+    }
+
+    /// The hub's record of closed `round`, checked as [`Exchange::global_statement`] is.
+    pub async fn round_record(
+        &self,
+        round: u32,
+        hub_key: Option<&str>,
+    ) -> Result<Option<RoundRecord>> {
+        let key = record_key(round);
+        let Some(record) = self
+            .hub_document(&key, hub_key, |r: &RoundRecord| &r.format, RECORD_FORMAT)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if record.federation != self.federation || record.round != round {
+            return Err(self.invalid(
+                &key,
+                format!("record of {} round {}", record.federation, record.round),
+            ));
+        }
+        Ok(Some(record))
     }
 
     /// The global model that opens `round`, once the hub (public key `hub_key`, hex) published
@@ -144,35 +463,9 @@ impl Exchange {
         hub_key: &str,
     ) -> Result<Option<(Vec<u8>, GlobalStatement)>> {
         let dir = round_dir(round);
-        let statement_key = format!("{dir}/global.json");
-        let Some(raw) = self
-            .location
-            .get_bounded(&statement_key, MAX_STATEMENT_BYTES)
-            .await?
-        else {
+        let Some(statement) = self.global_statement(round, Some(hub_key)).await? else {
             return Ok(None);
         };
-        let signed: Signed = serde_json::from_slice(&raw)
-            .map_err(|e| self.invalid(&statement_key, format!("not a signed statement: {e}")))?;
-        if !signed
-            .public_key
-            .trim()
-            .eq_ignore_ascii_case(hub_key.trim())
-        {
-            return Err(self.invalid(&statement_key, "signed by a key that is not the hub's"));
-        }
-        let statement: GlobalStatement = signed
-            .open(|s: &GlobalStatement| &s.format, GLOBAL_FORMAT)
-            .map_err(|e| self.invalid(&statement_key, e.to_string()))?;
-        if statement.federation != self.federation || statement.round != round {
-            return Err(self.invalid(
-                &statement_key,
-                format!(
-                    "statement of {} round {}",
-                    statement.federation, statement.round
-                ),
-            ));
-        }
         let model_key = format!("{dir}/global.safetensors");
         let model = self
             .location
@@ -325,6 +618,31 @@ pub fn run_round(
     })
 }
 
+fn admitted_record(a: &Admitted) -> AdmittedRecord {
+    let c = &a.contribution;
+    AdmittedRecord {
+        site: c.site.clone(),
+        samples: c.samples,
+        steps: c.steps,
+        norm: a.norm,
+        update_digest: c.update_digest.clone(),
+        dataset_index_digest: c.dataset_index_digest.clone(),
+        local_loss: c.local_loss,
+    }
+}
+
+/// The seed of a round's DP noise: secret to everyone but the hub, and the same on every run of
+/// the round (so a round closed again after a crash publishes the same bytes).
+fn noise_seed(hub: &SigningKey, federation: &str, round: u32) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"radfm.federated.dp-noise/v1\0");
+    h.update(hub.to_bytes());
+    h.update(federation.as_bytes());
+    h.update(round.to_be_bytes());
+    h.finalize().into()
+}
+
 /// The next global model as bytes in `precision` (what [`Exchange::publish_global`] takes).
 pub fn encode(model: &Weights, precision: Precision) -> Result<Vec<u8>> {
     model.to_safetensors(precision)
@@ -341,6 +659,11 @@ mod tests {
     fn key(n: u8) -> SigningKey {
         SigningKey::from_bytes(&[n; 32])
     }
+
+    const SCHEDULE: Schedule = Schedule {
+        last_round: 2,
+        local_steps: 5,
+    };
 
     fn exchange(dir: &std::path::Path) -> Exchange {
         Exchange {
@@ -400,11 +723,19 @@ mod tests {
         let hub_hex = radfm_validation::report::public_hex(&hub);
         let base = weights(&[("w", vec![1.0, 1.0])]);
         let digest = ex
-            .publish_global(1, &encode(&base, Precision::F32).unwrap(), None, &hub)
+            .publish_global(
+                1,
+                &encode(&base, Precision::F32).unwrap(),
+                None,
+                SCHEDULE,
+                &hub,
+            )
             .await
             .unwrap();
         assert!(
-            ex.publish_global(1, b"other", None, &hub).await.is_err(),
+            ex.publish_global(1, b"other", None, SCHEDULE, &hub)
+                .await
+                .is_err(),
             "published once"
         );
 
@@ -455,7 +786,7 @@ mod tests {
         assert_eq!(out.rejected, vec![("c".to_string(), Rejection::WrongKey)]);
         assert_eq!(out.next.0["w"].values, vec![2.0, 2.0], "1 + mean(0.5, 1.5)");
         let next = encode(&out.next, Precision::Bf16).unwrap();
-        ex.publish_global(2, &next, Some(digest), &hub)
+        ex.publish_global(2, &next, Some(digest), SCHEDULE, &hub)
             .await
             .unwrap();
         let (_, s2) = ex.fetch_global(2, &hub_hex).await.unwrap().unwrap();
@@ -475,7 +806,9 @@ mod tests {
         let ex = exchange(dir.path());
         let hub = key(9);
         let model = encode(&weights(&[("w", vec![1.0])]), Precision::F32).unwrap();
-        ex.publish_global(1, &model, None, &hub).await.unwrap();
+        ex.publish_global(1, &model, None, SCHEDULE, &hub)
+            .await
+            .unwrap();
         let path = dir.path().join("rounds/00001/global.safetensors");
         let evil = encode(&weights(&[("w", vec![666.0])]), Precision::F32).unwrap();
         std::fs::write(path, evil).unwrap();
@@ -484,6 +817,83 @@ mod tests {
         assert!(
             err.to_string().contains("do not match the hub's statement"),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_round_closed_again_after_a_crash_publishes_the_same_model_from_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let ex = exchange(dir.path());
+        let hub = key(9);
+        let hub_hex = radfm_validation::report::public_hex(&hub);
+        let base = weights(&[("w", vec![1.0, 1.0])]);
+        let digest = ex
+            .publish_global(
+                1,
+                &encode(&base, Precision::F32).unwrap(),
+                None,
+                SCHEDULE,
+                &hub,
+            )
+            .await
+            .unwrap();
+        let (a, b) = (key(1), key(2));
+        assert!(site_round(&ex, "a", &a, 1, &digest, 0.5).await);
+        assert!(site_round(&ex, "b", &b, 1, &digest, 1.5).await);
+        let round = Round {
+            federation: ex.federation.clone(),
+            round: 1,
+            base_digest: digest.clone(),
+            layout: base.clone(),
+            norm_bound: 10.0,
+            sites: [("a", &a), ("b", &b), ("c", &key(3))]
+                .into_iter()
+                .map(|(s, k)| (s.to_string(), radfm_validation::report::public_hex(k)))
+                .collect(),
+        };
+        let closing = Closing {
+            aggregator: Aggregator::FedAvg,
+            privacy: Some((
+                Privacy {
+                    clip: 1.0,
+                    noise_multiplier: 1.0,
+                },
+                1e-5,
+            )),
+            min_sites: 2,
+            precision: Precision::F32,
+            schedule: SCHEDULE,
+        };
+        let first = ex.close_round(&round, &base, &closing, &hub).await.unwrap();
+        let (model, statement) = ex.fetch_global(2, &hub_hex).await.unwrap().unwrap();
+        assert_eq!(statement.digest, first.next_digest);
+        assert_eq!(statement.previous.as_deref(), Some(digest.as_str()));
+        assert!(statement.opens_training(), "round 2 of 2 is trained");
+        assert_eq!(
+            first
+                .admitted
+                .iter()
+                .map(|a| a.site.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(first.privacy.unwrap().epsilon > 0.0);
+
+        // The hub stopped after its record: the model and its statement are gone. Site c
+        // uploads late; the round stays as decided.
+        std::fs::remove_file(dir.path().join("rounds/00002/global.safetensors")).unwrap();
+        std::fs::remove_file(dir.path().join("rounds/00002/global.json")).unwrap();
+        assert!(site_round(&ex, "c", &key(3), 1, &digest, 3.0).await);
+        let again = ex.close_round(&round, &base, &closing, &hub).await.unwrap();
+        assert_eq!(again, first);
+        let (model_again, _) = ex.fetch_global(2, &hub_hex).await.unwrap().unwrap();
+        assert_eq!(
+            model_again, model,
+            "the same noisy model, from the same seed"
+        );
+        assert_eq!(
+            ex.round_record(1, Some(&hub_hex)).await.unwrap(),
+            Some(first)
         );
     }
 

@@ -15,6 +15,8 @@ use radfm_federated::weights::{Precision, Tensor, Weights};
 
 const EXCHANGE: &str = "s3://radfm/federation/exchange";
 const FEDERATION: &str = "hub/cxr";
+/// Two training rounds of 10 local steps each.
+const SCHEDULE: [&str; 4] = ["--last-round", "2", "--local-steps", "10"];
 
 fn model(path: &Path, values: Vec<f32>) {
     let w = Weights(
@@ -72,6 +74,7 @@ fn a_hub_and_three_sites_run_two_signed_rounds_through_s3() {
         &["federate", "publish"][..],
         &common,
         &["--model", base.to_str().unwrap(), "--key-file", &key("hub")],
+        &SCHEDULE,
     ]
     .concat());
     assert!(published.contains("\"round\":1"), "{published}");
@@ -163,6 +166,7 @@ fn a_hub_and_three_sites_run_two_signed_rounds_through_s3() {
     let aggregate = |round: &str, aggregator: &str| {
         let mut args: Vec<&str> = vec!["federate", "aggregate"];
         args.extend(common);
+        args.extend(SCHEDULE);
         args.extend([
             "--round",
             round,
@@ -295,6 +299,7 @@ fn sites_train_the_global_model_with_the_real_trainer_and_the_hub_aggregates() {
         &["federate", "publish"][..],
         &common,
         &["--model", &uri("hub-ckpt"), "--key-file", &key("hub")],
+        &SCHEDULE,
     ]
     .concat());
 
@@ -337,12 +342,6 @@ fn sites_train_the_global_model_with_the_real_trainer_and_the_hub_aggregates() {
                 &key(site),
                 "--local",
                 &uri(&format!("{site}-ckpt")),
-                "--samples",
-                "64",
-                "--steps",
-                "2",
-                "--dataset-index-digest",
-                site,
                 "--norm-bound",
                 "1000",
             ],
@@ -354,6 +353,7 @@ fn sites_train_the_global_model_with_the_real_trainer_and_the_hub_aggregates() {
         .map(|s| s.to_string())
         .collect();
     args.extend(common.iter().map(|s| s.to_string()));
+    args.extend(SCHEDULE.map(String::from));
     args.extend(
         [
             "--round",
@@ -383,6 +383,13 @@ fn sites_train_the_global_model_with_the_real_trainer_and_the_hub_aggregates() {
         norms.iter().all(|n| *n > 0.0),
         "both sites trained: {norms:?}"
     );
+    // What each site declared came from its checkpoint: 2 steps, its samples, its index.
+    for a in out["admitted"].as_array().unwrap() {
+        assert_eq!(a["steps"], 2, "{a}");
+        assert!(a["samples"].as_u64().unwrap() >= 2, "{a}");
+        assert_eq!(a["datasetIndexDigest"].as_str().unwrap().len(), 64, "{a}");
+        assert!(a["localLoss"].as_f64().unwrap() > 0.0, "{a}");
+    }
 
     let exchange = s3.bucket_dir().join("federation/exchange/rounds");
     let base = Weights::from_safetensors(
