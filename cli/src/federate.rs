@@ -84,6 +84,9 @@ pub struct ScheduleArgs {
     /// Optimizer steps each site runs a round.
     #[arg(long)]
     local_steps: u64,
+    /// Largest update norm admitted (sites clip their updates to it).
+    #[arg(long)]
+    norm_bound: f64,
 }
 
 impl From<&ScheduleArgs> for exchange::Schedule {
@@ -91,6 +94,7 @@ impl From<&ScheduleArgs> for exchange::Schedule {
         exchange::Schedule {
             last_round: a.last_round,
             local_steps: a.local_steps,
+            norm_bound: a.norm_bound,
         }
     }
 }
@@ -179,9 +183,10 @@ pub struct ContributeArgs {
     /// Local loss at the end of the round (default: the checkpoint's).
     #[arg(long)]
     local_loss: Option<f64>,
-    /// The federation's update-norm bound: a larger update is scaled down to it.
+    /// The update-norm bound a larger update is scaled down to (default: the hub's, from the
+    /// global model's statement).
     #[arg(long)]
-    norm_bound: f64,
+    norm_bound: Option<f64>,
     /// Precision of the uploaded update.
     #[arg(long, value_enum, default_value_t = Wire::F32)]
     precision: Wire,
@@ -206,9 +211,6 @@ pub struct AggregateArgs {
     /// How updates are combined: fedavg, median, or trimmed-mean:FRACTION.
     #[arg(long, default_value = "fedavg")]
     aggregator: Aggregator,
-    /// Largest update norm admitted.
-    #[arg(long)]
-    norm_bound: f64,
     /// Client-level DP: clip every update to this norm (with --dp-noise-multiplier).
     #[arg(long, requires = "dp_noise_multiplier")]
     dp_clip: Option<f64>,
@@ -436,7 +438,8 @@ async fn contribute(a: ContributeArgs) -> Result<()> {
     let (local, run) = local_weights(&a.local).await?;
     let update = local.minus(&global, &a.local)?;
     let norm = update.norm();
-    let update = privacy::clip(&update, a.norm_bound);
+    let bound = a.norm_bound.unwrap_or(statement.norm_bound);
+    let update = privacy::clip(&update, bound);
     let bytes = update.to_safetensors(a.precision.into())?;
     let c = statement_of(
         &a,
@@ -454,7 +457,7 @@ async fn contribute(a: ContributeArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"site": a.site, "round": round, "norm": norm,
-            "clipped": norm > a.norm_bound, "samples": c.samples, "steps": c.steps,
+            "clipped": norm > bound, "samples": c.samples, "steps": c.steps,
             "bytesSent": sent})
     );
     Ok(())
@@ -486,7 +489,7 @@ async fn aggregate(a: AggregateArgs) -> Result<()> {
         round: a.round,
         base_digest: statement.digest.clone(),
         layout: global.clone(),
-        norm_bound: a.norm_bound,
+        norm_bound: a.schedule.norm_bound,
         sites: listed,
     };
     let privacy = match (a.dp_clip, a.dp_noise_multiplier) {

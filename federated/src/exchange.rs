@@ -43,6 +43,8 @@ pub struct GlobalStatement {
     pub last_round: u32,
     /// Optimizer steps each site runs in this round.
     pub local_steps: u64,
+    /// Largest update norm the hub admits; a site clips its update to it.
+    pub norm_bound: f64,
 }
 
 impl GlobalStatement {
@@ -54,12 +56,14 @@ impl GlobalStatement {
 
 /// How many rounds a federation runs and how long each site trains in one; the hub signs it
 /// into every global model's statement so a site follows the hub, not its own settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {
     /// The last training round.
     pub last_round: u32,
     /// Optimizer steps each site runs a round.
     pub local_steps: u64,
+    /// Largest update norm admitted.
+    pub norm_bound: f64,
 }
 
 /// The format tag of the hub's record of a closed round.
@@ -242,6 +246,7 @@ impl Exchange {
             previous,
             last_round: schedule.last_round,
             local_steps: schedule.local_steps,
+            norm_bound: schedule.norm_bound,
         };
         let signed =
             serde_json::to_vec(&Signed::of(&statement, hub)).expect("statements serialise");
@@ -663,6 +668,7 @@ mod tests {
     const SCHEDULE: Schedule = Schedule {
         last_round: 2,
         local_steps: 5,
+        norm_bound: 10.0,
     };
 
     fn exchange(dir: &std::path::Path) -> Exchange {
