@@ -120,6 +120,44 @@ pub mod validation_reason {
     pub const DECIDED: &str = "Decided";
 }
 
+/// Reasons of FederatedTraining and FederatedSite conditions and events.
+pub mod federated_reason {
+    /// Round 1's global model is being published.
+    pub const PUBLISHING: &str = "Publishing";
+    /// A round's global model is out; the sites train.
+    pub const TRAINING: &str = "Training";
+    /// A round is being closed.
+    pub const AGGREGATING: &str = "Aggregating";
+    /// A round's global model was seen published.
+    pub const ROUND_OPENED: &str = "RoundOpened";
+    /// A round was closed: its record is in the exchange.
+    pub const ROUND_CLOSED: &str = "RoundClosed";
+    /// A contribution was refused.
+    pub const CONTRIBUTION_REJECTED: &str = "ContributionRejected";
+    /// Every round is closed.
+    pub const SUCCEEDED: &str = "Succeeded";
+    /// A round's deadline passed with fewer sites than minSites.
+    pub const TOO_FEW_SITES: &str = "TooFewSites";
+    /// A publish, aggregate, fetch or contribute pod failed (retried up to 3 times).
+    pub const POD_FAILED: &str = "PodFailed";
+    /// A step's pod failed 3 times.
+    pub const RETRIES_EXHAUSTED: &str = "RetriesExhausted";
+    /// The exchange could not be read.
+    pub const EXCHANGE_UNAVAILABLE: &str = "ExchangeUnavailable";
+    /// The site polls the exchange.
+    pub const WAITING: &str = "Waiting";
+    /// The site fetches the round's global model.
+    pub const FETCHING: &str = "Fetching";
+    /// The site computes and uploads its update.
+    pub const CONTRIBUTING: &str = "Contributing";
+    /// The site's update of a round is in the exchange.
+    pub const CONTRIBUTED: &str = "Contributed";
+    /// The site's local TrainingJob of a round failed; the site waits for the next round.
+    pub const LOCAL_TRAINING_FAILED: &str = "LocalTrainingFailed";
+    /// The hub published the federation's result.
+    pub const FINISHED: &str = "Finished";
+}
+
 /// Reasons of ContinualTraining conditions and events.
 pub mod continual_reason {
     /// Schedule, dataset and registry are usable.

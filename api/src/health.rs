@@ -166,6 +166,30 @@ pub fn of_training_job(status: &TrainingJobStatus) -> Health {
     }
 }
 
+/// A FederatedTraining's health.
+///
+/// | Phase | Verdict | Reason |
+/// |---|---|---|
+/// | none yet | Progressing | Pending |
+/// | Publishing, Training, Aggregating | Progressing | the phase |
+/// | Succeeded | Healthy | Succeeded |
+/// | Failed | Stalled | TooFewSites, RetriesExhausted, InvalidSpec |
+///
+/// `why` and `message` are the plan's account of the phase.
+pub fn of_federated_training(
+    phase: Option<crate::federated::FederatedPhase>,
+    why: &str,
+    message: &str,
+) -> Health {
+    use crate::federated::FederatedPhase as P;
+    let verdict = match phase {
+        Some(P::Succeeded) => Verdict::Healthy,
+        Some(P::Failed) => Verdict::Stalled,
+        _ => Verdict::Progressing,
+    };
+    Health::new(verdict, why, message)
+}
+
 /// Writes `Reconciling` and `Stalled` of a kind that sets its own `Ready` (ContinualTraining,
 /// SiteValidator, PromotionPolicy), derived from that `Ready` by [`of_ready_condition`].
 pub fn follow_ready(conditions: &mut Vec<Condition>, stamp: &Stamp) {

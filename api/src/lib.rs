@@ -7,7 +7,8 @@
 //!   pod, by the local runner for a process, parsed by the trainer);
 //! - [`exit`]: the trainer's exit codes and what they mean for a gang restart;
 //! - [`continual`]: the `ContinualTraining` custom resource that schedules retraining runs;
-//! - [`validation`]: the `SiteValidator` and `PromotionPolicy` resources of site validation.
+//! - [`validation`]: the `SiteValidator` and `PromotionPolicy` resources of site validation;
+//! - [`federated`]: the `FederatedTraining` (hub) and `FederatedSite` (hospital) resources.
 #![deny(missing_docs)]
 
 pub mod conditions;
@@ -15,6 +16,7 @@ pub mod continual;
 pub mod env;
 pub mod exit;
 pub mod failure;
+pub mod federated;
 pub mod health;
 pub mod site_validation;
 pub mod trainingjob;

@@ -2,6 +2,7 @@
 //! test fails when the two differ.
 
 use kube::{CustomResourceExt, Resource};
+use radfm_api::federated::{FederatedSite, FederatedTraining};
 use radfm_api::site_validation::{PromotionPolicy, SiteValidator};
 use radfm_api::{ContinualTraining, TrainingJob};
 
@@ -21,6 +22,14 @@ pub fn crds() -> Vec<(&'static str, String)> {
             "promotionpolicies.radfm.io.yaml",
             to_yaml(&PromotionPolicy::crd()),
         ),
+        (
+            "federatedtrainings.radfm.io.yaml",
+            to_yaml(&FederatedTraining::crd()),
+        ),
+        (
+            "federatedsites.radfm.io.yaml",
+            to_yaml(&FederatedSite::crd()),
+        ),
     ]
 }
 
@@ -35,6 +44,8 @@ pub fn argocd() -> Vec<(String, String)> {
         ContinualTraining::kind(&()),
         SiteValidator::kind(&()),
         PromotionPolicy::kind(&()),
+        FederatedTraining::kind(&()),
+        FederatedSite::kind(&()),
     ];
     let group = TrainingJob::group(&());
     let mut files: Vec<(String, String)> = kinds
@@ -89,6 +100,8 @@ pub fn reference() -> String {
         ContinualTraining::crd(),
         SiteValidator::crd(),
         PromotionPolicy::crd(),
+        FederatedTraining::crd(),
+        FederatedSite::crd(),
     ] {
         let crd = serde_json::to_value(crd).expect("CRD serializes");
         let kind = crd["spec"]["names"]["kind"].as_str().unwrap_or_default();

@@ -1,11 +1,12 @@
 //! radfm's Kubernetes operator: runs TrainingJobs as gangs of trainer pods, ContinualTrainings
 //! as scheduled, data-triggered series of TrainingJobs, and the decentralised validation of
-//! SiteValidators and PromotionPolicies.
+//! SiteValidators and PromotionPolicies, and federated training across hospitals
+//! (FederatedTrainings at the hub, FederatedSites at each hospital).
 //!
 //! One folder per controller, each a thin async layer around a pure plan:
 //! [`training_job`] ([`training_job::plan`] decides, [`training_job::children`] builds the owned
 //! objects), [`continual_training`] ([`continual_training::schedule`] decides when),
-//! [`site_validator`], [`promotion_policy`]. [`effects`] holds the writes every controller ends a pass with;
+//! [`site_validator`], [`promotion_policy`], [`federated_training`], [`federated_site`]. [`effects`] holds the writes every controller ends a pass with;
 //! [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
 #![deny(missing_docs)]
 
@@ -13,6 +14,8 @@ pub mod context;
 pub mod continual_training;
 pub mod crdgen;
 pub mod effects;
+pub mod federated_site;
+pub mod federated_training;
 pub mod kueue;
 pub mod leader;
 pub mod metrics;

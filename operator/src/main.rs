@@ -10,7 +10,8 @@ use radfm_operator::context::{Clock, Context};
 use radfm_operator::leader::Elector;
 use radfm_operator::metrics::{self, Metrics};
 use radfm_operator::{
-    continual_training, crdgen, promotion_policy, site_validator, telemetry, training_job,
+    continual_training, crdgen, federated_site, federated_training, promotion_policy,
+    site_validator, telemetry, training_job,
 };
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -274,15 +275,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ctx.gang_network_policy = args.gang_network_policy;
     ctx.kueue = training_job::workloads::kueue_served(&ctx.client).await;
     info!(kueue = ctx.kueue, "Kueue's Workload API served");
-    // The clock file moves schedules only: pods and the API server keep the wall clock.
+    // The clock file moves schedules and round deadlines only: pods and the API server keep
+    // the wall clock.
     let schedules = Arc::new(ctx.with_clock(args.clock_file.map_or(Clock::Wall, Clock::File)));
     let ctx = Arc::new(ctx);
     let ns = &args.namespace;
     tokio::join!(
         training_job::run_controller(ctx.clone(), ns.clone(), shutdown()),
-        continual_training::run_controller(schedules, ns.clone(), shutdown()),
+        continual_training::run_controller(schedules.clone(), ns.clone(), shutdown()),
         site_validator::run_controller(ctx.clone(), ns.clone(), shutdown()),
         promotion_policy::run_controller(ctx.clone(), ns.clone(), shutdown()),
+        federated_training::run_controller(schedules, ns.clone(), shutdown()),
+        federated_site::run_controller(ctx.clone(), ns.clone(), shutdown()),
         async {
             if ctx.kueue {
                 training_job::workloads::run_release_controller(

@@ -35,6 +35,8 @@ fn every_radfm_kind_passes_argo_cds_own_health_tests() {
         "ContinualTraining",
         "SiteValidator",
         "PromotionPolicy",
+        "FederatedTraining",
+        "FederatedSite",
     ] {
         assert!(report.contains(&format!("radfm.io/{kind} ")), "{report}");
     }

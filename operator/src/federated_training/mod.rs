@@ -1,0 +1,188 @@
+//! The FederatedTraining controller (in the hub's cluster): read the exchange (the newest
+//! published round, the sites' uploads to it, the hub's records of closed rounds), run the
+//! publish and aggregate pods, write the status. [`plan`] decides; this module observes and
+//! acts. The operator reads the exchange with its own store credentials, within the cluster's
+//! registry allowances; only the pods hold the hub's signing key.
+
+pub mod plan;
+pub mod pods;
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use radfm_api::conditions::{continual_reason, federated_reason};
+use radfm_api::federated::FederatedTraining;
+use radfm_data::store::Location;
+use radfm_federated::exchange::{self, Exchange};
+use tracing::{info, warn};
+
+use crate::context::{Context, FIELD_MANAGER, drive};
+use crate::effects::{self, tolerate};
+use crate::registry_access::RegistryAccess;
+use crate::{Error, Result};
+use plan::{ExchangeError, ExchangeView, Observed};
+use pods::LABEL_FEDERATION_OWNER;
+
+/// Largest model the operator would read (it reads statements only).
+const NO_MODELS: usize = 0;
+
+/// Opens a federation's exchange for `namespace`, if the cluster's allowances cover it.
+pub fn open_exchange(
+    access: &RegistryAccess,
+    namespace: &str,
+    uri: &str,
+    federation: String,
+) -> Result<Exchange, ExchangeError> {
+    access
+        .check(namespace, uri)
+        .map_err(|message| ExchangeError {
+            reason: continual_reason::INVALID_SPEC,
+            message: message.replace("registry ", "exchange "),
+        })?;
+    let location = Location::open(uri).map_err(|e| ExchangeError {
+        reason: continual_reason::INVALID_SPEC,
+        message: format!("spec.exchange.uri: {e}"),
+    })?;
+    Ok(Exchange {
+        location,
+        federation,
+        max_model_bytes: NO_MODELS,
+    })
+}
+
+/// A store failure as the status reports it.
+pub fn unavailable(e: impl std::fmt::Display) -> ExchangeError {
+    ExchangeError {
+        reason: federated_reason::EXCHANGE_UNAVAILABLE,
+        message: format!("exchange: {e}"),
+    }
+}
+
+/// The newest round published at or after `from` (rounds are published in order).
+pub async fn newest_round(
+    ex: &Exchange,
+    from: u32,
+    hub_key: Option<&str>,
+) -> Result<Option<exchange::GlobalStatement>, ExchangeError> {
+    let mut newest = None;
+    let mut round = from.max(1);
+    while let Some(s) = ex
+        .global_statement(round, hub_key)
+        .await
+        .map_err(unavailable)?
+    {
+        newest = Some(s);
+        round += 1;
+    }
+    if newest.is_none() && from > 1 {
+        return Box::pin(newest_round(ex, 1, hub_key)).await;
+    }
+    Ok(newest)
+}
+
+/// What the exchange shows for `ft`.
+async fn view(ft: &FederatedTraining, ctx: &Context) -> Result<ExchangeView, ExchangeError> {
+    let ns = ft.namespace().unwrap_or_default();
+    let ex = open_exchange(
+        &ctx.registry_access,
+        &ns,
+        &ft.spec.exchange.uri,
+        plan::federation(ft),
+    )?;
+    let status = ft.status.clone().unwrap_or_default();
+    let Some(newest) = newest_round(&ex, status.round.unwrap_or(1), None).await? else {
+        return Ok(ExchangeView::default());
+    };
+    let mut uploaded = std::collections::BTreeSet::new();
+    for site in &ft.spec.sites {
+        let key = exchange::statement_key(&site.name, newest.round);
+        if ex
+            .location
+            .head_opt(&key)
+            .await
+            .map_err(unavailable)?
+            .is_some()
+        {
+            uploaded.insert(site.name.clone());
+        }
+    }
+    let mut records = Vec::new();
+    for round in 1..newest.round {
+        if status.rounds.iter().any(|r| r.round == round) {
+            continue;
+        }
+        if let Some(r) = ex.round_record(round, None).await.map_err(unavailable)? {
+            records.push(r);
+        }
+    }
+    Ok(ExchangeView {
+        published: Some((newest.round, newest.digest)),
+        uploaded,
+        records,
+    })
+}
+
+/// Reconciles one FederatedTraining.
+#[tracing::instrument(skip_all, fields(ft = %ft.name_any()))]
+pub async fn reconcile(ft: Arc<FederatedTraining>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = ft
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = format!("{LABEL_FEDERATION_OWNER}={}", ft.name_any());
+    let observed = Observed {
+        exchange: view(&ft, &ctx).await,
+        pods: effects::list_owned(&pods, &selector, &ft.uid().unwrap_or_default())
+            .await?
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect(),
+        now: ctx.clock.now(),
+    };
+    let plan = plan::plan(&ft, &observed);
+    apply(&pods, &plan.delete_pods, plan.create_pod.as_ref()).await?;
+    let fts: Api<FederatedTraining> = Api::namespaced(ctx.client.clone(), &ns);
+    effects::apply_status(&fts, ft.as_ref(), ft.status.as_ref(), &plan.status).await?;
+    effects::publish(&ctx.recorder, ft.as_ref(), "Federate", &plan.events).await;
+    Ok(match plan.requeue_after {
+        Some(d) => Action::requeue(ctx.clock.requeue(observed.now, None).min(d)),
+        None => Action::await_change(),
+    })
+}
+
+/// Deletes and creates the pods a plan names.
+pub async fn apply(pods: &Api<Pod>, delete: &[String], create: Option<&Pod>) -> Result<()> {
+    for name in delete {
+        if let Err(e) = pods.delete(name, &DeleteParams::background()).await {
+            warn!(pod = %name, error = %e, "deleting a federation pod");
+        }
+    }
+    if let Some(pod) = create {
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        tolerate(pods.create(&pp, pod).await, 409)?;
+        info!(pod = %pod.name_any(), "federation step started");
+    }
+    Ok(())
+}
+
+/// Runs the FederatedTraining controller until `shutdown` resolves.
+pub async fn run_controller(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let fts: Api<FederatedTraining> = effects::scoped(&ctx.client, namespace.as_deref());
+    let pods: Api<Pod> = effects::scoped(&ctx.client, namespace.as_deref());
+    let controller = Controller::new(fts, watcher::Config::default().any_semantic()).owns(
+        pods,
+        watcher::Config::default().labels(LABEL_FEDERATION_OWNER),
+    );
+    drive(controller, reconcile, ctx, shutdown, "FederatedTraining").await;
+}
