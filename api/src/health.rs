@@ -173,7 +173,8 @@ pub fn of_training_job(status: &TrainingJobStatus) -> Health {
 /// | none yet | Progressing | Pending |
 /// | Publishing, Training, Aggregating | Progressing | the phase |
 /// | Succeeded | Healthy | Succeeded |
-/// | Failed | Stalled | TooFewSites, RetriesExhausted, InvalidSpec |
+/// | Failed | Stalled | TooFewSites, RetriesExhausted |
+/// | any, `why` one of [`STALLED_REASONS`] (the exchange is not allowed) | Stalled | `why` |
 ///
 /// `why` and `message` are the plan's account of the phase.
 pub fn of_federated_training(
@@ -185,6 +186,7 @@ pub fn of_federated_training(
     let verdict = match phase {
         Some(P::Succeeded) => Verdict::Healthy,
         Some(P::Failed) => Verdict::Stalled,
+        _ if STALLED_REASONS.contains(&why) => Verdict::Stalled,
         _ => Verdict::Progressing,
     };
     Health::new(verdict, why, message)

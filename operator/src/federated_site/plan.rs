@@ -403,3 +403,372 @@ pub fn local_job(fs: &FederatedSite, global: &GlobalStatement) -> TrainingJob {
         status: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use radfm_federated::contribution::FORMAT;
+    use radfm_federated::exchange::GLOBAL_FORMAT;
+
+    const HUB: &str = "dd00000000000000000000000000000000000000000000000000000000000000";
+
+    fn site(status: Option<FederatedSiteStatus>) -> FederatedSite {
+        let yaml = format!(
+            "apiVersion: radfm.io/v1alpha1
+kind: FederatedSite
+metadata: {{name: north, namespace: site, uid: uid-fs, generation: 1}}
+spec:
+  federation: hub/cxr
+  site: north
+  hubPublicKey: {HUB}
+  exchange: {{uri: s3://exchange/cxr, credentialsSecretRef: {{name: exchange-store}}}}
+  signingKeySecretRef: {{name: north-key}}
+  dataset: {{uri: s3://north/cxr, credentialsSecretRef: {{name: north-store}}}}
+  workspace: s3://north/federated/
+  jobTemplate:
+    image: radfm/trainer:dev
+    labels: {{kueue.x-k8s.io/queue-name: site-gpus}}
+    workers: {{replicas: 1, gpusPerWorker: 1}}
+    training: {{batchSizePerDevice: 32, epochs: 4}}
+    checkpoint: {{uri: s3://ignored/ckpt, everySteps: 10}}
+  image: radfm/trainer:dev
+"
+        );
+        let mut fs: FederatedSite = serde_yaml_ng::from_str(&yaml).unwrap();
+        fs.status = status;
+        fs
+    }
+
+    fn global(round: u32) -> GlobalStatement {
+        GlobalStatement {
+            format: GLOBAL_FORMAT.into(),
+            federation: "hub/cxr".into(),
+            round,
+            digest: format!("sha256:{round}"),
+            previous: None,
+            last_round: 3,
+            local_steps: 40,
+            norm_bound: 10.0,
+        }
+    }
+
+    fn mine(round: u32) -> Contribution {
+        Contribution {
+            format: FORMAT.into(),
+            federation: "hub/cxr".into(),
+            site: "north".into(),
+            round,
+            base_digest: format!("sha256:{round}"),
+            update_digest: "sha256:u".into(),
+            samples: 1280,
+            steps: 40,
+            dataset_index_digest: "sha256:i".into(),
+            local_loss: 0.3,
+        }
+    }
+
+    fn pod(name: &str, round: u32, phase: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {LABEL_ROUND: round.to_string()}},
+            "status": {"phase": phase}
+        }))
+        .unwrap()
+    }
+
+    fn job(phase: Option<Phase>) -> TrainingJob {
+        let mut j = local_job(&site(None), &global(2));
+        j.status = phase.map(|phase| radfm_api::TrainingJobStatus {
+            phase: Some(phase),
+            ..Default::default()
+        });
+        j
+    }
+
+    fn run(
+        fs: &FederatedSite,
+        newest: Option<GlobalStatement>,
+        contributed: Option<Contribution>,
+        job: Option<TrainingJob>,
+        pods: Vec<Pod>,
+    ) -> Plan {
+        plan(
+            fs,
+            &Observed {
+                exchange: Ok(SiteView {
+                    newest,
+                    mine: contributed,
+                }),
+                job,
+                pods,
+                now: Timestamp::from_second(1_000_000).unwrap(),
+            },
+        )
+    }
+
+    fn ready(p: &Plan) -> (&str, &str) {
+        let c = p
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    /// (the round's job, pods, the pod created, a job created, the phase)
+    type Case = (
+        Option<TrainingJob>,
+        Vec<Pod>,
+        Option<&'static str>,
+        bool,
+        SitePhase,
+    );
+
+    #[test]
+    fn a_round_at_a_site_is_fetch_then_local_training_then_contribute() {
+        let fetched = || pod("north-r2-fetch", 2, "Succeeded");
+        // (job, pods, pod created, job created, phase)
+        let cases: Vec<Case> = vec![
+            (
+                None,
+                vec![],
+                Some("north-r2-fetch"),
+                false,
+                SitePhase::Fetching,
+            ),
+            (
+                None,
+                vec![pod("north-r2-fetch", 2, "Running")],
+                None,
+                false,
+                SitePhase::Fetching,
+            ),
+            (None, vec![fetched()], None, true, SitePhase::Training),
+            (
+                Some(job(None)),
+                vec![fetched()],
+                None,
+                false,
+                SitePhase::Training,
+            ),
+            (
+                Some(job(Some(Phase::Running))),
+                vec![fetched()],
+                None,
+                false,
+                SitePhase::Training,
+            ),
+            (
+                Some(job(Some(Phase::Succeeded))),
+                vec![fetched()],
+                Some("north-r2-contribute"),
+                false,
+                SitePhase::Contributing,
+            ),
+        ];
+        for (i, (job, pods, pod, creates_job, phase)) in cases.into_iter().enumerate() {
+            let p = run(&site(None), Some(global(2)), None, job, pods);
+            assert_eq!(
+                p.create_pod.as_ref().map(|p| p.name_any()),
+                pod.map(String::from),
+                "{i}"
+            );
+            assert_eq!(p.create_job.is_some(), creates_job, "{i}");
+            assert_eq!(p.status.phase, Some(phase), "{i}");
+            assert_eq!(ready(&p).0, "True", "{i}");
+            assert!(
+                p.delete_pods.is_empty(),
+                "{i}: the fetch pod stays: {:?}",
+                p.delete_pods
+            );
+            assert_eq!(p.requeue_after, Duration::from_secs(5), "{i}");
+        }
+    }
+
+    #[test]
+    fn the_fetch_pod_gets_the_exchange_settings_prefixed_and_no_key_the_contribute_pod_the_key() {
+        let fetch = run(&site(None), Some(global(2)), None, None, vec![]);
+        let spec = fetch.create_pod.unwrap().spec.unwrap();
+        let c = &spec.containers[0];
+        let env_from: Vec<(Option<&str>, &str)> = c
+            .env_from
+            .iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e.prefix.as_deref(),
+                    e.secret_ref.as_ref().unwrap().name.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            env_from,
+            [
+                (None, "north-store"),
+                (Some("RADFM_EXCHANGE_"), "exchange-store")
+            ]
+        );
+        assert!(spec.volumes.is_none(), "fetching signs nothing");
+        let args = c.args.as_ref().unwrap().join(" ");
+        assert!(
+            args.ends_with(&format!(
+                "--round 2 --hub-key {HUB} --out s3://north/federated/rounds/00002/global.safetensors"
+            )),
+            "{args}"
+        );
+        let contribute = run(
+            &site(None),
+            Some(global(2)),
+            None,
+            Some(job(Some(Phase::Succeeded))),
+            vec![pod("north-r2-fetch", 2, "Succeeded")],
+        );
+        let spec = contribute.create_pod.unwrap().spec.unwrap();
+        let args = spec.containers[0].args.as_ref().unwrap().join(" ");
+        assert!(
+            args.contains(
+                "--site north --local s3://north/federated/rounds/00002/checkpoints --precision f32"
+            ),
+            "{args}"
+        );
+        let key = spec.volumes.unwrap()[0].secret.clone().unwrap();
+        assert_eq!(key.secret_name.as_deref(), Some("north-key"));
+    }
+
+    #[test]
+    fn the_local_job_trains_the_hubs_model_on_the_sites_shards_for_the_hubs_steps() {
+        let j = job(None);
+        assert_eq!(j.name_any(), "north-r2");
+        let s = &j.spec;
+        assert_eq!(
+            s.model.init_from.as_deref(),
+            Some("s3://north/federated/rounds/00002/global.safetensors")
+        );
+        assert_eq!((s.training.steps, s.training.epochs), (Some(40), None));
+        assert_eq!(
+            s.checkpoint.uri,
+            "s3://north/federated/rounds/00002/checkpoints"
+        );
+        assert_eq!(s.dataset.uri, "s3://north/cxr");
+        assert_eq!(s.dataset.shards, None, "every shard of the site");
+        assert_eq!(s.export, None);
+        assert_eq!(
+            j.labels()
+                .get("kueue.x-k8s.io/queue-name")
+                .map(String::as_str),
+            Some("site-gpus"),
+            "the site's queue"
+        );
+    }
+
+    #[test]
+    fn a_failed_pod_is_retried_and_a_failed_local_job_gives_the_round_up() {
+        let p = run(
+            &site(None),
+            Some(global(2)),
+            None,
+            None,
+            vec![pod("north-r2-fetch", 2, "Failed")],
+        );
+        assert_eq!(p.status.failures, Some(1));
+        assert_eq!(p.delete_pods, ["north-r2-fetch"]);
+        let failed_job = run(
+            &site(None),
+            Some(global(2)),
+            None,
+            Some(job(Some(Phase::Failed))),
+            vec![pod("north-r2-fetch", 2, "Succeeded")],
+        );
+        assert_eq!(ready(&failed_job), ("False", why::LOCAL_TRAINING_FAILED));
+        assert!(failed_job.create_pod.is_none());
+        let given_up = run(
+            &site(Some(failed_job.status)),
+            Some(global(2)),
+            None,
+            Some(job(Some(Phase::Failed))),
+            vec![],
+        );
+        assert!(given_up.create_pod.is_none() && given_up.create_job.is_none());
+        let stalled = given_up
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled");
+        assert_eq!(stalled.unwrap().status, "False", "the next round heals it");
+        let next = run(
+            &site(Some(given_up.status)),
+            Some(global(3)),
+            None,
+            None,
+            vec![],
+        );
+        assert_eq!(next.status.failures, None);
+        assert_eq!(next.create_pod.unwrap().name_any(), "north-r3-fetch");
+    }
+
+    #[test]
+    fn an_upload_in_the_exchange_ends_the_round_and_the_hubs_result_ends_the_federation() {
+        let p = run(
+            &site(None),
+            Some(global(2)),
+            Some(mine(2)),
+            Some(job(Some(Phase::Succeeded))),
+            vec![
+                pod("north-r2-fetch", 2, "Succeeded"),
+                pod("north-r2-contribute", 2, "Succeeded"),
+                pod("north-r1-contribute", 1, "Running"),
+            ],
+        );
+        assert_eq!(p.status.phase, Some(SitePhase::Waiting));
+        assert_eq!(ready(&p), ("True", why::CONTRIBUTED));
+        assert_eq!(p.status.contributions[0].samples, 1280);
+        assert_eq!(p.events[0].reason, why::CONTRIBUTED);
+        assert_eq!(p.delete_pods.len(), 3);
+        assert_eq!(p.requeue_after, Duration::from_secs(60));
+        let again = run(
+            &site(Some(p.status)),
+            Some(global(2)),
+            Some(mine(2)),
+            None,
+            vec![],
+        );
+        assert_eq!(again.status.contributions.len(), 1, "recorded once");
+        assert!(again.events.is_empty());
+        let done = run(
+            &site(Some(again.status)),
+            Some(global(4)),
+            None,
+            None,
+            vec![],
+        );
+        assert_eq!(done.status.phase, Some(SitePhase::Finished));
+        assert_eq!(ready(&done), ("True", why::FINISHED));
+        assert!(done.create_pod.is_none());
+    }
+
+    #[test]
+    fn before_round_one_the_site_waits_and_an_unreadable_exchange_is_retried() {
+        let p = run(&site(None), None, None, None, vec![]);
+        assert_eq!(p.status.phase, Some(SitePhase::Waiting));
+        assert_eq!(ready(&p), ("True", why::WAITING));
+        let e = plan(
+            &site(None),
+            &Observed {
+                exchange: Err(ExchangeError {
+                    reason: why::EXCHANGE_UNAVAILABLE,
+                    message: "exchange: refused".into(),
+                }),
+                job: None,
+                pods: vec![],
+                now: Timestamp::from_second(1).unwrap(),
+            },
+        );
+        assert_eq!(ready(&e), ("False", why::EXCHANGE_UNAVAILABLE));
+        let reconciling = e
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Reconciling");
+        assert_eq!(reconciling.unwrap().status, "True");
+    }
+}

@@ -446,3 +446,358 @@ fn aggregate_step(ft: &FederatedTraining, round: u32) -> Step {
         phase: FederatedPhase::Aggregating,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use radfm_federated::exchange::{AdmittedRecord, PrivacySpent, RECORD_FORMAT, RejectedRecord};
+
+    const KEY_A: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
+    const KEY_B: &str = "bb00000000000000000000000000000000000000000000000000000000000000";
+    const KEY_C: &str = "cc00000000000000000000000000000000000000000000000000000000000000";
+
+    fn federation() -> FederatedTraining {
+        let yaml = format!(
+            "apiVersion: radfm.io/v1alpha1
+kind: FederatedTraining
+metadata: {{name: cxr, namespace: hub, uid: uid-ft, generation: 1}}
+spec:
+  baseModel: s3://models/base-ckpt
+  exchange: {{uri: s3://exchange/cxr, credentialsSecretRef: {{name: hub-store}}}}
+  signingKeySecretRef: {{name: hub-key}}
+  sites: [{{name: a, publicKey: {KEY_A}}}, {{name: b, publicKey: {KEY_B}}}, {{name: c, publicKey: {KEY_C}}}]
+  rounds: 2
+  localSteps: 50
+  minSites: 2
+  roundDeadlineSeconds: 600
+  aggregator: {{kind: TrimmedMean, trimFraction: 0.2}}
+  normBound: 10
+  differentialPrivacy: {{clip: 5, noiseMultiplier: 0.8}}
+  image: radfm/trainer:dev
+"
+        );
+        serde_yaml_ng::from_str(&yaml).unwrap()
+    }
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_000_000 + s).unwrap()
+    }
+
+    fn pod(name: &str, phase: &str, message: Option<&str>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"phase": phase, "containerStatuses": [{
+                "name": "federate", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 1, "message": message}}}]}
+        }))
+        .unwrap()
+    }
+
+    fn open_round(round: u32, uploaded: &[&str]) -> ExchangeView {
+        ExchangeView {
+            published: Some((round, format!("sha256:{round}{round}{round}"))),
+            uploaded: uploaded.iter().map(|s| s.to_string()).collect(),
+            records: Vec::new(),
+        }
+    }
+
+    /// `ft` with round `round` seen opened at `at(0)`.
+    fn in_round(round: u32, failures: Option<u32>) -> FederatedTraining {
+        let mut ft = federation();
+        ft.status = Some(FederatedTrainingStatus {
+            round: Some(round),
+            round_started_at: Some(Time(at(0))),
+            phase: Some(FederatedPhase::Training),
+            pod_failures: failures,
+            ..Default::default()
+        });
+        ft
+    }
+
+    fn run(ft: &FederatedTraining, view: ExchangeView, pods: Vec<Pod>, now: i64) -> Plan {
+        plan(
+            ft,
+            &Observed {
+                exchange: Ok(view),
+                pods,
+                now: at(now),
+            },
+        )
+    }
+
+    fn condition<'a>(plan: &'a Plan, ty: &str) -> (&'a str, &'a str) {
+        let c = plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ty)
+            .unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    fn args(pod: &Pod) -> String {
+        pod.spec.as_ref().unwrap().containers[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .join(" ")
+    }
+
+    #[test]
+    fn a_new_federation_publishes_round_one_from_the_base_model_in_a_pod_holding_the_hub_key() {
+        let p = run(&federation(), ExchangeView::default(), vec![], 0);
+        let pod = p.create_pod.as_ref().unwrap();
+        assert_eq!(pod.name_any(), "cxr-publish");
+        let a = args(pod);
+        for part in [
+            "federate publish --exchange s3://exchange/cxr --federation hub/cxr",
+            "--last-round 2 --local-steps 50 --norm-bound 10",
+            "--round 1 --model s3://models/base-ckpt",
+        ] {
+            assert!(a.contains(part), "{a}");
+        }
+        let spec = pod.spec.as_ref().unwrap();
+        let c = &spec.containers[0];
+        assert_eq!(
+            spec.volumes.as_ref().unwrap()[0]
+                .secret
+                .as_ref()
+                .unwrap()
+                .secret_name
+                .as_deref(),
+            Some("hub-key")
+        );
+        assert_eq!(c.env_from.as_ref().unwrap()[0].prefix, None);
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(p.status.phase, Some(FederatedPhase::Publishing));
+        assert_eq!(condition(&p, "Reconciling"), ("True", why::PUBLISHING));
+    }
+
+    #[test]
+    fn a_round_waits_for_its_sites_and_closes_when_all_are_in_or_at_its_deadline() {
+        // (uploaded, seconds since the round opened, aggregates, phase, health reason)
+        let cases: [(&[&str], i64, bool, FederatedPhase, &str); 6] = [
+            (&[], 10, false, FederatedPhase::Training, why::TRAINING),
+            (
+                &["a", "b"],
+                10,
+                false,
+                FederatedPhase::Training,
+                why::TRAINING,
+            ),
+            (
+                &["a", "b", "c"],
+                10,
+                true,
+                FederatedPhase::Aggregating,
+                why::AGGREGATING,
+            ),
+            (
+                &["a", "b"],
+                600,
+                true,
+                FederatedPhase::Aggregating,
+                why::AGGREGATING,
+            ),
+            (
+                &["a", "x"],
+                600,
+                false,
+                FederatedPhase::Failed,
+                why::TOO_FEW_SITES,
+            ),
+            (&[], 601, false, FederatedPhase::Failed, why::TOO_FEW_SITES),
+        ];
+        for (uploaded, now, aggregates, phase, reason) in cases {
+            let p = run(&in_round(1, None), open_round(1, uploaded), vec![], now);
+            let what = format!("{uploaded:?} at {now}s");
+            assert_eq!(p.create_pod.is_some(), aggregates, "{what}");
+            assert_eq!(p.status.phase, Some(phase), "{what}");
+            let health = if phase == FederatedPhase::Failed {
+                "Stalled"
+            } else {
+                "Reconciling"
+            };
+            assert_eq!(condition(&p, health), ("True", reason), "{what}");
+        }
+        let p = run(&in_round(1, None), open_round(1, &["a"]), vec![], 10);
+        assert_eq!(p.status.sites.as_deref(), Some("1/3"));
+        assert_eq!(p.requeue_after, Some(Duration::from_secs(10)));
+        let close = run(&in_round(1, None), open_round(1, &["a"]), vec![], 595);
+        assert_eq!(
+            close.requeue_after,
+            Some(Duration::from_secs(5)),
+            "the deadline"
+        );
+        let failed = run(&in_round(1, None), open_round(1, &["a"]), vec![], 600);
+        let stalled = failed
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled");
+        assert!(
+            stalled
+                .unwrap()
+                .message
+                .contains("1 of 3 sites; minSites is 2"),
+            "{stalled:?}"
+        );
+    }
+
+    #[test]
+    fn the_aggregate_pod_lists_every_site_key_the_aggregator_and_the_privacy_settings() {
+        let p = run(
+            &in_round(2, None),
+            open_round(2, &["a", "b", "c"]),
+            vec![],
+            5,
+        );
+        let pod = p.create_pod.unwrap();
+        assert_eq!(pod.name_any(), "cxr-r2-aggregate");
+        let a = args(&pod);
+        for part in [
+            "federate aggregate",
+            "--round 2 --min-sites 2 --aggregator trimmed-mean:0.2 --precision f32",
+            &format!("--site a={KEY_A} --site b={KEY_B} --site c={KEY_C}"),
+            "--dp-clip 5 --dp-noise-multiplier 0.8 --dp-delta 0.00001",
+        ] {
+            assert!(a.contains(part), "{part}: {a}");
+        }
+    }
+
+    #[test]
+    fn a_failed_step_is_retried_twice_then_the_federation_fails_with_the_pods_message() {
+        let failed = || {
+            vec![pod(
+                "cxr-r1-aggregate",
+                "Failed",
+                Some("Error: minSites: round 1 admitted 1 of at least 2 sites\n"),
+            )]
+        };
+        let all_in = || open_round(1, &["a", "b", "c"]);
+        let first = run(&in_round(1, None), all_in(), failed(), 5);
+        assert_eq!(first.status.pod_failures, Some(1));
+        assert_eq!(first.delete_pods, ["cxr-r1-aggregate"]);
+        assert!(
+            first.create_pod.is_none(),
+            "recreated once the old one is gone"
+        );
+        assert_eq!(first.status.phase, Some(FederatedPhase::Aggregating));
+        let again = run(&in_round(1, Some(1)), all_in(), vec![], 6);
+        assert!(again.create_pod.is_some());
+        let last = run(&in_round(1, Some(2)), all_in(), failed(), 7);
+        assert_eq!(last.status.phase, Some(FederatedPhase::Failed));
+        let stalled = last.status.conditions.iter().find(|c| c.type_ == "Stalled");
+        let stalled = stalled.unwrap();
+        assert_eq!(stalled.reason, why::RETRIES_EXHAUSTED);
+        assert!(
+            stalled.message.contains("admitted 1 of at least 2 sites"),
+            "{}",
+            stalled.message
+        );
+        // Finished is final: a later pass keeps the reason.
+        let mut done = federation();
+        done.status = Some(last.status);
+        let later = run(&done, all_in(), failed(), 8);
+        assert_eq!(later.status.phase, Some(FederatedPhase::Failed));
+        assert_eq!(
+            condition(&later, "Stalled"),
+            ("True", why::RETRIES_EXHAUSTED)
+        );
+        assert_eq!(later.delete_pods, ["cxr-r1-aggregate"]);
+    }
+
+    #[test]
+    fn closed_rounds_come_into_the_status_from_the_hubs_records_with_refusals_as_warnings() {
+        let record = RoundRecord {
+            format: RECORD_FORMAT.into(),
+            federation: "hub/cxr".into(),
+            round: 1,
+            base_digest: "sha256:111".into(),
+            aggregator: "trimmed-mean:0.2".into(),
+            admitted: vec![AdmittedRecord {
+                site: "a".into(),
+                samples: 640,
+                steps: 50,
+                norm: 3.5,
+                update_digest: "sha256:u".into(),
+                dataset_index_digest: "sha256:i".into(),
+                local_loss: 0.4,
+            }],
+            rejected: vec![RejectedRecord {
+                site: "b".into(),
+                reason: "NormTooLarge".into(),
+                message: "update norm 99 is over the bound 10".into(),
+            }],
+            next_digest: "sha256:222".into(),
+            privacy: Some(PrivacySpent {
+                epsilon: 3.1,
+                delta: 1e-5,
+            }),
+        };
+        let mut view = open_round(2, &[]);
+        view.records = vec![record];
+        let finished_pod = pod("cxr-r1-aggregate", "Succeeded", None);
+        let p = run(&in_round(1, None), view, vec![finished_pod], 700);
+        assert_eq!(p.status.round, Some(2));
+        assert_eq!(
+            p.status.round_started_at,
+            Some(Time(at(700))),
+            "round 2's clock"
+        );
+        assert_eq!(p.status.phase, Some(FederatedPhase::Training));
+        assert_eq!(p.delete_pods, ["cxr-r1-aggregate"]);
+        let r = &p.status.rounds[0];
+        assert_eq!(
+            (r.round, r.admitted[0].samples, r.epsilon),
+            (1, 640, Some(3.1))
+        );
+        assert_eq!(r.rejected[0].reason, "NormTooLarge");
+        let reasons: Vec<&str> = p.events.iter().map(|e| e.reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                why::ROUND_CLOSED,
+                why::CONTRIBUTION_REJECTED,
+                why::ROUND_OPENED
+            ]
+        );
+    }
+
+    #[test]
+    fn the_model_after_the_last_round_is_the_result() {
+        let p = run(&in_round(2, None), open_round(3, &[]), vec![], 900);
+        assert_eq!(p.status.phase, Some(FederatedPhase::Succeeded));
+        assert_eq!(p.status.round, Some(2));
+        assert_eq!(p.status.result_digest.as_deref(), Some("sha256:333"));
+        assert_eq!(condition(&p, "Ready"), ("True", why::SUCCEEDED));
+        assert_eq!(p.requeue_after, None);
+    }
+
+    #[test]
+    fn an_exchange_that_is_not_allowed_stalls_and_one_that_does_not_answer_is_retried() {
+        for (reason, health) in [
+            (
+                radfm_api::conditions::continual_reason::INVALID_SPEC,
+                "Stalled",
+            ),
+            (why::EXCHANGE_UNAVAILABLE, "Reconciling"),
+        ] {
+            let p = plan(
+                &federation(),
+                &Observed {
+                    exchange: Err(ExchangeError {
+                        reason,
+                        message: "exchange s3://exchange/cxr: no".into(),
+                    }),
+                    pods: vec![],
+                    now: at(0),
+                },
+            );
+            assert_eq!(condition(&p, health), ("True", reason));
+            assert!(p.create_pod.is_none());
+            assert_eq!(p.requeue_after, Some(Duration::from_secs(30)));
+        }
+    }
+}
