@@ -42,6 +42,7 @@ use crate::trainingjob::{DatasetSpec, SecretRef};
 pub struct FederatedTrainingSpec {
     /// The model round 1 starts from: a checkpoint folder URI (its newest committed checkpoint,
     /// every variable) or a `.safetensors` file of every variable.
+    #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("baseModel must start with s3://, gs://, az:// or file://"))]
     pub base_model: String,
     /// Where the hub and the sites exchange models.
@@ -50,8 +51,8 @@ pub struct FederatedTrainingSpec {
     /// into the hub's publish and aggregate pods.
     pub signing_key_secret_ref: KeySecretRef,
     /// The participating sites and their public keys.
-    #[schemars(length(min = 1, max = 256))]
-    #[x_kube(validation = Rule::new("self.all(s, self.exists_one(t, t.name == s.name))").message("site names must be unique"))]
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub sites: Vec<FederatedSiteEntry>,
     /// Training rounds.
     #[schemars(range(min = 1, max = 10000))]
@@ -98,6 +99,7 @@ fn default_round_deadline() -> i64 {
 #[serde(rename_all = "camelCase")]
 pub struct ExchangeSpec {
     /// Folder URI; the hub writes `rounds/`, each site only `sites/<name>/`.
+    #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("exchange.uri must start with s3://, gs://, az:// or file://"))]
     pub uri: String,
     /// Secret whose keys are the exchange's store settings (AWS_*, GOOGLE_*, AZURE_*); a site's
@@ -110,11 +112,13 @@ pub struct ExchangeSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct FederatedSiteEntry {
-    /// The site's name: its prefix in the exchange.
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && self.size() <= 63").message("site names are DNS labels"))]
+    /// The site's name (unique): its prefix in the exchange.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("site names are DNS labels"))]
     pub name: String,
     /// The site's ed25519 public key (hex), the only key its updates may be signed with.
-    #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F]{64}$')").message("publicKey must be 64 hex digits"))]
+    #[schemars(length(min = 64, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F]+$')").message("publicKey must be 64 hex digits"))]
     pub public_key: String,
 }
 
@@ -330,13 +334,16 @@ pub struct RejectedContribution {
 #[serde(rename_all = "camelCase")]
 pub struct FederatedSiteSpec {
     /// The federation: `namespace/name` of the hub's FederatedTraining.
+    #[schemars(length(max = 127))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z]([-a-z0-9]*[a-z0-9])?$')").message("federation must be NAMESPACE/NAME of the hub's FederatedTraining"))]
     pub federation: String,
     /// This site's name in the federation (its prefix in the exchange).
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && self.size() <= 63").message("site must be a DNS label"))]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("site must be a DNS label"))]
     pub site: String,
     /// The hub's ed25519 public key (hex): global models not signed with it are refused.
-    #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F]{64}$')").message("hubPublicKey must be 64 hex digits"))]
+    #[schemars(length(min = 64, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F]+$')").message("hubPublicKey must be 64 hex digits"))]
     pub hub_public_key: String,
     /// The exchange folder, and the Secret with the store settings that reach it.
     pub exchange: ExchangeSpec,
@@ -346,6 +353,7 @@ pub struct FederatedSiteSpec {
     pub dataset: DatasetSpec,
     /// Folder on the site's own store for each round's global model and local checkpoints
     /// (`<workspace>/rounds/<r>/`).
+    #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("workspace must start with s3://, gs://, az:// or file://"))]
     pub workspace: String,
     /// The local TrainingJob of each round (its steps come from the hub; its checkpoint folder

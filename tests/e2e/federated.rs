@@ -410,3 +410,499 @@ fn sites_train_the_global_model_with_the_real_trainer_and_the_hub_aggregates() {
     );
     assert!(next.minus(&base, "step").unwrap().norm() > 0.0);
 }
+
+/// One organisation of the federation: its control plane, its operator and its own S3 server
+/// (keys no other organisation has).
+struct Org {
+    name: &'static str,
+    cluster: radfm_e2e::Cluster,
+    s3: S3Server,
+    _operator: radfm_e2e::Operator,
+}
+
+const HUB_NS: &str = "hub";
+const SITE_NS: &str = "hospital";
+const ROUNDS: u32 = 3;
+
+impl Org {
+    /// Starts the organisation's control plane and operator; the operator reads the exchange
+    /// (on `exchange`'s server) with `exchange_env`, the cluster's allowances cover it.
+    async fn start(
+        name: &'static str,
+        ns: &str,
+        exchange_env: &[(String, String)],
+        extra: &[&str],
+    ) -> Org {
+        let s3 = S3Server::start_owned_by(name).unwrap();
+        let cluster = radfm_e2e::Cluster::start(1, 0).await.unwrap();
+        std::mem::forget(cluster.namespace(ns).await.unwrap());
+        let env: Vec<(&str, &str)> = exchange_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let operator = cluster
+            .start_operator_with_env(ns, &format!("operator-{name}"), extra, &env)
+            .unwrap();
+        Org {
+            name,
+            cluster,
+            s3,
+            _operator: operator,
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        self.s3.env()
+    }
+
+    /// A Secret of `pairs` in `ns`.
+    fn secret(&self, ns: &str, name: &str, pairs: &[(String, String)]) {
+        let mut args = vec![
+            "create".to_string(),
+            "secret".into(),
+            "generic".into(),
+            name.into(),
+            "-n".into(),
+            ns.into(),
+        ];
+        args.extend(pairs.iter().map(|(k, v)| format!("--from-literal={k}={v}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cluster.kubectl_ok(&args).unwrap();
+    }
+
+    fn apply(&self, ns: &str, yaml: &str) {
+        let out = self
+            .cluster
+            .kubectl_stdin(&["apply", "-n", ns, "-f", "-"], Some(yaml));
+        assert!(
+            out.status.success(),
+            "{}: kubectl apply: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Plays the kubelet for every Running pod of `ns` not played yet; returns what the
+    /// contribute pods printed.
+    async fn play_pods(
+        &self,
+        ns: &str,
+        dir: &Path,
+        played: &mut std::collections::BTreeSet<String>,
+    ) -> Vec<String> {
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(self.cluster.client.clone(), ns);
+        let mut printed = Vec::new();
+        for pod in pods.list(&Default::default()).await.unwrap() {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            if !running || !played.insert(uid) {
+                continue;
+            }
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let out = radfm_e2e::kubelet::play(
+                &self.cluster,
+                &pod,
+                dir,
+                &[("RADFM_MASTER_ADDR", "127.0.0.1")],
+            )
+            .await
+            .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: pod {name}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if name.ends_with("-contribute") {
+                printed.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+            }
+        }
+        printed
+    }
+}
+
+fn federated_training_yaml(exchange: &str, public: &BTreeMap<String, String>) -> String {
+    format!(
+        "apiVersion: radfm.io/v1alpha1
+kind: FederatedTraining
+metadata: {{name: cxr}}
+spec:
+  baseModel: s3://radfm/base-ckpt
+  exchange: {{uri: '{exchange}', credentialsSecretRef: {{name: hub-store}}}}
+  signingKeySecretRef: {{name: hub-key}}
+  sites:
+  - {{name: north, publicKey: {north}}}
+  - {{name: south, publicKey: {south}}}
+  - {{name: east, publicKey: {east}}}
+  rounds: {ROUNDS}
+  localSteps: 3
+  minSites: 2
+  roundDeadlineSeconds: 600
+  aggregator: {{kind: TrimmedMean, trimFraction: 0.0}}
+  normBound: 1000
+  image: radfm/trainer:dev
+",
+        north = public["north"],
+        south = public["south"],
+        east = public["east"],
+    )
+}
+
+fn federated_site_yaml(site: &str, exchange: &str, hub: &str) -> String {
+    format!(
+        "apiVersion: radfm.io/v1alpha1
+kind: FederatedSite
+metadata: {{name: cxr}}
+spec:
+  federation: {HUB_NS}/cxr
+  site: {site}
+  hubPublicKey: {hub}
+  exchange: {{uri: '{exchange}', credentialsSecretRef: {{name: exchange-store}}}}
+  signingKeySecretRef: {{name: site-key}}
+  dataset: {{uri: s3://radfm/cxr, credentialsSecretRef: {{name: site-store}}}}
+  workspace: s3://radfm/federated
+  jobTemplate:
+    image: radfm/trainer:dev
+    workers: {{replicas: 1, gpusPerWorker: 0}}
+    model: {{architecture: vit-tiny, imageSize: 64, patchSize: 8}}
+    training: {{steps: 1, batchSizePerDevice: 16, learningRate: 0.001, warmupSteps: 1}}
+    checkpoint: {{uri: s3://radfm/unused, everySteps: 1000}}
+  image: radfm/trainer:dev
+  pollIntervalSeconds: 5
+"
+    )
+}
+
+/// The hub's FederatedTraining, once `done` holds of it (the sites' pods played meanwhile).
+async fn drive(
+    hub: &Org,
+    sites: &[&Org],
+    dir: &Path,
+    played: &mut std::collections::BTreeSet<String>,
+    sent: &mut Vec<String>,
+    what: &str,
+    done: impl Fn(&radfm_api::federated::FederatedTrainingStatus) -> bool,
+) -> radfm_api::federated::FederatedTrainingStatus {
+    let fts: kube::Api<radfm_api::federated::FederatedTraining> =
+        kube::Api::namespaced(hub.cluster.client.clone(), HUB_NS);
+    let start = std::time::Instant::now();
+    loop {
+        let status = fts.get("cxr").await.unwrap().status.unwrap_or_default();
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(300),
+            "{what}: {status:#?}\n{}",
+            hub.cluster.log_tail("operator-hub")
+        );
+        hub.play_pods(HUB_NS, dir, played).await;
+        for site in sites {
+            sent.extend(site.play_pods(SITE_NS, dir, played).await);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Hub and sites on their own control planes, S3 servers and keys: the FederatedTraining
+/// publishes, each FederatedSite fetches, trains with a local TrainingJob and uploads; a silent
+/// listed site makes round 1 close at its deadline; its forged and replayed uploads are refused
+/// with their reasons in the status; three rounds end in a result every site sees.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_resources() {
+    let _serial = radfm_e2e::serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("hub-clock");
+    let t0 = jiff::Timestamp::now();
+    std::fs::write(&clock, t0.to_string()).unwrap();
+    let hub_s3 = S3Server::start_owned_by("hub").unwrap();
+    let exchange_env = hub_s3.env();
+    let exchange = "s3://radfm/exchange";
+    let hub = Org::start(
+        "hub",
+        HUB_NS,
+        &exchange_env,
+        &["--clock-file", clock.to_str().unwrap()],
+    )
+    .await;
+    // The hub's store is the exchange's (the registry side of the hub).
+    let hub = Org { s3: hub_s3, ..hub };
+    let north = Org::start("north", SITE_NS, &exchange_env, &[]).await;
+    let south = Org::start("south", SITE_NS, &exchange_env, &[]).await;
+    let (keys, public) = keygen(dir.path(), &["hub", "north", "south", "east"]);
+    let key_of = |who: &str| std::fs::read_to_string(keys.join(format!("{who}.key"))).unwrap();
+
+    // The base model: a short run of the real trainer on the hub's own store.
+    let hub_env: Vec<(&str, &str)> = exchange_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let sample = radfm_e2e::repo_root().join("manifests/samples/trainingjob-local.yaml");
+    radfm_e2e::ok(&radfm_e2e::radfm(
+        &[
+            "run",
+            sample.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--steps",
+            "1",
+            "--dataset",
+            &format!("file://{}/hub-cohort", dir.path().display()),
+            "--checkpoint",
+            "s3://radfm/base-ckpt",
+            "--synth-samples",
+            "64",
+            "--quiet",
+        ],
+        &hub_env,
+    ));
+    // Each hospital's images, on its own server only.
+    for (i, site) in [&north, &south].iter().enumerate() {
+        let env = site.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        radfm_e2e::ok(&radfm_e2e::radfm(
+            &[
+                "synth",
+                "--out",
+                "s3://radfm/cxr",
+                "--samples",
+                "96",
+                "--size",
+                "64",
+                "--sites",
+                site.name,
+                "--seed",
+                &(20 + i).to_string(),
+                "--shard-mib",
+                "0.5",
+            ],
+            &env,
+        ));
+        let pairs = [("ed25519.key".to_string(), key_of(site.name))];
+        site.secret(SITE_NS, "site-key", &pairs);
+        site.secret(SITE_NS, "site-store", &site.env());
+        site.secret(SITE_NS, "exchange-store", &exchange_env);
+        site.apply(
+            SITE_NS,
+            &federated_site_yaml(site.name, exchange, &public["hub"]),
+        );
+    }
+    hub.secret(HUB_NS, "hub-key", &[("ed25519.key".into(), key_of("hub"))]);
+    hub.secret(HUB_NS, "hub-store", &exchange_env);
+    hub.apply(HUB_NS, &federated_training_yaml(exchange, &public));
+
+    let mut played = std::collections::BTreeSet::new();
+    let mut sent = Vec::new();
+    let sites = [&north, &south];
+    // Round 1: north and south upload, east never answers; the round waits until its deadline.
+    let st = drive(
+        &hub,
+        &sites,
+        dir.path(),
+        &mut played,
+        &mut sent,
+        "round 1 uploads",
+        |s| s.round == Some(1) && s.sites.as_deref() == Some("2/3"),
+    )
+    .await;
+    assert_eq!(
+        st.phase,
+        Some(radfm_api::federated::FederatedPhase::Training)
+    );
+    std::fs::write(
+        &clock,
+        (t0 + jiff::SignedDuration::from_secs(601)).to_string(),
+    )
+    .unwrap();
+    let st = drive(
+        &hub,
+        &sites,
+        dir.path(),
+        &mut played,
+        &mut sent,
+        "round 2 opens",
+        |s| s.round == Some(2),
+    )
+    .await;
+    let r1 = &st.rounds[0];
+    let admitted: Vec<&str> = r1.admitted.iter().map(|a| a.site.as_str()).collect();
+    assert_eq!(
+        admitted,
+        ["north", "south"],
+        "closed at the deadline with 2 of 3"
+    );
+
+    // Round 2: "east" uploads an update signed with north's key.
+    let ex_env: Vec<(&str, &str)> = hub_env.clone();
+    let fed = format!("{HUB_NS}/cxr");
+    let common = ["--exchange", exchange, "--federation", fed.as_str()];
+    let global2 = dir.path().join("global2.safetensors");
+    radfm_e2e::ok(&radfm_e2e::radfm(
+        &[
+            &["federate", "fetch"][..],
+            &common,
+            &["--round", "2", "--hub-key", &public["hub"], "--out"],
+            &[global2.to_str().unwrap()],
+        ]
+        .concat(),
+        &ex_env,
+    ));
+    let north_key = keys.join("north.key").display().to_string();
+    radfm_e2e::ok(&radfm_e2e::radfm(
+        &[
+            &["federate", "contribute"][..],
+            &common,
+            &[
+                "--round",
+                "2",
+                "--hub-key",
+                &public["hub"],
+                "--site",
+                "east",
+            ],
+            &[
+                "--key-file",
+                &north_key,
+                "--local",
+                global2.to_str().unwrap(),
+            ],
+            &[
+                "--samples",
+                "96",
+                "--steps",
+                "3",
+                "--dataset-index-digest",
+                "east",
+            ],
+        ]
+        .concat(),
+        &ex_env,
+    ));
+    let st = drive(
+        &hub,
+        &sites,
+        dir.path(),
+        &mut played,
+        &mut sent,
+        "round 3 opens",
+        |s| s.round == Some(3),
+    )
+    .await;
+    let r2 = &st.rounds[1];
+    assert_eq!(r2.admitted.len(), 2, "{r2:?}");
+    assert_eq!(
+        (r2.rejected[0].site.as_str(), r2.rejected[0].reason.as_str()),
+        ("east", "WrongKey")
+    );
+
+    // Round 3: east replays north's signed round-2 upload under its own prefix.
+    let bucket = hub.s3.bucket_dir().join("exchange/sites");
+    let east3 = bucket.join("east/rounds/00003");
+    std::fs::create_dir_all(&east3).unwrap();
+    for f in ["update.safetensors", "contribution.json"] {
+        std::fs::copy(bucket.join("north/rounds/00002").join(f), east3.join(f)).unwrap();
+    }
+    let st = drive(
+        &hub,
+        &sites,
+        dir.path(),
+        &mut played,
+        &mut sent,
+        "success",
+        |s| s.phase == Some(radfm_api::federated::FederatedPhase::Succeeded),
+    )
+    .await;
+    assert_eq!(st.rounds.len(), ROUNDS as usize);
+    let r3 = &st.rounds[2];
+    assert_eq!(
+        (r3.rejected[0].site.as_str(), r3.rejected[0].reason.as_str()),
+        ("east", "OtherRound")
+    );
+    for r in &st.rounds {
+        assert!(
+            r.admitted
+                .iter()
+                .all(|a| a.samples == 3 * 16 && a.norm > 0.0),
+            "{r:?}"
+        );
+    }
+    assert_eq!(st.result_digest.as_deref(), Some(r3.next_digest.as_str()));
+    let printed = hub
+        .cluster
+        .kubectl_ok(&["get", "ft", "-n", HUB_NS])
+        .unwrap();
+    assert!(
+        printed.contains("ROUND") && printed.contains("Succeeded"),
+        "{printed}"
+    );
+
+    // Every site took part in every round and sees the result.
+    for site in sites {
+        let fss: kube::Api<radfm_api::federated::FederatedSite> =
+            kube::Api::namespaced(site.cluster.client.clone(), SITE_NS);
+        let fs = radfm_e2e::wait_object(
+            &fss,
+            "cxr",
+            std::time::Duration::from_secs(60),
+            "finished",
+            |fs| {
+                fs.status.as_ref().and_then(|s| s.phase)
+                    == Some(radfm_api::federated::SitePhase::Finished)
+            },
+        )
+        .await;
+        let rounds: Vec<u32> = fs
+            .status
+            .unwrap()
+            .contributions
+            .iter()
+            .map(|c| c.round)
+            .collect();
+        assert_eq!(rounds, [1, 2, 3], "{}", site.name);
+    }
+    for line in &sent {
+        eprintln!("bytes sent by a site in a round: {line}");
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["bytesSent"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(sent.len(), 6, "two sites, three rounds");
+
+    // Only models, updates and statements are in the exchange; the hub's credentials open no
+    // hospital's store.
+    for entry in walk(&hub.s3.bucket_dir().join("exchange")) {
+        let name = entry.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            name.ends_with(".safetensors") || name.ends_with(".json"),
+            "unexpected object in the exchange: {}",
+            entry.display()
+        );
+        assert!(!name.starts_with("shard"), "{}", entry.display());
+    }
+    let mut hub_at_north = exchange_env.clone();
+    for (k, v) in &mut hub_at_north {
+        if k == "AWS_ENDPOINT_URL" {
+            *v = format!("http://127.0.0.1:{}", north.s3.port);
+        }
+    }
+    let north_store =
+        radfm_data::store::Location::open_with("s3://radfm/cxr", hub_at_north.clone()).unwrap();
+    // versitygw answers an unknown access key with 404 (XAdminUserNotFound; AWS says 403):
+    // either way, no bytes.
+    let refused = north_store.get_opt("index.json").await;
+    assert!(
+        !matches!(refused, Ok(Some(_))),
+        "the hub read north's images"
+    );
+    // Knowing north's access key without its secret is refused outright.
+    for (k, v) in &mut hub_at_north {
+        if k == "AWS_ACCESS_KEY_ID" {
+            *v = "north-access".into();
+        }
+    }
+    let guessed = radfm_data::store::Location::open_with("s3://radfm/cxr", hub_at_north).unwrap();
+    let refused = guessed.get_opt("index.json").await;
+    assert!(refused.is_err(), "{refused:?}");
+    let own = radfm_data::store::Location::open_with("s3://radfm/cxr", north.env()).unwrap();
+    assert!(own.get_opt("index.json").await.unwrap().is_some());
+}

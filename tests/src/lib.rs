@@ -10,6 +10,7 @@
 //! which the operator must cope with anyway.
 #![deny(missing_docs)]
 
+pub mod kubelet;
 pub mod kueue;
 pub mod node;
 
@@ -849,6 +850,20 @@ impl Cluster {
         exit_code: i32,
         reason: &str,
     ) -> Result<()> {
+        self.end_pod_with_message(namespace, pod, exit_code, reason, None)
+            .await
+    }
+
+    /// [`Cluster::end_pod`] with the termination message the container left (what
+    /// `terminationMessagePolicy: FallbackToLogsOnError` makes of a failed container's log).
+    pub async fn end_pod_with_message(
+        &self,
+        namespace: &str,
+        pod: &str,
+        exit_code: i32,
+        reason: &str,
+        message: Option<&str>,
+    ) -> Result<()> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let phase = if exit_code == 0 {
             "Succeeded"
@@ -860,7 +875,7 @@ impl Cluster {
             "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}],
             "containerStatuses": [{
                 "name": "trainer", "image": "radfm", "imageID": "", "ready": false, "restartCount": 0,
-                "state": {"terminated": {"exitCode": exit_code, "reason": reason}},
+                "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message}},
             }],
         }});
         pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status))
@@ -1157,6 +1172,8 @@ pub struct S3Server {
     pub host: String,
     /// Port.
     pub port: u16,
+    access_key: String,
+    secret_key: String,
 }
 
 /// Access key of the test S3 server.
@@ -1168,6 +1185,16 @@ impl S3Server {
     /// Starts the server (`make s3-server` builds it; `$RADFM_S3_SERVER` overrides the path).
     pub fn start() -> Result<S3Server> {
         S3Server::start_on("127.0.0.1")
+    }
+
+    /// Starts a server of its own keys (`owner` in both): another organisation's store, which
+    /// no other server's credentials open.
+    pub fn start_owned_by(owner: &str) -> Result<S3Server> {
+        let mut s = S3Server::start_on("127.0.0.1")?;
+        s.access_key = format!("{owner}-access");
+        s.secret_key = format!("{owner}-secret-key-0123456789");
+        s.restart()?;
+        Ok(s)
     }
 
     /// Starts the server listening on `host` (an address pods reach, on a real node).
@@ -1192,6 +1219,8 @@ impl S3Server {
             bin,
             host: host.to_string(),
             port: free_port(),
+            access_key: S3_ACCESS_KEY.into(),
+            secret_key: S3_SECRET_KEY.into(),
         };
         s.restart()?;
         Ok(s)
@@ -1207,9 +1236,9 @@ impl S3Server {
         let mut cmd = Command::new(&self.bin);
         cmd.args([
             "--access",
-            S3_ACCESS_KEY,
+            &self.access_key,
             "--secret",
-            S3_SECRET_KEY,
+            &self.secret_key,
             "--port",
             &format!("{}:{}", self.host, self.port),
             "--quiet",
@@ -1245,8 +1274,8 @@ impl S3Server {
     /// The AWS_* variables a client needs.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
+            ("AWS_ACCESS_KEY_ID".into(), self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), self.secret_key.clone()),
             (
                 "AWS_ENDPOINT_URL".into(),
                 format!("http://{}:{}", self.host, self.port),
