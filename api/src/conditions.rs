@@ -134,7 +134,11 @@ pub mod federated_reason {
     pub const ROUND_CLOSED: &str = "RoundClosed";
     /// A contribution was refused.
     pub const CONTRIBUTION_REJECTED: &str = "ContributionRejected";
-    /// Every round is closed.
+    /// The result is being exported and registered.
+    pub const REGISTERING: &str = "Registering";
+    /// The result was registered.
+    pub const REGISTERED: &str = "VersionRegistered";
+    /// Every round is closed (and the result registered where asked).
     pub const SUCCEEDED: &str = "Succeeded";
     /// A round's deadline passed with fewer sites than minSites.
     pub const TOO_FEW_SITES: &str = "TooFewSites";

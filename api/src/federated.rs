@@ -37,14 +37,22 @@ use crate::trainingjob::{DatasetSpec, SecretRef};
         .message("metadata.name must be a DNS-1035 label of at most 40 characters (pod names append -r<round>-aggregate)"),
     validation = Rule::new("self.spec.minSites <= self.spec.sites.size()")
         .message("spec.minSites cannot exceed the number of listed sites"),
+    validation = Rule::new("has(self.spec.registry) || (!has(self.spec.register) && !has(self.spec.baseModel.registered))")
+        .message("spec.registry is needed by spec.register and spec.baseModel.registered"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FederatedTrainingSpec {
-    /// The model round 1 starts from: a checkpoint folder URI (its newest committed checkpoint,
-    /// every variable) or a `.safetensors` file of every variable.
+    /// The model round 1 starts from.
+    pub base_model: FederatedBaseModel,
+    /// The model registry the base model is resolved in and the result is registered to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("baseModel must start with s3://, gs://, az:// or file://"))]
-    pub base_model: String,
+    #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("registry must start with s3://, gs://, az:// or file://"))]
+    pub registry: Option<String>,
+    /// Registers the result as a new version with the lineage of every round (a candidate:
+    /// promotion stays with the PromotionPolicy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register: Option<FederatedRegister>,
     /// Where the hub and the sites exchange models.
     pub exchange: ExchangeSpec,
     /// Secret holding the hub's ed25519 signing key (hex seed, `radfm keygen`); mounted only
@@ -84,6 +92,58 @@ pub struct FederatedTrainingSpec {
     /// Image of the publish and aggregate pods (it runs `radfm federate`).
     #[schemars(length(min = 1))]
     pub image: String,
+}
+
+/// The model a federation starts from: a registered version or a URI.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.uri) != has(self.registered)").message("baseModel takes exactly one of uri and registered"))]
+pub struct FederatedBaseModel {
+    /// A checkpoint folder (its newest committed checkpoint, every variable), a `.safetensors`
+    /// file of every variable, or an exported model folder (its encoder; the decoder starts
+    /// fresh from a fixed seed, the same at every site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("baseModel.uri must start with s3://, gs://, az:// or file://"))]
+    pub uri: Option<String>,
+    /// A version in `spec.registry`, by alias (resolved when round 1 is published).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered: Option<RegisteredModel>,
+}
+
+/// A registered model version by alias.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisteredModel {
+    /// Model name in the registry.
+    #[schemars(length(min = 1, max = 253))]
+    pub model: String,
+    /// Alias (or version number) of the version.
+    #[serde(default = "default_production")]
+    #[schemars(length(min = 1, max = 63))]
+    pub alias: String,
+}
+
+fn default_production() -> String {
+    "production".into()
+}
+
+/// Where a federation's result is registered.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FederatedRegister {
+    /// Model name in the registry.
+    #[schemars(length(min = 1, max = 253))]
+    pub model: String,
+    /// Alias the new version gets.
+    #[serde(default = "default_candidate")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self != 'production'").message("register.alias cannot be production: promotion is the PromotionPolicy gate's decision"))]
+    pub alias: String,
+}
+
+fn default_candidate() -> String {
+    "candidate".into()
 }
 
 fn default_min_sites() -> u32 {
@@ -217,6 +277,8 @@ pub enum FederatedPhase {
     Training,
     /// The round is being closed and the next model published.
     Aggregating,
+    /// The result is being exported and registered.
+    Registering,
     /// Every round is closed; `status.resultDigest` is the federated model.
     Succeeded,
     /// The federation stopped (too few sites at a deadline, or a pod that kept failing).
@@ -259,6 +321,15 @@ pub struct FederatedTrainingStatus {
     /// Digest of the federated model (the global model after the last round).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_digest: Option<String>,
+    /// The model round 1 was published from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_uri: Option<String>,
+    /// The registered version round 1 started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<u64>,
+    /// The version the result was registered as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_version: Option<u64>,
     /// Failed publish or aggregate pods of the current step, retried up to 3 times.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_failures: Option<u32>,

@@ -33,6 +33,9 @@ pub enum FederateCmd {
     Aggregate(AggregateArgs),
     /// Which rounds are published and which sites uploaded to each.
     Status(StatusArgs),
+    /// Hub: export the federation's result and register it in a model registry with the
+    /// lineage of every round (a candidate: promotion stays with the PromotionPolicy).
+    Register(RegisterArgs),
 }
 
 /// Where the federation exchanges models.
@@ -228,6 +231,42 @@ pub struct AggregateArgs {
     precision: Wire,
 }
 
+/// Arguments of `radfm federate register`.
+#[derive(clap::Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    exchange: ExchangeArgs,
+    /// The hub's public key (hex): every round record and the result must be signed with it
+    /// (default: the public half of --key-file).
+    #[arg(long)]
+    hub_key: Option<String>,
+    /// File holding the hub's signing key (only its public half is used).
+    #[arg(long, env = "RADFM_SIGNING_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// The federation's last training round (the result is the model opening the next one).
+    #[arg(long)]
+    last_round: u32,
+    /// The model round 1 started from (a checkpoint folder or an exported model folder): the
+    /// result's model card takes its architecture and input normalisation.
+    #[arg(long)]
+    base: String,
+    /// Where to export the result (a folder URI).
+    #[arg(long)]
+    out: String,
+    /// The registry URI.
+    #[arg(long)]
+    registry: String,
+    /// The model name in the registry.
+    #[arg(long)]
+    model: String,
+    /// The alias the new version gets (never production: promotion is the gate's).
+    #[arg(long, default_value = "candidate")]
+    alias: String,
+    /// The registered version round 1 started from, if it was one.
+    #[arg(long)]
+    parent: Option<u64>,
+}
+
 /// Arguments of `radfm federate status`.
 #[derive(clap::Args)]
 pub struct StatusArgs {
@@ -267,6 +306,7 @@ pub async fn run(cmd: FederateCmd) -> Result<()> {
         FederateCmd::Contribute(a) => contribute(a).await,
         FederateCmd::Aggregate(a) => aggregate(a).await,
         FederateCmd::Status(a) => status(a).await,
+        FederateCmd::Register(a) => register(a).await,
     }
 }
 
@@ -294,6 +334,23 @@ async fn local_weights(local: &str) -> Result<(Weights, Option<LocalRun>)> {
     }
     let (w, run) = checkpoint_weights(local).await?;
     Ok((w, Some(run)))
+}
+
+/// The whole model of an exported folder (`model_card.json`): its encoder and a decoder
+/// initialised from a fixed seed, so that every site starts round 1 from the same one.
+#[cfg(feature = "torch")]
+async fn exported_weights(uri: &str) -> Result<Option<Weights>> {
+    let loc = Location::open(uri)?;
+    if loc.get_opt(radfm_api::export_files::CARD).await?.is_none() {
+        return Ok(None);
+    }
+    let bytes = radfm_trainer::export::full_model(uri, 0).await?;
+    Ok(Some(Weights::from_safetensors(&bytes, uri)?))
+}
+
+#[cfg(not(feature = "torch"))]
+async fn exported_weights(_uri: &str) -> Result<Option<Weights>> {
+    Ok(None)
 }
 
 #[cfg(feature = "torch")]
@@ -328,10 +385,11 @@ async fn checkpoint_weights(uri: &str) -> Result<(Weights, LocalRun)> {
 async fn publish(a: PublishArgs) -> Result<()> {
     let ex = a.exchange.open()?;
     let hub = crate::validate::read_signing_key(&a.key_file)?;
-    let bytes = local_weights(&a.model)
-        .await?
-        .0
-        .to_safetensors(Precision::F32)?;
+    let model = match exported_weights(&a.model).await? {
+        Some(w) => w,
+        None => local_weights(&a.model).await?.0,
+    };
+    let bytes = model.to_safetensors(Precision::F32)?;
     let previous = match a.round {
         1 => None,
         r => {
@@ -512,6 +570,131 @@ async fn aggregate(a: AggregateArgs) -> Result<()> {
     let record = ex.close_round(&round, &global, &closing, &hub).await?;
     println!("{}", serde_json::to_string(&record)?);
     Ok(())
+}
+
+/// The registry's record of the federation's rounds, from the hub's signed round records.
+#[cfg(feature = "torch")]
+async fn lineage(
+    ex: &Exchange,
+    a: &RegisterArgs,
+    hub_key: &str,
+    result_digest: &str,
+) -> Result<radfm_registry::federated::FederatedLineage> {
+    use radfm_registry::federated as reg;
+    let mut rounds = Vec::new();
+    for round in 1..=a.last_round {
+        let r = ex
+            .round_record(round, Some(hub_key))
+            .await?
+            .with_context(|| format!("round {round} has no record: the federation is not done"))?;
+        rounds.push(reg::FederatedRound {
+            round,
+            base_digest: r.base_digest,
+            next_digest: r.next_digest,
+            aggregator: r.aggregator,
+            contributions: r
+                .admitted
+                .into_iter()
+                .map(|c| reg::FederatedContribution {
+                    site: c.site,
+                    samples: c.samples,
+                    steps: c.steps,
+                    norm: c.norm,
+                    update_digest: c.update_digest,
+                    dataset_index_digest: c.dataset_index_digest,
+                    local_loss: c.local_loss,
+                })
+                .collect(),
+            rejected: r
+                .rejected
+                .into_iter()
+                .map(|x| reg::FederatedRejection {
+                    site: x.site,
+                    reason: x.reason,
+                    message: x.message,
+                })
+                .collect(),
+            epsilon: r.privacy.map(|p| p.epsilon),
+            delta: r.privacy.map(|p| p.delta),
+        });
+    }
+    Ok(reg::FederatedLineage {
+        federation: ex.federation.clone(),
+        exchange: ex.location.child_uri(""),
+        hub_key: hub_key.to_string(),
+        result_digest: result_digest.to_string(),
+        rounds,
+    })
+}
+
+#[cfg(feature = "torch")]
+async fn register(a: RegisterArgs) -> Result<()> {
+    if a.alias == "production" {
+        bail!("--alias production: promotion is the PromotionPolicy gate's decision");
+    }
+    let hub_key = match (&a.hub_key, &a.key_file) {
+        (Some(k), _) => k.clone(),
+        (None, Some(f)) => report::public_hex(&crate::validate::read_signing_key(f)?),
+        (None, None) => bail!("--hub-key or --key-file is needed to check the hub's records"),
+    };
+    let ex = a.exchange.open()?;
+    let registry = radfm_registry::Registry::open(&a.registry)?;
+    let result_round = a.last_round + 1;
+    let (bytes, statement) = ex
+        .fetch_global(result_round, &hub_key)
+        .await?
+        .with_context(|| format!("round {} has no result yet", a.last_round))?;
+    if statement.opens_training() {
+        bail!(
+            "the model of round {result_round} opens a training round: round {} is not the last",
+            a.last_round
+        );
+    }
+    let uid = radfm_registry::federated::result_uid(&ex.federation, &statement.digest);
+    if let Some(v) = registry.find_by_job(&a.model, &uid).await? {
+        println!(
+            "{}",
+            serde_json::json!({"model": a.model, "version": v.version, "registered": false})
+        );
+        return Ok(());
+    }
+    let lineage = lineage(&ex, &a, &hub_key, &statement.digest).await?;
+    let steps = lineage.rounds.len() as i64 * statement.local_steps as i64;
+    let source = ex
+        .location
+        .child_uri(&format!("rounds/{result_round:05}/global.safetensors"));
+    let card = radfm_trainer::export::export_model(&bytes, &source, &a.base, steps, &a.out).await?;
+    let out = Location::open(&a.out)?;
+    let spec = radfm_registry::NewVersion {
+        weights_uri: out.child_uri(radfm_api::export_files::WEIGHTS),
+        weights_sha256: card.weights_sha256.clone(),
+        parent: a.parent,
+        job_name: Some(ex.federation.clone()),
+        job_uid: Some(uid),
+        data: radfm_registry::DataWindow::default(),
+        config: serde_json::to_value(&card)?,
+        code_version: card.code_version.clone(),
+        metrics: BTreeMap::from([("steps".to_string(), steps as f64)]),
+        federated: Some(lineage),
+    };
+    let by = format!("federation {}", ex.federation);
+    let reason = format!(
+        "federated training {}: {} rounds",
+        ex.federation, a.last_round
+    );
+    let v = registry
+        .register(&a.model, spec, &by, &reason, Some(&a.alias))
+        .await?;
+    println!(
+        "{}",
+        serde_json::json!({"model": a.model, "version": v.version, "alias": a.alias, "registered": true})
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "torch"))]
+async fn register(_a: RegisterArgs) -> Result<()> {
+    bail!("exporting a federated model needs radfm built with the torch feature")
 }
 
 async fn status(a: StatusArgs) -> Result<()> {

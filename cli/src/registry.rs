@@ -167,9 +167,23 @@ async fn lineage(registry: &str, model: &str, version: &str) -> Result<()> {
     let r = Registry::open(registry)?;
     let chain = r.lineage(model, r.resolve(model, version).await?).await?;
     for (depth, v) in chain.iter().enumerate() {
+        let indent = "  ".repeat(depth);
+        if let Some(f) = &v.spec.federated {
+            println!(
+                "{indent}{model} v{} ({}, federated {} through {}, {} rounds)",
+                v.version,
+                v.created,
+                f.federation,
+                f.exchange,
+                f.rounds.len()
+            );
+            for line in federated_rounds(f) {
+                println!("{indent}  {line}");
+            }
+            continue;
+        }
         println!(
-            "{}{model} v{} ({}, data {} shards {}..{}, {})",
-            "  ".repeat(depth),
+            "{indent}{model} v{} ({}, data {} shards {}..{}, {})",
             v.version,
             v.created,
             v.spec.data.index_uri,
@@ -179,6 +193,38 @@ async fn lineage(registry: &str, model: &str, version: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One line per round of a federated version: who contributed what, who was refused and why.
+pub fn federated_rounds(f: &radfm_registry::federated::FederatedLineage) -> Vec<String> {
+    f.rounds
+        .iter()
+        .map(|r| {
+            let sites: Vec<String> = r
+                .contributions
+                .iter()
+                .map(|c| format!("{} {} samples (norm {:.3})", c.site, c.samples, c.norm))
+                .collect();
+            let refused: Vec<String> = r
+                .rejected
+                .iter()
+                .map(|x| format!("{} {}", x.site, x.reason))
+                .collect();
+            let privacy = r.epsilon.map_or(String::new(), |e| format!("; ε {e:.3}"));
+            format!(
+                "round {}: {} [{}]{}{privacy}; model {}",
+                r.round,
+                sites.join(", "),
+                r.aggregator,
+                if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!("; refused {}", refused.join(", "))
+                },
+                r.next_digest
+            )
+        })
+        .collect()
 }
 
 /// `radfm registry history`: the event log.

@@ -283,9 +283,56 @@ fn lineage_section(h: &mut String, chain: &[radfm_registry::Version]) {
     }
     let _ = write!(
         h,
-        "</table><h3>Training loss across the lineage</h3>{}</section>",
+        "</table><h3>Training loss across the lineage</h3>{}",
         loss_svg(chain)
     );
+    for c in chain {
+        if let Some(f) = &c.spec.federated {
+            federated_table(h, c.version, f);
+        }
+    }
+    h.push_str("</section>");
+}
+
+/// A federated version's rounds: every admitted contribution and every refused one with why.
+fn federated_table(h: &mut String, version: u64, f: &radfm_registry::federated::FederatedLineage) {
+    let _ = write!(
+        h,
+        "<h3 id=\"federated-v{version}\">Federated rounds of v{version}</h3><p>Federation <code>{}</code> through <code>{}</code>; hub key <code>{}</code>; result <code>{}</code>.</p>\
+         <table class=\"federated\"><tr><th>Round</th><th>Site</th><th>Outcome</th><th>Samples</th><th>Steps</th><th>Update norm</th><th>Local loss</th><th>Update</th><th>Dataset index</th></tr>",
+        esc(&f.federation),
+        esc(&f.exchange),
+        esc(&f.hub_key),
+        esc(&f.result_digest)
+    );
+    for r in &f.rounds {
+        for c in &r.contributions {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>admitted ({})</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",
+                r.round,
+                esc(&c.site),
+                esc(&r.aggregator),
+                c.samples,
+                c.steps,
+                c.norm,
+                c.local_loss,
+                esc(&c.update_digest),
+                esc(&c.dataset_index_digest)
+            );
+        }
+        for x in &r.rejected {
+            let _ = write!(
+                h,
+                "<tr class=\"rejected\"><td>{}</td><td>{}</td><td>refused: {} ({})</td><td colspan=\"6\"></td></tr>",
+                r.round,
+                esc(&x.site),
+                esc(&x.reason),
+                esc(&x.message)
+            );
+        }
+    }
+    h.push_str("</table>");
 }
 
 /// One stored report as a table row: (signature, key, cells), and the report where it counts.

@@ -27,6 +27,8 @@
 //! alias that policy promotes to is the gate's alone ([`check_alias_free`]).
 #![deny(missing_docs)]
 
+pub mod federated;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -179,6 +181,7 @@ pub async fn from_export(uri: &str) -> Result<NewVersion> {
         config,
         code_version: card.code_version,
         metrics,
+        federated: None,
     })
 }
 
@@ -212,6 +215,9 @@ pub struct NewVersion {
     pub code_version: String,
     /// Final metrics (loss, ...).
     pub metrics: BTreeMap<String, f64>,
+    /// For a federated model: its rounds and every site's contribution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<federated::FederatedLineage>,
 }
 
 /// An immutable version manifest.
@@ -431,12 +437,21 @@ impl Registry {
     /// Opens (or starts) a registry at `uri`.
     /// Appends are signed with the key in [`KEY_FILE_ENV`] when it is set.
     pub fn open(uri: &str) -> Result<Registry> {
+        Self::open_with(uri, std::env::vars())
+    }
+
+    /// [`Registry::open`] with the store settings taken from `vars` (a process that also reads
+    /// another store with other credentials).
+    pub fn open_with(
+        uri: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Registry> {
         let signer = match std::env::var_os(KEY_FILE_ENV) {
             Some(path) if !path.is_empty() => Some(read_key(std::path::Path::new(&path))?),
             _ => None,
         };
         Ok(Registry {
-            loc: Location::open(uri)?,
+            loc: Location::open_with(uri, vars)?,
             signer,
         })
     }

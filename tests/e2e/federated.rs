@@ -528,7 +528,9 @@ fn federated_training_yaml(exchange: &str, public: &BTreeMap<String, String>) ->
 kind: FederatedTraining
 metadata: {{name: cxr}}
 spec:
-  baseModel: s3://radfm/base-ckpt
+  baseModel: {{registered: {{model: chest}}}}
+  registry: s3://radfm/registry
+  register: {{model: chest}}
   exchange: {{uri: '{exchange}', credentialsSecretRef: {{name: hub-store}}}}
   signingKeySecretRef: {{name: hub-key}}
   sites:
@@ -657,6 +659,21 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
         ],
         &hub_env,
     ));
+    // ... exported and registered as production v1, the federation's base.
+    let hub_radfm = |args: &[&str]| radfm_e2e::ok(&radfm_e2e::radfm(args, &hub_env));
+    hub_radfm(&["export", "s3://radfm/base-ckpt", "s3://radfm/models/base"]);
+    hub_radfm(&[
+        "registry",
+        "register",
+        "s3://radfm/registry",
+        "chest",
+        "--export",
+        "s3://radfm/models/base",
+        "--alias",
+        "production",
+        "--reason",
+        "the hub's base model",
+    ]);
     // Each hospital's images, on its own server only.
     for (i, site) in [&north, &south].iter().enumerate() {
         let env = site.env();
@@ -828,6 +845,42 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
         );
     }
     assert_eq!(st.result_digest.as_deref(), Some(r3.next_digest.as_str()));
+    assert_eq!((st.base_version, st.registered_version), (Some(1), Some(2)));
+
+    // The result is candidate v2 of the registry, from v1, with every round's lineage.
+    let lineage = hub_radfm(&[
+        "registry",
+        "lineage",
+        "s3://radfm/registry",
+        "chest",
+        "candidate",
+    ]);
+    let lines: Vec<&str> = lineage.lines().collect();
+    assert!(
+        lines[0].starts_with("chest v2") && lines[0].contains("federated hub/cxr"),
+        "{lineage}"
+    );
+    assert!(lines[1].contains("round 1: north 48 samples"), "{lineage}");
+    assert!(lines[2].contains("refused east WrongKey"), "{lineage}");
+    assert!(lines[3].contains("refused east OtherRound"), "{lineage}");
+    assert!(lines[4].starts_with("  chest v1"), "{lineage}");
+    let html = dir.path().join("v2.html");
+    hub_radfm(&[
+        "report",
+        "--registry",
+        "s3://radfm/registry",
+        "--out",
+        html.to_str().unwrap(),
+        "chest",
+        "2",
+    ]);
+    let html = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        html.contains("Federated rounds of v2"),
+        "the change-control record"
+    );
+    assert_eq!(html.matches("<tr class=\"rejected\">").count(), 2);
+    assert!(html.contains("refused: WrongKey"));
     let printed = hub
         .cluster
         .kubectl_ok(&["get", "ft", "-n", HUB_NS])

@@ -74,13 +74,66 @@ pub struct ModelCard {
 
 /// Exports the newest committed checkpoint under `checkpoint_uri` into the folder `out_uri`.
 pub async fn export(checkpoint_uri: &str, out_uri: &str) -> Result<ModelCard> {
+    let loaded = latest(checkpoint_uri).await?;
+    let model = tensors::from_bytes(loaded.object("model.safetensors")?, &loaded.uri)?;
+    let card = card_of_checkpoint(&loaded)?;
+    write(model, card, out_uri).await
+}
+
+/// Exports a model of every variable given as safetensors bytes (a federation's result,
+/// `model_uri` naming where it came from) with the card of the model it was trained from:
+/// `base_uri` is a checkpoint folder (its newest commit's configuration) or an exported model
+/// folder (its card). `steps` is the training it had since the base.
+pub async fn export_model(
+    model: &[u8],
+    model_uri: &str,
+    base_uri: &str,
+    steps: i64,
+    out_uri: &str,
+) -> Result<ModelCard> {
+    let base = Location::open(base_uri)?;
+    let mut card = match base.get_bounded(CARD, 1 << 20).await? {
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
+            uri: base.child_uri(CARD),
+            reason: format!("not a model card: {e}"),
+        })?,
+        None => card_of_checkpoint(&latest(base_uri).await?)?,
+    };
+    card.steps = steps;
+    card.total_steps = steps;
+    card.final_loss = None;
+    card.loss_history = Vec::new();
+    card.checkpoint = model_uri.to_string();
+    card.code_version = env!("CARGO_PKG_VERSION").into();
+    write(tensors::from_bytes(model, model_uri)?, card, out_uri).await
+}
+
+/// The whole model (every variable: the encoder from the exported folder `uri`, the decoder
+/// freshly initialised from `seed`) as safetensors bytes: what a federation's round 1 starts
+/// from when its base model is a registered version.
+pub async fn full_model(uri: &str, seed: i64) -> Result<Vec<u8>> {
+    let card = load(uri, tch::Device::Cpu).await?.card;
+    tch::manual_seed(seed);
+    let vars = VarStore::new(tch::Device::Cpu);
+    let _mae = crate::model::Mae::new(&vars.root(), card.vit);
+    load_init(&vars, uri).await?;
+    let mut named: Vec<(String, tch::Tensor)> = vars.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors::to_bytes(&named, None, uri)
+}
+
+async fn latest(checkpoint_uri: &str) -> Result<checkpoint::Loaded> {
     let ckpt = Location::open(checkpoint_uri)?;
-    let loaded = checkpoint::load_latest(&ckpt, |e| eprintln!("radfm: skipping checkpoint: {e}"))
+    checkpoint::load_latest(&ckpt, |e| eprintln!("radfm: skipping checkpoint: {e}"))
         .await?
         .ok_or_else(|| Error::Checkpoint {
             uri: checkpoint_uri.into(),
             reason: "no committed checkpoint".into(),
-        })?;
+        })
+}
+
+/// The card of a checkpoint (weights digest and parameters are filled in by [`write`]).
+fn card_of_checkpoint(loaded: &checkpoint::Loaded) -> Result<ModelCard> {
     let state = &loaded.manifest.state;
     let field = |name: &str| {
         state
@@ -97,19 +150,7 @@ pub async fn export(checkpoint_uri: &str, out_uri: &str) -> Result<ModelCard> {
             uri: loaded.uri.clone(),
             reason: format!("state.config.model: {e}"),
         })?;
-    let model = tensors::from_bytes(loaded.object("model.safetensors")?, &loaded.uri)?;
-    let encoder: Vec<(String, tch::Tensor)> = model
-        .into_iter()
-        .filter_map(|(n, t)| n.strip_prefix("encoder.").map(|s| (s.to_string(), t)))
-        .collect();
-    let parameters = encoder
-        .iter()
-        .filter(|(n, _)| n != "pos_embed")
-        .map(|(_, t)| t.numel() as i64)
-        .sum();
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let weights = tensors::to_bytes(&encoder, Some(meta), WEIGHTS)?;
-    let card = ModelCard {
+    Ok(ModelCard {
         format: CARD_FORMAT.into(),
         architecture: field("arch")?.as_str().unwrap_or_default().to_string(),
         vit,
@@ -132,11 +173,33 @@ pub async fn export(checkpoint_uri: &str, out_uri: &str) -> Result<ModelCard> {
         final_loss: state.loss,
         loss_history: state.loss_history.clone(),
         checkpoint: loaded.uri.clone(),
-        weights_sha256: hex::encode(Sha256::digest(&weights)),
-        parameters,
+        weights_sha256: String::new(),
+        parameters: 0,
         code_version: state.code_version.clone(),
-        created: jiff::Timestamp::now().to_string(),
-    };
+        created: String::new(),
+    })
+}
+
+/// Writes the encoder of `model` (its `encoder.` variables) and `card` into `out_uri`, the card
+/// last.
+async fn write(
+    model: Vec<(String, tch::Tensor)>,
+    mut card: ModelCard,
+    out_uri: &str,
+) -> Result<ModelCard> {
+    let encoder: Vec<(String, tch::Tensor)> = model
+        .into_iter()
+        .filter_map(|(n, t)| n.strip_prefix("encoder.").map(|s| (s.to_string(), t)))
+        .collect();
+    card.parameters = encoder
+        .iter()
+        .filter(|(n, _)| n != "pos_embed")
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let weights = tensors::to_bytes(&encoder, Some(meta), WEIGHTS)?;
+    card.weights_sha256 = hex::encode(Sha256::digest(&weights));
+    card.created = jiff::Timestamp::now().to_string();
     let out = Location::open(out_uri)?;
     out.put(WEIGHTS, weights).await?;
     out.put(

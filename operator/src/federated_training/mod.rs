@@ -95,7 +95,19 @@ async fn view(ft: &FederatedTraining, ctx: &Context) -> Result<ExchangeView, Exc
     )?;
     let status = ft.status.clone().unwrap_or_default();
     let Some(newest) = newest_round(&ex, status.round.unwrap_or(1), None).await? else {
-        return Ok(ExchangeView::default());
+        return Ok(ExchangeView {
+            base: Some(base_model(ft, &ctx.registry_access).await?),
+            ..ExchangeView::default()
+        });
+    };
+    let registered = match &ft.spec.register {
+        Some(r) if newest.round > ft.spec.rounds => {
+            let reg = registry(ft, &ctx.registry_access)?;
+            let uid = radfm_registry::federated::result_uid(&plan::federation(ft), &newest.digest);
+            let found = reg.find_by_job(&r.model, &uid).await.map_err(unavailable)?;
+            found.map(|v| v.version)
+        }
+        _ => None,
     };
     let mut uploaded = std::collections::BTreeSet::new();
     for site in &ft.spec.sites {
@@ -123,7 +135,60 @@ async fn view(ft: &FederatedTraining, ctx: &Context) -> Result<ExchangeView, Exc
         published: Some((newest.round, newest.digest)),
         uploaded,
         records,
+        base: None,
+        registered,
     })
+}
+
+/// The federation's registry, if the cluster's allowances cover it.
+fn registry(
+    ft: &FederatedTraining,
+    access: &RegistryAccess,
+) -> Result<radfm_registry::Registry, ExchangeError> {
+    let invalid = |message: String| ExchangeError {
+        reason: continual_reason::INVALID_SPEC,
+        message,
+    };
+    let uri = ft
+        .spec
+        .registry
+        .as_deref()
+        .ok_or_else(|| invalid("spec.registry is not set".into()))?;
+    access
+        .open(&ft.namespace().unwrap_or_default(), uri)
+        .map_err(invalid)
+}
+
+/// The model round 1 is published from: the URI, or the registered version's exported folder.
+async fn base_model(
+    ft: &FederatedTraining,
+    access: &RegistryAccess,
+) -> Result<(String, Option<u64>), ExchangeError> {
+    let base = &ft.spec.base_model;
+    if let Some(uri) = &base.uri {
+        return Ok((uri.clone(), None));
+    }
+    let Some(r) = &base.registered else {
+        return Err(ExchangeError {
+            reason: continual_reason::INVALID_SPEC,
+            message: "spec.baseModel names neither uri nor registered".into(),
+        });
+    };
+    let reg = registry(ft, access)?;
+    let version = reg.resolve(&r.model, &r.alias).await.map_err(|e| match e {
+        radfm_registry::Error::NotFound(what) => ExchangeError {
+            reason: continual_reason::BASE_MODEL_MISSING,
+            message: format!("spec.baseModel.registered: {what}"),
+        },
+        e => unavailable(e),
+    })?;
+    let v = reg.version(&r.model, version).await.map_err(unavailable)?;
+    let folder = v
+        .spec
+        .weights_uri
+        .rsplit_once('/')
+        .map_or(v.spec.weights_uri.clone(), |(folder, _)| folder.to_string());
+    Ok((folder, Some(version)))
 }
 
 /// Reconciles one FederatedTraining.

@@ -38,6 +38,10 @@ pub struct ExchangeView {
     pub uploaded: BTreeSet<String>,
     /// The hub's records of closed rounds the status lacks.
     pub records: Vec<RoundRecord>,
+    /// Before round 1: the base model to publish (a URI, and the registered version it is).
+    pub base: Option<(String, Option<u64>)>,
+    /// After the last round: the version the result is registered as, once it is.
+    pub registered: Option<u64>,
 }
 
 /// Why the exchange could not be read.
@@ -219,7 +223,14 @@ fn advance(
     plan: &mut Plan,
 ) -> (&'static str, String) {
     let Some((round, digest)) = &view.published else {
-        return run_step(publish_step(ft), &obs.pods, plan);
+        let Some((uri, version)) = &view.base else {
+            plan.status.phase = Some(FederatedPhase::Publishing);
+            plan.requeue_after = Some(Duration::from_secs(30));
+            return (why::PUBLISHING, "resolving the base model".into());
+        };
+        plan.status.base_version = *version;
+        plan.status.base_uri = Some(uri.clone());
+        return run_step(publish_step(ft, uri), &obs.pods, plan);
     };
     let round = *round;
     if plan.status.round != Some(round) {
@@ -235,20 +246,47 @@ fn advance(
     }
     if round > ft.spec.rounds {
         plan.status.round = Some(ft.spec.rounds);
-        plan.status.phase = Some(FederatedPhase::Succeeded);
         plan.status.result_digest = Some(digest.clone());
         plan.status.sites = None;
-        plan.delete_pods = finished_pods(&obs.pods, None);
-        plan.events.push(PlannedEvent::normal(
-            why::SUCCEEDED,
-            format!("{} rounds closed; result {}", ft.spec.rounds, short(digest)),
-        ));
-        return (
-            why::SUCCEEDED,
-            format!("{} rounds closed; result {}", ft.spec.rounds, digest),
-        );
+        return finish(ft, view, &obs.pods, plan);
     }
     training_round(ft, round, view, obs, plan)
+}
+
+/// Every round is closed: register the result where asked, then succeed.
+fn finish(
+    ft: &FederatedTraining,
+    view: &ExchangeView,
+    pods: &[Pod],
+    plan: &mut Plan,
+) -> (&'static str, String) {
+    let digest = plan.status.result_digest.clone().unwrap_or_default();
+    if let Some(register) = &ft.spec.register {
+        let Some(version) = view.registered else {
+            return run_step(register_step(ft), pods, plan);
+        };
+        plan.status.registered_version = Some(version);
+        plan.events.push(PlannedEvent::normal(
+            why::REGISTERED,
+            format!(
+                "result registered as {} v{version} ({})",
+                register.model, register.alias
+            ),
+        ));
+    }
+    plan.status.phase = Some(FederatedPhase::Succeeded);
+    plan.delete_pods = finished_pods(pods, None);
+    let registered = plan
+        .status
+        .registered_version
+        .map_or(String::new(), |v| format!("; registered as v{v}"));
+    let message = format!(
+        "{} rounds closed; result {digest}{registered}",
+        ft.spec.rounds
+    );
+    plan.events
+        .push(PlannedEvent::normal(why::SUCCEEDED, message.clone()));
+    (why::SUCCEEDED, message)
 }
 
 /// Round `round` is open: close it when every site is in or at its deadline.
@@ -309,6 +347,7 @@ fn run_step(step: Step, pods: &[Pod], plan: &mut Plan) -> (&'static str, String)
     plan.requeue_after = Some(Duration::from_secs(5));
     let reason = match step.phase {
         FederatedPhase::Publishing => why::PUBLISHING,
+        FederatedPhase::Registering => why::REGISTERING,
         _ => why::AGGREGATING,
     };
     let Some(pod) = pods.iter().find(|p| p.name_any() == name) else {
@@ -395,14 +434,54 @@ fn hub_pod(ft: &FederatedTraining, name: String, round: u32, args: Vec<String>) 
     .build()
 }
 
-fn publish_step(ft: &FederatedTraining) -> Step {
+fn publish_step(ft: &FederatedTraining, base: &str) -> Step {
     let mut args = vec!["federate".to_string(), "publish".into()];
     args.extend(common_args(ft));
     args.extend(["--round".into(), "1".into()]);
-    args.extend(["--model".into(), ft.spec.base_model.clone()]);
+    args.extend(["--model".into(), base.to_string()]);
     Step {
         pod: hub_pod(ft, format!("{}-publish", ft.name_any()), 1, args),
         phase: FederatedPhase::Publishing,
+    }
+}
+
+/// Where the result's encoder is exported (beside the rounds, in the hub's exchange).
+pub fn result_folder(ft: &FederatedTraining) -> String {
+    format!("{}/result", ft.spec.exchange.uri.trim_end_matches('/'))
+}
+
+fn register_step(ft: &FederatedTraining) -> Step {
+    let s = &ft.spec;
+    let register = s.register.as_ref().expect("registering only where asked");
+    let mut args = vec!["federate".to_string(), "register".into()];
+    args.extend([
+        "--exchange".into(),
+        s.exchange.uri.clone(),
+        "--federation".into(),
+        federation(ft),
+        "--last-round".into(),
+        s.rounds.to_string(),
+        "--base".into(),
+        ft.status
+            .as_ref()
+            .and_then(|st| st.base_uri.clone())
+            .unwrap_or_default(),
+        "--out".into(),
+        result_folder(ft),
+        "--registry".into(),
+        s.registry.clone().unwrap_or_default(),
+        "--model".into(),
+        register.model.clone(),
+        "--alias".into(),
+        register.alias.clone(),
+    ]);
+    if let Some(v) = ft.status.as_ref().and_then(|st| st.base_version) {
+        args.extend(["--parent".into(), v.to_string()]);
+    }
+    let round = s.rounds;
+    Step {
+        pod: hub_pod(ft, format!("{}-register", ft.name_any()), round, args),
+        phase: FederatedPhase::Registering,
     }
 }
 
@@ -462,7 +541,9 @@ mod tests {
 kind: FederatedTraining
 metadata: {{name: cxr, namespace: hub, uid: uid-ft, generation: 1}}
 spec:
-  baseModel: s3://models/base-ckpt
+  baseModel: {{registered: {{model: chest}}}}
+  registry: s3://models/registry
+  register: {{model: chest}}
   exchange: {{uri: s3://exchange/cxr, credentialsSecretRef: {{name: hub-store}}}}
   signingKeySecretRef: {{name: hub-key}}
   sites: [{{name: a, publicKey: {KEY_A}}}, {{name: b, publicKey: {KEY_B}}}, {{name: c, publicKey: {KEY_C}}}]
@@ -498,7 +579,7 @@ spec:
         ExchangeView {
             published: Some((round, format!("sha256:{round}{round}{round}"))),
             uploaded: uploaded.iter().map(|s| s.to_string()).collect(),
-            records: Vec::new(),
+            ..ExchangeView::default()
         }
     }
 
@@ -546,7 +627,17 @@ spec:
 
     #[test]
     fn a_new_federation_publishes_round_one_from_the_base_model_in_a_pod_holding_the_hub_key() {
-        let p = run(&federation(), ExchangeView::default(), vec![], 0);
+        let nothing_yet = run(&federation(), ExchangeView::default(), vec![], 0);
+        assert!(
+            nothing_yet.create_pod.is_none(),
+            "the base model is not resolved yet"
+        );
+        let base = ExchangeView {
+            base: Some(("s3://models/base-ckpt".into(), Some(4))),
+            ..ExchangeView::default()
+        };
+        let p = run(&federation(), base, vec![], 0);
+        assert_eq!(p.status.base_version, Some(4));
         let pod = p.create_pod.as_ref().unwrap();
         assert_eq!(pod.name_any(), "cxr-publish");
         let a = args(pod);
@@ -766,13 +857,34 @@ spec:
     }
 
     #[test]
-    fn the_model_after_the_last_round_is_the_result() {
-        let p = run(&in_round(2, None), open_round(3, &[]), vec![], 900);
+    fn the_model_after_the_last_round_is_registered_as_a_candidate_then_the_federation_succeeds() {
+        let mut ft = in_round(2, None);
+        let st = ft.status.as_mut().unwrap();
+        st.base_uri = Some("s3://models/registry/models/chest/v4".into());
+        st.base_version = Some(4);
+        let p = run(&ft, open_round(3, &[]), vec![], 900);
+        assert_eq!(p.status.phase, Some(FederatedPhase::Registering));
+        assert_eq!(p.status.result_digest.as_deref(), Some("sha256:333"));
+        let pod = p.create_pod.unwrap();
+        assert_eq!(pod.name_any(), "cxr-register");
+        let a = args(&pod);
+        for part in [
+            "federate register --exchange s3://exchange/cxr --federation hub/cxr --last-round 2",
+            "--base s3://models/registry/models/chest/v4 --out s3://exchange/cxr/result",
+            "--registry s3://models/registry --model chest --alias candidate --parent 4",
+        ] {
+            assert!(a.contains(part), "{part}: {a}");
+        }
+        let mut registered = open_round(3, &[]);
+        registered.registered = Some(5);
+        let p = run(&ft, registered, vec![], 901);
         assert_eq!(p.status.phase, Some(FederatedPhase::Succeeded));
         assert_eq!(p.status.round, Some(2));
-        assert_eq!(p.status.result_digest.as_deref(), Some("sha256:333"));
+        assert_eq!(p.status.registered_version, Some(5));
         assert_eq!(condition(&p, "Ready"), ("True", why::SUCCEEDED));
         assert_eq!(p.requeue_after, None);
+        let reasons: Vec<&str> = p.events.iter().map(|e| e.reason).collect();
+        assert_eq!(reasons, [why::REGISTERED, why::SUCCEEDED]);
     }
 
     #[test]
