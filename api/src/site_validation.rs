@@ -111,7 +111,27 @@ pub struct SiteValidatorSpec {
     /// dataset credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// The hub's store, when it is not the site's: its settings and the URIs they are for (the
+    /// registry and the model folders its versions point at), beside the site's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_store: Option<RegistryStore>,
 }
+
+/// Another organisation's store a pod reads with its own settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryStore {
+    /// Secret whose keys are the store's settings (AWS_*, GOOGLE_*, AZURE_*).
+    pub credentials_secret_ref: SecretRef,
+    /// URI prefixes the settings are for (default: the registry); list the folders the
+    /// registry's versions are exported to as well (`s3://hub-models/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub uri_prefixes: Vec<String>,
+}
+
+/// The prefix a pod sees a registry store's settings under.
+pub const REGISTRY_ENV_PREFIX: &str = "RADFM_REGISTRY_";
 
 /// A Secret key holding a signing key.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -13,6 +13,42 @@ use crate::{Error, Result};
 /// alone ever uses the location.
 pub const SINGLE_WRITER: &str = "RADFM_SINGLE_WRITER";
 
+/// Variable that gives stores under some URIs their own settings, for a process that reads
+/// stores of different owners (a hospital's data and the hub's registry): comma-separated
+/// `URI-PREFIX=VARIABLE-PREFIX` pairs; a location under `URI-PREFIX` takes its settings from the
+/// variables named `VARIABLE-PREFIX` + `AWS_...` (or `GOOGLE_...`, `AZURE_...`), prefix removed.
+pub const STORE_SETTINGS: &str = "RADFM_STORE_SETTINGS";
+
+/// The store settings for `uri`: per [`STORE_SETTINGS`], else `vars` as they are.
+pub fn settings_for(
+    uri: &str,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    let vars: Vec<(String, String)> = vars.into_iter().collect();
+    let Some((_, table)) = vars.iter().find(|(k, _)| k == STORE_SETTINGS) else {
+        return vars;
+    };
+    let uri = uri.trim_end_matches('/');
+    let chosen = table
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(prefix, _)| {
+            let prefix = prefix.trim().trim_end_matches('/');
+            !prefix.is_empty()
+                && (uri == prefix
+                    || uri
+                        .strip_prefix(prefix)
+                        .is_some_and(|rest| rest.starts_with('/')))
+        });
+    match chosen {
+        Some((_, var_prefix)) => vars
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(var_prefix.trim())?.to_string(), v.clone())))
+            .collect(),
+        None => vars,
+    }
+}
+
 /// Locations whose store this process already found to honour create-only writes.
 fn checked() -> &'static Mutex<HashSet<String>> {
     static CHECKED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
@@ -33,9 +69,10 @@ pub struct Location {
 impl Location {
     /// Opens a folder URI. `file://` paths must be absolute; a plain absolute path is taken as
     /// `file://`. Store settings come from the process environment (`AWS_*`, `GOOGLE_*`,
-    /// `AZURE_*`), as trainer pods receive them.
+    /// `AZURE_*`), as trainer pods receive them, or for URIs [`STORE_SETTINGS`] names, from
+    /// the variables it says.
     pub fn open(uri: &str) -> Result<Location> {
-        Self::open_with(uri, std::env::vars())
+        Self::open_with(uri, settings_for(uri, std::env::vars()))
     }
 
     /// [`Location::open`] with the settings taken from `vars` instead of the environment. An
@@ -271,6 +308,33 @@ mod tests {
         CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
         PutMultipartOptions, PutResult,
     };
+
+    #[test]
+    fn stores_named_in_radfm_store_settings_take_their_own_variables() {
+        let vars = || {
+            [
+                ("AWS_ACCESS_KEY_ID", "site"),
+                ("RADFM_REGISTRY_AWS_ACCESS_KEY_ID", "hub"),
+                (
+                    STORE_SETTINGS,
+                    "s3://hub/registry=RADFM_REGISTRY_, s3://hub/models=RADFM_REGISTRY_",
+                ),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        };
+        let key = |uri: &str| {
+            settings_for(uri, vars())
+                .into_iter()
+                .find(|(k, _)| k == "AWS_ACCESS_KEY_ID")
+                .map(|(_, v)| v)
+        };
+        assert_eq!(key("s3://hub/registry").as_deref(), Some("hub"));
+        assert_eq!(key("s3://hub/models/v2/").as_deref(), Some("hub"));
+        assert_eq!(key("s3://hub/registry-other").as_deref(), Some("site"));
+        assert_eq!(key("s3://site/cxr").as_deref(), Some("site"));
+        let plain = [("AWS_ACCESS_KEY_ID".to_string(), "x".to_string())];
+        assert_eq!(settings_for("s3://hub/registry", plain.clone()), plain);
+    }
 
     /// A store that takes every write as an overwrite, as s3s-fs 0.14 does with
     /// `If-None-Match: *`.

@@ -437,7 +437,7 @@ impl Registry {
     /// Opens (or starts) a registry at `uri`.
     /// Appends are signed with the key in [`KEY_FILE_ENV`] when it is set.
     pub fn open(uri: &str) -> Result<Registry> {
-        Self::open_with(uri, std::env::vars())
+        Self::open_with(uri, radfm_data::store::settings_for(uri, std::env::vars()))
     }
 
     /// [`Registry::open`] with the store settings taken from `vars` (a process that also reads

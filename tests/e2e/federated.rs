@@ -434,6 +434,8 @@ impl Org {
         extra: &[&str],
     ) -> Org {
         let s3 = S3Server::start_owned_by(name).unwrap();
+        // The organisation's own bucket, named after it.
+        std::fs::create_dir_all(s3.bucket_dir().with_file_name(name)).unwrap();
         let cluster = radfm_e2e::Cluster::start(1, 0).await.unwrap();
         std::mem::forget(cluster.namespace(ns).await.unwrap());
         let env: Vec<(&str, &str)> = exchange_env
@@ -562,8 +564,8 @@ spec:
   hubPublicKey: {hub}
   exchange: {{uri: '{exchange}', credentialsSecretRef: {{name: exchange-store}}}}
   signingKeySecretRef: {{name: site-key}}
-  dataset: {{uri: s3://radfm/cxr, credentialsSecretRef: {{name: site-store}}}}
-  workspace: s3://radfm/federated
+  dataset: {{uri: 's3://{site}/cxr', credentialsSecretRef: {{name: site-store}}}}
+  workspace: 's3://{site}/federated'
   jobTemplate:
     image: radfm/trainer:dev
     workers: {{replicas: 1, gpusPerWorker: 0}}
@@ -572,6 +574,25 @@ spec:
     checkpoint: {{uri: s3://radfm/unused, everySteps: 1000}}
   image: radfm/trainer:dev
   pollIntervalSeconds: 5
+"
+    )
+}
+
+fn site_validator_yaml(site: &str) -> String {
+    format!(
+        "apiVersion: radfm.io/v1alpha1
+kind: SiteValidator
+metadata: {{name: chest}}
+spec:
+  siteId: {site}
+  signingKeySecretRef: {{name: site-key}}
+  registry: s3://radfm/registry
+  registryStore: {{credentialsSecretRef: {{name: exchange-store}}, uriPrefixes: ['s3://radfm']}}
+  model: chest
+  dataset: {{uri: 's3://{site}/labelled', credentialsSecretRef: {{name: site-store}}}}
+  tasks: [{{label: lesion}}]
+  pollIntervalSeconds: 5
+  image: radfm/trainer:dev
 "
     )
 }
@@ -682,7 +703,7 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
             &[
                 "synth",
                 "--out",
-                "s3://radfm/cxr",
+                &format!("s3://{}/cxr", site.name),
                 "--samples",
                 "96",
                 "--size",
@@ -691,6 +712,27 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
                 site.name,
                 "--seed",
                 &(20 + i).to_string(),
+                "--shard-mib",
+                "0.5",
+            ],
+            &env,
+        ));
+        // Labelled images for validation, also only at the site.
+        radfm_e2e::ok(&radfm_e2e::radfm(
+            &[
+                "synth",
+                "--out",
+                &format!("s3://{}/labelled", site.name),
+                "--samples",
+                "200",
+                "--size",
+                "64",
+                "--sites",
+                site.name,
+                "--seed",
+                &(40 + i).to_string(),
+                "--lesion-radius",
+                "0.15,0.25",
                 "--shard-mib",
                 "0.5",
             ],
@@ -881,6 +923,49 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
     );
     assert_eq!(html.matches("<tr class=\"rejected\">").count(), 2);
     assert!(html.contains("refused: WrongKey"));
+
+    // The sites validate candidate v2 on their own labelled images (the hub's store read with
+    // the hub's settings, the site's with its own); the hub's PromotionPolicy decides.
+    let mut trusted = String::new();
+    for site in sites {
+        trusted.push_str(&format!(
+            "  - {{site: {}, publicKey: {}}}\n",
+            site.name, public[site.name]
+        ));
+        site.apply(SITE_NS, &site_validator_yaml(site.name));
+    }
+    hub.apply(
+        HUB_NS,
+        &format!(
+            "apiVersion: radfm.io/v1alpha1\nkind: PromotionPolicy\nmetadata: {{name: chest}}\nspec:\n  \
+             registry: s3://radfm/registry\n  model: chest\n  task: lesion\n  trustedSites:\n{trusted}  \
+             quorum: 2\n  nonInferiorityMargin: 0.5\n  pollIntervalSeconds: 5\n"
+        ),
+    );
+    let policies: kube::Api<radfm_api::site_validation::PromotionPolicy> =
+        kube::Api::namespaced(hub.cluster.client.clone(), HUB_NS);
+    let start = std::time::Instant::now();
+    let decision = loop {
+        let pp = policies.get("chest").await.unwrap();
+        let last = pp.status.and_then(|s| s.last_decision);
+        if let Some(d) = last.filter(|d| d.version == 2 && d.sites.len() == 2) {
+            break d;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(300),
+            "no decision on v2\n{}",
+            hub.cluster.log_tail("operator-hub")
+        );
+        for site in sites {
+            site.play_pods(SITE_NS, dir.path(), &mut played).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    assert_eq!(decision.sites, ["north", "south"], "{decision:?}");
+    eprintln!(
+        "the gate on federated v2: {} {:?}",
+        decision.outcome, decision.reasons
+    );
     let printed = hub
         .cluster
         .kubectl_ok(&["get", "ft", "-n", HUB_NS])
@@ -939,7 +1024,7 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
         }
     }
     let north_store =
-        radfm_data::store::Location::open_with("s3://radfm/cxr", hub_at_north.clone()).unwrap();
+        radfm_data::store::Location::open_with("s3://north/cxr", hub_at_north.clone()).unwrap();
     // versitygw answers an unknown access key with 404 (XAdminUserNotFound; AWS says 403):
     // either way, no bytes.
     let refused = north_store.get_opt("index.json").await;
@@ -956,6 +1041,6 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
     let guessed = radfm_data::store::Location::open_with("s3://radfm/cxr", hub_at_north).unwrap();
     let refused = guessed.get_opt("index.json").await;
     assert!(refused.is_err(), "{refused:?}");
-    let own = radfm_data::store::Location::open_with("s3://radfm/cxr", north.env()).unwrap();
+    let own = radfm_data::store::Location::open_with("s3://north/cxr", north.env()).unwrap();
     assert!(own.get_opt("index.json").await.unwrap().is_some());
 }

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
-use radfm_api::site_validation::{DATA_MOUNT_PATH, SiteValidator};
+use radfm_api::site_validation::{DATA_MOUNT_PATH, REGISTRY_ENV_PREFIX, SiteValidator};
 
 /// Label on validation pods: the SiteValidator's name.
 pub const LABEL_VALIDATOR: &str = "radfm.io/site-validator";
@@ -122,7 +122,36 @@ pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
         }),
         ..Default::default()
     })
+    .chain(s.registry_store.as_ref().map(|r| EnvFromSource {
+        prefix: Some(REGISTRY_ENV_PREFIX.into()),
+        secret_ref: Some(SecretEnvSource {
+            name: r.credentials_secret_ref.name.clone(),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    }))
     .collect();
+    let mut env = vec![EnvVar {
+        name: "RADFM_SIGNING_KEY_FILE".into(),
+        value: Some(format!("{KEY_DIR}/{}", s.signing_key_secret_ref.key)),
+        ..Default::default()
+    }];
+    if let Some(r) = &s.registry_store {
+        let prefixes: Vec<String> = if r.uri_prefixes.is_empty() {
+            vec![s.registry.clone()]
+        } else {
+            r.uri_prefixes.clone()
+        };
+        let table: Vec<String> = prefixes
+            .iter()
+            .map(|p| format!("{p}={REGISTRY_ENV_PREFIX}"))
+            .collect();
+        env.push(EnvVar {
+            name: radfm_data::store::STORE_SETTINGS.into(),
+            value: Some(table.join(",")),
+            ..Default::default()
+        });
+    }
     let (volumes, mounts) = validation_volumes(sv);
     Pod {
         metadata: ObjectMeta {
@@ -146,11 +175,7 @@ pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
                 image: Some(s.image.clone()),
                 command: Some(vec!["/usr/local/bin/radfm".into()]),
                 args: Some(args),
-                env: Some(vec![EnvVar {
-                    name: "RADFM_SIGNING_KEY_FILE".into(),
-                    value: Some(format!("{KEY_DIR}/{}", s.signing_key_secret_ref.key)),
-                    ..Default::default()
-                }]),
+                env: Some(env),
                 env_from: (!env_from.is_empty()).then_some(env_from),
                 volume_mounts: Some(mounts),
                 security_context: Some(
@@ -247,5 +272,41 @@ mod tests {
         assert_eq!(c_sc.allow_privilege_escalation, Some(false));
         assert_eq!(c_sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
         assert_eq!(spec.automount_service_account_token, Some(false));
+    }
+
+    #[test]
+    fn the_hubs_store_reaches_the_pod_under_its_own_prefix_for_the_registrys_uris_only() {
+        let sv = validator(
+            "  registryStore: {credentialsSecretRef: {name: hub-store}, uriPrefixes: ['s3://radiology/registry', 's3://hub-models']}",
+        );
+        let c = validation_pod(&sv, 7).spec.unwrap().containers.remove(0);
+        let from = c.env_from.unwrap();
+        let hub = from
+            .iter()
+            .find(|f| f.secret_ref.as_ref().unwrap().name == "hub-store")
+            .unwrap();
+        assert_eq!(hub.prefix.as_deref(), Some("RADFM_REGISTRY_"));
+        let settings = c
+            .env
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "RADFM_STORE_SETTINGS")
+            .unwrap();
+        assert_eq!(
+            settings.value.as_deref(),
+            Some("s3://radiology/registry=RADFM_REGISTRY_,s3://hub-models=RADFM_REGISTRY_")
+        );
+        let plain = validation_pod(&validator(""), 7)
+            .spec
+            .unwrap()
+            .containers
+            .remove(0);
+        assert!(
+            plain
+                .env
+                .unwrap()
+                .iter()
+                .all(|e| e.name != "RADFM_STORE_SETTINGS")
+        );
     }
 }
