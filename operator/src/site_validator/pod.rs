@@ -104,11 +104,10 @@ fn labels(sv: &SiteValidator, version: u64) -> BTreeMap<String, String> {
     labels
 }
 
-/// The validation pod of `version` for `sv`: `radfm validate` with the site's settings.
-pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
+/// The validation pod's environment: the site's Secrets as they are, the hub's store (if it is
+/// another) under [`REGISTRY_ENV_PREFIX`] for the URIs it covers, and the signing key's path.
+fn validation_env(sv: &SiteValidator) -> (Vec<EnvFromSource>, Vec<EnvVar>) {
     let s = &sv.spec;
-    let name = format!("{}-v{version}", sv.name_any());
-    let args = validate_args(sv, version);
     let env_from: Vec<EnvFromSource> = [
         s.credentials_secret_ref.as_ref(),
         s.dataset.credentials_secret_ref.as_ref(),
@@ -152,6 +151,15 @@ pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
             ..Default::default()
         });
     }
+    (env_from, env)
+}
+
+/// The validation pod of `version` for `sv`: `radfm validate` with the site's settings.
+pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
+    let s = &sv.spec;
+    let name = format!("{}-v{version}", sv.name_any());
+    let args = validate_args(sv, version);
+    let (env_from, env) = validation_env(sv);
     let (volumes, mounts) = validation_volumes(sv);
     Pod {
         metadata: ObjectMeta {
