@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server health-tool demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling clean
+.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server health-tool demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling bench-federated clean
 
 all: build
 
@@ -175,6 +175,12 @@ bench-trainer: py-deps libtorch
 	@r=$$(grep -o '"images_per_s": *[0-9.]*' /tmp/radfm-bench-trainer-rs.txt | grep -o '[0-9.]*$$'); \
 	 p=$$(grep -o '"images_per_s": *[0-9.]*' /tmp/radfm-bench-trainer-py.txt | grep -o '[0-9.]*$$'); \
 	 echo "bench: trainer ratio=$$(python3 -c "print(round($$r/$$p, 3))")"
+
+## bench-federated: federated FedAvg (the real `radfm federate` rounds) vs pooled central vs
+## single-site pretraining at equal compute, by k-NN AUROC at each site (bench/federated_quality.sh)
+bench-federated: libtorch
+	$(CARGO) build -q --release -p radfm -p radfm-trainer
+	bash bench/federated_quality.sh
 
 ## bench-allreduce: bus bandwidth of radfm's CPU ring all-reduce vs torch.distributed gloo, same
 ## machine, ranks (2, 4) and sizes (MiB), one process per rank on loopback

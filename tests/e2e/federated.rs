@@ -749,7 +749,52 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
     }
     hub.secret(HUB_NS, "hub-key", &[("ed25519.key".into(), key_of("hub"))]);
     hub.secret(HUB_NS, "hub-store", &exchange_env);
-    hub.apply(HUB_NS, &federated_training_yaml(exchange, &public));
+    // The API server refuses what cannot be run, naming the field.
+    let good = federated_training_yaml(exchange, &public);
+    let cases = [
+        (
+            good.replace("minSites: 2", "minSites: 4"),
+            "minSites cannot exceed",
+        ),
+        (
+            good.replace("- {name: east,", "- {name: north,"),
+            "spec.sites[2]: Duplicate value: {\"name\":\"north\"}",
+        ),
+        (
+            good.replace(
+                "register: {model: chest}",
+                "register: {model: chest, alias: production}",
+            ),
+            "register.alias cannot be production",
+        ),
+        (
+            good.replace(
+                "kind: TrimmedMean, trimFraction: 0.0",
+                "kind: FedAvg, trimFraction: 0.1",
+            ),
+            "trimFraction applies to the TrimmedMean aggregator only",
+        ),
+        (
+            good.replace(&public["east"], "not-a-key"),
+            "spec.sites[2].publicKey",
+        ),
+        (
+            good.replace("  registry: s3://radfm/registry\n", ""),
+            "spec.registry is needed",
+        ),
+    ];
+    for (yaml, why) in cases {
+        let out = hub.cluster.kubectl_stdin(
+            &["apply", "--dry-run=server", "-n", HUB_NS, "-f", "-"],
+            Some(&yaml),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{why}: {stderr}"
+        );
+    }
+    hub.apply(HUB_NS, &good);
 
     let mut played = std::collections::BTreeSet::new();
     let mut sent = Vec::new();
@@ -973,6 +1018,17 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
     assert!(
         printed.contains("ROUND") && printed.contains("Succeeded"),
         "{printed}"
+    );
+    // GitOps tools judge the finished federation healthy with their own code.
+    let live = hub
+        .cluster
+        .kubectl_ok(&["get", "ft", "cxr", "-n", HUB_NS, "-o", "yaml"])
+        .unwrap();
+    let judged = radfm_e2e::gitops_health(&live).unwrap().remove(0);
+    assert_eq!(
+        judged.statuses(),
+        ("Current", "Healthy", "Current"),
+        "{judged:?}"
     );
 
     // Every site took part in every round and sees the result.

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Federated vs pooled vs single-site pretraining at equal compute, judged by k-NN AUROC of the
+# frozen encoder on each site's held-out labelled images (`radfm eval`).
+#
+# Two synthetic hospitals: north (a standard scanner) and south (a strongly shifted one). Every
+# arm starts from the same base checkpoint and runs the same number of optimizer steps in total
+# (site-steps for the federation): pooled central training on both sites' images in one place;
+# each site alone; federated FedAvg rounds through an exchange folder with the real `radfm
+# federate` commands (publish, fetch, local training, contribute, aggregate, register).
+# Prints one table and ends with `bench: federated ratio=<federated AUROC / pooled AUROC>`.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-5}
+LOCAL_STEPS=${LOCAL_STEPS:-40}
+SAMPLES=${SAMPLES:-384}
+BIN=${BIN:-target/release}
+OUT=${OUT:-/tmp/radfm-bench-federated}
+SITES=(north south)
+TOTAL=$((ROUNDS * LOCAL_STEPS * ${#SITES[@]}))
+
+rm -rf "$OUT" && mkdir -p "$OUT"
+radfm() { "$BIN/radfm" "$@"; }
+JOB=manifests/samples/trainingjob-local.yaml
+
+synth() { # out sites samples seed [shift]
+  local extra=()
+  [ -n "${5:-}" ] && extra=(--shift-site "$5")
+  radfm synth --out "file://$OUT/$1" --sites "$2" --samples "$3" --seed "$4" --size 64 \
+    --lesion-radius 0.15,0.25 --shard-mib 1 "${extra[@]}" >/dev/null
+}
+
+train() { # dataset checkpoint steps [initFrom]
+  local job=$JOB
+  if [ -n "${4:-}" ]; then
+    job="$OUT/job-$(basename "$2").yaml"
+    sed "s|    patchSize: 8|    patchSize: 8\n    initFrom: $4|" "$JOB" >"$job"
+  fi
+  radfm run "$job" --workers 1 --steps "$3" --dataset "file://$OUT/$1" \
+    --checkpoint "file://$OUT/$2" --quiet >/dev/null
+}
+
+auroc() { # export folder, site
+  radfm eval --model "file://$OUT/$1" --dataset "file://$OUT/eval-$2" --json |
+    jq -r '.pretrained.knn.auroc'
+}
+
+echo "data: ${SITES[*]} ($SAMPLES training images each; south's scanner shifted), $TOTAL steps per arm"
+synth cohort-north north "$SAMPLES" 1
+synth cohort-south south "$SAMPLES" 2 south
+synth cohort-pooled north,south $((2 * SAMPLES)) 3 south
+synth eval-north north 300 11
+synth eval-south south 300 12 south
+synth cohort-base north,south 64 4 south
+
+start=$(date +%s)
+train cohort-base base 1
+base="file://$OUT/base"
+
+for arm in pooled north south; do
+  train "cohort-$arm" "ckpt-$arm" "$TOTAL" "$base"
+  radfm export "file://$OUT/ckpt-$arm" "file://$OUT/export-$arm" >/dev/null
+done
+
+# The federation: hub and sites share only the exchange folder.
+for who in hub "${SITES[@]}"; do
+  radfm keygen --out "$OUT/keys" --site "$who" >"$OUT/keys-$who.pub"
+done
+EX=(--exchange "file://$OUT/exchange" --federation bench/federated)
+SCHED=(--last-round "$ROUNDS" --local-steps "$LOCAL_STEPS" --norm-bound 1000)
+radfm federate publish "${EX[@]}" "${SCHED[@]}" --model "$base" --key-file "$OUT/keys/hub.key" >/dev/null
+hub_key=$(cat "$OUT/keys-hub.pub")
+site_args=()
+for s in "${SITES[@]}"; do site_args+=(--site "$s=$(cat "$OUT/keys-$s.pub")"); done
+bytes=0
+for r in $(seq 1 "$ROUNDS"); do
+  for s in "${SITES[@]}"; do
+    radfm federate fetch "${EX[@]}" --round "$r" --hub-key "$hub_key" \
+      --out "$OUT/$s-global-$r.safetensors" >/dev/null
+    train "cohort-$s" "fed-$s-$r" "$LOCAL_STEPS" "file://$OUT/$s-global-$r.safetensors"
+    sent=$(radfm federate contribute "${EX[@]}" --round "$r" --hub-key "$hub_key" --site "$s" \
+      --key-file "$OUT/keys/$s.key" --local "file://$OUT/fed-$s-$r" | jq -r .bytesSent)
+    bytes=$((bytes + sent))
+  done
+  radfm federate aggregate "${EX[@]}" "${SCHED[@]}" --round "$r" --min-sites 2 \
+    "${site_args[@]}" --key-file "$OUT/keys/hub.key" >/dev/null
+done
+radfm federate register "${EX[@]}" --hub-key "$hub_key" --last-round "$ROUNDS" --base "$base" \
+  --out "file://$OUT/export-federated" --registry "file://$OUT/registry" --model bench >/dev/null
+elapsed=$(($(date +%s) - start))
+
+printf '%-10s %12s %12s %12s\n' arm "AUROC north" "AUROC south" mean
+declare -A mean
+for arm in pooled federated north south; do
+  n=$(auroc "export-$arm" north)
+  s=$(auroc "export-$arm" south)
+  mean[$arm]=$(jq -n "($n + $s) / 2")
+  printf '%-10s %12.3f %12.3f %12.3f\n' "$arm" "$n" "$s" "${mean[$arm]}"
+done
+echo "bytes sent per site per round: $((bytes / ROUNDS / ${#SITES[@]})); training wall time ${elapsed}s"
+echo "bench: federated ratio=$(jq -n "${mean[federated]} / ${mean[pooled]}" | xargs printf '%.3f')"
