@@ -376,7 +376,7 @@ pub struct AdmittedContribution {
 pub struct RejectedContribution {
     /// The site whose prefix it came from.
     pub site: String,
-    /// Machine-readable reason (BadSignature, WrongRound, WrongBase, Duplicate, NormTooLarge, ...).
+    /// Machine-readable reason (BadSignature, UnknownSite, WrongKey, OtherRound, OtherBase, Duplicate, NormExceeded, ...).
     pub reason: String,
     /// What was wrong.
     pub message: String,
@@ -508,4 +508,74 @@ pub struct SiteContribution {
     pub steps: u64,
     /// Loss at the end of local training.
     pub local_loss: f64,
+}
+
+/// The format tag of the hub's record of a closed round.
+pub const RECORD_FORMAT: &str = "radfm.federated.round/v1";
+
+/// A contribution the hub admitted, as its round record keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmittedRecord {
+    /// The site.
+    pub site: String,
+    /// Training samples the site saw this round (the FedAvg weight).
+    pub samples: u64,
+    /// Optimizer steps the site ran.
+    pub steps: u64,
+    /// L2 norm of the update.
+    pub norm: f64,
+    /// Digest of the update's bytes.
+    pub update_digest: String,
+    /// Digest of the site's dataset index.
+    pub dataset_index_digest: String,
+    /// The site's loss at the end of its local training.
+    pub local_loss: f64,
+}
+
+/// A refused contribution, as the round record keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedRecord {
+    /// The site whose prefix it came from.
+    pub site: String,
+    /// Machine-readable reason (BadSignature, UnknownSite, WrongKey, OtherRound, OtherBase, Duplicate, NormExceeded, ...).
+    pub reason: String,
+    /// What was wrong.
+    pub message: String,
+}
+
+/// The hub's signed record of a closed round: what it admitted and refused and the model it
+/// published next (the lineage of a federated model, round by round).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundRecord {
+    /// [`RECORD_FORMAT`].
+    pub format: String,
+    /// The federation.
+    pub federation: String,
+    /// The round closed.
+    pub round: u32,
+    /// Digest of the round's global model (what every admitted update is based on).
+    pub base_digest: String,
+    /// The aggregator (`fedavg`, `median`, `trimmed-mean:0.2`).
+    pub aggregator: String,
+    /// Admitted contributions.
+    pub admitted: Vec<AdmittedRecord>,
+    /// Refused contributions, with why.
+    pub rejected: Vec<RejectedRecord>,
+    /// Digest of the next global model.
+    pub next_digest: String,
+    /// Client-level DP: (ε, δ) spent after this round.
+    pub privacy: Option<PrivacySpent>,
+}
+
+/// The privacy budget spent so far.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivacySpent {
+    /// ε at `delta` over every round so far.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
 }

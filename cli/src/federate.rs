@@ -340,6 +340,9 @@ async fn local_weights(local: &str) -> Result<(Weights, Option<LocalRun>)> {
 /// initialised from a fixed seed, so that every site starts round 1 from the same one.
 #[cfg(feature = "torch")]
 async fn exported_weights(uri: &str) -> Result<Option<Weights>> {
+    if Path::new(uri).is_file() || uri.ends_with(".safetensors") {
+        return Ok(None);
+    }
     let loc = Location::open(uri)?;
     if loc.get_opt(radfm_api::export_files::CARD).await?.is_none() {
         return Ok(None);
@@ -587,36 +590,7 @@ async fn lineage(
             .round_record(round, Some(hub_key))
             .await?
             .with_context(|| format!("round {round} has no record: the federation is not done"))?;
-        rounds.push(reg::FederatedRound {
-            round,
-            base_digest: r.base_digest,
-            next_digest: r.next_digest,
-            aggregator: r.aggregator,
-            contributions: r
-                .admitted
-                .into_iter()
-                .map(|c| reg::FederatedContribution {
-                    site: c.site,
-                    samples: c.samples,
-                    steps: c.steps,
-                    norm: c.norm,
-                    update_digest: c.update_digest,
-                    dataset_index_digest: c.dataset_index_digest,
-                    local_loss: c.local_loss,
-                })
-                .collect(),
-            rejected: r
-                .rejected
-                .into_iter()
-                .map(|x| reg::FederatedRejection {
-                    site: x.site,
-                    reason: x.reason,
-                    message: x.message,
-                })
-                .collect(),
-            epsilon: r.privacy.map(|p| p.epsilon),
-            delta: r.privacy.map(|p| p.delta),
-        });
+        rounds.push(r);
     }
     Ok(reg::FederatedLineage {
         federation: ex.federation.clone(),

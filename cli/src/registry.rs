@@ -201,7 +201,7 @@ pub fn federated_rounds(f: &radfm_registry::federated::FederatedLineage) -> Vec<
         .iter()
         .map(|r| {
             let sites: Vec<String> = r
-                .contributions
+                .admitted
                 .iter()
                 .map(|c| format!("{} {} samples (norm {:.3})", c.site, c.samples, c.norm))
                 .collect();
@@ -210,7 +210,9 @@ pub fn federated_rounds(f: &radfm_registry::federated::FederatedLineage) -> Vec<
                 .iter()
                 .map(|x| format!("{} {}", x.site, x.reason))
                 .collect();
-            let privacy = r.epsilon.map_or(String::new(), |e| format!("; ε {e:.3}"));
+            let privacy = r
+                .privacy
+                .map_or(String::new(), |p| format!("; ε {:.3}", p.epsilon));
             format!(
                 "round {}: {} [{}]{}{privacy}; model {}",
                 r.round,

@@ -306,7 +306,7 @@ fn federated_table(h: &mut String, version: u64, f: &radfm_registry::federated::
         esc(&f.result_digest)
     );
     for r in &f.rounds {
-        for c in &r.contributions {
+        for c in &r.admitted {
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>admitted ({})</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",

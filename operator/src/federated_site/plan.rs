@@ -270,14 +270,7 @@ fn step(pod: Pod, pods: &[Pod], plan: &mut Plan) -> StepState {
 }
 
 fn owner(fs: &FederatedSite) -> OwnerReference {
-    OwnerReference {
-        api_version: FederatedSite::api_version(&()).to_string(),
-        kind: FederatedSite::kind(&()).to_string(),
-        name: fs.name_any(),
-        uid: fs.uid().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }
+    fs.controller_owner_ref(&()).unwrap_or_default()
 }
 
 /// The round's folder in the site's workspace.

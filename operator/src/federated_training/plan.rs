@@ -376,14 +376,7 @@ fn run_step(step: Step, pods: &[Pod], plan: &mut Plan) -> (&'static str, String)
 }
 
 fn owner(ft: &FederatedTraining) -> OwnerReference {
-    OwnerReference {
-        api_version: FederatedTraining::api_version(&()).to_string(),
-        kind: FederatedTraining::kind(&()).to_string(),
-        name: ft.name_any(),
-        uid: ft.uid().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }
+    ft.controller_owner_ref(&()).unwrap_or_default()
 }
 
 /// The federation's name in the exchange and in every signed statement.
