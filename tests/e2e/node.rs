@@ -783,6 +783,115 @@ async fn continual_training_run_executes_on_real_pods_and_registers_its_version(
     assert!(out.contains(&run.uid().unwrap()), "{out}");
 }
 
+/// A one-site federation on real pods: the FederatedTraining's publish and aggregate pods, the
+/// FederatedSite's fetch and contribute pods and its local TrainingJob all run radfm's image
+/// under the restricted Pod Security Standard, through the exchange on the S3 server.
+#[tokio::test]
+async fn a_federated_round_runs_on_real_pods_from_publish_to_the_result() {
+    let Some(node) =
+        real_node("a_federated_round_runs_on_real_pods_from_publish_to_the_result").await
+    else {
+        return;
+    };
+    let cluster = &node.cluster;
+    let ns = "federation";
+    let _guard = cluster.namespace(ns).await.unwrap();
+    let s3_env = node.s3.env();
+    let env = str_pairs(&s3_env);
+    let _operator = cluster
+        .start_operator_with_env(ns, "operator-federation", &[], &env)
+        .unwrap();
+    data_and_credentials(&node, ns);
+    radfm_e2e::ok(&radfm_e2e::radfm(
+        &[
+            "run",
+            radfm_e2e::repo_root()
+                .join("manifests/samples/trainingjob-local.yaml")
+                .to_str()
+                .unwrap(),
+            "--workers",
+            "1",
+            "--steps",
+            "1",
+            "--dataset",
+            "s3://radfm/cohort",
+            "--checkpoint",
+            "s3://radfm/federation/base",
+            "--quiet",
+        ],
+        &env,
+    ));
+    let keys = node.dir().join("keys");
+    let mut public = std::collections::BTreeMap::new();
+    for who in ["hub", "north"] {
+        let out = radfm_e2e::radfm(
+            &["keygen", "--out", keys.to_str().unwrap(), "--site", who],
+            &[],
+        );
+        public.insert(who, radfm_e2e::ok(&out).trim().to_string());
+        let key = std::fs::read_to_string(keys.join(format!("{who}.key"))).unwrap();
+        apply(
+            &node,
+            ns,
+            &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("{who}-key")},
+                "stringData": {"ed25519.key": key}}),
+        );
+    }
+    let exchange = json!({"uri": "s3://radfm/federation/exchange",
+        "credentialsSecretRef": {"name": "radiology-s3"}});
+    apply(
+        &node,
+        ns,
+        &json!({"apiVersion": "radfm.io/v1alpha1", "kind": "FederatedTraining",
+            "metadata": {"name": "cxr"},
+            "spec": {"baseModel": {"uri": "s3://radfm/federation/base"}, "exchange": exchange,
+                "signingKeySecretRef": {"name": "hub-key"},
+                "sites": [{"name": "north", "publicKey": public["north"]}],
+                "rounds": 1, "localSteps": 3, "normBound": 1000, "image": TRAINER_IMAGE}}),
+    );
+    apply(
+        &node,
+        ns,
+        &json!({"apiVersion": "radfm.io/v1alpha1", "kind": "FederatedSite",
+            "metadata": {"name": "north"},
+            "spec": {"federation": format!("{ns}/cxr"), "site": "north",
+                "hubPublicKey": public["hub"], "exchange": exchange,
+                "signingKeySecretRef": {"name": "north-key"},
+                "dataset": {"uri": "s3://radfm/cohort", "credentialsSecretRef": {"name": "radiology-s3"}},
+                "workspace": "s3://radfm/federation/north",
+                "jobTemplate": {"image": TRAINER_IMAGE, "imagePullPolicy": "Never",
+                    "workers": {"replicas": 1, "gpusPerWorker": 0,
+                        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                        "template": {"env": [{"name": "RADFM_THREADS", "value": "2"}]}},
+                    "model": {"architecture": "vit-tiny", "imageSize": 64, "patchSize": 8},
+                    "training": {"steps": 1, "batchSizePerDevice": 16, "precision": "fp32"},
+                    "checkpoint": {"uri": "s3://radfm/unused", "everySteps": 100}},
+                "image": TRAINER_IMAGE, "pollIntervalSeconds": 5}}),
+    );
+    let fts: Api<radfm_api::federated::FederatedTraining> =
+        Api::namespaced(cluster.client.clone(), ns);
+    let done = wait_object(&fts, "cxr", TRAIN_WAIT, "a federated result", |ft| {
+        ft.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(|p| p.is_finished())
+    })
+    .await;
+    let st = done.status.unwrap();
+    assert_eq!(
+        st.phase,
+        Some(radfm_api::federated::FederatedPhase::Succeeded),
+        "{st:#?}"
+    );
+    assert_eq!(st.rounds.len(), 1);
+    assert_eq!(st.rounds[0].admitted[0].site, "north");
+    assert!(st.rounds[0].admitted[0].norm > 0.0);
+    // Every step ran as a real container: the local job's pods succeeded on the node.
+    let jobs: Api<TrainingJob> = Api::namespaced(cluster.client.clone(), ns);
+    let local = jobs.get("north-r1").await.unwrap();
+    assert_eq!(local.status.and_then(|s| s.phase), Some(Phase::Succeeded));
+}
+
 /// The instructions of a Dockerfile's last stage, as (instruction, rest of the line).
 fn final_stage(dockerfile: &str) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(radfm_e2e::repo_root().join(dockerfile)).unwrap();
