@@ -3,8 +3,9 @@
 # frozen encoder on each site's held-out labelled images (`radfm eval`).
 #
 # Two synthetic hospitals: north (a standard scanner) and south (a strongly shifted one). Every
-# arm starts from the same base checkpoint and runs the same number of optimizer steps in total
-# (site-steps for the federation): pooled central training on both sites' images in one place;
+# arm starts from the same base checkpoint. By default every arm runs the same number of
+# optimizer steps in total (site-steps for the federation, so equal compute); `TOTAL` changes the
+# other arms' steps. The arms: pooled central training on both sites' images in one place;
 # each site alone; federated FedAvg rounds through an exchange folder with the real `radfm
 # federate` commands (publish, fetch, local training, contribute, aggregate, register).
 # Prints one table and ends with `bench: federated ratio=<federated AUROC / pooled AUROC>`.
@@ -16,7 +17,9 @@ SAMPLES=${SAMPLES:-384}
 BIN=${BIN:-target/release}
 OUT=${OUT:-/tmp/radfm-bench-federated}
 SITES=(north south)
-TOTAL=$((ROUNDS * LOCAL_STEPS * ${#SITES[@]}))
+# Steps of each non-federated arm; by default the federation's total site-steps (equal compute).
+# TOTAL=ROUNDS×LOCAL_STEPS instead gives each arm as many steps as each site runs.
+TOTAL=${TOTAL:-$((ROUNDS * LOCAL_STEPS * ${#SITES[@]}))}
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 radfm() { "$BIN/radfm" "$@"; }
