@@ -16,6 +16,10 @@ use crate::continual::JobTemplate;
 use crate::site_validation::KeySecretRef;
 use crate::trainingjob::{DatasetSpec, SecretRef};
 
+/// The prefix a site's pods see the exchange's store settings under; `RADFM_STORE_SETTINGS`
+/// maps the exchange's URI to it (radfm_data::store::STORE_SETTINGS).
+pub const EXCHANGE_ENV_PREFIX: &str = "RADFM_EXCHANGE_";
+
 /// Desired state of a FederatedTraining.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -163,7 +167,8 @@ pub struct ExchangeSpec {
     #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("exchange.uri must start with s3://, gs://, az:// or file://"))]
     pub uri: String,
     /// Secret whose keys are the exchange's store settings (AWS_*, GOOGLE_*, AZURE_*); a site's
-    /// pods get them prefixed `RADFM_EXCHANGE_`, beside the site's own store settings.
+    /// pods get them prefixed [`EXCHANGE_ENV_PREFIX`] (mapped to this URI by
+    /// `RADFM_STORE_SETTINGS`), beside the site's own store settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
 }

@@ -52,26 +52,10 @@ pub struct ExchangeArgs {
     pub max_model_bytes: usize,
 }
 
-/// Prefix of the environment variables that hold the exchange's store settings when they differ
-/// from the site's own store (`RADFM_EXCHANGE_AWS_ACCESS_KEY_ID`, ...; a Secret given to a pod
-/// with `envFrom.prefix`).
-pub const EXCHANGE_ENV_PREFIX: &str = "RADFM_EXCHANGE_";
-
-/// The exchange's store settings: the `RADFM_EXCHANGE_`-prefixed variables (prefix removed)
-/// where there are any, else the environment's own.
-fn exchange_settings(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
-    let vars: Vec<(String, String)> = vars.collect();
-    let prefixed: Vec<(String, String)> = vars
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(EXCHANGE_ENV_PREFIX)?.to_string(), v.clone())))
-        .collect();
-    if prefixed.is_empty() { vars } else { prefixed }
-}
-
 impl ExchangeArgs {
     fn open(&self) -> Result<Exchange> {
         Ok(Exchange {
-            location: Location::open_with(&self.exchange, exchange_settings(std::env::vars()))?,
+            location: Location::open(&self.exchange)?,
             federation: self.federation.clone(),
             max_model_bytes: self.max_model_bytes,
         })
@@ -697,37 +681,4 @@ async fn status(a: StatusArgs) -> Result<()> {
         println!("no round published yet");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vars(list: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<Vec<_>>()
-            .into_iter()
-    }
-
-    #[test]
-    fn the_exchange_uses_its_prefixed_store_settings_and_else_the_environments() {
-        let site_and_exchange = [
-            ("AWS_ACCESS_KEY_ID", "site"),
-            ("RADFM_EXCHANGE_AWS_ACCESS_KEY_ID", "exchange"),
-            ("RADFM_EXCHANGE_AWS_ENDPOINT", "http://hub:9000"),
-        ];
-        assert_eq!(
-            exchange_settings(vars(&site_and_exchange)),
-            [
-                ("AWS_ACCESS_KEY_ID".to_string(), "exchange".to_string()),
-                ("AWS_ENDPOINT".to_string(), "http://hub:9000".to_string()),
-            ]
-        );
-        let one_store = [("AWS_ACCESS_KEY_ID", "shared")];
-        assert_eq!(
-            exchange_settings(vars(&one_store)),
-            [("AWS_ACCESS_KEY_ID".to_string(), "shared".to_string())]
-        );
-    }
 }

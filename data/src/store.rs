@@ -19,6 +19,16 @@ pub const SINGLE_WRITER: &str = "RADFM_SINGLE_WRITER";
 /// variables named `VARIABLE-PREFIX` + `AWS_...` (or `GOOGLE_...`, `AZURE_...`), prefix removed.
 pub const STORE_SETTINGS: &str = "RADFM_STORE_SETTINGS";
 
+/// The [`STORE_SETTINGS`] value that gives the stores under `uri_prefixes` the variables
+/// prefixed `var_prefix`.
+pub fn settings_entry(uri_prefixes: &[&str], var_prefix: &str) -> String {
+    uri_prefixes
+        .iter()
+        .map(|p| format!("{p}={var_prefix}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The store settings for `uri`: per [`STORE_SETTINGS`], else `vars` as they are.
 pub fn settings_for(
     uri: &str,

@@ -52,6 +52,36 @@ impl PlannedEvent {
     }
 }
 
+/// Create parameters of every object the operator makes (its field manager).
+pub fn post_params() -> kube::api::PostParams {
+    kube::api::PostParams {
+        field_manager: Some(crate::context::FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// Deletes the pods a plan names (a failed delete is logged and retried by the next pass) and
+/// creates the one it wants (one that exists already counts as created).
+pub async fn apply_pod_plan(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    delete: &[String],
+    create: Option<&k8s_openapi::api::core::v1::Pod>,
+) -> Result<()> {
+    for name in delete {
+        if let Err(e) = pods
+            .delete(name, &kube::api::DeleteParams::background())
+            .await
+        {
+            tracing::warn!(pod = %name, error = %e, "deleting a pod");
+        }
+    }
+    if let Some(pod) = create {
+        tolerate(pods.create(&post_params(), pod).await, 409)?;
+        tracing::info!(pod = %pod.name_any(), "pod created");
+    }
+    Ok(())
+}
+
 /// Treats one API status code as success: AlreadyExists (409) on create and NotFound (404) on
 /// delete mean the plan's effect is already there.
 pub fn tolerate<T>(

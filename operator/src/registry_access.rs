@@ -28,6 +28,12 @@ pub struct RegistryAccess {
 impl RegistryAccess {
     /// Whether resources of `namespace` may use the registry at `uri`, and if not, why.
     pub fn check(&self, namespace: &str, uri: &str) -> Result<(), String> {
+        self.check_store("registry", namespace, uri)
+    }
+
+    /// Whether resources of `namespace` may use the store folder at `uri` (`what`: a registry,
+    /// a federation's exchange), and if not, why: the same allowances cover both.
+    pub fn check_store(&self, what: &str, namespace: &str, uri: &str) -> Result<(), String> {
         let traversal = uri.split('/').any(|part| part == "..");
         let allowed = !traversal
             && self.allowed.iter().any(|entry| {
@@ -39,7 +45,7 @@ impl RegistryAccess {
             return Ok(());
         }
         Err(format!(
-            "registry {uri} is not allowed for namespace {namespace} by the cluster's radfm \
+            "{what} {uri} is not allowed for namespace {namespace} by the cluster's radfm \
              registry allowances (chart values registries, --allowed-registries)"
         ))
     }

@@ -17,7 +17,7 @@ pub mod schedule;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -25,7 +25,7 @@ use radfm_api::continual::{ANNOTATION_BASE_VERSION, ANNOTATION_SCHEDULED, LABEL_
 use radfm_api::{ContinualTraining, TrainingJob};
 use tracing::{info, instrument, warn};
 
-use crate::context::{Context, FIELD_MANAGER, drive};
+use crate::context::{Context, drive};
 use crate::effects::{self, tolerate};
 use crate::registry_access::RegistryAccess;
 use crate::{Error, Result};
@@ -127,10 +127,7 @@ async fn apply(ct: &ContinualTraining, jobs: &Api<TrainingJob>, plan: &Plan) -> 
         tolerate(jobs.delete(old, &DeleteParams::background()).await, 404)?;
     }
     if let Some(job) = &plan.create {
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
+        let pp = crate::effects::post_params();
         tolerate(jobs.create(&pp, job).await, 409)?;
         info!(run = %job.name_any(), ct = %ct.name_any(), "created run");
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use radfm_api::TrainingJob;
@@ -19,7 +19,7 @@ use radfm_federated::exchange::{self, MAX_STATEMENT_BYTES};
 use radfm_validation::report::Signed;
 use tracing::info;
 
-use crate::context::{Context, FIELD_MANAGER, drive};
+use crate::context::{Context, drive};
 use crate::effects::{self, tolerate};
 use crate::federated_training::plan::ExchangeError;
 use crate::federated_training::pods::LABEL_FEDERATION_OWNER;
@@ -86,12 +86,9 @@ pub async fn reconcile(fs: Arc<FederatedSite>, ctx: Arc<Context>) -> Result<Acti
         now: ctx.clock.now(),
     };
     let plan = plan::plan(&fs, &observed);
-    crate::federated_training::apply(&pods, &plan.delete_pods, plan.create_pod.as_ref()).await?;
+    effects::apply_pod_plan(&pods, &plan.delete_pods, plan.create_pod.as_ref()).await?;
     if let Some(job) = &plan.create_job {
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
+        let pp = crate::effects::post_params();
         tolerate(jobs.create(&pp, job).await, 409)?;
         info!(job = %job.name_any(), "local training started");
     }

@@ -6,7 +6,7 @@
 //! workspace (checking the hub's signature and the digest), a local TrainingJob trains it on the
 //! site's shards for the hub's number of steps, and a contribute pod signs and uploads the
 //! bounded update. The site always works on the newest round: when the hub moves on, the
-//! unfinished round is dropped. A failed pod is retried up to [`MAX_FAILURES`] times; a failed
+//! unfinished round is dropped. A failed pod is retried up to [`MAX_STEP_FAILURES`] times; a failed
 //! local job (after its own restarts) gives the round up.
 
 use std::time::Duration;
@@ -24,12 +24,11 @@ use radfm_federated::exchange::GlobalStatement;
 
 use crate::effects::PlannedEvent;
 use crate::federated_training::plan::ExchangeError;
-use crate::federated_training::pods::{EXCHANGE_ENV_PREFIX, FederatePod, SecretEnv};
-use crate::federated_training::pods::{LABEL_FEDERATION_OWNER, LABEL_ROUND, termination_message};
+use crate::federated_training::pods::count_failure;
+use crate::federated_training::pods::{FederatePod, SecretEnv};
+use crate::federated_training::pods::{LABEL_FEDERATION_OWNER, LABEL_ROUND, MAX_STEP_FAILURES};
 use crate::training_job::workers::PodPhase;
-
-/// Failed pods of one round before the site gives the round up.
-pub const MAX_FAILURES: u32 = 3;
+use radfm_api::federated::EXCHANGE_ENV_PREFIX;
 
 /// What the exchange shows this site.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -152,7 +151,7 @@ fn follow(
             format!("update of round {round} is in; waiting for the hub's next model"),
         );
     }
-    if plan.status.failures.unwrap_or(0) >= MAX_FAILURES {
+    if plan.status.failures.unwrap_or(0) >= MAX_STEP_FAILURES {
         plan.status.phase = Some(SitePhase::Waiting);
         return (
             why::LOCAL_TRAINING_FAILED,
@@ -208,7 +207,7 @@ fn work(
         }
         Some(Phase::Succeeded) => {}
         Some(Phase::Failed) => {
-            plan.status.failures = Some(MAX_FAILURES);
+            plan.status.failures = Some(MAX_STEP_FAILURES);
             plan.status.phase = Some(SitePhase::Waiting);
             let message = format!("round {round}: local job {} failed", job_name(fs, round));
             plan.events.push(PlannedEvent::warning(
@@ -257,10 +256,7 @@ fn step(pod: Pod, pods: &[Pod], plan: &mut Plan) -> StepState {
             StepState::Done
         }
         PodPhase::Failed => {
-            let failures = plan.status.failures.unwrap_or(0) + 1;
-            plan.status.failures = Some(failures);
-            let detail = termination_message(existing).unwrap_or_else(|| "no message".into());
-            let message = format!("pod {name} failed ({failures} of {MAX_FAILURES}): {detail}");
+            let (_, message) = count_failure(existing, &mut plan.status.failures);
             plan.events
                 .push(PlannedEvent::warning(why::POD_FAILED, message.clone()));
             StepState::Busy(message)
@@ -342,6 +338,9 @@ fn site_pod(fs: &FederatedSite, step: &str, round: u32, args: Vec<String>, sign:
         args,
         key: sign.then_some(&s.signing_key_secret_ref),
         env_from: site_store.chain(exchange).collect(),
+        store_settings: s.exchange.credentials_secret_ref.as_ref().map(|_| {
+            radfm_data::store::settings_entry(&[s.exchange.uri.as_str()], EXCHANGE_ENV_PREFIX)
+        }),
     }
     .build()
 }
@@ -602,6 +601,16 @@ spec:
             ]
         );
         assert!(spec.volumes.is_none(), "fetching signs nothing");
+        let settings = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "RADFM_STORE_SETTINGS");
+        assert_eq!(
+            settings.and_then(|e| e.value.as_deref()),
+            Some("s3://exchange/cxr=RADFM_EXCHANGE_"),
+            "the exchange's URI takes the prefixed settings"
+        );
         let args = c.args.as_ref().unwrap().join(" ");
         assert!(
             args.ends_with(&format!(

@@ -11,17 +11,16 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use radfm_api::conditions::{continual_reason, federated_reason};
 use radfm_api::federated::FederatedTraining;
 use radfm_data::store::Location;
 use radfm_federated::exchange::{self, Exchange};
-use tracing::{info, warn};
 
-use crate::context::{Context, FIELD_MANAGER, drive};
-use crate::effects::{self, tolerate};
+use crate::context::{Context, drive};
+use crate::effects;
 use crate::registry_access::RegistryAccess;
 use crate::{Error, Result};
 use plan::{ExchangeError, ExchangeView, Observed};
@@ -38,10 +37,10 @@ pub fn open_exchange(
     federation: String,
 ) -> Result<Exchange, ExchangeError> {
     access
-        .check(namespace, uri)
+        .check_store("exchange", namespace, uri)
         .map_err(|message| ExchangeError {
             reason: continual_reason::INVALID_SPEC,
-            message: message.replace("registry ", "exchange "),
+            message,
         })?;
     let location = Location::open(uri).map_err(|e| ExchangeError {
         reason: continual_reason::INVALID_SPEC,
@@ -110,7 +109,8 @@ async fn view(ft: &FederatedTraining, ctx: &Context) -> Result<ExchangeView, Exc
         _ => None,
     };
     let mut uploaded = std::collections::BTreeSet::new();
-    for site in &ft.spec.sites {
+    let open_round = newest.round <= ft.spec.rounds;
+    for site in ft.spec.sites.iter().filter(|_| open_round) {
         let key = exchange::statement_key(&site.name, newest.round);
         if ex
             .location
@@ -199,8 +199,18 @@ pub async fn reconcile(ft: Arc<FederatedTraining>, ctx: Arc<Context>) -> Result<
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{LABEL_FEDERATION_OWNER}={}", ft.name_any());
+    let finished = ft
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_finished());
+    // A finished federation's plan looks at nothing in the exchange.
+    let exchange = match finished {
+        true => Ok(ExchangeView::default()),
+        false => view(&ft, &ctx).await,
+    };
     let observed = Observed {
-        exchange: view(&ft, &ctx).await,
+        exchange,
         pods: effects::list_owned(&pods, &selector, &ft.uid().unwrap_or_default())
             .await?
             .into_iter()
@@ -209,7 +219,7 @@ pub async fn reconcile(ft: Arc<FederatedTraining>, ctx: Arc<Context>) -> Result<
         now: ctx.clock.now(),
     };
     let plan = plan::plan(&ft, &observed);
-    apply(&pods, &plan.delete_pods, plan.create_pod.as_ref()).await?;
+    effects::apply_pod_plan(&pods, &plan.delete_pods, plan.create_pod.as_ref()).await?;
     let fts: Api<FederatedTraining> = Api::namespaced(ctx.client.clone(), &ns);
     effects::apply_status(&fts, ft.as_ref(), ft.status.as_ref(), &plan.status).await?;
     effects::publish(&ctx.recorder, ft.as_ref(), "Federate", &plan.events).await;
@@ -217,24 +227,6 @@ pub async fn reconcile(ft: Arc<FederatedTraining>, ctx: Arc<Context>) -> Result<
         Some(d) => Action::requeue(ctx.clock.requeue(observed.now, None).min(d)),
         None => Action::await_change(),
     })
-}
-
-/// Deletes and creates the pods a plan names.
-pub async fn apply(pods: &Api<Pod>, delete: &[String], create: Option<&Pod>) -> Result<()> {
-    for name in delete {
-        if let Err(e) = pods.delete(name, &DeleteParams::background()).await {
-            warn!(pod = %name, error = %e, "deleting a federation pod");
-        }
-    }
-    if let Some(pod) = create {
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        tolerate(pods.create(&pp, pod).await, 409)?;
-        info!(pod = %pod.name_any(), "federation step started");
-    }
-    Ok(())
 }
 
 /// Runs the FederatedTraining controller until `shutdown` resolves.

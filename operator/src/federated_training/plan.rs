@@ -4,7 +4,7 @@
 //!
 //! A round closes as soon as every listed site uploaded, or at its deadline with at least
 //! `minSites`; below that the federation fails. Publish and aggregate steps run in pods that
-//! hold the hub's key; a failed pod is retried up to [`MAX_POD_FAILURES`] times (the steps are
+//! hold the hub's key; a failed pod is retried up to [`MAX_STEP_FAILURES`] times (the steps are
 //! idempotent: the exchange is create-only and a round's record is final).
 
 use std::collections::BTreeSet;
@@ -22,12 +22,9 @@ use radfm_api::federated::{
 use radfm_api::health;
 use radfm_federated::exchange::RoundRecord;
 
-use super::pods::{FederatePod, SecretEnv, termination_message};
+use super::pods::{FederatePod, MAX_STEP_FAILURES, SecretEnv, count_failure};
 use crate::effects::PlannedEvent;
 use crate::training_job::workers::PodPhase;
-
-/// Failed pods of one step before the federation fails.
-pub const MAX_POD_FAILURES: u32 = 3;
 
 /// What the exchange shows.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -357,12 +354,9 @@ fn run_step(step: Step, pods: &[Pod], plan: &mut Plan) -> (&'static str, String)
     if PodPhase::of(pod) != PodPhase::Failed {
         return (reason, format!("pod {name} is {:?}", PodPhase::of(pod)));
     }
-    let failures = plan.status.pod_failures.unwrap_or(0) + 1;
-    plan.status.pod_failures = Some(failures);
-    plan.delete_pods.push(name.clone());
-    let detail = termination_message(pod).unwrap_or_else(|| "no message".into());
-    let message = format!("pod {name} failed ({failures} of {MAX_POD_FAILURES}): {detail}");
-    if failures >= MAX_POD_FAILURES {
+    let (failures, message) = count_failure(pod, &mut plan.status.pod_failures);
+    plan.delete_pods.push(name);
+    if failures >= MAX_STEP_FAILURES {
         plan.status.phase = Some(FederatedPhase::Failed);
         plan.events.push(PlannedEvent::warning(
             why::RETRIES_EXHAUSTED,
@@ -423,6 +417,7 @@ fn hub_pod(ft: &FederatedTraining, name: String, round: u32, args: Vec<String>) 
         args,
         key: Some(&ft.spec.signing_key_secret_ref),
         env_from,
+        store_settings: None,
     }
     .build()
 }

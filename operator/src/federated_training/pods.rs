@@ -18,9 +18,6 @@ pub const KEY_DIR: &str = "/var/run/radfm/signing-key";
 pub const LABEL_FEDERATION_OWNER: &str = "radfm.io/federation-owner";
 /// Label on federation pods: the round they work on.
 pub const LABEL_ROUND: &str = "radfm.io/federated-round";
-/// The prefix a site's pods see the exchange's store settings under (what `radfm federate`
-/// reads).
-pub const EXCHANGE_ENV_PREFIX: &str = "RADFM_EXCHANGE_";
 
 /// Store settings a pod gets from a Secret, optionally under a prefix.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,38 +47,43 @@ pub struct FederatePod<'a> {
     pub key: Option<&'a KeySecretRef>,
     /// Store settings.
     pub env_from: Vec<SecretEnv<'a>>,
+    /// `RADFM_STORE_SETTINGS`: which stores take prefixed settings.
+    pub store_settings: Option<String>,
 }
 
 impl FederatePod<'_> {
-    /// The pod.
-    pub fn build(&self) -> Pod {
-        let (volumes, mounts, env) = match self.key {
-            Some(k) => (
-                vec![Volume {
-                    name: "signing-key".into(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(k.name.clone()),
-                        default_mode: Some(0o400),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }],
-                vec![VolumeMount {
-                    name: "signing-key".into(),
-                    mount_path: KEY_DIR.into(),
-                    read_only: Some(true),
-                    ..Default::default()
-                }],
-                vec![EnvVar {
-                    name: "RADFM_SIGNING_KEY_FILE".into(),
-                    value: Some(format!("{KEY_DIR}/{}", k.key)),
-                    ..Default::default()
-                }],
-            ),
-            None => (Vec::new(), Vec::new(), Vec::new()),
+    /// The signing key's volume, mount and variable (none for a step that signs nothing).
+    fn key(&self) -> (Vec<Volume>, Vec<VolumeMount>, Vec<EnvVar>) {
+        let Some(k) = self.key else {
+            return (Vec::new(), Vec::new(), Vec::new());
         };
-        let env_from: Vec<EnvFromSource> = self
-            .env_from
+        (
+            vec![Volume {
+                name: "signing-key".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(k.name.clone()),
+                    default_mode: Some(0o400),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            vec![VolumeMount {
+                name: "signing-key".into(),
+                mount_path: KEY_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            }],
+            vec![EnvVar {
+                name: "RADFM_SIGNING_KEY_FILE".into(),
+                value: Some(format!("{KEY_DIR}/{}", k.key)),
+                ..Default::default()
+            }],
+        )
+    }
+
+    /// The Secrets the pod's variables come from, each with its prefix.
+    fn env_from(&self) -> Vec<EnvFromSource> {
+        self.env_from
             .iter()
             .map(|e| EnvFromSource {
                 prefix: e.prefix.map(str::to_string),
@@ -91,7 +93,18 @@ impl FederatePod<'_> {
                 }),
                 ..Default::default()
             })
-            .collect();
+            .collect()
+    }
+
+    /// The pod.
+    pub fn build(&self) -> Pod {
+        let (volumes, mounts, mut env) = self.key();
+        env.extend(self.store_settings.as_ref().map(|v| EnvVar {
+            name: radfm_data::store::STORE_SETTINGS.into(),
+            value: Some(v.clone()),
+            ..Default::default()
+        }));
+        let env_from = self.env_from();
         let labels = BTreeMap::from([
             (LABEL_FEDERATION_OWNER.to_string(), self.owner.name.clone()),
             (LABEL_ROUND.to_string(), self.round.to_string()),
@@ -134,6 +147,23 @@ impl FederatePod<'_> {
             status: None,
         }
     }
+}
+
+/// Failed pods of one step (publish, aggregate, register, fetch, contribute) before the step is
+/// given up.
+pub const MAX_STEP_FAILURES: u32 = 3;
+
+/// Counts one more failure of a step's `pod` in `failures`; returns the new count and a message
+/// naming the pod, the count and the container's last log line.
+pub fn count_failure(pod: &Pod, failures: &mut Option<u32>) -> (u32, String) {
+    let count = failures.unwrap_or(0) + 1;
+    *failures = Some(count);
+    let detail = termination_message(pod).unwrap_or_else(|| "no message".into());
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    (
+        count,
+        format!("pod {name} failed ({count} of {MAX_STEP_FAILURES}): {detail}"),
+    )
 }
 
 /// The message a finished pod's container ended with, shortened to its last line.

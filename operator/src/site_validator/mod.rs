@@ -11,14 +11,13 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use radfm_api::site_validation::SiteValidator;
-use tracing::{info, warn};
 
-use crate::context::{Context, FIELD_MANAGER, drive};
-use crate::effects::{self, tolerate};
+use crate::context::{Context, drive};
+use crate::effects;
 use crate::registry_access::RegistryAccess;
 use crate::{Error, Result};
 use plan::{Candidate, Observed};
@@ -80,19 +79,7 @@ pub async fn reconcile(sv: Arc<SiteValidator>, ctx: Arc<Context>) -> Result<Acti
             .and_then(|v| ctx.pod_policy.check_volume("spec.dataVolume", v).err()),
     };
     let plan = plan::plan(&sv, &observed);
-    for name in &plan.delete_pods {
-        if let Err(e) = pods.delete(name, &DeleteParams::background()).await {
-            warn!(pod = %name, error = %e, "deleting a validation pod");
-        }
-    }
-    if let Some(pod) = &plan.create_pod {
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        tolerate(pods.create(&pp, pod).await, 409)?;
-        info!(pod = %pod.name_any(), "validation started");
-    }
+    effects::apply_pod_plan(&pods, &plan.delete_pods, plan.create_pod.as_ref()).await?;
     let svs: Api<SiteValidator> = Api::namespaced(ctx.client.clone(), &ns);
     effects::apply_status(&svs, sv.as_ref(), sv.status.as_ref(), &plan.status).await?;
     effects::publish(&ctx.recorder, sv.as_ref(), "Validate", &plan.events).await;

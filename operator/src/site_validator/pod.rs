@@ -141,13 +141,13 @@ fn validation_env(sv: &SiteValidator) -> (Vec<EnvFromSource>, Vec<EnvVar>) {
         } else {
             r.uri_prefixes.clone()
         };
-        let table: Vec<String> = prefixes
-            .iter()
-            .map(|p| format!("{p}={REGISTRY_ENV_PREFIX}"))
-            .collect();
+        let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
         env.push(EnvVar {
             name: radfm_data::store::STORE_SETTINGS.into(),
-            value: Some(table.join(",")),
+            value: Some(radfm_data::store::settings_entry(
+                &prefixes,
+                REGISTRY_ENV_PREFIX,
+            )),
             ..Default::default()
         });
     }

@@ -25,7 +25,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -231,13 +231,6 @@ impl Failures {
     }
 }
 
-fn post_params() -> PostParams {
-    PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    }
-}
-
 /// Carries out creates and deletes; AlreadyExists and NotFound are success (the plan is
 /// idempotent). Returns the first error after trying everything.
 async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Result<()> {
@@ -263,7 +256,7 @@ async fn create_gang_objects(
     ctx: &Context,
     failures: &mut Failures,
 ) -> Result<()> {
-    let pp = post_params();
+    let pp = crate::effects::post_params();
     let name = children::service_name(job);
     if let Some(svc) = &plan.create_service {
         let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
@@ -297,7 +290,7 @@ async fn create_gang_objects(
 
 /// Creates the pods, 16 at a time.
 async fn create_pods(pods: &Api<Pod>, create: &[Pod], failures: &mut Failures) {
-    let pp = post_params();
+    let pp = crate::effects::post_params();
     let created: Vec<(String, std::result::Result<(), kube::Error>)> =
         stream::iter(create.iter().cloned())
             .map(|p| {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::ResourceExt;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -139,10 +139,7 @@ pub(super) async fn apply(
         source,
     };
     if let Some(wl) = &actions.create {
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
+        let pp = crate::effects::post_params();
         tolerate(api.create(&pp, wl).await, 409).map_err(|e| child("creating", e))?;
         info!(workload = %name, "created the Kueue Workload");
     }
