@@ -5,7 +5,7 @@
 //! anything else. Keeping builder and parser side by side makes a round-trip test possible and the
 //! documentation (docs/env-contract.md) checkable against [`VARS`].
 
-use crate::trainingjob::TrainingJob;
+use crate::trainingjob::{ScheduleWindow, TrainingJob};
 use crate::{Error, Result};
 
 /// Name, meaning of every contract variable, in the order [`EnvContract::to_vars`] emits them.
@@ -44,6 +44,14 @@ pub const VARS: &[(&str, &str)] = &[
     (BATCH_SIZE, "images per device per step"),
     (LEARNING_RATE, "peak learning rate"),
     (WARMUP_STEPS, "linear warm-up steps"),
+    (
+        SCHEDULE_START_STEP,
+        "the learning-rate schedule's step of this job's first step (default 0)",
+    ),
+    (
+        SCHEDULE_TOTAL_STEPS,
+        "steps of the whole learning-rate schedule (default: the job's own)",
+    ),
     (PRECISION, "fp32 or bf16"),
     (SEED, "seed of init, masking and data order"),
     (GPUS, "GPUs of this pod (0: CPU)"),
@@ -108,6 +116,10 @@ pub const BATCH_SIZE: &str = "RADFM_BATCH_SIZE";
 pub const LEARNING_RATE: &str = "RADFM_LEARNING_RATE";
 /// Warm-up steps.
 pub const WARMUP_STEPS: &str = "RADFM_WARMUP_STEPS";
+/// First step of the job within a longer learning-rate schedule.
+pub const SCHEDULE_START_STEP: &str = "RADFM_SCHEDULE_START_STEP";
+/// Steps of a learning-rate schedule longer than the job.
+pub const SCHEDULE_TOTAL_STEPS: &str = "RADFM_SCHEDULE_TOTAL_STEPS";
 /// Precision.
 pub const PRECISION: &str = "RADFM_PRECISION";
 /// Seed.
@@ -182,6 +194,8 @@ pub struct EnvContract {
     pub learning_rate: f64,
     /// Warm-up steps.
     pub warmup_steps: i64,
+    /// The window of a longer learning-rate schedule, if any.
+    pub schedule: Option<ScheduleWindow>,
     /// fp32 or bf16.
     pub precision: String,
     /// Seed.
@@ -239,6 +253,7 @@ impl EnvContract {
             batch_size: s.training.batch_size_per_device,
             learning_rate: s.training.learning_rate,
             warmup_steps: s.training.warmup_steps,
+            schedule: s.training.schedule,
             precision: s.training.precision.as_str().to_string(),
             seed: s.training.seed,
             gpus: s.workers.gpus_per_worker,
@@ -294,6 +309,14 @@ impl EnvContract {
             (BATCH_SIZE, self.batch_size.to_string()),
             (LEARNING_RATE, self.learning_rate.to_string()),
             (WARMUP_STEPS, self.warmup_steps.to_string()),
+        ]);
+        if let Some(w) = &self.schedule {
+            v.extend([
+                (SCHEDULE_START_STEP, w.start_step.to_string()),
+                (SCHEDULE_TOTAL_STEPS, w.total_steps.to_string()),
+            ]);
+        }
+        v.extend([
             (PRECISION, self.precision.clone()),
             (SEED, self.seed.to_string()),
             (GPUS, self.gpus.to_string()),
@@ -321,12 +344,6 @@ impl EnvContract {
                 }),
             }
         };
-        fn parse<T: std::str::FromStr>(name: &str, v: String) -> Result<T> {
-            v.parse().map_err(|_| Error::Env {
-                name: name.into(),
-                reason: format!("{v:?} is not a valid number"),
-            })
-        }
         let opt = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let c = EnvContract {
             job_name: req(JOB_NAME)?,
@@ -363,6 +380,7 @@ impl EnvContract {
                 WARMUP_STEPS,
                 opt(WARMUP_STEPS).unwrap_or_else(|| "0".into()),
             )?,
+            schedule: schedule_window(opt(SCHEDULE_START_STEP), opt(SCHEDULE_TOTAL_STEPS))?,
             precision: req(PRECISION)?,
             seed: parse(SEED, opt(SEED).unwrap_or_else(|| "0".into()))?,
             gpus: parse(GPUS, opt(GPUS).unwrap_or_else(|| "0".into()))?,
@@ -386,6 +404,36 @@ impl EnvContract {
         check(&c, get(WORLD_SIZE))?;
         Ok(c)
     }
+}
+
+fn parse<T: std::str::FromStr>(name: &str, v: String) -> Result<T> {
+    v.parse().map_err(|_| Error::Env {
+        name: name.into(),
+        reason: format!("{v:?} is not a valid number"),
+    })
+}
+
+/// The schedule window from its two variables: both or neither, the start below the total.
+fn schedule_window(start: Option<String>, total: Option<String>) -> Result<Option<ScheduleWindow>> {
+    let (start, total) = match (start, total) {
+        (None, None) => return Ok(None),
+        (Some(s), Some(t)) => (
+            parse::<i64>(SCHEDULE_START_STEP, s)?,
+            parse::<i64>(SCHEDULE_TOTAL_STEPS, t)?,
+        ),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(Error::Env {
+                name: SCHEDULE_TOTAL_STEPS.into(),
+                reason: format!("{SCHEDULE_START_STEP} and {SCHEDULE_TOTAL_STEPS} go together"),
+            });
+        }
+    };
+    at_least(SCHEDULE_START_STEP, start, 0)?;
+    at_least(SCHEDULE_TOTAL_STEPS, total, start + 1)?;
+    Ok(Some(ScheduleWindow {
+        start_step: start,
+        total_steps: total,
+    }))
 }
 
 fn at_least(name: &str, v: i64, min: i64) -> Result<()> {
@@ -518,6 +566,56 @@ spec:
         );
         let back = EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn a_schedule_window_travels_as_two_variables_that_go_together() {
+        let mut round = job();
+        round.spec.training.schedule = Some(ScheduleWindow::of_round(3, 5, 40));
+        let c = EnvContract::for_worker(&round, 0, 1, "h");
+        let vars: HashMap<_, _> = c.to_vars().into_iter().collect();
+        assert_eq!(
+            (
+                &vars[SCHEDULE_START_STEP][..],
+                &vars[SCHEDULE_TOTAL_STEPS][..]
+            ),
+            ("80", "200")
+        );
+        assert_eq!(
+            EnvContract::from_lookup(|k| vars.get(k).cloned()).unwrap(),
+            c
+        );
+        let plain: HashMap<_, _> = EnvContract::for_worker(&job(), 0, 1, "h")
+            .to_vars()
+            .into_iter()
+            .collect();
+        assert!(!plain.contains_key(SCHEDULE_START_STEP));
+        let cases = [
+            (Some("5"), None, "go together"),
+            (None, Some("5"), "go together"),
+            (
+                Some("5"),
+                Some("5"),
+                "RADFM_SCHEDULE_TOTAL_STEPS: 5 must be >= 6",
+            ),
+            (
+                Some("-1"),
+                Some("5"),
+                "RADFM_SCHEDULE_START_STEP: -1 must be >= 0",
+            ),
+        ];
+        for (start, total, want) in cases {
+            let mut vars = plain.clone();
+            for (name, value) in [(SCHEDULE_START_STEP, start), (SCHEDULE_TOTAL_STEPS, total)] {
+                if let Some(v) = value {
+                    vars.insert(name.to_string(), v.to_string());
+                }
+            }
+            let err = EnvContract::from_lookup(|k| vars.get(k).cloned())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{start:?} {total:?}: {err}");
+        }
     }
 
     #[test]

@@ -468,6 +468,35 @@ pub struct TrainingSpec {
     #[serde(default = "default_accumulation")]
     #[schemars(range(min = 1, max = 1024))]
     pub grad_accumulation: i32,
+    /// The part of a longer learning-rate schedule this job runs; empty: the job's own steps are
+    /// the whole schedule. A federated site's round sets it, so that warm-up and cosine decay span
+    /// the whole federation instead of restarting every round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleWindow>,
+}
+
+/// A window of a learning-rate schedule longer than one job: the job's step `s` takes the
+/// schedule's learning rate at step `startStep + s` of `totalSteps`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.startStep < self.totalSteps").message("training.schedule.startStep must be below training.schedule.totalSteps"))]
+pub struct ScheduleWindow {
+    /// The schedule's step at which this job's first step falls.
+    #[schemars(range(min = 0))]
+    pub start_step: i64,
+    /// Steps of the whole schedule (warm-up included).
+    #[schemars(range(min = 1))]
+    pub total_steps: i64,
+}
+
+impl ScheduleWindow {
+    /// The window of `round` (1-based) when each round runs `local_steps` of `last_round` rounds.
+    pub fn of_round(round: u64, last_round: u64, local_steps: i64) -> Self {
+        ScheduleWindow {
+            start_step: round.saturating_sub(1) as i64 * local_steps,
+            total_steps: last_round.max(1) as i64 * local_steps,
+        }
+    }
 }
 
 impl Default for TrainingSpec {
@@ -483,6 +512,7 @@ impl Default for TrainingSpec {
             weight_decay: default_weight_decay(),
             grad_clip_norm: default_grad_clip(),
             grad_accumulation: default_accumulation(),
+            schedule: None,
         }
     }
 }

@@ -200,6 +200,14 @@ async fn invalid_trainingjobs_are_rejected_naming_the_field() {
             "exactly one of training.steps and training.epochs must be set",
         ),
         (
+            "a schedule window that starts past its end",
+            base.replace(
+                "training: {steps: 100}",
+                "training: {steps: 100, schedule: {startStep: 200, totalSteps: 200}}",
+            ),
+            "training.schedule.startStep must be below training.schedule.totalSteps",
+        ),
+        (
             "a TTL past any representable time",
             job_yaml(
                 "ok",

@@ -179,6 +179,8 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// Linear warm-up steps.
     pub warmup_steps: i64,
+    /// The window of a longer learning-rate schedule this job runs (None: its own steps).
+    pub schedule: Option<radfm_api::trainingjob::ScheduleWindow>,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Gradient clipping norm (0: off).
@@ -212,6 +214,16 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The learning rate of this job's `step` of `total`: its place in the schedule window when
+    /// it runs one (a federated round), else in its own warm-up and cosine decay.
+    pub fn learning_rate_at(&self, step: i64, total: i64) -> f64 {
+        let (step, total) = match self.schedule {
+            Some(w) => (w.start_step + step, w.total_steps),
+            None => (step, total),
+        };
+        crate::optim::lr_at(step, total, self.warmup_steps, self.learning_rate)
+    }
+
     /// From the process environment.
     pub fn from_env() -> Result<TrainConfig> {
         Self::from_lookup(|k| std::env::var(k).ok())
@@ -309,6 +321,7 @@ impl TrainConfig {
             grad_accumulation: c.grad_accumulation as usize,
             learning_rate: c.learning_rate,
             warmup_steps: c.warmup_steps,
+            schedule: c.schedule,
             weight_decay: c.weight_decay,
             grad_clip_norm: c.grad_clip_norm,
             precision: if c.precision == "bf16" {
@@ -534,6 +547,30 @@ pub(crate) mod tests {
         let ring = parse(&[("RADFM_COLLECTIVE", "ring")]).unwrap();
         assert_eq!(ring.collective, Backend::Ring);
         assert_eq!(c.model.grid(), 4);
+    }
+
+    #[test]
+    fn rounds_in_a_schedule_window_follow_one_warm_up_and_cosine_instead_of_restarting() {
+        let whole = parse(&[("RADFM_STEPS", "120"), ("RADFM_WARMUP_STEPS", "10")]).unwrap();
+        let mut stitched = Vec::new();
+        for round in 1..=3 {
+            let (start, total) = (((round - 1) * 40).to_string(), "120".to_string());
+            let c = parse(&[
+                ("RADFM_STEPS", "40"),
+                ("RADFM_WARMUP_STEPS", "10"),
+                ("RADFM_SCHEDULE_START_STEP", &start),
+                ("RADFM_SCHEDULE_TOTAL_STEPS", &total),
+            ])
+            .unwrap();
+            stitched.extend((0..40).map(|s| c.learning_rate_at(s, 40)));
+        }
+        let one: Vec<f64> = (0..120).map(|s| whole.learning_rate_at(s, 120)).collect();
+        assert_eq!(stitched, one);
+        let alone = parse(&[("RADFM_STEPS", "40"), ("RADFM_WARMUP_STEPS", "10")]).unwrap();
+        assert!(
+            alone.learning_rate_at(39, 40) < 1e-5 && stitched[39] > 5e-4,
+            "a round alone decays to zero at its end; round 1 of three does not"
+        );
     }
 
     #[test]

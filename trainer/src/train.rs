@@ -25,7 +25,7 @@ use crate::checkpoint::{self, CommitId, DataRef, TrainState};
 use crate::collective::Gang;
 use crate::config::{Fault, Precision, TrainConfig};
 use crate::model::Mae;
-use crate::optim::{AdamW, AdamWConfig, lr_at};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::progress::{Metrics, PodAnnotator, Record};
 use crate::{Error, Result, tensors};
 
@@ -593,7 +593,7 @@ impl Model {
         let update = if acc.finite {
             pos.streak = 0;
             let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip_norm);
-            let lr = lr_at(step, total, cfg.warmup_steps, cfg.learning_rate);
+            let lr = cfg.learning_rate_at(step, total);
             self.opt.step(lr);
             Some(Update { lr, grad_norm })
         } else {

@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use radfm_api::conditions::{Stamp, ValidationConditionType as Cond, federated_reason as why};
 use radfm_api::federated::{FederatedSite, FederatedSiteStatus, SiteContribution, SitePhase};
 use radfm_api::health;
-use radfm_api::trainingjob::{Phase, TrainingJob};
+use radfm_api::trainingjob::{Phase, ScheduleWindow, TrainingJob};
 use radfm_federated::contribution::Contribution;
 use radfm_federated::exchange::GlobalStatement;
 
@@ -367,7 +367,8 @@ fn contribute_pod(fs: &FederatedSite, round: u32) -> Pod {
 }
 
 /// The round's local TrainingJob: the template on the site's shards, from the round's global
-/// model, for the hub's number of steps.
+/// model, for the hub's number of steps, at this round's place in one learning-rate schedule
+/// over every round (warm-up once, cosine decay across the federation).
 pub fn local_job(fs: &FederatedSite, global: &GlobalStatement) -> TrainingJob {
     let round = global.round;
     let name = job_name(fs, round);
@@ -380,6 +381,11 @@ pub fn local_job(fs: &FederatedSite, global: &GlobalStatement) -> TrainingJob {
     spec.export = None;
     spec.training.steps = Some(global.local_steps as i64);
     spec.training.epochs = None;
+    spec.training.schedule = Some(ScheduleWindow::of_round(
+        round.into(),
+        global.last_round.into(),
+        global.local_steps as i64,
+    ));
     let mut labels = s.job_template.labels.clone().unwrap_or_default();
     labels.insert(LABEL_FEDERATION_OWNER.into(), fs.name_any());
     labels.insert(LABEL_ROUND.into(), round.to_string());
@@ -647,6 +653,14 @@ spec:
             Some("s3://north/federated/rounds/00002/global.safetensors")
         );
         assert_eq!((s.training.steps, s.training.epochs), (Some(40), None));
+        assert_eq!(
+            s.training.schedule,
+            Some(ScheduleWindow {
+                start_step: 40,
+                total_steps: 120
+            }),
+            "round 2 of 3 takes steps 40 to 79 of one schedule"
+        );
         assert_eq!(
             s.checkpoint.uri,
             "s3://north/federated/rounds/00002/checkpoints"
