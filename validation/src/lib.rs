@@ -4,6 +4,8 @@
 //! signed aggregates. This crate holds the parts every participant must agree on:
 //! - [`stats`]: AUROC, AUPRC, operating-point sensitivity and specificity, calibration, and
 //!   paired bootstrap intervals of candidate − baseline;
+//! - [`drift`]: permutation two-sample tests (embedding MMD, score KS, metadata χ²) and Holm's
+//!   adjustment, for monitoring a deployed model at a site;
 //! - [`disclosure`]: which subgroup cells a report may publish (small cells and their
 //!   complements hidden);
 //! - [`report`]: the site report and its ed25519 signature;
@@ -18,6 +20,7 @@
 pub mod apply;
 pub mod approval;
 pub mod disclosure;
+pub mod drift;
 pub mod gate;
 pub mod report;
 pub mod stats;
