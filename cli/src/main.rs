@@ -14,6 +14,8 @@ mod federate;
 mod ingest;
 #[cfg(feature = "torch")]
 mod model;
+#[cfg(feature = "torch")]
+mod monitor;
 mod registry;
 mod report;
 mod report_html;
@@ -59,6 +61,11 @@ enum Command {
     /// aggregate metrics (no images, nothing per patient).
     #[cfg(feature = "torch")]
     Validate(validate::ValidateArgs),
+    /// Look at the deployed model on this site's recent data: drift of embeddings, probe scores
+    /// and metadata against a reference window, judged together and published as a signed
+    /// monitor report (aggregates only).
+    #[cfg(feature = "torch")]
+    Monitor(monitor::MonitorArgs),
     /// Create a site's ed25519 signing key (DIR/SITE.key, mode 0600) and print its public key.
     Keygen(validate::KeygenArgs),
     /// Run the promotion gate of a PromotionPolicy once: decide on the candidate from the signed
@@ -103,6 +110,8 @@ async fn main() -> Result<()> {
         Command::Registry(cmd) => registry::run(cmd).await.context("radfm registry"),
         #[cfg(feature = "torch")]
         Command::Validate(a) => validate::validate(a).await.context("radfm validate"),
+        #[cfg(feature = "torch")]
+        Command::Monitor(a) => monitor::run(a).await.context("radfm monitor"),
         Command::Keygen(a) => validate::keygen(&a.out, &a.site).context("radfm keygen"),
         Command::Gate(a) => validate::gate(a).await.context("radfm gate"),
         Command::Approve(a) => validate::approve(a).await.context("radfm approve"),

@@ -940,6 +940,45 @@ impl Registry {
         Ok(out)
     }
 
+    fn monitor_prefix(model: &str, version: u64) -> String {
+        format!("models/{model}/monitoring/v{version:06}")
+    }
+
+    /// Stores a site's signed monitor report of a deployed version (the site's latest look
+    /// replaces its earlier one); returns its URI.
+    pub async fn put_monitor_report(
+        &self,
+        model: &str,
+        version: u64,
+        site: &str,
+        signed: Vec<u8>,
+    ) -> Result<String> {
+        check_name("model", model)?;
+        check_name("site", site)?;
+        self.version(model, version).await?;
+        let name = format!("{}/{site}.json", Self::monitor_prefix(model, version));
+        self.loc.put(&name, signed).await?;
+        Ok(self.loc.child_uri(&name))
+    }
+
+    /// Every stored monitor report of a version as (site, URI, bytes), by site.
+    pub async fn monitor_reports(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Result<Vec<(String, String, Vec<u8>)>> {
+        check_name("model", model)?;
+        let prefix = Self::monitor_prefix(model, version);
+        let mut out = Vec::new();
+        for site in self.json_names(&prefix).await? {
+            let name = format!("{prefix}/{site}.json");
+            if let Some(bytes) = self.loc.get_bounded(&name, MAX_DOCUMENT_BYTES).await? {
+                out.push((site, self.loc.child_uri(&name), bytes.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     fn approval_prefix(model: &str, version: u64) -> String {
         format!("models/{model}/approvals/v{version:06}")
     }
@@ -1241,6 +1280,47 @@ mod tests {
             assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
             assert_eq!(log.last().unwrap().reason, "site B regression");
             assert_eq!(r.models().await.unwrap(), ["cxr"]);
+        });
+    }
+
+    #[test]
+    fn each_sites_latest_monitor_report_is_kept_per_version_and_unknown_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().to_str().unwrap()).unwrap();
+        rt().block_on(async {
+            r.register("cxr", spec(None), "ci", "x", None)
+                .await
+                .unwrap();
+            for (site, body) in [("north", "1"), ("south", "2"), ("north", "3")] {
+                r.put_monitor_report("cxr", 1, site, body.into())
+                    .await
+                    .unwrap();
+            }
+            let kept: Vec<(String, Vec<u8>)> = r
+                .monitor_reports("cxr", 1)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(site, _, bytes)| (site, bytes))
+                .collect();
+            assert_eq!(
+                kept,
+                [
+                    ("north".into(), b"3".to_vec()),
+                    ("south".into(), b"2".to_vec())
+                ]
+            );
+            assert!(
+                r.put_monitor_report("cxr", 9, "north", vec![])
+                    .await
+                    .is_err()
+            );
+            assert!(
+                r.put_monitor_report("cxr", 1, "../x", vec![])
+                    .await
+                    .is_err()
+            );
+            assert!(r.monitor_reports("cxr", 2).await.unwrap().is_empty());
         });
     }
 

@@ -615,3 +615,149 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
         }
     }
 }
+
+/// A site looks at its production model on two recent windows: one drawn like the reference
+/// (stable) and one from a replaced, older scanner (shifted). Only the shifted one is flagged,
+/// on the embeddings as well as on the scanner mix; both reports are signed, stored beside the
+/// version, and a changed verdict no longer verifies.
+#[test]
+fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = |sub: &str| format!("file://{}", dir.path().join(sub).display());
+    let radfm = |args: &[&str]| radfm_e2e::ok(&radfm_e2e::radfm(args, &[]));
+    let synth = |out: &str, seed: &str, shifted: bool| {
+        let out = uri(out);
+        let mut args = vec![
+            "synth",
+            "--out",
+            &out,
+            "--samples",
+            "240",
+            "--size",
+            "32",
+            "--sites",
+            "north",
+            "--seed",
+            seed,
+            "--lesion-radius",
+            "0.15,0.25",
+            "--lesion-prevalence",
+            "0.4",
+            "--shard-mib",
+            "0.2",
+        ];
+        if shifted {
+            args.extend(["--shift-site", "north"]);
+        }
+        radfm(&args);
+    };
+    synth("reference", "1", false);
+    synth("stable", "2", false);
+    synth("shifted", "3", true);
+    let job = format!(
+        "apiVersion: radfm.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: deployed}}\nspec:\n  image: local\n  \
+         workers: {{replicas: 1, gpusPerWorker: 0}}\n  dataset: {{uri: \"{}\"}}\n  \
+         model: {{imageSize: 32, patchSize: 8}}\n  \
+         training: {{steps: 20, batchSizePerDevice: 32, learningRate: 0.0015, warmupSteps: 5}}\n  \
+         checkpoint: {{uri: \"{}\", everySteps: 1000}}\n  export: {{uri: \"{}\"}}\n",
+        uri("reference"),
+        uri("ckpt"),
+        uri("model"),
+    );
+    radfm_e2e::train_locally(&job, dir.path(), "deployed", &[("RADFM_THREADS", "2")]);
+    let registry = uri("registry");
+    radfm(&[
+        "registry",
+        "register",
+        &registry,
+        "chest",
+        "--export",
+        &uri("model"),
+    ]);
+    radfm(&[
+        "registry",
+        "promote",
+        &registry,
+        "chest",
+        "1",
+        "--reason",
+        "validated",
+    ]);
+    radfm(&[
+        "keygen",
+        "--out",
+        &dir.path().join("keys").display().to_string(),
+        "--site",
+        "north",
+    ]);
+    let key = dir.path().join("keys/north.key").display().to_string();
+    let look = |recent: &str| -> serde_json::Value {
+        let out = radfm(&[
+            "monitor",
+            "--registry",
+            &registry,
+            "--model",
+            "chest",
+            "--site",
+            "north",
+            "--key-file",
+            &key,
+            "--reference",
+            &uri("reference"),
+            "--recent",
+            &uri(recent),
+            "--task",
+            "lesion",
+            "--fields",
+            "manufacturer,sex",
+            "--json",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let drifting = |r: &serde_json::Value| -> Vec<String> {
+        r["watched"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["drifting"] == true)
+            .map(|w| w["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let stable = look("stable");
+    assert_eq!(stable["drifting"], false, "{stable:#}");
+    assert_eq!(stable["version"], 1);
+    let shifted = look("shifted");
+    assert_eq!(shifted["drifting"], true, "{shifted:#}");
+    let flagged = drifting(&shifted);
+    assert!(
+        flagged.contains(&"embeddings".to_string())
+            && flagged.contains(&"metadata:manufacturer".to_string()),
+        "{shifted:#}"
+    );
+    assert!(
+        !flagged.contains(&"metadata:sex".to_string()),
+        "{shifted:#}"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stored = rt
+        .block_on(
+            Registry::open(&registry)
+                .unwrap()
+                .monitor_reports("chest", 1),
+        )
+        .unwrap();
+    assert_eq!(
+        stored.len(),
+        1,
+        "the site's latest look replaces the earlier one"
+    );
+    let signed: Signed = serde_json::from_slice(&stored[0].2).unwrap();
+    let report = radfm_validation::monitor::verify(&signed).unwrap();
+    assert!(report.drifting && report.site == "north");
+    let mut forged = signed.clone();
+    forged.payload = forged
+        .payload
+        .replace("\"drifting\":true", "\"drifting\":false");
+    assert!(radfm_validation::monitor::verify(&forged).is_err());
+}

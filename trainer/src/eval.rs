@@ -56,12 +56,33 @@ pub struct Report {
     pub linear: Scores,
 }
 
-/// Embeds every sample of a dataset (one pass, no augmentation). Images are normalised with the
-/// encoder's training statistics (`mean`, `std`), not the evaluation set's.
+/// Embeds every sample of a dataset (one pass, no augmentation) with its 0/1 `label`. Images
+/// are normalised with the encoder's training statistics (`mean`, `std`), not the evaluation
+/// set's.
 pub async fn embed(
     encoder: &Encoder,
     dataset_uri: &str,
     label: &str,
+    mean: f64,
+    std: f64,
+) -> Result<Embedded> {
+    embed_rows(encoder, dataset_uri, Some(label), mean, std).await
+}
+
+/// [`embed`] without labels (`labels` is empty): for data whose labels have not arrived.
+pub async fn embed_unlabelled(
+    encoder: &Encoder,
+    dataset_uri: &str,
+    mean: f64,
+    std: f64,
+) -> Result<Embedded> {
+    embed_rows(encoder, dataset_uri, None, mean, std).await
+}
+
+async fn embed_rows(
+    encoder: &Encoder,
+    dataset_uri: &str,
+    label: Option<&str>,
     mean: f64,
     std: f64,
 ) -> Result<Embedded> {
@@ -91,9 +112,10 @@ pub async fn embed(
             let f = tch::no_grad(|| encoder.embed(&x.to_device(device)));
             feats.push(f.to_device(Device::Cpu));
             for (key, meta) in batch.keys.iter().zip(&batch.meta) {
-                match target(meta, label) {
-                    Some(v) => labels.push(v),
-                    None => {
+                match label.map(|l| target(meta, l)) {
+                    None => {}
+                    Some(Some(v)) => labels.push(v),
+                    Some(None) => {
                         missing = Some(key.clone());
                         return false;
                     }
@@ -104,7 +126,7 @@ pub async fn embed(
             true
         })
         .await?;
-    if let Some(key) = missing {
+    if let (Some(key), Some(label)) = (missing, label) {
         return Err(Error::Field {
             field: "label".into(),
             reason: format!(
@@ -256,7 +278,7 @@ pub fn probe(name: &str, e: &Embedded, k: usize) -> Result<Report> {
 
 /// Logistic regression fitted on standardised `xtr` (full batch, L2-regularised, a fixed number
 /// of Adam steps from zero); the probabilities of `xte`.
-fn logistic(xtr: &Tensor, ytr: &Tensor, xte: &Tensor) -> Vec<f64> {
+pub(crate) fn logistic(xtr: &Tensor, ytr: &Tensor, xte: &Tensor) -> Vec<f64> {
     let d = xtr.size()[1];
     let vs = VarStore::new(Device::Cpu);
     let w = vs.root().zeros("w", &[d]);

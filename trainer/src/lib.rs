@@ -9,7 +9,7 @@
 //! I/O), [`checkpoint`] (atomic, manifest-last, fenced commits on any object store), [`train`] (the
 //! loop), [`progress`] (JSON lines, Prometheus, the pod annotation the operator reads),
 //! [`export`] (timm-named safetensors + model card), [`eval`] (k-NN and linear probes),
-//! [`site`] (a site's validation metrics) and [`commands`] (arguments shared with `radfm`).
+//! [`site`] (a site's validation metrics), [`monitor`] (drift of a deployed model at a site) and [`commands`] (arguments shared with `radfm`).
 #![deny(missing_docs)]
 
 pub mod checkpoint;
@@ -20,6 +20,7 @@ pub mod eval;
 pub mod export;
 pub mod launch;
 pub mod model;
+pub mod monitor;
 pub mod optim;
 pub mod progress;
 pub mod site;

@@ -9,6 +9,8 @@
 //! - [`disclosure`]: which subgroup cells a report may publish (small cells and their
 //!   complements hidden);
 //! - [`report`]: the site report and its ed25519 signature;
+//! - [`monitor`]: a site's signed monitor report of its deployed model (drift tests judged
+//!   together at one false-alarm level);
 //! - [`gate`]: the promotion decision from verified reports under a `PromotionPolicy`;
 //! - [`approval`]: human approvals signed by the people the policy lists;
 //! - [`apply`]: the gate against the registry, recording each decision in its event log.
@@ -22,6 +24,7 @@ pub mod approval;
 pub mod disclosure;
 pub mod drift;
 pub mod gate;
+pub mod monitor;
 pub mod report;
 pub mod stats;
 

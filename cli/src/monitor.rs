@@ -1,0 +1,145 @@
+//! `radfm monitor`: one look at the deployed model on a site's recent data, judged and signed.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use radfm_registry::Registry;
+use radfm_validation::monitor::{self, MonitorReport};
+
+/// Arguments of `radfm monitor`.
+#[derive(clap::Args)]
+pub struct MonitorArgs {
+    /// Model registry URI.
+    #[arg(long)]
+    pub registry: String,
+    /// Model name.
+    #[arg(long)]
+    pub model: String,
+    /// Version (number or alias) deployed at this site.
+    #[arg(long, default_value = "production")]
+    pub version: String,
+    /// This site's identifier.
+    #[arg(long)]
+    pub site: String,
+    /// File holding the site's ed25519 signing key (hex seed, `radfm keygen`).
+    #[arg(long, env = "RADFM_SIGNING_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// The reference window: the site's data the model was validated on (labelled when --task
+    /// is given).
+    #[arg(long)]
+    pub reference: String,
+    /// The site's recent cases (labels not needed).
+    #[arg(long)]
+    pub recent: String,
+    /// A 0/1 task whose probe, fitted on the reference window, scores both windows.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Metadata fields whose mix is compared, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "manufacturer,sex,age_band"
+    )]
+    pub fields: Vec<String>,
+    /// Family-wise false-alarm level of the look (Holm over every statistic).
+    #[arg(long, default_value_t = monitor::DEFAULT_ALPHA)]
+    pub alpha: f64,
+    /// Permutations behind each p-value.
+    #[arg(long, default_value_t = radfm_validation::drift::PERMUTATIONS)]
+    pub permutations: usize,
+    /// Seed of subsampling and permutations.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn print_summary(r: &MonitorReport) {
+    for w in &r.watched {
+        println!(
+            "{:<28} statistic {:>9.4}  p {:.4}  adjusted {:.4}{}",
+            w.name,
+            w.test.statistic,
+            w.test.p_value,
+            w.adjusted_p,
+            if w.drifting { "  DRIFTING" } else { "" }
+        );
+    }
+    let verdict = if r.drifting { "drifting" } else { "stable" };
+    println!(
+        "{} v{} at {}: {verdict} (α = {})",
+        r.model, r.version, r.site, r.alpha
+    );
+}
+
+/// Looks once, signs the report and stores it beside the version in the registry.
+pub async fn run(a: MonitorArgs) -> Result<()> {
+    if a.permutations < 19 {
+        bail!(
+            "--permutations {} is too few for p-values below 0.05 (at least 19)",
+            a.permutations
+        );
+    }
+    let key = crate::validate::read_signing_key(&a.key_file)?;
+    let reg = Registry::open(&a.registry)?;
+    let deployed = reg
+        .version(&a.model, reg.resolve(&a.model, &a.version).await?)
+        .await?;
+    let folder = deployed
+        .spec
+        .weights_uri
+        .trim_end_matches(radfm_api::export_files::WEIGHTS)
+        .trim_end_matches('/')
+        .to_string();
+    let outcome = radfm_trainer::monitor::monitor(&radfm_trainer::monitor::Request {
+        model_uri: &folder,
+        reference_uri: &a.reference,
+        recent_uri: &a.recent,
+        task: a.task.as_deref(),
+        fields: &a.fields,
+        permutations: a.permutations,
+        seed: a.seed,
+    })
+    .await
+    .context("monitoring")?;
+    if outcome.weights_sha256 != deployed.spec.weights_sha256 {
+        bail!(
+            "the deployed model's weights ({}) are not the registered ones ({})",
+            outcome.weights_sha256,
+            deployed.spec.weights_sha256
+        );
+    }
+    let (watched, drifting) =
+        monitor::judge(outcome.tests, a.alpha).context("--alpha and --permutations")?;
+    let r = MonitorReport {
+        format: monitor::FORMAT.into(),
+        model: a.model.clone(),
+        version: deployed.version,
+        weights_sha256: deployed.spec.weights_sha256.clone(),
+        site: a.site.clone(),
+        reference_fingerprint: outcome.reference_fingerprint,
+        recent_fingerprint: outcome.recent_fingerprint,
+        created: jiff::Timestamp::now().to_string(),
+        code_version: env!("CARGO_PKG_VERSION").into(),
+        alpha: a.alpha,
+        watched,
+        drifting,
+    };
+    let signed = monitor::sign(&r, &key);
+    let uri = reg
+        .put_monitor_report(
+            &a.model,
+            deployed.version,
+            &a.site,
+            serde_json::to_vec_pretty(&signed)?,
+        )
+        .await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_summary(&r);
+        println!("signed monitor report: {uri}");
+    }
+    Ok(())
+}

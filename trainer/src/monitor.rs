@@ -1,0 +1,138 @@
+//! The computing half of monitoring a deployed model at a site: embed a reference window and
+//! the recent window with the model's encoder and compare them (embeddings, the task probe's
+//! scores, image metadata) with permutation tests. Nothing per case leaves this function;
+//! `radfm monitor` judges, signs and publishes the aggregates.
+
+use radfm_data::store::Location;
+use radfm_validation::drift::{self, DriftTest};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::eval::{self, Embedded};
+use crate::{Error, Result};
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// Exported folder of the deployed model.
+    pub model_uri: &'a str,
+    /// The reference window (labelled when `task` is set): what the model was validated on.
+    pub reference_uri: &'a str,
+    /// The site's recent cases (labels not needed).
+    pub recent_uri: &'a str,
+    /// A 0/1 task whose probe, fitted on the reference window, scores both windows.
+    pub task: Option<&'a str>,
+    /// Metadata fields whose mix is compared (`manufacturer`, `sex`, `age_band`).
+    pub fields: &'a [String],
+    /// Permutations behind each p-value.
+    pub permutations: usize,
+    /// Seed of subsampling and permutations.
+    pub seed: u64,
+}
+
+/// The tests of one look, before they are judged together.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// (what was compared, its test), embeddings first.
+    pub tests: Vec<(String, DriftTest)>,
+    /// sha256 of the reference window's index.
+    pub reference_fingerprint: String,
+    /// sha256 of the recent window's index.
+    pub recent_fingerprint: String,
+    /// sha256 of the model's weights as loaded.
+    pub weights_sha256: String,
+}
+
+fn invalid(field: &str, reason: String) -> Error {
+    Error::Field {
+        field: field.into(),
+        reason,
+    }
+}
+
+fn rows(features: &Tensor) -> Vec<Vec<f32>> {
+    let f = features.to_kind(Kind::Float).contiguous();
+    let n = f.size()[0];
+    (0..n)
+        .map(|i| Vec::<f32>::try_from(f.get(i)).expect("a CPU float row"))
+        .collect()
+}
+
+/// The probe's scores of both windows: fitted on the reference window's labels, standardised
+/// with its statistics.
+fn probe_scores(reference: &Embedded, recent: &Embedded) -> (Vec<f64>, Vec<f64>) {
+    let (xr, xn) = (
+        reference.features.to_kind(Kind::Float),
+        recent.features.to_kind(Kind::Float),
+    );
+    let mu = xr.mean_dim(0, true, Kind::Float);
+    let sd = xr.std_dim(0, false, true) + 1e-6;
+    let (xr, xn) = ((&xr - &mu) / &sd, (&xn - &mu) / &sd);
+    let both = Tensor::cat(&[&xr, &xn], 0);
+    let scores = eval::logistic(&xr, &reference.labels, &both);
+    let (a, b) = scores.split_at(reference.keys.len());
+    (a.to_vec(), b.to_vec())
+}
+
+/// Each row's value of `field` (`unknown` where it has none).
+fn categories(e: &Embedded, field: &str) -> Vec<String> {
+    e.meta
+        .iter()
+        .map(|m| eval::field_value(m, field).unwrap_or_else(|| "unknown".into()))
+        .collect()
+}
+
+async fn fingerprint(uri: &str) -> Result<String> {
+    let loc = Location::open(uri)?;
+    let bytes = loc
+        .get_bounded(radfm_data::index::INDEX, radfm_data::index::MAX_INDEX_BYTES)
+        .await?
+        .ok_or_else(|| invalid("dataset", format!("{uri} has no index")))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// Runs one look: the reference window against the recent one.
+pub async fn monitor(req: &Request<'_>) -> Result<Outcome> {
+    let m = crate::export::load(req.model_uri, Device::Cpu).await?;
+    let (mean, std) = (m.card.input.mean, m.card.input.std);
+    let reference = match req.task {
+        Some(task) => eval::embed(&m.encoder, req.reference_uri, task, mean, std).await?,
+        None => eval::embed_unlabelled(&m.encoder, req.reference_uri, mean, std).await?,
+    };
+    let recent = eval::embed_unlabelled(&m.encoder, req.recent_uri, mean, std).await?;
+    let failed = |e: radfm_validation::Error| {
+        let windows = format!("{} against {}", req.recent_uri, req.reference_uri);
+        invalid("window", format!("{windows}: {e}"))
+    };
+    let mut tests = vec![(
+        "embeddings".to_string(),
+        drift::mmd(
+            &rows(&reference.features),
+            &rows(&recent.features),
+            req.permutations,
+            req.seed,
+        )
+        .map_err(failed)?,
+    )];
+    if let Some(task) = req.task {
+        let (a, b) = probe_scores(&reference, &recent);
+        let t = drift::ks(&a, &b, req.permutations, req.seed ^ 1).map_err(failed)?;
+        tests.push((format!("scores:{task}"), t));
+    }
+    for (i, field) in req.fields.iter().enumerate() {
+        let t = drift::categorical(
+            &categories(&reference, field),
+            &categories(&recent, field),
+            req.permutations,
+            req.seed ^ (2 + i as u64),
+        )
+        .map_err(failed)?;
+        tests.push((format!("metadata:{field}"), t));
+    }
+    Ok(Outcome {
+        tests,
+        reference_fingerprint: fingerprint(req.reference_uri).await?,
+        recent_fingerprint: fingerprint(req.recent_uri).await?,
+        weights_sha256: m.card.weights_sha256.clone(),
+    })
+}

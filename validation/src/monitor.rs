@@ -1,0 +1,202 @@
+//! Monitor reports: what a site's look at its deployed model found, signed like site reports.
+//!
+//! A report carries only aggregates: for each drift test its statistic, its p-value and Holm's
+//! adjusted p-value, never a case, a count per category or an embedding. It binds the model,
+//! the version and its weight hash, the site, fingerprints of both data windows and the time,
+//! so that it cannot be replayed for another version or site without its signature failing.
+
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+
+use crate::drift::{self, DriftTest};
+use crate::report::Signed;
+use crate::{Error, Result};
+
+/// Format tag of the payload.
+pub const FORMAT: &str = "radfm.monitor-report/v1";
+
+/// The family-wise false-alarm level of one look unless a monitor sets another.
+pub const DEFAULT_ALPHA: f64 = 0.01;
+
+/// One statistic the monitor watched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Watched {
+    /// What was compared: `embeddings`, `scores:lesion`, `metadata:manufacturer`.
+    pub name: String,
+    /// The test's outcome.
+    pub test: DriftTest,
+    /// Holm-adjusted p-value over every statistic of the look.
+    pub adjusted_p: f64,
+    /// Whether this statistic drifted (adjusted p below the look's α).
+    pub drifting: bool,
+}
+
+/// The signed content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorReport {
+    /// [`FORMAT`].
+    pub format: String,
+    /// Model name.
+    pub model: String,
+    /// The version watched (production at the site).
+    pub version: u64,
+    /// sha256 of its weights.
+    pub weights_sha256: String,
+    /// Site identifier.
+    pub site: String,
+    /// sha256 of the reference window's index.
+    pub reference_fingerprint: String,
+    /// sha256 of the recent window's index.
+    pub recent_fingerprint: String,
+    /// When the site looked (RFC 3339, the site's clock).
+    pub created: String,
+    /// radfm version of the monitor.
+    pub code_version: String,
+    /// Family-wise false-alarm level of this look.
+    pub alpha: f64,
+    /// Every statistic watched.
+    pub watched: Vec<Watched>,
+    /// Whether any statistic drifted.
+    pub drifting: bool,
+}
+
+impl MonitorReport {
+    /// The statistics that drifted, as `name (p = …)`, for conditions and events.
+    pub fn evidence(&self) -> Vec<String> {
+        self.watched
+            .iter()
+            .filter(|w| w.drifting)
+            .map(|w| {
+                format!(
+                    "{} (statistic {:.4}, adjusted p = {:.4})",
+                    w.name, w.test.statistic, w.adjusted_p
+                )
+            })
+            .collect()
+    }
+}
+
+/// Adjusts the tests of one look together and judges each at `alpha`.
+pub fn judge(tests: Vec<(String, DriftTest)>, alpha: f64) -> Result<(Vec<Watched>, bool)> {
+    if !(alpha > 0.0 && alpha < 1.0) {
+        return Err(Error::Data(format!("alpha {alpha} must be in (0, 1)")));
+    }
+    if let Some((name, t)) = tests
+        .iter()
+        .find(|(_, t)| tests.len() as f64 / (t.permutations + 1) as f64 >= alpha)
+    {
+        return Err(Error::Data(format!(
+            "{name}: {} permutations cannot reach α = {alpha} over {} statistics (at least {} needed)",
+            t.permutations,
+            tests.len(),
+            (tests.len() as f64 / alpha).ceil() as usize
+        )));
+    }
+    let p: Vec<f64> = tests.iter().map(|(_, t)| t.p_value).collect();
+    let adjusted = drift::holm(&p);
+    let watched: Vec<Watched> = tests
+        .into_iter()
+        .zip(adjusted)
+        .map(|((name, test), adjusted_p)| Watched {
+            name,
+            test,
+            adjusted_p,
+            drifting: adjusted_p < alpha,
+        })
+        .collect();
+    let drifting = watched.iter().any(|w| w.drifting);
+    Ok((watched, drifting))
+}
+
+/// Signs a report with the site's key.
+pub fn sign(report: &MonitorReport, key: &SigningKey) -> Signed {
+    Signed::of(report, key)
+}
+
+/// Checks the signature and the format; the payload. Whether the signer is trusted for the
+/// site it names is the caller's decision.
+pub fn verify(signed: &Signed) -> Result<MonitorReport> {
+    signed.open(|r: &MonitorReport| &r.format, FORMAT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test(p: f64) -> DriftTest {
+        DriftTest {
+            statistic: 1.0 - p,
+            p_value: p,
+            permutations: 999,
+            reference: 100,
+            recent: 100,
+        }
+    }
+
+    fn report(watched: Vec<Watched>, drifting: bool) -> MonitorReport {
+        MonitorReport {
+            format: FORMAT.into(),
+            model: "chest".into(),
+            version: 3,
+            weights_sha256: "w".into(),
+            site: "north".into(),
+            reference_fingerprint: "a".into(),
+            recent_fingerprint: "b".into(),
+            created: "2026-12-06T00:00:00Z".into(),
+            code_version: "0".into(),
+            alpha: 0.01,
+            watched,
+            drifting,
+        }
+    }
+
+    #[test]
+    fn a_look_drifts_only_where_the_adjusted_p_value_is_below_alpha() {
+        let (watched, drifting) = judge(
+            vec![
+                ("embeddings".into(), test(0.001)),
+                ("metadata:manufacturer".into(), test(0.006)),
+                ("scores:lesion".into(), test(0.3)),
+            ],
+            0.01,
+        )
+        .unwrap();
+        assert!(drifting);
+        let flags: Vec<bool> = watched.iter().map(|w| w.drifting).collect();
+        assert_eq!(
+            flags,
+            [true, false, false],
+            "0.006 alone is below 0.01; adjusted for the second of three tests (× 2) it is not"
+        );
+    }
+
+    #[test]
+    fn reports_are_verified_and_tampering_is_refused() {
+        let key = crate::report::generate_key();
+        let (watched, drifting) = judge(vec![("embeddings".into(), test(0.5))], 0.01).unwrap();
+        let r = report(watched, drifting);
+        let signed = sign(&r, &key);
+        assert_eq!(verify(&signed).unwrap(), r);
+        let mut forged = signed.clone();
+        forged.payload = forged
+            .payload
+            .replace("\"drifting\":false", "\"drifting\":true");
+        assert!(
+            verify(&forged).is_err(),
+            "a changed verdict breaks the signature"
+        );
+        assert!(judge(vec![], 1.5).is_err());
+        let few = DriftTest {
+            permutations: 199,
+            ..test(0.5)
+        };
+        let coarse = judge(vec![("a".into(), few.clone()), ("b".into(), few)], 0.01);
+        assert!(
+            coarse
+                .unwrap_err()
+                .to_string()
+                .contains("199 permutations cannot reach α = 0.01 over 2 statistics"),
+            "199 permutations give p ≥ 0.005, × 2 = 0.01"
+        );
+    }
+}
