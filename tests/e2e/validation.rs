@@ -618,7 +618,7 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
 
 /// A site looks at its production model on two recent windows: one drawn like the reference
 /// (stable) and one from a replaced, older scanner (shifted). Only the shifted one is flagged,
-/// on the embeddings as well as on the scanner mix; both reports are signed, stored beside the
+/// on the embeddings and the probe's scores as well as on the scanner mix; both reports are signed, stored beside the
 /// version, and a changed verdict no longer verifies.
 #[test]
 fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
@@ -731,7 +731,8 @@ fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
     let flagged = drifting(&shifted);
     assert!(
         flagged.contains(&"embeddings".to_string())
-            && flagged.contains(&"metadata:manufacturer".to_string()),
+            && flagged.contains(&"metadata:manufacturer".to_string())
+            && flagged.contains(&"scores:lesion".to_string()),
         "{shifted:#}"
     );
     assert!(
