@@ -740,6 +740,32 @@ fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
         "{shifted:#}"
     );
 
+    let typo = radfm_e2e::radfm(
+        &[
+            "monitor",
+            "--registry",
+            &registry,
+            "--model",
+            "chest",
+            "--site",
+            "north",
+            "--key-file",
+            &key,
+            "--reference",
+            &uri("reference"),
+            "--recent",
+            &uri("stable"),
+            "--fields",
+            "scaner",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&typo.stderr);
+    assert!(
+        !typo.status.success() && err.contains("no case of either window has the field \"scaner\""),
+        "{err}"
+    );
+
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stored = rt
         .block_on(

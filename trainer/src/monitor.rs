@@ -74,11 +74,14 @@ fn probe_scores(reference: &Embedded, recent: &Embedded) -> (Vec<f64>, Vec<f64>)
     (a.to_vec(), b.to_vec())
 }
 
-/// Each row's value of `field` (`unknown` where it has none).
+/// The category of a case that lacks the field.
+const UNKNOWN: &str = "unknown";
+
+/// Each row's value of `field` ([`UNKNOWN`] where it has none).
 fn categories(e: &Embedded, field: &str) -> Vec<String> {
     e.meta
         .iter()
-        .map(|m| eval::field_value(m, field).unwrap_or_else(|| "unknown".into()))
+        .map(|m| eval::field_value(m, field).unwrap_or_else(|| UNKNOWN.into()))
         .collect()
 }
 
@@ -120,13 +123,15 @@ pub async fn monitor(req: &Request<'_>) -> Result<Outcome> {
         tests.push((format!("scores:{task}"), t));
     }
     for (i, field) in req.fields.iter().enumerate() {
-        let t = drift::categorical(
-            &categories(&reference, field),
-            &categories(&recent, field),
-            req.permutations,
-            req.seed ^ (2 + i as u64),
-        )
-        .map_err(failed)?;
+        let (a, b) = (categories(&reference, field), categories(&recent, field));
+        if a.iter().chain(&b).all(|c| c == UNKNOWN) {
+            return Err(invalid(
+                "fields",
+                format!("no case of either window has the field {field:?}"),
+            ));
+        }
+        let t = drift::categorical(&a, &b, req.permutations, req.seed ^ (2 + i as u64))
+            .map_err(failed)?;
         tests.push((format!("metadata:{field}"), t));
     }
     Ok(Outcome {
