@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server health-tool demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling bench-federated clean
+.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server health-tool demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling bench-federated bench-monitor clean
 
 all: build
 
@@ -181,6 +181,12 @@ bench-trainer: py-deps libtorch
 bench-federated: libtorch
 	$(CARGO) build -q --release -p radfm -p radfm-trainer
 	bash bench/federated_quality.sh
+
+## bench-monitor: detection delay and false alarms of site monitoring over seeds: three sites
+## looking weekly, one replacing its scanner gradually (bench/monitor_delay.sh)
+bench-monitor: libtorch
+	$(CARGO) build -q --release -p radfm -p radfm-trainer
+	bash bench/monitor_delay.sh
 
 ## bench-allreduce: bus bandwidth of radfm's CPU ring all-reduce vs torch.distributed gloo, same
 ## machine, ranks (2, 4) and sizes (MiB), one process per rank on loopback

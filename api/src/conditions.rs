@@ -102,6 +102,46 @@ impl Kind for ValidationConditionType {
     }
 }
 
+/// Condition types of a ModelMonitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorConditionType {
+    /// The spec is usable and the registry could be read.
+    Ready,
+    /// A look's pod is running.
+    Looking,
+    /// The last look at the deployed version found drift (Unknown before the first look at it).
+    Drifting,
+}
+
+impl Kind for MonitorConditionType {
+    fn name(self) -> &'static str {
+        match self {
+            MonitorConditionType::Ready => "Ready",
+            MonitorConditionType::Looking => "Looking",
+            MonitorConditionType::Drifting => "Drifting",
+        }
+    }
+}
+
+/// Reasons of ModelMonitor conditions and events (besides the shared `InvalidSpec`,
+/// `Suspended`, `RegistryError`, `PodPolicyViolation`, `MissedSchedule` and `Idle`).
+pub mod monitor_reason {
+    /// Schedule and registry are usable.
+    pub const SCHEDULING: &str = "Scheduling";
+    /// The deployed alias points to no version: nothing to watch.
+    pub const NOTHING_DEPLOYED: &str = "NothingDeployed";
+    /// A look's pod was created.
+    pub const LOOK_STARTED: &str = "LookStarted";
+    /// A look's pod ended without a report, or disappeared.
+    pub const LOOK_FAILED: &str = "LookFailed";
+    /// The last look found drift.
+    pub const DRIFT_DETECTED: &str = "DriftDetected";
+    /// The last look found no drift.
+    pub const NO_DRIFT: &str = "NoDrift";
+    /// No look at the deployed version yet.
+    pub const NOT_LOOKED: &str = "NotLookedYet";
+}
+
 /// Reasons of SiteValidator and PromotionPolicy conditions and events.
 pub mod validation_reason {
     /// Registry read; nothing wrong.
@@ -191,6 +231,9 @@ pub mod continual_reason {
     pub const WATERMARK_RECOVERED: &str = "WatermarkRecovered";
     /// A run succeeded and its model was registered; the watermark moved.
     pub const REGISTERED: &str = "VersionRegistered";
+    /// A site's monitor report was not counted by the drift trigger (untrusted key, bad
+    /// signature, another version or model).
+    pub const MONITOR_REPORT_REFUSED: &str = "MonitorReportRefused";
     /// A run succeeded but its export could not be registered.
     pub const REGISTER_FAILED: &str = "RegistrationFailed";
     /// A run failed.
@@ -258,7 +301,32 @@ pub fn set(
     generation: Option<i64>,
     now: &Time,
 ) -> bool {
-    let status_str = if status { "True" } else { "False" };
+    let status = if status { "True" } else { "False" };
+    put(conditions, ty, status, reason, message, generation, now)
+}
+
+/// [`set`] to `Unknown`: the controller cannot say yet (for example before a first
+/// observation). Returns whether the status changed.
+pub fn set_unknown(
+    conditions: &mut Vec<Condition>,
+    ty: impl Kind,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) -> bool {
+    put(conditions, ty, "Unknown", reason, message, generation, now)
+}
+
+fn put(
+    conditions: &mut Vec<Condition>,
+    ty: impl Kind,
+    status_str: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) -> bool {
     match conditions.iter_mut().find(|c| c.type_ == ty.name()) {
         Some(c) => {
             let flipped = c.status != status_str;
@@ -314,6 +382,17 @@ impl Stamp {
             self.generation,
             &self.now,
         )
+    }
+
+    /// Sets condition `ty` to Unknown (see [`set_unknown`]); returns whether it changed.
+    pub fn set_unknown(
+        &self,
+        conditions: &mut Vec<Condition>,
+        ty: impl Kind,
+        reason: &str,
+        message: &str,
+    ) -> bool {
+        set_unknown(conditions, ty, reason, message, self.generation, &self.now)
     }
 }
 
@@ -375,5 +454,18 @@ mod tests {
         assert!(is_true(&c, ConditionType::Running));
         assert!(!is_true(&c, ConditionType::Failed));
         assert_eq!(c.len(), 1);
+        assert!(set_unknown(
+            &mut c,
+            ConditionType::Running,
+            "D",
+            "d",
+            Some(3),
+            &t(40)
+        ));
+        assert_eq!(
+            (c[0].status.as_str(), c[0].last_transition_time.clone()),
+            ("Unknown", t(40))
+        );
+        assert!(!is_true(&c, ConditionType::Running));
     }
 }

@@ -127,6 +127,10 @@ pub struct TriggerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("trigger.maxInterval must be a positive duration like 24h or 90m"))]
     pub max_interval: Option<String>,
+    /// Also run with fewer new shards (but at least one) when sites' ModelMonitors report drift
+    /// of the monitored version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftTrigger>,
 }
 
 impl Default for TriggerSpec {
@@ -134,8 +138,79 @@ impl Default for TriggerSpec {
         TriggerSpec {
             min_new_shards: default_min_new_shards(),
             max_interval: None,
+            drift: None,
         }
     }
+}
+
+/// Drift at sites as a reason to retrain: signed monitor reports of the monitored version that
+/// found drift, from trusted sites, newer than the last successful run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minSites <= size(self.trustedSites)").message("trigger.drift.minSites cannot exceed the number of trustedSites").field_path(".minSites"))]
+pub struct DriftTrigger {
+    /// Sites whose signed monitor reports count, with their ed25519 public keys (the keys their
+    /// ModelMonitors and SiteValidators sign with).
+    #[schemars(length(min = 1, max = 256))]
+    pub trusted_sites: Vec<crate::site_validation::TrustedSite>,
+    /// Drifting sites needed for a run.
+    #[serde(default = "default_min_sites")]
+    #[x_kube(validation = Rule::new("self >= 1").message("trigger.drift.minSites must be at least 1"))]
+    pub min_sites: i32,
+    /// Alias of the monitored version, in the base model's registry model (spec.baseModel, or
+    /// spec.register.model).
+    #[serde(default = "default_base_alias")]
+    #[schemars(length(min = 1))]
+    pub alias: String,
+}
+
+fn default_min_sites() -> i32 {
+    1
+}
+
+/// Annotation of a run: why it was created (JSON of [`RunTrigger`]).
+pub const ANNOTATION_TRIGGER: &str = "radfm.io/trigger";
+
+/// Why a run was created, as its TrainingJob and its registered version record it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunTrigger {
+    /// Which rule of `spec.trigger` held.
+    pub kind: TriggerKind,
+    /// One line for people.
+    pub summary: String,
+    /// For a drift trigger: each drifting site's evidence.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<SiteDrift>,
+}
+
+/// The rules of `spec.trigger`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TriggerKind {
+    /// At least `minNewShards` new shards.
+    NewData,
+    /// Fewer new shards, but `maxInterval` passed since the last successful run.
+    MaxInterval,
+    /// Fewer new shards, but drift at `drift.minSites` trusted sites.
+    Drift,
+}
+
+/// A site's signed monitor report that found drift.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteDrift {
+    /// The site.
+    pub site: String,
+    /// The monitored model.
+    pub model: String,
+    /// The monitored version.
+    pub version: u64,
+    /// Where the signed report is.
+    pub report: String,
+    /// When the site signed it.
+    pub created: String,
+    /// The statistics that drifted, with their adjusted p-values.
+    pub evidence: Vec<String>,
 }
 
 fn default_min_new_shards() -> i64 {
@@ -269,8 +344,11 @@ impl JobTemplate {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RunWindow {
-    /// Shards after the watermark.
+    /// Shards after the watermark, and those returned by rejected candidates.
     pub new: Vec<u64>,
+    /// Of `new`, the shards only candidates the gate rejected had trained on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returned: Vec<u64>,
     /// Earlier shards replayed.
     pub replay: Vec<u64>,
     /// The watermark once this run is registered.

@@ -8,7 +8,8 @@
 //! - [`exit`]: the trainer's exit codes and what they mean for a gang restart;
 //! - [`continual`]: the `ContinualTraining` custom resource that schedules retraining runs;
 //! - [`validation`]: the `SiteValidator` and `PromotionPolicy` resources of site validation;
-//! - [`federated`]: the `FederatedTraining` (hub) and `FederatedSite` (hospital) resources.
+//! - [`federated`]: the `FederatedTraining` (hub) and `FederatedSite` (hospital) resources;
+//! - [`monitoring`]: the `ModelMonitor` resource that watches a deployed model at a site.
 #![deny(missing_docs)]
 
 pub mod conditions;
@@ -18,6 +19,7 @@ pub mod exit;
 pub mod failure;
 pub mod federated;
 pub mod health;
+pub mod monitoring;
 pub mod site_validation;
 pub mod trainingjob;
 

@@ -634,6 +634,7 @@ async fn register(a: RegisterArgs) -> Result<()> {
         code_version: card.code_version.clone(),
         metrics: BTreeMap::from([("steps".to_string(), steps as f64)]),
         federated: Some(lineage),
+        trigger: None,
     };
     let by = format!("federation {}", ex.federation);
     let reason = format!(

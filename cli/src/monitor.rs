@@ -28,9 +28,18 @@ pub struct MonitorArgs {
     /// is given).
     #[arg(long)]
     pub reference: String,
+    /// Shards of the reference dataset to use (`0-9,12`; default: every shard of its index).
+    #[arg(long)]
+    pub reference_shards: Option<String>,
     /// The site's recent cases (labels not needed).
     #[arg(long)]
     pub recent: String,
+    /// Shards of the recent dataset to use (`40-59`; default: every shard of its index).
+    #[arg(long)]
+    pub recent_shards: Option<String>,
+    /// The look this report answers, recorded in it (a ModelMonitor passes its pod's name).
+    #[arg(long, value_parser = parse_look)]
+    pub look: Option<String>,
     /// A 0/1 task whose probe, fitted on the reference window, scores both windows.
     #[arg(long)]
     pub task: Option<String>,
@@ -53,6 +62,25 @@ pub struct MonitorArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A look identifier: a Kubernetes object name, short enough to carry in a report.
+fn parse_look(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 253
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    ok.then(|| text.to_string())
+        .ok_or_else(|| format!("{text:?} is not a lowercase object name of at most 253 characters"))
+}
+
+/// A shard selection argument, or why `flag` is wrong.
+fn shards(flag: &str, text: Option<&str>) -> Result<Option<Vec<u64>>> {
+    text.map(|t| {
+        radfm_api::trainingjob::parse_shards(t).map_err(|e| anyhow::anyhow!("{flag} {t:?}: {e}"))
+    })
+    .transpose()
 }
 
 fn print_summary(r: &MonitorReport) {
@@ -81,6 +109,8 @@ pub async fn run(a: MonitorArgs) -> Result<()> {
             a.permutations
         );
     }
+    let reference_shards = shards("--reference-shards", a.reference_shards.as_deref())?;
+    let recent_shards = shards("--recent-shards", a.recent_shards.as_deref())?;
     let key = crate::validate::read_signing_key(&a.key_file)?;
     let reg = Registry::open(&a.registry)?;
     let deployed = reg
@@ -95,7 +125,9 @@ pub async fn run(a: MonitorArgs) -> Result<()> {
     let outcome = radfm_trainer::monitor::monitor(&radfm_trainer::monitor::Request {
         model_uri: &folder,
         reference_uri: &a.reference,
+        reference_shards: reference_shards.as_deref(),
         recent_uri: &a.recent,
+        recent_shards: recent_shards.as_deref(),
         task: a.task.as_deref(),
         fields: &a.fields,
         permutations: a.permutations,
@@ -125,6 +157,7 @@ pub async fn run(a: MonitorArgs) -> Result<()> {
         alpha: a.alpha,
         watched,
         drifting,
+        look: a.look.clone(),
     };
     let signed = monitor::sign(&r, &key);
     let uri = reg

@@ -191,6 +191,20 @@ async fn lineage(registry: &str, model: &str, version: &str) -> Result<()> {
             v.spec.data.last_seq,
             v.spec.job_name.clone().unwrap_or_else(|| "no job".into())
         );
+        if let Some(t) = &v.spec.trigger {
+            println!("{indent}  triggered by {:?}: {}", t.kind, t.summary);
+            for d in &t.drift {
+                println!(
+                    "{indent}    drift at {} ({} v{}, signed {}): {} [{}]",
+                    d.site,
+                    d.model,
+                    d.version,
+                    d.created,
+                    d.evidence.join("; "),
+                    d.report
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -256,7 +256,7 @@ fn header(
 fn lineage_section(h: &mut String, chain: &[radfm_registry::Version]) {
     let _ = write!(
         h,
-        "<section id=\"lineage\"><h2>Lineage</h2>{}<table><tr><th>Version</th><th>Parent</th><th>TrainingJob</th><th>Data window</th><th>Shards</th><th>Replayed</th><th>Final loss</th><th>Steps</th></tr>",
+        "<section id=\"lineage\"><h2>Lineage</h2>{}<table><tr><th>Version</th><th>Parent</th><th>TrainingJob</th><th>Data window</th><th>Shards</th><th>Replayed</th><th>Final loss</th><th>Steps</th><th>Why it exists</th></tr>",
         lineage_svg(chain)
     );
     for c in chain {
@@ -268,7 +268,7 @@ fn lineage_section(h: &mut String, chain: &[radfm_registry::Version]) {
         };
         let _ = write!(
             h,
-            "<tr><td>v{}</td><td>{}</td><td>{}</td><td><code>{}</code> {}–{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>v{}</td><td>{}</td><td>{}</td><td><code>{}</code> {}–{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             c.version,
             c.spec.parent.map_or("—".into(), |p| format!("v{p}")),
             esc(c.spec.job_name.as_deref().unwrap_or("—")),
@@ -279,6 +279,7 @@ fn lineage_section(h: &mut String, chain: &[radfm_registry::Version]) {
             c.spec.data.replayed.len(),
             metric("final_loss", 4),
             metric("steps", 0),
+            why_it_exists(c),
         );
     }
     let _ = write!(
@@ -292,6 +293,39 @@ fn lineage_section(h: &mut String, chain: &[radfm_registry::Version]) {
         }
     }
     h.push_str("</section>");
+}
+
+/// What made a version: the continual-training trigger (with each drifting site's evidence),
+/// federated training, or a registration by hand.
+fn why_it_exists(v: &radfm_registry::Version) -> String {
+    if let Some(t) = &v.spec.trigger {
+        let mut out = format!(
+            "<span class=\"trigger\" data-trigger=\"{:?}\">{}</span>",
+            t.kind,
+            esc(&t.summary)
+        );
+        if !t.drift.is_empty() {
+            out.push_str("<ul class=\"drift\">");
+            for d in &t.drift {
+                let _ = write!(
+                    out,
+                    "<li data-site=\"{site}\">Drift at {site} ({model} v{version}, signed {created}): {evidence} <code>{report}</code></li>",
+                    site = esc(&d.site),
+                    model = esc(&d.model),
+                    version = d.version,
+                    created = esc(&d.created),
+                    evidence = esc(&d.evidence.join("; ")),
+                    report = esc(&d.report),
+                );
+            }
+            out.push_str("</ul>");
+        }
+        return out;
+    }
+    if v.spec.federated.is_some() {
+        return "federated training".into();
+    }
+    "registered by hand".into()
 }
 
 /// A federated version's rounds: every admitted contribution and every refused one with why.

@@ -3,6 +3,7 @@
 
 use kube::{CustomResourceExt, Resource};
 use radfm_api::federated::{FederatedSite, FederatedTraining};
+use radfm_api::monitoring::ModelMonitor;
 use radfm_api::site_validation::{PromotionPolicy, SiteValidator};
 use radfm_api::{ContinualTraining, TrainingJob};
 
@@ -30,6 +31,7 @@ pub fn crds() -> Vec<(&'static str, String)> {
             "federatedsites.radfm.io.yaml",
             to_yaml(&FederatedSite::crd()),
         ),
+        ("modelmonitors.radfm.io.yaml", to_yaml(&ModelMonitor::crd())),
     ]
 }
 
@@ -46,6 +48,7 @@ pub fn argocd() -> Vec<(String, String)> {
         PromotionPolicy::kind(&()),
         FederatedTraining::kind(&()),
         FederatedSite::kind(&()),
+        ModelMonitor::kind(&()),
     ];
     let group = TrainingJob::group(&());
     let mut files: Vec<(String, String)> = kinds
@@ -102,6 +105,7 @@ pub fn reference() -> String {
         PromotionPolicy::crd(),
         FederatedTraining::crd(),
         FederatedSite::crd(),
+        ModelMonitor::crd(),
     ] {
         let crd = serde_json::to_value(crd).expect("CRD serializes");
         let kind = crd["spec"]["names"]["kind"].as_str().unwrap_or_default();
@@ -298,6 +302,17 @@ mod tests {
             radfm_validation::report::verifying_key(&t.public_key).unwrap();
         }
         assert_eq!(pp.spec.quorum as usize, pp.spec.trusted_sites.len());
+        let mm: ModelMonitor = serde_json::from_value(strict("modelmonitor.yaml")).unwrap();
+        mm.validate_cel().unwrap();
+        crate::continual_training::schedule::Schedule::parse(
+            &mm.spec.schedule,
+            mm.spec.time_zone.as_deref(),
+        )
+        .unwrap();
+        assert_eq!(
+            mm.spec.signing_key_secret_ref,
+            sv.spec.signing_key_secret_ref
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! radfm's Kubernetes operator: runs TrainingJobs as gangs of trainer pods, ContinualTrainings
 //! as scheduled, data-triggered series of TrainingJobs, and the decentralised validation of
 //! SiteValidators and PromotionPolicies, and federated training across hospitals
-//! (FederatedTrainings at the hub, FederatedSites at each hospital).
+//! (FederatedTrainings at the hub, FederatedSites at each hospital), and post-deployment
+//! monitoring at each hospital (ModelMonitors).
 //!
 //! One folder per controller, each a thin async layer around a pure plan:
 //! [`training_job`] ([`training_job::plan`] decides, [`training_job::children`] builds the owned
 //! objects), [`continual_training`] ([`continual_training::schedule`] decides when),
-//! [`site_validator`], [`promotion_policy`], [`federated_training`], [`federated_site`]. [`effects`] holds the writes every controller ends a pass with;
+//! [`site_validator`], [`promotion_policy`], [`federated_training`], [`federated_site`],
+//! [`model_monitor`]. [`effects`] holds the writes every controller ends a pass with;
 //! [`leader`], [`metrics`] and [`telemetry`] make the binary operable.
 #![deny(missing_docs)]
 
@@ -19,6 +21,7 @@ pub mod federated_training;
 pub mod kueue;
 pub mod leader;
 pub mod metrics;
+pub mod model_monitor;
 pub mod pod_policy;
 pub mod promotion_policy;
 pub mod registry_access;

@@ -10,8 +10,8 @@ use radfm_operator::context::{Clock, Context};
 use radfm_operator::leader::Elector;
 use radfm_operator::metrics::{self, Metrics};
 use radfm_operator::{
-    continual_training, crdgen, federated_site, federated_training, promotion_policy,
-    site_validator, telemetry, training_job,
+    continual_training, crdgen, federated_site, federated_training, model_monitor,
+    promotion_policy, site_validator, telemetry, training_job,
 };
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -285,7 +285,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         continual_training::run_controller(schedules.clone(), ns.clone(), shutdown()),
         site_validator::run_controller(ctx.clone(), ns.clone(), shutdown()),
         promotion_policy::run_controller(ctx.clone(), ns.clone(), shutdown()),
-        federated_training::run_controller(schedules, ns.clone(), shutdown()),
+        federated_training::run_controller(schedules.clone(), ns.clone(), shutdown()),
+        model_monitor::run_controller(schedules, ns.clone(), shutdown()),
         federated_site::run_controller(ctx.clone(), ns.clone(), shutdown()),
         async {
             if ctx.kueue {

@@ -1,7 +1,7 @@
 //! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use radfm_api::TrainingJobStatus;
+use radfm_api::monitoring::{Look, Verdict};
 
 use crate::Error;
 
@@ -29,6 +30,74 @@ struct PhaseLabels {
     phase: String,
 }
 
+/// One ModelMonitor: where it runs and what it watches.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MonitorLabels {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub monitor: String,
+    /// The site it watches for.
+    pub site: String,
+    /// The registry model watched.
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatisticLabels {
+    #[prometheus(flatten)]
+    monitor: MonitorLabels,
+    statistic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookLabels {
+    #[prometheus(flatten)]
+    monitor: MonitorLabels,
+    outcome: String,
+}
+
+/// The monitoring metrics of the ModelMonitors this operator runs.
+#[derive(Default)]
+struct MonitorMetrics {
+    drifting: Family<MonitorLabels, Gauge>,
+    version: Family<MonitorLabels, Gauge>,
+    last_look: Family<MonitorLabels, Gauge>,
+    adjusted_p: Family<StatisticLabels, Gauge<f64, AtomicU64>>,
+    looks: Family<LookLabels, Counter>,
+}
+
+impl MonitorMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("monitor");
+        sub.register(
+            "drifting",
+            "1 when the last look at the deployed version found drift, 0 when it did not",
+            self.drifting.clone(),
+        );
+        sub.register(
+            "version",
+            "The model version of the last look",
+            self.version.clone(),
+        );
+        sub.register(
+            "last_look_timestamp_seconds",
+            "When the last look's report was signed",
+            self.last_look.clone(),
+        );
+        sub.register(
+            "adjusted_p_value",
+            "Holm-adjusted permutation p-value of each statistic of the last look",
+            self.adjusted_p.clone(),
+        );
+        sub.register(
+            "looks",
+            "Looks by outcome (drifting, stable, failed)",
+            self.looks.clone(),
+        );
+    }
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -37,6 +106,7 @@ pub struct Metrics {
     jobs: Family<PhaseLabels, Gauge>,
     restarts: Counter,
     leader: Gauge,
+    monitor: MonitorMetrics,
     ready: AtomicBool,
 }
 
@@ -73,6 +143,8 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let monitor = MonitorMetrics::default();
+        monitor.register(&mut registry);
         Metrics {
             registry,
             reconcile_duration,
@@ -80,6 +152,7 @@ impl Default for Metrics {
             jobs,
             restarts,
             leader,
+            monitor,
             ready: AtomicBool::new(false),
         }
     }
@@ -114,6 +187,55 @@ impl Metrics {
         let added = new.restarts - old.map(|s| s.restarts).unwrap_or(0);
         if added > 0 {
             self.restarts.inc_by(added as u64);
+        }
+    }
+
+    /// Records a ModelMonitor pass: the last look's verdict, version, time and statistics as
+    /// gauges (set again on every pass, so a restarted operator shows them from the status),
+    /// and this pass's recorded and failed looks as counters.
+    pub fn observe_monitor(
+        &self,
+        labels: &MonitorLabels,
+        last: Option<&Look>,
+        recorded: &[Look],
+        failed: u64,
+    ) {
+        let m = &self.monitor;
+        for look in recorded {
+            let outcome = match look.verdict {
+                Verdict::Drifting => "drifting",
+                Verdict::Stable => "stable",
+            };
+            m.looks
+                .get_or_create(&LookLabels {
+                    monitor: labels.clone(),
+                    outcome: outcome.into(),
+                })
+                .inc();
+        }
+        if failed > 0 {
+            m.looks
+                .get_or_create(&LookLabels {
+                    monitor: labels.clone(),
+                    outcome: "failed".into(),
+                })
+                .inc_by(failed);
+        }
+        let Some(look) = last else { return };
+        m.drifting
+            .get_or_create(labels)
+            .set((look.verdict == Verdict::Drifting) as i64);
+        m.version.get_or_create(labels).set(look.version);
+        m.last_look
+            .get_or_create(labels)
+            .set(look.time.0.as_second());
+        for s in &look.statistics {
+            m.adjusted_p
+                .get_or_create(&StatisticLabels {
+                    monitor: labels.clone(),
+                    statistic: s.name.clone(),
+                })
+                .set(s.adjusted_p);
         }
     }
 
@@ -205,5 +327,49 @@ mod tests {
             text.contains("radfm_operator_reconcile_duration_seconds_count 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_monitors_last_look_is_a_gauge_per_site_and_statistic_and_looks_are_counted_by_outcome() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use radfm_api::monitoring::Statistic;
+        let m = Metrics::default();
+        let labels = MonitorLabels {
+            namespace: "site".into(),
+            monitor: "north".into(),
+            site: "north".into(),
+            model: "chest".into(),
+        };
+        let look = Look {
+            pod: "north-1".into(),
+            version: 3,
+            scheduled: Time(jiff::Timestamp::from_second(60).unwrap()),
+            time: Time(jiff::Timestamp::from_second(90).unwrap()),
+            verdict: Verdict::Drifting,
+            alpha: 0.01,
+            statistics: vec![Statistic {
+                name: "metadata:manufacturer".into(),
+                value: 40.0,
+                adjusted_p: 0.002,
+                drifting: true,
+            }],
+            report: "s3://r/x.json".into(),
+        };
+        m.observe_monitor(&labels, Some(&look), std::slice::from_ref(&look), 1);
+        m.observe_monitor(&labels, Some(&look), &[], 0);
+        let text = m.encode();
+        let l = r#"namespace="site",monitor="north",site="north",model="chest""#;
+        for line in [
+            format!("radfm_operator_monitor_drifting{{{l}}} 1"),
+            format!("radfm_operator_monitor_version{{{l}}} 3"),
+            format!("radfm_operator_monitor_last_look_timestamp_seconds{{{l}}} 90"),
+            format!(
+                "radfm_operator_monitor_adjusted_p_value{{{l},statistic=\"metadata:manufacturer\"}} 0.002"
+            ),
+            format!("radfm_operator_monitor_looks_total{{{l},outcome=\"drifting\"}} 1"),
+            format!("radfm_operator_monitor_looks_total{{{l},outcome=\"failed\"}} 1"),
+        ] {
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
     }
 }

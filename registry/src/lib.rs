@@ -182,6 +182,7 @@ pub async fn from_export(uri: &str) -> Result<NewVersion> {
         code_version: card.code_version,
         metrics,
         federated: None,
+        trigger: None,
     })
 }
 
@@ -218,6 +219,10 @@ pub struct NewVersion {
     /// For a federated model: its rounds and every site's contribution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federated: Option<federated::FederatedLineage>,
+    /// For a continual-training run: which trigger rule created it, with the drifting sites'
+    /// evidence where drift did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<radfm_api::continual::RunTrigger>,
 }
 
 /// An immutable version manifest.
@@ -979,6 +984,23 @@ impl Registry {
         Ok(out)
     }
 
+    /// This site's stored monitor report of a version as (URI, bytes), if it has one.
+    pub async fn monitor_report(
+        &self,
+        model: &str,
+        version: u64,
+        site: &str,
+    ) -> Result<Option<(String, Vec<u8>)>> {
+        check_name("model", model)?;
+        check_name("site", site)?;
+        let name = format!("{}/{site}.json", Self::monitor_prefix(model, version));
+        Ok(self
+            .loc
+            .get_bounded(&name, MAX_DOCUMENT_BYTES)
+            .await?
+            .map(|bytes| (self.loc.child_uri(&name), bytes.to_vec())))
+    }
+
     fn approval_prefix(model: &str, version: u64) -> String {
         format!("models/{model}/approvals/v{version:06}")
     }
@@ -1321,6 +1343,13 @@ mod tests {
                     .is_err()
             );
             assert!(r.monitor_reports("cxr", 2).await.unwrap().is_empty());
+            let (uri, bytes) = r.monitor_report("cxr", 1, "north").await.unwrap().unwrap();
+            assert_eq!(
+                (uri.ends_with("v000001/north.json"), bytes),
+                (true, b"3".to_vec())
+            );
+            assert!(r.monitor_report("cxr", 1, "east").await.unwrap().is_none());
+            assert!(r.monitor_report("cxr", 1, "../x").await.is_err());
         });
     }
 

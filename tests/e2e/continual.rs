@@ -620,3 +620,199 @@ async fn a_schedule_deleted_and_applied_again_from_git_does_not_retrain_on_old_d
         .unwrap();
     assert!(reasons.contains("WatermarkRecovered"), "{reasons}");
 }
+
+/// Closing the loop: a ContinualTraining that needs four new shards also runs on a single new
+/// shard when a trusted site's ModelMonitor report says production drifts. The run and the
+/// version it registers carry the site's evidence, `radfm registry lineage` and the HTML record
+/// show it, a report signed with another key does not count, and the same report does not
+/// trigger again once a run after it has succeeded.
+#[tokio::test]
+async fn drift_at_a_trusted_site_retrains_on_new_data_and_the_version_names_the_evidence() {
+    let _serial = serial().await;
+    let cluster = Cluster::start(1, 0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_ns, s) = start(&cluster, "drift", dir.path()).await;
+    let clock = s.clock.display().to_string();
+    let _op = cluster
+        .start_operator("drift", "operator-drift", &["--clock-file", &clock])
+        .unwrap();
+    let radfm = |args: &[&str]| radfm_e2e::ok(&radfm_e2e::radfm(args, &[]));
+    let keys = dir.path().join("keys");
+    let key_dir = keys.display().to_string();
+    let north_public = radfm(&["keygen", "--out", &key_dir, "--site", "north"]);
+    radfm(&["keygen", "--out", &key_dir, "--site", "impostor"]);
+    let first = s.add_data(0, 64).await;
+    assert!(first.len() >= 4, "{first:?}");
+    s.apply(&ct_yaml(
+        "chest",
+        &s,
+        &format!(
+            "  baseModel: {{model: chest, alias: production}}\n  trigger:\n    minNewShards: 4\n    \
+             drift: {{trustedSites: [{{site: north, publicKey: '{}'}}], minSites: 1}}\n",
+            north_public.trim()
+        ),
+    ));
+    let ct = s
+        .wait_ct("chest", "next schedule time", |ct| {
+            ct.status
+                .as_ref()
+                .is_some_and(|st| st.next_schedule_time.is_some())
+        })
+        .await;
+    let t1 = next_hour(ct.metadata.creation_timestamp.clone().unwrap().0);
+
+    // v1 from every shard (new data), promoted to production.
+    s.set_clock(t1 + jiff::SignedDuration::from_secs(5));
+    let runs = s.wait_run_count("chest", 1).await;
+    s.train(&runs[0].name_any()).await;
+    s.wait_ct("chest", "v1 registered", |ct| {
+        ct.status
+            .as_ref()
+            .is_some_and(|st| st.last_registered_version == Some(1))
+    })
+    .await;
+    let registry = s.uri("registry");
+    radfm(&[
+        "registry",
+        "promote",
+        &registry,
+        "chest",
+        "1",
+        "--reason",
+        "validated",
+    ]);
+
+    // One new shard and no drift: below minNewShards, no run.
+    let more = s.add_data(64, 16).await;
+    let new: Vec<u64> = more[first.len()..].to_vec();
+    assert!((1..4).contains(&new.len()), "{more:?}");
+    let t2 = t1 + hours(1);
+    s.set_clock(t2 + jiff::SignedDuration::from_secs(5));
+    let ct = s.wait_handled("chest", t2).await;
+    let data_ready = radfm_api::conditions::get(
+        &ct.status.as_ref().unwrap().conditions,
+        radfm_api::conditions::ContinualConditionType::DataReady,
+    )
+    .cloned()
+    .unwrap();
+    assert_eq!(data_ready.status, "False", "{data_ready:?}");
+    assert!(
+        data_ready.message.contains("0 drifting"),
+        "{}",
+        data_ready.message
+    );
+    assert_eq!(s.runs("chest").await.len(), 1);
+
+    // North's monitor looks at production on cases from a replaced scanner and finds drift;
+    // an impostor's report, stored under another site's name, does not count.
+    radfm(&[
+        "synth",
+        "--out",
+        &s.uri("north-recent"),
+        "--samples",
+        "96",
+        "--size",
+        "32",
+        "--sites",
+        "north",
+        "--shift-site",
+        "north",
+        "--seed",
+        "9",
+    ]);
+    let look = |site: &str, key: &str| {
+        radfm(&[
+            "monitor",
+            "--registry",
+            &registry,
+            "--model",
+            "chest",
+            "--site",
+            site,
+            "--key-file",
+            &keys.join(key).display().to_string(),
+            "--reference",
+            &s.uri("data"),
+            "--recent",
+            &s.uri("north-recent"),
+            "--fields",
+            "manufacturer",
+            "--permutations",
+            "199",
+            "--alpha",
+            "0.05",
+            "--json",
+        ])
+    };
+    let report: serde_json::Value = serde_json::from_str(&look("north", "north.key")).unwrap();
+    assert_eq!(report["drifting"], true, "{report:#}");
+    look("east", "impostor.key");
+
+    // The next scheduled time runs on the one new shard, for the drift.
+    let t3 = t2 + hours(1);
+    s.set_clock(t3 + jiff::SignedDuration::from_secs(5));
+    let runs = s.wait_run_count("chest", 2).await;
+    let run2 = runs
+        .iter()
+        .find(|r| r.name_any() == format!("chest-{}", t3.as_second() / 60))
+        .unwrap();
+    assert_eq!(window_of(run2).new, new);
+    let trigger: radfm_api::continual::RunTrigger =
+        serde_json::from_str(&run2.annotations()[radfm_api::continual::ANNOTATION_TRIGGER])
+            .unwrap();
+    assert_eq!(trigger.kind, radfm_api::continual::TriggerKind::Drift);
+    let sites: Vec<&str> = trigger.drift.iter().map(|d| d.site.as_str()).collect();
+    assert_eq!(sites, ["north"], "{trigger:?}");
+    assert!(
+        trigger.drift[0]
+            .evidence
+            .iter()
+            .any(|e| e.starts_with("metadata:manufacturer")),
+        "{trigger:?}"
+    );
+    let events = cluster
+        .kubectl_ok(&["get", "events", "-n", "drift", "-o", "json"])
+        .unwrap();
+    assert!(
+        events.contains("MonitorReportRefused") && events.contains("site east is not in"),
+        "{events}"
+    );
+    s.train(&run2.name_any()).await;
+    s.wait_ct("chest", "v2 registered", |ct| {
+        ct.status
+            .as_ref()
+            .is_some_and(|st| st.last_registered_version == Some(2))
+    })
+    .await;
+    let reg = Registry::open(&registry).unwrap();
+    let v2 = reg.version("chest", 2).await.unwrap();
+    assert_eq!(v2.spec.parent, Some(1));
+    assert_eq!(v2.spec.trigger.as_ref(), Some(&trigger));
+    let lineage = radfm(&["registry", "lineage", &registry, "chest", "2"]);
+    assert!(
+        lineage.contains("triggered by Drift") && lineage.contains("drift at north (chest v1"),
+        "{lineage}"
+    );
+    let html = dir.path().join("record.html");
+    radfm(&[
+        "report",
+        "--registry",
+        &registry,
+        "--out",
+        &html.display().to_string(),
+        "chest",
+        "2",
+    ]);
+    let html = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        html.contains(r#"data-trigger="Drift""#) && html.contains(r#"<li data-site="north">"#),
+        "the record shows why v2 exists"
+    );
+
+    // The same report predates v2's success: with one more new shard, no run.
+    s.add_data(80, 16).await;
+    let t4 = t3 + hours(1);
+    s.set_clock(t4 + jiff::SignedDuration::from_secs(5));
+    s.wait_handled("chest", t4).await;
+    assert_eq!(s.runs("chest").await.len(), 2);
+}

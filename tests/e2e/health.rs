@@ -37,6 +37,7 @@ fn every_radfm_kind_passes_argo_cds_own_health_tests() {
         "PromotionPolicy",
         "FederatedTraining",
         "FederatedSite",
+        "ModelMonitor",
     ] {
         assert!(report.contains(&format!("radfm.io/{kind} ")), "{report}");
     }

@@ -664,6 +664,254 @@ async fn site_validator_reads_its_data_from_a_volume_on_the_node_and_the_policy_
     );
 }
 
+/// Two hospitals' ModelMonitors watch the production model on a real node. North's recent cases
+/// come from a replaced, older scanner; south's are drawn like its reference. At the scheduled
+/// time (a clock file moves the schedule) each look runs `radfm monitor` in a real pod of
+/// radfm's image, which signs its report into the registry; north is flagged Drifting with the
+/// statistics that moved, south is not; the operator's metrics and events say the same and
+/// GitOps health stays Healthy (drift is a finding about the model, not a broken resource).
+#[tokio::test]
+async fn model_monitors_look_on_schedule_in_real_pods_and_only_the_shifted_site_drifts() {
+    use radfm_api::monitoring::{ModelMonitor, Verdict};
+    let Some(node) =
+        real_node("model_monitors_look_on_schedule_in_real_pods_and_only_the_shifted_site_drifts")
+            .await
+    else {
+        return;
+    };
+    let cluster = &node.cluster;
+    let ns = "monitoring";
+    let _guard = cluster.namespace(ns).await.unwrap();
+    // The 06:00 UTC look two days ahead, with the clock file a minute before it: always later
+    // than the objects' creation on the wall clock.
+    let utc = jiff::tz::TimeZone::UTC;
+    let day = jiff::Timestamp::now().to_zoned(utc.clone()).date() + jiff::Span::new().days(2);
+    let slot = day.at(6, 0, 0, 0).to_zoned(utc).unwrap().timestamp();
+    let look_name = |site: &str| format!("{site}-{}", slot.as_second() / 60);
+    let clock = node.dir().join("monitor-clock");
+    let set_clock = |secs: i64| {
+        let t = slot + jiff::SignedDuration::from_secs(secs);
+        std::fs::write(&clock, t.to_string()).unwrap();
+    };
+    set_clock(-60);
+    let s3_env = node.s3.env();
+    let env = str_pairs(&s3_env);
+    let operator = cluster
+        .start_operator_with_env(
+            ns,
+            "operator-monitoring",
+            &["--clock-file", &clock.to_string_lossy()],
+            &env,
+        )
+        .unwrap();
+    let radfm = |args: &[&str]| radfm_e2e::ok(&radfm_e2e::radfm(args, &env));
+    let registry = "s3://radfm/registry";
+    let work = tempfile::tempdir().unwrap();
+    let synth = |out: &str, site: &str, seed: &str, shifted: bool| {
+        let mut args = vec![
+            "synth",
+            "--out",
+            out,
+            "--samples",
+            "240",
+            "--size",
+            "32",
+            "--sites",
+            site,
+            "--seed",
+            seed,
+            "--lesion-radius",
+            "0.15,0.25",
+            "--lesion-prevalence",
+            "0.4",
+        ];
+        if shifted {
+            args.extend(["--shift-site", site]);
+        }
+        radfm(&args);
+    };
+    synth("s3://radfm/north-reference", "north", "1", false);
+    synth("s3://radfm/north-recent", "north", "3", true);
+    synth("s3://radfm/south-reference", "south", "4", false);
+    synth("s3://radfm/south-recent", "south", "5", false);
+    train_and_export(&node, work.path(), "base", "s3://radfm/north-reference", 20);
+    radfm(&[
+        "registry",
+        "register",
+        registry,
+        "chest",
+        "--export",
+        "s3://radfm/models/base",
+        "--reason",
+        "first",
+    ]);
+    radfm(&[
+        "registry",
+        "promote",
+        registry,
+        "chest",
+        "1",
+        "--reason",
+        "initial release",
+    ]);
+    let mut secret = s3_secret(&node);
+    secret["metadata"]["name"] = json!("registry-s3");
+    apply(&node, ns, &secret);
+    for site in ["north", "south"] {
+        radfm(&[
+            "keygen",
+            "--out",
+            &work.path().join("keys").to_string_lossy(),
+            "--site",
+            site,
+        ]);
+        cluster
+            .kubectl_ok(&[
+                "create",
+                "secret",
+                "generic",
+                &format!("{site}-key"),
+                "-n",
+                ns,
+                &format!(
+                    "--from-file=ed25519.key={}",
+                    work.path().join(format!("keys/{site}.key")).display()
+                ),
+            ])
+            .unwrap();
+        // The sample ModelMonitor, adapted in site, data, registry, image and sizes.
+        let path = radfm_e2e::repo_root().join("manifests/samples/modelmonitor.yaml");
+        let mut mm: Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        mm["metadata"]["name"] = json!(site);
+        let spec = &mut mm["spec"];
+        spec["siteId"] = json!(site);
+        spec["signingKeySecretRef"] = json!({"name": format!("{site}-key")});
+        spec["registry"] = json!(registry);
+        spec["model"] = json!("chest");
+        spec["timeZone"] = json!("UTC");
+        spec["reference"] = json!({"uri": format!("s3://radfm/{site}-reference")});
+        spec["recent"] = json!({"uri": format!("s3://radfm/{site}-recent")});
+        spec["fields"] = json!(["manufacturer", "sex"]);
+        spec["image"] = json!(TRAINER_IMAGE);
+        spec.as_object_mut().unwrap().remove("dataVolume");
+        apply(&node, ns, &mm);
+    }
+
+    let mms: Api<ModelMonitor> = Api::namespaced(cluster.client.clone(), ns);
+    for site in ["north", "south"] {
+        let waiting = wait_object(&mms, site, TRAIN_WAIT, "the 06:00 look scheduled", |m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.next_schedule_time.as_ref().map(|t| t.0) == Some(slot))
+        })
+        .await;
+        let drifting = radfm_api::conditions::get(
+            &waiting.status.unwrap().conditions,
+            radfm_api::conditions::MonitorConditionType::Drifting,
+        )
+        .cloned()
+        .unwrap();
+        assert_eq!(drifting.status, "Unknown", "{drifting:?}");
+    }
+    set_clock(20);
+    let mut looks = Vec::new();
+    for site in ["north", "south"] {
+        let looked = wait_object(&mms, site, TRAIN_WAIT, "a recorded look", |m| {
+            m.status.as_ref().is_some_and(|s| s.last_look.is_some())
+        })
+        .await;
+        let st = looked.status.unwrap();
+        let drifting = radfm_api::conditions::get(
+            &st.conditions,
+            radfm_api::conditions::MonitorConditionType::Drifting,
+        )
+        .cloned()
+        .unwrap();
+        looks.push((st.last_look.unwrap(), drifting));
+    }
+    let (north, north_drifting) = &looks[0];
+    assert_eq!(north.verdict, Verdict::Drifting, "{north:?}");
+    assert_eq!(north_drifting.status, "True", "{north_drifting:?}");
+    let evidence = north.evidence().join("; ");
+    for moved in ["embeddings", "metadata:manufacturer"] {
+        assert!(evidence.contains(moved), "{evidence}");
+    }
+    assert!(!evidence.contains("metadata:sex"), "{evidence}");
+    assert_eq!(north.pod, look_name("north"), "{north:?}");
+    let (south, south_drifting) = &looks[1];
+    assert_eq!(south.verdict, Verdict::Stable, "{south:?}");
+    assert_eq!(south_drifting.status, "False", "{south_drifting:?}");
+
+    // The signed reports are beside v1 in the registry, each naming its look.
+    let stored = node
+        .s3
+        .bucket_dir()
+        .join("registry/models/chest/monitoring/v000001");
+    for site in ["north", "south"] {
+        let bytes = std::fs::read(stored.join(format!("{site}.json"))).unwrap();
+        let signed: radfm_validation::report::Signed = serde_json::from_slice(&bytes).unwrap();
+        let r = radfm_validation::monitor::verify(&signed).unwrap();
+        assert_eq!(r.look, Some(look_name(site)));
+        assert_eq!(r.drifting, site == "north");
+    }
+    // The looks ran in real containers, whose pods are gone once recorded.
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    wait_until(TRAIN_WAIT, "the finished looks' pods deleted", || async {
+        let left = pods
+            .list(&ListParams::default().labels("radfm.io/model-monitor"))
+            .await
+            .ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+    let events = cluster
+        .kubectl_ok(&["get", "events", "-n", ns, "-o", "json"])
+        .unwrap();
+    let events: Value = serde_json::from_str(&events).unwrap();
+    let reasons: Vec<(String, String)> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["regarding"]["name"]
+                    .as_str()
+                    .or(e["involvedObject"]["name"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("north", "LookStarted"),
+        ("north", "DriftDetected"),
+        ("south", "NoDrift"),
+    ] {
+        assert!(
+            reasons.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} in {reasons:?}"
+        );
+    }
+    let addr = operator.metrics_addr(cluster).await.unwrap();
+    let (_, metrics) = radfm_e2e::http_get_text(&addr, "/metrics").unwrap();
+    for (site, value) in [("north", 1), ("south", 0)] {
+        let line = format!(
+            "radfm_operator_monitor_drifting{{namespace=\"{ns}\",monitor=\"{site}\",site=\"{site}\",model=\"chest\"}} {value}"
+        );
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    for (name, h) in cluster.gitops_health(ns, "modelmonitors").unwrap() {
+        assert_eq!(
+            h.statuses(),
+            ("Current", "Healthy", "Current"),
+            "{name}: {h:?}"
+        );
+    }
+}
+
 /// The exit code of the first container of pod `name` once it has terminated, seen through a
 /// watch so that a pod deleted right after finishing is not missed.
 async fn first_exit_code(pods: Api<Pod>, name: &'static str) -> i32 {

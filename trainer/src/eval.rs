@@ -66,7 +66,7 @@ pub async fn embed(
     mean: f64,
     std: f64,
 ) -> Result<Embedded> {
-    embed_rows(encoder, dataset_uri, Some(label), mean, std).await
+    embed_rows(encoder, dataset_uri, None, Some(label), mean, std).await
 }
 
 /// [`embed`] without labels (`labels` is empty): for data whose labels have not arrived.
@@ -76,12 +76,26 @@ pub async fn embed_unlabelled(
     mean: f64,
     std: f64,
 ) -> Result<Embedded> {
-    embed_rows(encoder, dataset_uri, None, mean, std).await
+    embed_rows(encoder, dataset_uri, None, None, mean, std).await
+}
+
+/// [`embed`] (with a `label`) or [`embed_unlabelled`] of the `shards` of a dataset (None: every
+/// shard of its index).
+pub(crate) async fn embed_shards(
+    encoder: &Encoder,
+    dataset_uri: &str,
+    shards: Option<&[u64]>,
+    label: Option<&str>,
+    mean: f64,
+    std: f64,
+) -> Result<Embedded> {
+    embed_rows(encoder, dataset_uri, shards, label, mean, std).await
 }
 
 async fn embed_rows(
     encoder: &Encoder,
     dataset_uri: &str,
+    shards: Option<&[u64]>,
     label: Option<&str>,
     mean: f64,
     std: f64,
@@ -91,6 +105,7 @@ async fn embed_rows(
         batch_size: 16,
         image_size: side as usize,
         augment: false,
+        shards: shards.map(<[u64]>::to_vec),
         ..Default::default()
     };
     let mut loader = Loader::open(dataset_uri, cfg).await?;

@@ -18,8 +18,12 @@ pub struct Request<'a> {
     pub model_uri: &'a str,
     /// The reference window (labelled when `task` is set): what the model was validated on.
     pub reference_uri: &'a str,
+    /// Shards of the reference dataset's index to use (None: all).
+    pub reference_shards: Option<&'a [u64]>,
     /// The site's recent cases (labels not needed).
     pub recent_uri: &'a str,
+    /// Shards of the recent dataset's index to use (None: all).
+    pub recent_shards: Option<&'a [u64]>,
     /// A 0/1 task whose probe, fitted on the reference window, scores both windows.
     pub task: Option<&'a str>,
     /// Metadata fields whose mix is compared (`manufacturer`, `sex`, `age_band`).
@@ -35,9 +39,9 @@ pub struct Request<'a> {
 pub struct Outcome {
     /// (what was compared, its test), embeddings first.
     pub tests: Vec<(String, DriftTest)>,
-    /// sha256 of the reference window's index.
+    /// sha256 of the reference window's index (and its shard selection).
     pub reference_fingerprint: String,
-    /// sha256 of the recent window's index.
+    /// sha256 of the recent window's index (and its shard selection).
     pub recent_fingerprint: String,
     /// sha256 of the model's weights as loaded.
     pub weights_sha256: String,
@@ -85,24 +89,44 @@ fn categories(e: &Embedded, field: &str) -> Vec<String> {
         .collect()
 }
 
-async fn fingerprint(uri: &str) -> Result<String> {
+/// sha256 of a window: its dataset's index, then the selected shard numbers when a selection
+/// is made (a whole index hashes as the index alone).
+async fn fingerprint(uri: &str, shards: Option<&[u64]>) -> Result<String> {
     let loc = Location::open(uri)?;
     let bytes = loc
         .get_bounded(radfm_data::index::INDEX, radfm_data::index::MAX_INDEX_BYTES)
         .await?
         .ok_or_else(|| invalid("dataset", format!("{uri} has no index")))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
+    let mut h = Sha256::new();
+    h.update(&bytes);
+    if let Some(shards) = shards {
+        h.update(format!("\nshards {shards:?}").as_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Runs one look: the reference window against the recent one.
 pub async fn monitor(req: &Request<'_>) -> Result<Outcome> {
     let m = crate::export::load(req.model_uri, Device::Cpu).await?;
     let (mean, std) = (m.card.input.mean, m.card.input.std);
-    let reference = match req.task {
-        Some(task) => eval::embed(&m.encoder, req.reference_uri, task, mean, std).await?,
-        None => eval::embed_unlabelled(&m.encoder, req.reference_uri, mean, std).await?,
-    };
-    let recent = eval::embed_unlabelled(&m.encoder, req.recent_uri, mean, std).await?;
+    let reference = eval::embed_shards(
+        &m.encoder,
+        req.reference_uri,
+        req.reference_shards,
+        req.task,
+        mean,
+        std,
+    )
+    .await?;
+    let recent = eval::embed_shards(
+        &m.encoder,
+        req.recent_uri,
+        req.recent_shards,
+        None,
+        mean,
+        std,
+    )
+    .await?;
     let failed = |e: radfm_validation::Error| {
         let windows = format!("{} against {}", req.recent_uri, req.reference_uri);
         invalid("window", format!("{windows}: {e}"))
@@ -136,8 +160,8 @@ pub async fn monitor(req: &Request<'_>) -> Result<Outcome> {
     }
     Ok(Outcome {
         tests,
-        reference_fingerprint: fingerprint(req.reference_uri).await?,
-        recent_fingerprint: fingerprint(req.recent_uri).await?,
+        reference_fingerprint: fingerprint(req.reference_uri, req.reference_shards).await?,
+        recent_fingerprint: fingerprint(req.recent_uri, req.recent_shards).await?,
         weights_sha256: m.card.weights_sha256.clone(),
     })
 }

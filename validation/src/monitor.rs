@@ -58,6 +58,10 @@ pub struct MonitorReport {
     pub watched: Vec<Watched>,
     /// Whether any statistic drifted.
     pub drifting: bool,
+    /// The look this report answers (a ModelMonitor's pod name), so that a controller tells it
+    /// from an earlier look's report of the same version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub look: Option<String>,
 }
 
 impl MonitorReport {
@@ -147,6 +151,7 @@ mod tests {
             alpha: 0.01,
             watched,
             drifting,
+            look: None,
         }
     }
 

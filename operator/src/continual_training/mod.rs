@@ -14,6 +14,7 @@
 pub mod plan;
 pub mod schedule;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +22,15 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use radfm_api::continual::{ANNOTATION_BASE_VERSION, ANNOTATION_SCHEDULED, LABEL_CONTINUAL};
+use radfm_api::continual::{
+    ANNOTATION_BASE_VERSION, ANNOTATION_SCHEDULED, ANNOTATION_TRIGGER, DriftTrigger,
+    LABEL_CONTINUAL, RunTrigger, SiteDrift,
+};
 use radfm_api::{ContinualTraining, TrainingJob};
+use radfm_registry::EventKind;
+use radfm_validation::gate::{Decision, Outcome};
+use radfm_validation::monitor::MonitorReport;
+use radfm_validation::report::Signed;
 use tracing::{info, instrument, warn};
 
 use crate::context::{Context, drive};
@@ -31,8 +39,8 @@ use crate::registry_access::RegistryAccess;
 use crate::{Error, Result};
 pub use plan::ANNOTATION_REGISTERED;
 use plan::{
-    BaseModel, BaseRef, DataError, DataSnapshot, Observed, Plan, Registered, Registration, Requeue,
-    Run,
+    BaseModel, BaseRef, DataError, DataSnapshot, DriftSnapshot, Observed, Plan, Registered,
+    Registration, Requeue, Run,
 };
 use schedule::Due;
 
@@ -145,10 +153,161 @@ async fn read_data(
     let index = radfm_data::DatasetIndex::load(&loc)
         .await
         .map_err(|e| DataError::Store(format!("dataset index: {e}")))?;
+    let drift = match &ct.spec.trigger.drift {
+        Some(trigger) => drift_reports(ct, trigger, access).await?,
+        None => DriftSnapshot::default(),
+    };
     Ok(DataSnapshot {
         shards: index.shards.iter().map(|s| s.seq).collect(),
         base: base_model(ct, base, access).await,
+        drift,
+        returned: returned_shards(ct, access).await?,
     })
+}
+
+/// Versions of `model` whose newest gate decision is Reject (a later move of any alias to a
+/// version, such as a promotion by hand, clears it).
+async fn rejected_versions(
+    reg: &radfm_registry::Registry,
+    model: &str,
+) -> std::result::Result<BTreeSet<u64>, radfm_registry::Error> {
+    let mut rejected: BTreeMap<u64, bool> = BTreeMap::new();
+    for e in reg.events(model).await? {
+        match e.kind {
+            EventKind::Note { version: Some(v) } => {
+                let Some(body) = reg.decision(model, e.seq).await? else {
+                    continue;
+                };
+                if let Ok(d) = serde_json::from_slice::<Decision>(&body) {
+                    rejected.insert(v, d.outcome == Outcome::Reject);
+                }
+            }
+            EventKind::AliasMoved { to, .. } => {
+                rejected.insert(to, false);
+            }
+            _ => {}
+        }
+    }
+    Ok(rejected
+        .into_iter()
+        .filter_map(|(v, r)| r.then_some(v))
+        .collect())
+}
+
+/// Shards of spec.dataset that only rejected versions of spec.register.model trained on as new
+/// data: a candidate the gate refused does not consume its data.
+async fn returned_shards(
+    ct: &ContinualTraining,
+    access: &RegistryAccess,
+) -> std::result::Result<Vec<u64>, DataError> {
+    let store = |e: radfm_registry::Error| DataError::Store(format!("registry: {e}"));
+    let ns = ct.namespace().unwrap_or_default();
+    let reg = access
+        .open(&ns, &ct.spec.registry)
+        .map_err(DataError::Store)?;
+    let model = &ct.spec.register.model;
+    if !reg.exists(model).await.map_err(store)? {
+        return Ok(Vec::new());
+    }
+    let rejected = rejected_versions(&reg, model).await.map_err(store)?;
+    if rejected.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut kept, mut back) = (BTreeSet::new(), BTreeSet::new());
+    for v in reg.versions(model).await.map_err(store)? {
+        if v.spec.data.index_uri != ct.spec.dataset.uri {
+            continue;
+        }
+        let trained = v.spec.data.shards.iter().map(|s| s.seq);
+        if rejected.contains(&v.version) {
+            back.extend(trained.filter(|s| !v.spec.data.replayed.contains(s)));
+        } else {
+            kept.extend(trained);
+        }
+    }
+    Ok(back.difference(&kept).copied().collect())
+}
+
+/// The trusted sites' monitor reports of the monitored version that drifted since the last
+/// successful run, and the reports that do not count with the reason.
+async fn drift_reports(
+    ct: &ContinualTraining,
+    trigger: &DriftTrigger,
+    access: &RegistryAccess,
+) -> std::result::Result<DriftSnapshot, DataError> {
+    let store = |e: radfm_registry::Error| DataError::Store(format!("registry: {e}"));
+    let ns = ct.namespace().unwrap_or_default();
+    let reg = access
+        .open(&ns, &ct.spec.registry)
+        .map_err(DataError::Store)?;
+    let model = ct
+        .spec
+        .base_model
+        .as_ref()
+        .map_or(&ct.spec.register.model, |b| &b.model);
+    if !reg.exists(model).await.map_err(store)? {
+        return Ok(DriftSnapshot::default());
+    }
+    let Some(&version) = reg.aliases(model).await.map_err(store)?.get(&trigger.alias) else {
+        return Ok(DriftSnapshot::default());
+    };
+    let since = ct
+        .status
+        .as_ref()
+        .and_then(|s| s.last_successful_time.as_ref())
+        .map(|t| t.0);
+    let mut out = DriftSnapshot::default();
+    for (site, uri, bytes) in reg.monitor_reports(model, version).await.map_err(store)? {
+        match admit_drift(trigger, model, version, &site, &bytes) {
+            Err(why) => out.refused.push(format!("{uri}: {why}")),
+            Ok(None) => {}
+            Ok(Some(r)) => {
+                let created: Option<jiff::Timestamp> = r.created.parse().ok();
+                if since.is_some_and(|s| created.is_none_or(|c| c <= s)) {
+                    continue;
+                }
+                out.drifting.push(SiteDrift {
+                    site: r.site.clone(),
+                    model: r.model.clone(),
+                    version: r.version,
+                    report: uri,
+                    created: r.created.clone(),
+                    evidence: r.evidence(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A stored monitor report as the drift trigger sees it: refused (with the reason) unless it is
+/// signed by the trusted key of the site it is stored for and speaks of `model` `version`;
+/// `None` when it found no drift.
+pub fn admit_drift(
+    trigger: &DriftTrigger,
+    model: &str,
+    version: u64,
+    site: &str,
+    bytes: &[u8],
+) -> std::result::Result<Option<MonitorReport>, String> {
+    let trusted = trigger
+        .trusted_sites
+        .iter()
+        .find(|t| t.site == site)
+        .ok_or_else(|| format!("site {site} is not in trigger.drift.trustedSites"))?;
+    let signed: Signed =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a signed report: {e}"))?;
+    if !signed.public_key.eq_ignore_ascii_case(&trusted.public_key) {
+        return Err(format!("not signed with {site}'s trusted key"));
+    }
+    let r = radfm_validation::monitor::verify(&signed).map_err(|e| e.to_string())?;
+    if (r.site.as_str(), r.model.as_str(), r.version) != (site, model, version) {
+        return Err(format!(
+            "it speaks of {} v{} at {}, not {model} v{version} at {site}",
+            r.model, r.version, r.site
+        ));
+    }
+    Ok(r.drifting.then_some(r))
 }
 
 /// The registry's record of what `spec.register.model` was trained on from `spec.dataset.uri`
@@ -298,26 +457,7 @@ async fn register_run(
     let mut spec = radfm_registry::from_export(&export.uri)
         .await
         .map_err(reg_err)?;
-    let window = run.window();
-    let base = run.annotation(ANNOTATION_BASE_VERSION).and_then(|b| {
-        let (m, v) = b.rsplit_once(':')?;
-        Some((m.to_string(), v.parse::<u64>().ok()?))
-    });
-    spec.parent = base.as_ref().filter(|(m, _)| m == model).map(|(_, v)| *v);
-    spec.job_name = Some(job.name_any());
-    spec.job_uid = Some(uid);
-    spec.data.replayed = window.replay.clone();
-    let reason = format!(
-        "continual training {}/{}: run {} scheduled {}; {} new shard(s) {}, {} replayed; from {}",
-        ct.namespace().unwrap_or_default(),
-        ct.name_any(),
-        job.name_any(),
-        run.annotation(ANNOTATION_SCHEDULED).unwrap_or("?"),
-        window.new.len(),
-        radfm_api::trainingjob::format_shards(&window.new),
-        window.replay.len(),
-        base.map_or("random initialisation".into(), |(m, v)| format!("{m} v{v}")),
-    );
+    let reason = record_run(ct, run, &mut spec);
     let v = reg
         .register(model, spec, &by, &reason, Some(alias))
         .await
@@ -326,6 +466,40 @@ async fn register_run(
         version: v.version,
         fresh: true,
     })
+}
+
+/// Fills in what the run knows about the version (parent, job, replay, trigger) and returns the
+/// registry reason.
+fn record_run(ct: &ContinualTraining, run: &Run, spec: &mut radfm_registry::NewVersion) -> String {
+    let job = &run.job;
+    let window = run.window();
+    let base = run.annotation(ANNOTATION_BASE_VERSION).and_then(|b| {
+        let (m, v) = b.rsplit_once(':')?;
+        Some((m.to_string(), v.parse::<u64>().ok()?))
+    });
+    let model = &ct.spec.register.model;
+    spec.parent = base.as_ref().filter(|(m, _)| m == model).map(|(_, v)| *v);
+    spec.job_name = Some(job.name_any());
+    spec.job_uid = job.uid();
+    spec.data.replayed = window.replay.clone();
+    let trigger: Option<RunTrigger> = run
+        .annotation(ANNOTATION_TRIGGER)
+        .and_then(|t| serde_json::from_str(t).ok());
+    let why = trigger
+        .as_ref()
+        .map_or(String::new(), |t| format!("; triggered by {}", t.summary));
+    spec.trigger = trigger;
+    format!(
+        "continual training {}/{}: run {} scheduled {}; {} new shard(s) {}, {} replayed; from {}{why}",
+        ct.namespace().unwrap_or_default(),
+        ct.name_any(),
+        job.name_any(),
+        run.annotation(ANNOTATION_SCHEDULED).unwrap_or("?"),
+        window.new.len(),
+        radfm_api::trainingjob::format_shards(&window.new),
+        window.replay.len(),
+        base.map_or("random initialisation".into(), |(m, v)| format!("{m} v{v}")),
+    )
 }
 
 /// Runs the ContinualTraining controller until `shutdown` resolves.
@@ -345,4 +519,133 @@ pub async fn run_controller(
         )
         .owns(jobs, watcher::Config::default().labels(LABEL_CONTINUAL));
     drive(controller, reconcile, ctx, shutdown, "ContinualTraining").await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use radfm_validation::monitor::FORMAT;
+
+    fn key(seed: u8) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn trigger() -> DriftTrigger {
+        let public = hex::encode(key(1).verifying_key().to_bytes());
+        serde_yaml_ng::from_str(&format!(
+            "{{trustedSites: [{{site: north, publicKey: '{public}'}}]}}"
+        ))
+        .unwrap()
+    }
+
+    fn stored(signer: u8, site: &str, version: u64, drifting: bool) -> Vec<u8> {
+        let r = MonitorReport {
+            format: FORMAT.into(),
+            model: "chest".into(),
+            version,
+            weights_sha256: "w".into(),
+            site: site.into(),
+            reference_fingerprint: "a".into(),
+            recent_fingerprint: "b".into(),
+            created: "2026-12-06T06:00:40Z".into(),
+            code_version: "0".into(),
+            alpha: 0.01,
+            watched: vec![],
+            drifting,
+            look: None,
+        };
+        serde_json::to_vec(&radfm_validation::monitor::sign(&r, &key(signer))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_version_is_rejected_while_its_newest_decision_is_reject_and_no_alias_moved_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = radfm_registry::Registry::open(dir.path().to_str().unwrap()).unwrap();
+        for _ in 0..3 {
+            let spec = radfm_registry::NewVersion {
+                weights_uri: "file:///m".into(),
+                ..Default::default()
+            };
+            reg.register("chest", spec, "ci", "trained", None)
+                .await
+                .unwrap();
+        }
+        let decide = |version: u64, outcome: &str| {
+            let reg = &reg;
+            let outcome = outcome.to_string();
+            async move {
+                let e = reg
+                    .note("chest", Some(version), "gate", "decided")
+                    .await
+                    .unwrap();
+                let body = serde_json::json!({
+                    "model": "chest", "candidate": version, "baseline": 1,
+                    "outcome": outcome, "reasons": [], "sites": [], "reports": [],
+                });
+                reg.put_decision("chest", e.seq, serde_json::to_vec(&body).unwrap())
+                    .await
+                    .unwrap();
+            }
+        };
+        decide(2, "HoldForReview").await;
+        decide(2, "Reject").await;
+        decide(3, "Reject").await;
+        assert_eq!(
+            rejected_versions(&reg, "chest").await.unwrap(),
+            BTreeSet::from([2, 3])
+        );
+        // v3 promoted by hand after all: its data is consumed.
+        reg.move_alias("chest", "production", 3, None, "dr-alice", "override")
+            .await
+            .unwrap();
+        assert_eq!(
+            rejected_versions(&reg, "chest").await.unwrap(),
+            BTreeSet::from([2])
+        );
+    }
+
+    #[test]
+    fn only_a_trusted_sites_own_signed_report_of_the_monitored_version_counts_as_drift() {
+        let t = trigger();
+        let admit = |site: &str, bytes: Vec<u8>| admit_drift(&t, "chest", 3, site, &bytes);
+        assert!(
+            admit("north", stored(1, "north", 3, true))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            admit("north", stored(1, "north", 3, false))
+                .unwrap()
+                .is_none()
+        );
+        let refusals = [
+            (
+                admit("east", stored(1, "east", 3, true)),
+                "not in trigger.drift.trustedSites",
+            ),
+            (
+                admit("north", stored(2, "north", 3, true)),
+                "not signed with north's trusted key",
+            ),
+            (
+                admit("north", stored(1, "north", 2, true)),
+                "not chest v3 at north",
+            ),
+            (admit("north", b"{".to_vec()), "not a signed report"),
+        ];
+        for (got, want) in refusals {
+            let e = got.unwrap_err();
+            assert!(e.contains(want), "{e} should say {want}");
+        }
+        // A verdict edited after signing is refused by the signature.
+        let mut edited: serde_json::Value =
+            serde_json::from_slice(&stored(1, "north", 3, false)).unwrap();
+        let payload = edited["payload"]
+            .as_str()
+            .unwrap()
+            .replace("\"drifting\":false", "\"drifting\":true");
+        edited["payload"] = payload.into();
+        let e = admit("north", serde_json::to_vec(&edited).unwrap()).unwrap_err();
+        assert!(e.contains("signature"), "{e}");
+    }
 }

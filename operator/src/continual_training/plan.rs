@@ -15,13 +15,15 @@ use radfm_api::conditions::{
     ConditionType, ContinualConditionType as Cond, Stamp, continual_reason,
 };
 use radfm_api::continual::{
-    ANNOTATION_BASE_VERSION, ANNOTATION_SCHEDULED, ANNOTATION_WINDOW, ConcurrencyPolicy,
-    LABEL_CONTINUAL, RunWindow,
+    ANNOTATION_BASE_VERSION, ANNOTATION_SCHEDULED, ANNOTATION_TRIGGER, ANNOTATION_WINDOW,
+    ConcurrencyPolicy, LABEL_CONTINUAL, RunTrigger, RunWindow, SiteDrift, TriggerKind,
 };
 use radfm_api::health;
 use radfm_api::{ContinualTraining, ContinualTrainingStatus, TrainingJob, conditions};
 
-use super::schedule::{self, Concurrency, Decision, Due, Finished, Inputs, Schedule, Window};
+use super::schedule::{
+    self, Concurrency, Decision, DriftCount, Due, Finished, Inputs, Schedule, Window,
+};
 use crate::effects::PlannedEvent;
 use crate::{Error, Result};
 
@@ -195,6 +197,21 @@ pub struct DataSnapshot {
     pub shards: Vec<u64>,
     /// The base model (None: random initialisation), or why it could not be found.
     pub base: std::result::Result<Option<BaseModel>, DataError>,
+    /// What the sites' monitors say (read where spec.trigger.drift is set).
+    pub drift: DriftSnapshot,
+    /// Shards of this dataset that only candidates the gate rejected were trained on: eligible
+    /// again, though behind the watermark.
+    pub returned: Vec<u64>,
+}
+
+/// The monitor reports the drift trigger read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriftSnapshot {
+    /// Trusted sites whose report of the monitored version drifted since the last successful
+    /// run, with their evidence.
+    pub drifting: Vec<SiteDrift>,
+    /// Reports that do not count, and why (an untrusted key, a bad signature, another version).
+    pub refused: Vec<String>,
 }
 
 /// What the registry says the schedule's model was trained on: the versions of
@@ -553,11 +570,19 @@ impl Firing<'_> {
             Some(Err(e)) => return Err(e.clone()),
             None => return Err(DataError::Store("the dataset index was not read".into())),
         };
+        for why in &data.drift.refused {
+            let note = format!("monitor report not counted: {why}");
+            plan.events.push(PlannedEvent::warning(
+                continual_reason::MONITOR_REPORT_REFUSED,
+                note,
+            ));
+        }
         let (st, spec) = (&plan.status, &self.ct.spec);
         let decision = schedule::decide(&Inputs {
             scheduled: self.scheduled,
             shards: &data.shards,
             watermark: st.data_watermark.map(|w| w as u64),
+            returned: &data.returned,
             replay: spec.replay,
             min_new_shards: spec.trigger.min_new_shards.max(1) as u64,
             since_last_success_secs: st
@@ -565,6 +590,10 @@ impl Firing<'_> {
                 .as_ref()
                 .map(|t| self.obs.now.duration_since(t.0).as_secs()),
             max_interval_secs: settings.max_interval,
+            drift: spec.trigger.drift.as_ref().map(|d| DriftCount {
+                drifting: data.drift.drifting.len() as u64,
+                needed: d.min_sites.max(1) as u64,
+            }),
             policy: concurrency(spec.concurrency_policy),
             active,
         });
@@ -580,10 +609,15 @@ impl Firing<'_> {
                 plan.events.push(PlannedEvent::normal(why, note));
                 plan.status.last_schedule_time = Some(Time(self.scheduled));
             }
-            Decision::Run { window, replace } => {
+            Decision::Run {
+                trigger,
+                window,
+                replace,
+            } => {
                 // Without its base model nothing is decided: the time is evaluated again.
                 let base = data.base.clone()?;
-                self.start_run(&window, replace, base.as_ref(), active, plan);
+                let trigger = self.run_trigger(trigger, &window, &data.drift);
+                self.start_run(&window, &trigger, replace, base.as_ref(), active, plan);
             }
         }
         Ok(())
@@ -593,8 +627,16 @@ impl Firing<'_> {
         let st = &mut plan.status;
         st.last_schedule_time = Some(Time(self.scheduled));
         let trigger = &self.ct.spec.trigger;
+        let drift = match (&trigger.drift, &self.obs.data) {
+            (Some(d), Some(Ok(data))) => format!(
+                " (or at least 1 with drift at {} site(s); {} drifting)",
+                d.min_sites,
+                data.drift.drifting.len()
+            ),
+            _ => String::new(),
+        };
         let msg = format!(
-            "{new} new shard(s) after watermark {}; trigger needs {}{}",
+            "{new} new shard(s) after watermark {}; trigger needs {}{}{drift}",
             st.data_watermark.map_or("none".into(), |w| w.to_string()),
             trigger.min_new_shards,
             trigger
@@ -609,9 +651,55 @@ impl Firing<'_> {
         plan.events.push(PlannedEvent::normal(why, note));
     }
 
+    /// The record of why this run exists.
+    fn run_trigger(&self, kind: TriggerKind, window: &Window, drift: &DriftSnapshot) -> RunTrigger {
+        let t = &self.ct.spec.trigger;
+        let new = window.new.len();
+        let (summary, evidence) = match kind {
+            TriggerKind::NewData => (
+                format!(
+                    "{new} new shard(s), at least trigger.minNewShards {}",
+                    t.min_new_shards
+                ),
+                Vec::new(),
+            ),
+            TriggerKind::MaxInterval => (
+                format!(
+                    "{new} new shard(s) and trigger.maxInterval {} passed since the last successful run",
+                    t.max_interval.as_deref().unwrap_or("?")
+                ),
+                Vec::new(),
+            ),
+            TriggerKind::Drift => {
+                let sites: Vec<String> = drift
+                    .drifting
+                    .iter()
+                    .map(|d| format!("{} ({})", d.site, d.evidence.join(", ")))
+                    .collect();
+                let version = drift
+                    .drifting
+                    .first()
+                    .map_or(String::new(), |d| format!(" of {} v{}", d.model, d.version));
+                (
+                    format!(
+                        "{new} new shard(s) and drift{version} at {}",
+                        sites.join("; ")
+                    ),
+                    drift.drifting.clone(),
+                )
+            }
+        };
+        RunTrigger {
+            kind,
+            summary,
+            drift: evidence,
+        }
+    }
+
     fn start_run(
         &self,
         window: &Window,
+        trigger: &RunTrigger,
         replace: Vec<String>,
         base: Option<&BaseModel>,
         active: &mut Vec<String>,
@@ -624,8 +712,8 @@ impl Firing<'_> {
         }
         active.retain(|a| !replace.contains(a));
         plan.replace = replace;
-        let summary = summary(window, base);
-        let job = run_job(self.ct, self.scheduled, window, base);
+        let summary = format!("{}; {}", summary(window, base), trigger.summary);
+        let job = run_job(self.ct, self.scheduled, window, base, trigger);
         let run = job.name_any();
         // A run created by an earlier pass (an operator restarted at the firing instant) keeps
         // its deterministic name: it is not created twice.
@@ -659,8 +747,15 @@ fn concurrency(policy: ConcurrencyPolicy) -> Concurrency {
 }
 
 fn summary(window: &Window, base: Option<&BaseModel>) -> String {
+    let returned = match window.returned.len() {
+        0 => String::new(),
+        n => format!(
+            " ({n} returned by rejected candidates: {})",
+            radfm_api::trainingjob::format_shards(&window.returned)
+        ),
+    };
     format!(
-        "{} new shard(s) {}, {} replayed, from {}",
+        "{} new shard(s) {}{returned}, {} replayed, from {}",
         window.new.len(),
         radfm_api::trainingjob::format_shards(&window.new),
         window.replay.len(),
@@ -678,6 +773,7 @@ pub fn run_job(
     scheduled: Timestamp,
     window: &Window,
     base: Option<&BaseModel>,
+    trigger: &RunTrigger,
 ) -> TrainingJob {
     let spec = &ct.spec;
     let name = schedule::run_name(&ct.name_any(), scheduled);
@@ -685,6 +781,7 @@ pub fn run_job(
     selected.sort_unstable();
     let record = RunWindow {
         new: window.new.clone(),
+        returned: window.returned.clone(),
         replay: window.replay.clone(),
         next_watermark: window.next_watermark,
     };
@@ -693,6 +790,10 @@ pub fn run_job(
         (
             ANNOTATION_WINDOW.to_string(),
             serde_json::to_string(&record).unwrap_or_default(),
+        ),
+        (
+            ANNOTATION_TRIGGER.to_string(),
+            serde_json::to_string(trigger).unwrap_or_default(),
         ),
     ]);
     if let Some(b) = base {
@@ -840,6 +941,8 @@ spec:
         Some(Ok(DataSnapshot {
             shards: shards.to_vec(),
             base: Ok(None),
+            drift: DriftSnapshot::default(),
+            returned: Vec::new(),
         }))
     }
 
@@ -1067,6 +1170,76 @@ spec:
     }
 
     #[test]
+    fn drift_at_trusted_sites_runs_on_fewer_new_shards_and_the_run_records_the_evidence() {
+        let mut c = ct("");
+        c.spec.trigger.drift = Some(
+            serde_yaml_ng::from_str(&format!(
+                "{{trustedSites: [{{site: north, publicKey: '{}'}}]}}",
+                "ab".repeat(32)
+            ))
+            .unwrap(),
+        );
+        let north = SiteDrift {
+            site: "north".into(),
+            model: "cxr".into(),
+            version: 3,
+            report: "file:///registry/models/cxr/monitoring/v000003/north.json".into(),
+            created: "1970-01-01T00:50:00Z".into(),
+            evidence: vec!["embeddings (statistic 0.1000, adjusted p = 0.0020)".into()],
+        };
+        let with_drift = |shards: &[u64], drifting: Vec<SiteDrift>| {
+            let mut d = data(shards);
+            if let Some(Ok(snapshot)) = d.as_mut() {
+                snapshot.drift = DriftSnapshot {
+                    drifting,
+                    refused: vec![
+                        "east.json: site east is not in trigger.drift.trustedSites".into(),
+                    ],
+                };
+            }
+            d
+        };
+        // One new shard, below minNewShards, and no drift: no run, and the status says why.
+        let quiet = plan_of(&c, &observe(vec![], with_drift(&[1], vec![]), HOUR + 5));
+        assert!(quiet.create.is_none());
+        let dr = conditions::get(&quiet.status.conditions, Cond::DataReady).unwrap();
+        assert!(
+            dr.message.contains("with drift at 1 site(s); 0 drifting"),
+            "{}",
+            dr.message
+        );
+        // North drifts: a run on the one new shard, carrying the evidence.
+        let p = plan_of(
+            &c,
+            &observe(vec![], with_drift(&[1], vec![north.clone()]), HOUR + 5),
+        );
+        assert_eq!(
+            reasons(&p),
+            [
+                continual_reason::MONITOR_REPORT_REFUSED,
+                continual_reason::RUN_CREATED
+            ]
+        );
+        let job = p.create.unwrap();
+        let t: RunTrigger = serde_json::from_str(&job.annotations()[ANNOTATION_TRIGGER]).unwrap();
+        assert_eq!((t.kind, t.drift), (TriggerKind::Drift, vec![north.clone()]));
+        assert!(
+            t.summary
+                .contains("1 new shard(s) and drift of cxr v3 at north (embeddings"),
+            "{}",
+            t.summary
+        );
+        // Enough new data: new data is the reason, whatever the sites say.
+        let p = plan_of(
+            &c,
+            &observe(vec![], with_drift(&[1, 2], vec![north]), HOUR + 5),
+        );
+        let job = p.create.unwrap();
+        let t: RunTrigger = serde_json::from_str(&job.annotations()[ANNOTATION_TRIGGER]).unwrap();
+        assert_eq!((t.kind, t.drift.len()), (TriggerKind::NewData, 0));
+    }
+
+    #[test]
     fn a_run_that_already_exists_is_not_created_twice() {
         let c = ct("  concurrencyPolicy: Allow\n");
         let name = schedule::run_name("nightly", at(HOUR));
@@ -1089,6 +1262,8 @@ spec:
             base: Err(DataError::BaseMissing(
                 "spec.baseModel: no alias production".into(),
             )),
+            drift: DriftSnapshot::default(),
+            returned: Vec::new(),
         }));
         let store = Some(Err(DataError::Store("dataset index: timeout".into())));
         for (data, why) in [

@@ -12,6 +12,8 @@ use std::str::FromStr;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
+use radfm_api::continual::TriggerKind;
+
 use crate::{Error, Result};
 
 /// A parsed cron schedule in a time zone.
@@ -124,25 +126,43 @@ pub fn due(
     }
 }
 
-/// Whether new data justifies a run: at least `min_new_shards` new shards, or at least one new
-/// shard once `max_interval_seconds` have passed since the last successful run.
-pub fn trigger_holds(
+/// Drift reported by sites, as the drift trigger counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriftCount {
+    /// Trusted sites whose latest report of the monitored version drifted since the last
+    /// successful run.
+    pub drifting: u64,
+    /// trigger.drift.minSites.
+    pub needed: u64,
+}
+
+/// Which rule justifies a run, if any: at least `min_new_shards` new shards; or at least one
+/// new shard once `max_interval_seconds` have passed since the last successful run; or at least
+/// one new shard with drift at enough sites. Without new data nothing runs.
+pub fn trigger(
     new_shards: u64,
     min_new_shards: u64,
     since_last_success_secs: Option<i64>,
     max_interval_seconds: Option<i64>,
-) -> bool {
+    drift: Option<DriftCount>,
+) -> Option<TriggerKind> {
     if new_shards == 0 {
-        return false;
+        return None;
     }
     if new_shards >= min_new_shards.max(1) {
-        return true;
+        return Some(TriggerKind::NewData);
     }
-    match (since_last_success_secs, max_interval_seconds) {
+    let interval = match (since_last_success_secs, max_interval_seconds) {
         (Some(since), Some(max)) => since >= max,
         (None, Some(_)) => true,
         _ => false,
+    };
+    if interval {
+        return Some(TriggerKind::MaxInterval);
     }
+    drift
+        .filter(|d| d.drifting >= d.needed.max(1))
+        .map(|_| TriggerKind::Drift)
 }
 
 /// CronJob's concurrency policies.
@@ -200,26 +220,39 @@ pub fn prune(finished: &[Finished], keep_ok: usize, keep_failed: usize) -> Vec<S
     out
 }
 
-/// The shards a run trains on: every shard after the watermark, plus a deterministic sample of
-/// `replay` × (new shards) earlier shards against forgetting (at least one when `replay` > 0
-/// and earlier shards exist).
+/// The shards a run trains on: every shard after the watermark and every shard returned by a
+/// rejected candidate, plus a deterministic sample of `replay` × (new shards) earlier shards
+/// against forgetting (at least one when `replay` > 0 and earlier shards exist).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
-    /// Shard sequence numbers after the watermark.
+    /// Shard sequence numbers after the watermark, and the returned ones.
     pub new: Vec<u64>,
+    /// Of `new`, the shards at or before the watermark that only rejected candidates trained
+    /// on: eligible again.
+    pub returned: Vec<u64>,
     /// Earlier shards replayed.
     pub replay: Vec<u64>,
     /// The watermark after the run succeeds (the last new shard).
     pub next_watermark: Option<u64>,
 }
 
-/// The data window for a run from the index's shard sequence numbers (sorted) and the current
-/// watermark (the last shard already trained on; None: nothing yet). `seed` makes the replay
-/// sample reproducible (the scheduled time, in practice).
-pub fn window(shards: &[u64], watermark: Option<u64>, replay: f64, seed: u64) -> Window {
+/// The data window for a run from the index's shard sequence numbers (sorted), the current
+/// watermark (the last shard already trained on; None: nothing yet) and the shards returned by
+/// rejected candidates. `seed` makes the replay sample reproducible (the scheduled time, in
+/// practice).
+pub fn window(
+    shards: &[u64],
+    watermark: Option<u64>,
+    returned: &[u64],
+    replay: f64,
+    seed: u64,
+) -> Window {
+    let before = |s: u64| watermark.is_some_and(|w| s <= w);
     let (old, new): (Vec<u64>, Vec<u64>) = shards
         .iter()
-        .partition(|&&s| watermark.is_some_and(|w| s <= w));
+        .partition(|&&s| before(s) && !returned.contains(&s));
+    let after: Option<u64> = new.iter().copied().filter(|s| !before(*s)).max();
+    let returned: Vec<u64> = new.iter().copied().filter(|s| before(*s)).collect();
     let want = if replay > 0.0 && !old.is_empty() && !new.is_empty() {
         ((new.len() as f64 * replay).ceil() as usize).clamp(1, old.len())
     } else {
@@ -242,8 +275,9 @@ pub fn window(shards: &[u64], watermark: Option<u64>, replay: f64, seed: u64) ->
     let mut replayed: Vec<u64> = pool.into_iter().take(want).collect();
     replayed.sort_unstable();
     Window {
-        next_watermark: new.last().copied().or(watermark),
+        next_watermark: after.or(watermark),
         new,
+        returned,
         replay: replayed,
     }
 }
@@ -304,6 +338,8 @@ pub struct Inputs<'a> {
     pub shards: &'a [u64],
     /// Last shard already trained on by a registered run.
     pub watermark: Option<u64>,
+    /// Shards at or before the watermark that only rejected candidates trained on.
+    pub returned: &'a [u64],
     /// Replay fraction.
     pub replay: f64,
     /// trigger.minNewShards.
@@ -312,6 +348,8 @@ pub struct Inputs<'a> {
     pub since_last_success_secs: Option<i64>,
     /// trigger.maxInterval in seconds.
     pub max_interval_secs: Option<i64>,
+    /// Drift at sites, where trigger.drift is set.
+    pub drift: Option<DriftCount>,
     /// concurrencyPolicy.
     pub policy: Concurrency,
     /// Runs in progress.
@@ -330,6 +368,8 @@ pub enum Decision {
     SkipActive,
     /// Create a run on this window, after deleting `replace`.
     Run {
+        /// The rule that held.
+        trigger: TriggerKind,
         /// The data window.
         window: Window,
         /// Active runs to delete first (Replace).
@@ -342,24 +382,31 @@ pub fn decide(i: &Inputs) -> Decision {
     let w = window(
         i.shards,
         i.watermark,
+        i.returned,
         i.replay,
         i.scheduled.as_second() as u64,
     );
-    if !trigger_holds(
+    let Some(trigger) = trigger(
         w.new.len() as u64,
         i.min_new_shards,
         i.since_last_success_secs,
         i.max_interval_secs,
-    ) {
+        i.drift,
+    ) else {
         return Decision::NoNewData { new: w.new.len() };
-    }
+    };
     match admit(i.policy, i.active) {
         Admission::Skip => Decision::SkipActive,
         Admission::Start => Decision::Run {
+            trigger,
             window: w,
             replace: Vec::new(),
         },
-        Admission::ReplaceThenStart(replace) => Decision::Run { window: w, replace },
+        Admission::ReplaceThenStart(replace) => Decision::Run {
+            trigger,
+            window: w,
+            replace,
+        },
     }
 }
 
@@ -388,22 +435,34 @@ mod tests {
         }
     }
 
-    #[test]
-    fn due_evaluations_check_data_then_concurrency_then_build_the_window() {
-        let shards: Vec<u64> = (0..6).collect();
-        let active = vec!["ct-1".to_string()];
-        let base = Inputs {
+    /// A due evaluation two shards past the watermark, needing two, with no run active.
+    fn inputs(shards: &[u64]) -> Inputs<'_> {
+        Inputs {
             scheduled: ts("2026-01-01T03:00:00Z"),
-            shards: &shards,
+            shards,
             watermark: Some(3),
+            returned: &[],
             replay: 0.5,
             min_new_shards: 2,
             since_last_success_secs: Some(600),
             max_interval_secs: None,
+            drift: None,
             policy: Concurrency::Forbid,
             active: &[],
-        };
-        let Decision::Run { window, replace } = decide(&base) else {
+        }
+    }
+
+    #[test]
+    fn due_evaluations_check_data_then_concurrency_then_build_the_window() {
+        let shards: Vec<u64> = (0..6).collect();
+        let active = vec!["ct-1".to_string()];
+        let base = inputs(&shards);
+        let Decision::Run {
+            trigger,
+            window,
+            replace,
+        } = decide(&base)
+        else {
             panic!("two new shards must run")
         };
         assert_eq!(
@@ -411,6 +470,7 @@ mod tests {
             (&[4, 5][..], 1)
         );
         assert!(replace.is_empty());
+        assert_eq!(trigger, TriggerKind::NewData);
         let cases: Vec<(Inputs, Decision)> = vec![
             (
                 Inputs {
@@ -461,8 +521,38 @@ mod tests {
                 max_interval_secs: Some(600),
                 ..base.clone()
             }),
-            Decision::Run { .. }
+            Decision::Run {
+                trigger: TriggerKind::MaxInterval,
+                ..
+            }
         ));
+    }
+
+    #[test]
+    fn drift_at_enough_sites_runs_on_fewer_new_shards_than_the_minimum() {
+        let shards: Vec<u64> = (0..6).collect();
+        let base = Inputs {
+            watermark: Some(4),
+            ..inputs(&shards)
+        };
+        let drift = |drifting| {
+            decide(&Inputs {
+                watermark: Some(4),
+                drift: Some(DriftCount {
+                    drifting,
+                    needed: 2,
+                }),
+                ..base.clone()
+            })
+        };
+        assert!(matches!(
+            drift(2),
+            Decision::Run {
+                trigger: TriggerKind::Drift,
+                ..
+            }
+        ));
+        assert_eq!(drift(1), Decision::NoNewData { new: 1 });
     }
 
     fn ts(s: &str) -> Timestamp {
@@ -539,16 +629,33 @@ mod tests {
     }
 
     #[test]
-    fn no_new_data_never_triggers_and_max_interval_relaxes_the_minimum() {
-        assert!(!trigger_holds(0, 1, None, Some(60)));
-        assert!(trigger_holds(5, 5, Some(10), None));
-        assert!(!trigger_holds(2, 5, Some(10), Some(3600)));
-        assert!(trigger_holds(2, 5, Some(3600), Some(3600)));
-        assert!(
-            trigger_holds(1, 5, None, Some(3600)),
-            "never succeeded: any new data"
-        );
-        assert!(trigger_holds(1, 0, Some(1), None));
+    fn no_new_data_never_triggers_and_max_interval_or_drift_relax_the_minimum() {
+        use TriggerKind::*;
+        let drift = |drifting| {
+            Some(DriftCount {
+                drifting,
+                needed: 1,
+            })
+        };
+        let cases = [
+            ((0, 1, None, Some(60), drift(3)), None),
+            ((5, 5, Some(10), None, None), Some(NewData)),
+            ((2, 5, Some(10), Some(3600), None), None),
+            ((2, 5, Some(3600), Some(3600), None), Some(MaxInterval)),
+            // Never succeeded: any new data.
+            ((1, 5, None, Some(3600), None), Some(MaxInterval)),
+            ((1, 0, Some(1), None, None), Some(NewData)),
+            ((1, 5, Some(10), None, drift(1)), Some(Drift)),
+            ((1, 5, Some(10), None, drift(0)), None),
+            ((5, 5, Some(10), None, drift(1)), Some(NewData)),
+        ];
+        for ((new, min, since, max, drift), want) in cases {
+            assert_eq!(
+                trigger(new, min, since, max, drift),
+                want,
+                "{new} new, min {min}, since {since:?}, max {max:?}, {drift:?}"
+            );
+        }
     }
 
     #[test]
@@ -585,21 +692,41 @@ mod tests {
     #[test]
     fn windows_take_new_shards_and_a_reproducible_replay_sample() {
         let shards: Vec<u64> = (0..10).collect();
-        let w = window(&shards, Some(6), 0.5, 42);
+        let w = window(&shards, Some(6), &[], 0.5, 42);
         assert_eq!(w.new, [7, 8, 9]);
         assert_eq!(w.replay.len(), 2);
         assert!(w.replay.iter().all(|s| *s <= 6));
         assert_eq!(w.next_watermark, Some(9));
         assert_eq!(
-            window(&shards, Some(6), 0.5, 42),
+            window(&shards, Some(6), &[], 0.5, 42),
             w,
             "same seed, same sample"
         );
-        let first = window(&shards, None, 0.5, 1);
+        let first = window(&shards, None, &[], 0.5, 1);
         assert_eq!((first.new.len(), first.replay.len()), (10, 0));
-        let none = window(&shards, Some(9), 0.5, 1);
+        let none = window(&shards, Some(9), &[], 0.5, 1);
         assert!(none.new.is_empty() && none.replay.is_empty());
         assert_eq!(none.next_watermark, Some(9));
+    }
+
+    #[test]
+    fn shards_only_a_rejected_candidate_trained_on_are_new_again_and_never_replayed() {
+        let shards: Vec<u64> = (0..10).collect();
+        // v2 (rejected) trained on 5 and 6; the watermark went to 6 when it registered.
+        let w = window(&shards, Some(6), &[5, 6], 1.0, 7);
+        assert_eq!(w.new, [5, 6, 7, 8, 9]);
+        assert_eq!(w.returned, [5, 6]);
+        assert!(w.replay.iter().all(|s| *s <= 4), "{w:?}");
+        assert_eq!(w.next_watermark, Some(9));
+        // Nothing after the watermark: the returned shards alone, the watermark unmoved.
+        let only = window(&shards, Some(9), &[5, 6], 0.0, 7);
+        assert_eq!(
+            (only.new.clone(), only.next_watermark),
+            (vec![5, 6], Some(9))
+        );
+        // A returned shard no longer in the index is not trained on.
+        let gone = window(&[0, 1, 2], Some(2), &[5], 0.0, 7);
+        assert!(gone.new.is_empty());
     }
 
     #[test]
