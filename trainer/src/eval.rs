@@ -66,33 +66,13 @@ pub async fn embed(
     mean: f64,
     std: f64,
 ) -> Result<Embedded> {
-    embed_rows(encoder, dataset_uri, None, Some(label), mean, std).await
+    embed_shards(encoder, dataset_uri, None, Some(label), mean, std).await
 }
 
-/// [`embed`] without labels (`labels` is empty): for data whose labels have not arrived.
-pub async fn embed_unlabelled(
-    encoder: &Encoder,
-    dataset_uri: &str,
-    mean: f64,
-    std: f64,
-) -> Result<Embedded> {
-    embed_rows(encoder, dataset_uri, None, None, mean, std).await
-}
-
-/// [`embed`] (with a `label`) or [`embed_unlabelled`] of the `shards` of a dataset (None: every
-/// shard of its index).
+/// The `shards` of a dataset (None: every shard of its index) embedded as [`embed`] does, with
+/// their 0/1 `label`, or without labels (`labels` is empty) for data whose labels have not
+/// arrived.
 pub(crate) async fn embed_shards(
-    encoder: &Encoder,
-    dataset_uri: &str,
-    shards: Option<&[u64]>,
-    label: Option<&str>,
-    mean: f64,
-    std: f64,
-) -> Result<Embedded> {
-    embed_rows(encoder, dataset_uri, shards, label, mean, std).await
-}
-
-async fn embed_rows(
     encoder: &Encoder,
     dataset_uri: &str,
     shards: Option<&[u64]>,

@@ -123,6 +123,27 @@ pub fn verify(signed: &Signed) -> Result<MonitorReport> {
     signed.open(|r: &MonitorReport| &r.format, FORMAT)
 }
 
+/// A report as stored for `site`'s look at `model` `version`: parsed, verified, and refused
+/// unless it speaks of exactly that site, model and version (a report copied to another site's
+/// or version's place). Returns the signed envelope too, for the caller's check of the key.
+pub fn open_stored(
+    bytes: &[u8],
+    site: &str,
+    model: &str,
+    version: u64,
+) -> Result<(Signed, MonitorReport)> {
+    let signed: Signed = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Data(format!("not a signed report: {e}")))?;
+    let r = verify(&signed)?;
+    if (r.site.as_str(), r.model.as_str(), r.version) != (site, model, version) {
+        return Err(Error::Data(format!(
+            "it speaks of {} v{} at {}, not {model} v{version} at {site}",
+            r.model, r.version, r.site
+        )));
+    }
+    Ok((signed, r))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

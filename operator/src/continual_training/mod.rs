@@ -30,7 +30,6 @@ use radfm_api::{ContinualTraining, TrainingJob};
 use radfm_registry::EventKind;
 use radfm_validation::gate::{Decision, Outcome};
 use radfm_validation::monitor::MonitorReport;
-use radfm_validation::report::Signed;
 use tracing::{info, instrument, warn};
 
 use crate::context::{Context, drive};
@@ -106,10 +105,10 @@ async fn observe(
             info!(%scheduled, missed, "missed scheduled times skipped (no catch-up)");
         }
         data = Some(match trained_in_registry(ct, access).await {
-            Ok(found) => {
+            Ok((found, returned)) => {
                 trained = found;
                 let base = plan::base_ref(ct, &registrations, trained.as_ref());
-                read_data(ct, base, access).await
+                read_data(ct, base, returned, access).await
             }
             Err(e) => Err(e),
         });
@@ -146,6 +145,7 @@ async fn apply(ct: &ContinualTraining, jobs: &Api<TrainingJob>, plan: &Plan) -> 
 async fn read_data(
     ct: &ContinualTraining,
     base: Option<BaseRef>,
+    returned: Vec<u64>,
     access: &RegistryAccess,
 ) -> std::result::Result<DataSnapshot, DataError> {
     let loc = radfm_data::store::Location::open(&ct.spec.dataset.uri)
@@ -161,7 +161,7 @@ async fn read_data(
         shards: index.shards.iter().map(|s| s.seq).collect(),
         base: base_model(ct, base, access).await,
         drift,
-        returned: returned_shards(ct, access).await?,
+        returned,
     })
 }
 
@@ -192,40 +192,6 @@ async fn rejected_versions(
         .into_iter()
         .filter_map(|(v, r)| r.then_some(v))
         .collect())
-}
-
-/// Shards of spec.dataset that only rejected versions of spec.register.model trained on as new
-/// data: a candidate the gate refused does not consume its data.
-async fn returned_shards(
-    ct: &ContinualTraining,
-    access: &RegistryAccess,
-) -> std::result::Result<Vec<u64>, DataError> {
-    let store = |e: radfm_registry::Error| DataError::Store(format!("registry: {e}"));
-    let ns = ct.namespace().unwrap_or_default();
-    let reg = access
-        .open(&ns, &ct.spec.registry)
-        .map_err(DataError::Store)?;
-    let model = &ct.spec.register.model;
-    if !reg.exists(model).await.map_err(store)? {
-        return Ok(Vec::new());
-    }
-    let rejected = rejected_versions(&reg, model).await.map_err(store)?;
-    if rejected.is_empty() {
-        return Ok(Vec::new());
-    }
-    let (mut kept, mut back) = (BTreeSet::new(), BTreeSet::new());
-    for v in reg.versions(model).await.map_err(store)? {
-        if v.spec.data.index_uri != ct.spec.dataset.uri {
-            continue;
-        }
-        let trained = v.spec.data.shards.iter().map(|s| s.seq);
-        if rejected.contains(&v.version) {
-            back.extend(trained.filter(|s| !v.spec.data.replayed.contains(s)));
-        } else {
-            kept.extend(trained);
-        }
-    }
-    Ok(back.difference(&kept).copied().collect())
 }
 
 /// The trusted sites' monitor reports of the monitored version that drifted since the last
@@ -295,27 +261,22 @@ pub fn admit_drift(
         .iter()
         .find(|t| t.site == site)
         .ok_or_else(|| format!("site {site} is not in trigger.drift.trustedSites"))?;
-    let signed: Signed =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a signed report: {e}"))?;
+    let (signed, r) = radfm_validation::monitor::open_stored(bytes, site, model, version)
+        .map_err(|e| e.to_string())?;
     if !signed.public_key.eq_ignore_ascii_case(&trusted.public_key) {
         return Err(format!("not signed with {site}'s trusted key"));
-    }
-    let r = radfm_validation::monitor::verify(&signed).map_err(|e| e.to_string())?;
-    if (r.site.as_str(), r.model.as_str(), r.version) != (site, model, version) {
-        return Err(format!(
-            "it speaks of {} v{} at {}, not {model} v{version} at {site}",
-            r.model, r.version, r.site
-        ));
     }
     Ok(r.drifting.then_some(r))
 }
 
 /// The registry's record of what `spec.register.model` was trained on from `spec.dataset.uri`
-/// (None: no such version yet).
+/// (None: no such version yet), and the shards of that dataset which only rejected versions
+/// trained on as new data: a candidate the gate refused does not consume its data. One listing
+/// of the versions serves both.
 async fn trained_in_registry(
     ct: &ContinualTraining,
     access: &RegistryAccess,
-) -> std::result::Result<Option<plan::Trained>, DataError> {
+) -> std::result::Result<(Option<plan::Trained>, Vec<u64>), DataError> {
     let store = |e: radfm_registry::Error| DataError::Store(format!("registry: {e}"));
     let ns = ct.namespace().unwrap_or_default();
     let reg = access
@@ -323,21 +284,22 @@ async fn trained_in_registry(
         .map_err(DataError::Store)?;
     let model = &ct.spec.register.model;
     if !reg.exists(model).await.map_err(store)? {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     }
+    let rejected = rejected_versions(&reg, model).await.map_err(store)?;
+    let (mut kept, mut back) = (BTreeSet::new(), BTreeSet::new());
     let mut trained: Option<plan::Trained> = None;
     for v in reg.versions(model).await.map_err(store)? {
         if v.spec.data.index_uri != ct.spec.dataset.uri {
             continue;
         }
-        let last_seq = v
-            .spec
-            .data
-            .shards
-            .iter()
-            .map(|s| s.seq)
-            .max()
-            .unwrap_or(v.spec.data.last_seq);
+        let seqs = v.spec.data.shards.iter().map(|s| s.seq);
+        if rejected.contains(&v.version) {
+            back.extend(seqs.clone().filter(|s| !v.spec.data.replayed.contains(s)));
+        } else {
+            kept.extend(seqs.clone());
+        }
+        let last_seq = seqs.max().unwrap_or(v.spec.data.last_seq);
         let created = v.created.parse().map_err(|e| {
             DataError::Store(format!(
                 "registry: {model} v{} created {:?}: {e}",
@@ -354,7 +316,7 @@ async fn trained_in_registry(
             (t.version, t.created) = (v.version, created);
         }
     }
-    Ok(trained)
+    Ok((trained, back.difference(&kept).copied().collect()))
 }
 
 /// The exported folder and version `base` names (None: random initialisation, also where

@@ -21,7 +21,6 @@ use kube::runtime::watcher;
 use radfm_api::conditions::monitor_reason;
 use radfm_api::monitoring::ModelMonitor;
 use radfm_validation::monitor::MonitorReport;
-use radfm_validation::report::Signed;
 
 use crate::context::{Context, drive};
 use crate::continual_training::schedule::Schedule;
@@ -40,19 +39,10 @@ pub fn admit_report(
     version: u64,
     bytes: &[u8],
 ) -> std::result::Result<MonitorReport, String> {
-    let signed: Signed =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a signed report: {e}"))?;
-    let r = radfm_validation::monitor::verify(&signed).map_err(|e| e.to_string())?;
     let s = &mm.spec;
-    if (r.site.as_str(), r.model.as_str(), r.version)
-        != (s.site_id.as_str(), s.model.as_str(), version)
-    {
-        return Err(format!(
-            "it speaks of {} v{} at {}, not {} v{version} at {}",
-            r.model, r.version, r.site, s.model, s.site_id
-        ));
-    }
-    Ok(r)
+    radfm_validation::monitor::open_stored(bytes, &s.site_id, &s.model, version)
+        .map(|(_, r)| r)
+        .map_err(|e| e.to_string())
 }
 
 /// The version the deployed alias points to and this site's report of it.

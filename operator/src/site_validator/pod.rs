@@ -9,7 +9,10 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
-use radfm_api::site_validation::{DATA_MOUNT_PATH, REGISTRY_ENV_PREFIX, SiteValidator};
+use radfm_api::site_validation::{
+    DATA_MOUNT_PATH, KeySecretRef, REGISTRY_ENV_PREFIX, RegistryStore, SiteValidator,
+};
+use radfm_api::trainingjob::SecretRef;
 
 /// Label on validation pods: the SiteValidator's name.
 pub const LABEL_VALIDATOR: &str = "radfm.io/site-validator";
@@ -18,14 +21,28 @@ pub const LABEL_VERSION: &str = "radfm.io/model-version";
 /// Where the signing key is mounted in validation pods.
 pub const KEY_DIR: &str = "/var/run/radfm/signing-key";
 
-/// The validation pod's volumes and mounts: the signing key (mode 0400, readable through the
-/// pod's fsGroup) and, where the site keeps its data on a volume, that volume read-only at
-/// [`DATA_MOUNT_PATH`].
-fn validation_volumes(sv: &SiteValidator) -> (Vec<Volume>, Vec<VolumeMount>) {
+/// What a pod at a site reads besides its command: the site's signing key, its data volume,
+/// its Secrets and the hub's store. SiteValidators and ModelMonitors build their pods from it.
+pub(crate) struct SiteAccess<'a> {
+    /// The site's signing key.
+    pub key: &'a KeySecretRef,
+    /// The site's data volume, mounted read-only at [`DATA_MOUNT_PATH`].
+    pub data_volume: Option<&'a Volume>,
+    /// Secrets whose keys become environment variables as they are (each once).
+    pub secrets: Vec<&'a SecretRef>,
+    /// The registry URI (what the hub's store covers by default).
+    pub registry: &'a str,
+    /// The hub's store, when it is not the site's.
+    pub registry_store: Option<&'a RegistryStore>,
+}
+
+/// The volumes and mounts: the signing key (mode 0400, readable through the pod's fsGroup) and,
+/// where the site keeps its data on a volume, that volume read-only at [`DATA_MOUNT_PATH`].
+fn site_volumes(a: &SiteAccess) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes = vec![Volume {
         name: "signing-key".into(),
         secret: Some(SecretVolumeSource {
-            secret_name: Some(sv.spec.signing_key_secret_ref.name.clone()),
+            secret_name: Some(a.key.name.clone()),
             default_mode: Some(0o400),
             ..Default::default()
         }),
@@ -37,7 +54,7 @@ fn validation_volumes(sv: &SiteValidator) -> (Vec<Volume>, Vec<VolumeMount>) {
         read_only: Some(true),
         ..Default::default()
     }];
-    if let Some(data) = &sv.spec.data_volume {
+    if let Some(data) = a.data_volume {
         volumes.push(Volume {
             name: "site-data".into(),
             ..data.clone()
@@ -50,6 +67,150 @@ fn validation_volumes(sv: &SiteValidator) -> (Vec<Volume>, Vec<VolumeMount>) {
         });
     }
     (volumes, mounts)
+}
+
+/// The environment: the site's Secrets as they are, the hub's store (if it is another) under
+/// [`REGISTRY_ENV_PREFIX`] for the URIs it covers, and the signing key's path.
+fn site_env(a: &SiteAccess) -> (Vec<EnvFromSource>, Vec<EnvVar>) {
+    let mut names: Vec<&str> = Vec::new();
+    for r in &a.secrets {
+        if !names.contains(&r.name.as_str()) {
+            names.push(&r.name);
+        }
+    }
+    let env_from: Vec<EnvFromSource> = names
+        .into_iter()
+        .map(|name| EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: name.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        })
+        .chain(a.registry_store.map(|r| EnvFromSource {
+            prefix: Some(REGISTRY_ENV_PREFIX.into()),
+            secret_ref: Some(SecretEnvSource {
+                name: r.credentials_secret_ref.name.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }))
+        .collect();
+    let mut env = vec![EnvVar {
+        name: "RADFM_SIGNING_KEY_FILE".into(),
+        value: Some(format!("{KEY_DIR}/{}", a.key.key)),
+        ..Default::default()
+    }];
+    if let Some(r) = a.registry_store {
+        let prefixes: Vec<&str> = if r.uri_prefixes.is_empty() {
+            vec![a.registry]
+        } else {
+            r.uri_prefixes.iter().map(String::as_str).collect()
+        };
+        env.push(EnvVar {
+            name: radfm_data::store::STORE_SETTINGS.into(),
+            value: Some(radfm_data::store::settings_entry(
+                &prefixes,
+                REGISTRY_ENV_PREFIX,
+            )),
+            ..Default::default()
+        });
+    }
+    (env_from, env)
+}
+
+/// A site pod's labels: its owner (under `owner_label`) and version, and the owner's Kueue
+/// queue and priority class, so a site that queues its GPUs with Kueue's pod integration queues
+/// these pods too.
+fn site_labels<K: Resource>(
+    owner_label: &str,
+    owner: &K,
+    version: u64,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (owner_label.to_string(), owner.name_any()),
+        (LABEL_VERSION.to_string(), version.to_string()),
+        (
+            crate::training_job::children::LABEL_MANAGED_BY.to_string(),
+            crate::training_job::children::MANAGER.to_string(),
+        ),
+    ]);
+    for key in [
+        crate::kueue::QUEUE_LABEL,
+        crate::kueue::PRIORITY_CLASS_LABEL,
+    ] {
+        if let Some(v) = owner.labels().get(key) {
+            labels.insert(key.to_string(), v.clone());
+        }
+    }
+    labels
+}
+
+/// What distinguishes one site pod from another.
+pub(crate) struct SitePod<'a, K> {
+    /// The owning resource.
+    pub owner: &'a K,
+    /// The label naming the owner on its pods.
+    pub owner_label: &'a str,
+    /// The pod's name.
+    pub name: String,
+    /// The model version the pod works on.
+    pub version: u64,
+    /// Extra annotations.
+    pub annotations: Option<BTreeMap<String, String>>,
+    /// The container's name.
+    pub container: &'a str,
+    /// The container image.
+    pub image: &'a str,
+    /// `radfm` arguments.
+    pub args: Vec<String>,
+    /// Key, data and stores.
+    pub access: SiteAccess<'a>,
+}
+
+/// A pod at a site: `radfm` with `args`, owned by its resource, under the restricted Pod Security
+/// Standard, with no API token (it reads files and object storage only).
+pub(crate) fn site_pod<K: Resource<DynamicType = ()>>(p: SitePod<'_, K>) -> Pod {
+    let (env_from, env) = site_env(&p.access);
+    let (volumes, mounts) = site_volumes(&p.access);
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(p.name),
+            namespace: p.owner.namespace(),
+            labels: Some(site_labels(p.owner_label, p.owner, p.version)),
+            annotations: p.annotations,
+            owner_references: Some(vec![OwnerReference {
+                api_version: K::api_version(&()).to_string(),
+                kind: K::kind(&()).to_string(),
+                name: p.owner.name_any(),
+                uid: p.owner.uid().unwrap_or_default(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            containers: vec![Container {
+                name: p.container.into(),
+                image: Some(p.image.into()),
+                command: Some(vec!["/usr/local/bin/radfm".into()]),
+                args: Some(p.args),
+                env: Some(env),
+                env_from: (!env_from.is_empty()).then_some(env_from),
+                volume_mounts: Some(mounts),
+                security_context: Some(
+                    crate::training_job::children::restricted_container_security(),
+                ),
+                ..Default::default()
+            }],
+            volumes: Some(volumes),
+            security_context: Some(crate::training_job::children::restricted_pod_security()),
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        }),
+        status: None,
+    }
 }
 
 /// `radfm validate` with the site's settings, for `version`.
@@ -81,124 +242,32 @@ fn validate_args(sv: &SiteValidator, version: u64) -> Vec<String> {
     args
 }
 
-/// The validation pod's labels: which validator and version, and the Kueue queue and priority
-/// class of the SiteValidator, so a site that queues its GPUs with Kueue's pod integration
-/// queues validation too.
-fn labels(sv: &SiteValidator, version: u64) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([
-        (LABEL_VALIDATOR.to_string(), sv.name_any()),
-        (LABEL_VERSION.to_string(), version.to_string()),
-        (
-            crate::training_job::children::LABEL_MANAGED_BY.to_string(),
-            crate::training_job::children::MANAGER.to_string(),
-        ),
-    ]);
-    for key in [
-        crate::kueue::QUEUE_LABEL,
-        crate::kueue::PRIORITY_CLASS_LABEL,
-    ] {
-        if let Some(v) = sv.labels().get(key) {
-            labels.insert(key.to_string(), v.clone());
-        }
-    }
-    labels
-}
-
-/// The validation pod's environment: the site's Secrets as they are, the hub's store (if it is
-/// another) under [`REGISTRY_ENV_PREFIX`] for the URIs it covers, and the signing key's path.
-fn validation_env(sv: &SiteValidator) -> (Vec<EnvFromSource>, Vec<EnvVar>) {
-    let s = &sv.spec;
-    let env_from: Vec<EnvFromSource> = [
-        s.credentials_secret_ref.as_ref(),
-        s.dataset.credentials_secret_ref.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|r| EnvFromSource {
-        secret_ref: Some(SecretEnvSource {
-            name: r.name.clone(),
-            optional: Some(false),
-        }),
-        ..Default::default()
-    })
-    .chain(s.registry_store.as_ref().map(|r| EnvFromSource {
-        prefix: Some(REGISTRY_ENV_PREFIX.into()),
-        secret_ref: Some(SecretEnvSource {
-            name: r.credentials_secret_ref.name.clone(),
-            optional: Some(false),
-        }),
-        ..Default::default()
-    }))
-    .collect();
-    let mut env = vec![EnvVar {
-        name: "RADFM_SIGNING_KEY_FILE".into(),
-        value: Some(format!("{KEY_DIR}/{}", s.signing_key_secret_ref.key)),
-        ..Default::default()
-    }];
-    if let Some(r) = &s.registry_store {
-        let prefixes: Vec<String> = if r.uri_prefixes.is_empty() {
-            vec![s.registry.clone()]
-        } else {
-            r.uri_prefixes.clone()
-        };
-        let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
-        env.push(EnvVar {
-            name: radfm_data::store::STORE_SETTINGS.into(),
-            value: Some(radfm_data::store::settings_entry(
-                &prefixes,
-                REGISTRY_ENV_PREFIX,
-            )),
-            ..Default::default()
-        });
-    }
-    (env_from, env)
-}
-
 /// The validation pod of `version` for `sv`: `radfm validate` with the site's settings.
 pub fn validation_pod(sv: &SiteValidator, version: u64) -> Pod {
     let s = &sv.spec;
-    let name = format!("{}-v{version}", sv.name_any());
-    let args = validate_args(sv, version);
-    let (env_from, env) = validation_env(sv);
-    let (volumes, mounts) = validation_volumes(sv);
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name),
-            namespace: sv.namespace(),
-            labels: Some(labels(sv, version)),
-            owner_references: Some(vec![OwnerReference {
-                api_version: SiteValidator::api_version(&()).to_string(),
-                kind: SiteValidator::kind(&()).to_string(),
-                name: sv.name_any(),
-                uid: sv.uid().unwrap_or_default(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            }]),
-            ..Default::default()
+    site_pod(SitePod {
+        owner: sv,
+        owner_label: LABEL_VALIDATOR,
+        name: format!("{}-v{version}", sv.name_any()),
+        version,
+        annotations: None,
+        container: "validate",
+        image: &s.image,
+        args: validate_args(sv, version),
+        access: SiteAccess {
+            key: &s.signing_key_secret_ref,
+            data_volume: s.data_volume.as_ref(),
+            secrets: [
+                s.credentials_secret_ref.as_ref(),
+                s.dataset.credentials_secret_ref.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            registry: &s.registry,
+            registry_store: s.registry_store.as_ref(),
         },
-        spec: Some(PodSpec {
-            restart_policy: Some("Never".into()),
-            containers: vec![Container {
-                name: "validate".into(),
-                image: Some(s.image.clone()),
-                command: Some(vec!["/usr/local/bin/radfm".into()]),
-                args: Some(args),
-                env: Some(env),
-                env_from: (!env_from.is_empty()).then_some(env_from),
-                volume_mounts: Some(mounts),
-                security_context: Some(
-                    crate::training_job::children::restricted_container_security(),
-                ),
-                ..Default::default()
-            }],
-            volumes: Some(volumes),
-            security_context: Some(crate::training_job::children::restricted_pod_security()),
-            // The pod reads files and object storage only; it has no business with the API.
-            automount_service_account_token: Some(false),
-            ..Default::default()
-        }),
-        status: None,
-    }
+    })
 }
 
 #[cfg(test)]
