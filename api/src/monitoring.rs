@@ -99,7 +99,17 @@ pub struct ModelMonitorSpec {
     #[schemars(length(max = 16), inner(length(max = 63)))]
     #[x_kube(validation = Rule::new(FIELDS_RULE).message("fields cannot name identifying fields (patient, study, key, frame, width, height, rescale_slope, rescale_intercept)"))]
     pub fields: Vec<String>,
-    /// Family-wise false-alarm level of one look (Holm over every statistic of the look).
+    /// Smallest subgroup cell whose performance is reported once the recent window's labels
+    /// arrive (the same disclosure control as site reports; at least 10).
+    #[serde(default = "default_min_cell")]
+    #[x_kube(validation = Rule::new("self >= 10").message("minCellSize must be at least 10"))]
+    pub min_cell_size: i32,
+    /// Drop in AUROC that a look tolerates before a cell's performance counts as worse.
+    #[serde(default = "default_performance_margin")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("performanceMargin must be in [0, 1)"))]
+    pub performance_margin: f64,
+    /// False-alarm level of one look, for the drift statistics together and for the
+    /// performance statistics together (Holm within each).
     #[serde(default = "default_alpha")]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 0.2").message("alpha must be in (0, 0.2]"))]
     pub alpha: f64,
@@ -135,6 +145,12 @@ fn default_alpha() -> f64 {
 }
 fn default_permutations() -> i32 {
     999
+}
+fn default_min_cell() -> i32 {
+    20
+}
+fn default_performance_margin() -> f64 {
+    0.02
 }
 fn default_history() -> i32 {
     10

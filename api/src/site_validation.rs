@@ -256,6 +256,18 @@ pub struct PromotionPolicySpec {
     #[serde(default = "default_gap")]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("maxWorstGroupGap must be in (0, 1]"))]
     pub max_worst_group_gap: f64,
+    /// Largest allowed underdiagnosis: a cell's false-negative rate minus that of all cases at
+    /// the same site, for the candidate. A candidate is rejected where the lower 95 % bound of
+    /// that gap exceeds this in any reported cell, intersections included. Unset: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("maxFalseNegativeRateGap must be in (0, 1]"))]
+    pub max_false_negative_rate_gap: Option<f64>,
+    /// Largest allowed expected calibration error (10 bins) of the candidate, on all cases and
+    /// in every reported cell; rejected where the lower 95 % bound exceeds it. Unset: not
+    /// checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("maxCalibrationError must be in (0, 1]"))]
+    pub max_calibration_error: Option<f64>,
     /// Subgroups (`sex=F`) that at least one valid report must cover.
     #[serde(default)]
     pub required_subgroups: Vec<String>,

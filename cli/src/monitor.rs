@@ -31,7 +31,8 @@ pub struct MonitorArgs {
     /// Shards of the reference dataset to use (`0-9,12`; default: every shard of its index).
     #[arg(long)]
     pub reference_shards: Option<String>,
-    /// The site's recent cases (labels not needed).
+    /// The site's recent cases (labels not needed; where they arrived, performance per
+    /// subgroup cell is compared too).
     #[arg(long)]
     pub recent: String,
     /// Shards of the recent dataset to use (`40-59`; default: every shard of its index).
@@ -50,6 +51,12 @@ pub struct MonitorArgs {
         default_value = "manufacturer,sex,age_band"
     )]
     pub fields: Vec<String>,
+    /// Smallest subgroup cell whose performance is reported once labels arrive (at least 10).
+    #[arg(long, default_value_t = 20)]
+    pub min_cell: usize,
+    /// Drop in AUROC tolerated before a cell's performance counts as worse (late labels).
+    #[arg(long, default_value_t = 0.02)]
+    pub performance_margin: f64,
     /// Family-wise false-alarm level of the look (Holm over every statistic).
     #[arg(long, default_value_t = monitor::DEFAULT_ALPHA)]
     pub alpha: f64,
@@ -94,6 +101,19 @@ fn print_summary(r: &MonitorReport) {
             if w.drifting { "  DRIFTING" } else { "" }
         );
     }
+    for c in &r.performance {
+        println!(
+            "{:<28} AUROC {:.3} -> {:.3}, change {:+.3} [{:+.3}, {:+.3}] ({} -> {} labelled cases)",
+            c.name(),
+            c.reference_auroc.value,
+            c.recent_auroc.value,
+            c.change.value,
+            c.change.lo,
+            c.change.hi,
+            c.reference_cases,
+            c.recent_cases
+        );
+    }
     let verdict = if r.drifting { "drifting" } else { "stable" };
     println!(
         "{} v{} at {}: {verdict} (α = {})",
@@ -101,16 +121,33 @@ fn print_summary(r: &MonitorReport) {
     );
 }
 
-/// Looks once, signs the report and stores it beside the version in the registry.
-pub async fn run(a: MonitorArgs) -> Result<()> {
+/// The shard selections of both windows, once every setting is checked.
+type Windows = (Option<Vec<u64>>, Option<Vec<u64>>);
+
+fn check(a: &MonitorArgs) -> Result<Windows> {
     if a.permutations < 19 {
         bail!(
             "--permutations {} is too few for p-values below 0.05 (at least 19)",
             a.permutations
         );
     }
-    let reference_shards = shards("--reference-shards", a.reference_shards.as_deref())?;
-    let recent_shards = shards("--recent-shards", a.recent_shards.as_deref())?;
+    if !(0.0..1.0).contains(&a.performance_margin) {
+        bail!(
+            "--performance-margin must be in [0, 1), got {}",
+            a.performance_margin
+        );
+    }
+    radfm_validation::disclosure::check_settings(&a.fields, a.min_cell)
+        .context("--fields and --min-cell")?;
+    Ok((
+        shards("--reference-shards", a.reference_shards.as_deref())?,
+        shards("--recent-shards", a.recent_shards.as_deref())?,
+    ))
+}
+
+/// Looks once, signs the report and stores it beside the version in the registry.
+pub async fn run(a: MonitorArgs) -> Result<()> {
+    let (reference_shards, recent_shards) = check(&a)?;
     let key = crate::validate::read_signing_key(&a.key_file)?;
     let reg = Registry::open(&a.registry)?;
     let deployed = reg
@@ -130,6 +167,8 @@ pub async fn run(a: MonitorArgs) -> Result<()> {
         recent_shards: recent_shards.as_deref(),
         task: a.task.as_deref(),
         fields: &a.fields,
+        min_cell: a.min_cell,
+        performance_margin: a.performance_margin,
         permutations: a.permutations,
         seed: a.seed,
     })
@@ -142,8 +181,15 @@ pub async fn run(a: MonitorArgs) -> Result<()> {
             deployed.spec.weights_sha256
         );
     }
+    if a.task.is_some() && outcome.performance.is_empty() {
+        eprintln!(
+            "late labels: {} labelled recent cases, fewer than --min-cell {} or one class only: performance not assessed",
+            outcome.labelled_recent, a.min_cell
+        );
+    }
     let (watched, drifting) =
-        monitor::judge(outcome.tests, a.alpha).context("--alpha and --permutations")?;
+        monitor::judge_look(outcome.tests, outcome.performance_tests, a.alpha)
+            .context("--alpha and --permutations")?;
     let r = MonitorReport {
         format: monitor::FORMAT.into(),
         model: a.model.clone(),
@@ -157,6 +203,7 @@ pub async fn run(a: MonitorArgs) -> Result<()> {
         alpha: a.alpha,
         watched,
         drifting,
+        performance: outcome.performance,
         look: a.look.clone(),
     };
     let signed = monitor::sign(&r, &key);

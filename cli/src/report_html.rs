@@ -1,7 +1,8 @@
 //! `radfm report`: the change-control record of one model version as a static HTML page with
 //! inline SVG figures. It is what a clinician or a regulator reads: where the version came from
 //! (lineage, data windows, training), how it did at every site (signed reports, forest plot of
-//! candidate − production AUROC per site and subgroup), and what the gate decided and why.
+//! candidate − production AUROC per site and subgroup, underdiagnosis and calibration per cell),
+//! what the gate decided and why, and what the sites saw after it was deployed.
 
 use std::fmt::Write as _;
 
@@ -9,7 +10,9 @@ use anyhow::Result;
 use radfm_api::site_validation::PromotionPolicySpec;
 use radfm_registry::{EventKind, Registry, Version};
 use radfm_validation::gate::Decision;
+use radfm_validation::monitor;
 use radfm_validation::report::{self, Signed, SiteReport};
+use radfm_validation::stats::{CellBias, Estimate};
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -222,6 +225,9 @@ pub async fn render(
     }
     let decided = decision_about(&reg, model, v, &log).await?;
     decision(&mut h, decided);
+    h.push_str("</section>");
+    let looks = reg.monitor_reports(model, v).await?;
+    monitoring_section(&mut h, model, v, &looks, policy);
     history_section(&mut h, &log);
     Ok(h)
 }
@@ -239,7 +245,7 @@ fn header(
         h,
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"/><title>radfm change-control record: {m} v{v}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}.Promote{{color:#1e6b3a}}.Reject{{color:#c0392b}}.HoldForReview{{color:#b9770e}}code{{font-size:12px}}</style>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}.Promote{{color:#1e6b3a}}.Reject{{color:#c0392b}}.HoldForReview{{color:#b9770e}}code{{font-size:12px}}.harm{{background:#fadbd8;font-weight:bold}}</style>
 </head><body>
 <h1>Change-control record: {m} v{v}</h1>
 <p>Registered {created} by {by}; code version {code}; weights <code>{sha}</code>. Aliases: {aliases}.</p>
@@ -441,10 +447,132 @@ fn sites_section(
         .unwrap_or_default();
     let _ = write!(
         h,
-        "<h3>Candidate − production AUROC, {} (95 % bootstrap CI)</h3>{}<p>Subgroups with fewer cases than each site's minimum cell size are suppressed at the site and appear nowhere.</p></section>",
+        "<h3>Candidate − production AUROC, {} (95 % bootstrap CI)</h3>{}<p>Subgroups with fewer cases than each site's minimum cell size are suppressed at the site and appear nowhere.</p>",
         esc(&task),
         forest_svg(&accepted, &task, policy.map(|p| p.non_inferiority_margin))
     );
+    bias_table(h, &accepted, &task, policy);
+    h.push_str("</section>");
+}
+
+/// A cell's numbers as table cells, marked `harm` where the policy's limit is exceeded with
+/// 95 % confidence.
+fn bias_cells(
+    bias: Option<&CellBias>,
+    ece: Option<&Estimate>,
+    p: Option<&PromotionPolicySpec>,
+) -> String {
+    let over = |e: &Estimate, limit: Option<f64>| match limit {
+        Some(l) if e.lo > l => " class=\"harm\"",
+        _ => "",
+    };
+    let ci = |e: &Estimate, sign: bool| match sign {
+        true => format!("{:+.3} [{:+.3}, {:+.3}]", e.value, e.lo, e.hi),
+        false => format!("{:.3} [{:.3}, {:.3}]", e.value, e.lo, e.hi),
+    };
+    let (fnr, gap) = match bias {
+        Some(b) => (
+            format!("<td>{:.3}</td>", b.false_negative_rate),
+            format!(
+                "<td{}>{}</td>",
+                over(&b.fnr_gap, p.and_then(|p| p.max_false_negative_rate_gap)),
+                ci(&b.fnr_gap, true)
+            ),
+        ),
+        None => ("<td>—</td>".into(), "<td>—</td>".into()),
+    };
+    let ece = ece.map_or("<td>—</td>".into(), |e| {
+        let limit = p.and_then(|p| p.max_calibration_error);
+        format!("<td{}>{}</td>", over(e, limit), ci(e, false))
+    });
+    format!("{fnr}{gap}{ece}")
+}
+
+/// Underdiagnosis and calibration of the candidate at every site, per cell.
+fn bias_table(h: &mut String, reports: &[SiteReport], task: &str, p: Option<&PromotionPolicySpec>) {
+    h.push_str("<h3>Where the candidate could harm a group: underdiagnosis and calibration</h3><table id=\"bias\"><tr><th>Site</th><th>Cell</th><th>Cases</th><th>False-negative rate</th><th>Gap to all cases (95 % CI)</th><th>Calibration error (95 % CI)</th></tr>");
+    for r in reports {
+        for t in r.tasks.iter().filter(|t| t.task == task) {
+            let all = bias_cells(None, t.calibration_error.as_ref(), p);
+            let _ = write!(
+                h,
+                "<tr data-site=\"{0}\" data-cell=\"\"><td>{0}</td><td>all cases</td><td>{1}</td>{all}</tr>",
+                esc(&r.site),
+                t.overall.n
+            );
+            for c in &t.subgroups {
+                let ece = c.bias.as_ref().map(|b| &b.calibration_error);
+                let _ = write!(
+                    h,
+                    "<tr data-site=\"{0}\" data-cell=\"{1}\"><td>{0}</td><td>{1}</td><td>{2}</td>{3}</tr>",
+                    esc(&r.site),
+                    esc(&c.name()),
+                    c.result.n,
+                    bias_cells(c.bias.as_ref(), ece, p)
+                );
+            }
+        }
+    }
+    h.push_str("</table><p>The false-negative rate is the share of a cell's positive cases the candidate misses at its operating point; a positive gap means the cell's disease is missed more often than on average (underdiagnosis). Cells marked are beyond the policy's limit with 95 % confidence. Intersections (<code>a=x&amp;b=y</code>) appear only where every cell of the crossed table is large enough.</p>");
+}
+
+/// Every site's latest signed look at the version after it was deployed.
+fn monitoring_section(
+    h: &mut String,
+    model: &str,
+    v: u64,
+    looks: &[(String, String, Vec<u8>)],
+    policy: Option<&PromotionPolicySpec>,
+) {
+    h.push_str("<section id=\"monitoring\"><h2>Monitoring after deployment</h2>");
+    if looks.is_empty() {
+        let _ = write!(h, "<p>No site has stored a look at v{v} yet.</p></section>");
+        return;
+    }
+    h.push_str("<table><tr><th>Site</th><th>Signature</th><th>Key</th><th>Looked</th><th>Verdict</th><th>Evidence</th></tr>");
+    for (site, uri, bytes) in looks {
+        let row = match monitor::open_stored(bytes, site, model, v) {
+            Ok((signed, r)) => {
+                let trusted = policy.map(|p| {
+                    p.trusted_sites.iter().any(|t| {
+                        t.site == r.site && t.public_key.eq_ignore_ascii_case(&signed.public_key)
+                    })
+                });
+                let key = match trusted {
+                    Some(true) => "trusted",
+                    Some(false) => "NOT trusted",
+                    None => "not checked (no policy given)",
+                };
+                let verdict = if r.drifting { "drifting" } else { "stable" };
+                let evidence = r.evidence().join("; ");
+                format!(
+                    "<td>verified</td><td>{key}</td><td>{}</td><td class=\"verdict\" data-verdict=\"{verdict}\">{verdict} (α = {})</td><td>{}</td>",
+                    esc(&r.created),
+                    r.alpha,
+                    if evidence.is_empty() {
+                        "—".into()
+                    } else {
+                        esc(&evidence)
+                    }
+                )
+            }
+            Err(e) => format!(
+                "<td colspan=\"5\">FAILED: {} (not counted)</td>",
+                esc(&e.to_string())
+            ),
+        };
+        let _ = write!(
+            h,
+            "<tr data-site=\"{0}\"><td title=\"{1}\">{0}</td>{row}</tr>",
+            esc(site),
+            esc(uri)
+        );
+    }
+    h.push_str("</table><p>Each site compares its recent cases with the data the version was validated on (embeddings, the task probe's scores, image metadata), with permutation tests adjusted together at the look's false-alarm level α.</p></section>");
+}
+
+fn limit(value: Option<f64>) -> String {
+    value.map_or("not checked".into(), |v| format!("{v}"))
 }
 
 fn gate_rules(h: &mut String, p: &PromotionPolicySpec) {
@@ -456,12 +584,14 @@ fn gate_rules(h: &mut String, p: &PromotionPolicySpec) {
     };
     let _ = write!(
         h,
-        "<table id=\"rules\"><tr><th>Rule</th><th>Value</th></tr><tr><td>Task</td><td>{}</td></tr><tr><td>Trusted sites</td><td>{}</td></tr><tr><td>Quorum</td><td>{}</td></tr><tr><td>Non-inferiority margin δ (lower CI of ΔAUROC ≥ −δ)</td><td>{}</td></tr><tr><td>Maximum worst-group gap</td><td>{}</td></tr><tr><td>Required subgroups</td><td>{}</td></tr><tr><td>Human approval</td><td>{}</td></tr><tr><td>Allowed clock skew</td><td>{} s</td></tr></table>",
+        "<table id=\"rules\"><tr><th>Rule</th><th>Value</th></tr><tr><td>Task</td><td>{}</td></tr><tr><td>Trusted sites</td><td>{}</td></tr><tr><td>Quorum</td><td>{}</td></tr><tr><td>Non-inferiority margin δ (lower CI of ΔAUROC ≥ −δ)</td><td>{}</td></tr><tr><td>Maximum worst-group gap</td><td>{}</td></tr><tr><td>Maximum underdiagnosis gap (lower CI of a cell's FNR − all cases' FNR)</td><td>{}</td></tr><tr><td>Maximum calibration error (lower CI)</td><td>{}</td></tr><tr><td>Required subgroups</td><td>{}</td></tr><tr><td>Human approval</td><td>{}</td></tr><tr><td>Allowed clock skew</td><td>{} s</td></tr></table>",
         esc(&p.task),
         esc(&sites.join(", ")),
         p.quorum,
         p.non_inferiority_margin,
         p.max_worst_group_gap,
+        limit(p.max_false_negative_rate_gap),
+        limit(p.max_calibration_error),
         esc(&p.required_subgroups.join(", ")),
         approval,
         p.max_clock_skew_seconds
@@ -538,7 +668,7 @@ fn decision(h: &mut String, decided: Option<(&radfm_registry::Event, Option<Deci
 }
 
 fn history_section(h: &mut String, log: &[radfm_registry::Event]) {
-    h.push_str("</section><section id=\"history\"><h2>History</h2><table><tr><th>#</th><th>Time</th><th>By</th><th>What</th><th>Why</th></tr>");
+    h.push_str("<section id=\"history\"><h2>History</h2><table><tr><th>#</th><th>Time</th><th>By</th><th>What</th><th>Why</th></tr>");
     for e in log {
         let _ = write!(
             h,

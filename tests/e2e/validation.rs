@@ -231,10 +231,12 @@ import json, sys
 from html.parser import HTMLParser
 class P(HTMLParser):
     def __init__(self):
-        super().__init__(); self.stack=[]; self.out={"outcome":None,"reasons":[],"svg":[],"signatures":[]}
+        super().__init__(); self.stack=[]; self.out={"outcome":None,"reasons":[],"svg":[],"signatures":[],"bias":[],"looks":[]}
     def handle_starttag(self, tag, attrs):
         a=dict(attrs); self.stack.append((tag,a))
         if tag=="svg": self.out["svg"].append(a.get("id"))
+        if tag=="tr" and "data-cell" in a: self.out["bias"].append([a["data-site"],a["data-cell"]])
+        if tag=="td" and "data-verdict" in a: self.out["looks"].append(a["data-verdict"])
     def handle_endtag(self, tag):
         while self.stack and self.stack.pop()[0]!=tag: pass
     def handle_data(self, data):
@@ -601,6 +603,19 @@ async fn site_reports_gate_promotion_reject_regressions_and_refuse_forged_tamper
             parsed["signatures"],
             serde_json::json!(["verified", "verified", "verified"])
         );
+        for site in ["site-a", "site-b", "site-c"] {
+            let cells: Vec<&str> = parsed["bias"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|row| row[0] == site)
+                .map(|row| row[1].as_str().unwrap())
+                .collect();
+            assert!(
+                cells.first() == Some(&"") && cells.len() > 1,
+                "{site}: underdiagnosis and calibration on all cases and per cell: {parsed}"
+            );
+        }
         let reasons = parsed["reasons"].as_array().unwrap();
         if outcome == "Reject" {
             assert!(
@@ -654,6 +669,33 @@ fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
     synth("reference", "1", false);
     synth("stable", "2", false);
     synth("shifted", "3", true);
+    // Late labels: the same scanner, but women's lesions are now too small to see (a
+    // protocol change for them only): the model fails women, not men.
+    for (sex, first, radius) in [("0", "0", "0.15,0.25"), ("1", "120", "0.01,0.02")] {
+        radfm(&[
+            "synth",
+            "--out",
+            &uri("harmed"),
+            "--samples",
+            "120",
+            "--size",
+            "32",
+            "--sites",
+            "north",
+            "--seed",
+            "4",
+            "--first-index",
+            first,
+            "--female-fraction",
+            sex,
+            "--lesion-radius",
+            radius,
+            "--lesion-prevalence",
+            "0.4",
+            "--shard-mib",
+            "0.2",
+        ]);
+    }
     let job = format!(
         "apiVersion: radfm.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: deployed}}\nspec:\n  image: local\n  \
          workers: {{replicas: 1, gpusPerWorker: 0}}\n  dataset: {{uri: \"{}\"}}\n  \
@@ -739,6 +781,28 @@ fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
         !flagged.contains(&"metadata:sex".to_string()),
         "{shifted:#}"
     );
+    assert!(
+        !stable["performance"].as_array().unwrap().is_empty(),
+        "the stable window's labels are compared: {stable:#}"
+    );
+
+    let harmed = look("harmed");
+    let flagged = drifting(&harmed);
+    assert!(
+        flagged.contains(&"performance:lesion:sex=F".to_string())
+            && !flagged.iter().any(|f| f.contains("sex=M")),
+        "{harmed:#}"
+    );
+    let women = harmed["performance"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cell"] == "sex=F")
+        .unwrap();
+    assert!(
+        women["change"]["hi"].as_f64().unwrap() < 0.0,
+        "the drop comes with its interval: {women:#}"
+    );
 
     let typo = radfm_e2e::radfm(
         &[
@@ -787,4 +851,23 @@ fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
         .payload
         .replace("\"drifting\":true", "\"drifting\":false");
     assert!(radfm_validation::monitor::verify(&forged).is_err());
+
+    // The change-control record shows what the site saw after deployment.
+    let html = dir.path().join("v1.html");
+    radfm(&[
+        "report",
+        "--registry",
+        &registry,
+        "chest",
+        "1",
+        "--out",
+        &html.display().to_string(),
+    ]);
+    let parsed = parse_html(&html);
+    assert_eq!(parsed["looks"], serde_json::json!(["drifting"]), "{parsed}");
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        text.contains("performance:lesion:sex=F (AUROC "),
+        "the evidence names the cell and its AUROC change"
+    );
 }

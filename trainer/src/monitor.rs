@@ -1,10 +1,14 @@
 //! The computing half of monitoring a deployed model at a site: embed a reference window and
 //! the recent window with the model's encoder and compare them (embeddings, the task probe's
-//! scores, image metadata) with permutation tests. Nothing per case leaves this function;
+//! scores, image metadata) with permutation tests, and, where the recent cases' labels arrived,
+//! the probe's AUROC per subgroup cell. Nothing per case leaves this function;
 //! `radfm monitor` judges, signs and publishes the aggregates.
+
+use std::collections::BTreeMap;
 
 use radfm_data::store::Location;
 use radfm_validation::drift::{self, DriftTest};
+use radfm_validation::performance::{self, CellPerformance};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
@@ -28,6 +32,10 @@ pub struct Request<'a> {
     pub task: Option<&'a str>,
     /// Metadata fields whose mix is compared (`manufacturer`, `sex`, `age_band`).
     pub fields: &'a [String],
+    /// Smallest subgroup cell whose performance is reported (late labels).
+    pub min_cell: usize,
+    /// Drop in AUROC tolerated before a cell's performance counts as worse.
+    pub performance_margin: f64,
     /// Permutations behind each p-value.
     pub permutations: usize,
     /// Seed of subsampling and permutations.
@@ -37,8 +45,14 @@ pub struct Request<'a> {
 /// The tests of one look, before they are judged together.
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    /// (what was compared, its test), embeddings first.
+    /// Drift tests: (what was compared, its test), embeddings first.
     pub tests: Vec<(String, DriftTest)>,
+    /// Performance tests, one per cell of [`performance`](Self::performance).
+    pub performance_tests: Vec<performance::Statistic>,
+    /// Performance per cell once labels arrived (empty: too few labelled recent cases).
+    pub performance: Vec<CellPerformance>,
+    /// Recent cases with a late label of the task.
+    pub labelled_recent: usize,
     /// sha256 of the reference window's index (and its shard selection).
     pub reference_fingerprint: String,
     /// sha256 of the recent window's index (and its shard selection).
@@ -76,6 +90,96 @@ fn probe_scores(reference: &Embedded, recent: &Embedded) -> (Vec<f64>, Vec<f64>)
     let scores = eval::logistic(&xr, &reference.labels, &both);
     let (a, b) = scores.split_at(reference.keys.len());
     (a.to_vec(), b.to_vec())
+}
+
+/// The recent window's late labels of `task`: the rows that have one, and their labels.
+fn late_labels(recent: &Embedded, task: &str) -> (Vec<usize>, Vec<bool>) {
+    recent
+        .meta
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| Some((i, eval::target(m, task)? > 0.5)))
+        .unzip()
+}
+
+/// Each case's value of every field that it has.
+fn groups(e: &Embedded, rows: &[usize], fields: &[String]) -> Vec<BTreeMap<String, String>> {
+    rows.iter()
+        .map(|&i| {
+            fields
+                .iter()
+                .filter_map(|f| Some((f.clone(), eval::field_value(&e.meta[i], f)?)))
+                .collect()
+        })
+        .collect()
+}
+
+/// Performance per cell where the recent window's labels arrived: the reference scored
+/// out-of-fold, the labelled recent cases by the probe fitted on the whole reference.
+fn late_performance(
+    req: &Request<'_>,
+    task: &str,
+    (reference, reference_scores): (&Embedded, Vec<f64>),
+    (recent, recent_scores): (&Embedded, &[f64]),
+) -> Result<(Vec<CellPerformance>, Vec<performance::Statistic>, usize)> {
+    let (rows, y_recent) = late_labels(recent, task);
+    let p_recent: Vec<f64> = rows.iter().map(|&i| recent_scores[i]).collect();
+    let all: Vec<usize> = (0..reference.keys.len()).collect();
+    let y_reference: Vec<bool> = Vec::<f32>::try_from(&reference.labels)
+        .map_err(|e| invalid("reference", format!("labels: {e}")))?
+        .iter()
+        .map(|&l| l > 0.5)
+        .collect();
+    let (ga, gb) = (
+        groups(reference, &all, req.fields),
+        groups(recent, &rows, req.fields),
+    );
+    let settings = performance::Settings {
+        task,
+        fields: req.fields,
+        min_cell_size: req.min_cell,
+        margin: req.performance_margin,
+        permutations: performance::PERMUTATIONS.max(req.permutations),
+        seed: req.seed ^ 0xfeed,
+    };
+    let reference = performance::Labelled {
+        scored: performance::Scored {
+            p: &reference_scores,
+            y: &y_reference,
+        },
+        groups: &ga,
+    };
+    let recent = performance::Labelled {
+        scored: performance::Scored {
+            p: &p_recent,
+            y: &y_recent,
+        },
+        groups: &gb,
+    };
+    let cells = performance::by_cell(reference, recent, &settings)
+        .map_err(|e| invalid("window", format!("{}: late labels: {e}", req.recent_uri)))?
+        .unwrap_or_default();
+    let (perf, tests) = cells.into_iter().unzip();
+    Ok((perf, tests, rows.len()))
+}
+
+/// Out-of-fold probe scores of the reference window (the probe never scores a case of its own
+/// fold's training part).
+fn reference_out_of_fold(reference: &Embedded) -> Result<Vec<f64>> {
+    let units: Vec<&str> = reference
+        .meta
+        .iter()
+        .zip(&reference.keys)
+        .map(|(m, key)| eval::split_unit(m, key))
+        .collect();
+    let (linear, _) = eval::cross_validated(
+        &reference.features,
+        &reference.labels,
+        &units,
+        crate::site::FOLDS,
+        crate::site::K,
+    )?;
+    Ok(linear)
 }
 
 /// The category of a case that lacks the field.
@@ -141,10 +245,12 @@ pub async fn monitor(req: &Request<'_>) -> Result<Outcome> {
         )
         .map_err(failed)?,
     )];
+    let mut scores = None;
     if let Some(task) = req.task {
         let (a, b) = probe_scores(&reference, &recent);
         let t = drift::ks(&a, &b, req.permutations, req.seed ^ 1).map_err(failed)?;
         tests.push((format!("scores:{task}"), t));
+        scores = Some((task, b));
     }
     for (i, field) in req.fields.iter().enumerate() {
         let (a, b) = (categories(&reference, field), categories(&recent, field));
@@ -158,8 +264,17 @@ pub async fn monitor(req: &Request<'_>) -> Result<Outcome> {
             .map_err(failed)?;
         tests.push((format!("metadata:{field}"), t));
     }
+    let (mut performance, mut performance_tests, mut labelled_recent) = (vec![], vec![], 0);
+    if let Some((task, recent_scores)) = scores {
+        let oof = reference_out_of_fold(&reference)?;
+        (performance, performance_tests, labelled_recent) =
+            late_performance(req, task, (&reference, oof), (&recent, &recent_scores))?;
+    }
     Ok(Outcome {
         tests,
+        performance_tests,
+        performance,
+        labelled_recent,
         reference_fingerprint: fingerprint(req.reference_uri, req.reference_shards).await?,
         recent_fingerprint: fingerprint(req.recent_uri, req.recent_shards).await?,
         weights_sha256: m.card.weights_sha256.clone(),

@@ -15,9 +15,19 @@
 //! 3. The decision is made once for all tasks, so the linked tables of a report (one per task,
 //!    over the same cases) hide the same cells.
 //!
+//! Cases without a value of the field form an implicit cell that is never published but can be
+//! derived by subtraction; when it is too small it counts as a hidden cell of its field.
 //! Every published cell therefore has at least `min_cell_size` cases, and every number derivable
 //! by subtracting published numbers within a field covers at least `min_cell_size` cases, so
-//! counts need no rounding. Fields are published as marginals only, never crossed. The minimum
+//! counts need no rounding.
+//!
+//! **Intersections** (`sex=F&age_band=80+`) of every pair of fields are published only where cell
+//! sizes allow all of them: every crossed cell, and every implicit cell of cases with one value
+//! but not the other, passes the primary rule, and both fields' marginal cells are all
+//! published. A crossed table is otherwise hidden whole. Nothing in a published crossed table is
+//! then hidden, so neither its rows nor its columns can be subtracted to reveal a cell (partial
+//! crossed tables would need suppression along rows and columns at once, which subtraction
+//! chains can defeat). The minimum
 //! cell size has a floor ([`MIN_CELL_FLOOR`]) no site can go below, identifiers are never
 //! subgroups ([`IDENTIFIER_FIELDS`]), and the gate refuses reports made with a weaker method or a
 //! smaller minimum cell than its policy asks.
@@ -34,11 +44,11 @@ pub const MIN_CELL_FLOOR: usize = radfm_api::site_validation::MIN_CELL_FLOOR as 
 
 pub use radfm_api::site_validation::IDENTIFIER_FIELDS;
 
-/// The cells of one subgroup field: value → the rows (case indices) in that cell, and whether
-/// the cell is published.
+/// The cells of one subgroup field, or of two crossed fields: value → the rows (case indices)
+/// in that cell, and whether the cell is published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldCells {
-    /// Metadata field (`sex`).
+    /// Metadata field (`sex`), or two crossed fields (`sex&age_band`).
     pub field: String,
     /// Cells in value order.
     pub cells: Vec<Cell>,
@@ -47,13 +57,29 @@ pub struct FieldCells {
 /// One cell of a field.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cell {
-    /// Value (`F`).
+    /// Value (`F`); for crossed fields the whole cell name (`sex=F&age_band=80+`).
     pub value: String,
     /// The cases in the cell.
     pub rows: Vec<usize>,
-    /// Whether the cell may be published.
+    /// Whether the cell may be published; for the implicit cell, whether it would pass.
     pub published: bool,
+    /// The cases without a value of the field: never reported, but derivable by subtraction.
+    pub implicit: bool,
 }
+
+impl Cell {
+    fn new(value: String, rows: Vec<usize>, min_cell_size: usize, labels: &[&[bool]]) -> Cell {
+        Cell {
+            published: passes_primary(&rows, min_cell_size, labels),
+            value,
+            rows,
+            implicit: false,
+        }
+    }
+}
+
+/// Separates crossed field names and cell names; never part of a field name.
+pub const CROSS: char = '&';
 
 /// Checks the disclosure settings a site asked for.
 pub fn check_settings(fields: &[String], min_cell_size: usize) -> Result<()> {
@@ -70,11 +96,16 @@ pub fn check_settings(fields: &[String], min_cell_size: usize) -> Result<()> {
             "subgroup field {f:?} identifies patients or images and cannot be a subgroup"
         )));
     }
+    if let Some(f) = fields.iter().find(|f| f.contains([CROSS, '='])) {
+        return Err(Error::Data(format!(
+            "subgroup field {f:?} contains '{CROSS}' or '=', which name cells"
+        )));
+    }
     Ok(())
 }
 
-/// Decides which cells of every field are published, for the cases' subgroup values `groups`
-/// and the labels of every task (`labels[task][case]`).
+/// Decides which cells of every field, and of every pair of fields, are published, for the
+/// cases' subgroup values `groups` and the labels of every task (`labels[task][case]`).
 pub fn plan(
     groups: &[BTreeMap<String, String>],
     fields: &[String],
@@ -88,10 +119,87 @@ pub fn plan(
             groups.len()
         )));
     }
-    Ok(fields
+    let marginals: Vec<FieldCells> = fields
         .iter()
         .map(|field| field_cells(groups, field, min_cell_size, labels))
-        .collect())
+        .collect();
+    let mut crossed_tables = Vec::new();
+    for (i, a) in marginals.iter().enumerate() {
+        for b in &marginals[i + 1..] {
+            crossed_tables.push(crossed(groups, a, b, min_cell_size, labels));
+        }
+    }
+    Ok(marginals.into_iter().chain(crossed_tables).collect())
+}
+
+/// Each case's value of `field`, grouped: value → rows; and the rows without one.
+fn by_value<'g>(
+    groups: &'g [BTreeMap<String, String>],
+    field: &str,
+) -> (BTreeMap<&'g str, Vec<usize>>, Vec<usize>) {
+    let mut values: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        match g.get(field) {
+            Some(v) => values.entry(v.as_str()).or_default().push(i),
+            None => missing.push(i),
+        }
+    }
+    (values, missing)
+}
+
+/// The crossed table of two fields, published whole or hidden whole (see the module docs).
+fn crossed(
+    groups: &[BTreeMap<String, String>],
+    a: &FieldCells,
+    b: &FieldCells,
+    min_cell_size: usize,
+    labels: &[&[bool]],
+) -> FieldCells {
+    let mut cells = Vec::new();
+    let mut implicit_ok = true;
+    for ca in a.cells.iter().filter(|c| !c.implicit) {
+        let mut with_b = 0;
+        for cb in b.cells.iter().filter(|c| !c.implicit) {
+            let rows: Vec<usize> = ca
+                .rows
+                .iter()
+                .copied()
+                .filter(|&r| groups[r].get(&b.field) == Some(&cb.value))
+                .collect();
+            with_b += rows.len();
+            let name = format!("{}={}{CROSS}{}={}", a.field, ca.value, b.field, cb.value);
+            cells.push(Cell::new(name, rows, min_cell_size, labels));
+        }
+        let without_b: Vec<usize> = ca
+            .rows
+            .iter()
+            .copied()
+            .filter(|&r| !groups[r].contains_key(&b.field))
+            .collect();
+        debug_assert_eq!(with_b + without_b.len(), ca.rows.len());
+        implicit_ok &= without_b.is_empty() || passes_primary(&without_b, min_cell_size, labels);
+    }
+    let (_, missing_a) = by_value(groups, &a.field);
+    let mut without_a: BTreeMap<Option<&String>, Vec<usize>> = BTreeMap::new();
+    for r in missing_a {
+        without_a
+            .entry(groups[r].get(&b.field))
+            .or_default()
+            .push(r);
+    }
+    implicit_ok &= without_a
+        .values()
+        .all(|rows| passes_primary(rows, min_cell_size, labels));
+    let whole = implicit_ok
+        && a.cells.iter().chain(&b.cells).all(|c| c.published)
+        && cells.iter().all(|c| c.published);
+    cells.retain(|c| !c.rows.is_empty());
+    cells.iter_mut().for_each(|c| c.published = whole);
+    FieldCells {
+        field: format!("{}{CROSS}{}", a.field, b.field),
+        cells,
+    }
 }
 
 fn field_cells(
@@ -100,25 +208,27 @@ fn field_cells(
     min_cell_size: usize,
     labels: &[&[bool]],
 ) -> FieldCells {
-    let mut by_value: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, g) in groups.iter().enumerate() {
-        if let Some(v) = g.get(field) {
-            by_value.entry(v.as_str()).or_default().push(i);
-        }
-    }
-    let mut cells: Vec<Cell> = by_value
+    let (values, missing) = by_value(groups, field);
+    let mut cells: Vec<Cell> = values
         .into_iter()
-        .map(|(value, rows)| Cell {
-            published: rows.len() >= min_cell_size && both_classes(&rows, labels),
-            value: value.to_string(),
-            rows,
-        })
+        .map(|(value, rows)| Cell::new(value.to_string(), rows, min_cell_size, labels))
         .collect();
+    if !missing.is_empty() {
+        let implicit = Cell::new(String::new(), missing, min_cell_size, labels);
+        cells.push(Cell {
+            implicit: true,
+            ..implicit
+        });
+    }
     complementary(&mut cells, min_cell_size);
     FieldCells {
         field: field.to_string(),
         cells,
     }
+}
+
+fn passes_primary(rows: &[usize], min_cell_size: usize, labels: &[&[bool]]) -> bool {
+    rows.len() >= min_cell_size && both_classes(rows, labels)
 }
 
 fn both_classes(rows: &[usize], labels: &[&[bool]]) -> bool {
@@ -139,7 +249,7 @@ fn complementary(cells: &mut [Cell], min_cell_size: usize) {
         }
         let Some(smallest) = cells
             .iter_mut()
-            .filter(|c| c.published)
+            .filter(|c| c.published && !c.implicit)
             .min_by_key(|c| c.rows.len())
         else {
             return;
@@ -226,6 +336,116 @@ mod tests {
         }
     }
 
+    /// Cases of (sex, age) in the given numbers; an empty value means the case lacks the field.
+    fn crossed_groups(cells: &[(&str, &str, usize)]) -> Vec<BTreeMap<String, String>> {
+        let case = |sex: &str, age: &str| {
+            [("sex", sex), ("age", age)]
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(f, v)| (f.to_string(), v.to_string()))
+                .collect()
+        };
+        cells
+            .iter()
+            .flat_map(|&(sex, age, n)| std::iter::repeat_n(case(sex, age), n))
+            .collect()
+    }
+
+    fn published_names(g: &[BTreeMap<String, String>]) -> Vec<String> {
+        let y = alternating(g.len());
+        let fields = ["sex".to_string(), "age".to_string()];
+        plan(g, &fields, 10, &[&y])
+            .unwrap()
+            .iter()
+            .flat_map(|f| {
+                f.cells
+                    .iter()
+                    .filter(|c| c.published && !c.implicit)
+                    .map(|c| match f.field.contains(CROSS) {
+                        true => c.value.clone(),
+                        false => format!("{}={}", f.field, c.value),
+                    })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cases_without_a_value_are_a_cell_that_subtraction_would_reveal() {
+        let g = crossed_groups(&[("F", "y", 50), ("M", "y", 30), ("", "y", 4)]);
+        assert_eq!(
+            published_names(&g),
+            ["sex=F", "age=y"],
+            "4 cases lack sex: 84 - 50 - 30 would reveal them, so sex=M is hidden with them"
+        );
+    }
+
+    #[test]
+    fn intersections_are_published_only_where_every_cell_allows() {
+        let all = ["sex=F", "sex=M", "age=o", "age=y"];
+        let crossed = ["sex=F&age=o", "sex=F&age=y", "sex=M&age=o", "sex=M&age=y"];
+        let both: Vec<&str> = all.iter().chain(&crossed).copied().collect();
+        type Table<'a> = &'a [(&'a str, &'a str, usize)];
+        let cases: &[(Table, &[&str], &str)] = &[
+            (
+                &[
+                    ("F", "y", 20),
+                    ("F", "o", 20),
+                    ("M", "y", 20),
+                    ("M", "o", 20),
+                ],
+                &both,
+                "every cell is large",
+            ),
+            (
+                &[
+                    ("F", "y", 40),
+                    ("F", "o", 4),
+                    ("M", "y", 20),
+                    ("M", "o", 20),
+                ],
+                &all,
+                "F&o has 4 cases; F (44) - F&y (40) would reveal it",
+            ),
+            (
+                &[
+                    ("F", "y", 20),
+                    ("F", "o", 20),
+                    ("M", "y", 20),
+                    ("M", "o", 20),
+                    ("F", "", 3),
+                ],
+                &["sex=F", "sex=M", "age=y"],
+                "3 women lack an age: age=o is hidden with them, and the crossed table",
+            ),
+            (
+                &[
+                    ("F", "y", 20),
+                    ("F", "o", 20),
+                    ("M", "y", 20),
+                    ("M", "o", 20),
+                    ("F", "", 3),
+                    ("M", "", 20),
+                ],
+                &all,
+                "23 lack an age, enough for the marginals; F - F&o - F&y would reveal 3",
+            ),
+            (
+                &[
+                    ("F", "y", 20),
+                    ("F", "o", 20),
+                    ("M", "y", 20),
+                    ("M", "o", 20),
+                    ("", "", 3),
+                ],
+                &["sex=M", "age=y"],
+                "3 cases lack both: each field hides a cell with them, and the crossed table",
+            ),
+        ];
+        for (table, want, why) in cases {
+            assert_eq!(published_names(&crossed_groups(table)), *want, "{why}");
+        }
+    }
+
     #[test]
     fn a_cell_with_one_class_in_any_task_is_hidden_in_every_task() {
         let g = groups(&[("a", 20), ("b", 20), ("c", 20)]);
@@ -257,5 +477,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("8 cases are fewer"), "{e}");
+        let e = plan(&g, &["sex&age".into()], 10, &[&y])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("which name cells"), "{e}");
     }
 }

@@ -5,8 +5,10 @@
 //! this model, this candidate and this baseline (by version and weight hash), and dated neither
 //! in the future beyond the allowed clock skew nor before the candidate existed. Inadmissible
 //! reports are listed with the reason and do not count. Then the rules of the policy apply, in
-//! this order: quorum, non-inferiority overall and per subgroup, worst-group gap, required
-//! subgroups, human approval.
+//! this order: quorum, non-inferiority overall and per subgroup, worst-group gap, underdiagnosis
+//! and calibration limits, required subgroups, human approval. Non-inferiority and the
+//! worst-group gap judge marginal cells (`sex=F`); the underdiagnosis and calibration limits
+//! also judge intersections (`sex=F&age_band=80+`), where harm to a small group hides.
 
 use jiff::Timestamp;
 use radfm_api::site_validation::PromotionPolicySpec;
@@ -40,7 +42,8 @@ impl Outcome {
 /// One reason, machine-readable (`code`, `site`, `subgroup`) and in words (`message`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reason {
-    /// `non_inferiority`, `worst_group_gap`, `quorum`, `required_subgroup`, `approval`,
+    /// `non_inferiority`, `worst_group_gap`, `fnr_gap`, `calibration`, `quorum`,
+    /// `required_subgroup`, `approval`,
     /// `report_rejected`, `passed`.
     pub code: String,
     /// Site concerned.
@@ -159,6 +162,7 @@ fn admit(
         return Err(format!("has no task {:?}", policy.task));
     }
     disclosure_at_least(policy, &r)?;
+    bias_measured(policy, &r)?;
     Ok(r)
 }
 
@@ -192,6 +196,24 @@ fn disclosure_at_least(policy: &PromotionPolicySpec, r: &SiteReport) -> Result<(
             s.name(),
             s.result.n,
             r.min_cell_size
+        ));
+    }
+    Ok(())
+}
+
+/// A policy that limits underdiagnosis or calibration needs reports that measure them.
+fn bias_measured(policy: &PromotionPolicySpec, r: &SiteReport) -> Result<(), String> {
+    if policy.max_false_negative_rate_gap.is_none() && policy.max_calibration_error.is_none() {
+        return Ok(());
+    }
+    let t = r.tasks.iter().find(|t| t.task == policy.task);
+    let unmeasured = t.is_some_and(|t| {
+        t.calibration_error.is_none() || t.subgroups.iter().any(|s| s.bias.is_none())
+    });
+    if unmeasured {
+        return Err(format!(
+            "measures no underdiagnosis or calibration for {:?} (a validator older than the policy's limits)",
+            policy.task
         ));
     }
     Ok(())
@@ -254,6 +276,8 @@ pub fn decide(
         if let Some(t) = r.tasks.iter().find(|t| t.task == policy.task) {
             reject.extend(non_inferiority(policy, &r.site, t));
             reject.extend(worst_group_gaps(policy, &r.site, t));
+            reject.extend(underdiagnosis(policy, &r.site, t));
+            reject.extend(miscalibration(policy, &r.site, t));
         }
     }
     hold.extend(required_subgroups(policy, &accepted));
@@ -356,8 +380,9 @@ fn non_inferiority(
     t: &report::TaskReport,
 ) -> Vec<Reason> {
     let margin = -policy.non_inferiority_margin;
+    let marginal = t.subgroups.iter().filter(|s| !s.is_intersection());
     std::iter::once((None, &t.overall))
-        .chain(t.subgroups.iter().map(|s| (Some(s.name()), &s.result)))
+        .chain(marginal.map(|s| (Some(s.name()), &s.result)))
         .filter(|(_, p)| p.delta_auroc.lo < margin)
         .map(|(sub, p)| Reason {
             code: "non_inferiority".into(),
@@ -378,7 +403,12 @@ fn worst_group_gaps(
     site: &str,
     t: &report::TaskReport,
 ) -> Vec<Reason> {
-    let mut fields: Vec<&str> = t.subgroups.iter().map(|s| s.field.as_str()).collect();
+    let mut fields: Vec<&str> = t
+        .subgroups
+        .iter()
+        .filter(|s| !s.is_intersection())
+        .map(|s| s.field.as_str())
+        .collect();
     fields.sort_unstable();
     fields.dedup();
     let mut reasons = Vec::new();
@@ -413,6 +443,59 @@ fn worst_group_gaps(
         });
     }
     reasons
+}
+
+/// Each cell (intersections included) whose false-negative rate exceeds that of all cases by
+/// more than the policy allows, with 95 % confidence (the interval's lower bound).
+fn underdiagnosis(policy: &PromotionPolicySpec, site: &str, t: &report::TaskReport) -> Vec<Reason> {
+    let Some(limit) = policy.max_false_negative_rate_gap else {
+        return Vec::new();
+    };
+    t.subgroups
+        .iter()
+        .filter_map(|s| Some((s, s.bias.as_ref()?)))
+        .filter(|(_, b)| b.fnr_gap.lo > limit)
+        .map(|(s, b)| Reason {
+            code: "fnr_gap".into(),
+            site: Some(site.to_string()),
+            subgroup: Some(s.name()),
+            message: format!(
+                "site {site}, {}: false-negative rate {:.3}, gap to all cases {} above {limit:.3} (underdiagnosis)",
+                s.name(),
+                b.false_negative_rate,
+                fmt_ci(&b.fnr_gap)
+            ),
+        })
+        .collect()
+}
+
+/// All cases and each cell whose expected calibration error exceeds the policy's limit with
+/// 95 % confidence.
+fn miscalibration(policy: &PromotionPolicySpec, site: &str, t: &report::TaskReport) -> Vec<Reason> {
+    let Some(limit) = policy.max_calibration_error else {
+        return Vec::new();
+    };
+    let cells = t.subgroups.iter().filter_map(|s| {
+        let b = s.bias.as_ref()?;
+        Some((Some(s.name()), b.calibration_error))
+    });
+    std::iter::once(t.calibration_error.map(|e| (None, e)))
+        .flatten()
+        .chain(cells)
+        .filter(|(_, e)| e.lo > limit)
+        .map(|(sub, e)| Reason {
+            code: "calibration".into(),
+            site: Some(site.to_string()),
+            message: format!(
+                "site {site}, {}: expected calibration error {:.3} [{:.3}, {:.3}] above {limit:.3}",
+                sub.as_deref().unwrap_or("all cases"),
+                e.value,
+                e.lo,
+                e.hi
+            ),
+            subgroup: sub,
+        })
+        .collect()
 }
 
 /// Each required subgroup no accepted report covers.
@@ -450,8 +533,15 @@ fn passed(
         ),
         None => String::new(),
     };
+    let mut limits = String::new();
+    if let Some(gap) = policy.max_false_negative_rate_gap {
+        limits += &format!("; underdiagnosis gaps within {gap:.3}");
+    }
+    if let Some(ece) = policy.max_calibration_error {
+        limits += &format!("; calibration errors within {ece:.3}");
+    }
     let why = format!(
-        "{} site(s) ({}) non-inferior within {:.3} overall and in every reported subgroup; worst-group gaps within {:.3}{}",
+        "{} site(s) ({}) non-inferior within {:.3} overall and in every reported subgroup; worst-group gaps within {:.3}{limits}{}",
         sites.len(),
         sites.join(", "),
         policy.non_inferiority_margin,
@@ -494,6 +584,8 @@ mod tests {
             quorum: 3,
             non_inferiority_margin: 0.02,
             max_worst_group_gap: 0.15,
+            max_false_negative_rate_gap: None,
+            max_calibration_error: None,
             required_subgroups: vec!["sex=F".into()],
             require_approval: false,
             approvers: Vec::new(),
@@ -675,6 +767,82 @@ mod tests {
         assert_eq!(d.outcome, Outcome::Reject);
         assert_eq!(d.reasons[0].code, "worst_group_gap");
         assert_eq!(d.reasons[0].subgroup.as_deref(), Some("sex=M"));
+    }
+
+    #[test]
+    fn underdiagnosis_in_an_intersection_and_miscalibration_reject_naming_site_and_cell() {
+        let mut w = world();
+        let mut r = report("site-b", 2);
+        let cell = r.tasks[0]
+            .subgroups
+            .iter_mut()
+            .find(|s| s.is_intersection());
+        let cell = cell.expect("the report crosses sex and scanner");
+        assert_eq!(cell.name(), "sex=F&scanner=A");
+        let bias = cell.bias.as_mut().unwrap();
+        bias.false_negative_rate = 0.3;
+        bias.fnr_gap = Estimate {
+            value: 0.2,
+            lo: 0.12,
+            hi: 0.28,
+        };
+        let mut reports = all_good(&w);
+        reports[1] = stored("site-b", &r, &w.keys[1].1);
+        w.policy.max_false_negative_rate_gap = Some(0.1);
+        let d = decide(&w.policy, &w.versions, &reports, None, now());
+        assert_eq!(d.outcome, Outcome::Reject);
+        assert_eq!(
+            d.reasons[0].message,
+            "site site-b, sex=F&scanner=A: false-negative rate 0.300, gap to all cases +0.200 [+0.120, +0.280] above 0.100 (underdiagnosis)"
+        );
+        assert_eq!(d.reasons.len(), 1, "{:?}", d.reasons);
+        w.policy.max_false_negative_rate_gap = None;
+        w.policy.max_calibration_error = Some(0.3);
+        let d = decide(&w.policy, &w.versions, &all_good(&w), None, now());
+        assert_eq!(d.outcome, Outcome::Reject);
+        let first = &d.reasons[0];
+        assert_eq!(
+            (first.code.as_str(), first.subgroup.as_deref()),
+            ("calibration", None)
+        );
+        assert!(
+            first
+                .message
+                .starts_with("site site-a, all cases: expected calibration error 0.40"),
+            "{}",
+            first.message
+        );
+        w.policy.max_calibration_error = Some(0.5);
+        let d = decide(&w.policy, &w.versions, &all_good(&w), None, now());
+        assert_eq!(d.outcome, Outcome::Promote, "{:?}", d.reasons);
+        assert!(
+            d.reasons[0]
+                .message
+                .contains("; calibration errors within 0.500")
+        );
+    }
+
+    #[test]
+    fn reports_without_bias_measures_do_not_count_when_the_policy_limits_them() {
+        let mut w = world();
+        let mut old = report("site-a", 2);
+        old.tasks[0]
+            .subgroups
+            .iter_mut()
+            .for_each(|s| s.bias = None);
+        let reports = vec![stored("site-a", &old, &w.keys[0].1)];
+        w.policy.quorum = 1;
+        let d = decide(&w.policy, &w.versions, &reports, None, now());
+        assert_eq!(
+            d.outcome,
+            Outcome::Promote,
+            "no limits: an older report counts"
+        );
+        w.policy.max_false_negative_rate_gap = Some(0.1);
+        let d = decide(&w.policy, &w.versions, &reports, None, now());
+        assert_eq!(d.outcome, Outcome::HoldForReview);
+        let because = d.reports[0].rejected_because.as_deref().unwrap_or_default();
+        assert!(because.contains("measures no underdiagnosis"), "{because}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //!   paired bootstrap intervals of candidate − baseline;
 //! - [`drift`]: permutation two-sample tests (embedding MMD, score KS, metadata χ²) and Holm's
 //!   adjustment, for monitoring a deployed model at a site;
+//! - [`performance`]: late labels at a site: AUROC per cell against the reference window, with
+//!   intervals and a permutation test of a drop;
 //! - [`disclosure`]: which subgroup cells a report may publish (small cells and their
 //!   complements hidden);
 //! - [`report`]: the site report and its ed25519 signature;
@@ -25,6 +27,7 @@ pub mod disclosure;
 pub mod drift;
 pub mod gate;
 pub mod monitor;
+pub mod performance;
 pub mod report;
 pub mod stats;
 

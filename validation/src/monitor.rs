@@ -1,7 +1,9 @@
 //! Monitor reports: what a site's look at its deployed model found, signed like site reports.
 //!
 //! A report carries only aggregates: for each drift test its statistic, its p-value and Holm's
-//! adjusted p-value, never a case, a count per category or an embedding. It binds the model,
+//! adjusted p-value, never a case, a count per metadata category or an embedding; once labels
+//! arrive, the AUROC per subgroup cell of both windows under the same disclosure control as
+//! site reports, with the recent window's underdiagnosis and calibration. It binds the model,
 //! the version and its weight hash, the site, fingerprints of both data windows and the time,
 //! so that it cannot be replayed for another version or site without its signature failing.
 
@@ -9,6 +11,7 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
 use crate::drift::{self, DriftTest};
+use crate::performance::CellPerformance;
 use crate::report::Signed;
 use crate::{Error, Result};
 
@@ -56,8 +59,12 @@ pub struct MonitorReport {
     pub alpha: f64,
     /// Every statistic watched.
     pub watched: Vec<Watched>,
-    /// Whether any statistic drifted.
+    /// Whether any statistic drifted (performance statistics included).
     pub drifting: bool,
+    /// Once labels arrived: performance per cell against the reference window (empty without
+    /// enough labelled recent cases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub performance: Vec<CellPerformance>,
     /// The look this report answers (a ModelMonitor's pod name), so that a controller tells it
     /// from an earlier look's report of the same version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,22 +72,68 @@ pub struct MonitorReport {
 }
 
 impl MonitorReport {
-    /// The statistics that drifted, as `name (p = …)`, for conditions and events.
+    /// The statistics that drifted, as `name (statistic …, adjusted p = …)`, and the cells whose
+    /// performance dropped with their AUROC change, for conditions and events.
     pub fn evidence(&self) -> Vec<String> {
         self.watched
             .iter()
             .filter(|w| w.drifting)
-            .map(|w| {
-                format!(
+            .map(|w| match self.cell_of(&w.name) {
+                Some(c) => format!(
+                    "{} (AUROC {:.3} -> {:.3}, change {:+.3} [{:+.3}, {:+.3}], adjusted p = {:.4})",
+                    w.name,
+                    c.reference_auroc.value,
+                    c.recent_auroc.value,
+                    c.change.value,
+                    c.change.lo,
+                    c.change.hi,
+                    w.adjusted_p
+                ),
+                None => format!(
                     "{} (statistic {:.4}, adjusted p = {:.4})",
                     w.name, w.test.statistic, w.adjusted_p
-                )
+                ),
             })
             .collect()
     }
+
+    /// The cells whose performance dropped (late labels), by name.
+    pub fn performance_dropped(&self) -> Vec<&CellPerformance> {
+        self.watched
+            .iter()
+            .filter(|w| w.drifting)
+            .filter_map(|w| self.cell_of(&w.name))
+            .collect()
+    }
+
+    fn cell_of(&self, statistic: &str) -> Option<&CellPerformance> {
+        let rest = statistic.strip_prefix(PERFORMANCE)?;
+        let cell = rest.split_once(':').map(|(_, cell)| cell);
+        self.performance.iter().find(|c| c.cell.as_deref() == cell)
+    }
 }
 
-/// Adjusts the tests of one look together and judges each at `alpha`.
+/// How the names of performance statistics begin (`performance:lesion:sex=F`).
+pub const PERFORMANCE: &str = "performance:";
+
+/// Judges a look's two families: the drift tests together, and the performance tests (late
+/// labels) together, each adjusted by Holm at `alpha`. Data drift and a drop in performance
+/// are separate questions with separate consequences; each keeps its own false-alarm level.
+pub fn judge_look(
+    drift: Vec<(String, DriftTest)>,
+    performance: Vec<(String, DriftTest)>,
+    alpha: f64,
+) -> Result<(Vec<Watched>, bool)> {
+    let (mut watched, drifting) = judge(drift, alpha)?;
+    if performance.is_empty() {
+        return Ok((watched, drifting));
+    }
+    let (dropped, any) = judge(performance, alpha)?;
+    watched.extend(dropped);
+    Ok((watched, drifting || any))
+}
+
+/// Adjusts the tests of one family together and judges each at `alpha`.
 pub fn judge(tests: Vec<(String, DriftTest)>, alpha: f64) -> Result<(Vec<Watched>, bool)> {
     if !(alpha > 0.0 && alpha < 1.0) {
         return Err(Error::Data(format!("alpha {alpha} must be in (0, 1)")));
@@ -172,6 +225,7 @@ mod tests {
             alpha: 0.01,
             watched,
             drifting,
+            performance: Vec::new(),
             look: None,
         }
     }

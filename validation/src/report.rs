@@ -14,7 +14,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::disclosure::FieldCells;
-use crate::stats::{self, Paired};
+use crate::stats::{self, CellBias, Estimate, Paired};
 use crate::{Error, Result};
 
 /// Format tag of the payload.
@@ -78,6 +78,9 @@ pub struct TaskReport {
     /// Cells suppressed (fewer than min_cell_size cases, one class only, or hidden so that
     /// subtraction cannot reveal another hidden cell).
     pub suppressed_cells: usize,
+    /// The candidate's expected calibration error on all cases (absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_error: Option<Estimate>,
 }
 
 /// One subgroup cell.
@@ -89,12 +92,24 @@ pub struct SubgroupReport {
     pub value: String,
     /// Candidate vs baseline on the cell.
     pub result: Paired,
+    /// The candidate's underdiagnosis and calibration in the cell (absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<CellBias>,
 }
 
 impl SubgroupReport {
-    /// `field=value`.
+    /// `field=value`, or for an intersection `field=value&field=value`.
     pub fn name(&self) -> String {
-        format!("{}={}", self.field, self.value)
+        if self.is_intersection() {
+            self.value.clone()
+        } else {
+            format!("{}={}", self.field, self.value)
+        }
+    }
+
+    /// Whether the cell crosses two fields.
+    pub fn is_intersection(&self) -> bool {
+        self.field.contains(crate::disclosure::CROSS)
     }
 }
 
@@ -173,30 +188,18 @@ pub fn task_report(
     let mut subgroups = Vec::new();
     let mut suppressed_cells = 0;
     for (fi, field) in cells.iter().enumerate() {
-        for (ci, cell) in field.cells.iter().enumerate() {
-            let result = cell
+        for (ci, cell) in field.cells.iter().enumerate().filter(|(_, c)| !c.implicit) {
+            let seed = seed ^ ((fi as u64 + 1) << 32) ^ (ci as u64 + 1);
+            match cell
                 .published
-                .then(|| {
-                    stats::paired(
-                        cases.candidate,
-                        cases.baseline,
-                        cases.labels,
-                        &cell.rows,
-                        RESAMPLES,
-                        seed ^ ((fi as u64 + 1) << 32) ^ (ci as u64 + 1),
-                    )
-                })
-                .flatten();
-            match result {
-                Some(result) => subgroups.push(SubgroupReport {
-                    field: field.field.clone(),
-                    value: cell.value.clone(),
-                    result,
-                }),
-                None => suppressed_cells += 1,
+                .then(|| cell_report(cases, &field.field, cell, seed))
+            {
+                Some(Some(report)) => subgroups.push(report),
+                _ => suppressed_cells += 1,
             }
         }
     }
+    let ece = stats::cell_bias(cases.candidate, cases.labels, &all, RESAMPLES, seed ^ 1);
     Ok(TaskReport {
         task: cases.task.clone(),
         method: "logistic-regression probe on frozen embeddings, 5-fold cross-validated within the site; operating point p >= 0.5".into(),
@@ -204,6 +207,23 @@ pub fn task_report(
         knn_auroc,
         subgroups,
         suppressed_cells,
+        calibration_error: ece.map(|b| b.calibration_error),
+    })
+}
+
+/// Candidate against baseline on one published cell, with the candidate's bias measures.
+fn cell_report(
+    cases: &Cases,
+    field: &str,
+    cell: &crate::disclosure::Cell,
+    seed: u64,
+) -> Option<SubgroupReport> {
+    let (c, b, y) = (cases.candidate, cases.baseline, cases.labels);
+    Some(SubgroupReport {
+        field: field.to_string(),
+        value: cell.value.clone(),
+        result: stats::paired(c, b, y, &cell.rows, RESAMPLES, seed)?,
+        bias: stats::cell_bias(c, y, &cell.rows, RESAMPLES, seed ^ 0x5eed),
     })
 }
 
@@ -365,15 +385,24 @@ pub(crate) mod tests {
         let names = |r: &SiteReport| -> Vec<String> {
             r.tasks[0].subgroups.iter().map(|s| s.name()).collect()
         };
-        assert_eq!(names(&report("site-a", 2)), ["sex=F", "sex=M", "scanner=A"]);
+        assert_eq!(
+            names(&report("site-a", 2)),
+            [
+                "sex=F",
+                "sex=M",
+                "scanner=A",
+                "sex=F&scanner=A",
+                "sex=M&scanner=A"
+            ]
+        );
         let r = report_split("site-a", 2, 50);
         let t = &r.tasks[0];
         assert_eq!(
             names(&r),
             ["scanner=A"],
-            "sex=M has 10 cases; sex=F (50) would reveal it as 60 - 50"
+            "sex=M has 10 cases; sex=F (50) would reveal it as 60 - 50; so would their intersections with scanner=A"
         );
-        assert_eq!(t.suppressed_cells, 2);
+        assert_eq!(t.suppressed_cells, 4);
         let text = sign(&r, &generate_key()).payload;
         assert!(!text.contains("\"M\""), "{text}");
     }

@@ -91,6 +91,73 @@ pub fn ece(p: &[f64], y: &[bool]) -> Option<f64> {
     )
 }
 
+/// False-negative rate at [`OPERATING_POINT`] (1 − sensitivity); None without positives.
+pub fn false_negative_rate(p: &[f64], y: &[bool]) -> Option<f64> {
+    sens_spec(p, y).0.map(|s| 1.0 - s)
+}
+
+/// Where one model harms a subgroup cell although its AUROC may look fine: the cell's
+/// false-negative rate against that of all cases (underdiagnosis) and its calibration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellBias {
+    /// False-negative rate in the cell at the operating point.
+    pub false_negative_rate: f64,
+    /// False-negative rate of the cell minus that of all cases; positive: the cell's disease
+    /// is missed more often. Interval from resampling the cell's positives and the other
+    /// positives independently.
+    pub fnr_gap: Estimate,
+    /// Expected calibration error in the cell, with its bootstrap interval.
+    pub calibration_error: Estimate,
+}
+
+/// The bias measures of scores `p` (labels `y`) on the cell `rows`, against all cases; None
+/// without positives in the cell.
+pub fn cell_bias(
+    p: &[f64],
+    y: &[bool],
+    rows: &[usize],
+    resamples: usize,
+    seed: u64,
+) -> Option<CellBias> {
+    let missed = |i: usize| y[i] && p[i] < OPERATING_POINT;
+    let mut in_cell = vec![false; y.len()];
+    rows.iter().for_each(|&r| in_cell[r] = true);
+    let cell: Vec<bool> = rows.iter().filter(|&&i| y[i]).map(|&i| missed(i)).collect();
+    let rest: Vec<bool> = (0..y.len())
+        .filter(|&i| y[i] && !in_cell[i])
+        .map(missed)
+        .collect();
+    if cell.is_empty() {
+        return None;
+    }
+    let gap = |c: usize, r: usize| {
+        c as f64 / cell.len() as f64 - (c + r) as f64 / (cell.len() + rest.len()) as f64
+    };
+    let count = |v: &[bool]| v.iter().filter(|&&m| m).count();
+    let (pc, yc): (Vec<f64>, Vec<bool>) = rows.iter().map(|&i| (p[i], y[i])).unzip();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let draw = |v: &[bool], rng: &mut ChaCha8Rng| {
+        (0..v.len())
+            .filter(|_| v[rng.random_range(0..v.len())])
+            .count()
+    };
+    let (mut gaps, mut eces) = (Vec::with_capacity(resamples), Vec::with_capacity(resamples));
+    for _ in 0..resamples {
+        let (c, r) = (draw(&cell, &mut rng), draw(&rest, &mut rng));
+        gaps.push(gap(c, r));
+        let idx: Vec<usize> = (0..rows.len())
+            .map(|_| rng.random_range(0..rows.len()))
+            .collect();
+        let (ps, ys): (Vec<f64>, Vec<bool>) = idx.iter().map(|&i| (pc[i], yc[i])).unzip();
+        eces.extend(ece(&ps, &ys));
+    }
+    Some(CellBias {
+        false_negative_rate: count(&cell) as f64 / cell.len() as f64,
+        fnr_gap: interval(gap(count(&cell), count(&rest)), gaps),
+        calibration_error: interval(ece(&pc, &yc)?, eces),
+    })
+}
+
 /// A point estimate with its 95 % bootstrap percentile interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
@@ -138,7 +205,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
-fn interval(value: f64, mut draws: Vec<f64>) -> Estimate {
+pub(crate) fn interval(value: f64, mut draws: Vec<f64>) -> Estimate {
     if draws.is_empty() {
         return Estimate {
             value,
@@ -228,6 +295,37 @@ mod tests {
         // Perfectly calibrated bins give 0; always-0.9 on all-negative cases gives 0.9.
         assert!(ece(&[0.0, 1.0], &[false, true]).unwrap() < 1e-12);
         assert!((ece(&[0.9; 4], &[false; 4]).unwrap() - 0.9).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_cell_whose_disease_is_missed_more_often_has_a_positive_fnr_gap() {
+        let n = 600;
+        let y: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
+        let in_cell = |i: usize| i < 200;
+        // Positives score 0.7 except a third of the cell's, scored 0.3 (missed).
+        let p: Vec<f64> = (0..n)
+            .map(|i| match (y[i], in_cell(i) && i % 3 == 0) {
+                (true, true) => 0.3,
+                (true, false) => 0.7,
+                (false, _) => 0.3,
+            })
+            .collect();
+        let cell: Vec<usize> = (0..n).filter(|&i| in_cell(i)).collect();
+        let b = cell_bias(&p, &y, &cell, 500, 1).unwrap();
+        // 34 of the cell's 100 positives are missed; 34 of all 300.
+        assert!((b.false_negative_rate - 0.34).abs() < 1e-12);
+        assert!((b.fnr_gap.value - (0.34 - 34.0 / 300.0)).abs() < 1e-12);
+        assert!(b.fnr_gap.lo > 0.1, "{:?}", b.fnr_gap);
+        let other: Vec<usize> = (0..n).filter(|&i| !in_cell(i)).collect();
+        let fair = cell_bias(&p, &y, &other, 500, 1).unwrap();
+        assert!(fair.fnr_gap.hi < 0.0, "{:?}", fair.fnr_gap);
+        assert!(
+            fair.calibration_error.value > 0.25,
+            "0.7 for positives, 0.3 for negatives"
+        );
+        assert!(fair.calibration_error.lo <= fair.calibration_error.value);
+        let negatives: Vec<usize> = (1..n).step_by(2).collect();
+        assert_eq!(cell_bias(&p, &y, &negatives, 10, 1), None);
     }
 
     #[test]

@@ -514,6 +514,7 @@ mod tests {
             alpha: 0.01,
             watched: vec![],
             drifting,
+            performance: Vec::new(),
             look: None,
         };
         serde_json::to_vec(&radfm_validation::monitor::sign(&r, &key(signer))).unwrap()

@@ -154,6 +154,7 @@ mod tests {
             alpha: 0.01,
             watched: vec![],
             drifting: false,
+            performance: Vec::new(),
             look: Some("north-1".into()),
         };
         serde_json::to_vec(&radfm_validation::monitor::sign(&r, &key)).unwrap()

@@ -501,6 +501,7 @@ mod tests {
                 watched("metadata:sex", 0.6),
             ],
             drifting,
+            performance: Vec::new(),
             look: Some(look.into()),
         }
     }

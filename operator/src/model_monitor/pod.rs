@@ -45,6 +45,10 @@ fn args(mm: &ModelMonitor, version: u64, look: &str) -> Vec<String> {
         s.alpha.to_string(),
         "--permutations".into(),
         s.permutations.to_string(),
+        "--min-cell".into(),
+        s.min_cell_size.to_string(),
+        "--performance-margin".into(),
+        s.performance_margin.to_string(),
         "--look".into(),
         look.into(),
     ];
@@ -147,6 +151,8 @@ spec:
             ["--fields", "manufacturer,sex,age_band"],
             ["--alpha", "0.01"],
             ["--permutations", "999"],
+            ["--min-cell", "20"],
+            ["--performance-margin", "0.02"],
         ] {
             assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
         }
