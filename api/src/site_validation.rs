@@ -288,6 +288,12 @@ pub struct PromotionPolicySpec {
     #[serde(default = "default_min_cell")]
     #[x_kube(validation = Rule::new("self >= 10").message("minCellSize must be at least 10"))]
     pub min_cell_size: i32,
+    /// Roll production back to the version before it when its monitoring shows harm: trusted
+    /// sites' signed monitor reports (ModelMonitor, `radfm monitor`) of the production version,
+    /// dated after its promotion, that found its performance dropped once labels arrived. Unset:
+    /// production is never moved back automatically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackSpec>,
     /// Alias of the versions under decision.
     #[serde(default = "default_candidate")]
     pub candidate_alias: String,
@@ -322,6 +328,20 @@ fn default_gap() -> f64 {
 }
 fn default_skew() -> i64 {
     300
+}
+
+/// When harm after a promotion moves production back.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackSpec {
+    /// Trusted sites whose monitoring must show a drop in performance.
+    #[serde(default = "default_rollback_sites")]
+    #[x_kube(validation = Rule::new("self >= 1").message("rollback.minSites must be at least 1"))]
+    pub min_sites: i32,
+}
+
+fn default_rollback_sites() -> i32 {
+    1
 }
 
 /// A site and its public key.

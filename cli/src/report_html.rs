@@ -245,7 +245,7 @@ fn header(
         h,
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"/><title>radfm change-control record: {m} v{v}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}.Promote{{color:#1e6b3a}}.Reject{{color:#c0392b}}.HoldForReview{{color:#b9770e}}code{{font-size:12px}}.harm{{background:#fadbd8;font-weight:bold}}</style>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}.Promote{{color:#1e6b3a}}.Reject{{color:#c0392b}}.Rollback{{color:#c0392b}}.HoldForReview{{color:#b9770e}}code{{font-size:12px}}.harm{{background:#fadbd8;font-weight:bold}}</style>
 </head><body>
 <h1>Change-control record: {m} v{v}</h1>
 <p>Registered {created} by {by}; code version {code}; weights <code>{sha}</code>. Aliases: {aliases}.</p>
@@ -598,7 +598,8 @@ fn gate_rules(h: &mut String, p: &PromotionPolicySpec) {
     );
 }
 
-/// The newest event about version `v` that stored a gate decision; else the newest note on it.
+/// The newest event that stored a gate decision on version `v` (a promotion, a rejection, a
+/// rollback away from it); else the newest note on it.
 async fn decision_about<'a>(
     reg: &Registry,
     model: &str,
@@ -610,7 +611,7 @@ async fn decision_about<'a>(
         .rev()
         .filter(|e| match &e.kind {
             EventKind::Note { version: Some(x) } => *x == v,
-            EventKind::AliasMoved { to, .. } => *to == v,
+            EventKind::AliasMoved { to, from, .. } => *to == v || *from == Some(v),
             _ => false,
         })
         .collect();
@@ -619,6 +620,7 @@ async fn decision_about<'a>(
             .decision(model, e.seq)
             .await?
             .and_then(|b| serde_json::from_slice::<Decision>(&b).ok())
+            .filter(|d| d.candidate == v)
         {
             return Ok(Some((e, Some(d))));
         }

@@ -725,7 +725,7 @@ fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
         "--reason",
         "validated",
     ]);
-    radfm(&[
+    let north_public = radfm(&[
         "keygen",
         "--out",
         &dir.path().join("keys").display().to_string(),
@@ -869,5 +869,78 @@ fn a_site_monitor_flags_a_scanner_shift_and_not_a_stable_window() {
     assert!(
         text.contains("performance:lesion:sex=F (AUROC "),
         "the evidence names the cell and its AUROC change"
+    );
+
+    // v2 is promoted; its looks after the promotion show the same harm; a policy that rolls
+    // back on harm moves production back to v1, with the reason, and v2 stays out.
+    radfm(&[
+        "registry",
+        "register",
+        &registry,
+        "chest",
+        "--export",
+        &uri("model"),
+        "--parent",
+        "1",
+    ]);
+    radfm(&[
+        "registry",
+        "promote",
+        &registry,
+        "chest",
+        "2",
+        "--reason",
+        "validated",
+    ]);
+    assert_eq!(look("harmed")["version"], 2);
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "registry: \"{registry}\"\nmodel: chest\ntask: lesion\nquorum: 1\n\
+             trustedSites: [{{site: north, publicKey: \"{}\"}}]\nrollback: {{minSites: 1}}\n",
+            north_public.trim()
+        ),
+    )
+    .unwrap();
+    let gate = radfm(&[
+        "gate",
+        "--policy",
+        &policy.display().to_string(),
+        "--by",
+        "gate",
+    ]);
+    assert!(
+        gate.starts_with("chest: Rollback v2") && gate.contains("[harm] site north, sex=F: AUROC "),
+        "{gate}"
+    );
+    let aliases = rt
+        .block_on(Registry::open(&registry).unwrap().aliases("chest"))
+        .unwrap();
+    assert_eq!(aliases["production"], 1, "{gate}");
+    let again = radfm(&["gate", "--policy", &policy.display().to_string()]);
+    assert!(again.starts_with("nothing to decide"), "{again}");
+    let html = dir.path().join("v2.html");
+    radfm(&[
+        "report",
+        "--registry",
+        &registry,
+        "chest",
+        "2",
+        "--out",
+        &html.display().to_string(),
+    ]);
+    let parsed = parse_html(&html);
+    assert_eq!(parsed["outcome"], "Rollback", "{parsed}");
+    let reasons = parsed["reasons"].as_array().unwrap();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r["code"] == "harm" && r["site"] == "north" && r["subgroup"] == "sex=F"),
+        "{parsed}"
+    );
+    assert!(
+        !reasons.iter().any(|r| r["subgroup"] == "sex=M"),
+        "{parsed}"
     );
 }

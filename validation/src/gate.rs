@@ -26,6 +26,9 @@ pub enum Outcome {
     Reject,
     /// Not enough evidence yet (quorum, required subgroups) or waiting for a person.
     HoldForReview,
+    /// Production (the decision's `candidate`) showed harm after its promotion and moves back
+    /// to the version before it (the decision's `baseline`).
+    Rollback,
 }
 
 impl Outcome {
@@ -35,6 +38,7 @@ impl Outcome {
             Outcome::Promote => "Promote",
             Outcome::Reject => "Reject",
             Outcome::HoldForReview => "HoldForReview",
+            Outcome::Rollback => "Rollback",
         }
     }
 }
@@ -551,6 +555,124 @@ fn passed(
     rule("passed", None, why)
 }
 
+/// The production version as the harm check sees it.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    /// Model.
+    pub model: String,
+    /// Production version.
+    pub version: u64,
+    /// Its weights' sha256.
+    pub weights_sha256: String,
+    /// When production moved to it.
+    pub promoted: Timestamp,
+    /// The version production pointed to before.
+    pub previous: u64,
+}
+
+/// Checks one stored monitor report of production: signed by the trusted key of the site it is
+/// stored for, about exactly the deployed weights, and looked after the promotion.
+fn admit_look(
+    policy: &PromotionPolicySpec,
+    d: &Deployed,
+    site: &str,
+    bytes: &[u8],
+    now: Timestamp,
+) -> Result<crate::monitor::MonitorReport, String> {
+    let trusted = policy
+        .trusted_sites
+        .iter()
+        .find(|t| t.site == site)
+        .ok_or_else(|| format!("site {site} is not trusted by the policy"))?;
+    let (signed, r) =
+        crate::monitor::open_stored(bytes, site, &d.model, d.version).map_err(|e| e.to_string())?;
+    if !signed.public_key.eq_ignore_ascii_case(&trusted.public_key) {
+        return Err(format!("not signed with {site}'s trusted key (forged?)"));
+    }
+    if r.weights_sha256 != d.weights_sha256 {
+        return Err("about other weights than production's (replayed?)".into());
+    }
+    let created: Timestamp = r
+        .created
+        .parse()
+        .map_err(|e| format!("created {:?}: {e}", r.created))?;
+    let skew = jiff::SignedDuration::from_secs(policy.max_clock_skew_seconds.max(0));
+    if created > now + skew {
+        return Err(format!(
+            "dated {created}, ahead of {now} beyond the clock skew"
+        ));
+    }
+    if created < d.promoted {
+        return Err(format!(
+            "looked at {created}, before the promotion at {}",
+            d.promoted
+        ));
+    }
+    Ok(r)
+}
+
+/// Whether production must roll back: a Rollback decision when at least `rollback.minSites`
+/// trusted sites' looks after the promotion found a drop in performance, with one reason per
+/// cell that dropped; None otherwise (drift without a drop in performance is for retraining,
+/// not for rollback).
+pub fn harm(
+    policy: &PromotionPolicySpec,
+    d: &Deployed,
+    looks: &[(String, String, Vec<u8>)],
+    now: Timestamp,
+) -> Option<Decision> {
+    let needed = policy.rollback.as_ref()?.min_sites.max(1) as usize;
+    let (mut reasons, mut sites, mut checks) = (Vec::new(), Vec::new(), Vec::new());
+    for (site, uri, bytes) in looks {
+        let admitted = admit_look(policy, d, site, bytes, now);
+        checks.push(ReportCheck {
+            uri: uri.clone(),
+            site: Some(site.clone()),
+            accepted: admitted.is_ok(),
+            rejected_because: admitted.as_ref().err().cloned(),
+        });
+        let Ok(r) = admitted else { continue };
+        let dropped = r.performance_dropped();
+        if dropped.is_empty() {
+            continue;
+        }
+        sites.push(site.clone());
+        reasons.extend(dropped.into_iter().map(|c| harm_reason(&r, c)));
+    }
+    (sites.len() >= needed).then(|| Decision {
+        model: d.model.clone(),
+        candidate: d.version,
+        baseline: d.previous,
+        outcome: Outcome::Rollback,
+        reasons,
+        sites,
+        reports: checks,
+        accepted: Vec::new(),
+        approval: None,
+    })
+}
+
+fn harm_reason(
+    r: &crate::monitor::MonitorReport,
+    c: &crate::performance::CellPerformance,
+) -> Reason {
+    let look = r.look.as_deref().unwrap_or("a look");
+    Reason {
+        code: "harm".into(),
+        site: Some(r.site.clone()),
+        subgroup: c.cell.clone(),
+        message: format!(
+            "site {}, {}: AUROC {:.3} -> {:.3} after the promotion, change {} ({look} at {})",
+            r.site,
+            c.name(),
+            c.reference_auroc.value,
+            c.recent_auroc.value,
+            fmt_ci(&c.change),
+            r.created
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +713,7 @@ mod tests {
             approvers: Vec::new(),
             max_clock_skew_seconds: 300,
             min_cell_size: 20,
+            rollback: None,
             candidate_alias: "candidate".into(),
             production_alias: "production".into(),
             poll_interval_seconds: 60,
@@ -843,6 +966,132 @@ mod tests {
         assert_eq!(d.outcome, Outcome::HoldForReview);
         let because = d.reports[0].rejected_because.as_deref().unwrap_or_default();
         assert!(because.contains("measures no underdiagnosis"), "{because}");
+    }
+
+    /// Site `site`'s signed look at production v2 (weights `c…`) at `created`, whose women's
+    /// AUROC dropped when `harmed`, else only its embeddings drifted.
+    fn look(w: &World, site: usize, created: &str, harmed: bool) -> (String, String, Vec<u8>) {
+        use crate::drift::DriftTest;
+        use crate::monitor::{FORMAT, MonitorReport, Watched, sign};
+        use crate::performance::CellPerformance;
+        let name = &w.keys[site].0;
+        let e = |value| Estimate {
+            value,
+            lo: value - 0.05,
+            hi: value + 0.05,
+        };
+        let test = DriftTest {
+            statistic: 0.3,
+            p_value: 0.0001,
+            permutations: 9999,
+            reference: 200,
+            recent: 200,
+        };
+        let watched = |name: &str, drifting| Watched {
+            name: name.into(),
+            test: test.clone(),
+            adjusted_p: 0.0003,
+            drifting,
+        };
+        let r = MonitorReport {
+            format: FORMAT.into(),
+            model: "chest".into(),
+            version: 2,
+            weights_sha256: "c".repeat(64),
+            site: name.clone(),
+            reference_fingerprint: "a".into(),
+            recent_fingerprint: "b".into(),
+            created: created.into(),
+            code_version: "test".into(),
+            alpha: 0.01,
+            watched: vec![
+                watched("embeddings", true),
+                watched("performance:lesion:sex=F", harmed),
+            ],
+            drifting: true,
+            performance: vec![CellPerformance {
+                cell: Some("sex=F".into()),
+                reference_cases: 200,
+                recent_cases: 200,
+                reference_auroc: e(0.85),
+                recent_auroc: e(0.55),
+                change: e(-0.30),
+                recent_bias: None,
+            }],
+            look: Some(format!("{name}-1")),
+        };
+        let uri = format!("file:///r/monitoring/{name}.json");
+        (
+            name.clone(),
+            uri,
+            serde_json::to_vec(&sign(&r, &w.keys[site].1)).unwrap(),
+        )
+    }
+
+    #[test]
+    fn harm_after_the_promotion_at_enough_trusted_sites_rolls_production_back_naming_site_and_cell()
+    {
+        let mut w = world();
+        let deployed = Deployed {
+            model: "chest".into(),
+            version: 2,
+            weights_sha256: "c".repeat(64),
+            promoted: "2026-11-29T12:00:00Z".parse().unwrap(),
+            previous: 1,
+        };
+        let after = "2026-11-29T12:00:30Z";
+        let harmed = [look(&w, 0, after, true)];
+        assert!(
+            harm(&w.policy, &deployed, &harmed, now()).is_none(),
+            "no rollback policy"
+        );
+        w.policy.rollback = Some(radfm_api::site_validation::RollbackSpec { min_sites: 1 });
+        let d = harm(&w.policy, &deployed, &harmed, now()).expect("harm at site-a");
+        assert_eq!(
+            (d.outcome, d.candidate, d.baseline),
+            (Outcome::Rollback, 2, 1)
+        );
+        assert_eq!(
+            d.reasons[0].message,
+            "site site-a, sex=F: AUROC 0.850 -> 0.550 after the promotion, change -0.300 [-0.350, -0.250] (site-a-1 at 2026-11-29T12:00:30Z)"
+        );
+        assert_eq!(
+            (
+                d.reasons[0].site.as_deref(),
+                d.reasons[0].subgroup.as_deref()
+            ),
+            (Some("site-a"), Some("sex=F"))
+        );
+
+        let drift_only = [look(&w, 0, after, false)];
+        assert!(
+            harm(&w.policy, &deployed, &drift_only, now()).is_none(),
+            "drift is for retraining"
+        );
+        let before = [look(&w, 0, "2026-11-29T11:59:00Z", true)];
+        let d = harm(&w.policy, &deployed, &before, now());
+        assert!(
+            d.is_none(),
+            "a look before the promotion is not about production's harm"
+        );
+        let mut forged = look(&w, 1, after, true);
+        forged.0 = "site-a".into();
+        let refused = {
+            w.policy.rollback = Some(radfm_api::site_validation::RollbackSpec { min_sites: 2 });
+            harm(
+                &w.policy,
+                &deployed,
+                &[look(&w, 0, after, true), forged],
+                now(),
+            )
+        };
+        assert!(
+            refused.is_none(),
+            "site-b's key does not speak for site-a, and one site is not two"
+        );
+        let both = [look(&w, 0, after, true), look(&w, 1, after, true)];
+        let d = harm(&w.policy, &deployed, &both, now()).unwrap();
+        assert_eq!(d.sites, ["site-a", "site-b"]);
     }
 
     #[test]

@@ -165,8 +165,9 @@ async fn read_data(
     })
 }
 
-/// Versions of `model` whose newest gate decision is Reject (a later move of any alias to a
-/// version, such as a promotion by hand, clears it).
+/// Versions of `model` whose newest gate decision is Reject, or that the gate rolled back from
+/// production for harm (a later move of any alias to a version, such as a promotion by hand,
+/// clears it).
 async fn rejected_versions(
     reg: &radfm_registry::Registry,
     model: &str,
@@ -182,8 +183,17 @@ async fn rejected_versions(
                     rejected.insert(v, d.outcome == Outcome::Reject);
                 }
             }
-            EventKind::AliasMoved { to, .. } => {
+            EventKind::AliasMoved { to, from, .. } => {
                 rejected.insert(to, false);
+                let Some(body) = reg.decision(model, e.seq).await? else {
+                    continue;
+                };
+                let d = serde_json::from_slice::<Decision>(&body).ok();
+                if let (Some(d), Some(from)) = (d, from)
+                    && d.outcome == Outcome::Rollback
+                {
+                    rejected.insert(from, true);
+                }
             }
             _ => {}
         }
@@ -521,7 +531,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_version_is_rejected_while_its_newest_decision_is_reject_and_no_alias_moved_to_it() {
+    async fn a_version_is_rejected_while_its_newest_decision_is_reject_or_a_rollback_and_no_alias_moved_to_it()
+     {
         let dir = tempfile::tempdir().unwrap();
         let reg = radfm_registry::Registry::open(dir.path().to_str().unwrap()).unwrap();
         for _ in 0..3 {
@@ -564,6 +575,22 @@ mod tests {
         assert_eq!(
             rejected_versions(&reg, "chest").await.unwrap(),
             BTreeSet::from([2])
+        );
+        // v3 harmed patients after all and the gate rolled production back: its data returns.
+        let back = reg
+            .move_alias("chest", "production", 1, Some(3), "gate", "Rollback v3 ...")
+            .await
+            .unwrap();
+        let body = serde_json::json!({
+            "model": "chest", "candidate": 3, "baseline": 1,
+            "outcome": "Rollback", "reasons": [], "sites": [], "reports": [],
+        });
+        reg.put_decision("chest", back.seq, serde_json::to_vec(&body).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            rejected_versions(&reg, "chest").await.unwrap(),
+            BTreeSet::from([2, 3])
         );
     }
 
