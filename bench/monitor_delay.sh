@@ -2,22 +2,26 @@
 # Detection delay and false alarms of site monitoring (`radfm monitor`), over seeds.
 #
 # Three hospitals watch the same production model with one look a week for WEEKS weeks. South and
-# east never change. North replaces its scanner gradually from week SHIFT_WEEK: that week a
-# quarter of its cases come from the older, noisier scanner (`radfm synth --shift-site`), then a
-# half, three quarters, and all of them. Every look compares the week's WINDOW cases with the
+# east never change. North replaces its scanner gradually from week SHIFT_WEEK: that week 1/RAMP
+# of its cases come from the older, noisier scanner (`radfm synth --shift-site`), then 2/RAMP,
+# and so on until all of them (RAMP=4: a quarter, a half, ...; RAMP=8: a subtler drift, an eighth
+# the first week). Every look compares the week's WINDOW cases with the
 # site's reference window (the cases the model was validated on) at the deployed level α.
 #
 # Two arms: "metadata" watches embeddings, the probe's scores, scanner and sex; "images" watches
 # only embeddings, the probe's scores and sex, as a site whose new scanner reports the old
 # manufacturer would. Prints every look, then per arm: the detection delay in looks (0 = flagged
 # at the first shifted week) per seed, and the false alarms among the unchanged windows (south,
-# east, and north before the shift) against the α × looks expected. Ends with
-# `bench: monitor ratio=<false alarms / expected false alarms>` over both arms.
+# east, and north before the shift) against the α × looks expected, for the drift statistics and,
+# since every window carries its labels, for the late-label performance statistics (each family
+# is adjusted apart at α). Ends with `bench: monitor ratio=<false alarms / expected false alarms>`
+# over both arms and both families.
 set -euo pipefail
 
 SEEDS=${SEEDS:-0 1 2}
 WEEKS=${WEEKS:-8}
 SHIFT_WEEK=${SHIFT_WEEK:-4}
+RAMP=${RAMP:-4}
 WINDOW=${WINDOW:-120}
 REFERENCE=${REFERENCE:-240}
 SIZE=${SIZE:-32}
@@ -38,11 +42,11 @@ synth() { # out site samples seed first-index [shift]
     "${extra[@]}" >/dev/null
 }
 
-# The fraction of north's cases from the new scanner in week $1, in quarters.
-quarters() {
+# How many RAMP-ths of north's cases come from the new scanner in week $1.
+steps() {
   local q=$(($1 - SHIFT_WEEK + 1))
   if [ "$q" -lt 0 ]; then q=0; fi
-  if [ "$q" -gt 4 ]; then q=4; fi
+  if [ "$q" -gt "$RAMP" ]; then q=$RAMP; fi
   echo "$q"
 }
 
@@ -70,7 +74,7 @@ one_seed() {
   for week in $(seq 1 "$WEEKS"); do
     for i in "${!SITES[@]}"; do
       local site=${SITES[$i]} new=0
-      [ "$site" = north ] && new=$(($(quarters "$week") * WINDOW / 4))
+      [ "$site" = north ] && new=$(($(steps "$week") * WINDOW / RAMP))
       local old=$((WINDOW - new)) dir="week-$week-$site" seed=$((base + 100 * week + i))
       [ "$old" -gt 0 ] && synth "$dir" "$site" "$old" "$seed" 0
       [ "$new" -gt 0 ] && synth "$dir" "$site" "$new" $((seed + 50)) "$old" shift
@@ -96,21 +100,35 @@ echo -e "seed\tarm\tweek\tsite\tshifted\tflagged statistics"
 for s in $SEEDS; do one_seed "$s"; done
 
 awk -F'\t' -v alpha="$ALPHA" -v shift_week="$SHIFT_WEEK" '
+  # Flagged statistics split into the drift family and the performance family (late labels).
+  function family(list, want,    n, i, names, out) {
+    n = split(list, names, ","); out = 0
+    for (i = 1; i <= n; i++) {
+      if (names[i] == "-") continue
+      if ((names[i] ~ /^performance:/) == (want == "performance")) out = 1
+    }
+    return out
+  }
   {
     key = $2
-    if ($5 == 0) { clean[key]++; if ($6 != "-") fa[key]++ }
+    if ($5 == 0) {
+      clean[key]++
+      fa_drift[key] += family($6, "drift")
+      fa_perf[key] += family($6, "performance")
+    }
+    if ($5 == 1) { shifted[key]++; perf_shifted[key] += family($6, "performance") }
     if ($5 == 1 && $6 != "-" && !((key, $1) in first)) first[key, $1] = $3 - shift_week
     seeds[$1] = 1; arms[key] = 1
   }
   END {
-    printf "\narm       delay per seed (looks after the shift began)   false alarms / unchanged looks (expected at alpha)\n"
+    printf "\narm       delay per seed (looks after the shift began)   false alarms / unchanged looks: drift, performance (expected at alpha each)   performance flagged / shifted looks\n"
     total_fa = 0; total_expected = 0
     for (a in arms) {
       line = ""
       for (s in seeds) line = line sprintf(" %s", ((a, s) in first) ? first[a, s] : "missed")
       expected = alpha * clean[a]
-      printf "%-9s %-47s %d / %d (%.2f)\n", a, line, fa[a] + 0, clean[a], expected
-      total_fa += fa[a]; total_expected += expected
+      printf "%-9s %-47s %d, %d / %d (%.2f each)   %d / %d\n", a, line, fa_drift[a] + 0, fa_perf[a] + 0, clean[a], expected, perf_shifted[a] + 0, shifted[a]
+      total_fa += fa_drift[a] + fa_perf[a]; total_expected += 2 * expected
     }
     printf "bench: monitor ratio=%.3f\n", (total_fa + 0) / total_expected
   }' "$ROOT/looks.tsv"

@@ -399,11 +399,41 @@ async fn scheduled_runs_train_on_new_data_from_the_base_model_and_register_with_
     let aliases = reg.aliases("chest").await.unwrap();
     assert_eq!((aliases["candidate"], aliases["production"]), (2, 1));
 
+    // The gate rejects v2, recorded as a PromotionPolicy records it (a note on v2 with the
+    // decision beside it): the shards only v2 trained on are not consumed.
+    let rejected = reg
+        .note(
+            "chest",
+            Some(2),
+            "radfm-operator/continual/chest",
+            "Reject v2 (against v1): ...",
+        )
+        .await
+        .unwrap();
+    let decision = radfm_validation::gate::Decision {
+        model: "chest".into(),
+        candidate: 2,
+        baseline: 1,
+        outcome: radfm_validation::gate::Outcome::Reject,
+        reasons: Vec::new(),
+        sites: Vec::new(),
+        reports: Vec::new(),
+        accepted: Vec::new(),
+        approval: None,
+    };
+    reg.put_decision(
+        "chest",
+        rejected.seq,
+        serde_json::to_vec(&decision).unwrap(),
+    )
+    .await
+    .unwrap();
+
     // History limit 1: once run 2 is registered, run 1 is pruned (after its registration).
     let runs = s.wait_run_count("chest", 1).await;
     assert_eq!(runs[0].name_any(), run2.name_any());
 
-    // The next run takes the data that landed during run 2, still from production (v1).
+    // The next run takes the data that landed during run 2, still from production (v1) ...
     let t5 = t4 + hours(1);
     s.set_clock(t5 + jiff::SignedDuration::from_secs(5));
     let runs = s.wait_run_count("chest", 2).await;
@@ -416,7 +446,16 @@ async fn scheduled_runs_train_on_new_data_from_the_base_model_and_register_with_
         .copied()
         .filter(|q| !grown.contains(q))
         .collect();
-    assert_eq!(window_of(run3).new, third);
+    // ... and the shards that only the rejected v2 trained on return to it.
+    let w3 = window_of(run3);
+    let mut want: Vec<u64> = second.iter().chain(&third).copied().collect();
+    want.sort();
+    assert_eq!((w3.new, w3.returned), (want, second.clone()));
+    assert!(
+        w3.replay.iter().all(|r| first.contains(r)),
+        "{:?}",
+        w3.replay
+    );
     assert_eq!(run3.spec.model.init_from.as_deref(), Some(v1_folder));
     let table = cluster
         .kubectl_ok(&["get", "ct", "-n", "continual"])

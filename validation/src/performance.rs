@@ -114,7 +114,7 @@ pub fn compare(
         permutations,
         &mut rng,
     );
-    let recent_bias = stats::cell_bias(recent.p, recent.y, &rb, stats_resamples(), seed ^ 7);
+    let recent_bias = stats::cell_bias(recent.p, recent.y, &rb, crate::report::RESAMPLES, seed ^ 7);
     Ok((
         CellPerformance {
             cell,
@@ -132,10 +132,6 @@ pub fn compare(
     ))
 }
 
-fn stats_resamples() -> usize {
-    crate::report::RESAMPLES
-}
-
 /// 95 % intervals of both AUROCs and of their change, the windows resampled independently.
 fn intervals(
     (pa, ya): (&[f64], &[bool]),
@@ -149,7 +145,7 @@ fn intervals(
         stats::auroc(&ps, &ys)
     };
     let (mut da, mut db, mut dd) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..stats_resamples() {
+    for _ in 0..crate::report::RESAMPLES {
         let (Some(a), Some(b)) = (draw(pa, ya, rng), draw(pb, yb, rng)) else {
             continue;
         };
