@@ -14,6 +14,7 @@ pub mod index;
 pub mod ingest;
 pub mod loader;
 pub mod meta;
+pub mod report_deid;
 pub mod shard;
 pub mod store;
 pub mod synth;
