@@ -288,6 +288,7 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
                 key,
                 image,
                 meta: m,
+                report: None,
             }
         })
         .collect())

@@ -1,5 +1,6 @@
 //! WebDataset-compatible tar shards: for each sample `<key>.png` (16-bit grayscale) followed by
-//! `<key>.json` ([`SampleMeta`]). Keys hold no dots, as WebDataset splits member names at the
+//! `<key>.json` ([`SampleMeta`]) and, when the sample has a report, `<key>.txt` (its de-identified
+//! text, UTF-8). Keys hold no dots, as WebDataset splits member names at the
 //! first dot. Headers are deterministic (mode 0644, mtime 0, no owner), so the same samples give
 //! the same bytes and the same sha256.
 
@@ -22,7 +23,12 @@ pub struct Sample {
     pub image: Image16,
     /// Its metadata.
     pub meta: SampleMeta,
+    /// Its de-identified report (`<key>.txt`, UTF-8), if it has one.
+    pub report: Option<String>,
 }
+
+/// Largest report accepted in a shard: a radiology report is a few kilobytes.
+pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 
 /// Builds one shard in memory.
 pub struct ShardWriter {
@@ -56,6 +62,9 @@ impl ShardWriter {
         let json = serde_json::to_vec(&sample.meta).expect("metadata serializes");
         self.member(&format!("{}.png", sample.key), &sample.image.to_png())?;
         self.member(&format!("{}.json", sample.key), &json)?;
+        if let Some(report) = &sample.report {
+            self.member(&format!("{}.txt", sample.key), report.as_bytes())?;
+        }
         self.samples += 1;
         Ok(())
     }
@@ -137,7 +146,7 @@ impl<R: Read> ShardReader<R> {
         };
         let mut pending: Option<Members> = None;
         let finish = |p: Members, each: &mut dyn FnMut(std::result::Result<Sample, BadSample>)| {
-            each(decode(&self.name, p.key, p.png, p.json));
+            each(decode(&self.name, p));
         };
         let entries = self.archive.entries().map_err(|e| broken(e.to_string()))?;
         for entry in entries {
@@ -166,12 +175,12 @@ impl<R: Read> ShardReader<R> {
             }
             let p = pending.get_or_insert_with(|| Members {
                 key: key.to_string(),
-                png: None,
-                json: None,
+                ..Members::default()
             });
             match ext {
                 "png" => p.png = Some(data),
                 "json" => p.json = Some(data),
+                "txt" => p.txt = Some(data),
                 _ => {}
             }
         }
@@ -203,24 +212,32 @@ impl<R: Read> ShardReader<R> {
 }
 
 /// The members of one sample seen so far.
+#[derive(Default)]
 struct Members {
     key: String,
     png: Option<Vec<u8>>,
     json: Option<Vec<u8>>,
+    txt: Option<Vec<u8>>,
 }
 
-fn decode(
-    shard: &str,
-    key: String,
-    png: Option<Vec<u8>>,
-    json: Option<Vec<u8>>,
-) -> std::result::Result<Sample, BadSample> {
+fn decode(shard: &str, m: Members) -> std::result::Result<Sample, BadSample> {
+    let key = m.key;
     let bad = |reason: String| BadSample {
         key: key.clone(),
         reason,
     };
-    let png = png.ok_or_else(|| bad("no .png member".into()))?;
-    let json = json.ok_or_else(|| bad("no .json member".into()))?;
+    let png = m.png.ok_or_else(|| bad("no .png member".into()))?;
+    let json = m.json.ok_or_else(|| bad("no .json member".into()))?;
+    let report = match m.txt {
+        Some(t) if t.len() > MAX_REPORT_BYTES => {
+            return Err(bad(format!(
+                "report of {} bytes, more than the limit of {MAX_REPORT_BYTES}",
+                t.len()
+            )));
+        }
+        Some(t) => Some(String::from_utf8(t).map_err(|_| bad("report is not UTF-8".into()))?),
+        None => None,
+    };
     let meta: SampleMeta =
         serde_json::from_slice(&json).map_err(|e| bad(format!("metadata: {e}")))?;
     let image =
@@ -231,7 +248,12 @@ fn decode(
             image.width, image.height, meta.width, meta.height
         )));
     }
-    Ok(Sample { key, image, meta })
+    Ok(Sample {
+        key,
+        image,
+        meta,
+        report,
+    })
 }
 
 #[cfg(test)]
@@ -255,6 +277,40 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn a_report_travels_as_the_txt_member_and_a_bad_one_names_its_sample() {
+        let mut with = sample("a", 3);
+        with.report = Some("FINDINGS: A 12 mm nodule. IMPRESSION: Lesion.".into());
+        let mut w = ShardWriter::new();
+        w.add(&with).unwrap();
+        w.add(&sample("b", 4)).unwrap();
+        w.member("c.png", &sample("c", 5).image.to_png()).unwrap();
+        w.member("c.json", &serde_json::to_vec(&sample("c", 5).meta).unwrap())
+            .unwrap();
+        w.member("c.txt", &[0xff, 0xfe, 0x00]).unwrap();
+        w.member("d.png", &sample("d", 6).image.to_png()).unwrap();
+        w.member("d.json", &serde_json::to_vec(&sample("d", 6).meta).unwrap())
+            .unwrap();
+        w.member("d.txt", &vec![b'x'; MAX_REPORT_BYTES + 1])
+            .unwrap();
+        let mut seen = Vec::new();
+        ShardReader::new(std::io::Cursor::new(w.finish().unwrap()), "r.tar")
+            .for_each(|s| seen.push(s))
+            .unwrap();
+        assert_eq!(seen[0].as_ref().unwrap(), &with);
+        assert_eq!(seen[1].as_ref().unwrap().report, None);
+        let bad: Vec<String> = seen[2..]
+            .iter()
+            .map(|s| s.as_ref().unwrap_err().reason.clone())
+            .collect();
+        assert_eq!(bad[0], "report is not UTF-8");
+        assert!(
+            bad[1].contains("more than the limit of 65536"),
+            "{}",
+            bad[1]
+        );
+    }
+
     pub fn sample(key: &str, seed: u16) -> Sample {
         let pixels = (0..16 * 12)
             .map(|i| (i as u16).wrapping_mul(seed).wrapping_add(seed))
@@ -273,6 +329,7 @@ pub(crate) mod tests {
                 site: Some("A".into()),
                 ..Default::default()
             },
+            report: None,
         }
     }
 

@@ -179,9 +179,15 @@ pub fn sample(cfg: &SynthConfig, i: usize) -> Sample {
             )
         })
         .collect();
+    let mut found = None;
     if lesion {
         let r = rng.random_range(cfg.lesion_radius.0..=cfg.lesion_radius.1);
         let (cx, cy) = (rng.random_range(-0.35..0.35), rng.random_range(-0.5..0.5));
+        found = Some(Lesion {
+            x: cx,
+            y: cy,
+            radius: r,
+        });
         shapes.push((
             cx,
             cy,
@@ -212,25 +218,93 @@ pub fn sample(cfg: &SynthConfig, i: usize) -> Sample {
             height: cfg.size,
             pixels: out,
         },
-        meta: SampleMeta {
-            width: cfg.size,
-            height: cfg.size,
-            rescale_slope: 1.0,
-            rescale_intercept: 0.0,
-            modality: Some("synthetic".into()),
-            body_part: Some("PHANTOM".into()),
-            view: Some("PA".into()),
-            sex: Some(if female { "F" } else { "M" }.into()),
-            age_band: Some(crate::meta::age_band(age).into()),
-            manufacturer: Some(site.scanner.0.clone()),
-            scanner_model: Some(site.scanner.1.clone()),
-            site: Some(site.name.clone()),
-            patient: Some(format!("synth-patient-{i:07}")),
-            study: Some(format!("synth-study-{i:07}")),
-            frame: None,
-            labels: BTreeMap::from([("lesion".to_string(), serde_json::json!(lesion as u8))]),
-        },
+        meta: meta(cfg, site, i, female, age, lesion),
+        report: Some(report(cfg, i, found)),
     }
+}
+
+/// The metadata of sample `i`.
+fn meta(
+    cfg: &SynthConfig,
+    site: &Site,
+    i: usize,
+    female: bool,
+    age: u32,
+    lesion: bool,
+) -> SampleMeta {
+    SampleMeta {
+        width: cfg.size,
+        height: cfg.size,
+        rescale_slope: 1.0,
+        rescale_intercept: 0.0,
+        modality: Some("synthetic".into()),
+        body_part: Some("PHANTOM".into()),
+        view: Some("PA".into()),
+        sex: Some(if female { "F" } else { "M" }.into()),
+        age_band: Some(crate::meta::age_band(age).into()),
+        manufacturer: Some(site.scanner.0.clone()),
+        scanner_model: Some(site.scanner.1.clone()),
+        site: Some(site.name.clone()),
+        patient: Some(format!("synth-patient-{i:07}")),
+        study: Some(format!("synth-study-{i:07}")),
+        frame: None,
+        labels: BTreeMap::from([("lesion".to_string(), serde_json::json!(lesion as u8))]),
+    }
+}
+
+/// Where a synthetic lesion lies, in the phantom's coordinates (x right on the image, y up).
+#[derive(Debug, Clone, Copy)]
+struct Lesion {
+    x: f64,
+    y: f64,
+    radius: f64,
+}
+
+/// The field of view's half-width in millimetres, for lesion sizes in reports.
+const HALF_FOV_MM: f64 = 175.0;
+
+/// The report of sample `i`: its findings (lesion or not, side, zone, size) in the wording style
+/// of its site (site k of the cohort writes in style k mod 3), from a random stream of its own
+/// so that images stay as they were without reports.
+fn report(cfg: &SynthConfig, i: usize, lesion: Option<Lesion>) -> String {
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ i as u64);
+    let style = (i % cfg.sites.len()) % 3;
+    let Some(l) = lesion else {
+        let normal = [
+            [
+                "FINDINGS: No focal opacity. The lungs are clear. IMPRESSION: No lesion.",
+                "FINDINGS: Clear lungs, no nodule or mass. IMPRESSION: Normal study.",
+            ],
+            [
+                "The lungs are clear without focal nodule or mass. No lesion is seen.",
+                "No suspicious opacity. There is no evidence of a lesion.",
+            ],
+            ["Normal study. No lesion seen.", "No focal abnormality."],
+        ];
+        return normal[style][rng.random_range(0..2)].to_string();
+    };
+    // Radiological convention: the patient's right is on the image's left.
+    let side = if l.x < 0.0 { "right" } else { "left" };
+    let zone = if l.y > 0.0 { "upper" } else { "lower" };
+    let mm = (2.0 * l.radius * HALF_FOV_MM).round() as u32;
+    let noun = ["opacity", "nodule", "mass", "lesion"][rng.random_range(0..4)];
+    match style {
+        0 => format!(
+            "FINDINGS: A {mm} mm rounded {noun} in the {side} {zone} zone. IMPRESSION: {} {zone} zone lesion, {mm} mm.",
+            capital(side)
+        ),
+        1 => format!(
+            "There is a well-circumscribed {mm} mm {noun} projecting over the {zone} {side} hemithorax, consistent with a lesion."
+        ),
+        _ => format!("{} {zone} lesion ({mm} mm).", capital(side)),
+    }
+}
+
+fn capital(word: &str) -> String {
+    let mut c = word.chars();
+    c.next()
+        .map_or_else(String::new, |f| f.to_uppercase().chain(c).collect())
 }
 
 /// Every sample of the cohort, in order.
@@ -269,6 +343,50 @@ mod tests {
 
     fn mean(s: &Sample) -> f64 {
         s.image.pixels.iter().map(|&p| p as f64).sum::<f64>() / s.image.pixels.len() as f64
+    }
+
+    #[test]
+    fn reports_describe_each_images_findings_in_its_sites_style() {
+        let cfg = SynthConfig {
+            samples: 120,
+            size: 32,
+            seed: 3,
+            sites: ["a", "b", "c"]
+                .iter()
+                .enumerate()
+                .map(|(k, s)| Site::standard(s, k))
+                .collect(),
+            ..Default::default()
+        };
+        for s in cohort(&cfg) {
+            let report = s.report.as_deref().unwrap();
+            let lesion = s.meta.labels["lesion"] == 1;
+            let says_size = report.contains(" mm");
+            assert_eq!(says_size, lesion, "{}: {report}", s.key);
+            if lesion {
+                let side = ["right", "left"]
+                    .iter()
+                    .filter(|w| report.to_lowercase().contains(*w))
+                    .count();
+                let zone = ["upper", "lower"]
+                    .iter()
+                    .filter(|w| report.contains(*w))
+                    .count();
+                assert_eq!((side, zone), (1, 1), "one side, one zone: {report}");
+            } else {
+                assert!(report.contains("No") || report.contains("no "), "{report}");
+            }
+            let style = match s.meta.site.as_deref() {
+                Some("a") => report.starts_with("FINDINGS:"),
+                Some("b") => {
+                    report.starts_with("The lungs")
+                        || report.starts_with("No suspicious")
+                        || report.starts_with("There is")
+                }
+                _ => !report.starts_with("FINDINGS:") && !report.starts_with("There is"),
+            };
+            assert!(style, "{:?}: {report}", s.meta.site);
+        }
     }
 
     #[test]

@@ -297,16 +297,17 @@ rows = []
 for s in wds.WebDataset(sys.argv[1:], shardshuffle=False):
     img = np.array(Image.open(io.BytesIO(s["png"])))
     meta = json.loads(s["json"])
-    rows.append([s["__key__"], str(img.dtype), int(img.astype("int64").sum()), meta["site"], meta["labels"]["lesion"]])
+    rows.append([s["__key__"], str(img.dtype), int(img.astype("int64").sum()), meta["site"], meta["labels"]["lesion"], s["txt"].decode("utf-8")])
 print(json.dumps(rows))
 "#;
     let theirs = run_python(
         READ_WITH_WEBDATASET,
         &shards.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    let rows: Vec<(String, String, i64, String, u8)> = serde_json::from_str(&theirs).unwrap();
+    let rows: Vec<(String, String, i64, String, u8, String)> =
+        serde_json::from_str(&theirs).unwrap();
     assert_eq!(rows.len(), ours.len());
-    for (key, dtype, sum, site, lesion) in rows {
+    for (key, dtype, sum, site, lesion, report) in rows {
         let s = ours
             .iter()
             .find(|s| s.key == key)
@@ -319,6 +320,7 @@ print(json.dumps(rows))
         );
         assert_eq!(Some(site.as_str()), s.meta.site.as_deref());
         assert_eq!(serde_json::json!(lesion), s.meta.labels["lesion"]);
+        assert_eq!(Some(report.as_str()), s.report.as_deref(), "{key}");
     }
 }
 
