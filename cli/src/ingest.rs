@@ -37,6 +37,16 @@ pub struct IngestArgs {
     /// ({"path": {"label": value}}).
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// Reports: JSON mapping each file path relative to INPUT to its report text. Each report is
+    /// de-identified (names, dates shifted per patient, record numbers, phones, addresses, ages
+    /// over 89, institutions; the file's own header identifiers first) and written beside its
+    /// image as `<key>.txt`.
+    #[arg(long)]
+    reports: Option<PathBuf>,
+    /// State that you read the reports the de-identification still doubts about and that they
+    /// do not identify anyone; without it such files are refused.
+    #[arg(long)]
+    accept_report_doubts: bool,
     /// Target shard size in MiB.
     #[arg(long, default_value_t = 64.0)]
     shard_mib: f64,
@@ -61,6 +71,8 @@ pub async fn run(a: IngestArgs) -> Result<()> {
         salt: a.salt.into_bytes(),
         site: a.site,
         labels: a.labels,
+        reports: a.reports,
+        accept_report_doubts: a.accept_report_doubts,
         shard_bytes: shard_bytes(a.shard_mib)?,
     };
     let pb = bar(0, "ingest");

@@ -115,6 +115,46 @@ pub struct DicomImage {
     pub frames: Vec<Image16>,
     /// Metadata shared by the frames (width/height set, frame unset).
     pub meta: SampleMeta,
+    /// The file's identifiers, for removing them from the case's report; never written.
+    pub identifiers: crate::report_deid::Context,
+}
+
+/// Name, identifier and institution attributes whose values a report of the case must not
+/// carry.
+const REPORT_NAMES: [Tag; 5] = [
+    tags::PATIENT_NAME,
+    tags::OTHER_PATIENT_NAMES,
+    tags::REFERRING_PHYSICIAN_NAME,
+    tags::PERFORMING_PHYSICIAN_NAME,
+    tags::OPERATORS_NAME,
+];
+const REPORT_IDS: [Tag; 4] = [
+    tags::PATIENT_ID,
+    Tag(0x0010, 0x1000),
+    tags::ACCESSION_NUMBER,
+    Tag(0x0010, 0x1090),
+];
+const REPORT_PLACES: [Tag; 3] = [
+    tags::INSTITUTION_NAME,
+    tags::INSTITUTION_ADDRESS,
+    tags::PATIENT_ADDRESS,
+];
+
+/// What the header says that a report of the case must not repeat, and the patient's date shift.
+fn report_context(obj: &DefaultDicomObject, salt: &[u8]) -> crate::report_deid::Context {
+    let values = |tags: &[Tag]| -> Vec<String> {
+        tags.iter()
+            .filter_map(|&t| text(obj, t))
+            .flat_map(|v| v.split('\\').map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    };
+    let patient = text(obj, tags::PATIENT_ID).unwrap_or_default();
+    crate::report_deid::Context {
+        names: values(&REPORT_NAMES),
+        identifiers: values(&REPORT_IDS),
+        institutions: values(&REPORT_PLACES),
+        date_shift_days: crate::report_deid::date_shift_days(salt, &patient),
+    }
 }
 
 /// Largest DICOM file read.
@@ -244,6 +284,34 @@ fn admit(obj: &DefaultDicomObject, name: &str, gate: Gate) -> Result<()> {
     Ok(())
 }
 
+/// The metadata a file's header gives its samples: size, rescale, acquisition and subgroup
+/// fields, pseudonyms instead of identifiers.
+fn header_meta(
+    obj: &DefaultDicomObject,
+    (w, h): (u32, u32),
+    (slope, intercept): (f64, f64),
+    salt: &[u8],
+) -> SampleMeta {
+    SampleMeta {
+        width: w,
+        height: h,
+        rescale_slope: slope,
+        rescale_intercept: intercept,
+        modality: text(obj, tags::MODALITY),
+        body_part: text(obj, tags::BODY_PART_EXAMINED),
+        view: text(obj, tags::VIEW_POSITION),
+        sex: text(obj, tags::PATIENT_SEX),
+        age_band: age_years(obj).map(|a| age_band(a).to_string()),
+        manufacturer: text(obj, tags::MANUFACTURER),
+        scanner_model: text(obj, tags::MANUFACTURER_MODEL_NAME),
+        site: None,
+        patient: text(obj, tags::PATIENT_ID).map(|p| pseudonym(salt, &p)),
+        study: text(obj, tags::STUDY_INSTANCE_UID).map(|s| pseudonym(salt, &s)),
+        frame: None,
+        labels: Default::default(),
+    }
+}
+
 /// [`read`], naming the file `name` in errors (ingest names it by its pseudonymous source id:
 /// paths often carry names and record numbers).
 pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<DicomImage> {
@@ -312,25 +380,12 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
             pixels,
         });
     }
-    let meta = SampleMeta {
-        width: w,
-        height: h,
-        rescale_slope: slope,
-        rescale_intercept: intercept - offset * slope,
-        modality: text(&obj, tags::MODALITY),
-        body_part: text(&obj, tags::BODY_PART_EXAMINED),
-        view: text(&obj, tags::VIEW_POSITION),
-        sex: text(&obj, tags::PATIENT_SEX),
-        age_band: age_years(&obj).map(|a| age_band(a).to_string()),
-        manufacturer: text(&obj, tags::MANUFACTURER),
-        scanner_model: text(&obj, tags::MANUFACTURER_MODEL_NAME),
-        site: None,
-        patient: text(&obj, tags::PATIENT_ID).map(|p| pseudonym(salt, &p)),
-        study: text(&obj, tags::STUDY_INSTANCE_UID).map(|s| pseudonym(salt, &s)),
-        frame: None,
-        labels: Default::default(),
-    };
-    Ok(DicomImage { frames, meta })
+    let meta = header_meta(&obj, (w, h), (slope, intercept - offset * slope), salt);
+    Ok(DicomImage {
+        frames,
+        meta,
+        identifiers: report_context(&obj, salt),
+    })
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::dicom;
 use crate::image16::Image16;
 use crate::index::{DatasetIndex, Stats};
 use crate::meta::{SampleMeta, pseudonym};
+use crate::report_deid;
 use crate::shard::{Sample, ShardWriter};
 use crate::store::Location;
 use crate::{Error, Result};
@@ -103,6 +104,13 @@ pub struct IngestConfig {
     /// Labels side file: CSV (first column the file path relative to `input`, then one column
     /// per label) or JSON (`{"path": {"label": value}}`).
     pub labels: Option<PathBuf>,
+    /// Reports side file: JSON mapping the file path relative to `input` to its report text
+    /// (`{"path": "report"}`). Each report is de-identified ([`report_deid`]) with the file's
+    /// own header identifiers before it is written as the sample's `.txt`.
+    pub reports: Option<PathBuf>,
+    /// Write reports that the de-identification still has doubts about (the ingest operator
+    /// read them); without it such files are refused.
+    pub accept_report_doubts: bool,
     /// Target shard size in bytes.
     pub shard_bytes: usize,
 }
@@ -177,6 +185,69 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Labels and reports per input file path (empty without side files).
+type SideFiles = (
+    BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    BTreeMap<String, String>,
+);
+
+fn side_files(cfg: &IngestConfig) -> Result<SideFiles> {
+    let labels = cfg.labels.as_deref().map(read_labels).transpose()?;
+    let reports = cfg.reports.as_deref().map(read_reports).transpose()?;
+    Ok((labels.unwrap_or_default(), reports.unwrap_or_default()))
+}
+
+/// Largest reports side file read.
+pub const MAX_REPORTS_BYTES: u64 = 1 << 30;
+
+fn read_reports(path: &Path) -> Result<BTreeMap<String, String>> {
+    let bad = |reason: String| Error::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
+    };
+    let size = std::fs::metadata(path)
+        .map_err(|e| bad(e.to_string()))?
+        .len();
+    if size > MAX_REPORTS_BYTES {
+        return Err(bad(format!(
+            "{size} bytes is more than the limit of {MAX_REPORTS_BYTES}"
+        )));
+    }
+    let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let reports: BTreeMap<String, String> = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("reports must map file paths to report texts: {e}")))?;
+    if let Some((_, r)) = reports
+        .iter()
+        .find(|(_, r)| r.len() > crate::shard::MAX_REPORT_BYTES)
+    {
+        return Err(bad(format!(
+            "a report of {} bytes is more than the limit of {}",
+            r.len(),
+            crate::shard::MAX_REPORT_BYTES
+        )));
+    }
+    Ok(reports)
+}
+
+/// The report de-identified with what the file's header says about the case, or the refusal.
+fn deidentified_report(
+    cfg: &IngestConfig,
+    name: &str,
+    report: &str,
+    ctx: &report_deid::Context,
+) -> Result<String> {
+    let out = report_deid::scrub(report, ctx);
+    if !out.doubts.is_empty() && !cfg.accept_report_doubts {
+        let mut kinds: Vec<String> = out.doubts.iter().map(|d| format!("{:?}", d.kind)).collect();
+        kinds.dedup();
+        return Err(Error::ReportDoubt {
+            source_name: name.to_string(),
+            kinds: kinds.join(", "),
+        });
+    }
+    Ok(out.text)
+}
+
 fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_json::Value>>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
         path: path.display().to_string(),
@@ -223,7 +294,11 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_js
 }
 
 /// Decodes one file into samples (one per frame).
-fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Result<Vec<Sample>> {
+fn decode(
+    cfg: &IngestConfig,
+    (path, name, source_id): (&Path, &str, &str),
+    report: Option<&str>,
+) -> Result<Vec<Sample>> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -235,7 +310,7 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
             source: e,
         })
     };
-    let (frames, mut meta) = match ext.as_str() {
+    let (frames, mut meta, ctx) = match ext.as_str() {
         "png" | "jpg" | "jpeg" => {
             if !cfg.accept_burned_in_risk {
                 return Err(Error::PixelRisk {
@@ -258,7 +333,11 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
                 rescale_slope: 1.0,
                 ..Default::default()
             };
-            (vec![img], meta)
+            let ctx = report_deid::Context {
+                date_shift_days: report_deid::date_shift_days(&cfg.salt, source_id),
+                ..Default::default()
+            };
+            (vec![img], meta, ctx)
         }
         _ => {
             let gate = dicom::Gate {
@@ -266,9 +345,12 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
                 accept_burned_in_risk: cfg.accept_burned_in_risk,
             };
             let d = dicom::read_named(path, name, gate, &cfg.salt)?;
-            (d.frames, d.meta)
+            (d.frames, d.meta, d.identifiers)
         }
     };
+    let report = report
+        .map(|r| deidentified_report(cfg, name, r, &ctx))
+        .transpose()?;
     meta.site = cfg.site.clone();
     let multi = frames.len() > 1;
     Ok(frames
@@ -288,7 +370,7 @@ fn decode(cfg: &IngestConfig, path: &Path, name: &str, source_id: &str) -> Resul
                 key,
                 image,
                 meta: m,
-                report: None,
+                report: report.clone(),
             }
         })
         .collect())
@@ -449,12 +531,7 @@ pub async fn ingest(
         None => Some(Location::open(&cfg.input)?),
     };
     let files = list_input(local_root.as_deref(), remote.as_ref()).await?;
-    let labels = cfg
-        .labels
-        .as_deref()
-        .map(read_labels)
-        .transpose()?
-        .unwrap_or_default();
+    let (labels, reports) = side_files(cfg)?;
     let done = ingested_sources(&loc).await?;
     let mut report = IngestReport {
         files: files.len(),
@@ -486,11 +563,9 @@ pub async fn ingest(
             .par_iter()
             .zip(paths.par_iter())
             .map(|((_, rel, id), p)| {
-                (
-                    rel.clone(),
-                    id.clone(),
-                    decode(cfg, p, &source_name(id), id),
-                )
+                let report = reports.get(rel).map(String::as_str);
+                let name = source_name(id);
+                (rel.clone(), id.clone(), decode(cfg, (p, &name, id), report))
             })
             .collect();
         for (rel, id, result) in decoded {
@@ -503,7 +578,11 @@ pub async fn ingest(
                         sink.add(&s, Some(&id)).await?;
                     }
                 }
-                Err(e @ (Error::Identified { .. } | Error::PixelRisk { .. })) => {
+                Err(
+                    e @ (Error::Identified { .. }
+                    | Error::PixelRisk { .. }
+                    | Error::ReportDoubt { .. }),
+                ) => {
                     refusals.push((id, rel, e.to_string()));
                     report.refused.push(e.to_string());
                 }

@@ -88,6 +88,17 @@ pub enum Error {
         /// Why the pixels are at risk.
         reason: String,
     },
+    /// A report still holds what could identify the patient after de-identification (see
+    /// [`report_deid`]), and `--accept-report-doubts` was not given.
+    #[error(
+        "{source_name}: refused: its report may still identify the patient ({kinds}); read it, and if it does not, re-run with --accept-report-doubts"
+    )]
+    ReportDoubt {
+        /// The file (its pseudonymous source id).
+        source_name: String,
+        /// The kinds of doubt (never the text).
+        kinds: String,
+    },
     /// The object store accepted a second create-only write of one object: concurrent writers
     /// (registrations, index appends, checkpoint epochs) could overwrite each other.
     #[error(

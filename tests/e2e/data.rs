@@ -264,6 +264,102 @@ async fn identified_dicom_is_refused_and_deidentify_strips_every_identifier() {
     assert!(samples.iter().all(|s| s.meta.site.as_deref() == Some("h1")));
 }
 
+/// A report names the patient, the record number and a date: what the header says about the case
+/// is removed from it, the date moves back, and a report the rules still doubt is refused until
+/// the operator accepts it.
+#[tokio::test]
+async fn reports_lose_the_headers_identifiers_before_they_are_written_and_doubts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("dicom");
+    std::fs::create_dir_all(&input).unwrap();
+    for f in ["CT_small.dcm", "MR_small.dcm"] {
+        std::fs::copy(testdata(f), input.join(f)).unwrap();
+    }
+    let header = run_python(
+        "import sys, json, pydicom\n\
+         d = pydicom.dcmread(sys.argv[1])\n\
+         print(json.dumps({'name': str(d.PatientName), 'id': str(d.PatientID)}))",
+        &[input.join("CT_small.dcm").to_str().unwrap()],
+    );
+    let header: serde_json::Value = serde_json::from_str(&header).unwrap();
+    let (name, id) = (
+        header["name"].as_str().unwrap(),
+        header["id"].as_str().unwrap(),
+    );
+    let family = name.split('^').next().unwrap();
+    let ct = format!(
+        "Patient {family} (record {id}) was scanned on 2004-01-19. FINDINGS: A 6 mm nodule in the right upper lobe."
+    );
+    let mr = "Discussed with dr. smith. No lesion.";
+    let reports = dir.path().join("reports.json");
+    std::fs::write(
+        &reports,
+        serde_json::json!({"CT_small.dcm": ct, "MR_small.dcm": mr}).to_string(),
+    )
+    .unwrap();
+    let out = dir.path().join("ds");
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "ingest",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--deidentify",
+            "--reports",
+            reports.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let first = radfm(&args(&[]).iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        err.contains("refused: its report may still identify the patient (Name)")
+            && !err.contains("smith"),
+        "{err}"
+    );
+    let samples = read_dataset(&out).await;
+    assert_eq!(
+        samples.len(),
+        1,
+        "the CT and its report are written, the MR is not"
+    );
+    let written = samples[0].report.as_deref().unwrap();
+    assert!(
+        written.ends_with("FINDINGS: A 6 mm nodule in the right upper lobe."),
+        "{written}"
+    );
+    assert!(
+        !written.contains(family) && !written.contains(id) && !written.contains("2004-01-19"),
+        "{written}"
+    );
+    assert!(
+        written.contains("[NAME]")
+            && written.contains("[ID]")
+            && written.contains("scanned on 2003-"),
+        "{written}"
+    );
+
+    ok(&radfm(
+        &args(&["--accept-report-doubts"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    ));
+    let samples = read_dataset(&out).await;
+    assert_eq!(samples.len(), 2);
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let hay =
+            String::from_utf8_lossy(&std::fs::read(entry.unwrap().path()).unwrap()).to_string();
+        for needle in [name, id, family, "2004-01-19"] {
+            assert!(!hay.contains(needle), "{needle:?} found in the output");
+        }
+    }
+}
+
 #[tokio::test]
 async fn python_webdataset_reads_our_shards_unchanged() {
     let dir = tempfile::tempdir().unwrap();
