@@ -37,6 +37,9 @@ pub enum Error {
         /// What is missing.
         reason: String,
     },
+    /// A collective was called with buffers that do not fit it.
+    #[error("{0}")]
+    Shape(String),
     /// Local socket or file I/O failed.
     #[error("{path}: {source}")]
     Io {

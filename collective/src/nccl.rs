@@ -269,6 +269,34 @@ impl Nccl {
         self.finish("broadcast", count, r, deadline)
     }
 
+    /// Gathers `count` f32 values at `send` from every rank into `recv` (`world × count`
+    /// values), in rank order.
+    ///
+    /// # Safety
+    /// `send` must point to `count` and `recv` to `world × count` f32 values in device memory
+    /// of this rank's GPU, not freed or written by anyone else until the call returns.
+    pub unsafe fn all_gather_f32(
+        &mut self,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+    ) -> Result<()> {
+        self.bind()?;
+        let deadline = Instant::now() + self.timeout;
+        // SAFETY: the caller vouches for both buffers; the communicator is alive.
+        let r = unsafe {
+            nc::ncclAllGather(
+                send,
+                recv,
+                count,
+                nc::ncclDataType_t::ncclFloat32,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        self.finish("all-gather", count, r, deadline)
+    }
+
     /// Makes this rank's GPU current on the calling thread; fails at once on an aborted
     /// communicator.
     fn bind(&mut self) -> Result<()> {

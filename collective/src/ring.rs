@@ -295,6 +295,32 @@ impl Ring {
         Ok(())
     }
 
+    /// Gathers every rank's `local` (the same length on every rank) into `out`, in rank order:
+    /// `out[r * local.len()..]` holds rank r's values on every rank. Each chunk travels once
+    /// around the ring.
+    pub fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<()> {
+        let (n, len) = (self.world, local.len());
+        if out.len() != n * len {
+            return Err(Error::Shape(format!(
+                "all-gather of {len} values from each of {n} ranks needs {} slots, got {}",
+                n * len,
+                out.len()
+            )));
+        }
+        out[self.rank * len..(self.rank + 1) * len].copy_from_slice(local);
+        if n == 1 || len == 0 {
+            return Ok(());
+        }
+        let bounds = |i: usize| i * len..(i + 1) * len;
+        for step in 0..n - 1 {
+            let send = (self.rank + n - step) % n;
+            let recv = (self.rank + n - step - 1) % n;
+            let (o, i) = disjoint(out, bounds(send), bounds(recv));
+            self.exchange(o, i, false, &mut [])?;
+        }
+        Ok(())
+    }
+
     /// Copies `root`'s `data` to every rank (forwarded around the ring in 1 MiB pieces).
     pub fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()> {
         let n = self.world;
@@ -381,6 +407,37 @@ mod tests {
                         assert_eq!(*x, (i * total) as f32, "world {world} len {len} at {i}");
                     }
                     assert_eq!(b, [7.0; 3]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_gather_puts_every_ranks_values_in_rank_order_on_every_rank() {
+        for world in [1, 2, 3, 4] {
+            for len in [0, 1, 7, 300_001] {
+                let handles: Vec<_> = rings(world, Duration::from_secs(10))
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, h)| {
+                        std::thread::spawn(move || {
+                            let mut ring = h.join().unwrap();
+                            let local: Vec<f32> =
+                                (0..len).map(|i| (rank * 1_000_000 + i) as f32).collect();
+                            let mut out = vec![-1.0; world * len];
+                            ring.all_gather(&local, &mut out).unwrap();
+                            let short = ring.all_gather(&local, &mut vec![0.0; world * len + 1]);
+                            (out, short.unwrap_err().to_string())
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    let (out, short) = h.join().unwrap();
+                    for (k, x) in out.iter().enumerate() {
+                        let (r, i) = (k / len.max(1), k % len.max(1));
+                        assert_eq!(*x, (r * 1_000_000 + i) as f32, "world {world} len {len}");
+                    }
+                    assert!(short.contains("needs"), "{short}");
                 }
             }
         }

@@ -116,7 +116,9 @@ impl Error {
                 radfm_collective::Error::Rendezvous { .. }
                 | radfm_collective::Error::PeerLost { .. } => exit::PEER_LOST,
                 radfm_collective::Error::Io { .. } => exit::RETRYABLE,
-                radfm_collective::Error::Unavailable { .. } => exit::INVALID_CONFIG,
+                radfm_collective::Error::Unavailable { .. } | radfm_collective::Error::Shape(_) => {
+                    exit::INVALID_CONFIG
+                }
             },
             Error::Checkpoint { .. } | Error::Io { .. } | Error::Fenced { .. } => exit::RETRYABLE,
         }

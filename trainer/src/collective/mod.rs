@@ -35,6 +35,20 @@ pub trait Collective {
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
     /// Element-wise sum over the gang of a few host values (flags, losses), in place.
     fn all_reduce_host(&mut self, values: &mut [f32]) -> Result<()>;
+    /// Every rank's rows of a contiguous f32 tensor (the same shape on every rank), stacked in
+    /// rank order along the first dimension, on [`Collective::device`]. No gradient flows
+    /// through it: a caller that needs one puts its own rows back (as contrastive losses do).
+    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor>;
+}
+
+/// The shape of `world` ranks' `t` stacked along the first dimension.
+fn gathered_shape(t: &Tensor, world: usize) -> Vec<i64> {
+    let mut shape = t.size();
+    if shape.is_empty() {
+        shape.push(1);
+    }
+    shape[0] *= world as i64;
+    shape
 }
 
 fn host_values(t: &Tensor, rank: usize) -> Result<Vec<f32>> {
@@ -79,6 +93,13 @@ impl Collective for ring::Ring {
 
     fn all_reduce_host(&mut self, values: &mut [f32]) -> Result<()> {
         Ok(self.all_reduce_sum(values)?)
+    }
+
+    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
+        let local = host_values(t, self.rank())?;
+        let mut out = vec![0.0f32; local.len() * self.world()];
+        ring::Ring::all_gather(self, &local, &mut out)?;
+        Ok(Tensor::from_slice(&out).view(gathered_shape(t, self.world()).as_slice()))
     }
 }
 
@@ -137,6 +158,19 @@ impl Collective for NcclTensors {
         self.all_reduce(&mut t)?;
         values.copy_from_slice(&host_values(&t, self.rank())?);
         Ok(())
+    }
+
+    fn all_gather(&mut self, t: &Tensor) -> Result<Tensor> {
+        let send = self.buffer(t)?;
+        let out = Tensor::empty(
+            gathered_shape(t, self.world()).as_slice(),
+            (Kind::Float, self.device),
+        );
+        let recv = self.buffer(&out)?;
+        // SAFETY: `send` is `t`'s storage and `recv` is `out`'s (both checked: f32, contiguous,
+        // this GPU; `out` holds world × numel(t) values), alive for the whole call.
+        unsafe { self.comm.all_gather_f32(send, recv, t.numel()) }?;
+        Ok(out)
     }
 }
 
@@ -488,6 +522,39 @@ mod tests {
             text.contains("RADFM_COLLECTIVE") && text.contains("libcuda"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn all_gather_stacks_every_ranks_rows_in_rank_order() {
+        let world = 3;
+        let server = rendezvous::RendezvousServer::start("127.0.0.1:0", None, 1).unwrap();
+        let addr = server.addr.to_string();
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let addr = addr.clone();
+                std::thread::spawn(move || {
+                    let mut c = rendezvous::RendezvousClient::connect(
+                        &addr,
+                        1,
+                        Duration::from_secs(10),
+                        None,
+                    )
+                    .unwrap();
+                    let mut ring =
+                        ring::Ring::connect(&mut c, rank, world, Duration::from_secs(10)).unwrap();
+                    let mine = Tensor::full([2, 4], rank as f64, (Kind::Float, Device::Cpu));
+                    Collective::all_gather(&mut ring, &mine).unwrap()
+                })
+            })
+            .collect();
+        let want = Tensor::from_slice(&[0f32, 0., 1., 1., 2., 2.])
+            .view([6, 1])
+            .expand([6, 4], false);
+        for h in handles {
+            let got = h.join().unwrap();
+            assert_eq!(got.size(), [6, 4]);
+            assert!(got.equal(&want), "{got}");
+        }
     }
 
     #[test]
