@@ -841,3 +841,60 @@ fn pretrained_encoder_beats_random_init_on_a_knn_probe_of_unseen_images() {
         knn("random_init")
     );
 }
+
+#[test]
+fn contrastive_loss_and_its_gradients_match_the_pytorch_reference() {
+    let w = Workdir::new(8, 32);
+    tch::manual_seed(11);
+    let opts = (tch::Kind::Float, tch::Device::Cpu);
+    let image = tch::Tensor::randn([12, 32], opts).set_requires_grad(true);
+    let text = tch::Tensor::randn([12, 32], opts).set_requires_grad(true);
+    let scale = tch::Tensor::from_slice(&[2.3f32]).set_requires_grad(true);
+    let loss = radfm_trainer::contrastive::loss(&image, &text, &scale.squeeze());
+    loss.backward();
+    let input = w.path("pairs.safetensors");
+    let output = w.path("grads.safetensors");
+    tch::Tensor::write_safetensors(
+        &[
+            ("image", &image.detach()),
+            ("text", &text.detach()),
+            ("logit_scale", &scale.detach().squeeze()),
+        ],
+        &input,
+    )
+    .unwrap();
+    let script = radfm_e2e::repo_root().join("tests/python/vit_reference.py");
+    let py = Command::new(python())
+        .arg(script)
+        .arg("contrastive-loss")
+        .args([&input, &output])
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let theirs: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    let (ours, theirs) = (loss.double_value(&[]), theirs["loss"].as_f64().unwrap());
+    assert!(
+        (ours - theirs).abs() < 1e-5,
+        "radfm {ours} vs pytorch {theirs}"
+    );
+    let grads: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(&output)
+            .unwrap()
+            .into_iter()
+            .collect();
+    for (name, ours) in [
+        ("image", image.grad()),
+        ("text", text.grad()),
+        ("logit_scale", scale.grad()),
+    ] {
+        let diff = (ours.view([-1]) - grads[name].view([-1]))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-6, "{name}: gradients differ by {diff}");
+    }
+}

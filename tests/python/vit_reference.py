@@ -9,6 +9,7 @@ loads encoder.safetensors with strict=True (every name and shape must match), an
 forward_features of the input images to OUTPUT.
 """
 import json
+import math
 import sys
 
 import torch
@@ -143,6 +144,23 @@ def mae_loss(model_safetensors, card_json, inp):
     print(json.dumps({"loss": loss.item()}))
 
 
+def contrastive_loss(inp, out):
+    """The CLIP loss and its gradients on given image and text embeddings and logit scale, as
+    open_clip computes it (normalised embeddings, scale clamped at 100, mean of both directions'
+    cross-entropy); gradients are written to `out`, the loss printed as JSON."""
+    import torch.nn.functional as F
+    data = load_file(inp)
+    image = data["image"].clone().requires_grad_(True)
+    text = data["text"].clone().requires_grad_(True)
+    scale = data["logit_scale"].clone().requires_grad_(True)
+    logits = scale.clamp(max=math.log(100)).exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
+    target = torch.arange(logits.shape[0])
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    loss.backward()
+    save_file({"image": image.grad, "text": text.grad, "logit_scale": scale.grad.reshape(1)}, out)
+    print(json.dumps({"loss": loss.item()}))
+
+
 def main(model_dir, inp, out):
     card = json.load(open(f"{model_dir}/model_card.json"))
     assert card["format"] == "radfm.model-card/v1", card["format"]
@@ -160,5 +178,7 @@ def main(model_dir, inp, out):
 if __name__ == "__main__":
     if sys.argv[1] == "mae-loss":
         mae_loss(*sys.argv[2:])
+    elif sys.argv[1] == "contrastive-loss":
+        contrastive_loss(*sys.argv[2:])
     else:
         main(*sys.argv[1:])

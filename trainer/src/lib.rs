@@ -5,7 +5,7 @@
 //! to an exit code of the documented table — the exit code is all the operator learns from a dead
 //! trainer. Modules: [`config`] (the env contract → one validated configuration), [`launch`]
 //! (one process per local device), [`collective`] (the gang's tensors over radfm-collective),
-//! [`model`] (ViT + MAE), [`optim`] (AdamW whose state can be saved), [`tensors`] (safetensors
+//! [`model`] (ViT + MAE), [`contrastive`] (the image–report loss, its negatives across ranks), [`optim`] (AdamW whose state can be saved), [`tensors`] (safetensors
 //! I/O), [`checkpoint`] (atomic, manifest-last, fenced commits on any object store), [`train`] (the
 //! loop), [`progress`] (JSON lines, Prometheus, the pod annotation the operator reads),
 //! [`export`] (timm-named safetensors + model card), [`eval`] (k-NN and linear probes),
@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod commands;
 pub mod config;
+pub mod contrastive;
 pub mod eval;
 pub mod export;
 pub mod launch;
