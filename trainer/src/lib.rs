@@ -5,7 +5,8 @@
 //! to an exit code of the documented table — the exit code is all the operator learns from a dead
 //! trainer. Modules: [`config`] (the env contract → one validated configuration), [`launch`]
 //! (one process per local device), [`collective`] (the gang's tensors over radfm-collective),
-//! [`model`] (ViT + MAE), [`contrastive`] (the image–report loss, its negatives across ranks), [`optim`] (AdamW whose state can be saved), [`tensors`] (safetensors
+//! [`model`] (ViT + MAE), [`contrastive`] (the image–report loss, its negatives across ranks), [`text`] (the report
+//! tokenizer and text encoder), [`optim`] (AdamW whose state can be saved), [`tensors`] (safetensors
 //! I/O), [`checkpoint`] (atomic, manifest-last, fenced commits on any object store), [`train`] (the
 //! loop), [`progress`] (JSON lines, Prometheus, the pod annotation the operator reads),
 //! [`export`] (timm-named safetensors + model card), [`eval`] (k-NN and linear probes),
@@ -26,6 +27,7 @@ pub mod optim;
 pub mod progress;
 pub mod site;
 pub mod tensors;
+pub mod text;
 pub mod train;
 
 pub use config::TrainConfig;

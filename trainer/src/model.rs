@@ -190,7 +190,7 @@ pub fn sincos_pos_embed(dim: i64, grid: i64) -> Tensor {
 
 /// One transformer block (timm names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2).
 #[derive(Debug)]
-struct Block {
+pub(crate) struct Block {
     norm1: nn::LayerNorm,
     qkv: nn::Linear,
     proj: nn::Linear,
@@ -201,7 +201,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(p: nn::Path, d: i64, heads: i64, mlp_ratio: i64) -> Block {
+    pub(crate) fn new(p: nn::Path, d: i64, heads: i64, mlp_ratio: i64) -> Block {
         Block {
             norm1: layer_norm(&p / "norm1", d),
             qkv: linear(&p / "attn" / "qkv", d, 3 * d),
@@ -214,6 +214,12 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_attending(x, None)
+    }
+
+    /// The block where each token attends only to the tokens `attend` marks (bool, broadcast
+    /// to `[batch, heads, tokens, tokens]`; padding excluded), or to all of them.
+    pub(crate) fn forward_attending(&self, x: &Tensor, attend: Option<&Tensor>) -> Tensor {
         let (b, n, d) = x.size3().expect("tokens are [batch, tokens, dim]");
         let h = self.heads;
         let qkv = self
@@ -222,18 +228,9 @@ impl Block {
             .view([b, n, 3, h, d / h])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let a = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        )
-        .transpose(1, 2)
-        .reshape([b, n, d]);
+        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, attend, 0.0, false, None, false)
+            .transpose(1, 2)
+            .reshape([b, n, d]);
         let x = x + self.proj.forward(&a);
         let m = self
             .fc2
