@@ -90,6 +90,8 @@ pub struct Batch {
     pub keys: Vec<String>,
     /// Sample metadata.
     pub meta: Vec<SampleMeta>,
+    /// Each sample's report, where it has one (the image–report objective's text side).
+    pub reports: Vec<Option<String>>,
     /// The cursor after this batch.
     pub cursor: Cursor,
 }
@@ -347,6 +349,7 @@ impl Loader {
                 images: images.concat(),
                 keys: chosen.iter().map(|(_, s)| s.key.clone()).collect(),
                 meta: chosen.iter().map(|(_, s)| s.meta.clone()).collect(),
+                reports: chosen.iter().map(|(_, s)| s.report.clone()).collect(),
                 cursor: Cursor {
                     epoch: cursor.epoch,
                     position,
@@ -648,6 +651,16 @@ mod tests {
                 },
                 |b| {
                     assert_eq!(b.images.len(), 4 * 16 * 16);
+                    assert_eq!(b.reports.len(), 4);
+                    for (m, r) in b.meta.iter().zip(&b.reports) {
+                        let says_lesion =
+                            r.as_deref().expect("synth writes reports").contains(" mm");
+                        assert_eq!(
+                            says_lesion,
+                            m.labels["lesion"] == 1,
+                            "a report stays with its image"
+                        );
+                    }
                     full.push(b);
                     true
                 },
@@ -694,6 +707,7 @@ mod tests {
         for (a, b) in resumed.iter().zip(&full) {
             assert_eq!(a.keys, b.keys);
             assert_eq!(a.images, b.images, "augmentations are deterministic too");
+            assert_eq!(a.reports, b.reports, "each image keeps its own report");
         }
     }
 
