@@ -83,7 +83,9 @@ fmt:
 
 ## demo: MAE pretraining on this machine, no cluster: a synthetic cohort, `radfm run` of
 ## manifests/samples/trainingjob-local.yaml with 2 CPU workers, export, k-NN / linear probes
-## against a random-init encoder, a loss-curve SVG (DEMO_STEPS shortens it, e.g. in CI)
+## against a random-init encoder, a loss-curve SVG (DEMO_STEPS shortens it, e.g. in CI);
+## OBJECTIVE=contrastive (or mae,contrastive) pretrains on the images with their reports and
+## adds the zero-shot evaluation and retrieval
 DEMO_DIR ?= /tmp/radfm-demo
 DEMO_STEPS ?= 300
 DEMO_SAMPLES ?= 1024
@@ -96,9 +98,12 @@ demo: build
 	$(BIN)/radfm synth --out "$(DEMO_DIR)/labelled" --samples 600 --size 64 --seed 2 $(DEMO_LESIONS)
 	$(BIN)/radfm run manifests/samples/trainingjob-local.yaml --workers 2 --steps $(DEMO_STEPS) \
 	  --dataset "file://$(DEMO_DIR)/cohort" --checkpoint "file://$(DEMO_DIR)/checkpoints" \
-	  --log "$(DEMO_DIR)/progress.jsonl" --loss-plot "$(DEMO_DIR)/loss.svg"
+	  --log "$(DEMO_DIR)/progress.jsonl" --loss-plot "$(DEMO_DIR)/loss.svg" \
+	  $(if $(OBJECTIVE),--objective $(OBJECTIVE))
 	$(BIN)/radfm export "file://$(DEMO_DIR)/checkpoints" "file://$(DEMO_DIR)/model"
 	$(BIN)/radfm eval --model "file://$(DEMO_DIR)/model" --dataset "file://$(DEMO_DIR)/labelled"
+	$(if $(findstring contrastive,$(OBJECTIVE)),$(BIN)/radfm eval --model "file://$(DEMO_DIR)/model" \
+	  --dataset "file://$(DEMO_DIR)/labelled" --zero-shot)
 	@echo; echo "demo artifacts under $(DEMO_DIR):"; \
 	 echo "  cohort/         synthetic training shards + index.json"; \
 	 echo "  labelled/       held-out labelled cohort used by the probes"; \
@@ -115,7 +120,8 @@ clean:
 	$(CARGO) clean
 
 ## py-deps: the Python used by interoperability tests (pydicom test files, webdataset), cached
-PY_DEPS := pydicom==3.0.2 webdataset==1.0.2 numpy==2.4.6 pillow==13.0.0 torch==2.13.0 safetensors==0.8.0
+PY_DEPS := pydicom==3.0.2 webdataset==1.0.2 numpy==2.4.6 pillow==13.0.0 torch==2.13.0 safetensors==0.8.0 \
+  torchvision==0.28.0 timm==1.0.31
 PY_ENV := $(RADFM_CACHE)/pyenv
 py-deps:
 	@stamp="$(PY_ENV)/.radfm-$$(echo '$(PY_DEPS)' | sha256sum | cut -c1-12)"; \

@@ -162,6 +162,25 @@ pub struct DriftTrigger {
     #[serde(default = "default_base_alias")]
     #[schemars(length(min = 1))]
     pub alias: String,
+    /// Which of a monitor report's findings make its site count: any (the default), only drift
+    /// of the inputs and outputs (embeddings, metadata, scores), or only a drop in performance
+    /// once late labels arrived.
+    #[serde(default)]
+    pub signal: MonitorSignal,
+}
+
+/// The findings of a site's monitor report that count for a drift trigger.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum MonitorSignal {
+    /// Drift of inputs or outputs, or a drop in performance.
+    #[default]
+    Any,
+    /// Drift of the embeddings, the image metadata or the scores, whatever the labels say.
+    Drift,
+    /// A drop in performance (AUROC) beyond the monitor's margin, from late labels.
+    PerformanceDrop,
 }
 
 fn default_min_sites() -> i32 {

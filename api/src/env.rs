@@ -58,6 +58,10 @@ pub const VARS: &[(&str, &str)] = &[
     (IMAGE_SIZE, "square input side in pixels (default 224)"),
     (PATCH_SIZE, "square patch side in pixels (default 16)"),
     (MASK_RATIO, "fraction of patches masked (default 0.75)"),
+    (
+        OBJECTIVE,
+        "objectives with weights: mae=1 (default), contrastive=1, mae=1,contrastive=0.5",
+    ),
     (WEIGHT_DECAY, "AdamW decoupled weight decay (default 0.05)"),
     (
         GRAD_CLIP_NORM,
@@ -132,6 +136,8 @@ pub const IMAGE_SIZE: &str = "RADFM_IMAGE_SIZE";
 pub const PATCH_SIZE: &str = "RADFM_PATCH_SIZE";
 /// Masked fraction of patches.
 pub const MASK_RATIO: &str = "RADFM_MASK_RATIO";
+/// The pretraining objectives with their weights (`mae=1,contrastive=0.5`).
+pub const OBJECTIVE: &str = "RADFM_OBJECTIVE";
 /// AdamW weight decay.
 pub const WEIGHT_DECAY: &str = "RADFM_WEIGHT_DECAY";
 /// Gradient clipping norm.
@@ -208,6 +214,8 @@ pub struct EnvContract {
     pub patch_size: i32,
     /// Fraction of patches masked.
     pub mask_ratio: f64,
+    /// Objectives and their weights.
+    pub objective: crate::trainingjob::Objective,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Global gradient-norm clip (0: off).
@@ -260,6 +268,7 @@ impl EnvContract {
             image_size: s.model.image_size,
             patch_size: s.model.patch_size,
             mask_ratio: s.model.mask_ratio,
+            objective: s.model.objective,
             weight_decay: s.training.weight_decay,
             grad_clip_norm: s.training.grad_clip_norm,
             grad_accumulation: s.training.grad_accumulation,
@@ -323,6 +332,7 @@ impl EnvContract {
             (IMAGE_SIZE, self.image_size.to_string()),
             (PATCH_SIZE, self.patch_size.to_string()),
             (MASK_RATIO, self.mask_ratio.to_string()),
+            (OBJECTIVE, self.objective.to_env()),
             (WEIGHT_DECAY, self.weight_decay.to_string()),
             (GRAD_CLIP_NORM, self.grad_clip_norm.to_string()),
             (GRAD_ACCUMULATION, self.grad_accumulation.to_string()),
@@ -387,6 +397,15 @@ impl EnvContract {
             image_size: parse(IMAGE_SIZE, opt(IMAGE_SIZE).unwrap_or_else(|| "224".into()))?,
             patch_size: parse(PATCH_SIZE, opt(PATCH_SIZE).unwrap_or_else(|| "16".into()))?,
             mask_ratio: parse(MASK_RATIO, opt(MASK_RATIO).unwrap_or_else(|| "0.75".into()))?,
+            objective: opt(OBJECTIVE)
+                .map(|t| {
+                    crate::trainingjob::Objective::from_env(&t).map_err(|reason| Error::Env {
+                        name: OBJECTIVE.into(),
+                        reason,
+                    })
+                })
+                .transpose()?
+                .unwrap_or_default(),
             weight_decay: parse(
                 WEIGHT_DECAY,
                 opt(WEIGHT_DECAY).unwrap_or_else(|| "0.05".into()),

@@ -374,6 +374,88 @@ pub struct ModelSpec {
     #[serde(default = "default_mask_ratio")]
     #[x_kube(validation = Rule::new("self > 0.0 && self < 1.0").message("model.maskRatio must be in (0, 1)"))]
     pub mask_ratio: f64,
+    /// What the model learns from, each objective with its weight in the loss (default: the
+    /// masked autoencoder alone). `contrastive` needs a report beside every image.
+    #[serde(default)]
+    pub objective: Objective,
+}
+
+/// The pretraining objectives and their weights; an objective left out is not trained.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.mae) || has(self.contrastive)").message("model.objective needs mae, contrastive or both"))]
+pub struct Objective {
+    /// Weight of the masked-autoencoder loss (images alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 100.0").message("model.objective.mae must be a weight in (0, 100]"))]
+    pub mae: Option<f64>,
+    /// Weight of the image–report contrastive loss (each image with its report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 100.0").message("model.objective.contrastive must be a weight in (0, 100]"))]
+    pub contrastive: Option<f64>,
+}
+
+impl Default for Objective {
+    fn default() -> Self {
+        Objective {
+            mae: Some(1.0),
+            contrastive: None,
+        }
+    }
+}
+
+impl Objective {
+    /// Checks what CEL checks, for a job read from a file: at least one objective, weights in
+    /// (0, 100].
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.mae.is_none() && self.contrastive.is_none() {
+            return Err("model.objective needs mae, contrastive or both".into());
+        }
+        for (name, w) in [("mae", self.mae), ("contrastive", self.contrastive)] {
+            if let Some(w) = w
+                && !(w > 0.0 && w <= 100.0)
+            {
+                return Err(format!(
+                    "model.objective.{name}: {w} is not a weight in (0, 100]"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// As the env contract writes it: `mae=1`, `contrastive=1`, `mae=1,contrastive=0.5`.
+    pub fn to_env(&self) -> String {
+        let parts: Vec<String> = [("mae", self.mae), ("contrastive", self.contrastive)]
+            .into_iter()
+            .filter_map(|(n, w)| w.map(|w| format!("{n}={w}")))
+            .collect();
+        parts.join(",")
+    }
+
+    /// Reads [`Objective::to_env`]'s form; a name without a weight has weight 1
+    /// (`mae,contrastive`).
+    pub fn from_env(text: &str) -> std::result::Result<Objective, String> {
+        let mut o = Objective {
+            mae: None,
+            contrastive: None,
+        };
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, weight) = part.split_once('=').unwrap_or((part, "1"));
+            let w: f64 = weight
+                .parse()
+                .map_err(|_| format!("{weight:?} is not a number"))?;
+            let slot = match name {
+                "mae" => &mut o.mae,
+                "contrastive" => &mut o.contrastive,
+                other => return Err(format!("{other:?} is not mae or contrastive")),
+            };
+            if slot.replace(w).is_some() {
+                return Err(format!("{name} is given twice"));
+            }
+        }
+        o.check()?;
+        Ok(o)
+    }
 }
 
 impl Default for ModelSpec {
@@ -384,6 +466,7 @@ impl Default for ModelSpec {
             image_size: default_image_size(),
             patch_size: default_patch_size(),
             mask_ratio: default_mask_ratio(),
+            objective: Objective::default(),
         }
     }
 }
@@ -873,6 +956,34 @@ spec:
         job.validate_cel()
             .map(|_| String::new())
             .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn objectives_round_trip_through_the_env_form_and_bad_ones_are_named() {
+        let both = Objective {
+            mae: Some(1.0),
+            contrastive: Some(0.5),
+        };
+        assert_eq!(both.to_env(), "mae=1,contrastive=0.5");
+        assert_eq!(Objective::from_env(&both.to_env()), Ok(both));
+        assert_eq!(
+            Objective::from_env("contrastive").unwrap(),
+            Objective {
+                mae: None,
+                contrastive: Some(1.0)
+            }
+        );
+        assert_eq!(Objective::default().to_env(), "mae=1");
+        for (bad, says) in [
+            ("", "needs mae, contrastive or both"),
+            ("mae=0", "not a weight"),
+            ("mae=x", "not a number"),
+            ("clip=1", "not mae or contrastive"),
+            ("mae=1,mae=2", "given twice"),
+        ] {
+            let e = Objective::from_env(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
     }
 
     #[test]

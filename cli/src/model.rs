@@ -31,6 +31,9 @@ pub async fn export(a: ExportArgs) -> Result<()> {
 
 /// Evaluates and prints the comparison.
 pub async fn eval(a: EvalCommand) -> Result<()> {
+    if a.args.zero_shot {
+        return zero_shot(a).await;
+    }
     let c = a.args.run().await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
@@ -52,6 +55,51 @@ pub async fn eval(a: EvalCommand) -> Result<()> {
             "{name:<12} {:>12.3} {:>12.3} {:>12.3} {:>12.3}",
             r.knn.auroc, r.knn.balanced_accuracy, r.linear.auroc, r.linear.balanced_accuracy
         );
+    }
+    Ok(())
+}
+
+/// The zero-shot table: per finding, AUROC of the pretrained and the random-init model overall
+/// and per published cell; then recall@k both ways.
+async fn zero_shot(a: EvalCommand) -> Result<()> {
+    let z = a.args.run_zero_shot().await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&z)?);
+        return Ok(());
+    }
+    let ci = |e: &radfm_validation::stats::Estimate| {
+        format!("{:.3} [{:.3}, {:.3}]", e.value, e.lo, e.hi)
+    };
+    println!("zero-shot on {} cases of {}", z.cases, z.dataset);
+    println!(
+        "{:<22} {:<24} {:>24} {:>24}",
+        "finding", "cell", "pretrained AUROC", "random-init AUROC"
+    );
+    for t in &z.tasks {
+        let rows = std::iter::once(("all cases".to_string(), &t.overall))
+            .chain(t.subgroups.iter().map(|s| (s.name(), &s.result)));
+        for (cell, p) in rows {
+            println!(
+                "{:<22} {:<24} {:>24} {:>24}",
+                t.task,
+                cell,
+                ci(&p.candidate.auroc),
+                ci(&p.baseline.auroc)
+            );
+        }
+    }
+    println!();
+    println!(
+        "{:<12} {:>6} {:>4} {:>14} {:>14} {:>8}",
+        "retrieval", "pairs", "k", "image->text", "text->image", "chance"
+    );
+    for r in &z.retrieval {
+        for (i2t, t2i) in r.image_to_text.iter().zip(&r.text_to_image) {
+            println!(
+                "{:<12} {:>6} {:>4} {:>14.3} {:>14.3} {:>8.3}",
+                r.model, r.pairs, i2t.k, i2t.recall, t2i.recall, i2t.chance
+            );
+        }
     }
     Ok(())
 }

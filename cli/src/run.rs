@@ -31,6 +31,9 @@ pub struct RunArgs {
     /// Override spec.training.steps.
     #[arg(long)]
     pub steps: Option<i64>,
+    /// Override spec.model.objective: `contrastive`, `mae,contrastive`, `mae=1,contrastive=0.5`.
+    #[arg(long)]
+    pub objective: Option<String>,
     /// Override spec.dataset.uri.
     #[arg(long)]
     pub dataset: Option<String>,
@@ -171,6 +174,10 @@ pub fn load_job(a: &RunArgs) -> Result<TrainingJob> {
         }
         job.spec.training.steps = Some(s);
         job.spec.training.epochs = None;
+    }
+    if let Some(o) = &a.objective {
+        job.spec.model.objective = radfm_api::trainingjob::Objective::from_env(o)
+            .map_err(|e| anyhow::anyhow!("--objective {o:?}: {e}"))?;
     }
     if let Some(d) = &a.dataset {
         job.spec.dataset.uri = d.clone();

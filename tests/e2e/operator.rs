@@ -217,6 +217,16 @@ async fn invalid_trainingjobs_are_rejected_naming_the_field() {
             "spec.runPolicy.ttlSecondsAfterFinished: Invalid value",
         ),
         (
+            "an empty objective",
+            job_yaml("ok", 2, "  model: {objective: {}}\n"),
+            "model.objective needs mae, contrastive or both",
+        ),
+        (
+            "a zero objective weight",
+            job_yaml("ok", 2, "  model: {objective: {mae: 1, contrastive: 0}}\n"),
+            "model.objective.contrastive must be a weight in (0, 100]",
+        ),
+        (
             "unknown field",
             job_yaml("ok", 2, "  replicaz: 3\n"),
             "unknown field \"spec.replicaz\"",

@@ -296,6 +296,29 @@ fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
     let theirs = tch::Tensor::read_safetensors(&output).unwrap().remove(0).1;
     let diff = (&ours - &theirs).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max |radfm - pytorch| = {diff}");
+
+    // timm itself, built as the card says, loads the file with strict=True and pools as radfm
+    // embeds (the mean patch token after the final norm).
+    assert_eq!(card["timm"]["kwargs"]["fc_norm"], false, "{card}");
+    let pooled = w.path("pooled.safetensors");
+    let script = radfm_e2e::repo_root().join("tests/python/timm_load.py");
+    let py = Command::new(python())
+        .arg(script)
+        .arg(w.path("model"))
+        .arg(&input)
+        .arg(&pooled)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let ours = tch::no_grad(|| model.encoder.embed(&images));
+    let theirs = tch::Tensor::read_safetensors(&pooled).unwrap().remove(0).1;
+    assert_eq!(theirs.size(), [3, 192]);
+    let diff = (&ours - &theirs).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "max |radfm - timm| = {diff}");
 }
 
 fn free_port() -> String {
@@ -896,5 +919,259 @@ fn contrastive_loss_and_its_gradients_match_the_pytorch_reference() {
             .max()
             .double_value(&[]);
         assert!(diff < 1e-6, "{name}: gradients differ by {diff}");
+    }
+}
+
+/// The newest committed checkpoint's model tensors by name.
+fn latest_model(dir: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    let (_, model, _) = latest_state(dir);
+    radfm_trainer::tensors::from_bytes(&model, "model.safetensors")
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn a_contrastive_run_on_two_ranks_equals_one_process_with_the_same_global_batch() {
+    // 32 samples: one batch of 32 per epoch for one process, one of 16 per rank for two; each
+    // rank's block is half of the same epoch order, so every step has the same global batch.
+    // No augmentation, no masking: nothing random differs between the two partitions.
+    let w = Workdir::new(32, 32);
+    let common = [
+        ("RADFM_OBJECTIVE", "contrastive"),
+        ("RADFM_AUGMENT", "false"),
+        ("RADFM_CHECKPOINT_EVERY", "4"),
+    ];
+    let one = w.env(
+        "one",
+        4,
+        &[&common[..], &[("RADFM_BATCH_SIZE", "32")]].concat(),
+    );
+    let (code, lines, err) = run(&one);
+    assert_eq!(code, 0, "{err}");
+    let port = free_port();
+    let two = w.env(
+        "two",
+        4,
+        &[
+            &common[..],
+            &[
+                ("RADFM_BATCH_SIZE", "16"),
+                ("RADFM_NPROC_PER_NODE", "2"),
+                ("RADFM_MASTER_PORT", &port),
+            ],
+        ]
+        .concat(),
+    );
+    let (code, two_lines, err) = run(&two);
+    assert_eq!(code, 0, "{err}");
+    let losses = |lines: &[serde_json::Value]| -> Vec<f64> {
+        lines
+            .iter()
+            .filter(|l| l["event"] == "step")
+            .map(|l| l["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (losses(&lines), losses(&two_lines));
+    assert_eq!(a.len(), 4, "{lines:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 1e-4,
+            "losses per step: one {a:?}, two {b:?}"
+        );
+    }
+    let (one, two) = (latest_model(&w.path("one")), latest_model(&w.path("two")));
+    assert!(
+        one.keys().any(|k| k.starts_with("text.")),
+        "{:?}",
+        one.keys()
+    );
+    for (name, t) in &one {
+        let (a, b) = (t.flatten(0, -1), two[name].flatten(0, -1));
+        // The attention key biases' exact gradient is zero (softmax ignores a constant added
+        // to every key); AdamW turns the rounding noise there into steps of up to the learning
+        // rate, so their third of qkv.bias is left out (docs/distributed.md).
+        let (a, b) = if name.ends_with("attn.qkv.bias") {
+            let d = a.size()[0] / 3;
+            let keep =
+                |t: &tch::Tensor| tch::Tensor::cat(&[t.narrow(0, 0, d), t.narrow(0, 2 * d, d)], 0);
+            (keep(&a), keep(&b))
+        } else {
+            (a, b)
+        };
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{name} differs by {diff} after 4 steps");
+    }
+}
+
+#[test]
+fn an_image_report_run_resumes_bitwise_and_exports_both_encoders_with_the_tokenizer() {
+    let w = Workdir::new(96, 32);
+    let steps = 30;
+    let both = [("RADFM_OBJECTIVE", "mae=1,contrastive=0.5")];
+    let (code, _, err) = run(&w.env("straight", steps, &both));
+    assert_eq!(code, 0, "{err}");
+    let env = w.env("interrupted", steps, &both);
+    let (code, err) = interrupt(&env, 15, libc::SIGTERM);
+    assert_eq!(code, 77, "{err}");
+    let (code, _, err) = run(&env);
+    assert_eq!(code, 0, "{err}");
+    let (straight, resumed) = (
+        latest_state(&w.path("straight")),
+        latest_state(&w.path("interrupted")),
+    );
+    assert!(
+        straight.1 == resumed.1,
+        "model parameters differ after resume"
+    );
+    assert!(
+        straight.2 == resumed.2,
+        "optimizer moments differ after resume"
+    );
+
+    // An MAE run cannot resume from it: the objectives differ.
+    let mae = w.env("interrupted", steps + 5, &[]);
+    let (code, _, err) = run(&mae);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("objective mae=1,contrastive=0.5"), "{err}");
+
+    let out = Command::new(workspace_bin("radfm-trainer").unwrap())
+        .args(["export", &w.uri("straight"), &w.uri("model")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let objective = card["objective"].as_str().unwrap();
+    assert!(
+        objective.contains("masked autoencoding") && objective.contains("contrastive"),
+        "{objective}"
+    );
+    assert_eq!(card["text"]["weights"], "text.safetensors", "{card}");
+    for file in ["encoder.safetensors", "text.safetensors", "tokenizer.json"] {
+        assert!(w.path("model").join(file).exists(), "{file}");
+    }
+    let encoder = tch::Tensor::read_safetensors(w.path("model/encoder.safetensors")).unwrap();
+    assert!(
+        encoder
+            .iter()
+            .all(|(n, _)| !n.starts_with("text.") && !n.starts_with("clip.")),
+        "the image encoder's file holds only timm's names"
+    );
+    let model = rt()
+        .block_on(radfm_trainer::export::load(
+            &w.uri("model"),
+            tch::Device::Cpu,
+        ))
+        .unwrap();
+    assert!(model.image_text.is_some());
+    // A tokenizer edited after export no longer matches the card.
+    std::fs::write(w.path("model/tokenizer.json"), b"{}").unwrap();
+    let e = rt()
+        .block_on(radfm_trainer::export::load(
+            &w.uri("model"),
+            tch::Device::Cpu,
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tokenizer.json does not match"), "{e}");
+}
+
+#[test]
+fn image_report_pretraining_answers_text_queries_and_retrieves_reports_where_random_init_does_not()
+{
+    let w = Workdir::new(16, 32);
+    let synth = |out: &str, samples: &str, seed: &str| {
+        radfm_e2e::ok(&radfm_e2e::radfm(
+            &[
+                "synth",
+                "--out",
+                &w.uri(out),
+                "--samples",
+                samples,
+                "--size",
+                "32",
+                "--seed",
+                seed,
+                "--lesion-radius",
+                "0.15,0.25",
+                "--lesion-prevalence",
+                "0.4",
+                "--shard-mib",
+                "0.2",
+            ],
+            &[],
+        ))
+    };
+    synth("pretrain", "1200", "5");
+    synth("probe", "400", "99");
+    let mut env = w.env(
+        "ckpt",
+        300,
+        &[
+            ("RADFM_OBJECTIVE", "contrastive"),
+            ("RADFM_BATCH_SIZE", "32"),
+            ("RADFM_WARMUP_STEPS", "10"),
+            ("RADFM_THREADS", "2"),
+            ("RADFM_LOG_EVERY", "25"),
+            ("RADFM_CHECKPOINT_EVERY", "100"),
+        ],
+    );
+    env.retain(|(k, _)| k != "RADFM_DATASET_URI");
+    env.push(("RADFM_DATASET_URI".into(), w.uri("pretrain")));
+    env.push(("RADFM_EXPORT_URI".into(), w.uri("model")));
+    let (code, _, err) = run(&env);
+    assert_eq!(code, 0, "{err}");
+    let out = radfm_e2e::ok(&radfm_e2e::radfm(
+        &[
+            "eval",
+            "--model",
+            &w.uri("model"),
+            "--dataset",
+            &w.uri("probe"),
+            "--zero-shot",
+            "--json",
+        ],
+        &[("RADFM_THREADS", "2")],
+    ));
+    let z: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let overall = &z["tasks"][0]["overall"];
+    let auroc = |which: &str| overall[which]["auroc"].clone();
+    let (trained, random) = (auroc("candidate"), auroc("baseline"));
+    eprintln!("zero-shot AUROC: pretrained {trained}, random init {random}");
+    assert!(
+        trained["lo"].as_f64().unwrap() > 0.75,
+        "pretrained zero-shot AUROC {trained} should clear 0.75: {z:#}"
+    );
+    assert!(
+        random["lo"].as_f64().unwrap() < 0.5 + 0.1 || random["value"].as_f64().unwrap() < 0.65,
+        "random init should be near chance: {random}"
+    );
+    assert!(
+        overall["delta_auroc"]["lo"].as_f64().unwrap() > 0.1,
+        "{overall:#}"
+    );
+    let recall = |model: usize, way: &str| {
+        let r = &z["retrieval"][model][way][2];
+        (r["recall"].as_f64().unwrap(), r["chance"].as_f64().unwrap())
+    };
+    for way in ["image_to_text", "text_to_image"] {
+        let (trained, chance) = recall(0, way);
+        let (random, _) = recall(1, way);
+        eprintln!(
+            "{way} recall@10: pretrained {trained:.3}, random init {random:.3}, chance {chance:.3}"
+        );
+        assert!(
+            trained > chance + 0.1,
+            "{way}: {trained} vs chance {chance}"
+        );
+        assert!(
+            trained > random + 0.1,
+            "{way}: {trained} vs random init {random}"
+        );
     }
 }

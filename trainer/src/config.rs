@@ -165,6 +165,9 @@ pub struct TrainConfig {
     pub model: VitConfig,
     /// Fraction of patches masked.
     pub mask_ratio: f64,
+    /// Objectives and their weights.
+    #[serde(default)]
+    pub objective: radfm_api::trainingjob::Objective,
     /// Weights to start from.
     pub init_from: Option<String>,
     /// Total optimizer steps, if given as steps.
@@ -314,6 +317,7 @@ impl TrainConfig {
             arch: c.model_arch,
             model,
             mask_ratio: c.mask_ratio,
+            objective: c.objective,
             init_from: c.init_from,
             steps: c.steps,
             epochs: c.epochs.map(i64::from),

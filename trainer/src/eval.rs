@@ -26,6 +26,8 @@ pub struct Embedded {
     pub keys: Vec<String>,
     /// Sample metadata, in row order (subgroups of site validation).
     pub meta: Vec<radfm_data::SampleMeta>,
+    /// Each sample's report, where it has one, in row order.
+    pub reports: Vec<Option<String>>,
 }
 
 /// Scores of one classifier on the held-out part.
@@ -97,6 +99,7 @@ pub(crate) async fn embed_shards(
     let mut labels = Vec::new();
     let mut keys = Vec::new();
     let mut metas = Vec::new();
+    let mut reports = Vec::new();
     let mut missing = None;
     loader
         .run_epoch(Cursor::default(), |batch| {
@@ -118,6 +121,7 @@ pub(crate) async fn embed_shards(
                 keys.push(key.clone());
                 metas.push(meta.clone());
             }
+            reports.extend(batch.reports.iter().cloned());
             true
         })
         .await?;
@@ -134,6 +138,7 @@ pub(crate) async fn embed_shards(
         labels: Tensor::from_slice(&labels),
         keys,
         meta: metas,
+        reports,
     })
 }
 
@@ -460,6 +465,7 @@ mod tests {
             labels: Tensor::from_slice(&labels),
             keys: (0..n).map(|i| format!("k{i}")).collect(),
             meta: Vec::new(),
+            reports: Vec::new(),
         };
         let r = probe("toy", &e, 5).unwrap();
         assert!(r.knn.balanced_accuracy > 0.95, "{r:?}");

@@ -20,6 +20,7 @@ pub mod config;
 pub mod contrastive;
 pub mod eval;
 pub mod export;
+pub mod image_text;
 pub mod launch;
 pub mod model;
 pub mod monitor;
@@ -29,6 +30,7 @@ pub mod site;
 pub mod tensors;
 pub mod text;
 pub mod train;
+pub mod zero_shot;
 
 pub use config::TrainConfig;
 

@@ -40,7 +40,8 @@ enum Command {
     },
     /// Export the newest checkpoint's encoder (timm names, safetensors) and a model card.
     Export(ExportArgs),
-    /// k-NN and linear-probe evaluation of an exported encoder against random initialisation.
+    /// k-NN and linear-probe evaluation of an exported encoder against random initialisation;
+    /// with --zero-shot, findings queried by text and retrieval.
     Eval(EvalArgs),
     /// Print the version.
     Version,
@@ -135,6 +136,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Export(a) => print_json(runtime().block_on(a.run())),
+        Command::Eval(a) if a.zero_shot => print_json(runtime().block_on(a.run_zero_shot())),
         Command::Eval(a) => print_json(runtime().block_on(a.run())),
         Command::Version => {
             println!("radfm-trainer {}", env!("CARGO_PKG_VERSION"));

@@ -2,8 +2,9 @@
 //!
 //! **Tokenizer.** A WordPiece tokenizer (the `tokenizers` crate, as BERT-style radiology encoders
 //! such as CXR-BERT use) with BERT's normaliser (lower case, accents stripped) and
-//! pre-tokeniser (whitespace and punctuation), trained on the training reports themselves: a
-//! radiology vocabulary differs from a general one, and a trained vocabulary ships with the model
+//! pre-tokeniser (whitespace and punctuation), whose vocabulary is learned from the training
+//! reports themselves (whole frequent words, and every character as a fallback): a radiology
+//! vocabulary differs from a general one, and the learned vocabulary ships with the model
 //! (`tokenizer.json` beside the weights) so that the text encoder always meets the ids it was
 //! trained with. Reports are cut to [`MAX_TOKENS`] tokens.
 //!
@@ -11,12 +12,17 @@
 //! each token attending to the report's tokens only, never to padding), a final layer norm, and
 //! the mean over the report's tokens.
 
+use std::collections::{BTreeMap, BTreeSet};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
-use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
+use tokenizers::{
+    NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
+    Tokenizer, TokenizerBuilder,
+};
 
 use crate::model::Block;
 use crate::{Error, Result};
@@ -39,29 +45,60 @@ fn failed(what: &str, e: impl std::fmt::Display) -> Error {
 pub struct ReportTokenizer(Tokenizer);
 
 impl ReportTokenizer {
-    /// Trains a WordPiece vocabulary of at most `vocab` entries on `reports`.
-    pub fn train(reports: impl Iterator<Item = String> + Send, vocab: usize) -> Result<Self> {
-        let specials = [PAD, UNK].map(|t| AddedToken::from(t, true)).to_vec();
-        let mut trainer = WordPieceTrainer::builder()
-            .vocab_size(vocab)
-            .min_frequency(2)
-            .special_tokens(specials)
-            .show_progress(false)
-            .build();
+    /// Learns a WordPiece vocabulary of at most `vocab` entries from `reports`: the padding and
+    /// unknown tokens, every character seen (alone and as a word's continuation `##c`, so that
+    /// any word of those characters splits into known pieces), then the words seen at least
+    /// twice, most frequent first (ties in alphabetical order). Counting in ordered maps makes
+    /// the vocabulary a function of the reports alone: every process that learns it from the
+    /// same reports gets the same ids (the `tokenizers` trainers break ties by hash-map order,
+    /// which differs between processes).
+    pub fn train(reports: impl Iterator<Item = String>, vocab: usize) -> Result<Self> {
+        let (normalizer, pre) = (BertNormalizer::default(), BertPreTokenizer);
+        let mut words: BTreeMap<String, u64> = BTreeMap::new();
+        let mut chars: BTreeSet<char> = BTreeSet::new();
+        for report in reports {
+            let mut text = NormalizedString::from(report.as_str());
+            normalizer
+                .normalize(&mut text)
+                .map_err(|e| failed("normalising", e))?;
+            let mut split = PreTokenizedString::from(text);
+            pre.pre_tokenize(&mut split)
+                .map_err(|e| failed("splitting", e))?;
+            for (word, _, _) in split.get_splits(OffsetReferential::Normalized, OffsetType::Byte) {
+                chars.extend(word.chars());
+                *words.entry(word.to_string()).or_default() += 1;
+            }
+        }
+        let mut entries: Vec<String> = vec![PAD.into(), UNK.into()];
+        for c in &chars {
+            entries.push(c.to_string());
+            entries.push(format!("##{c}"));
+        }
+        let mut frequent: Vec<(&String, &u64)> = words
+            .iter()
+            .filter(|(w, n)| **n >= 2 && w.chars().count() > 1)
+            .collect();
+        frequent.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        entries.extend(frequent.into_iter().map(|(w, _)| w.clone()));
+        entries.truncate(vocab.max(2));
+        let ids: ahash::AHashMap<String, u32> = entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| (e, i as u32))
+            .collect();
         let wordpiece = WordPiece::builder()
+            .vocab(ids)
             .unk_token(UNK.into())
             .build()
             .map_err(|e| failed("wordpiece", e))?;
-        let mut tok = TokenizerBuilder::new()
+        let tok = TokenizerBuilder::new()
             .with_model(wordpiece)
-            .with_normalizer(Some(BertNormalizer::default()))
-            .with_pre_tokenizer(Some(BertPreTokenizer))
+            .with_normalizer(Some(normalizer))
+            .with_pre_tokenizer(Some(pre))
             .with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>)
             .with_decoder(None::<tokenizers::decoders::DecoderWrapper>)
             .build()
             .map_err(|e| failed("building", e))?;
-        tok.train(&mut trainer, reports)
-            .map_err(|e| failed("training", e))?;
         Ok(ReportTokenizer(tok.into()))
     }
 
@@ -221,6 +258,18 @@ mod tests {
             "every word of the style is known"
         );
         assert!(ReportTokenizer::from_json("{}").is_err());
+    }
+
+    #[test]
+    fn the_vocabulary_is_a_function_of_the_reports_alone() {
+        let a = ReportTokenizer::train(reports(120).into_iter(), 300).unwrap();
+        let b = ReportTokenizer::train(reports(120).into_iter(), 300).unwrap();
+        assert_eq!(a.to_json().unwrap(), b.to_json().unwrap());
+        // A word never seen, of letters seen, splits into known pieces instead of being unknown.
+        let (ids, _) = a.encode(&["mulotar"]).unwrap();
+        let unknown = a.0.token_to_id(UNK).unwrap() as i64;
+        let first: Vec<i64> = Vec::try_from(ids.get(0).narrow(0, 0, 3)).unwrap();
+        assert!(first.iter().all(|&i| i != unknown && i != 0), "{first:?}");
     }
 
     #[test]

@@ -22,11 +22,15 @@ use tch::{Device, Tensor};
 use tokio::runtime::Runtime;
 
 use crate::checkpoint::{self, CommitId, DataRef, TrainState};
+use crate::collective::Collective;
 use crate::collective::Gang;
 use crate::config::{Fault, Precision, TrainConfig};
-use crate::model::Mae;
+use crate::contrastive;
+use crate::image_text::{self, ImageText};
+use crate::model::{Encoder, Mae};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::progress::{Metrics, PodAnnotator, Record};
+use crate::text::ReportTokenizer;
 use crate::{Error, Result, tensors};
 
 /// How the RNG state is described in checkpoints.
@@ -97,6 +101,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
     let mut gang = join_gang(cfg, device)?;
     let resume = resume_point(gang.as_mut(), chosen)?;
     let mut pos = model.resume(cfg, &rt, &location, resume)?;
+    model.agree_on_tokenizer(cfg, &rt, gang.as_mut())?;
     if let Some(g) = gang.as_mut() {
         broadcast_parameters(g, &model.vs)?;
     }
@@ -130,7 +135,8 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
             }
             return Err(Error::Terminated { step: pos.step });
         }
-        let mut acc = model.accumulate(cfg, &batches, &mut pos, device)?;
+        let coll = gang.as_mut().map(|g| g.coll.as_mut());
+        let mut acc = model.accumulate(cfg, &batches, &mut pos, device, coll)?;
         agree(gang.as_mut(), cfg, &model.opt, &mut acc)?;
         let update = model.update(cfg, &acc, &mut pos, total, &reporter.metrics)?;
         reporter.stepped(&acc, update, &mut pos, first_step);
@@ -467,10 +473,29 @@ enum Resume {
     Named(CommitId),
 }
 
-/// The MAE, its variables and its optimizer.
+/// The image model the objectives train: the MAE (encoder and decoder), or the encoder alone
+/// when MAE is not among the objectives.
+enum ImageModel {
+    Mae(Mae),
+    Encoder(Encoder),
+}
+
+impl ImageModel {
+    fn encoder(&self) -> &Encoder {
+        match self {
+            ImageModel::Mae(m) => &m.encoder,
+            ImageModel::Encoder(e) => e,
+        }
+    }
+}
+
+/// The objectives' models, their variables, the report tokenizer and the optimizer.
 struct Model {
     vs: VarStore,
-    mae: Mae,
+    image: ImageModel,
+    image_text: Option<ImageText>,
+    /// The report tokenizer (contrastive objective), once agreed on.
+    tokenizer: Option<ReportTokenizer>,
     opt: AdamW,
 }
 
@@ -478,8 +503,17 @@ impl Model {
     fn new(cfg: &TrainConfig, device: Device) -> Model {
         tch::manual_seed(cfg.seed);
         let vs = VarStore::new(device);
-        let mut mae = Mae::new(&vs.root(), cfg.model);
-        mae.norm_pix = cfg.norm_pix_loss;
+        let image = if cfg.objective.mae.is_some() {
+            let mut mae = Mae::new(&vs.root(), cfg.model);
+            mae.norm_pix = cfg.norm_pix_loss;
+            ImageModel::Mae(mae)
+        } else {
+            ImageModel::Encoder(Encoder::new(vs.root() / "encoder", cfg.model))
+        };
+        let image_text = cfg
+            .objective
+            .contrastive
+            .map(|_| ImageText::new(&vs.root(), &cfg.model));
         let opt = AdamW::new(
             &vs,
             AdamWConfig {
@@ -487,7 +521,42 @@ impl Model {
                 ..Default::default()
             },
         );
-        Model { vs, mae, opt }
+        Model {
+            vs,
+            image,
+            image_text,
+            tokenizer: None,
+            opt,
+        }
+    }
+
+    /// The tokenizer every rank uses: the one resumed or initialised from, else one rank 0
+    /// trains on the dataset's reports; rank 0's is sent to the others.
+    fn agree_on_tokenizer(
+        &mut self,
+        cfg: &TrainConfig,
+        rt: &Runtime,
+        gang: Option<&mut Gang>,
+    ) -> Result<()> {
+        if self.image_text.is_none() {
+            return Ok(());
+        }
+        if self.tokenizer.is_none() && cfg.rank == 0 {
+            let shards = cfg.dataset_shards.as_deref();
+            let side = cfg.model.image_size as usize;
+            let trained =
+                rt.block_on(image_text::train_tokenizer(&cfg.dataset_uri, shards, side))?;
+            self.tokenizer = Some(trained);
+        }
+        if let Some(g) = gang {
+            let mine = if cfg.rank == 0 {
+                self.tokenizer.take()
+            } else {
+                None
+            };
+            self.tokenizer = Some(image_text::share_tokenizer(g.coll.as_mut(), mine)?);
+        }
+        Ok(())
     }
 
     /// Restores the chosen checkpoint, or initialises from `init_from`.
@@ -504,11 +573,18 @@ impl Model {
             Resume::Fresh => {
                 if let Some(init) = &cfg.init_from {
                     rt.block_on(crate::export::load_init(&self.vs, init))?;
+                    if self.image_text.is_some() {
+                        self.tokenizer = rt.block_on(crate::export::init_tokenizer(init))?;
+                    }
                 }
                 return Ok(Position::default());
             }
         };
         restore(&mut self.vs, &mut self.opt, cfg, &l)?;
+        if self.image_text.is_some() {
+            let file = l.object(image_text::TOKENIZER_FILE)?;
+            self.tokenizer = Some(image_text::tokenizer_from(file, &l.uri)?);
+        }
         let s = &l.manifest.state;
         let partition = |c: &serde_json::Value| Partition {
             world: c.get("world").and_then(|v| v.as_u64()).unwrap_or(1) as usize,
@@ -538,16 +614,17 @@ impl Model {
     }
 
     /// Forward and backward over the step's micro-batches; a non-finite loss stops the
-    /// accumulation of gradients (the step is skipped) but not the data.
+    /// accumulation of gradients (the step is skipped) but not the data. The contrastive
+    /// objective gathers every rank's embeddings through `coll` (None: one process).
     fn accumulate(
         &self,
         cfg: &TrainConfig,
         batches: &Receiver<Result<Batch>>,
         pos: &mut Position,
         device: Device,
+        mut coll: Option<&mut (dyn Collective + Send + 'static)>,
     ) -> Result<Accumulated> {
         let side = cfg.model.image_size;
-        let autocast = cfg.precision == Precision::Bf16 && device.is_cuda();
         let mut acc = Accumulated {
             loss_sum: 0.0,
             finite: true,
@@ -563,8 +640,8 @@ impl Model {
                 .view([b, 1, side, side])
                 .to_device(device);
             tch::manual_seed(mask_seed(cfg.seed, pos.step, micro, cfg.rank));
-            let loss = tch::autocast(autocast, || self.mae.loss(&images, cfg.mask_ratio));
-            let mut value = loss.double_value(&[]);
+            let coll = coll.as_deref_mut().map(|c| c as &mut dyn Collective);
+            let (loss, mut value) = self.loss(cfg, &images, &batch, coll, device)?;
             if matches!(cfg.fault, Some(Fault::NanLossFrom(k)) if pos.step >= k) {
                 value = f64::NAN;
             }
@@ -578,6 +655,53 @@ impl Model {
             acc.images += b as u64;
         }
         Ok(acc)
+    }
+
+    /// The weighted sum of the objectives on one micro-batch: (what to differentiate, its value).
+    fn loss(
+        &self,
+        cfg: &TrainConfig,
+        images: &Tensor,
+        batch: &Batch,
+        coll: Option<&mut dyn Collective>,
+        device: Device,
+    ) -> Result<(Tensor, f64)> {
+        let autocast = cfg.precision == Precision::Bf16 && device.is_cuda();
+        let mut parts = Vec::new();
+        let mut value = 0.0;
+        if let (ImageModel::Mae(mae), Some(w)) = (&self.image, cfg.objective.mae) {
+            let loss = tch::autocast(autocast, || mae.loss(images, cfg.mask_ratio));
+            value += w * loss.double_value(&[]);
+            parts.push(loss * w);
+        }
+        if let (Some(it), Some(w)) = (&self.image_text, cfg.objective.contrastive) {
+            let tokenizer = self.tokenizer.as_ref().ok_or_else(|| Error::Field {
+                field: "tokenizer".into(),
+                reason: "the contrastive objective has no tokenizer".into(),
+            })?;
+            let reports = image_text::batch_reports(&batch.keys, &batch.reports, &cfg.dataset_uri)?;
+            let (ids, mask) = tokenizer.encode(&reports)?;
+            let (img, txt) = tch::autocast(autocast, || {
+                (
+                    it.image_embedding(self.image.encoder(), images),
+                    it.text_embedding(&ids, &mask),
+                )
+            });
+            let (to_differentiate, loss) = match coll {
+                Some(c) => contrastive::gathered_loss(c, &img, &txt, &it.logit_scale)?,
+                None => {
+                    let l = contrastive::loss(&img, &txt, &it.logit_scale);
+                    (l.shallow_clone(), l)
+                }
+            };
+            value += w * loss.double_value(&[]);
+            parts.push(to_differentiate * w);
+        }
+        let total = parts
+            .into_iter()
+            .reduce(|a, b| a + b)
+            .expect("model.objective names at least one objective");
+        Ok((total, value))
     }
 
     /// Takes the optimizer step, or counts a skipped one (too many in a row fail the run).
@@ -689,7 +813,10 @@ impl Checkpoints<'_> {
             config: serde_json::to_value(self.cfg).expect("config serialises"),
             code_version: env!("CARGO_PKG_VERSION").into(),
         };
-        let files = state_files(&model.vs, &model.opt)?;
+        let mut files = state_files(&model.vs, &model.opt)?;
+        if let Some(t) = &model.tokenizer {
+            files.push((image_text::TOKENIZER_FILE, t.to_json()?.into_bytes()));
+        }
         let keep = self.cfg.checkpoint_keep;
         let task = self.rt.spawn(async move {
             let uri = writer.save(state, files).await?;
@@ -939,6 +1066,23 @@ fn restore(
             reason: format!(
                 "{} was written with model {:?}, this run has {:?}; use a new checkpoint.uri",
                 l.uri, saved, cfg.model
+            ),
+        });
+    }
+    let objective: Option<radfm_api::trainingjob::Objective> = l
+        .manifest
+        .state
+        .config
+        .get("objective")
+        .and_then(|m| serde_json::from_value(m.clone()).ok());
+    if objective.unwrap_or_default() != cfg.objective {
+        return Err(Error::Field {
+            field: "model.objective".into(),
+            reason: format!(
+                "{} was written with objective {}, this run has {}; use a new checkpoint.uri (model.initFrom starts from its weights)",
+                l.uri,
+                objective.unwrap_or_default().to_env(),
+                cfg.objective.to_env()
             ),
         });
     }

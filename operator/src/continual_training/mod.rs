@@ -24,7 +24,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use radfm_api::continual::{
     ANNOTATION_BASE_VERSION, ANNOTATION_SCHEDULED, ANNOTATION_TRIGGER, DriftTrigger,
-    LABEL_CONTINUAL, RunTrigger, SiteDrift,
+    LABEL_CONTINUAL, MonitorSignal, RunTrigger, SiteDrift,
 };
 use radfm_api::{ContinualTraining, TrainingJob};
 use radfm_registry::EventKind;
@@ -248,7 +248,7 @@ async fn drift_reports(
                     version: r.version,
                     report: uri,
                     created: r.created.clone(),
-                    evidence: r.evidence(),
+                    evidence: counted_evidence(trigger.signal, &r),
                 });
             }
         }
@@ -258,7 +258,7 @@ async fn drift_reports(
 
 /// A stored monitor report as the drift trigger sees it: refused (with the reason) unless it is
 /// signed by the trusted key of the site it is stored for and speaks of `model` `version`;
-/// `None` when it found no drift.
+/// `None` when it found nothing of the trigger's signal.
 pub fn admit_drift(
     trigger: &DriftTrigger,
     model: &str,
@@ -276,7 +276,18 @@ pub fn admit_drift(
     if !signed.public_key.eq_ignore_ascii_case(&trusted.public_key) {
         return Err(format!("not signed with {site}'s trusted key"));
     }
-    Ok(r.drifting.then_some(r))
+    Ok((!counted_evidence(trigger.signal, &r).is_empty()).then_some(r))
+}
+
+/// A report's findings that count for `signal`, as the report words them.
+fn counted_evidence(signal: MonitorSignal, r: &MonitorReport) -> Vec<String> {
+    let performance = |e: &String| e.starts_with(radfm_validation::monitor::PERFORMANCE);
+    let evidence = r.evidence().into_iter();
+    match signal {
+        MonitorSignal::Any => evidence.collect(),
+        MonitorSignal::Drift => evidence.filter(|e| !performance(e)).collect(),
+        MonitorSignal::PerformanceDrop => evidence.filter(performance).collect(),
+    }
 }
 
 /// The registry's record of what `spec.register.model` was trained on from `spec.dataset.uri`
@@ -511,6 +522,37 @@ mod tests {
     }
 
     fn stored(signer: u8, site: &str, version: u64, drifting: bool) -> Vec<u8> {
+        let watched = if drifting {
+            vec![watched("embeddings")]
+        } else {
+            Vec::new()
+        };
+        stored_with(signer, site, version, watched)
+    }
+
+    fn watched(name: &str) -> radfm_validation::monitor::Watched {
+        let test = radfm_validation::drift::DriftTest {
+            statistic: 0.5,
+            p_value: 0.0001,
+            permutations: 9999,
+            reference: 100,
+            recent: 100,
+        };
+        radfm_validation::monitor::Watched {
+            name: name.into(),
+            test,
+            adjusted_p: 0.0002,
+            drifting: true,
+        }
+    }
+
+    fn stored_with(
+        signer: u8,
+        site: &str,
+        version: u64,
+        watched: Vec<radfm_validation::monitor::Watched>,
+    ) -> Vec<u8> {
+        let drifting = !watched.is_empty();
         let r = MonitorReport {
             format: FORMAT.into(),
             model: "chest".into(),
@@ -522,7 +564,7 @@ mod tests {
             created: "2026-12-06T06:00:40Z".into(),
             code_version: "0".into(),
             alpha: 0.01,
-            watched: vec![],
+            watched,
             drifting,
             performance: Vec::new(),
             look: None,
@@ -637,5 +679,49 @@ mod tests {
         edited["payload"] = payload.into();
         let e = admit("north", serde_json::to_vec(&edited).unwrap()).unwrap_err();
         assert!(e.contains("signature"), "{e}");
+    }
+
+    #[test]
+    fn a_trigger_counts_only_the_signal_it_names_and_attaches_only_that_evidence() {
+        let drift = stored_with(1, "north", 3, vec![watched("metadata:manufacturer")]);
+        let drop = stored_with(1, "north", 3, vec![watched("performance:lesion:sex=F")]);
+        let cases = [
+            (MonitorSignal::Any, &drift, Some("metadata:manufacturer")),
+            (MonitorSignal::Any, &drop, Some("performance:lesion:sex=F")),
+            (MonitorSignal::Drift, &drift, Some("metadata:manufacturer")),
+            (MonitorSignal::Drift, &drop, None),
+            (MonitorSignal::PerformanceDrop, &drift, None),
+            (
+                MonitorSignal::PerformanceDrop,
+                &drop,
+                Some("performance:lesion:sex=F"),
+            ),
+        ];
+        for (signal, bytes, want) in cases {
+            let t = DriftTrigger {
+                signal,
+                ..trigger()
+            };
+            let got = admit_drift(&t, "chest", 3, "north", bytes).unwrap();
+            let evidence = got.map(|r| counted_evidence(signal, &r));
+            match want {
+                None => assert_eq!(evidence, None, "{signal:?}"),
+                Some(name) => {
+                    let evidence = evidence.unwrap();
+                    assert_eq!(evidence.len(), 1, "{signal:?}: {evidence:?}");
+                    assert!(evidence[0].starts_with(name), "{signal:?}: {evidence:?}");
+                }
+            }
+        }
+        let both = stored_with(
+            1,
+            "north",
+            3,
+            vec![watched("embeddings"), watched("performance:lesion")],
+        );
+        let r = admit_drift(&trigger(), "chest", 3, "north", &both)
+            .unwrap()
+            .unwrap();
+        assert_eq!(counted_evidence(MonitorSignal::Any, &r).len(), 2);
     }
 }
