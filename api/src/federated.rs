@@ -433,7 +433,11 @@ pub struct FederatedSiteSpec {
     #[x_kube(validation = Rule::new("self.matches('^(s3|gs|az|file)://.+')").message("workspace must start with s3://, gs://, az:// or file://"))]
     pub workspace: String,
     /// The local TrainingJob of each round (its steps come from the hub; its checkpoint folder
-    /// is set per round under the workspace; initFrom is the round's global model).
+    /// is set per round under the workspace; initFrom is the round's global model). Federated
+    /// rounds train the masked autoencoder only: with the contrastive objective each site would
+    /// learn its own report vocabulary, and averaging text encoders over different vocabularies
+    /// means nothing.
+    #[x_kube(validation = Rule::new("!has(self.model) || !has(self.model.objective) || !has(self.model.objective.contrastive)").message("jobTemplate.model.objective: federated rounds train the mae objective only (each site would learn its own report vocabulary)"))]
     pub job_template: JobTemplate,
     /// Element type of the uploaded updates.
     #[serde(default)]

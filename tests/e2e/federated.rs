@@ -795,6 +795,20 @@ async fn a_hub_and_two_hospital_clusters_federate_three_rounds_through_their_res
         );
     }
     hub.apply(HUB_NS, &good);
+    // A site cannot train the contrastive objective in rounds: its vocabulary would be its own.
+    let contrastive = federated_site_yaml("north", exchange, &public["hub"]).replace(
+        "patchSize: 8}",
+        "patchSize: 8, objective: {mae: 1, contrastive: 1}}",
+    );
+    let out = north.cluster.kubectl_stdin(
+        &["apply", "--dry-run=server", "-n", SITE_NS, "-f", "-"],
+        Some(&contrastive),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("federated rounds train the mae objective only"),
+        "{stderr}"
+    );
 
     let mut played = std::collections::BTreeSet::new();
     let mut sent = Vec::new();

@@ -476,8 +476,8 @@ enum Resume {
 /// The image model the objectives train: the MAE (encoder and decoder), or the encoder alone
 /// when MAE is not among the objectives.
 enum ImageModel {
-    Mae(Mae),
-    Encoder(Encoder),
+    Mae(Box<Mae>),
+    Encoder(Box<Encoder>),
 }
 
 impl ImageModel {
@@ -506,9 +506,9 @@ impl Model {
         let image = if cfg.objective.mae.is_some() {
             let mut mae = Mae::new(&vs.root(), cfg.model);
             mae.norm_pix = cfg.norm_pix_loss;
-            ImageModel::Mae(mae)
+            ImageModel::Mae(Box::new(mae))
         } else {
-            ImageModel::Encoder(Encoder::new(vs.root() / "encoder", cfg.model))
+            ImageModel::Encoder(Box::new(Encoder::new(vs.root() / "encoder", cfg.model)))
         };
         let image_text = cfg
             .objective

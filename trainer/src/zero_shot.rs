@@ -14,7 +14,7 @@
 //! and from text to image. Reports are often worded identically (a normal study), so a retrieved
 //! report counts as a hit when its text is the query's own report text, and a retrieved image
 //! when its report text is the query text; the chance level under those duplicates is given
-//! beside each recall. At most [`MAX_RETRIEVAL`] pairs (in the dataset's key order) are ranked,
+//! beside each recall, and ties are broken in a seeded random order. At most [`MAX_RETRIEVAL`] pairs (in the dataset's key order) are ranked,
 //! which bounds the similarity matrix.
 
 use std::collections::BTreeMap;
@@ -165,7 +165,7 @@ impl Scorer<'_> {
         Ok(Vec::try_from(p.to_device(Device::Cpu)).unwrap_or_default())
     }
 
-    fn retrieval(&self, name: &str, e: &Embedded, images: &Tensor) -> Result<Retrieval> {
+    fn retrieval(&self, name: &str, e: &Embedded, images: &Tensor, seed: i64) -> Result<Retrieval> {
         let rows: Vec<usize> = (0..e.reports.len())
             .filter(|&i| e.reports[i].is_some())
             .take(MAX_RETRIEVAL)
@@ -181,8 +181,8 @@ impl Scorer<'_> {
         Ok(Retrieval {
             model: name.into(),
             pairs: rows.len(),
-            image_to_text: recalls(&sim, &group),
-            text_to_image: recalls(&sim.tr(), &group),
+            image_to_text: recalls(&sim, &group, seed),
+            text_to_image: recalls(&sim.tr(), &group, seed),
         })
     }
 }
@@ -205,10 +205,16 @@ fn same_text_groups(texts: &[&str]) -> Vec<usize> {
 }
 
 /// Recall@k of every query row of `sim` ([queries, items], the same pairs on both sides): a
-/// hit when one of the k best items is in the query's group; with the chance level.
-fn recalls(sim: &Tensor, group: &[usize]) -> Vec<Recall> {
+/// hit when one of the k best items is in the query's group; with the chance level. Items
+/// are ranked in a seeded random order before sorting, so that ties (a random-init model
+/// embeds most images alike) fall at random rather than in the dataset's order.
+fn recalls(sim: &Tensor, group: &[usize], seed: i64) -> Vec<Recall> {
     let n = group.len();
     let kmax = RECALL_AT.iter().copied().max().unwrap_or(1).min(n);
+    tch::manual_seed(seed);
+    let shuffle = Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu));
+    let items: Vec<i64> = Vec::try_from(&shuffle).unwrap_or_default();
+    let sim = sim.index_select(1, &shuffle.to_device(sim.device()));
     let order: Vec<i64> = Vec::try_from(
         sim.topk(kmax as i64, 1, true, true)
             .1
@@ -216,6 +222,7 @@ fn recalls(sim: &Tensor, group: &[usize]) -> Vec<Recall> {
             .to_device(Device::Cpu),
     )
     .unwrap_or_default();
+    let order: Vec<i64> = order.into_iter().map(|i| items[i as usize]).collect();
     let mut size = vec![0usize; n];
     for &g in group {
         size[g] += 1;
@@ -291,8 +298,8 @@ pub async fn evaluate(req: &Request<'_>) -> Result<ZeroShot> {
     let (images, r_images) = (trained.images(&data), random.images(&r_data));
     let tasks = task_reports(req, &data, [&trained, &random], [&images, &r_images])?;
     let retrieval = vec![
-        trained.retrieval("pretrained", &data, &images)?,
-        random.retrieval("random-init", &r_data, &r_images)?,
+        trained.retrieval("pretrained", &data, &images, req.seed)?,
+        random.retrieval("random-init", &r_data, &r_images, req.seed)?,
     ];
     Ok(ZeroShot {
         model: req.model_uri.into(),
@@ -379,7 +386,7 @@ mod tests {
             0.9, 0.5, 0.1, // image 2 prefers texts 0 and 1: its own is last
         ])
         .view([3, 3]);
-        let r = recalls(&sim, &[0, 0, 1]);
+        let r = recalls(&sim, &[0, 0, 1], 7);
         assert_eq!(r[0].k, 1);
         assert!((r[0].recall - 2.0 / 3.0).abs() < 1e-12, "{r:?}");
         // k is capped at the number of pairs: everything is a hit.
