@@ -109,6 +109,7 @@ demo: build
 	 echo "  labelled/       held-out labelled cohort used by the probes"; \
 	 echo "  checkpoints/    committed checkpoints (manifests/ + step-*/)"; \
 	 echo "  model/          encoder.safetensors (timm names) + model_card.json"; \
+	 echo "                  (+ text.safetensors, tokenizer.json with OBJECTIVE=contrastive)"; \
 	 echo "  progress.jsonl  rank 0's progress lines;  loss.svg  the loss curve"
 
 ## demo-cluster: a simulated GPU cluster, the operator, and the sample TrainingJob from apply to

@@ -247,6 +247,21 @@ fn invalid_configuration_exits_64_naming_the_variable() {
     assert!(err.contains("ftp://x/y"), "{err}");
 }
 
+/// Runs `tests/python/<script>` with `args` in the interoperability Python; its stdout as JSON.
+fn python_script(script: &str, args: &[&Path]) -> serde_json::Value {
+    let py = Command::new(python())
+        .arg(radfm_e2e::repo_root().join("tests/python").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    serde_json::from_slice(&py.stdout).unwrap()
+}
+
 #[test]
 fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
     let w = Workdir::new(64, 32);
@@ -278,20 +293,8 @@ fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
     let input = w.path("input.safetensors");
     let output = w.path("features.safetensors");
     tch::Tensor::write_safetensors(&[("images", &images)], &input).unwrap();
-    let script = radfm_e2e::repo_root().join("tests/python/vit_reference.py");
-    let py = Command::new(python())
-        .arg(script)
-        .arg(w.path("model"))
-        .arg(&input)
-        .arg(&output)
-        .output()
-        .unwrap();
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
-    let info: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    let model_dir = w.path("model");
+    let info = python_script("vit_reference.py", &[&model_dir, &input, &output]);
     assert_eq!(info["features"], serde_json::json!([3, 17, 192]));
     let theirs = tch::Tensor::read_safetensors(&output).unwrap().remove(0).1;
     let diff = (&ours - &theirs).abs().max().double_value(&[]);
@@ -301,19 +304,7 @@ fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
     // embeds (the mean patch token after the final norm).
     assert_eq!(card["timm"]["kwargs"]["fc_norm"], false, "{card}");
     let pooled = w.path("pooled.safetensors");
-    let script = radfm_e2e::repo_root().join("tests/python/timm_load.py");
-    let py = Command::new(python())
-        .arg(script)
-        .arg(w.path("model"))
-        .arg(&input)
-        .arg(&pooled)
-        .output()
-        .unwrap();
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
+    python_script("timm_load.py", &[&model_dir, &input, &pooled]);
     let ours = tch::no_grad(|| model.encoder.embed(&images));
     let theirs = tch::Tensor::read_safetensors(&pooled).unwrap().remove(0).1;
     assert_eq!(theirs.size(), [3, 192]);

@@ -142,6 +142,22 @@ pub(crate) async fn embed_shards(
     })
 }
 
+/// Each case's values of the subgroup `fields` (a field the case lacks is left out), in the
+/// form disclosure control and the reports take.
+pub fn subgroup_values(
+    meta: &[radfm_data::SampleMeta],
+    fields: &[String],
+) -> Vec<std::collections::BTreeMap<String, String>> {
+    meta.iter()
+        .map(|m| {
+            fields
+                .iter()
+                .filter_map(|f| Some((f.clone(), field_value(m, f)?)))
+                .collect()
+        })
+        .collect()
+}
+
 /// The binary target of a sample: `name` is a 0/1 label of the sample (`lesion`), or
 /// `FIELD=VALUE` over its labels and metadata fields (`sex=F`, `site=site-b`, `age_band=80+`).
 pub fn target(meta: &radfm_data::SampleMeta, name: &str) -> Option<f32> {

@@ -158,16 +158,7 @@ pub async fn validate(req: &Request<'_>) -> Result<Outcome> {
             req.dataset_uri
         )));
     }
-    let groups: Vec<BTreeMap<String, String>> = ec
-        .meta
-        .iter()
-        .map(|m| {
-            req.subgroups
-                .iter()
-                .filter_map(|f| Some((f.clone(), eval::field_value(m, f)?)))
-                .collect()
-        })
-        .collect();
+    let groups = eval::subgroup_values(&ec.meta, req.subgroups);
     let predicted = req
         .tasks
         .iter()

@@ -331,16 +331,7 @@ fn task_reports(
             .collect();
         labels.push(y.ok_or_else(|| invalid(format!("a sample has no 0/1 label {:?}", f.label)))?);
     }
-    let groups: Vec<BTreeMap<String, String>> = data
-        .meta
-        .iter()
-        .map(|m| {
-            req.subgroups
-                .iter()
-                .filter_map(|f| Some((f.clone(), eval::field_value(m, f)?)))
-                .collect()
-        })
-        .collect();
+    let groups = eval::subgroup_values(&data.meta, req.subgroups);
     let label_refs: Vec<&[bool]> = labels.iter().map(Vec::as_slice).collect();
     let cells = disclosure::plan(&groups, req.subgroups, req.min_cell, &label_refs)
         .map_err(|e| invalid(e.to_string()))?;
