@@ -809,17 +809,14 @@ fn visible_lesions(w: &Workdir, out: &str, samples: usize, seed: u64) {
     ));
 }
 
-#[test]
-fn pretrained_encoder_beats_random_init_on_a_knn_probe_of_unseen_images() {
-    // Visible lesions (radius 15-25 % of the half-width) on 32-pixel phantoms: a signal an
-    // encoder can learn without labels. The probe cohort is a separate draw (another seed).
-    let w = Workdir::new(16, 32);
-    visible_lesions(&w, "pretrain", 1200, 5);
-    visible_lesions(&w, "probe", 400, 99);
+/// Trains `objective` for 300 steps of 32 on the cohort `pretrain`; rank 0 exports the encoder
+/// itself after the last step (spec.export.uri) to `model`. Returns the progress lines.
+fn pretrain_visible(w: &Workdir, objective: &str) -> Vec<serde_json::Value> {
     let mut env = w.env(
         "ckpt",
         300,
         &[
+            ("RADFM_OBJECTIVE", objective),
             ("RADFM_BATCH_SIZE", "32"),
             ("RADFM_WARMUP_STEPS", "10"),
             ("RADFM_THREADS", "2"),
@@ -829,10 +826,20 @@ fn pretrained_encoder_beats_random_init_on_a_knn_probe_of_unseen_images() {
     );
     env.retain(|(k, _)| k != "RADFM_DATASET_URI");
     env.push(("RADFM_DATASET_URI".into(), w.uri("pretrain")));
-    // Rank 0 exports the encoder itself after the last step (spec.export.uri).
     env.push(("RADFM_EXPORT_URI".into(), w.uri("model")));
     let (code, lines, err) = run(&env);
     assert_eq!(code, 0, "{err}");
+    lines
+}
+
+#[test]
+fn pretrained_encoder_beats_random_init_on_a_knn_probe_of_unseen_images() {
+    // Visible lesions (radius 15-25 % of the half-width) on 32-pixel phantoms: a signal an
+    // encoder can learn without labels. The probe cohort is a separate draw (another seed).
+    let w = Workdir::new(16, 32);
+    visible_lesions(&w, "pretrain", 1200, 5);
+    visible_lesions(&w, "probe", 400, 99);
+    let lines = pretrain_visible(&w, "mae");
     assert!(lines.iter().any(|l| l["event"] == "exported"), "{lines:?}");
     let card: serde_json::Value =
         serde_json::from_slice(&std::fs::read(w.path("model/model_card.json")).unwrap()).unwrap();
@@ -1075,26 +1082,10 @@ fn an_image_report_run_resumes_bitwise_and_exports_both_encoders_with_the_tokeni
     assert!(e.contains("tokenizer.json does not match"), "{e}");
 }
 
-/// Pretrains `objective` for 300 steps of 32 on `pretrain`, exports to `model`, and returns the
-/// zero-shot evaluation on `probe` as JSON.
+/// Pretrains `objective` ([`pretrain_visible`]) and returns the zero-shot evaluation on `probe`
+/// as JSON.
 fn pretrain_and_query(w: &Workdir, objective: &str) -> serde_json::Value {
-    let mut env = w.env(
-        "ckpt",
-        300,
-        &[
-            ("RADFM_OBJECTIVE", objective),
-            ("RADFM_BATCH_SIZE", "32"),
-            ("RADFM_WARMUP_STEPS", "10"),
-            ("RADFM_THREADS", "2"),
-            ("RADFM_LOG_EVERY", "25"),
-            ("RADFM_CHECKPOINT_EVERY", "100"),
-        ],
-    );
-    env.retain(|(k, _)| k != "RADFM_DATASET_URI");
-    env.push(("RADFM_DATASET_URI".into(), w.uri("pretrain")));
-    env.push(("RADFM_EXPORT_URI".into(), w.uri("model")));
-    let (code, _, err) = run(&env);
-    assert_eq!(code, 0, "{err}");
+    pretrain_visible(w, objective);
     let out = radfm_e2e::ok(&radfm_e2e::radfm(
         &[
             "eval",
