@@ -262,21 +262,26 @@ fn python_script(script: &str, args: &[&Path]) -> serde_json::Value {
     serde_json::from_slice(&py.stdout).unwrap()
 }
 
+/// `radfm-trainer export` of the checkpoint folder `ckpt` into `out`; the card it prints.
+fn export(w: &Workdir, ckpt: &str, out: &str) -> serde_json::Value {
+    let run = Command::new(workspace_bin("radfm-trainer").unwrap())
+        .args(["export", &w.uri(ckpt), &w.uri(out)])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_slice(&run.stdout).unwrap()
+}
+
 #[test]
 fn exported_encoder_loads_into_pytorch_and_computes_the_same_features() {
     let w = Workdir::new(64, 32);
     let (code, _, err) = run(&w.env("ckpt", 10, &[]));
     assert_eq!(code, 0, "{err}");
-    let out = Command::new(workspace_bin("radfm-trainer").unwrap())
-        .args(["export", &w.uri("ckpt"), &w.uri("model")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let card = export(&w, "ckpt", "model");
     assert_eq!(card["steps"], 10);
     assert_eq!(card["architecture"], "vit-tiny");
     assert_eq!(card["dataset"]["samples"], 64);
@@ -1036,16 +1041,7 @@ fn an_image_report_run_resumes_bitwise_and_exports_both_encoders_with_the_tokeni
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("objective mae=1,contrastive=0.5"), "{err}");
 
-    let out = Command::new(workspace_bin("radfm-trainer").unwrap())
-        .args(["export", &w.uri("straight"), &w.uri("model")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let card = export(&w, "straight", "model");
     let objective = card["objective"].as_str().unwrap();
     assert!(
         objective.contains("masked autoencoding") && objective.contains("contrastive"),
