@@ -37,10 +37,12 @@ pub struct IngestArgs {
     /// ({"path": {"label": value}}).
     #[arg(long)]
     labels: Option<PathBuf>,
-    /// Reports: JSON mapping each file path relative to INPUT to its report text. Each report is
-    /// de-identified (names, dates shifted per patient, record numbers, phones, addresses, ages
-    /// over 89, institutions; the file's own header identifiers first) and written beside its
-    /// image as `<key>.txt`.
+    /// Reports: a JSON file mapping each file path relative to INPUT to its report text, or a
+    /// folder of DICOM Structured Reports (it may be INPUT itself), matched to images by study
+    /// and the SR's evidence; of several, the verified, complete, final and latest wins. Each
+    /// report is de-identified (names, dates shifted per patient, record numbers, phones,
+    /// addresses, ages over 89, institutions; the headers' own identifiers first) and written
+    /// beside its image as `<key>.txt`.
     #[arg(long)]
     reports: Option<PathBuf>,
     /// State that you read the reports the de-identification still doubts about and that they
@@ -71,7 +73,7 @@ pub async fn run(a: IngestArgs) -> Result<()> {
         salt: a.salt.into_bytes(),
         site: a.site,
         labels: a.labels,
-        reports: a.reports,
+        reports: a.reports.clone(),
         accept_report_doubts: a.accept_report_doubts,
         shard_bytes: shard_bytes(a.shard_mib)?,
     };
@@ -86,6 +88,18 @@ pub async fn run(a: IngestArgs) -> Result<()> {
         "ingest: {} files, {} already ingested, {} samples in {} new shards at {}",
         report.files, report.already_done, report.samples, report.shards, a.out
     );
+    if report.not_images > 0 {
+        println!(
+            "ingest: {} DICOM files are not images (Structured Reports, presentation states) and were skipped",
+            report.not_images
+        );
+    }
+    if a.reports.as_deref().is_some_and(std::path::Path::is_dir) {
+        println!(
+            "ingest: {} Structured Reports read",
+            report.structured_reports
+        );
+    }
     if !report.refused.is_empty() {
         for r in &report.refused {
             eprintln!("{r}");

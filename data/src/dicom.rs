@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, Tag};
+use dicom_object::{DefaultDicomObject, InMemDicomObject, Tag};
 use dicom_pixeldata::{
     ConvertOptions, ModalityLutOption, PhotometricInterpretation, PixelDecoder, PixelRepresentation,
 };
@@ -117,6 +117,10 @@ pub struct DicomImage {
     pub meta: SampleMeta,
     /// The file's identifiers, for removing them from the case's report; never written.
     pub identifiers: crate::report_deid::Context,
+    /// Study Instance UID, for finding the study's Structured Report; never written.
+    pub study_uid: Option<String>,
+    /// SOP Instance UID, for the evidence a Structured Report lists; never written.
+    pub instance_uid: Option<String>,
 }
 
 /// Name, identifier and institution attributes whose values a report of the case must not
@@ -142,18 +146,26 @@ const REPORT_PLACES: [Tag; 3] = [
 
 /// What the header says that a report of the case must not repeat, and the patient's date shift.
 fn report_context(obj: &DefaultDicomObject, salt: &[u8]) -> crate::report_deid::Context {
+    let patient = text(obj, tags::PATIENT_ID).unwrap_or_default();
+    crate::report_deid::Context {
+        date_shift_days: crate::report_deid::date_shift_days(salt, &patient),
+        ..report_identifiers(obj)
+    }
+}
+
+/// The names, identifiers and institutions a header holds (no date shift).
+pub(crate) fn report_identifiers(obj: &InMemDicomObject) -> crate::report_deid::Context {
     let values = |tags: &[Tag]| -> Vec<String> {
         tags.iter()
             .filter_map(|&t| text(obj, t))
             .flat_map(|v| v.split('\\').map(str::to_string).collect::<Vec<_>>())
             .collect()
     };
-    let patient = text(obj, tags::PATIENT_ID).unwrap_or_default();
     crate::report_deid::Context {
         names: values(&REPORT_NAMES),
         identifiers: values(&REPORT_IDS),
         institutions: values(&REPORT_PLACES),
-        date_shift_days: crate::report_deid::date_shift_days(salt, &patient),
+        date_shift_days: 0,
     }
 }
 
@@ -186,7 +198,7 @@ fn check_declared_size(obj: &DefaultDicomObject, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn text(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
+pub(crate) fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     let v = obj
         .element_opt(tag)
         .ok()??
@@ -248,6 +260,35 @@ fn stored_gray(values: &[f64], spp: usize, invert_from: Option<f64>, offset: f64
             (v + offset).round().clamp(0.0, 65535.0) as u16
         })
         .collect()
+}
+
+/// Structured Reports and other objects without pixel data (presentation states, key object
+/// selections) are told apart before the gate, which would otherwise refuse them for their
+/// identifiers.
+fn not_an_image(obj: &DefaultDicomObject, name: &str) -> Result<()> {
+    let what = if crate::structured_report::is_structured_report(obj) {
+        "a Structured Report".to_string()
+    } else if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none()
+        && obj
+            .element_opt(tags::FLOAT_PIXEL_DATA)
+            .ok()
+            .flatten()
+            .is_none()
+        && obj
+            .element_opt(tags::DOUBLE_FLOAT_PIXEL_DATA)
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        let modality = text(obj, tags::MODALITY).unwrap_or_else(|| "DICOM".into());
+        format!("a {modality} object without pixel data")
+    } else {
+        return Ok(());
+    };
+    Err(Error::NotAnImage {
+        source_name: name.to_string(),
+        what,
+    })
 }
 
 /// The gate: burned-in text refused, pixels at risk refused unless accepted, identified files
@@ -340,6 +381,7 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
             .open_file(path)
     })
     .map_err(|e| img_err(format!("not a readable DICOM file: {e}")))?;
+    not_an_image(&obj, &name)?;
     admit(&obj, &name, gate)?;
     check_declared_size(&obj, &name)?;
 
@@ -385,6 +427,8 @@ pub fn read_named(path: &Path, name: &str, gate: Gate, salt: &[u8]) -> Result<Di
         frames,
         meta,
         identifiers: report_context(&obj, salt),
+        study_uid: text(&obj, tags::STUDY_INSTANCE_UID),
+        instance_uid: text(&obj, tags::SOP_INSTANCE_UID),
     })
 }
 

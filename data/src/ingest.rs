@@ -17,6 +17,7 @@ use crate::meta::{SampleMeta, pseudonym};
 use crate::report_deid;
 use crate::shard::{Sample, ShardWriter};
 use crate::store::Location;
+use crate::structured_report::{self, Match, ReportIndex, StructuredReport};
 use crate::{Error, Result};
 
 /// Writes samples into shards of about `target_bytes`, appending each to the index.
@@ -104,9 +105,11 @@ pub struct IngestConfig {
     /// Labels side file: CSV (first column the file path relative to `input`, then one column
     /// per label) or JSON (`{"path": {"label": value}}`).
     pub labels: Option<PathBuf>,
-    /// Reports side file: JSON mapping the file path relative to `input` to its report text
-    /// (`{"path": "report"}`). Each report is de-identified ([`report_deid`]) with the file's
-    /// own header identifiers before it is written as the sample's `.txt`.
+    /// Reports: a JSON side file mapping the file path relative to `input` to its report text
+    /// (`{"path": "report"}`), or a local folder of DICOM Structured Reports (it may be the input
+    /// folder itself) matched to images by study and evidence ([`structured_report`]). Each
+    /// report is de-identified ([`report_deid`]) with the image's header identifiers (and the
+    /// SR's) before it is written as the sample's `.txt`.
     pub reports: Option<PathBuf>,
     /// Write reports that the de-identification still has doubts about (the ingest operator
     /// read them); without it such files are refused.
@@ -126,6 +129,11 @@ pub struct IngestReport {
     pub samples: u64,
     /// Shards written.
     pub shards: u64,
+    /// DICOM files in the input that are not images (Structured Reports, presentation states),
+    /// skipped.
+    pub not_images: usize,
+    /// Structured Reports read from the reports folder.
+    pub structured_reports: usize,
     /// Files refused, with why (named by source id; identifier names only, never values or
     /// paths).
     pub refused: Vec<String>,
@@ -164,6 +172,12 @@ fn is_image(p: &Path) -> bool {
     }
 }
 
+fn is_png_or_jpeg(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+}
+
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let io = |e| Error::Io {
         path: dir.display().to_string(),
@@ -185,16 +199,118 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Labels and reports per input file path (empty without side files).
-type SideFiles = (
-    BTreeMap<String, BTreeMap<String, serde_json::Value>>,
-    BTreeMap<String, String>,
-);
+/// Where the reports come from.
+enum Reports {
+    /// None given.
+    None,
+    /// Report text per input file path.
+    SideFile(BTreeMap<String, String>),
+    /// Structured Reports by study.
+    Structured(ReportIndex),
+}
 
-fn side_files(cfg: &IngestConfig) -> Result<SideFiles> {
-    let labels = cfg.labels.as_deref().map(read_labels).transpose()?;
-    let reports = cfg.reports.as_deref().map(read_reports).transpose()?;
-    Ok((labels.unwrap_or_default(), reports.unwrap_or_default()))
+/// The reports of an ingest; unreadable Structured Reports stop it before anything is written
+/// (their paths go to the refusals file).
+fn read_report_source(cfg: &IngestConfig) -> Result<Reports> {
+    let Some(path) = cfg.reports.as_deref() else {
+        return Ok(Reports::None);
+    };
+    if !path.is_dir() {
+        return read_reports(path).map(Reports::SideFile);
+    }
+    let mut files = Vec::new();
+    walk(path, &mut files)?;
+    files.retain(|p| !is_png_or_jpeg(p));
+    let read: Vec<(String, String, Result<Option<StructuredReport>>)> = files
+        .par_iter()
+        .map(|p| {
+            let rel = p
+                .strip_prefix(path)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .to_string();
+            let id = pseudonym(&cfg.salt, &format!("source:{rel}"));
+            let got = structured_report::read(p, &source_name(&id));
+            (id, rel, got)
+        })
+        .collect();
+    let mut index = ReportIndex::default();
+    let mut unreadable = Vec::new();
+    for (id, rel, got) in read {
+        match got {
+            Ok(Some(r)) => index.add(r),
+            Ok(None) => {}
+            Err(e) => unreadable.push((id, rel, e)),
+        }
+    }
+    let Some((_, _, first)) = unreadable.first() else {
+        return Ok(Reports::Structured(index));
+    };
+    let (source_name, reason) = match first {
+        Error::StructuredReport {
+            source_name,
+            reason,
+        } => (source_name.clone(), reason.clone()),
+        other => ("reports".to_string(), other.to_string()),
+    };
+    if let Some(refusals) = &cfg.refusals {
+        let rows: Vec<_> = unreadable
+            .iter()
+            .map(|(id, rel, e)| (id.clone(), rel.clone(), e.to_string()))
+            .collect();
+        write_refusals(refusals, &rows)?;
+    }
+    Err(Error::StructuredReport {
+        source_name,
+        reason: format!(
+            "{reason}; {} unreadable Structured Report(s) in all, nothing was ingested",
+            unreadable.len()
+        ),
+    })
+}
+
+/// What a decoded file says about its case, for finding and de-identifying its report.
+struct Case {
+    identifiers: report_deid::Context,
+    study_uid: Option<String>,
+    instance_uid: Option<String>,
+}
+
+/// The file's report, de-identified, if it has one.
+fn report_of(
+    cfg: &IngestConfig,
+    reports: &Reports,
+    (rel, name): (&str, &str),
+    case: &Case,
+) -> Result<Option<String>> {
+    match reports {
+        Reports::None => Ok(None),
+        Reports::SideFile(texts) => texts
+            .get(rel)
+            .map(|r| deidentified_report(cfg, name, r, &case.identifiers))
+            .transpose(),
+        Reports::Structured(index) => {
+            let Some(study) = case.study_uid.as_deref() else {
+                return Ok(None);
+            };
+            match index.for_image(study, case.instance_uid.as_deref()) {
+                Match::None => Ok(None),
+                Match::Ambiguous(count) => Err(Error::ReportConflict {
+                    source_name: name.to_string(),
+                    count,
+                }),
+                Match::One(sr) => {
+                    let mut ctx = case.identifiers.clone();
+                    ctx.names.extend(sr.identifiers.names.iter().cloned());
+                    ctx.identifiers
+                        .extend(sr.identifiers.identifiers.iter().cloned());
+                    ctx.institutions
+                        .extend(sr.identifiers.institutions.iter().cloned());
+                    deidentified_report(cfg, name, &sr.text, &ctx).map(Some)
+                }
+            }
+        }
+    }
 }
 
 /// Largest reports side file read.
@@ -293,64 +409,81 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, serde_js
     Ok(out)
 }
 
+/// A decoded file: its frames, the metadata they share, and what it says about the case.
+type Decoded = (Vec<Image16>, SampleMeta, Case);
+
+/// A PNG or JPEG file, refused unless the ingest operator accepted the risk of burned-in text.
+fn read_png_or_jpeg(
+    cfg: &IngestConfig,
+    (path, name, source_id): (&Path, &str, &str),
+    ext: &str,
+) -> Result<Decoded> {
+    if !cfg.accept_burned_in_risk {
+        return Err(Error::PixelRisk {
+            source_name: name.to_string(),
+            reason: format!(
+                "a {} file has no metadata to say whether its pixels carry identifiers",
+                ext.to_uppercase()
+            ),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        path: name.to_string(),
+        source: e,
+    })?;
+    let img = if ext == "png" {
+        Image16::from_png(&bytes, name)?
+    } else {
+        Image16::from_jpeg(&bytes, name)?
+    };
+    let meta = SampleMeta {
+        width: img.width,
+        height: img.height,
+        rescale_slope: 1.0,
+        ..Default::default()
+    };
+    let case = Case {
+        identifiers: report_deid::Context {
+            date_shift_days: report_deid::date_shift_days(&cfg.salt, source_id),
+            ..Default::default()
+        },
+        study_uid: None,
+        instance_uid: None,
+    };
+    Ok((vec![img], meta, case))
+}
+
+/// A DICOM file through the de-identification gate.
+fn read_dicom(cfg: &IngestConfig, path: &Path, name: &str) -> Result<Decoded> {
+    let gate = dicom::Gate {
+        deidentify: cfg.deidentify,
+        accept_burned_in_risk: cfg.accept_burned_in_risk,
+    };
+    let d = dicom::read_named(path, name, gate, &cfg.salt)?;
+    let case = Case {
+        identifiers: d.identifiers,
+        study_uid: d.study_uid,
+        instance_uid: d.instance_uid,
+    };
+    Ok((d.frames, d.meta, case))
+}
+
 /// Decodes one file into samples (one per frame).
 fn decode(
     cfg: &IngestConfig,
-    (path, name, source_id): (&Path, &str, &str),
-    report: Option<&str>,
+    (path, rel, name, source_id): (&Path, &str, &str, &str),
+    reports: &Reports,
 ) -> Result<Vec<Sample>> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .map(|e| e.to_ascii_lowercase())
         .unwrap_or_default();
-    let read = || {
-        std::fs::read(path).map_err(|e| Error::Io {
-            path: name.to_string(),
-            source: e,
-        })
+    let (frames, mut meta, case) = match ext.as_str() {
+        "png" | "jpg" | "jpeg" => read_png_or_jpeg(cfg, (path, name, source_id), &ext)?,
+        _ => read_dicom(cfg, path, name)?,
     };
-    let (frames, mut meta, ctx) = match ext.as_str() {
-        "png" | "jpg" | "jpeg" => {
-            if !cfg.accept_burned_in_risk {
-                return Err(Error::PixelRisk {
-                    source_name: name.to_string(),
-                    reason: format!(
-                        "a {} file has no metadata to say whether its pixels carry identifiers",
-                        ext.to_uppercase()
-                    ),
-                });
-            }
-            let bytes = read()?;
-            let img = if ext == "png" {
-                Image16::from_png(&bytes, name)?
-            } else {
-                Image16::from_jpeg(&bytes, name)?
-            };
-            let meta = SampleMeta {
-                width: img.width,
-                height: img.height,
-                rescale_slope: 1.0,
-                ..Default::default()
-            };
-            let ctx = report_deid::Context {
-                date_shift_days: report_deid::date_shift_days(&cfg.salt, source_id),
-                ..Default::default()
-            };
-            (vec![img], meta, ctx)
-        }
-        _ => {
-            let gate = dicom::Gate {
-                deidentify: cfg.deidentify,
-                accept_burned_in_risk: cfg.accept_burned_in_risk,
-            };
-            let d = dicom::read_named(path, name, gate, &cfg.salt)?;
-            (d.frames, d.meta, d.identifiers)
-        }
-    };
-    let report = report
-        .map(|r| deidentified_report(cfg, name, r, &ctx))
-        .transpose()?;
+    let report = report_of(cfg, reports, (rel, name), &case)?;
     meta.site = cfg.site.clone();
     let multi = frames.len() > 1;
     Ok(frames
@@ -518,6 +651,21 @@ fn write_refusals(path: &Path, rows: &[(String, String, String)]) -> Result<()> 
     Ok(())
 }
 
+/// The input files whose keyed source id is not in the dataset yet, with that id.
+fn not_yet_ingested(
+    cfg: &IngestConfig,
+    files: Vec<(Source, String)>,
+    done: &BTreeSet<String>,
+) -> Vec<(Source, String, String)> {
+    files
+        .into_iter()
+        .filter_map(|(src, rel)| {
+            let id = pseudonym(&cfg.salt, &format!("source:{rel}"));
+            (!done.contains(&id)).then_some((src, rel, id))
+        })
+        .collect()
+}
+
 /// Ingests `cfg.input` into `cfg.output`. Identified DICOM files are refused (listed in the
 /// report and the error) unless `deidentify`; everything else is written.
 pub async fn ingest(
@@ -531,24 +679,20 @@ pub async fn ingest(
         None => Some(Location::open(&cfg.input)?),
     };
     let files = list_input(local_root.as_deref(), remote.as_ref()).await?;
-    let (labels, reports) = side_files(cfg)?;
+    let labels = cfg.labels.as_deref().map(read_labels).transpose()?;
+    let labels = labels.unwrap_or_default();
+    let reports = read_report_source(cfg)?;
     let done = ingested_sources(&loc).await?;
     let mut report = IngestReport {
         files: files.len(),
+        structured_reports: match &reports {
+            Reports::Structured(index) => index.len(),
+            _ => 0,
+        },
         ..Default::default()
     };
-    let todo: Vec<(Source, String, String)> = files
-        .into_iter()
-        .filter_map(|(src, rel)| {
-            let id = pseudonym(&cfg.salt, &format!("source:{rel}"));
-            if done.contains(&id) {
-                report.already_done += 1;
-                None
-            } else {
-                Some((src, rel, id))
-            }
-        })
-        .collect();
+    let todo = not_yet_ingested(cfg, files, &done);
+    report.already_done = report.files - todo.len();
     let mut sink = ShardSink::new(loc, cfg.shard_bytes);
     let total = todo.len();
     let mut refusals: Vec<(String, String, String)> = Vec::new();
@@ -563,9 +707,9 @@ pub async fn ingest(
             .par_iter()
             .zip(paths.par_iter())
             .map(|((_, rel, id), p)| {
-                let report = reports.get(rel).map(String::as_str);
                 let name = source_name(id);
-                (rel.clone(), id.clone(), decode(cfg, (p, &name, id), report))
+                let samples = decode(cfg, (p, rel, &name, id), &reports);
+                (rel.clone(), id.clone(), samples)
             })
             .collect();
         for (rel, id, result) in decoded {
@@ -578,10 +722,12 @@ pub async fn ingest(
                         sink.add(&s, Some(&id)).await?;
                     }
                 }
+                Err(Error::NotAnImage { .. }) => report.not_images += 1,
                 Err(
                     e @ (Error::Identified { .. }
                     | Error::PixelRisk { .. }
-                    | Error::ReportDoubt { .. }),
+                    | Error::ReportDoubt { .. }
+                    | Error::ReportConflict { .. }),
                 ) => {
                     refusals.push((id, rel, e.to_string()));
                     report.refused.push(e.to_string());

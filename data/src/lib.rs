@@ -17,6 +17,7 @@ pub mod meta;
 pub mod report_deid;
 pub mod shard;
 pub mod store;
+pub mod structured_report;
 pub mod synth;
 
 pub use image16::Image16;
@@ -98,6 +99,33 @@ pub enum Error {
         source_name: String,
         /// The kinds of doubt (never the text).
         kinds: String,
+    },
+    /// A DICOM file in the input is not an image (a Structured Report, a presentation state);
+    /// ingest skips it and counts it.
+    #[error("{source_name}: {what}, not an image")]
+    NotAnImage {
+        /// The file (its pseudonymous source id).
+        source_name: String,
+        /// What it is.
+        what: String,
+    },
+    /// A Structured Report could not be read; nothing is ingested until it is fixed or removed.
+    #[error("{source_name}: Structured Report: {reason}")]
+    StructuredReport {
+        /// The file (its pseudonymous source id).
+        source_name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Several equally final Structured Reports with different texts describe the image.
+    #[error(
+        "{source_name}: refused: {count} equally final Structured Reports with different texts describe it; remove the ones that do not apply, or mark the right one verified"
+    )]
+    ReportConflict {
+        /// The image (its pseudonymous source id).
+        source_name: String,
+        /// How many.
+        count: usize,
     },
     /// The object store accepted a second create-only write of one object: concurrent writers
     /// (registrations, index appends, checkpoint epochs) could overwrite each other.

@@ -74,7 +74,7 @@ impl Kind {
 }
 
 /// What the structured data knows about the report's case.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Context {
     /// Names of the patient and of the physicians (each also removed token by token).
     pub names: Vec<String>,

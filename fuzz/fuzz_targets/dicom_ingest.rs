@@ -1,4 +1,5 @@
-//! Any bytes as a DICOM file through the ingest's reader and de-identification gate.
+//! Any bytes as a DICOM file through the ingest's reader and de-identification gate, and as a
+//! Structured Report through the report reader and the report de-identification.
 #![no_main]
 use std::io::Write;
 
@@ -16,6 +17,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         for f in &img.frames {
             assert_eq!(f.pixels.len() as u64, f.width as u64 * f.height as u64);
         }
+    }
+    if let Ok(Some(sr)) = radfm_data::structured_report::read(file.path(), "fuzz.dcm") {
+        assert!(sr.text.len() <= radfm_data::shard::MAX_REPORT_BYTES);
+        radfm_data::report_deid::scrub(&sr.text, &sr.identifiers);
     }
 });
 

@@ -360,6 +360,202 @@ async fn reports_lose_the_headers_identifiers_before_they_are_written_and_doubts
     }
 }
 
+/// Writes a Basic Text SR of `image`'s study with pydicom (`tests/python/write_sr.py`).
+fn write_sr(out: &Path, image: &Path, spec: serde_json::Value) {
+    let script = radfm_e2e::repo_root().join("tests/python/write_sr.py");
+    let status = Command::new(radfm_e2e::python())
+        .args([script.as_os_str(), out.as_os_str(), image.as_os_str()])
+        .arg(spec.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "write_sr.py failed");
+}
+
+/// A PACS export holds the images and the radiologists' Structured Reports side by side: each
+/// image gets the verified final report of its study (not the later preliminary one), without
+/// the names of the patient and the reading radiologist, and an image with two disagreeing final
+/// reports is refused until one goes.
+#[tokio::test]
+async fn structured_reports_beside_the_images_become_their_deidentified_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    for f in ["CT_small.dcm", "MR_small.dcm"] {
+        std::fs::copy(testdata(f), export.join(f)).unwrap();
+    }
+    let (ct, mr) = (export.join("CT_small.dcm"), export.join("MR_small.dcm"));
+    // CT_small's header: CompressedSamples^CT1, id 1CT1, JFK IMAGING CENTER, 2004-01-19.
+    let final_ct = "Compared with the study of 2004-01-19 for CompressedSamples (1CT1) at JFK \
+                    Imaging Center. Meredith Grey reviewed it. A 6 mm nodule in the right upper lobe.";
+    write_sr(
+        &export.join("report-final.dcm"),
+        &ct,
+        serde_json::json!({"findings": final_ct, "impression": "Likely benign.",
+            "when": "20040120090000", "evidence": true, "recorder": "Bailey^Miranda"}),
+    );
+    write_sr(
+        &export.join("report-preliminary.dcm"),
+        &ct,
+        serde_json::json!({"findings": "Preliminary read: possible nodule.", "impression": "To be confirmed.",
+            "when": "20040121090000", "verified": false, "complete": false, "preliminary": true}),
+    );
+    for (k, text) in ["No lesion.", "Small lesion in the left lobe."]
+        .iter()
+        .enumerate()
+    {
+        write_sr(
+            &export.join(format!("mr-{k}.dcm")),
+            &mr,
+            serde_json::json!({"findings": text, "impression": "-", "when": "20040827100000"}),
+        );
+    }
+    let out = dir.path().join("ds");
+    let refusals = dir.path().join("refused.csv");
+    let ingest = || {
+        radfm(&[
+            "ingest",
+            export.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--deidentify",
+            "--reports",
+            export.to_str().unwrap(),
+            "--refusals",
+            refusals.to_str().unwrap(),
+        ])
+    };
+    let first = ingest();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&first.stderr),
+    );
+    assert!(!first.status.success());
+    assert!(
+        stdout.contains("4 DICOM files are not images")
+            && stdout.contains("4 Structured Reports read"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(
+            "refused: 2 equally final Structured Reports with different texts describe it"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_to_string(&refusals)
+            .unwrap()
+            .contains("MR_small.dcm"),
+        "the refusals file names the image"
+    );
+    let samples = read_dataset(&out).await;
+    assert_eq!(samples.len(), 1, "the CT is written, the MR is not");
+    let written = samples[0].report.as_deref().unwrap();
+    assert!(
+        written.starts_with("Findings: Compared with the study of 2003-")
+            && written.contains("A 6 mm nodule in the right upper lobe.")
+            && written.ends_with("\nImpressions: Likely benign."),
+        "the verified final report, its sections on their own lines: {written}"
+    );
+    for needle in [
+        "CompressedSamples",
+        "1CT1",
+        "JFK",
+        "Meredith",
+        "Grey",
+        "2004-01-19",
+        "Preliminary",
+    ] {
+        assert!(!written.contains(needle), "{needle:?} in {written}");
+    }
+
+    std::fs::remove_file(export.join("mr-1.dcm")).unwrap();
+    let second = ok(&ingest());
+    assert!(second.contains("3 Structured Reports read"), "{second}");
+    let samples = read_dataset(&out).await;
+    assert_eq!(samples.len(), 2);
+    let mr_report = samples
+        .iter()
+        .find_map(|s| s.report.as_deref().filter(|r| r.contains("lesion")));
+    assert_eq!(mr_report, Some("Findings: No lesion.\nImpressions: -"));
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let hay =
+            String::from_utf8_lossy(&std::fs::read(entry.unwrap().path()).unwrap()).to_string();
+        for needle in [
+            "CompressedSamples",
+            "Meredith",
+            "Bailey",
+            "Elsewhere",
+            "1.3.6.1.4.1.5962",
+        ] {
+            assert!(!hay.contains(needle), "{needle:?} found in the output");
+        }
+    }
+}
+
+/// pydicom's own Comprehensive SR test file, with by-reference items, coordinates and nested
+/// containers, reads into its text.
+#[test]
+fn pydicoms_comprehensive_sr_test_file_reads_into_its_text() {
+    let path = testdata("test-SR.dcm");
+    let sr = radfm_data::structured_report::read(Path::new(&path), "test-SR")
+        .unwrap()
+        .expect("a Structured Report");
+    assert!(
+        sr.text.starts_with("A mass of Code: Sample Code 1.")
+            && sr.text.contains("Diameter: 3 cm. was detected.")
+            && sr.text.contains("Inferred Sample Text New line."),
+        "{}",
+        sr.text
+    );
+}
+
+/// A truncated Structured Report stops the ingest before anything is written, named by its
+/// source id; its path is only in the refusals file.
+#[test]
+fn an_unreadable_structured_report_stops_the_ingest_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reports) = (dir.path().join("in"), dir.path().join("reports"));
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::create_dir_all(&reports).unwrap();
+    let ct = input.join("CT_small.dcm");
+    std::fs::copy(testdata("CT_small.dcm"), &ct).unwrap();
+    let sr = reports.join("Doe_Jane.dcm");
+    write_sr(
+        &sr,
+        &ct,
+        serde_json::json!({"findings": "No lesion.", "impression": "-", "when": "20040120090000"}),
+    );
+    let bytes = std::fs::read(&sr).unwrap();
+    std::fs::write(&sr, &bytes[..bytes.len() - 40]).unwrap();
+    let out = dir.path().join("ds");
+    let refusals = dir.path().join("refused.csv");
+    let run = radfm(&[
+        "ingest",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--deidentify",
+        "--reports",
+        reports.to_str().unwrap(),
+        "--refusals",
+        refusals.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        err.contains("Structured Report: malformed")
+            && err.contains("1 unreadable Structured Report(s) in all, nothing was ingested")
+            && !err.contains("Doe_Jane"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_to_string(&refusals)
+            .unwrap()
+            .contains("Doe_Jane.dcm")
+    );
+    assert!(!out.join("index.json").exists(), "nothing written");
+}
+
 #[tokio::test]
 async fn python_webdataset_reads_our_shards_unchanged() {
     let dir = tempfile::tempdir().unwrap();
