@@ -3,7 +3,7 @@ SHELL := bash
 CARGO ?= cargo
 export RADFM_CACHE ?= $(HOME)/.cache/radfm
 
-.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server health-tool demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling bench-federated bench-monitor clean
+.PHONY: fuzz install all build test test-node node-deps images unit-test lint fmt crds libtorch demo-cluster cluster-tools py-deps s3-server health-tool demo bench-loader bench-trainer bench-allreduce bench-nccl bench-gpu device-kit bench-scaling bench-federated bench-monitor bench-operator clean
 
 all: build
 
@@ -196,6 +196,16 @@ bench-federated: libtorch
 bench-monitor: libtorch
 	$(CARGO) build -q --release -p radfm -p radfm-trainer
 	bash bench/monitor_delay.sh
+
+## bench-operator: radfm's operator against Kubeflow's training-operator v1 (PyTorchJob) on one
+## kwok control plane: 1,000 jobs x 8 workers in a burst, 100 workers killed, the training-operator
+## at matched and default settings, radfm's cost at more sizes (tests/src/bin/radfm-bench-operator.rs;
+## BENCH_JOBS, BENCH_WORKERS, BENCH_KILL, BENCH_DEFAULTS_JOBS, BENCH_GROWTH; docs/benchmarks.md)
+bench-operator: cluster-tools libtorch
+	@bash tests/cluster/build-kubeflow.sh >/dev/null
+	$(CARGO) build -q --release -p radfm-operator --bin radfm-operator
+	$(CARGO) build -q --release -p radfm-e2e --bin radfm-bench-operator
+	RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_KUBEFLOW="$$(bash tests/cluster/build-kubeflow.sh)" target/release/radfm-bench-operator
 
 ## bench-allreduce: bus bandwidth of radfm's CPU ring all-reduce vs torch.distributed gloo, same
 ## machine, ranks (2, 4) and sizes (MiB), one process per rank on loopback

@@ -10,6 +10,7 @@
 //! which the operator must cope with anyway.
 #![deny(missing_docs)]
 
+pub mod kubeflow;
 pub mod kubelet;
 pub mod kueue;
 pub mod node;
@@ -277,6 +278,15 @@ pub struct ControlPlane {
     /// Run kube-controller-manager too (EndpointSlices for cluster DNS, garbage collection,
     /// node lifecycle, the `kube-root-ca.crt` ConfigMaps that pods' API tokens carry).
     pub controller_manager: bool,
+    /// Write an audit log of every request's metadata (who, verb, resource) to
+    /// [`Cluster::audit_log`], for counting each client's requests.
+    pub audit_log: bool,
+    /// The API server reaches Services (admission webhooks) at their EndpointSlices' addresses
+    /// (`--enable-aggregator-routing`), not their cluster IPs, which nothing routes here.
+    pub endpoint_routing: bool,
+    /// kube-scheduler's client QPS (burst twice that); its default (50) is the bottleneck of
+    /// thousands of pods.
+    pub scheduler_qps: Option<u32>,
 }
 
 impl Default for ControlPlane {
@@ -286,6 +296,9 @@ impl Default for ControlPlane {
             kwok_nodes: 0,
             gpus: 0,
             controller_manager: false,
+            audit_log: false,
+            endpoint_routing: false,
+            scheduler_qps: None,
         }
     }
 }
@@ -363,7 +376,7 @@ impl Cluster {
         };
         let d = cluster.dir.path().to_path_buf();
         let etcd_url = cluster.spawn_etcd(etcd_port, peer_port)?;
-        cluster.spawn_apiserver(address, api_port, &etcd_url)?;
+        cluster.spawn_apiserver(address, api_port, &etcd_url, options)?;
         let ca = d.join("certs/apiserver.crt");
         wait_for_file(&ca, Duration::from_secs(60))?;
         write_kubeconfig(&cluster.kubeconfig, &server, &ca, &token)?;
@@ -372,7 +385,7 @@ impl Cluster {
         if options.controller_manager {
             cluster.spawn_controller_manager(&ca)?;
         }
-        cluster.spawn_scheduler_and_kwok(nodes)?;
+        cluster.spawn_scheduler_and_kwok(nodes, options.scheduler_qps)?;
         cluster.install_radfm().await?;
         for i in 0..nodes {
             cluster.add_gpu_node(&format!("gpu-{i}"), gpus).await?;
@@ -415,45 +428,78 @@ impl Cluster {
     }
 
     /// Starts kube-apiserver with RBAC, token and service-account authentication.
-    fn spawn_apiserver(&self, address: &str, api_port: u16, etcd_url: &str) -> Result<()> {
+    fn spawn_apiserver(
+        &self,
+        address: &str,
+        api_port: u16,
+        etcd_url: &str,
+        options: &ControlPlane,
+    ) -> Result<()> {
         let d = self.dir.path();
+        let mut extra: Vec<String> = Vec::new();
+        if options.audit_log {
+            let policy = d.join("audit-policy.yaml");
+            std::fs::write(
+                &policy,
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+            )?;
+            extra.extend([
+                format!("--audit-policy-file={}", policy.display()),
+                format!("--audit-log-path={}", self.audit_log().display()),
+                "--audit-log-mode=batch".into(),
+            ]);
+        }
+        if options.endpoint_routing {
+            extra.push("--enable-aggregator-routing=true".into());
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         self.spawn(
             "kube-apiserver",
             &[
-                "--etcd-servers",
-                etcd_url,
-                "--bind-address",
-                address,
-                "--advertise-address",
-                address,
-                "--secure-port",
-                &api_port.to_string(),
-                "--cert-dir",
-                &d.join("certs").to_string_lossy(),
-                "--token-auth-file",
-                &d.join("tokens.csv").to_string_lossy(),
-                "--authorization-mode",
-                "RBAC",
-                "--service-account-key-file",
-                &d.join("sa.pub").to_string_lossy(),
-                "--service-account-signing-key-file",
-                &d.join("sa.key").to_string_lossy(),
-                "--service-account-issuer",
-                "https://kubernetes.default.svc",
-                "--service-cluster-ip-range",
-                "10.96.0.0/16",
-                // No node lifecycle controller runs to lift the not-ready taint this plugin adds.
-                "--disable-admission-plugins",
-                "TaintNodesByCondition",
-                // Logs and exec reach a real kubelet at its node's address, not a DNS name.
-                "--kubelet-preferred-address-types",
-                "InternalIP",
-                "--v",
-                "1",
-            ],
+                extra.as_slice(),
+                &[
+                    "--etcd-servers",
+                    etcd_url,
+                    "--bind-address",
+                    address,
+                    "--advertise-address",
+                    address,
+                    "--secure-port",
+                    &api_port.to_string(),
+                    "--cert-dir",
+                    &d.join("certs").to_string_lossy(),
+                    "--token-auth-file",
+                    &d.join("tokens.csv").to_string_lossy(),
+                    "--authorization-mode",
+                    "RBAC",
+                    "--service-account-key-file",
+                    &d.join("sa.pub").to_string_lossy(),
+                    "--service-account-signing-key-file",
+                    &d.join("sa.key").to_string_lossy(),
+                    "--service-account-issuer",
+                    "https://kubernetes.default.svc",
+                    "--service-cluster-ip-range",
+                    "10.96.0.0/16",
+                    // No node lifecycle controller runs to lift the not-ready taint this plugin adds.
+                    "--disable-admission-plugins",
+                    "TaintNodesByCondition",
+                    // Logs and exec reach a real kubelet at its node's address, not a DNS name.
+                    "--kubelet-preferred-address-types",
+                    "InternalIP",
+                    "--v",
+                    "1",
+                ],
+            ]
+            .concat(),
             &[],
         )?;
         Ok(())
+    }
+
+    /// The API server's audit log (JSON lines; written where [`ControlPlane::audit_log`] is
+    /// set).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
     }
 
     /// Waits (90 s at most) until kube-apiserver answers /readyz.
@@ -533,19 +579,32 @@ impl Cluster {
     }
 
     /// Starts kube-scheduler, and kwok where simulated nodes are wanted.
-    fn spawn_scheduler_and_kwok(&self, nodes: usize) -> Result<()> {
+    fn spawn_scheduler_and_kwok(&self, nodes: usize, qps: Option<u32>) -> Result<()> {
         let kc = self.kubeconfig.to_string_lossy().to_string();
+        let rate = qps
+            .map(|q| {
+                vec![
+                    format!("--kube-api-qps={q}"),
+                    format!("--kube-api-burst={}", 2 * q),
+                ]
+            })
+            .unwrap_or_default();
+        let rate: Vec<&str> = rate.iter().map(String::as_str).collect();
         self.spawn(
             "kube-scheduler",
             &[
-                "--kubeconfig",
-                &kc,
-                "--leader-elect=false",
-                "--secure-port",
-                "0",
-                "--v",
-                "1",
-            ],
+                &[
+                    "--kubeconfig",
+                    &kc,
+                    "--leader-elect=false",
+                    "--secure-port",
+                    "0",
+                    "--v",
+                    "1",
+                ],
+                rate.as_slice(),
+            ]
+            .concat(),
             &[],
         )?;
         let stages = repo_root().join("tests/cluster/kwok-stages.yaml");
@@ -608,7 +667,7 @@ impl Cluster {
     }
 
     /// Keeps `child` running as long as the cluster (it is killed with it).
-    fn adopt(&self, name: &str, child: Child) {
+    pub fn adopt(&self, name: &str, child: Child) {
         self.children
             .lock()
             .unwrap()
@@ -911,6 +970,11 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The address its /metrics endpoint listens on, read from its log.
     pub async fn metrics_addr(&self, cluster: &Cluster) -> Result<String> {
         wait_until(

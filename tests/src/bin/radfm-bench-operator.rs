@@ -1,0 +1,818 @@
+//! `make bench-operator`: radfm's TrainingJob operator against Kubeflow's training-operator v1
+//! (PyTorchJob) on one control plane with kwok-simulated GPU nodes, in one run.
+//!
+//! Each arm gets a fresh namespace and a freshly started operator. A burst of jobs is applied;
+//! each job's time from apply to all its workers Running is taken from a pod watch. Then one
+//! worker in each of up to 100 jobs is killed (its pod ends with exit code 137, as the kubelet
+//! reports an OOM kill) and the time to a complete Running gang again is taken the same way.
+//! Reconcile latency comes from each operator's own `/metrics` histogram, CPU seconds and peak
+//! RSS from `/proc`, and API requests from the API server's audit log (each operator runs as its
+//! own ServiceAccount). The namespace is deleted between arms and the next waits until its pods
+//! are gone.
+//!
+//! Settings (environment): `BENCH_JOBS` (1000) × `BENCH_WORKERS` (8) for the head-to-head;
+//! `BENCH_KILL` (100); `BENCH_GROWTH` (`100x8,300x8,16x8,16x64,16x256`, radfm only, empty for
+//! none); `BENCH_DEFAULTS_JOBS` (100: the training-operator at its default settings, which
+//! take minutes at 1,000 jobs); `BENCH_OUT` (target/bench-operator). Results go to
+//! `$BENCH_OUT/results.json` and `$BENCH_OUT/growth.svg`; the last line is
+//! `bench: operator ratio=<training-operator total / radfm total>`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use radfm_e2e::kubeflow::{NAMESPACE as KUBEFLOW_NS, TrainingOperatorSettings};
+use radfm_e2e::{Cluster, ControlPlane, http_get_text, wait_until};
+use serde_json::json;
+
+/// GPUs of each simulated node; every worker asks for one.
+const GPUS_PER_NODE: u32 = 8;
+/// How long one burst may take before the arm is reported incomplete.
+const BURST_LIMIT: Duration = Duration::from_secs(1800);
+
+/// Which operator an arm runs.
+#[derive(Debug, Clone, Copy)]
+enum Operator {
+    Radfm,
+    Kubeflow(TrainingOperatorSettings),
+}
+
+impl Operator {
+    fn name(&self) -> String {
+        match self {
+            Operator::Radfm => "radfm".into(),
+            Operator::Kubeflow(s) => format!(
+                "training-operator (qps {}, burst {}, threads {})",
+                s.qps, s.burst, s.threads
+            ),
+        }
+    }
+
+    /// The pod label naming a worker's job.
+    fn job_label(&self) -> &'static str {
+        match self {
+            Operator::Radfm => "radfm.io/job-name",
+            Operator::Kubeflow(_) => "training.kubeflow.org/job-name",
+        }
+    }
+
+    /// The user its requests carry in the audit log.
+    fn user(&self) -> &'static str {
+        match self {
+            Operator::Radfm => "system:serviceaccount:radfm-system:radfm-operator",
+            Operator::Kubeflow(_) => "system:serviceaccount:kubeflow:training-operator",
+        }
+    }
+
+    /// The container whose exit the operator reads.
+    fn container(&self) -> &'static str {
+        match self {
+            Operator::Radfm => "trainer",
+            Operator::Kubeflow(_) => "pytorch",
+        }
+    }
+
+    fn resource(&self) -> ApiResource {
+        match self {
+            Operator::Radfm => ApiResource {
+                group: "radfm.io".into(),
+                version: "v1alpha1".into(),
+                api_version: "radfm.io/v1alpha1".into(),
+                kind: "TrainingJob".into(),
+                plural: "trainingjobs".into(),
+            },
+            Operator::Kubeflow(_) => ApiResource {
+                group: "kubeflow.org".into(),
+                version: "v1".into(),
+                api_version: "kubeflow.org/v1".into(),
+                kind: "PyTorchJob".into(),
+                plural: "pytorchjobs".into(),
+            },
+        }
+    }
+
+    /// Job `name` with `workers` workers of one GPU each.
+    fn job(&self, name: &str, workers: usize) -> Result<DynamicObject> {
+        let value = match self {
+            Operator::Radfm => json!({
+                "apiVersion": "radfm.io/v1alpha1", "kind": "TrainingJob",
+                "metadata": {"name": name},
+                "spec": {
+                    "image": "radfm/trainer:test",
+                    "workers": {"replicas": workers, "gpusPerWorker": 1},
+                    "dataset": {"uri": "s3://data/cohort"},
+                    "checkpoint": {"uri": format!("s3://ckpt/{name}")},
+                    "training": {"steps": 100},
+                },
+            }),
+            Operator::Kubeflow(_) => {
+                let template = |replicas: usize| {
+                    json!({"replicas": replicas, "restartPolicy": "ExitCode", "template": {"spec": {
+                        "containers": [{"name": "pytorch", "image": "radfm/trainer:test",
+                            "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}})
+                };
+                let mut specs = json!({"Master": template(1)});
+                if workers > 1 {
+                    specs["Worker"] = template(workers - 1);
+                }
+                json!({"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+                    "metadata": {"name": name}, "spec": {"pytorchReplicaSpecs": specs}})
+            }
+        };
+        Ok(serde_json::from_value(value)?)
+    }
+}
+
+/// Per job: its workers (pod uid → Running), when all were first Running, and after a kill,
+/// the killed pod and when a full gang without it was Running.
+#[derive(Default)]
+struct JobPods {
+    running: HashMap<String, bool>,
+    submitted: Option<Instant>,
+    complete: Option<Instant>,
+    killed: Option<(String, Instant)>,
+    recovered: Option<Instant>,
+}
+
+/// What the pod watch has seen.
+struct Tracker {
+    workers: usize,
+    jobs: Mutex<HashMap<String, JobPods>>,
+}
+
+impl Tracker {
+    fn observe(&self, job: &str, uid: &str, running: Option<bool>) {
+        let mut jobs = self.jobs.lock().unwrap();
+        let j = jobs.entry(job.to_string()).or_default();
+        match running {
+            Some(r) => {
+                j.running.insert(uid.to_string(), r);
+            }
+            None => {
+                j.running.remove(uid);
+            }
+        }
+        let killed = j.killed.as_ref().map(|(uid, _)| uid.as_str());
+        let up = j
+            .running
+            .iter()
+            .filter(|(u, r)| **r && Some(u.as_str()) != killed)
+            .count();
+        if up >= self.workers {
+            let now = Instant::now();
+            j.complete.get_or_insert(now);
+            if j.killed.is_some() {
+                j.recovered.get_or_insert(now);
+            }
+        }
+    }
+
+    fn count(&self, done: impl Fn(&JobPods) -> bool) -> usize {
+        self.jobs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|j| done(j))
+            .count()
+    }
+}
+
+/// Feeds the tracker from a watch on the namespace's pods that carry `label`.
+fn watch_pods(client: Client, ns: &str, label: &'static str, tracker: Arc<Tracker>) {
+    let pods: Api<Pod> = Api::namespaced(client, ns);
+    tokio::spawn(async move {
+        let stream = watcher(pods, watcher::Config::default().labels(label));
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            let (pod, gone) = match event {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, false),
+                Ok(watcher::Event::Delete(p)) => (p, true),
+                _ => continue,
+            };
+            let (Some(job), Some(uid)) = (pod.labels().get(label).cloned(), pod.uid()) else {
+                continue;
+            };
+            let running = pod.metadata.deletion_timestamp.is_none()
+                && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            tracker.observe(&job, &uid, (!gone).then_some(running));
+        }
+    });
+}
+
+/// CPU seconds (user + system) and peak RSS in MiB of a process.
+fn process_usage(pid: u32) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("/proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    Ok((cpu, hwm_kib / 1024.0))
+}
+
+/// The `q` quantile of a Prometheus histogram in `text` (buckets of every series of `name`
+/// whose labels contain `filter`, summed), interpolated within its bucket as
+/// `histogram_quantile` does.
+fn histogram_quantile(text: &str, name: &str, filter: &str, q: f64) -> Option<f64> {
+    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) else {
+            continue;
+        };
+        let (labels, value) = rest.rsplit_once("} ")?;
+        if !labels.contains(filter) {
+            continue;
+        }
+        let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+        let le: f64 = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        let count: f64 = value.trim().parse().ok()?;
+        buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += count;
+    }
+    let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = sorted.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, cumulative) in sorted {
+        if cumulative >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            let inside = cumulative - below;
+            let frac = if inside > 0.0 {
+                (rank - below) / inside
+            } else {
+                1.0
+            };
+            return Some(lower + (le - lower) * frac);
+        }
+        (lower, below) = (le, cumulative);
+    }
+    None
+}
+
+#[derive(serde::Deserialize)]
+struct AuditEvent {
+    stage: String,
+    verb: String,
+    user: AuditUser,
+    #[serde(rename = "objectRef")]
+    object: Option<AuditObject>,
+}
+
+#[derive(serde::Deserialize)]
+struct AuditUser {
+    username: String,
+}
+
+#[derive(serde::Deserialize)]
+struct AuditObject {
+    resource: Option<String>,
+    subresource: Option<String>,
+}
+
+/// Requests by `user` in the audit log from byte `from` on, total and by verb and resource.
+fn audited_requests(log: &Path, from: u64, user: &str) -> Result<(u64, BTreeMap<String, u64>)> {
+    use std::io::{BufRead, Seek};
+    let mut file = std::fs::File::open(log)?;
+    file.seek(std::io::SeekFrom::Start(from))?;
+    let mut by_kind = BTreeMap::new();
+    let mut total = 0;
+    let needle = format!("\"username\":\"{user}\"");
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if !line.contains(&needle) {
+            continue;
+        }
+        let Ok(e) = serde_json::from_str::<AuditEvent>(&line) else {
+            continue;
+        };
+        if e.stage != "ResponseComplete" || e.user.username != user {
+            continue;
+        }
+        total += 1;
+        let what = e.object.map_or(String::new(), |o| {
+            let sub = o.subresource.map(|s| format!("/{s}")).unwrap_or_default();
+            format!("{}{sub}", o.resource.unwrap_or_default())
+        });
+        *by_kind.entry(format!("{} {what}", e.verb)).or_default() += 1;
+    }
+    Ok((total, by_kind))
+}
+
+fn audit_size(cluster: &Cluster) -> u64 {
+    std::fs::metadata(cluster.audit_log()).map_or(0, |m| m.len())
+}
+
+/// p-quantile of the values (nearest rank).
+fn quantile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// What one arm measured.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Outcome {
+    operator: String,
+    jobs: usize,
+    workers: usize,
+    complete_jobs: usize,
+    total_seconds: f64,
+    job_p50_seconds: f64,
+    job_p99_seconds: f64,
+    killed: usize,
+    recovered: usize,
+    recovery_p50_seconds: f64,
+    recovery_p99_seconds: f64,
+    reconcile_p50_ms: Option<f64>,
+    reconcile_p99_ms: Option<f64>,
+    cpu_seconds: f64,
+    peak_rss_mib: f64,
+    api_requests: u64,
+    api_requests_per_job: f64,
+    top_requests: Vec<(String, u64)>,
+}
+
+/// A running operator of one arm: its pid and where its metrics are.
+struct Running {
+    pid: u32,
+    metrics: String,
+    stop: Box<dyn FnOnce()>,
+}
+
+async fn start(cluster: &Cluster, op: Operator, ns: &str) -> Result<Running> {
+    match op {
+        Operator::Radfm => {
+            // The guard only reports on a panic; the bench deletes the namespace itself.
+            cluster.namespace(ns).await?;
+            let mut operator = cluster.start_operator(ns, &format!("operator-{ns}"), &[])?;
+            let metrics = operator.metrics_addr(cluster).await?;
+            Ok(Running {
+                pid: operator.pid(),
+                metrics,
+                stop: Box::new(move || operator.kill()),
+            })
+        }
+        Operator::Kubeflow(settings) => {
+            cluster.kubectl_ok(&["create", "namespace", ns])?;
+            let (mut child, metrics) = cluster.start_training_operator(settings).await?;
+            Ok(Running {
+                pid: child.id(),
+                metrics,
+                stop: Box::new(move || {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }),
+            })
+        }
+    }
+}
+
+/// Applies `jobs` jobs at once (32 requests in flight), recording each one's submission.
+async fn submit(
+    client: &Client,
+    op: Operator,
+    ns: &str,
+    jobs: usize,
+    workers: usize,
+    tracker: &Tracker,
+) -> Result<()> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &op.resource());
+    let objects: Vec<DynamicObject> = (0..jobs)
+        .map(|i| op.job(&format!("job-{i:04}"), workers))
+        .collect::<Result<_>>()?;
+    futures::stream::iter(objects)
+        .map(|obj| {
+            let api = api.clone();
+            async move {
+                let name = obj.name_any();
+                tracker
+                    .jobs
+                    .lock()
+                    .unwrap()
+                    .entry(name.clone())
+                    .or_default()
+                    .submitted = Some(Instant::now());
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .with_context(|| format!("creating {name}"))
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
+/// Ends one non-first worker of each of the first `kill` jobs with exit code 137, at once.
+async fn kill_workers(
+    client: &Client,
+    op: Operator,
+    ns: &str,
+    kill: usize,
+    tracker: &Tracker,
+) -> Result<usize> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods.list(&Default::default()).await?;
+    let mut victims: BTreeMap<String, Pod> = BTreeMap::new();
+    for p in list.items {
+        let Some(job) = p.labels().get(op.job_label()).cloned() else {
+            continue;
+        };
+        let name = p.name_any();
+        let first = name.ends_with("-w0-a1") || name.ends_with("-master-0");
+        if !first && victims.len() < kill && !victims.contains_key(&job) {
+            victims.insert(job, p);
+        }
+    }
+    let status = json!({"status": {
+        "phase": "Failed",
+        "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}],
+        "containerStatuses": [{
+            "name": op.container(), "image": "radfm/trainer:test", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+        }],
+    }});
+    let n = victims.len();
+    futures::stream::iter(victims)
+        .map(|(job, pod)| {
+            let (pods, status) = (pods.clone(), status.clone());
+            async move {
+                let uid = pod.uid().unwrap_or_default();
+                if let Some(j) = tracker.jobs.lock().unwrap().get_mut(&job) {
+                    j.killed = Some((uid, Instant::now()));
+                }
+                pods.patch_status(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&status),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(n)
+}
+
+/// Waits until `done` holds for `want` jobs, or the limit passes.
+async fn wait_for(tracker: &Tracker, want: usize, done: impl Fn(&JobPods) -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < BURST_LIMIT {
+        if tracker.count(&done) >= want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// One arm: a fresh namespace and operator, the burst, the kills, the measurements.
+async fn arm(
+    cluster: &Cluster,
+    op: Operator,
+    ns: &str,
+    jobs: usize,
+    workers: usize,
+    kill: usize,
+) -> Result<Outcome> {
+    let running = start(cluster, op, ns).await?;
+    let tracker = Arc::new(Tracker {
+        workers,
+        jobs: Mutex::new(HashMap::new()),
+    });
+    watch_pods(cluster.client.clone(), ns, op.job_label(), tracker.clone());
+    let audit_from = audit_size(cluster);
+    let (cpu0, _) = process_usage(running.pid)?;
+    let began = Instant::now();
+    submit(&cluster.client, op, ns, jobs, workers, &tracker).await?;
+    let all = wait_for(&tracker, jobs, |j| j.complete.is_some()).await;
+    let total = began.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: {} {jobs}x{workers}: {} in {total:.1} s",
+        op.name(),
+        if all { "all Running" } else { "INCOMPLETE" }
+    );
+    let killed = if all {
+        kill_workers(&cluster.client, op, ns, kill, &tracker).await?
+    } else {
+        0
+    };
+    wait_for(&tracker, killed, |j| j.recovered.is_some()).await;
+    let (cpu1, rss) = process_usage(running.pid)?;
+    let metrics = http_get_text(&running.metrics, "/metrics")
+        .map(|(_, t)| t)
+        .unwrap_or_default();
+    let (name, filter) = match op {
+        Operator::Radfm => ("radfm_operator_reconcile_duration_seconds", ""),
+        Operator::Kubeflow(_) => ("controller_runtime_reconcile_time_seconds", "pytorchjob"),
+    };
+    let reconcile = |q| histogram_quantile(&metrics, name, filter, q).map(|s| s * 1000.0);
+    (running.stop)();
+    // The audit backend writes in batches: let it catch up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (requests, by_kind) = audited_requests(&cluster.audit_log(), audit_from, op.user())?;
+    let mut top: Vec<(String, u64)> = by_kind.into_iter().collect();
+    top.sort_by_key(|t| std::cmp::Reverse(t.1));
+    top.truncate(6);
+    let table = tracker.jobs.lock().unwrap();
+    let per_job: Vec<f64> = table
+        .values()
+        .filter_map(|j| Some(j.complete?.duration_since(j.submitted?).as_secs_f64()))
+        .collect();
+    let recovery: Vec<f64> = table
+        .values()
+        .filter_map(|j| {
+            Some(
+                j.recovered?
+                    .duration_since(j.killed.as_ref()?.1)
+                    .as_secs_f64(),
+            )
+        })
+        .collect();
+    Ok(Outcome {
+        operator: op.name(),
+        jobs,
+        workers,
+        complete_jobs: per_job.len(),
+        total_seconds: total,
+        job_p50_seconds: quantile(&per_job, 0.5),
+        job_p99_seconds: quantile(&per_job, 0.99),
+        killed,
+        recovered: recovery.len(),
+        recovery_p50_seconds: quantile(&recovery, 0.5),
+        recovery_p99_seconds: quantile(&recovery, 0.99),
+        reconcile_p50_ms: reconcile(0.5),
+        reconcile_p99_ms: reconcile(0.99),
+        cpu_seconds: cpu1 - cpu0,
+        peak_rss_mib: rss,
+        api_requests: requests,
+        api_requests_per_job: requests as f64 / jobs as f64,
+        top_requests: top,
+    })
+}
+
+/// Deletes the namespace and waits until it and its pods are gone (the GPUs are free again).
+async fn clean(cluster: &Cluster, ns: &str) -> Result<()> {
+    cluster.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])?;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.client.clone());
+    wait_until(
+        Duration::from_secs(900),
+        &format!("namespace {ns} gone"),
+        || async { namespaces.get_opt(ns).await.ok()?.is_none().then_some(()) },
+    )
+    .await
+}
+
+fn env_usize(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v.parse().with_context(|| format!("{name}={v}")),
+        _ => Ok(default),
+    }
+}
+
+/// `100x8,300x8` into (jobs, workers) pairs.
+fn sizes(spec: &str) -> Result<Vec<(usize, usize)>> {
+    spec.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let (j, w) = s
+                .trim()
+                .split_once('x')
+                .with_context(|| format!("BENCH_GROWTH: {s} is not JOBSxWORKERS"))?;
+            Ok((j.parse()?, w.parse()?))
+        })
+        .collect()
+}
+
+fn print_table(outcomes: &[Outcome]) {
+    println!(
+        "{:<52} {:>5} {:>4} {:>8} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7} {:>7} {:>8}",
+        "operator",
+        "jobs",
+        "wkrs",
+        "total s",
+        "p50 s",
+        "p99 s",
+        "rec p50",
+        "rec p99",
+        "rcl p99",
+        "cpu s",
+        "RSS MiB",
+        "req/job"
+    );
+    for o in outcomes {
+        println!(
+            "{:<52} {:>5} {:>4} {:>8.1} {:>7.2} {:>7.2} {:>8.2} {:>8.2} {:>7} {:>7.1} {:>7.0} {:>8.1}",
+            o.operator,
+            o.jobs,
+            o.workers,
+            o.total_seconds,
+            o.job_p50_seconds,
+            o.job_p99_seconds,
+            o.recovery_p50_seconds,
+            o.recovery_p99_seconds,
+            o.reconcile_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            o.cpu_seconds,
+            o.peak_rss_mib,
+            o.api_requests_per_job
+        );
+    }
+}
+
+/// A line plot of total seconds and CPU seconds against pods (jobs × workers) for radfm's runs.
+fn growth_svg(outcomes: &[Outcome]) -> String {
+    let mut points: Vec<(f64, f64, f64)> = outcomes
+        .iter()
+        .filter(|o| o.operator == "radfm")
+        .map(|o| ((o.jobs * o.workers) as f64, o.total_seconds, o.cpu_seconds))
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (w, h, pad) = (640.0, 400.0, 60.0);
+    let xmax = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let ymax = points.iter().map(|p| p.1.max(p.2)).fold(1.0, f64::max);
+    let x = |v: f64| pad + v / xmax * (w - 2.0 * pad);
+    let y = |v: f64| h - pad - v / ymax * (h - 2.0 * pad);
+    let line = |pick: &dyn Fn(&(f64, f64, f64)) -> f64| {
+        points
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.0), y(pick(p))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <text x=\"{cx}\" y=\"{lb}\" text-anchor=\"middle\">worker pods (jobs × workers); max {xmax:.0}</text>\n\
+         <text x=\"15\" y=\"{pad}\">seconds; max {ymax:.1}</text>\n\
+         <polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\" points=\"{total}\"/>\n\
+         <polyline fill=\"none\" stroke=\"darkorange\" stroke-width=\"2\" points=\"{cpu}\"/>\n\
+         <text x=\"{lx}\" y=\"{l1}\" fill=\"steelblue\">apply → all Running (s)</text>\n\
+         <text x=\"{lx}\" y=\"{l2}\" fill=\"darkorange\">operator CPU (s)</text>\n",
+        b = h - pad,
+        r = w - pad,
+        cx = w / 2.0,
+        lb = h - 20.0,
+        total = line(&|p| p.1),
+        cpu = line(&|p| p.2),
+        lx = pad + 10.0,
+        l1 = pad + 10.0,
+        l2 = pad + 26.0,
+    );
+    for p in &points {
+        svg += &format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"steelblue\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{:.0}</text>\n",
+            x(p.0),
+            y(p.1),
+            x(p.0) + 4.0,
+            y(p.1) - 4.0,
+            p.0
+        );
+    }
+    svg + "</svg>\n"
+}
+
+/// One arm to run: the operator, jobs, workers per job, workers to kill.
+type Arm = (Operator, usize, usize, usize);
+
+/// The arms in order: the head-to-head at `jobs` × `workers`, the training-operator at its
+/// defaults on `defaults_jobs` jobs, then radfm at each growth size.
+fn arms(
+    jobs: usize,
+    workers: usize,
+    kill: usize,
+    defaults_jobs: usize,
+    growth: &[(usize, usize)],
+) -> Vec<Arm> {
+    let matched = TrainingOperatorSettings {
+        qps: 100_000,
+        burst: 100_000,
+        threads: 8,
+    };
+    let mut plan = vec![
+        (Operator::Radfm, jobs, workers, kill),
+        (Operator::Kubeflow(matched), jobs, workers, kill),
+    ];
+    if defaults_jobs > 0 {
+        let defaults = Operator::Kubeflow(TrainingOperatorSettings::default());
+        plan.push((defaults, defaults_jobs, workers, kill.min(defaults_jobs)));
+    }
+    plan.extend(growth.iter().map(|&(j, w)| (Operator::Radfm, j, w, 0)));
+    plan
+}
+
+/// The control plane with enough nodes for the largest arm.
+async fn control_plane(plan: &[Arm]) -> Result<Cluster> {
+    let most_pods = plan.iter().map(|a| a.1 * a.2).max().unwrap_or(0);
+    let nodes = most_pods.div_ceil(GPUS_PER_NODE as usize);
+    let started = Instant::now();
+    eprintln!("bench: starting the control plane with {nodes} kwok nodes of {GPUS_PER_NODE} GPUs");
+    let cluster = Cluster::start_with(&ControlPlane {
+        kwok_nodes: nodes,
+        gpus: GPUS_PER_NODE,
+        controller_manager: true,
+        audit_log: true,
+        endpoint_routing: true,
+        scheduler_qps: Some(5000),
+        ..ControlPlane::default()
+    })
+    .await?;
+    eprintln!(
+        "bench: control plane up in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(cluster)
+}
+
+/// The summary table, the request breakdown, the plot, and the ratio line.
+fn report(outcomes: &[Outcome], out: &Path, jobs: usize) -> Result<()> {
+    println!();
+    print_table(outcomes);
+    std::fs::write(out.join("growth.svg"), growth_svg(outcomes))?;
+    for o in outcomes {
+        println!(
+            "{} {}x{} top requests: {:?}",
+            o.operator, o.jobs, o.workers, o.top_requests
+        );
+    }
+    let (radfm, kubeflow) = (&outcomes[0], &outcomes[1]);
+    if radfm.complete_jobs < jobs || kubeflow.complete_jobs < jobs {
+        bail!(
+            "an arm did not finish: radfm {} of {jobs}, training-operator {} of {jobs}",
+            radfm.complete_jobs,
+            kubeflow.complete_jobs
+        );
+    }
+    println!(
+        "bench: operator ratio={:.2}",
+        kubeflow.total_seconds / radfm.total_seconds
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let jobs = env_usize("BENCH_JOBS", 1000)?;
+    let workers = env_usize("BENCH_WORKERS", 8)?;
+    let kill = env_usize("BENCH_KILL", 100)?;
+    let defaults_jobs = env_usize("BENCH_DEFAULTS_JOBS", 100)?;
+    let growth = sizes(
+        &std::env::var("BENCH_GROWTH").unwrap_or_else(|_| "100x8,300x8,16x8,16x64,16x256".into()),
+    )?;
+    let out = PathBuf::from(
+        std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench-operator".into()),
+    );
+    std::fs::create_dir_all(&out)?;
+    let plan = arms(jobs, workers, kill, defaults_jobs, &growth);
+    let started = Instant::now();
+    let cluster = control_plane(&plan).await?;
+    let mut outcomes = Vec::new();
+    for (k, (op, j, w, kill)) in plan.into_iter().enumerate() {
+        let ns = format!("bench-{k}");
+        outcomes.push(arm(&cluster, op, &ns, j, w, kill).await?);
+        print_table(&outcomes[outcomes.len() - 1..]);
+        clean(&cluster, &ns).await?;
+        std::fs::write(
+            out.join("results.json"),
+            serde_json::to_string_pretty(&outcomes)?,
+        )?;
+    }
+    let _ = cluster.kubectl(&["delete", "namespace", KUBEFLOW_NS, "--wait=false"]);
+    eprintln!(
+        "bench: whole run {:.0} s; results in {}",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    report(&outcomes, &out, jobs)
+}
