@@ -84,6 +84,8 @@ pub struct Context {
     pub gang_network_policy: bool,
     /// Kueue's Workload API is served: jobs labelled with a queue are admitted through it.
     pub kueue: bool,
+    /// What the TrainingJob controller's watches keep (set by that controller for its passes).
+    pub training_job_caches: Option<crate::training_job::cache::Caches>,
 }
 
 impl Context {
@@ -102,6 +104,7 @@ impl Context {
             registry_access: RegistryAccess::default(),
             gang_network_policy: true,
             kueue: false,
+            training_job_caches: None,
         }
     }
 
@@ -116,6 +119,15 @@ impl Context {
             registry_access: self.registry_access.clone(),
             gang_network_policy: self.gang_network_policy,
             kueue: self.kueue,
+            training_job_caches: self.training_job_caches.clone(),
+        }
+    }
+
+    /// The same context with the TrainingJob controller's caches.
+    pub fn with_training_job_caches(&self, caches: crate::training_job::cache::Caches) -> Self {
+        Context {
+            training_job_caches: Some(caches),
+            ..self.with_clock(self.clock.clone())
         }
     }
 }

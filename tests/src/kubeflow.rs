@@ -62,8 +62,8 @@ fn host_address() -> Result<String> {
         .context("this host has no IPv4 address besides loopback for the webhook's EndpointSlice")
 }
 
-/// The PyTorchJob webhook of the release's configuration, pointed at Service
-/// `training-operator` in [`NAMESPACE`] (its release overlay does the same).
+/// The PyTorchJob webhook of the release's configuration, named and pointed at Service
+/// `training-operator` in [`NAMESPACE`] as its release overlay does.
 fn webhook_configuration(manifests: &str) -> Result<Value> {
     for doc in serde_yaml_ng::Deserializer::from_str(manifests) {
         let mut config = Value::deserialize(doc).context("the training-operator's webhooks")?;
@@ -80,12 +80,41 @@ fn webhook_configuration(manifests: &str) -> Result<Value> {
             })
             .collect();
         config["webhooks"] = Value::Array(hooks);
+        // The name its cert-controller injects the CA into (cmd/training-operator.v1).
+        config["metadata"]["name"] = json!("validator.training-operator.kubeflow.org");
         return Ok(config);
     }
     bail!("no ValidatingWebhookConfiguration in the training-operator's webhook manifests")
 }
 
+/// Where the training-operator's webhook server reads its certificate (fixed in its
+/// pkg/cert), which its Deployment mounts from the Secret.
+const CERT_DIR: &str = "/tmp/k8s-webhook-server/serving-certs";
+
 impl Cluster {
+    /// Does what the kubelet does for the operator's Pod: once its cert-controller has filled
+    /// the Secret, the Secret's files appear in [`CERT_DIR`].
+    async fn mount_webhook_secret(&self) -> Result<()> {
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.client.clone(), NAMESPACE);
+        let secret = secrets.get("training-operator-webhook-cert").await?;
+        let data = secret.data.unwrap_or_default();
+        let dir = std::path::Path::new(CERT_DIR);
+        std::fs::create_dir_all(dir)?;
+        for file in ["ca.crt", "tls.crt", "tls.key"] {
+            let Some(bytes) = data.get(file) else {
+                bail!("the cert-controller has not filled the Secret yet");
+            };
+            let (path, tmp) = (dir.join(file), dir.join(format!(".{file}.tmp")));
+            if std::fs::read(&path).is_ok_and(|old| old == bytes.0) {
+                continue;
+            }
+            std::fs::write(&tmp, &bytes.0)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    }
+
     /// Installs the training-operator's CRD, RBAC, webhook Service and configuration, starts it
     /// with `settings` (PyTorchJob only), and waits until its webhook admits a PyTorchJob.
     /// Returns the process and the address of its `/metrics`. A second start finds everything
@@ -113,6 +142,8 @@ impl Cluster {
             "--zap-log-level=info".to_string(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Certificates of an earlier start are not this one's.
+        let _ = std::fs::remove_dir_all(CERT_DIR);
         let child = self.spawn_logged(
             &dir.join("training-operator"),
             "training-operator",
@@ -152,12 +183,23 @@ impl Cluster {
             "-f",
             &dir.join("crds").to_string_lossy(),
         ])?;
-        self.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/pytorchjobs.kubeflow.org",
-        ])?;
+        // `kubectl wait` fails outright while a new CRD has no conditions yet; ask again.
+        wait_until(
+            Duration::from_secs(60),
+            "the PyTorchJob CRD Established",
+            || async {
+                self.kubectl(&[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=10s",
+                    "crd/pytorchjobs.kubeflow.org",
+                ])
+                .status
+                .success()
+                .then_some(())
+            },
+        )
+        .await?;
         self.kubectl_ok(&["create", "namespace", NAMESPACE])?;
         self.kubectl_ok(&["apply", "-f", &dir.join("role.yaml").to_string_lossy()])?;
         let (port, address) = (free_port(), host_address()?);
@@ -202,21 +244,28 @@ impl Cluster {
             "metadata": {"name": "webhook-probe", "namespace": NAMESPACE},
             "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "template": {"spec": {
                 "containers": [{"name": "pytorch", "image": "radfm/trainer:test"}]}}}}}});
+        let last = std::sync::Mutex::new(String::new());
         wait_until(
             Duration::from_secs(120),
             "the training-operator's webhook answers",
             || async {
+                if let Err(e) = self.mount_webhook_secret().await {
+                    *last.lock().unwrap() = e.to_string();
+                    return None;
+                }
                 let out = self.kubectl_stdin(
                     &["create", "--dry-run=server", "-f", "-"],
                     Some(&probe.to_string()),
                 );
+                *last.lock().unwrap() = String::from_utf8_lossy(&out.stderr).to_string();
                 out.status.success().then_some(())
             },
         )
         .await
         .with_context(|| {
             format!(
-                "the training-operator did not come up; its log:\n{}",
+                "the training-operator did not come up; the last dry run said: {}; its log:\n{}",
+                last.lock().unwrap(),
                 self.log_tail("training-operator")
             )
         })

@@ -38,7 +38,11 @@ pub(super) fn create_missing(
             pod
         })
         .collect();
-    if !plan.create_pods.is_empty() {
+    // A pass whose writes failed (`Created=False`, `CreateFailed`) may have created the pods
+    // but not the trainer's access: the next passes grant it again until one succeeds.
+    let writes_failed = conditions::get(&st.conditions, C::Created)
+        .is_some_and(|c| c.status == "False" && c.reason == reason::CREATE_FAILED);
+    if !plan.create_pods.is_empty() || writes_failed {
         plan.create_gang_secret = true;
         plan.trainer_access = children::trainer_access(job, st.attempt);
     }

@@ -2,6 +2,7 @@
 //! [`Observed`], run [`plan`], carry out the plan, write the status once by server-side apply,
 //! then record events.
 
+pub mod cache;
 pub mod children;
 mod failure_policy;
 mod gang_startup;
@@ -19,7 +20,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, stream};
+use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -28,8 +29,8 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use radfm_api::TrainingJob;
 use radfm_api::conditions::{self, ConditionType, Stamp, reason};
 use radfm_api::trainingjob::MANAGED_BY_RADFM;
@@ -153,14 +154,13 @@ async fn reconcile_managed_elsewhere(job: &TrainingJob, ctx: &Context) -> Result
 async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed> {
     let name = job.name_any();
     let uid = job.uid().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let pods =
-        crate::effects::list_owned(&pods, &format!("{}={name}", children::LABEL_JOB), &uid).await?;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-    let service_exists = services
-        .get_opt(&children::service_name(job))
-        .await?
-        .is_some();
+    let caches = ctx
+        .training_job_caches
+        .as_ref()
+        .ok_or(Error::MissingField("the TrainingJob controller's caches"))?;
+    caches.wait_until_ready().await;
+    let pods = caches.workers_of(ns, &name, &uid);
+    let service_exists = caches.has_service(ns, &children::service_name(job));
     let pod_group_exists = match GangScheduler::of(job) {
         Some(s) => pod_group_api(ctx, ns, s)
             .get_opt(&children::service_name(job))
@@ -170,21 +170,11 @@ async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed>
             .is_some(),
         None => false,
     };
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let names: BTreeSet<String> = pods
+    let lost_nodes: BTreeSet<String> = pods
         .iter()
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .filter(|n| caches.node(n).is_none_or(|node| !node_ready(&node)))
         .collect();
-    let mut lost_nodes = BTreeSet::new();
-    for n in names {
-        let lost = match nodes.get_opt(&n).await? {
-            None => true,
-            Some(node) => !node_ready(&node),
-        };
-        if lost {
-            lost_nodes.insert(n);
-        }
-    }
     Ok(Observed {
         pods,
         service_exists,
@@ -248,7 +238,12 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
     failures.0.map_or(Ok(()), Err)
 }
 
-/// The headless Service, the PodGroup and the trainer's access, before any pod.
+/// A write's outcome and what it was, for [`Failures::note`].
+type Outcome = (std::result::Result<(), kube::Error>, String);
+
+/// The headless Service, the PodGroup, the gang Secret and NetworkPolicy and the trainer's
+/// access, at once, before any pod (a pod naming a ServiceAccount that does not exist yet is
+/// refused).
 async fn create_gang_objects(
     job: &TrainingJob,
     ns: &str,
@@ -258,32 +253,52 @@ async fn create_gang_objects(
 ) -> Result<()> {
     let pp = crate::effects::post_params();
     let name = children::service_name(job);
-    if let Some(svc) = &plan.create_service {
+    let pod_group = match &plan.create_pod_group {
+        Some((sched, pg)) => Some((
+            *sched,
+            serde_json::from_value::<DynamicObject>(pg.clone()).map_err(Error::Serialize)?,
+        )),
+        None => None,
+    };
+    let service = async {
+        let svc = plan.create_service.as_ref()?;
         let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
         let r = tolerate(api.create(&pp, svc).await, 409);
-        failures.note(r, format!("creating service {name}"));
-    }
-    if let Some((sched, pg)) = &plan.create_pod_group {
-        let obj: DynamicObject = serde_json::from_value(pg.clone()).map_err(Error::Serialize)?;
-        let r = tolerate(pod_group_api(ctx, ns, *sched).create(&pp, &obj).await, 409);
-        failures.note(r, format!("creating PodGroup {name}"));
-    }
-    if plan.create_gang_secret {
+        Some((r, format!("creating service {name}")))
+    };
+    let group = async {
+        let (sched, obj) = pod_group.as_ref()?;
+        let r = tolerate(pod_group_api(ctx, ns, *sched).create(&pp, obj).await, 409);
+        Some((r, format!("creating PodGroup {name}")))
+    };
+    let secret = async {
+        if !plan.create_gang_secret {
+            return None;
+        }
         let secret = children::gang_secret(job, hex::encode(rand::random::<[u8; 32]>()));
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         let r = tolerate(api.create(&pp, &secret).await, 409);
-        failures.note(r, format!("creating the gang secret of {name}"));
-        if ctx.gang_network_policy {
-            let policy = children::gang_network_policy(job);
-            let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
-            let r = tolerate(api.create(&pp, &policy).await, 409);
-            failures.note(r, format!("creating the gang NetworkPolicy of {name}"));
+        Some((r, format!("creating the gang secret of {name}")))
+    };
+    let policy = async {
+        if !(plan.create_gang_secret && ctx.gang_network_policy) {
+            return None;
         }
-    }
-    if let Some(access) = &plan.trainer_access {
+        let policy = children::gang_network_policy(job);
+        let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+        let r = tolerate(api.create(&pp, &policy).await, 409);
+        Some((r, format!("creating the gang NetworkPolicy of {name}")))
+    };
+    let access = async {
+        let access = plan.trainer_access.as_ref()?;
         let account = children::trainer_service_account_name(job);
         let r = apply_trainer_access(ctx, ns, access).await;
-        failures.note(r, format!("granting progress reporting to {account}"));
+        Some((r, format!("granting progress reporting to {account}")))
+    };
+    let outcomes: [Option<Outcome>; 5] =
+        futures::join!(service, group, secret, policy, access).into();
+    for (r, what) in outcomes.into_iter().flatten() {
+        failures.note(r, what);
     }
     Ok(())
 }
@@ -351,16 +366,19 @@ async fn apply_trainer_access(
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let name = access.role.metadata.name.clone().unwrap_or_default();
     let sa: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
-    sa.patch(&name, &params, &Patch::Apply(&access.service_account))
-        .await?;
     let roles: Api<Role> = Api::namespaced(ctx.client.clone(), ns);
-    roles
-        .patch(&name, &params, &Patch::Apply(&access.role))
-        .await?;
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
-    bindings
-        .patch(&name, &params, &Patch::Apply(&access.binding))
-        .await?;
+    let (account, role, binding) = (
+        Patch::Apply(&access.service_account),
+        Patch::Apply(&access.role),
+        Patch::Apply(&access.binding),
+    );
+    // The binding after its Role: the API server refuses a RoleBinding whose Role it cannot
+    // find yet (its escalation check reads the Role), with NotFound.
+    futures::try_join!(sa.patch(&name, &params, &account), async {
+        roles.patch(&name, &params, &role).await?;
+        bindings.patch(&name, &params, &binding).await
+    })?;
     Ok(())
 }
 
@@ -390,24 +408,48 @@ pub async fn run_controller(
         children::LABEL_MANAGED_BY,
         children::MANAGER
     ));
+    // The watches that wake jobs also fill the caches a pass reads.
+    let workers = cache::WorkerIndex::default();
+    let (service_store, service_writer) = reflector::store();
+    let (node_store, node_writer) = reflector::store();
+    let ctx = Arc::new(ctx.with_training_job_caches(cache::Caches {
+        workers: workers.clone(),
+        services: service_store,
+        nodes: node_store,
+    }));
+    let worker_events = watcher(pods, owned.clone())
+        .default_backoff()
+        .modify(cache::slim)
+        .inspect_ok(move |e| workers.apply(e))
+        .touched_objects();
+    let service_events = watcher(services, owned.clone())
+        .default_backoff()
+        .modify(cache::slim)
+        .reflect(service_writer)
+        .touched_objects();
+    let mut readiness = cache::ReadinessChanges::default();
+    let node_events = watcher(Api::<Node>::all(client), watcher::Config::default())
+        .default_backoff()
+        .modify(cache::slim_node)
+        .reflect(node_writer)
+        .try_filter_map(move |e| futures::future::ready(Ok(readiness.filter(e))));
     let controller = Controller::new(jobs, watcher::Config::default().any_semantic()).with_config(
         ControllerConfig::default()
             .debounce(Duration::from_millis(200))
             .concurrency(8),
     );
     let store = controller.store();
-    let nodes: Api<Node> = Api::all(client);
     let mut controller = controller
-        .owns(pods, owned.clone())
-        .owns(services, owned.clone());
+        .owns_stream(worker_events)
+        .owns_stream(service_events);
     if ctx.kueue {
         let workloads: Api<crate::kueue::Workload> = crate::effects::scoped(&ctx.client, ns);
         controller = controller.owns(workloads, owned);
     }
     let controller = controller
-        // A node going away changes no pod (no kubelet reports), so node events wake every
-        // active job; the plan decides whether its workers were on that node.
-        .watches(nodes, watcher::Config::default(), move |_node| {
+        // A node going away or turning not ready changes no pod (no kubelet reports), so such
+        // node events wake every active job; the plan decides whether its workers were there.
+        .watches_stream(node_events, move |_node| {
             store
                 .state()
                 .iter()

@@ -597,6 +597,40 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_after_failed_writes_grants_the_trainers_access_again_until_one_succeeds() {
+        let (job, pods) = running_job(2);
+        let p = plan(&job, &observe(pods.clone(), 3));
+        assert!(
+            p.trainer_access.is_none(),
+            "nothing to grant on a quiet pass"
+        );
+        // The controller records a failed write (the RoleBinding refused) over the plan's status.
+        let mut failed = job.clone();
+        let st = failed.status.as_mut().unwrap();
+        Stamp {
+            generation: failed.metadata.generation,
+            now: t(3),
+        }
+        .set(
+            &mut st.conditions,
+            C::Created,
+            false,
+            reason::CREATE_FAILED,
+            "granting progress reporting to mae-trainer: NotFound",
+        );
+        let p = plan(&failed, &observe(pods.clone(), 4));
+        assert!(p.trainer_access.is_some() && p.create_gang_secret);
+        assert!(p.create_pods.is_empty(), "the pods exist");
+        assert_eq!(
+            cond(&p.status, C::Created).0,
+            "True",
+            "this pass's writes succeed"
+        );
+        let p = plan(&after(failed, &p), &observe(pods, 5));
+        assert!(p.trainer_access.is_none());
+    }
+
+    #[test]
     fn missing_workers_of_a_gang_still_being_created_are_created_without_duplicates() {
         let job = JobBuilder::new(4).build();
         let p = plan(&job, &observe(vec![], 1));

@@ -371,8 +371,19 @@ struct Running {
 async fn start(cluster: &Cluster, op: Operator, ns: &str) -> Result<Running> {
     match op {
         Operator::Radfm => {
-            // The guard only reports on a panic; the bench deletes the namespace itself.
-            cluster.namespace(ns).await?;
+            // Like the training-operator's namespace, without Pod Security admission (radfm's
+            // tests enforce `restricted`; PyTorchJob pods would not pass it), and with the
+            // operator's leader-election grant.
+            cluster.kubectl_ok(&["create", "namespace", ns])?;
+            cluster.kubectl_ok(&[
+                "create",
+                "rolebinding",
+                "radfm-operator-leader-election",
+                "-n",
+                ns,
+                "--clusterrole=radfm-operator-leader-election",
+                "--serviceaccount=radfm-system:radfm-operator",
+            ])?;
             let mut operator = cluster.start_operator(ns, &format!("operator-{ns}"), &[])?;
             let metrics = operator.metrics_addr(cluster).await?;
             Ok(Running {
@@ -538,6 +549,7 @@ async fn arm(
     };
     let reconcile = |q| histogram_quantile(&metrics, name, filter, q).map(|s| s * 1000.0);
     (running.stop)();
+    keep_log(cluster, op, ns);
     // The audit backend writes in batches: let it catch up.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (requests, by_kind) = audited_requests(&cluster.audit_log(), audit_from, op.user())?;
@@ -579,6 +591,19 @@ async fn arm(
         api_requests_per_job: requests as f64 / jobs as f64,
         top_requests: top,
     })
+}
+
+/// Copies the arm's operator log to `$BENCH_OUT/<namespace>.log`.
+fn keep_log(cluster: &Cluster, op: Operator, ns: &str) {
+    let dir = std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench-operator".into());
+    let log = match op {
+        Operator::Radfm => format!("operator-{ns}"),
+        Operator::Kubeflow(_) => "training-operator".into(),
+    };
+    let _ = std::fs::copy(
+        cluster.log_path(&log),
+        Path::new(&dir).join(format!("{ns}.log")),
+    );
 }
 
 /// Deletes the namespace and waits until it and its pods are gone (the GPUs are free again).
@@ -735,7 +760,9 @@ fn arms(
 /// The control plane with enough nodes for the largest arm.
 async fn control_plane(plan: &[Arm]) -> Result<Cluster> {
     let most_pods = plan.iter().map(|a| a.1 * a.2).max().unwrap_or(0);
-    let nodes = most_pods.div_ceil(GPUS_PER_NODE as usize);
+    // A tenth more GPUs than the largest arm asks for: on a cluster with none to spare, a
+    // replacement pod waits in the scheduler's backoff until it learns the old pod's GPU is free.
+    let nodes = (most_pods + most_pods / 10).div_ceil(GPUS_PER_NODE as usize);
     let started = Instant::now();
     eprintln!("bench: starting the control plane with {nodes} kwok nodes of {GPUS_PER_NODE} GPUs");
     let cluster = Cluster::start_with(&ControlPlane {
@@ -815,4 +842,66 @@ async fn main() -> Result<()> {
         out.display()
     );
     report(&outcomes, &out, jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_interpolate_within_the_bucket_as_prometheus_does() {
+        let text = "\
+x_bucket{controller=\"a\",le=\"0.1\"} 50
+x_bucket{controller=\"a\",le=\"0.2\"} 90
+x_bucket{controller=\"a\",le=\"+Inf\"} 100
+x_bucket{controller=\"b\",le=\"0.1\"} 1000
+x_bucket{controller=\"b\",le=\"+Inf\"} 1000
+x_sum{controller=\"a\"} 9
+";
+        let p50 = histogram_quantile(text, "x", "\"a\"", 0.5).unwrap();
+        assert!((p50 - 0.1).abs() < 1e-9, "{p50}");
+        let p70 = histogram_quantile(text, "x", "\"a\"", 0.7).unwrap();
+        assert!((p70 - 0.15).abs() < 1e-9, "{p70}");
+        // Past the last finite bucket the answer is that bucket's bound, as Prometheus says.
+        assert_eq!(histogram_quantile(text, "x", "\"a\"", 0.99), Some(0.2));
+        // Series are summed when the filter matches several.
+        let both = histogram_quantile(text, "x", "", 0.5).unwrap();
+        assert!(both < 0.1, "{both}");
+        assert_eq!(histogram_quantile(text, "y", "", 0.5), None);
+    }
+
+    #[test]
+    fn quantiles_take_the_nearest_rank_and_sizes_parse_jobs_by_workers() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert!(quantile(&[], 0.5).is_nan());
+        assert_eq!(sizes("100x8, 16x256").unwrap(), [(100, 8), (16, 256)]);
+        assert!(
+            sizes("100")
+                .unwrap_err()
+                .to_string()
+                .contains("JOBSxWORKERS")
+        );
+    }
+
+    #[test]
+    fn a_job_counts_as_recovered_only_with_a_full_gang_that_lacks_the_killed_worker() {
+        let t = Tracker {
+            workers: 2,
+            jobs: Mutex::new(HashMap::new()),
+        };
+        t.observe("j", "a", Some(true));
+        t.observe("j", "b", Some(true));
+        assert_eq!(t.count(|j| j.complete.is_some()), 1);
+        t.jobs.lock().unwrap().get_mut("j").unwrap().killed = Some(("b".into(), Instant::now()));
+        // The watch has not yet seen the kill: b still looks Running, but does not count.
+        t.observe("j", "a", Some(true));
+        assert_eq!(t.count(|j| j.recovered.is_some()), 0);
+        t.observe("j", "b", None);
+        t.observe("j", "c", Some(false));
+        assert_eq!(t.count(|j| j.recovered.is_some()), 0);
+        t.observe("j", "c", Some(true));
+        assert_eq!(t.count(|j| j.recovered.is_some()), 1);
+    }
 }
