@@ -447,6 +447,8 @@ impl Cluster {
                 format!("--audit-policy-file={}", policy.display()),
                 format!("--audit-log-path={}", self.audit_log().display()),
                 "--audit-log-mode=batch".into(),
+                // One file: a rotation (at 100 MB by default) would lose what a reader counts.
+                "--audit-log-maxsize=0".into(),
             ]);
         }
         if options.endpoint_routing {
