@@ -155,12 +155,8 @@ fn report_context(obj: &DefaultDicomObject, salt: &[u8]) -> crate::report_deid::
 
 /// The names, identifiers and institutions a header holds (no date shift).
 pub(crate) fn report_identifiers(obj: &InMemDicomObject) -> crate::report_deid::Context {
-    let values = |tags: &[Tag]| -> Vec<String> {
-        tags.iter()
-            .filter_map(|&t| text(obj, t))
-            .flat_map(|v| v.split('\\').map(str::to_string).collect::<Vec<_>>())
-            .collect()
-    };
+    let values =
+        |tags: &[Tag]| -> Vec<String> { tags.iter().flat_map(|&t| all_values(obj, t)).collect() };
     crate::report_deid::Context {
         names: values(&REPORT_NAMES),
         identifiers: values(&REPORT_IDS),
@@ -196,6 +192,13 @@ fn check_declared_size(obj: &DefaultDicomObject, name: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Each value of a multi-valued attribute (values separated by `\\`).
+pub(crate) fn all_values(obj: &InMemDicomObject, tag: Tag) -> Vec<String> {
+    text(obj, tag)
+        .map(|v| v.split('\\').map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 pub(crate) fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
@@ -268,17 +271,13 @@ fn stored_gray(values: &[f64], spp: usize, invert_from: Option<f64>, offset: f64
 fn not_an_image(obj: &DefaultDicomObject, name: &str) -> Result<()> {
     let what = if crate::structured_report::is_structured_report(obj) {
         "a Structured Report".to_string()
-    } else if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none()
-        && obj
-            .element_opt(tags::FLOAT_PIXEL_DATA)
-            .ok()
-            .flatten()
-            .is_none()
-        && obj
-            .element_opt(tags::DOUBLE_FLOAT_PIXEL_DATA)
-            .ok()
-            .flatten()
-            .is_none()
+    } else if [
+        tags::PIXEL_DATA,
+        tags::FLOAT_PIXEL_DATA,
+        tags::DOUBLE_FLOAT_PIXEL_DATA,
+    ]
+    .iter()
+    .all(|&t| obj.element_opt(t).ok().flatten().is_none())
     {
         let modality = text(obj, tags::MODALITY).unwrap_or_else(|| "DICOM".into());
         format!("a {modality} object without pixel data")

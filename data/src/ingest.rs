@@ -154,11 +154,7 @@ fn local_folder(input: &str) -> Option<PathBuf> {
 }
 
 fn is_image(p: &Path) -> bool {
-    match p
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-    {
+    match extension(p) {
         Some(e) => matches!(e.as_str(), "dcm" | "dicom" | "png" | "jpg" | "jpeg"),
         None => std::fs::File::open(p)
             .and_then(|mut f| {
@@ -172,10 +168,15 @@ fn is_image(p: &Path) -> bool {
     }
 }
 
-fn is_png_or_jpeg(p: &Path) -> bool {
+/// A file's extension in lower case.
+fn extension(p: &Path) -> Option<String> {
     p.extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        .map(|e| e.to_ascii_lowercase())
+}
+
+fn is_png_or_jpeg(p: &Path) -> bool {
+    extension(p).is_some_and(|e| matches!(e.as_str(), "png" | "jpg" | "jpeg"))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -474,11 +475,7 @@ fn decode(
     (path, rel, name, source_id): (&Path, &str, &str, &str),
     reports: &Reports,
 ) -> Result<Vec<Sample>> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .unwrap_or_default();
+    let ext = extension(path).unwrap_or_default();
     let (frames, mut meta, case) = match ext.as_str() {
         "png" | "jpg" | "jpeg" => read_png_or_jpeg(cfg, (path, name, source_id), &ext)?,
         _ => read_dicom(cfg, path, name)?,

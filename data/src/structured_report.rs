@@ -20,6 +20,7 @@ use std::path::Path;
 use dicom_dictionary_std::tags;
 use dicom_object::{InMemDicomObject, Tag};
 
+use crate::dicom::{all_values, text};
 use crate::report_deid::Context;
 use crate::{Error, Result};
 
@@ -382,17 +383,6 @@ fn sequence(obj: &InMemDicomObject, tag: Tag) -> &[InMemDicomObject] {
         .flatten()
         .and_then(|e| e.items())
         .unwrap_or(&[])
-}
-
-/// Each value of a multi-valued attribute.
-fn all_values(obj: &InMemDicomObject, tag: Tag) -> Vec<String> {
-    text(obj, tag)
-        .map(|v| v.split('\\').map(str::to_string).collect())
-        .unwrap_or_default()
-}
-
-fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
-    crate::dicom::text(obj, tag)
 }
 
 #[cfg(test)]

@@ -117,12 +117,15 @@ where
         .await?
         .items
         .into_iter()
-        .filter(|o| {
-            o.owner_references()
-                .iter()
-                .any(|r| r.controller == Some(true) && r.uid == owner_uid)
-        })
+        .filter(|o| controlled_by(o, owner_uid))
         .collect())
+}
+
+/// Whether `obj`'s controller owner has uid `owner_uid`.
+pub fn controlled_by<K: Resource>(obj: &K, owner_uid: &str) -> bool {
+    obj.owner_references()
+        .iter()
+        .any(|r| r.controller == Some(true) && r.uid == owner_uid)
 }
 
 /// Writes `status` of `obj` by server-side apply unless it equals `current`.

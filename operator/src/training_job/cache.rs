@@ -45,11 +45,7 @@ impl Caches {
         self.workers
             .of(ns, job)
             .into_iter()
-            .filter(|p| {
-                p.owner_references()
-                    .iter()
-                    .any(|r| r.controller == Some(true) && r.uid == owner_uid)
-            })
+            .filter(|p| crate::effects::controlled_by(p.as_ref(), owner_uid))
             .map(|p| (*p).clone())
             .collect()
     }
