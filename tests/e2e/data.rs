@@ -371,6 +371,21 @@ fn write_sr(out: &Path, image: &Path, spec: serde_json::Value) {
     assert!(status.success(), "write_sr.py failed");
 }
 
+/// `radfm ingest INPUT --deidentify --reports REPORTS` into `out`, refusals listed in `refusals`.
+fn ingest_with_reports(input: &Path, reports: &Path, out: &Path, refusals: &Path) -> Output {
+    radfm(&[
+        "ingest",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--deidentify",
+        "--reports",
+        reports.to_str().unwrap(),
+        "--refusals",
+        refusals.to_str().unwrap(),
+    ])
+}
+
 /// A PACS export holds the images and the radiologists' Structured Reports side by side: each
 /// image gets the verified final report of its study (not the later preliminary one), without
 /// the names of the patient and the reading radiologist, and an image with two disagreeing final
@@ -411,19 +426,7 @@ async fn structured_reports_beside_the_images_become_their_deidentified_reports(
     }
     let out = dir.path().join("ds");
     let refusals = dir.path().join("refused.csv");
-    let ingest = || {
-        radfm(&[
-            "ingest",
-            export.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--deidentify",
-            "--reports",
-            export.to_str().unwrap(),
-            "--refusals",
-            refusals.to_str().unwrap(),
-        ])
-    };
+    let ingest = || ingest_with_reports(&export, &export, &out, &refusals);
     let first = ingest();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&first.stdout),
@@ -529,17 +532,7 @@ fn an_unreadable_structured_report_stops_the_ingest_before_anything_is_written()
     std::fs::write(&sr, &bytes[..bytes.len() - 40]).unwrap();
     let out = dir.path().join("ds");
     let refusals = dir.path().join("refused.csv");
-    let run = radfm(&[
-        "ingest",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--deidentify",
-        "--reports",
-        reports.to_str().unwrap(),
-        "--refusals",
-        refusals.to_str().unwrap(),
-    ]);
+    let run = ingest_with_reports(&input, &reports, &out, &refusals);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(

@@ -183,23 +183,7 @@ impl Cluster {
             "-f",
             &dir.join("crds").to_string_lossy(),
         ])?;
-        // `kubectl wait` fails outright while a new CRD has no conditions yet; ask again.
-        wait_until(
-            Duration::from_secs(60),
-            "the PyTorchJob CRD Established",
-            || async {
-                self.kubectl(&[
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=10s",
-                    "crd/pytorchjobs.kubeflow.org",
-                ])
-                .status
-                .success()
-                .then_some(())
-            },
-        )
-        .await?;
+        self.wait_established(&["pytorchjobs.kubeflow.org"]).await?;
         self.kubectl_ok(&["create", "namespace", NAMESPACE])?;
         self.kubectl_ok(&["apply", "-f", &dir.join("role.yaml").to_string_lossy()])?;
         let (port, address) = (free_port(), host_address()?);

@@ -168,25 +168,12 @@ impl Cluster {
         let kueue = kueue_dir()?;
         let crds = kueue.join("crds");
         self.kubectl_ok(&["apply", "--server-side", "-f", &crds.to_string_lossy()])?;
-        wait_until(
-            Duration::from_secs(60),
-            "Kueue's CRDs Established",
-            || async {
-                self.kubectl(&[
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=10s",
-                    "crd",
-                    "workloads.kueue.x-k8s.io",
-                    "clusterqueues.kueue.x-k8s.io",
-                    "localqueues.kueue.x-k8s.io",
-                    "resourceflavors.kueue.x-k8s.io",
-                ])
-                .status
-                .success()
-                .then_some(())
-            },
-        )
+        self.wait_established(&[
+            "workloads.kueue.x-k8s.io",
+            "clusterqueues.kueue.x-k8s.io",
+            "localqueues.kueue.x-k8s.io",
+            "resourceflavors.kueue.x-k8s.io",
+        ])
         .await?;
         self.kubectl_ok(&["create", "namespace", "kueue-system"])?;
         let certs = self.log_path("kueue").with_extension("certs");

@@ -266,6 +266,15 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
+/// Which Pod Security Standard a test namespace enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodSecurity {
+    /// `restricted`, as radfm's pods must pass.
+    Restricted,
+    /// None (other operators' pods, such as PyTorchJob's, would not pass `restricted`).
+    Unenforced,
+}
+
 /// What [`Cluster::start_with`] runs.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
@@ -553,24 +562,30 @@ impl Cluster {
         Ok(())
     }
 
-    /// Applies radfm's CRDs (waiting until Established), its namespace and its RBAC.
-    async fn install_radfm(&self) -> Result<()> {
-        let crds = repo_root().join("manifests/crds");
-        self.kubectl_ok(&["apply", "-f", &crds.to_string_lossy()])?;
-        // `kubectl wait` fails outright while a new CRD has no conditions yet; ask again.
-        wait_until(Duration::from_secs(60), "CRDs Established", || async {
-            self.kubectl(&[
+    /// Waits (60 s at most) until the CRDs `kubectl wait crd <crds>` names are Established.
+    /// `kubectl wait` fails outright while a new CRD has no conditions yet, so it is asked again.
+    pub async fn wait_established(&self, crds: &[&str]) -> Result<()> {
+        let args = [
+            &[
                 "wait",
                 "--for=condition=Established",
                 "--timeout=10s",
                 "crd",
-                "--all",
-            ])
-            .status
-            .success()
-            .then_some(())
+            ],
+            crds,
+        ]
+        .concat();
+        wait_until(Duration::from_secs(60), "CRDs Established", || async {
+            self.kubectl(&args).status.success().then_some(())
         })
-        .await?;
+        .await
+    }
+
+    /// Applies radfm's CRDs (waiting until Established), its namespace and its RBAC.
+    async fn install_radfm(&self) -> Result<()> {
+        let crds = repo_root().join("manifests/crds");
+        self.kubectl_ok(&["apply", "-f", &crds.to_string_lossy()])?;
+        self.wait_established(&["--all"]).await?;
         self.kubectl_ok(&["create", "namespace", "radfm-system"])?;
         self.kubectl_ok(&[
             "apply",
@@ -777,13 +792,24 @@ impl Cluster {
     pub async fn namespace(&self, name: &str) -> Result<TestNamespace<'_>> {
         // Every pod the operator creates must pass the `restricted` Pod Security Standard; the
         // API server's PodSecurity admission enforces it here as a cluster admin would.
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {
-            "name": name,
-            "labels": {
+        self.namespace_with(name, PodSecurity::Restricted).await
+    }
+
+    /// [`Cluster::namespace`] with the Pod Security admission `security` says.
+    pub async fn namespace_with(
+        &self,
+        name: &str,
+        security: PodSecurity,
+    ) -> Result<TestNamespace<'_>> {
+        let labels = match security {
+            PodSecurity::Restricted => json!({
                 "pod-security.kubernetes.io/enforce": "restricted",
                 "pod-security.kubernetes.io/enforce-version": "latest",
-            },
-        }}))?;
+            }),
+            PodSecurity::Unenforced => json!({}),
+        };
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
         Api::<Namespace>::all(self.client.clone())
             .create(&PostParams::default(), &ns)
             .await?;

@@ -29,7 +29,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use radfm_e2e::kubeflow::{NAMESPACE as KUBEFLOW_NS, TrainingOperatorSettings};
-use radfm_e2e::{Cluster, ControlPlane, http_get_text, wait_until};
+use radfm_e2e::{Cluster, ControlPlane, PodSecurity, http_get_text, wait_until};
 use serde_json::json;
 
 /// GPUs of each simulated node; every worker asks for one.
@@ -372,18 +372,9 @@ async fn start(cluster: &Cluster, op: Operator, ns: &str) -> Result<Running> {
     match op {
         Operator::Radfm => {
             // Like the training-operator's namespace, without Pod Security admission (radfm's
-            // tests enforce `restricted`; PyTorchJob pods would not pass it), and with the
-            // operator's leader-election grant.
-            cluster.kubectl_ok(&["create", "namespace", ns])?;
-            cluster.kubectl_ok(&[
-                "create",
-                "rolebinding",
-                "radfm-operator-leader-election",
-                "-n",
-                ns,
-                "--clusterrole=radfm-operator-leader-election",
-                "--serviceaccount=radfm-system:radfm-operator",
-            ])?;
+            // tests enforce `restricted`; PyTorchJob pods would not pass it). The guard only
+            // reports on a panic; the bench deletes the namespace itself.
+            cluster.namespace_with(ns, PodSecurity::Unenforced).await?;
             let mut operator = cluster.start_operator(ns, &format!("operator-{ns}"), &[])?;
             let metrics = operator.metrics_addr(cluster).await?;
             Ok(Running {
