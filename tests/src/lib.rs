@@ -296,6 +296,10 @@ pub struct ControlPlane {
     /// kube-scheduler's client QPS (burst twice that); its default (50) is the bottleneck of
     /// thousands of pods.
     pub scheduler_qps: Option<u32>,
+    /// How long a node's heartbeats may lapse before the node controller marks it Unknown
+    /// (`--node-monitor-grace-period`). 20 s keeps node-loss tests short; one kwok process
+    /// renewing hundreds of nodes' Leases on a loaded machine needs Kubernetes' default, 50 s.
+    pub node_monitor_grace: Duration,
 }
 
 impl Default for ControlPlane {
@@ -308,6 +312,7 @@ impl Default for ControlPlane {
             audit_log: false,
             endpoint_routing: false,
             scheduler_qps: None,
+            node_monitor_grace: Duration::from_secs(20),
         }
     }
 }
@@ -392,7 +397,7 @@ impl Cluster {
         cluster.client = client_from(&cluster.kubeconfig).await?;
         cluster.wait_for_apiserver().await?;
         if options.controller_manager {
-            cluster.spawn_controller_manager(&ca)?;
+            cluster.spawn_controller_manager(&ca, options.node_monitor_grace)?;
         }
         cluster.spawn_scheduler_and_kwok(nodes, options.scheduler_qps)?;
         cluster.install_radfm().await?;
@@ -532,7 +537,7 @@ impl Cluster {
     }
 
     /// Starts kube-controller-manager (node lifecycle, garbage collection, service accounts).
-    fn spawn_controller_manager(&self, ca: &Path) -> Result<()> {
+    fn spawn_controller_manager(&self, ca: &Path, node_monitor_grace: Duration) -> Result<()> {
         let d = self.dir.path();
         let kc = self.kubeconfig.to_string_lossy().to_string();
         let ca = ca.to_string_lossy().to_string();
@@ -553,7 +558,7 @@ impl Cluster {
                 "--service-cluster-ip-range",
                 "10.96.0.0/16",
                 "--node-monitor-grace-period",
-                "20s",
+                &format!("{}s", node_monitor_grace.as_secs()),
                 "--v",
                 "1",
             ],
@@ -636,6 +641,13 @@ impl Cluster {
                     "--manage-all-nodes=false",
                     "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                     "--manage-nodes-with-label-selector=",
+                    // Heartbeats by Lease, as kubelets send them: kwok renews each node's Lease and
+                    // the node controller reads the renewals. (The stages set Ready once; with no
+                    // heartbeat every node would turn Unknown after the grace period and flap
+                    // back, and the operator would see workers losing their nodes.)
+                    "--node-lease-duration-seconds=40",
+                    // A line per Lease renewal otherwise.
+                    "--v=WARN",
                     "--cidr=10.0.0.1/16",
                     "--node-ip=127.0.0.1",
                     "--node-port",

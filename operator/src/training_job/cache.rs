@@ -7,10 +7,14 @@
 //! caches. Workers are indexed by namespace and job, so a pass costs the same whatever the
 //! number of other jobs. A cache may lag the API server by a moment; the plan tolerates that
 //! as it always has (creates of existing pods are no-ops, deletes of gone pods too, and the next
-//! event brings the next pass).
+//! event brings the next pass). One lag is worth avoiding: a pass right after the one that created
+//! a wide gang would see few of its pods yet and create the rest again, hundreds of refused
+//! requests for a 256-worker gang. So the index remembers the pods a pass created until their
+//! watch events arrive ([`WorkerIndex::awaited`]), as kube-controller-manager's "expectations" do.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::ResourceExt;
@@ -41,12 +45,11 @@ impl Caches {
 
     /// The job's workers owned by `owner_uid` (a job of the same name before it was deleted and
     /// recreated owns none of them).
-    pub fn workers_of(&self, ns: &str, job: &str, owner_uid: &str) -> Vec<Pod> {
+    pub fn workers_of(&self, ns: &str, job: &str, owner_uid: &str) -> Vec<Arc<Pod>> {
         self.workers
             .of(ns, job)
             .into_iter()
             .filter(|p| crate::effects::controlled_by(p.as_ref(), owner_uid))
-            .map(|p| (*p).clone())
             .collect()
     }
 
@@ -89,12 +92,20 @@ struct IndexState {
     filed: HashMap<(String, String), Key>,
     /// A relist in progress: the complete set replaces the index at its end.
     relist: Option<Vec<Pod>>,
+    /// Pods created by a pass whose watch event has not arrived, by job, with when they were
+    /// created.
+    awaited: HashMap<Key, HashMap<String, Instant>>,
 }
+
+/// How long a created pod is awaited at most: a watch that dropped the event (or a pod deleted
+/// before it was seen) must not stop the pod being created again for long.
+pub const AWAIT_CREATED: Duration = Duration::from_secs(30);
 
 impl IndexState {
     fn insert(&mut self, pod: Pod) {
         let id = (pod.namespace().unwrap_or_default(), pod.name_any());
         self.remove(&id);
+        self.forget_awaited(&id);
         let Some(job) = pod.labels().get(LABEL_JOB).cloned() else {
             return;
         };
@@ -104,6 +115,19 @@ impl IndexState {
             .or_default()
             .insert(id.1.clone(), Arc::new(pod));
         self.filed.insert(id, key);
+    }
+
+    /// The pod `id` is seen (or gone): it is no longer awaited, whichever job awaited it.
+    fn forget_awaited(&mut self, id: &(String, String)) {
+        if self.awaited.is_empty() {
+            return;
+        }
+        self.awaited.retain(|(ns, _), names| {
+            if *ns == id.0 {
+                names.remove(&id.1);
+            }
+            !names.is_empty()
+        });
     }
 
     fn remove(&mut self, id: &(String, String)) {
@@ -124,7 +148,11 @@ impl WorkerIndex {
         let mut state = self.inner.write().unwrap_or_else(|e| e.into_inner());
         match event {
             Event::Apply(p) => state.insert(p.clone()),
-            Event::Delete(p) => state.remove(&(p.namespace().unwrap_or_default(), p.name_any())),
+            Event::Delete(p) => {
+                let id = (p.namespace().unwrap_or_default(), p.name_any());
+                state.forget_awaited(&id);
+                state.remove(&id);
+            }
             Event::Init => state.relist = Some(Vec::new()),
             Event::InitApply(p) => state.relist.get_or_insert_with(Vec::new).push(p.clone()),
             Event::InitDone => {
@@ -137,6 +165,45 @@ impl WorkerIndex {
                 self.listed.send_replace(true);
             }
         }
+    }
+
+    /// Remembers that `job`'s pods `names` in `ns` were just created (or found to exist).
+    pub fn expect(
+        &self,
+        ns: &str,
+        job: &str,
+        names: impl IntoIterator<Item = String>,
+        now: Instant,
+    ) {
+        let mut state = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let unseen: Vec<String> = names
+            .into_iter()
+            .filter(|n| !state.filed.contains_key(&(ns.to_string(), n.clone())))
+            .collect();
+        if unseen.is_empty() {
+            return;
+        }
+        let awaited = state
+            .awaited
+            .entry((ns.to_string(), job.to_string()))
+            .or_default();
+        awaited.extend(unseen.into_iter().map(|n| (n, now)));
+    }
+
+    /// `job`'s pods in `ns` created less than [`AWAIT_CREATED`] before `now` that the watch has
+    /// not shown yet: a pass must not create them again. Older entries are forgotten.
+    pub fn awaited(&self, ns: &str, job: &str, now: Instant) -> BTreeSet<String> {
+        let mut state = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let key = (ns.to_string(), job.to_string());
+        let Some(names) = state.awaited.get_mut(&key) else {
+            return BTreeSet::new();
+        };
+        names.retain(|_, at| now.saturating_duration_since(*at) < AWAIT_CREATED);
+        let awaited = names.keys().cloned().collect();
+        if names.is_empty() {
+            state.awaited.remove(&key);
+        }
+        awaited
     }
 
     /// Waits until the first complete list arrived.
@@ -276,6 +343,28 @@ mod tests {
             .await
             .expect("ready after the list")
             .unwrap();
+    }
+
+    #[test]
+    fn created_pods_are_awaited_until_the_watch_shows_them_or_the_wait_expires() {
+        let index = WorkerIndex::default();
+        let t0 = Instant::now();
+        index.apply(&Event::Apply(pod("a", "mae-w0-a1", Some("mae"))));
+        let created = ["mae-w0-a1", "mae-w1-a1", "mae-w2-a1", "mae-w3-a1"].map(String::from);
+        index.expect("a", "mae", created, t0);
+        let awaited = |i: &WorkerIndex, ns: &str, at: Instant| -> Vec<String> {
+            i.awaited(ns, "mae", at).into_iter().collect()
+        };
+        // w0 was already in the cache; the others are awaited, in their namespace only.
+        assert_eq!(
+            awaited(&index, "a", t0),
+            ["mae-w1-a1", "mae-w2-a1", "mae-w3-a1"]
+        );
+        assert!(awaited(&index, "b", t0).is_empty());
+        index.apply(&Event::Apply(pod("a", "mae-w1-a1", Some("mae"))));
+        index.apply(&Event::Delete(pod("a", "mae-w2-a1", Some("mae"))));
+        assert_eq!(awaited(&index, "a", t0), ["mae-w3-a1"]);
+        assert!(awaited(&index, "a", t0 + AWAIT_CREATED).is_empty());
     }
 
     fn node(name: &str, ready: &str) -> Node {

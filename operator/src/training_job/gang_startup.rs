@@ -11,13 +11,14 @@ use super::children::{self, GangScheduler};
 use super::plan::{Pass, Plan};
 use super::workers::{Worker, WorkerState};
 
-/// Plans the children the current attempt lacks.
+/// Plans the children the current attempt lacks, except pods an earlier pass created that the
+/// controller's cache does not show yet. Returns whether every rank's pod is seen.
 pub(super) fn create_missing(
     pass: &Pass,
     plan: &mut Plan,
     st: &TrainingJobStatus,
     current: &[&Worker],
-) {
+) -> bool {
     let job = pass.job;
     if !pass.obs.service_exists {
         plan.create_service = Some(children::service(job));
@@ -28,8 +29,13 @@ pub(super) fn create_missing(
         plan.create_pod_group = Some((sched, children::pod_group(job, sched)));
     }
     let present: BTreeSet<i32> = current.iter().map(|w| w.rank).collect();
-    plan.create_pods = (0..job.spec.workers.replicas)
+    let replicas = job.spec.workers.replicas;
+    plan.create_pods = (0..replicas)
         .filter(|r| !present.contains(r))
+        .filter(|&r| {
+            let awaited = &pass.obs.awaited_pods;
+            awaited.is_empty() || !awaited.contains(&children::pod_name(job, r, st.attempt))
+        })
         .map(|r| {
             let mut pod = children::worker_pod(job, r, st.attempt);
             if let Some(admission) = &pass.admitted {
@@ -46,6 +52,7 @@ pub(super) fn create_missing(
         plan.create_gang_secret = true;
         plan.trainer_access = children::trainer_access(job, st.attempt);
     }
+    (0..replicas).all(|r| present.contains(&r))
 }
 
 /// The cluster's pod policy refuses the job: nothing is created, `Created=False` says why (a
@@ -60,9 +67,9 @@ fn refuse(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, why: &str) {
 /// `Created` turns True once every worker of the attempt exists, not when creation is merely
 /// planned: a create the API server refuses leaves it False with the reason (set by the
 /// controller), instead of flapping.
-fn report_created(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus) {
+fn report_created(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, all_seen: bool) {
     let replicas = pass.job.spec.workers.replicas;
-    if plan.create_pods.is_empty()
+    if all_seen
         && pass.obs.service_exists
         && pass.set(
             st,
@@ -123,7 +130,7 @@ pub(super) fn start(pass: &Pass, plan: &mut Plan, st: &mut TrainingJobStatus, cu
         report_running(pass, plan, st, current);
         return;
     }
-    create_missing(pass, plan, st, current);
-    report_created(pass, plan, st);
+    let all_seen = create_missing(pass, plan, st, current);
+    report_created(pass, plan, st, all_seen);
     report_running(pass, plan, st, current);
 }

@@ -160,6 +160,7 @@ async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed>
         .ok_or(Error::MissingField("the TrainingJob controller's caches"))?;
     caches.wait_until_ready().await;
     let pods = caches.workers_of(ns, &name, &uid);
+    let awaited_pods = caches.workers.awaited(ns, &name, std::time::Instant::now());
     let service_exists = caches.has_service(ns, &children::service_name(job));
     let pod_group_exists = match GangScheduler::of(job) {
         Some(s) => pod_group_api(ctx, ns, s)
@@ -177,6 +178,7 @@ async fn observe(job: &TrainingJob, ns: &str, ctx: &Context) -> Result<Observed>
         .collect();
     Ok(Observed {
         pods,
+        awaited_pods,
         service_exists,
         pod_group_exists,
         lost_nodes,
@@ -227,7 +229,12 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
     let mut failures = Failures::default();
     create_gang_objects(job, ns, plan, ctx, &mut failures).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    create_pods(&pods, &plan.create_pods, &mut failures).await;
+    let created = create_pods(&pods, &plan.create_pods, &mut failures).await;
+    if let Some(caches) = &ctx.training_job_caches {
+        caches
+            .workers
+            .expect(ns, &job.name_any(), created, std::time::Instant::now());
+    }
     delete_pods(&pods, plan, &mut failures).await;
     if plan.delete_service {
         let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
@@ -303,8 +310,8 @@ async fn create_gang_objects(
     Ok(())
 }
 
-/// Creates the pods, 16 at a time.
-async fn create_pods(pods: &Api<Pod>, create: &[Pod], failures: &mut Failures) {
+/// Creates the pods, 16 at a time; returns the names of those that exist now.
+async fn create_pods(pods: &Api<Pod>, create: &[Pod], failures: &mut Failures) -> Vec<String> {
     let pp = crate::effects::post_params();
     let created: Vec<(String, std::result::Result<(), kube::Error>)> =
         stream::iter(create.iter().cloned())
@@ -318,9 +325,14 @@ async fn create_pods(pods: &Api<Pod>, create: &[Pod], failures: &mut Failures) {
             .buffer_unordered(16)
             .collect()
             .await;
+    let mut exist = Vec::new();
     for (name, r) in created {
+        if r.is_ok() {
+            exist.push(name.clone());
+        }
         failures.note(r, format!("creating pod {name}"));
     }
+    exist
 }
 
 /// Deletes the plan's pods, 16 at a time: gracefully, or with grace period 0 where stuck.

@@ -10,6 +10,7 @@
 //! [`Observed`] and carries out the [`Plan`].
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -28,8 +29,12 @@ use crate::kueue;
 /// What the controller saw in the cluster for one job.
 #[derive(Debug, Clone)]
 pub struct Observed {
-    /// Every pod labelled with the job's name and controlled by it, of any attempt.
-    pub pods: Vec<Pod>,
+    /// Every pod labelled with the job's name and controlled by it, of any attempt (shared with
+    /// the controller's cache: a 256-worker gang is not copied on every pass).
+    pub pods: Vec<Arc<Pod>>,
+    /// Names of pods an earlier pass created that `pods` does not show yet (the cache lags the
+    /// API server): they are not created again.
+    pub awaited_pods: BTreeSet<String>,
     /// The headless Service exists.
     pub service_exists: bool,
     /// The PodGroup exists (only looked up for gang schedulers).
@@ -290,7 +295,8 @@ mod tests {
 
     fn observe(pods: Vec<Pod>, now: i64) -> Observed {
         Observed {
-            pods,
+            pods: pods.into_iter().map(Arc::new).collect(),
+            awaited_pods: BTreeSet::new(),
             service_exists: true,
             pod_group_exists: false,
             lost_nodes: BTreeSet::new(),
@@ -392,6 +398,26 @@ mod tests {
             ("True".into(), reason::JOB_CREATED.into())
         );
         assert_eq!(p.events[0].reason, reason::JOB_CREATED);
+    }
+
+    #[test]
+    fn pods_created_but_not_yet_seen_are_not_created_again_and_the_job_is_not_yet_created() {
+        let job = JobBuilder::new(3).build();
+        let p = plan(&job, &observe(vec![], 1));
+        let job = after(job, &p);
+        // The cache shows rank 0; ranks 1 and 2 were created by the last pass but not seen yet.
+        let mut obs = observe(vec![pod(&job, 0, 1, "Pending")], 2);
+        obs.awaited_pods = ["mae-w1-a1".to_string(), "mae-w2-a1".to_string()].into();
+        let p = plan(&job, &obs);
+        assert!(p.create_pods.is_empty(), "{:?}", names(&p.create_pods));
+        assert!(
+            !p.create_gang_secret && p.trainer_access.is_none(),
+            "nothing else is written again either"
+        );
+        assert!(!conditions::is_true(&p.status.conditions, C::Created));
+        // Once rank 2 is no longer awaited (its wait expired) and still not seen, it is created.
+        obs.awaited_pods.remove("mae-w2-a1");
+        assert_eq!(names(&plan(&job, &obs).create_pods), ["mae-w2-a1"]);
     }
 
     #[test]

@@ -101,7 +101,8 @@ impl World {
 
     fn observed(&self) -> Observed {
         Observed {
-            pods: self.pods.clone(),
+            pods: self.pods.iter().cloned().map(std::sync::Arc::new).collect(),
+            awaited_pods: BTreeSet::new(),
             service_exists: true,
             pod_group_exists: false,
             lost_nodes: self.lost.clone(),

@@ -366,7 +366,8 @@ mod tests {
 
     fn obs(pods: Vec<k8s_openapi::api::core::v1::Pod>, workload: Option<Workload>) -> Observed {
         Observed {
-            pods,
+            pods: pods.into_iter().map(std::sync::Arc::new).collect(),
+            awaited_pods: Default::default(),
             service_exists: true,
             pod_group_exists: false,
             lost_nodes: Default::default(),

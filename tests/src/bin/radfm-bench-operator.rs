@@ -763,6 +763,7 @@ async fn control_plane(plan: &[Arm]) -> Result<Cluster> {
         audit_log: true,
         endpoint_routing: true,
         scheduler_qps: Some(5000),
+        node_monitor_grace: Duration::from_secs(50),
         ..ControlPlane::default()
     })
     .await?;
