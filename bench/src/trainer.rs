@@ -42,6 +42,8 @@ fn main() -> anyhow::Result<()> {
         a[4].parse()?,
         a[5].parse()?,
     );
+    // As radfm-trainer does at start (radfm_trainer::allocator).
+    radfm_trainer::allocator::keep_tensor_memory();
     tch::set_num_threads(threads);
     tch::manual_seed(0);
     let cfg = VitConfig::preset(&a[0], image, patch)?;

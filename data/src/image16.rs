@@ -85,7 +85,25 @@ impl Image16 {
             }
         };
         let n = (w * h) as usize;
-        let pixels = (0..n)
+        let pixels = match (channels, wide) {
+            // Grayscale, the common case, in one pass the compiler can vectorise.
+            (1, true) => buf[..2 * n]
+                .chunks_exact(2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .collect(),
+            (1, false) => buf[..n].iter().map(|&b| u16::from(b)).collect(),
+            _ => Self::samples(n, channels, sample),
+        };
+        Ok(Image16 {
+            width: w,
+            height: h,
+            pixels,
+        })
+    }
+
+    /// Luminance (or the gray channel of gray + alpha) of `n` interleaved pixels.
+    fn samples(n: usize, channels: usize, sample: impl Fn(usize) -> u16) -> Vec<u16> {
+        (0..n)
             .map(|p| match channels {
                 1 | 2 => sample(p * channels),
                 _ => luminance(
@@ -94,12 +112,7 @@ impl Image16 {
                     sample(p * channels + 2),
                 ),
             })
-            .collect();
-        Ok(Image16 {
-            width: w,
-            height: h,
-            pixels,
-        })
+            .collect()
     }
 
     /// Decodes a JPEG (8-bit; color converted to luminance).

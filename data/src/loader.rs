@@ -9,7 +9,7 @@
 //! block) restores mid-epoch with no sample repeated or skipped.
 //!
 //! Shards are fetched ahead by a task (bounded prefetch, retries with backoff on transient store
-//! errors), parsed member by member and decoded in parallel. Corrupt samples are counted and
+//! errors), parsed member by member, and their samples decoded in parallel. Corrupt samples are counted and
 //! skipped up to a limit, then the loader fails naming the shard; a batch left short by skipped
 //! samples is padded with samples already in it, so batch counts stay equal across ranks.
 
@@ -408,9 +408,8 @@ async fn fetch_shard(
     // Hashing a shard is CPU work like parsing it: both stay off the async workers.
     tokio::task::spawn_blocking(move || {
         verify_digest(&entry, &bytes, &shard)?;
-        let mut out = Vec::new();
-        ShardReader::new(&bytes[..], &name).for_each(|s| out.push(s.ok()))?;
-        Ok::<_, Error>(out)
+        let samples = ShardReader::new(&bytes[..], &name).decode_parallel()?;
+        Ok::<_, Error>(samples.into_iter().map(Result::ok).collect())
     })
     .await
     .map_err(|e| Error::Shard {
@@ -469,28 +468,43 @@ fn prepare(
         gain = rng.random_range(0.9..1.1);
         bias = rng.random_range(-0.1..0.1);
     }
-    let px = |x: usize, y: usize| -> f64 {
-        let v = s.image.pixels[y.min(s.image.height as usize - 1) * s.image.width as usize
-            + x.min(s.image.width as usize - 1)] as f64;
-        v * s.meta.rescale_slope + s.meta.rescale_intercept
-    };
+    // Bilinear weights sum to one, so rescaling to physical values, normalising and jittering
+    // (all affine) apply after interpolating the stored values: out = stored · scale + shift.
+    let scale = (s.meta.rescale_slope / stats.std * gain) as f32;
+    let shift = ((s.meta.rescale_intercept - stats.mean) / stats.std * gain + bias) as f32;
+    // The sampling grid is separable: each output column reads the same two source columns
+    // with the same weight on every row, and each output row the same two source rows.
+    let mut cols = taps(x0, cw, size, s.image.width as usize);
+    if flip {
+        cols.reverse();
+    }
+    let rows = taps(y0, ch, size, s.image.height as usize);
+    let (width, px) = (s.image.width as usize, &s.image.pixels);
     let mut out = Vec::with_capacity(size * size);
-    for oy in 0..size {
-        for ox in 0..size {
-            let ox = if flip { size - 1 - ox } else { ox };
-            let sx = x0 + (ox as f64 + 0.5) * cw / size as f64 - 0.5;
-            let sy = y0 + (oy as f64 + 0.5) * ch / size as f64 - 0.5;
-            let (fx, fy) = (sx.max(0.0).floor(), sy.max(0.0).floor());
-            let (tx, ty) = ((sx - fx).clamp(0.0, 1.0), (sy - fy).clamp(0.0, 1.0));
-            let (ix, iy) = (fx as usize, fy as usize);
-            let v = px(ix, iy) * (1.0 - tx) * (1.0 - ty)
-                + px(ix + 1, iy) * tx * (1.0 - ty)
-                + px(ix, iy + 1) * (1.0 - tx) * ty
-                + px(ix + 1, iy + 1) * tx * ty;
-            out.push((((v - stats.mean) / stats.std) * gain + bias) as f32);
-        }
+    for &(y0, y1, ty) in &rows {
+        let (r0, r1) = (&px[y0 * width..][..width], &px[y1 * width..][..width]);
+        out.extend(cols.iter().map(|&(x0, x1, tx)| {
+            let top = f32::from(r0[x0]) + (f32::from(r0[x1]) - f32::from(r0[x0])) * tx;
+            let bottom = f32::from(r1[x0]) + (f32::from(r1[x1]) - f32::from(r1[x0])) * tx;
+            (top + (bottom - top) * ty) * scale + shift
+        }));
     }
     out
+}
+
+/// For each of `size` output positions along one axis, the two source positions (clamped to
+/// `0..len`) a crop of `extent` starting at `start` samples, and the weight of the second.
+fn taps(start: f64, extent: f64, size: usize, len: usize) -> Vec<(usize, usize, f32)> {
+    let last = len.saturating_sub(1);
+    (0..size)
+        .map(|o| {
+            let at = start + (o as f64 + 0.5) * extent / size as f64 - 0.5;
+            let floor = at.max(0.0).floor();
+            let t = (at - floor).clamp(0.0, 1.0) as f32;
+            let i = floor as usize;
+            (i.min(last), (i + 1).min(last), t)
+        })
+        .collect()
 }
 
 /// The loader's view of a dataset for tests and tools: every key of `rank`'s block from `cursor`.
@@ -520,6 +534,98 @@ mod tests {
                 stats: Stats::default(),
             })
             .collect()
+    }
+
+    /// The resampler as first written: every output pixel by the direct bilinear formula, in
+    /// f64, rescaled before interpolating.
+    fn direct_prepare(
+        s: &Sample,
+        size: usize,
+        augment: bool,
+        stats: Stats,
+        seed: u64,
+        epoch: u64,
+        pos: u64,
+    ) -> Vec<f32> {
+        let (w, h) = (s.image.width as f64, s.image.height as f64);
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            seed ^ epoch.rotate_left(32) ^ pos.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let (mut x0, mut y0, mut cw, mut ch) = (0.0, 0.0, w, h);
+        let (mut flip, mut gain, mut bias) = (false, 1.0, 0.0);
+        if augment {
+            let area = w * h * rng.random_range(0.5..1.0);
+            let ratio = (rng.random_range((0.75f64).ln()..(4.0f64 / 3.0).ln())).exp();
+            cw = (area * ratio).sqrt().min(w);
+            ch = (area / ratio).sqrt().min(h);
+            x0 = rng.random_range(0.0..=(w - cw));
+            y0 = rng.random_range(0.0..=(h - ch));
+            flip = rng.random_bool(0.5);
+            gain = rng.random_range(0.9..1.1);
+            bias = rng.random_range(-0.1..0.1);
+        }
+        let px = |x: usize, y: usize| -> f64 {
+            let v = s.image.pixels[y.min(s.image.height as usize - 1) * s.image.width as usize
+                + x.min(s.image.width as usize - 1)] as f64;
+            v * s.meta.rescale_slope + s.meta.rescale_intercept
+        };
+        let mut out = Vec::with_capacity(size * size);
+        for oy in 0..size {
+            for ox in 0..size {
+                let ox = if flip { size - 1 - ox } else { ox };
+                let sx = x0 + (ox as f64 + 0.5) * cw / size as f64 - 0.5;
+                let sy = y0 + (oy as f64 + 0.5) * ch / size as f64 - 0.5;
+                let (fx, fy) = (sx.max(0.0).floor(), sy.max(0.0).floor());
+                let (tx, ty) = ((sx - fx).clamp(0.0, 1.0), (sy - fy).clamp(0.0, 1.0));
+                let (ix, iy) = (fx as usize, fy as usize);
+                let v = px(ix, iy) * (1.0 - tx) * (1.0 - ty)
+                    + px(ix + 1, iy) * tx * (1.0 - ty)
+                    + px(ix, iy + 1) * (1.0 - tx) * ty
+                    + px(ix + 1, iy + 1) * tx * ty;
+                out.push((((v - stats.mean) / stats.std) * gain + bias) as f32);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_separable_resampler_matches_the_direct_bilinear_formula() {
+        let (width, height) = (37u32, 23u32);
+        let pixels: Vec<u16> = (0..width * height)
+            .map(|i| ((u64::from(i) * 2_654_435_761) % 4096) as u16)
+            .collect();
+        let sample = Sample {
+            key: "k".into(),
+            image: crate::image16::Image16 {
+                width,
+                height,
+                pixels,
+            },
+            meta: SampleMeta {
+                rescale_slope: 2.0,
+                rescale_intercept: -1024.0,
+                ..SampleMeta::default()
+            },
+            report: None,
+        };
+        let stats = Stats {
+            mean: 500.0,
+            std: 900.0,
+            ..Stats::default()
+        };
+        for (augment, size, pos) in [(false, 16, 0), (false, 64, 1), (true, 16, 2), (true, 48, 3)] {
+            for pos in [pos, pos + 100, pos + 1000] {
+                let fast = prepare(&sample, size, augment, stats, 7, 1, pos);
+                let direct = direct_prepare(&sample, size, augment, stats, 7, 1, pos);
+                assert_eq!(fast.len(), size * size);
+                for (i, (a, b)) in fast.iter().zip(&direct).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "augment {augment} size {size} at {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -136,18 +136,32 @@ impl<R: Read> ShardReader<R> {
     /// image or metadata is corrupt or missing. A shard whose tar structure is broken or
     /// truncated ends with an error naming the shard.
     pub fn for_each(
-        mut self,
+        self,
         mut each: impl FnMut(std::result::Result<Sample, BadSample>),
     ) -> Result<()> {
+        let name = self.name.clone();
+        self.for_each_members(|m| each(decode(&name, m)))
+    }
+
+    /// Every sample in order, as [`ShardReader::for_each`] gives them, decoded in parallel on
+    /// rayon's pool: the tar stream is read on this thread, the PNGs are decoded on all cores.
+    pub fn decode_parallel(self) -> Result<Vec<std::result::Result<Sample, BadSample>>> {
+        use rayon::prelude::*;
+        let name = self.name.clone();
+        let mut members = Vec::new();
+        self.for_each_members(|m| members.push(m))?;
+        Ok(members.into_par_iter().map(|m| decode(&name, m)).collect())
+    }
+
+    /// Calls `each` with every sample's members, in order, undecoded.
+    fn for_each_members(mut self, mut each: impl FnMut(Members)) -> Result<()> {
         let shard = self.name.clone();
         let broken = |reason: String| Error::Shard {
             shard: shard.clone(),
             reason,
         };
         let mut pending: Option<Members> = None;
-        let finish = |p: Members, each: &mut dyn FnMut(std::result::Result<Sample, BadSample>)| {
-            each(decode(&self.name, p));
-        };
+        let finish = |p: Members, each: &mut dyn FnMut(Members)| each(p);
         let entries = self.archive.entries().map_err(|e| broken(e.to_string()))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| broken(e.to_string()))?;
@@ -349,6 +363,31 @@ pub(crate) mod tests {
             .read_all()
             .unwrap();
         assert_eq!(back, samples);
+    }
+
+    #[test]
+    fn parallel_decoding_gives_the_samples_in_shard_order_with_the_corrupt_one_in_its_place() {
+        let mut w = ShardWriter::new();
+        for (i, key) in ["k0", "k1", "k2", "k3", "k4", "k5"].iter().enumerate() {
+            if i == 3 {
+                w.member("k3.png", b"not a png").unwrap();
+                w.member("k3.json", br#"{"width":16,"height":12}"#).unwrap();
+            } else {
+                w.add(&sample(key, i as u16)).unwrap();
+            }
+        }
+        let tar = w.finish().unwrap();
+        let mut serial = Vec::new();
+        ShardReader::new(&tar[..], "x.tar")
+            .for_each(|s| serial.push(s))
+            .unwrap();
+        let parallel = ShardReader::new(&tar[..], "x.tar")
+            .decode_parallel()
+            .unwrap();
+        assert_eq!(parallel, serial);
+        assert_eq!(parallel[3].as_ref().unwrap_err().key, "k3");
+        let cut = &tar[..tar.len() / 2 + 100];
+        assert!(ShardReader::new(cut, "x.tar").decode_parallel().is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! [`site`] (a site's validation metrics), [`monitor`] (drift of a deployed model at a site) and [`commands`] (arguments shared with `radfm`).
 #![deny(missing_docs)]
 
+pub mod allocator;
 pub mod checkpoint;
 pub mod collective;
 pub mod commands;

@@ -82,6 +82,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn main() -> ExitCode {
+    radfm_trainer::allocator::keep_tensor_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Config { job } => match config(job) {
