@@ -480,14 +480,37 @@ fn prepare(
     }
     let rows = taps(y0, ch, size, s.image.height as usize);
     let (width, px) = (s.image.width as usize, &s.image.pixels);
+    // Source rows interpolated along x, each once: consecutive output rows share them.
+    let along_x = |r: usize, into: &mut Vec<f32>| {
+        let row = &px[r * width..][..width];
+        into.clear();
+        into.extend(cols.iter().map(|&(x0, x1, tx)| {
+            let (a, b) = (f32::from(row[x0]), f32::from(row[x1]));
+            a + (b - a) * tx
+        }));
+    };
+    let (mut top, mut bottom) = (Vec::with_capacity(size), Vec::with_capacity(size));
+    let (mut top_row, mut bottom_row) = (usize::MAX, usize::MAX);
     let mut out = Vec::with_capacity(size * size);
     for &(y0, y1, ty) in &rows {
-        let (r0, r1) = (&px[y0 * width..][..width], &px[y1 * width..][..width]);
-        out.extend(cols.iter().map(|&(x0, x1, tx)| {
-            let top = f32::from(r0[x0]) + (f32::from(r0[x1]) - f32::from(r0[x0])) * tx;
-            let bottom = f32::from(r1[x0]) + (f32::from(r1[x1]) - f32::from(r1[x0])) * tx;
-            (top + (bottom - top) * ty) * scale + shift
-        }));
+        if y0 != top_row {
+            if y0 == bottom_row {
+                std::mem::swap(&mut top, &mut bottom);
+                std::mem::swap(&mut top_row, &mut bottom_row);
+            } else {
+                along_x(y0, &mut top);
+                top_row = y0;
+            }
+        }
+        if y1 != bottom_row {
+            along_x(y1, &mut bottom);
+            bottom_row = y1;
+        }
+        out.extend(
+            top.iter()
+                .zip(&bottom)
+                .map(|(&t, &b)| (t + (b - t) * ty) * scale + shift),
+        );
     }
     out
 }
