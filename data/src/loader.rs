@@ -440,6 +440,55 @@ fn verify_digest(entry: &ShardEntry, bytes: &[u8], uri: &str) -> Result<()> {
     })
 }
 
+/// One sample's augmentation: the crop (origin and extent in source pixels), the flip and the
+/// intensity jitter (`gain`, `bias`).
+#[derive(Debug, Clone, Copy)]
+struct Augmentation {
+    x0: f64,
+    y0: f64,
+    cw: f64,
+    ch: f64,
+    flip: bool,
+    gain: f64,
+    bias: f64,
+}
+
+impl Augmentation {
+    /// Drawn from (seed, epoch, position), whatever thread asks; without `augment`, the whole
+    /// image unchanged.
+    fn draw(s: &Sample, augment: bool, seed: u64, epoch: u64, pos: u64) -> Augmentation {
+        let (w, h) = (s.image.width as f64, s.image.height as f64);
+        let none = Augmentation {
+            x0: 0.0,
+            y0: 0.0,
+            cw: w,
+            ch: h,
+            flip: false,
+            gain: 1.0,
+            bias: 0.0,
+        };
+        if !augment {
+            return none;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            seed ^ epoch.rotate_left(32) ^ pos.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let area = w * h * rng.random_range(0.5..1.0);
+        let ratio = (rng.random_range((0.75f64).ln()..(4.0f64 / 3.0).ln())).exp();
+        let cw = (area * ratio).sqrt().min(w);
+        let ch = (area / ratio).sqrt().min(h);
+        Augmentation {
+            x0: rng.random_range(0.0..=(w - cw)),
+            y0: rng.random_range(0.0..=(h - ch)),
+            cw,
+            ch,
+            flip: rng.random_bool(0.5),
+            gain: rng.random_range(0.9..1.1),
+            bias: rng.random_range(-0.1..0.1),
+        }
+    }
+}
+
 /// Crop, flip, jitter and normalise one sample into `size × size` floats. Deterministic from
 /// (seed, epoch, position), whatever thread runs it.
 fn prepare(
@@ -451,23 +500,15 @@ fn prepare(
     epoch: u64,
     pos: u64,
 ) -> Vec<f32> {
-    let (w, h) = (s.image.width as f64, s.image.height as f64);
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed ^ epoch.rotate_left(32) ^ pos.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
-    let (mut x0, mut y0, mut cw, mut ch) = (0.0, 0.0, w, h);
-    let (mut flip, mut gain, mut bias) = (false, 1.0, 0.0);
-    if augment {
-        let area = w * h * rng.random_range(0.5..1.0);
-        let ratio = (rng.random_range((0.75f64).ln()..(4.0f64 / 3.0).ln())).exp();
-        cw = (area * ratio).sqrt().min(w);
-        ch = (area / ratio).sqrt().min(h);
-        x0 = rng.random_range(0.0..=(w - cw));
-        y0 = rng.random_range(0.0..=(h - ch));
-        flip = rng.random_bool(0.5);
-        gain = rng.random_range(0.9..1.1);
-        bias = rng.random_range(-0.1..0.1);
-    }
+    let Augmentation {
+        x0,
+        y0,
+        cw,
+        ch,
+        flip,
+        gain,
+        bias,
+    } = Augmentation::draw(s, augment, seed, epoch, pos);
     // Bilinear weights sum to one, so rescaling to physical values, normalising and jittering
     // (all affine) apply after interpolating the stored values: out = stored · scale + shift.
     let scale = (s.meta.rescale_slope / stats.std * gain) as f32;
@@ -561,32 +602,7 @@ mod tests {
 
     /// The resampler as first written: every output pixel by the direct bilinear formula, in
     /// f64, rescaled before interpolating.
-    fn direct_prepare(
-        s: &Sample,
-        size: usize,
-        augment: bool,
-        stats: Stats,
-        seed: u64,
-        epoch: u64,
-        pos: u64,
-    ) -> Vec<f32> {
-        let (w, h) = (s.image.width as f64, s.image.height as f64);
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            seed ^ epoch.rotate_left(32) ^ pos.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        let (mut x0, mut y0, mut cw, mut ch) = (0.0, 0.0, w, h);
-        let (mut flip, mut gain, mut bias) = (false, 1.0, 0.0);
-        if augment {
-            let area = w * h * rng.random_range(0.5..1.0);
-            let ratio = (rng.random_range((0.75f64).ln()..(4.0f64 / 3.0).ln())).exp();
-            cw = (area * ratio).sqrt().min(w);
-            ch = (area / ratio).sqrt().min(h);
-            x0 = rng.random_range(0.0..=(w - cw));
-            y0 = rng.random_range(0.0..=(h - ch));
-            flip = rng.random_bool(0.5);
-            gain = rng.random_range(0.9..1.1);
-            bias = rng.random_range(-0.1..0.1);
-        }
+    fn direct_prepare(s: &Sample, size: usize, stats: Stats, a: Augmentation) -> Vec<f32> {
         let px = |x: usize, y: usize| -> f64 {
             let v = s.image.pixels[y.min(s.image.height as usize - 1) * s.image.width as usize
                 + x.min(s.image.width as usize - 1)] as f64;
@@ -595,9 +611,9 @@ mod tests {
         let mut out = Vec::with_capacity(size * size);
         for oy in 0..size {
             for ox in 0..size {
-                let ox = if flip { size - 1 - ox } else { ox };
-                let sx = x0 + (ox as f64 + 0.5) * cw / size as f64 - 0.5;
-                let sy = y0 + (oy as f64 + 0.5) * ch / size as f64 - 0.5;
+                let ox = if a.flip { size - 1 - ox } else { ox };
+                let sx = a.x0 + (ox as f64 + 0.5) * a.cw / size as f64 - 0.5;
+                let sy = a.y0 + (oy as f64 + 0.5) * a.ch / size as f64 - 0.5;
                 let (fx, fy) = (sx.max(0.0).floor(), sy.max(0.0).floor());
                 let (tx, ty) = ((sx - fx).clamp(0.0, 1.0), (sy - fy).clamp(0.0, 1.0));
                 let (ix, iy) = (fx as usize, fy as usize);
@@ -605,7 +621,7 @@ mod tests {
                     + px(ix + 1, iy) * tx * (1.0 - ty)
                     + px(ix, iy + 1) * (1.0 - tx) * ty
                     + px(ix + 1, iy + 1) * tx * ty;
-                out.push((((v - stats.mean) / stats.std) * gain + bias) as f32);
+                out.push((((v - stats.mean) / stats.std) * a.gain + a.bias) as f32);
             }
         }
         out
@@ -639,7 +655,8 @@ mod tests {
         for (augment, size, pos) in [(false, 16, 0), (false, 64, 1), (true, 16, 2), (true, 48, 3)] {
             for pos in [pos, pos + 100, pos + 1000] {
                 let fast = prepare(&sample, size, augment, stats, 7, 1, pos);
-                let direct = direct_prepare(&sample, size, augment, stats, 7, 1, pos);
+                let drawn = Augmentation::draw(&sample, augment, 7, 1, pos);
+                let direct = direct_prepare(&sample, size, stats, drawn);
                 assert_eq!(fast.len(), size * size);
                 for (i, (a, b)) in fast.iter().zip(&direct).enumerate() {
                     assert!(
