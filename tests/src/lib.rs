@@ -275,6 +275,17 @@ pub enum PodSecurity {
     Unenforced,
 }
 
+/// A control-plane client's `--kube-api-qps` and `--kube-api-burst` (twice the QPS), if set.
+fn client_rate(qps: Option<u32>) -> Vec<String> {
+    qps.map(|q| {
+        vec![
+            format!("--kube-api-qps={q}"),
+            format!("--kube-api-burst={}", 2 * q),
+        ]
+    })
+    .unwrap_or_default()
+}
+
 /// What [`Cluster::start_with`] runs.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
@@ -293,9 +304,10 @@ pub struct ControlPlane {
     /// The API server reaches Services (admission webhooks) at their EndpointSlices' addresses
     /// (`--enable-aggregator-routing`), not their cluster IPs, which nothing routes here.
     pub endpoint_routing: bool,
-    /// kube-scheduler's client QPS (burst twice that); its default (50) is the bottleneck of
-    /// thousands of pods.
-    pub scheduler_qps: Option<u32>,
+    /// kube-scheduler's and kube-controller-manager's client QPS (burst twice that); their
+    /// defaults (50 and 20) are the bottleneck of thousands of pods: scheduling them, and
+    /// deleting them with their namespace.
+    pub control_plane_qps: Option<u32>,
     /// How long a node's heartbeats may lapse before the node controller marks it Unknown
     /// (`--node-monitor-grace-period`). 20 s keeps node-loss tests short; one kwok process
     /// renewing hundreds of nodes' Leases on a loaded machine needs Kubernetes' default, 50 s.
@@ -311,7 +323,7 @@ impl Default for ControlPlane {
             controller_manager: false,
             audit_log: false,
             endpoint_routing: false,
-            scheduler_qps: None,
+            control_plane_qps: None,
             node_monitor_grace: Duration::from_secs(20),
         }
     }
@@ -397,9 +409,9 @@ impl Cluster {
         cluster.client = client_from(&cluster.kubeconfig).await?;
         cluster.wait_for_apiserver().await?;
         if options.controller_manager {
-            cluster.spawn_controller_manager(&ca, options.node_monitor_grace)?;
+            cluster.spawn_controller_manager(&ca, options)?;
         }
-        cluster.spawn_scheduler_and_kwok(nodes, options.scheduler_qps)?;
+        cluster.spawn_scheduler_and_kwok(nodes, options.control_plane_qps)?;
         cluster.install_radfm().await?;
         for i in 0..nodes {
             cluster.add_gpu_node(&format!("gpu-{i}"), gpus).await?;
@@ -537,31 +549,38 @@ impl Cluster {
     }
 
     /// Starts kube-controller-manager (node lifecycle, garbage collection, service accounts).
-    fn spawn_controller_manager(&self, ca: &Path, node_monitor_grace: Duration) -> Result<()> {
+    fn spawn_controller_manager(&self, ca: &Path, options: &ControlPlane) -> Result<()> {
         let d = self.dir.path();
         let kc = self.kubeconfig.to_string_lossy().to_string();
         let ca = ca.to_string_lossy().to_string();
+        let grace = format!("{}s", options.node_monitor_grace.as_secs());
+        let rate = client_rate(options.control_plane_qps);
+        let rate: Vec<&str> = rate.iter().map(String::as_str).collect();
         self.spawn(
             "kube-controller-manager",
             &[
-                "--kubeconfig",
-                &kc,
-                "--leader-elect=false",
-                "--secure-port",
-                "0",
-                "--root-ca-file",
-                &ca,
-                "--service-account-private-key-file",
-                &d.join("sa.key").to_string_lossy(),
-                "--cluster-cidr",
-                "10.244.0.0/16",
-                "--service-cluster-ip-range",
-                "10.96.0.0/16",
-                "--node-monitor-grace-period",
-                &format!("{}s", node_monitor_grace.as_secs()),
-                "--v",
-                "1",
-            ],
+                &[
+                    "--kubeconfig",
+                    &kc,
+                    "--leader-elect=false",
+                    "--secure-port",
+                    "0",
+                    "--root-ca-file",
+                    &ca,
+                    "--service-account-private-key-file",
+                    &d.join("sa.key").to_string_lossy(),
+                    "--cluster-cidr",
+                    "10.244.0.0/16",
+                    "--service-cluster-ip-range",
+                    "10.96.0.0/16",
+                    "--node-monitor-grace-period",
+                    &grace,
+                    "--v",
+                    "1",
+                ],
+                rate.as_slice(),
+            ]
+            .concat(),
             &[],
         )?;
         Ok(())
@@ -603,14 +622,7 @@ impl Cluster {
     /// Starts kube-scheduler, and kwok where simulated nodes are wanted.
     fn spawn_scheduler_and_kwok(&self, nodes: usize, qps: Option<u32>) -> Result<()> {
         let kc = self.kubeconfig.to_string_lossy().to_string();
-        let rate = qps
-            .map(|q| {
-                vec![
-                    format!("--kube-api-qps={q}"),
-                    format!("--kube-api-burst={}", 2 * q),
-                ]
-            })
-            .unwrap_or_default();
+        let rate = client_rate(qps);
         let rate: Vec<&str> = rate.iter().map(String::as_str).collect();
         self.spawn(
             "kube-scheduler",

@@ -762,7 +762,7 @@ async fn control_plane(plan: &[Arm]) -> Result<Cluster> {
         controller_manager: true,
         audit_log: true,
         endpoint_routing: true,
-        scheduler_qps: Some(5000),
+        control_plane_qps: Some(5000),
         node_monitor_grace: Duration::from_secs(50),
         ..ControlPlane::default()
     })
