@@ -814,14 +814,17 @@ fn visible_lesions(w: &Workdir, out: &str, samples: usize, seed: u64) {
     ));
 }
 
-/// Trains `objective` for 300 steps of 32 on the cohort `pretrain`; rank 0 exports the encoder
-/// itself after the last step (spec.export.uri) to `model`. Returns the progress lines.
-fn pretrain_visible(w: &Workdir, objective: &str) -> Vec<serde_json::Value> {
+/// Trains `objective` for 300 steps of 32 at peak `learning_rate` on the cohort `pretrain`;
+/// rank 0 exports the encoder itself after the last step (spec.export.uri) to `model`. Returns
+/// the progress lines.
+fn pretrain_visible(w: &Workdir, objective: &str, learning_rate: f64) -> Vec<serde_json::Value> {
+    let learning_rate = learning_rate.to_string();
     let mut env = w.env(
         "ckpt",
         300,
         &[
             ("RADFM_OBJECTIVE", objective),
+            ("RADFM_LEARNING_RATE", &learning_rate),
             ("RADFM_BATCH_SIZE", "32"),
             ("RADFM_WARMUP_STEPS", "10"),
             ("RADFM_THREADS", "2"),
@@ -844,7 +847,7 @@ fn pretrained_encoder_beats_random_init_on_a_knn_probe_of_unseen_images() {
     let w = Workdir::new(16, 32);
     visible_lesions(&w, "pretrain", 1200, 5);
     visible_lesions(&w, "probe", 400, 99);
-    let lines = pretrain_visible(&w, "mae");
+    let lines = pretrain_visible(&w, "mae", 1e-3);
     assert!(lines.iter().any(|l| l["event"] == "exported"), "{lines:?}");
     let card: serde_json::Value =
         serde_json::from_slice(&std::fs::read(w.path("model/model_card.json")).unwrap()).unwrap();
@@ -1078,10 +1081,12 @@ fn an_image_report_run_resumes_bitwise_and_exports_both_encoders_with_the_tokeni
     assert!(e.contains("tokenizer.json does not match"), "{e}");
 }
 
-/// Pretrains `objective` ([`pretrain_visible`]) and returns the zero-shot evaluation on `probe`
-/// as JSON.
-fn pretrain_and_query(w: &Workdir, objective: &str) -> serde_json::Value {
-    pretrain_visible(w, objective);
+/// Pretrains the contrastive objective ([`pretrain_visible`]) and returns the zero-shot
+/// evaluation on `probe` as JSON. At the MAE test's 1e-3, 4 of the 7 seeds tried plateau (loss
+/// near 2.8, retrieval near chance) and never align lesions with words; at 3e-4 all 7 do
+/// (docs/trainer.md).
+fn pretrain_and_query(w: &Workdir) -> serde_json::Value {
+    pretrain_visible(w, "contrastive", 3e-4);
     let out = radfm_e2e::ok(&radfm_e2e::radfm(
         &[
             "eval",
@@ -1103,7 +1108,7 @@ fn image_report_pretraining_answers_text_queries_and_retrieves_reports_where_ran
     let w = Workdir::new(16, 32);
     visible_lesions(&w, "pretrain", 1200, 5);
     visible_lesions(&w, "probe", 400, 99);
-    let z = pretrain_and_query(&w, "contrastive");
+    let z = pretrain_and_query(&w);
     // "lesion" queried by plain prompts: the pretrained model's AUROC interval lies above
     // chance, random initialisation's contains it, and the paired difference is above 0.
     let overall = &z["tasks"][0]["overall"];

@@ -49,15 +49,28 @@ pub struct Finding {
 
 impl Finding {
     /// The synthetic cohorts' finding with prompts in plain words (none of them a report of
-    /// the training data word for word).
+    /// the training data word for word). Four on each side, as CLIP averages prompt ensembles:
+    /// a small text encoder reads a short negation ("No lesion.") by its noun, and one such
+    /// prompt alone can turn the ranking over.
     pub fn lesion() -> Finding {
         Finding {
             label: "lesion".into(),
-            positive: vec![
-                "A lesion in the lung.".into(),
-                "There is a rounded nodule.".into(),
-            ],
-            negative: vec!["No lesion.".into(), "The lungs are clear.".into()],
+            positive: [
+                "A lesion in the lung.",
+                "There is a rounded nodule.",
+                "A mass in the lung.",
+                "An opacity in the lung.",
+            ]
+            .map(String::from)
+            .to_vec(),
+            negative: [
+                "No lesion.",
+                "The lungs are clear.",
+                "No nodule or mass.",
+                "No focal opacity.",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
