@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, Service};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::Event;
@@ -241,6 +241,20 @@ pub fn slim<K: kube::Resource>(obj: &mut K) {
     obj.meta_mut().managed_fields = None;
 }
 
+/// A worker pod as the index keeps it: its metadata, the node it was bound to and its status,
+/// which are all a pass reads of it. The rest of its spec (containers, environment, volumes) is
+/// what radfm itself wrote and never reads back, and it is most of a worker pod's memory: with
+/// it, 8,000 cached workers took the operator to 314 MiB (`make bench-operator`).
+pub fn slim_worker(pod: &mut Pod) {
+    slim(pod);
+    if let Some(spec) = pod.spec.take() {
+        pod.spec = Some(PodSpec {
+            node_name: spec.node_name,
+            ..PodSpec::default()
+        });
+    }
+}
+
 /// A node as the cache keeps it: without its image list, which can run to hundreds of entries.
 pub fn slim_node(node: &mut Node) {
     slim(node);
@@ -294,6 +308,41 @@ mod tests {
 
     fn names(pods: &[Arc<Pod>]) -> Vec<String> {
         pods.iter().map(|p| p.name_any()).collect()
+    }
+
+    #[test]
+    fn a_cached_worker_is_a_fraction_of_the_pod_and_reads_the_same_to_a_pass() {
+        use super::super::children::fixtures::{JobBuilder, exited, pod, terminating};
+        use super::super::workers::worker;
+        let job = JobBuilder::new(2).build();
+        let lost = BTreeSet::from(["node-1".to_string()]);
+        let pods = [
+            pod(&job, 0, 1, "Pending"),
+            pod(&job, 0, 1, "Running"),
+            pod(&job, 1, 1, "Running"),
+            exited(pod(&job, 0, 1, "Running"), 137, "OOMKilled"),
+            terminating(pod(&job, 0, 2, "Running"), 5),
+        ];
+        for full in pods {
+            let mut cached = full.clone();
+            slim_worker(&mut cached);
+            let seen = |p: &Pod| {
+                worker(p, &lost).map(|w| {
+                    let when = w.deleting_since.clone();
+                    (w.name, w.rank, w.attempt, when, w.state, w.ready)
+                })
+            };
+            assert_eq!(seen(&cached), seen(&full));
+            assert_eq!(cached.metadata, full.metadata);
+            assert_eq!(cached.status, full.status);
+            let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+            assert!(
+                size(&cached) * 3 < size(&full),
+                "{} of {} bytes kept",
+                size(&cached),
+                size(&full)
+            );
+        }
     }
 
     #[test]

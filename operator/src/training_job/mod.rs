@@ -431,7 +431,7 @@ pub async fn run_controller(
     }));
     let worker_events = watcher(pods, owned.clone())
         .default_backoff()
-        .modify(cache::slim)
+        .modify(cache::slim_worker)
         .inspect_ok(move |e| workers.apply(e))
         .touched_objects();
     let service_events = watcher(services, owned.clone())
