@@ -170,6 +170,11 @@ bench-loader: py-deps
 	rm -rf $(BENCH_DIR) && ./target/release/radfm synth --out $(BENCH_DIR) --samples 2048 --size 160 --shard-mib 8 --seed 1
 	@./target/release/bench-loader $(BENCH_DIR) 2 | tee /tmp/radfm-bench-rs.txt
 	@OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$(PY_ENV)/bin/python" bench/loader_webdataset.py $(BENCH_DIR) 2 | tee /tmp/radfm-bench-py.txt
+	@echo "memory: the same, one epoch over one shard of about 512 MiB"
+	rm -rf $(BENCH_DIR)-512 && ./target/release/radfm synth --out $(BENCH_DIR)-512 --samples 12600 --size 160 --shard-mib 512 --seed 1
+	@./target/release/bench-loader $(BENCH_DIR)-512 1
+	@OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "$(PY_ENV)/bin/python" bench/loader_webdataset.py $(BENCH_DIR)-512 1
+	rm -rf $(BENCH_DIR)-512
 	@r=$$(grep -o 'images_per_cpu_s=[0-9.]*' /tmp/radfm-bench-rs.txt | cut -d= -f2); \
 	 p=$$(grep -o 'images_per_cpu_s=[0-9.]*' /tmp/radfm-bench-py.txt | cut -d= -f2); \
 	 echo "bench: loader ratio=$$(python3 -c "print(round($$r/$$p, 2))")"

@@ -2,7 +2,7 @@
 loader does per sample (decode the 16-bit PNG, rescale to physical values, random resized crop to
 128x128 with bilinear resampling, horizontal flip, intensity jitter, normalisation with the
 dataset statistics), single process. Prints images per CPU-second."""
-import glob, io, json, random, sys, time
+import glob, io, json, random, resource, sys, time
 
 import numpy as np
 import webdataset as wds
@@ -40,4 +40,5 @@ for epoch in range(epochs):
             checksum += float(x.ravel()[::997].sum())
             batch = []
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-print(f"webdataset images={images} wall_s={wall:.2f} cpu_s={cpu:.2f} images_per_cpu_s={images / cpu:.1f}")
+peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"webdataset images={images} wall_s={wall:.2f} cpu_s={cpu:.2f} images_per_cpu_s={images / cpu:.1f} peak_rss_mib={peak_rss_mib:.0f}")

@@ -3,7 +3,9 @@
 //! work) runs on the same shards in the same `make` run; this program prints radfm's line.
 //!
 //! Usage: bench-loader DATASET_DIR EPOCHS. Rayon and tokio are limited to one thread; CPU time is
-//! measured with getrusage over the whole process, so background threads count too.
+//! measured with getrusage over the whole process, so background threads count too. The line
+//! also gives the largest shard and the process's peak RSS: `make bench-loader` runs it on 8 MiB
+//! and on 512 MiB shards to show that memory does not grow with the shard size.
 
 use std::time::Instant;
 
@@ -15,6 +17,17 @@ fn cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
     t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,7 +59,12 @@ fn main() -> anyhow::Result<()> {
                 .await?;
         }
         let (wall, cpu) = (wall0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
-        println!("radfm      images={images} wall_s={wall:.2} cpu_s={cpu:.2} images_per_cpu_s={:.1} (checksum {checksum:.1})", images as f64 / cpu);
+        let shard_mib = loader.shards().iter().map(|s| s.bytes).max().unwrap_or(0) as f64 / (1 << 20) as f64;
+        println!(
+            "radfm      images={images} wall_s={wall:.2} cpu_s={cpu:.2} images_per_cpu_s={:.1} largest_shard_mib={shard_mib:.0} peak_rss_mib={:.0} (checksum {checksum:.1})",
+            images as f64 / cpu,
+            peak_rss_mib()
+        );
         Ok::<_, anyhow::Error>(())
     })
 }

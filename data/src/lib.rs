@@ -16,6 +16,7 @@ pub mod loader;
 pub mod meta;
 pub mod report_deid;
 pub mod shard;
+pub mod spool;
 pub mod store;
 pub mod structured_report;
 pub mod synth;

@@ -9,11 +9,14 @@
 //! block) restores mid-epoch with no sample repeated or skipped.
 //!
 //! Shards are fetched ahead by a task (bounded prefetch, retries with backoff on transient store
-//! errors), parsed member by member, and their samples decoded in parallel. Corrupt samples are counted and
-//! skipped up to a limit, then the loader fails naming the shard; a batch left short by skipped
+//! errors) and streamed to local spool files ([`crate::spool`]), checked against the index's
+//! sha256 and indexed by member offsets. Each batch then reads, decodes and augments just its
+//! own samples, in parallel: memory is bounded by the batch, not by the shard size. Corrupt
+//! samples are counted and skipped up to a limit, then the loader fails naming the shard; a batch left short by skipped
 //! samples is padded with samples already in it, so batch counts stay equal across ranks.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,7 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::index::{DatasetIndex, ShardEntry, Stats};
 use crate::meta::SampleMeta;
-use crate::shard::{Sample, ShardReader};
+use crate::shard::{BadSample, Sample};
+use crate::spool::SpooledShard;
 use crate::store::Location;
 use crate::{Error, Result};
 
@@ -53,6 +57,9 @@ pub struct LoaderConfig {
     pub shards: Option<Vec<u64>>,
     /// Retries of a failed shard fetch.
     pub fetch_retries: u32,
+    /// Folder the shards in use are spooled to (None: the system's temporary folder). It holds
+    /// at most `prefetch + 3` shards at a time, in unlinked files.
+    pub spool_dir: Option<PathBuf>,
 }
 
 impl Default for LoaderConfig {
@@ -68,6 +75,7 @@ impl Default for LoaderConfig {
             max_bad_samples: 16,
             shards: None,
             fetch_retries: 8,
+            spool_dir: None,
         }
     }
 }
@@ -225,12 +233,17 @@ impl Loader {
         let shards: Vec<ShardEntry> = needed.iter().map(|&s| self.shards[s].clone()).collect();
         let retries = self.cfg.fetch_retries;
         let counter = self.fetch_retries.clone();
+        let spool_dir = self
+            .cfg
+            .spool_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
         let needed = needed.to_vec();
         let handle = tokio::spawn(async move {
             for (entry, s) in shards.into_iter().zip(needed) {
-                let r = fetch_shard(&loc, &entry, retries, &counter)
+                let r = fetch_shard(&loc, &entry, &spool_dir, retries, &counter)
                     .await
-                    .map(|samples| (s, samples));
+                    .map(|shard| (s, shard));
                 let failed = r.is_err();
                 if tx.send(r).await.is_err() || failed {
                     return;
@@ -250,8 +263,8 @@ impl Loader {
         for &(s, _) in take {
             while !loaded.contains_key(&s) {
                 match rx.recv().await {
-                    Some(Ok((id, samples))) => {
-                        loaded.insert(id, samples);
+                    Some(Ok((id, shard))) => {
+                        loaded.insert(id, Arc::new(shard));
                     }
                     Some(Err(e)) => return Err(e),
                     None => {
@@ -266,26 +279,25 @@ impl Loader {
         Ok(())
     }
 
-    /// The batch's samples with their positions; corrupt ones count against the epoch's limit
-    /// and are replaced by repeating good ones of the batch.
-    fn choose<'a>(
+    /// The batch's good samples; corrupt ones count against the epoch's limit and are replaced
+    /// by repeating good ones of the batch.
+    fn choose(
         &mut self,
-        loaded: &'a Loaded,
+        decoded: Vec<std::result::Result<Prepared, BadSample>>,
         take: &[(usize, u64)],
-        position: u64,
-    ) -> Result<Vec<(u64, &'a Sample)>> {
-        let mut chosen: Vec<(u64, &Sample)> = Vec::new();
-        for (k, &(s, i)) in take.iter().enumerate() {
-            match loaded[&s].get(i as usize).and_then(|x| x.as_ref()) {
-                Some(sample) => chosen.push((position + k as u64, sample)),
-                None => {
+    ) -> Result<Vec<Prepared>> {
+        let mut chosen: Vec<Prepared> = Vec::with_capacity(take.len());
+        for (d, &(s, i)) in decoded.into_iter().zip(take) {
+            match d {
+                Ok(p) => chosen.push(p),
+                Err(bad) => {
                     self.bad_samples += 1;
                     if self.bad_samples > self.cfg.max_bad_samples {
                         return Err(Error::Shard {
                             shard: self.shards[s].name.clone(),
                             reason: format!(
-                                "more than {} corrupt samples this epoch (sample {i} of this shard is one)",
-                                self.cfg.max_bad_samples
+                                "more than {} corrupt samples this epoch (sample {i} of this shard, {}, is one: {})",
+                                self.cfg.max_bad_samples, bad.key, bad.reason
                             ),
                         });
                     }
@@ -300,10 +312,40 @@ impl Loader {
         }
         let mut k = 0;
         while chosen.len() < take.len() {
-            chosen.push(chosen[k]);
+            chosen.push(chosen[k].clone());
             k += 1;
         }
         Ok(chosen)
+    }
+
+    /// Reads, decodes and prepares the batch `take` (whose first position is `position`), one
+    /// sample per task on rayon's pool: the batch's samples are all that is decoded at a time.
+    fn decode(
+        &self,
+        loaded: &Loaded,
+        take: &[(usize, u64)],
+        epoch: u64,
+        position: u64,
+    ) -> Vec<std::result::Result<Prepared, BadSample>> {
+        let (seed, augment, stats, size) = (
+            self.cfg.seed,
+            self.cfg.augment,
+            self.stats,
+            self.cfg.image_size,
+        );
+        take.par_iter()
+            .enumerate()
+            .map(|(k, &(s, i))| {
+                let sample = loaded[&s].sample(i)?;
+                let pos = position + k as u64;
+                Ok(Prepared {
+                    image: prepare(&sample, size, augment, stats, seed, epoch, pos),
+                    key: sample.key,
+                    meta: sample.meta,
+                    report: sample.report,
+                })
+            })
+            .collect()
     }
 
     /// Streams the rest of the epoch from `cursor`, calling `each` per batch; stops early when
@@ -335,27 +377,28 @@ impl Loader {
                 .drain(..self.cfg.batch_size.min(pending.len()))
                 .collect();
             self.await_shards(&mut rx, &mut loaded, &take).await?;
+            let decoded = self.decode(&loaded, &take, cursor.epoch, position);
             let chosen = self
-                .choose(&loaded, &take, position)
+                .choose(decoded, &take)
                 .inspect_err(|_| fetcher.abort())?;
             position += take.len() as u64;
-            let (seed, epoch, augment, stats) =
-                (self.cfg.seed, cursor.epoch, self.cfg.augment, self.stats);
-            let images: Vec<Vec<f32>> = chosen
-                .par_iter()
-                .map(|(pos, s)| prepare(s, size, augment, stats, seed, epoch, *pos))
-                .collect();
-            let batch = Batch {
-                images: images.concat(),
-                keys: chosen.iter().map(|(_, s)| s.key.clone()).collect(),
-                meta: chosen.iter().map(|(_, s)| s.meta.clone()).collect(),
-                reports: chosen.iter().map(|(_, s)| s.report.clone()).collect(),
+            let mut batch = Batch {
+                images: Vec::with_capacity(take.len() * size * size),
+                keys: Vec::with_capacity(take.len()),
+                meta: Vec::with_capacity(take.len()),
+                reports: Vec::with_capacity(take.len()),
                 cursor: Cursor {
                     epoch: cursor.epoch,
                     position,
                 },
             };
-            // Shards no longer needed by what is left are dropped: memory stays bounded.
+            for p in chosen {
+                batch.images.extend_from_slice(&p.image);
+                batch.keys.push(p.key);
+                batch.meta.push(p.meta);
+                batch.reports.push(p.report);
+            }
+            // Shards no longer needed by what is left are dropped with their spool files.
             loaded.retain(|id, _| pending.iter().any(|(s, _)| s == id));
             if !each(batch) {
                 fetcher.abort();
@@ -366,23 +409,33 @@ impl Loader {
     }
 }
 
-/// Loaded shards by index: each sample, or None where it is corrupt.
-type Loaded = std::collections::HashMap<usize, Vec<Option<Sample>>>;
+/// One sample ready for a batch: its prepared image and what travels with it.
+#[derive(Clone)]
+struct Prepared {
+    image: Vec<f32>,
+    key: String,
+    meta: SampleMeta,
+    report: Option<String>,
+}
+
+/// Spooled shards by their position in the index.
+type Loaded = std::collections::HashMap<usize, Arc<SpooledShard>>;
 
 /// The fetcher's shards as they arrive.
-type Fetched = tokio::sync::mpsc::Receiver<Result<(usize, Vec<Option<Sample>>)>>;
+type Fetched = tokio::sync::mpsc::Receiver<Result<(usize, SpooledShard)>>;
 
 async fn fetch_shard(
     loc: &Location,
     entry: &ShardEntry,
+    spool_dir: &Path,
     retries: u32,
     counter: &AtomicU64,
-) -> Result<Vec<Option<Sample>>> {
+) -> Result<SpooledShard> {
     let mut delay = Duration::from_millis(200);
     let mut attempt = 0;
-    let bytes = loop {
-        match loc.get_bounded(&entry.name, entry.bytes as usize).await {
-            Ok(Some(b)) => break b,
+    loop {
+        match SpooledShard::fetch(loc, entry, spool_dir).await {
+            Ok(Some(shard)) => return Ok(shard),
             Ok(None) => {
                 return Err(Error::Shard {
                     shard: loc.child_uri(&entry.name),
@@ -401,43 +454,7 @@ async fn fetch_shard(
             }
             Err(e) => return Err(e),
         }
-    };
-    let name = entry.name.clone();
-    let uri = loc.child_uri(&entry.name);
-    let (entry, shard) = (entry.clone(), uri.clone());
-    // Hashing a shard is CPU work like parsing it: both stay off the async workers.
-    tokio::task::spawn_blocking(move || {
-        verify_digest(&entry, &bytes, &shard)?;
-        let samples = ShardReader::new(&bytes[..], &name).decode_parallel()?;
-        Ok::<_, Error>(samples.into_iter().map(Result::ok).collect())
-    })
-    .await
-    .map_err(|e| Error::Shard {
-        shard: uri,
-        reason: e.to_string(),
-    })?
-}
-
-/// A shard must be the bytes the index recorded (its sha256): one changed after it was indexed
-/// (edited, truncated, replaced) is a data error naming the shard, not a source of silently
-/// different training data. Entries without a digest (written by other tools) are not checked.
-fn verify_digest(entry: &ShardEntry, bytes: &[u8], uri: &str) -> Result<()> {
-    use sha2::Digest;
-    if entry.sha256.is_empty() {
-        return Ok(());
     }
-    let actual = hex::encode(sha2::Sha256::digest(bytes));
-    if actual.eq_ignore_ascii_case(&entry.sha256) {
-        return Ok(());
-    }
-    Err(Error::Shard {
-        shard: uri.to_string(),
-        reason: format!(
-            "sha256 {} does not match the index's {}: the shard changed after it was indexed",
-            &actual[..12],
-            &entry.sha256[..entry.sha256.len().min(12)]
-        ),
-    })
 }
 
 /// One sample's augmentation: the crop (origin and extent in source pixels), the flip and the
@@ -855,6 +872,42 @@ mod tests {
             assert_eq!(a.images, b.images, "augmentations are deterministic too");
             assert_eq!(a.reports, b.reports, "each image keeps its own report");
         }
+    }
+
+    #[tokio::test]
+    async fn shards_are_spooled_to_unlinked_files_so_a_crash_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = tempfile::tempdir().unwrap();
+        let uri = dataset(dir.path(), 30, 20_000).await;
+        let cfg = LoaderConfig {
+            batch_size: 4,
+            image_size: 8,
+            spool_dir: Some(spool.path().to_path_buf()),
+            ..Default::default()
+        };
+        let mut loader = Loader::open(&uri, cfg.clone()).await.unwrap();
+        assert!(loader.shards().len() > 1);
+        let mut batches = 0;
+        loader
+            .run_epoch(Cursor::default(), |_| {
+                batches += 1;
+                std::fs::read_dir(spool.path()).unwrap().count() == 0
+            })
+            .await
+            .unwrap();
+        assert_eq!(batches, loader.batches_per_epoch());
+        let missing = LoaderConfig {
+            spool_dir: Some(dir.path().join("no-such-folder")),
+            ..cfg
+        };
+        let e = Loader::open(&uri, missing)
+            .await
+            .unwrap()
+            .run_epoch(Cursor::default(), |_| true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no-such-folder"), "{e}");
     }
 
     #[tokio::test]

@@ -69,7 +69,7 @@ impl ShardWriter {
         Ok(())
     }
 
-    fn member(&mut self, name: &str, data: &[u8]) -> Result<()> {
+    pub(crate) fn member(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let mut h = tar::Header::new_ustar();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
@@ -141,16 +141,6 @@ impl<R: Read> ShardReader<R> {
     ) -> Result<()> {
         let name = self.name.clone();
         self.for_each_members(|m| each(decode(&name, m)))
-    }
-
-    /// Every sample in order, as [`ShardReader::for_each`] gives them, decoded in parallel on
-    /// rayon's pool: the tar stream is read on this thread, the PNGs are decoded on all cores.
-    pub fn decode_parallel(self) -> Result<Vec<std::result::Result<Sample, BadSample>>> {
-        use rayon::prelude::*;
-        let name = self.name.clone();
-        let mut members = Vec::new();
-        self.for_each_members(|m| members.push(m))?;
-        Ok(members.into_par_iter().map(|m| decode(&name, m)).collect())
     }
 
     /// Calls `each` with every sample's members, in order, undecoded.
@@ -227,14 +217,15 @@ impl<R: Read> ShardReader<R> {
 
 /// The members of one sample seen so far.
 #[derive(Default)]
-struct Members {
-    key: String,
-    png: Option<Vec<u8>>,
-    json: Option<Vec<u8>>,
-    txt: Option<Vec<u8>>,
+pub(crate) struct Members {
+    pub(crate) key: String,
+    pub(crate) png: Option<Vec<u8>>,
+    pub(crate) json: Option<Vec<u8>>,
+    pub(crate) txt: Option<Vec<u8>>,
 }
 
-fn decode(shard: &str, m: Members) -> std::result::Result<Sample, BadSample> {
+/// One sample from its members, or why it is bad.
+pub(crate) fn decode(shard: &str, m: Members) -> std::result::Result<Sample, BadSample> {
     let key = m.key;
     let bad = |reason: String| BadSample {
         key: key.clone(),
@@ -363,31 +354,6 @@ pub(crate) mod tests {
             .read_all()
             .unwrap();
         assert_eq!(back, samples);
-    }
-
-    #[test]
-    fn parallel_decoding_gives_the_samples_in_shard_order_with_the_corrupt_one_in_its_place() {
-        let mut w = ShardWriter::new();
-        for (i, key) in ["k0", "k1", "k2", "k3", "k4", "k5"].iter().enumerate() {
-            if i == 3 {
-                w.member("k3.png", b"not a png").unwrap();
-                w.member("k3.json", br#"{"width":16,"height":12}"#).unwrap();
-            } else {
-                w.add(&sample(key, i as u16)).unwrap();
-            }
-        }
-        let tar = w.finish().unwrap();
-        let mut serial = Vec::new();
-        ShardReader::new(&tar[..], "x.tar")
-            .for_each(|s| serial.push(s))
-            .unwrap();
-        let parallel = ShardReader::new(&tar[..], "x.tar")
-            .decode_parallel()
-            .unwrap();
-        assert_eq!(parallel, serial);
-        assert_eq!(parallel[3].as_ref().unwrap_err().key, "k3");
-        let cut = &tar[..tar.len() / 2 + 100];
-        assert!(ShardReader::new(cut, "x.tar").decode_parallel().is_err());
     }
 
     #[test]
