@@ -420,10 +420,26 @@ impl Cluster {
         wait_until(Duration::from_secs(60), "simulated nodes Ready", || async {
             let list = nodes_api.list(&Default::default()).await.ok()?;
             let ready = list.items.iter().filter(|n| node_is_ready(n)).count();
-            (ready == nodes).then_some(())
+            (ready == nodes || cluster.exited().is_some()).then_some(())
         })
         .await?;
+        if let Some(why) = cluster.exited() {
+            bail!("the control plane did not start: {why}");
+        }
         Ok(cluster)
+    }
+
+    /// The first of the cluster's processes that has exited, with the end of its log.
+    pub fn exited(&self) -> Option<String> {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        children.iter_mut().find_map(|(name, child)| {
+            let status = child.try_wait().ok()??;
+            Some(format!(
+                "{name} exited ({status}); the end of {}:\n{}",
+                self.log_path(name).display(),
+                tail_lines(&self.log_path(name), 5)
+            ))
+        })
     }
 
     /// Starts etcd; returns its client URL.
