@@ -11,6 +11,7 @@ pub mod auth;
 pub mod nccl;
 pub mod rendezvous;
 pub mod ring;
+mod shm;
 
 /// Errors of the collectives.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,4 @@
-//! The CPU collective: a ring over TCP.
+//! The CPU collective: a ring over TCP, or over shared memory between ranks on one host.
 //!
 //! All-reduce is the bandwidth-optimal ring algorithm (reduce-scatter, then all-gather): each
 //! rank sends and receives 2(n−1)/n of the buffer, whatever n is. Every step sends one chunk to
@@ -6,6 +6,10 @@
 //! directions of every link are busy. Sockets carry read and write timeouts: a peer that died
 //! closes its sockets (noticed at once), a peer that stalls is noticed when the timeout expires,
 //! and either way the collective fails with [`Error::PeerLost`] instead of hanging.
+//!
+//! Once the TCP ring is formed, each rank offers its next rank a shared-memory link
+//! ([`crate::shm`]); a rank that can open it (the same host, the same `/dev/shm`) takes it, and
+//! the bytes of that link then bypass the kernel. Links between hosts stay TCP.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,14 +17,125 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{self, GangSecret};
 use crate::rendezvous::RendezvousClient;
+use crate::shm::{self, Offer, ShmReader, ShmWriter};
 use crate::{Error, Result};
+
+/// How ranks on the same host reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Shared memory where both ranks of a link can open the same `/dev/shm` file, TCP
+    /// elsewhere (the default).
+    SharedMemoryWhereLocal,
+    /// TCP on every link (`RADFM_RING_TRANSPORT=tcp`).
+    Tcp,
+}
+
+/// The variable that picks the [`Transport`].
+pub const TRANSPORT_VAR: &str = "RADFM_RING_TRANSPORT";
+
+impl Transport {
+    /// From [`TRANSPORT_VAR`]: `tcp`, or anything else for the default.
+    pub fn from_env() -> Transport {
+        match std::env::var(TRANSPORT_VAR).as_deref() {
+            Ok("tcp") => Transport::Tcp,
+            _ => Transport::SharedMemoryWhereLocal,
+        }
+    }
+}
+
+/// The link to the next rank.
+enum Tx {
+    Tcp(TcpStream),
+    Shm(ShmWriter),
+}
+
+/// The link from the previous rank.
+enum Rx {
+    Tcp(TcpStream),
+    Shm(ShmReader),
+}
+
+impl Write for Tx {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Tx::Tcp(s) => s.write(buf),
+            Tx::Shm(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Tx::Tcp(s) => s.flush(),
+            Tx::Shm(s) => s.flush(),
+        }
+    }
+}
+
+impl Read for Rx {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Rx::Tcp(s) => s.read(buf),
+            Rx::Shm(s) => s.read(buf),
+        }
+    }
+}
+
+/// Offers the next rank a shared-memory link and answers the previous rank's offer.
+fn negotiate(
+    mut next: TcpStream,
+    mut prev: TcpStream,
+    transport: Transport,
+    timeout: Duration,
+) -> std::io::Result<(Tx, Rx)> {
+    let offer = match transport {
+        Transport::SharedMemoryWhereLocal => Offer::create(),
+        Transport::Tcp => None,
+    };
+    // Both messages are a few bytes: they fit in the socket buffers, so no rank blocks here on
+    // one that is still writing.
+    next.write_all(&Offer::message(offer.as_ref()))?;
+    let reader = shm::accept(&mut prev, timeout)?;
+    prev.write_all(&[u8::from(reader.is_some())])?;
+    let mut answer = [0u8; 1];
+    next.read_exact(&mut answer)?;
+    let writer = match offer {
+        Some(o) => o.settle(answer[0] == 1, next.try_clone()?, timeout),
+        None => None,
+    };
+    let tx = writer.map_or(Tx::Tcp(next), Tx::Shm);
+    let rx = reader.map_or(Rx::Tcp(prev), Rx::Shm);
+    Ok((tx, rx))
+}
+
+/// Receives `inp.len()` values in pieces of 4 MiB; with `reduce`, each piece goes through
+/// `scratch` and is added into `inp` as soon as it arrives.
+fn receive_pieces(
+    prev: &mut Rx,
+    inp: &mut [f32],
+    reduce: bool,
+    scratch: &mut [f32],
+) -> std::io::Result<()> {
+    const PIECE: usize = 1 << 20;
+    for piece in inp.chunks_mut(PIECE) {
+        if !reduce {
+            prev.read_exact(bytemuck::cast_slice_mut(piece))?;
+            continue;
+        }
+        let buf = &mut scratch[..piece.len()];
+        prev.read_exact(bytemuck::cast_slice_mut(buf))?;
+        for (d, x) in piece.iter_mut().zip(buf.iter()) {
+            *d += *x;
+        }
+    }
+    Ok(())
+}
 
 /// A ring of `world` ranks.
 pub struct Ring {
     rank: usize,
     world: usize,
-    next: Option<TcpStream>,
-    prev: Option<TcpStream>,
+    next: Option<Tx>,
+    prev: Option<Rx>,
     scratch: Vec<f32>,
 }
 
@@ -166,6 +281,17 @@ impl Ring {
         world: usize,
         timeout: Duration,
     ) -> Result<Ring> {
+        Self::connect_over(rendezvous, rank, world, timeout, Transport::from_env())
+    }
+
+    /// [`Ring::connect`] with the transport given.
+    pub fn connect_over(
+        rendezvous: &mut RendezvousClient,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        transport: Transport,
+    ) -> Result<Ring> {
         if world == 1 {
             return Ok(Ring {
                 rank,
@@ -208,6 +334,8 @@ impl Ring {
             s.set_write_timeout(Some(timeout))
                 .map_err(|e| lost(rank, prev_rank, "socket", e))?;
         }
+        let (next, prev) = negotiate(next, prev, transport, timeout)
+            .map_err(|e| lost(rank, next_rank, "link", e))?;
         Ok(Ring {
             rank,
             world,
@@ -215,6 +343,14 @@ impl Ring {
             prev: Some(prev),
             scratch: Vec::new(),
         })
+    }
+
+    /// Whether this rank's links to its neighbours are shared memory (to next, from previous).
+    pub fn shared_memory_links(&self) -> (bool, bool) {
+        (
+            matches!(self.next, Some(Tx::Shm(_))),
+            matches!(self.prev, Some(Rx::Shm(_))),
+        )
     }
 
     /// This rank.
@@ -227,9 +363,9 @@ impl Ring {
         self.world
     }
 
-    /// Sends `out` to the next rank while receiving `inp.len()` values from the previous rank
-    /// in pieces; with `reduce`, each received piece is added into `inp` (through `scratch`) as
-    /// soon as it arrives, overlapping the reduction with the transfer of the next piece.
+    /// Sends `out` to the next rank while receiving `inp.len()` values from the previous rank;
+    /// with `reduce`, what arrives is added into `inp` as it arrives, overlapping the reduction
+    /// with the transfer of the rest.
     fn exchange(
         &mut self,
         out: &[f32],
@@ -237,30 +373,15 @@ impl Ring {
         reduce: bool,
         scratch: &mut [f32],
     ) -> Result<()> {
-        const PIECE: usize = 1 << 20; // floats: 4 MiB
         let (rank, world) = (self.rank, self.world);
         let next = self.next.as_mut().expect("a ring of 2+ ranks");
         let prev = self.prev.as_mut().expect("a ring of 2+ ranks");
         std::thread::scope(|s| {
             let sender = s.spawn(|| next.write_all(bytemuck::cast_slice(out)));
-            let mut received = Ok(());
-            for piece in inp.chunks_mut(PIECE) {
-                if reduce {
-                    let buf = &mut scratch[..piece.len()];
-                    received = prev.read_exact(bytemuck::cast_slice_mut(buf));
-                    if received.is_err() {
-                        break;
-                    }
-                    for (d, x) in piece.iter_mut().zip(buf.iter()) {
-                        *d += *x;
-                    }
-                } else {
-                    received = prev.read_exact(bytemuck::cast_slice_mut(piece));
-                    if received.is_err() {
-                        break;
-                    }
-                }
-            }
+            let received = match (prev, reduce) {
+                (Rx::Shm(shm), true) => shm.read_add(inp),
+                (prev, _) => receive_pieces(prev, inp, reduce, scratch),
+            };
             let sent = sender.join().expect("sender thread");
             sent.map_err(|e| lost(rank, (rank + 1) % world, "send", e))?;
             received.map_err(|e| lost(rank, (rank + world - 1) % world, "receive", e))
@@ -360,6 +481,14 @@ mod tests {
     use crate::rendezvous::{RendezvousClient, RendezvousServer};
 
     fn rings(world: usize, timeout: Duration) -> Vec<std::thread::JoinHandle<Ring>> {
+        rings_over(world, timeout, Transport::SharedMemoryWhereLocal)
+    }
+
+    fn rings_over(
+        world: usize,
+        timeout: Duration,
+        transport: Transport,
+    ) -> Vec<std::thread::JoinHandle<Ring>> {
         let secret = GangSecret::generate();
         let server = RendezvousServer::start("127.0.0.1:0", Some(secret.clone()), 1).unwrap();
         let addr = server.addr.to_string();
@@ -370,24 +499,33 @@ mod tests {
                     let mut c =
                         RendezvousClient::connect(&addr, 1, Duration::from_secs(10), Some(secret))
                             .unwrap();
-                    Ring::connect(&mut c, rank, world, timeout).unwrap()
+                    Ring::connect_over(&mut c, rank, world, timeout, transport).unwrap()
                 })
             })
             .collect()
     }
 
     #[test]
-    fn all_reduce_sums_every_element_for_any_world_and_length() {
-        for world in [2, 3, 4] {
-            for len in [1, 5, 1000, 65_537] {
-                let handles: Vec<_> = rings(world, Duration::from_secs(10))
+    fn all_reduce_sums_every_element_for_any_world_length_and_transport() {
+        for (world, transport) in [2, 3, 4]
+            .into_iter()
+            .flat_map(|w| [(w, Transport::SharedMemoryWhereLocal), (w, Transport::Tcp)])
+        {
+            // 3,000,017 floats: 12 MiB, more than a shared-memory link holds at once.
+            let large = if transport == Transport::Tcp {
+                1
+            } else {
+                3_000_017
+            };
+            for len in [1, 5, 1000, 65_537, large] {
+                let handles: Vec<_> = rings_over(world, Duration::from_secs(10), transport)
                     .into_iter()
                     .enumerate()
                     .map(|(rank, h)| {
                         std::thread::spawn(move || {
                             let mut ring = h.join().unwrap();
                             let mut v: Vec<f32> =
-                                (0..len).map(|i| (i * (rank + 1)) as f32).collect();
+                                (0..len).map(|i| (i % 4096 * (rank + 1)) as f32).collect();
                             ring.all_reduce_sum(&mut v).unwrap();
                             let mut b = if rank == 1 {
                                 vec![7.0; 3]
@@ -396,6 +534,8 @@ mod tests {
                             };
                             ring.broadcast(&mut b, 1).unwrap();
                             ring.barrier().unwrap();
+                            let shm = transport == Transport::SharedMemoryWhereLocal;
+                            assert_eq!(ring.shared_memory_links(), (shm, shm));
                             (v, b)
                         })
                     })
@@ -404,7 +544,11 @@ mod tests {
                 for h in handles {
                     let (v, b) = h.join().unwrap();
                     for (i, x) in v.iter().enumerate() {
-                        assert_eq!(*x, (i * total) as f32, "world {world} len {len} at {i}");
+                        assert_eq!(
+                            *x,
+                            (i % 4096 * total) as f32,
+                            "world {world} len {len} at {i}"
+                        );
                     }
                     assert_eq!(b, [7.0; 3]);
                 }
@@ -445,23 +589,31 @@ mod tests {
 
     #[test]
     fn a_dead_peer_fails_the_collective_instead_of_hanging() {
-        let mut handles = rings(3, Duration::from_secs(2));
-        let dead = handles.pop().unwrap().join().unwrap();
-        drop(dead);
-        let t = Instant::now();
-        let errs: Vec<Error> = handles
-            .into_iter()
-            .map(|h| {
-                std::thread::spawn(move || {
-                    let mut r = h.join().unwrap();
-                    r.all_reduce_sum(&mut vec![1.0; 1000]).unwrap_err()
+        for transport in [Transport::SharedMemoryWhereLocal, Transport::Tcp] {
+            let mut handles = rings_over(3, Duration::from_secs(2), transport);
+            let dead = handles.pop().unwrap().join().unwrap();
+            drop(dead);
+            let t = Instant::now();
+            let errs: Vec<Error> = handles
+                .into_iter()
+                .map(|h| {
+                    std::thread::spawn(move || {
+                        let mut r = h.join().unwrap();
+                        // Over shared memory, more than a link holds: the writer must notice
+                        // the dead reader too.
+                        let len = match transport {
+                            Transport::Tcp => 1000,
+                            Transport::SharedMemoryWhereLocal => 9_000_000,
+                        };
+                        r.all_reduce_sum(&mut vec![1.0; len]).unwrap_err()
+                    })
                 })
-            })
-            .map(|h| h.join().unwrap())
-            .collect();
-        assert!(t.elapsed() < Duration::from_secs(10));
-        for e in errs {
-            assert!(matches!(e, Error::PeerLost { .. }), "{e}");
+                .map(|h| h.join().unwrap())
+                .collect();
+            assert!(t.elapsed() < Duration::from_secs(10), "{transport:?}");
+            for e in errs {
+                assert!(matches!(e, Error::PeerLost { .. }), "{transport:?}: {e}");
+            }
         }
     }
 

@@ -88,6 +88,10 @@ pub const LOCAL_VARS: &[(&str, &str)] = &[
         "collective between ranks: auto (default: nccl on GPUs, ring on CPUs), nccl or ring",
     ),
     (FAULT, "fault injection for drills: nan-loss@STEP"),
+    (
+        radfm_collective::ring::TRANSPORT_VAR,
+        "the CPU ring's links: shared memory between ranks on one host, TCP elsewhere (default), or tcp everywhere",
+    ),
 ];
 
 /// Numeric precision of the forward pass.

@@ -1,0 +1,407 @@
+//! Shared-memory links for ranks on the same host.
+//!
+//! Over loopback TCP every byte is copied into the kernel and out again, with a system call per
+//! socket buffer; on a machine whose ranks share few cores that copying is what an all-reduce
+//! costs. A link between two ranks that can open the same `/dev/shm` file (local ranks in one
+//! pod, or processes on one machine) is instead a single-producer, single-consumer byte ring in
+//! a shared mapping, as NCCL's and MPI's shared-memory transports are: the writer copies in, the
+//! reader copies out, and a futex word on each side wakes the other.
+//!
+//! The ring's TCP connection stays open beside it: the link is offered over it (a file name and
+//! a random token the file must hold), and while a side waits, a closed connection means its
+//! peer died. The file is unlinked as soon as both sides have mapped it, so nothing is left
+//! behind. Positions read from the mapping are checked, since the peer writes them.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bytes of the data ring of one link.
+const CAPACITY: usize = 8 << 20;
+/// The header: token, the writer's position, the reader's position and the two futex words,
+/// each on its own cache line.
+const HEADER: usize = 4096;
+const TOKEN: usize = 32;
+const HEAD: usize = 64;
+const TAIL: usize = 128;
+const DATA_SEQ: usize = 192;
+const SPACE_SEQ: usize = 256;
+/// Where the files live, and what their names start with.
+const PREFIX: &str = "/dev/shm/radfm-ring-";
+/// How often a waiting side looks at the TCP connection for a dead peer.
+const LIVENESS: Duration = Duration::from_millis(50);
+
+/// A shared mapping of one link's file.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all shared state in it is accessed through atomics
+// and each side copies only the part of the data ring the positions give it.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn of(file: &std::fs::File, len: usize) -> std::io::Result<Mapping> {
+        // SAFETY: a fresh shared mapping of a file of at least `len` bytes (checked by callers).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn u64_at(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: offsets are 64-byte aligned inside the header of a page-aligned mapping.
+        unsafe { &*self.ptr.add(offset).cast::<AtomicU64>() }
+    }
+
+    fn u32_at(&self, offset: usize) -> &AtomicU32 {
+        // SAFETY: as for u64_at.
+        unsafe { &*self.ptr.add(offset).cast::<AtomicU32>() }
+    }
+
+    fn token(&self) -> &[u8] {
+        // SAFETY: the first TOKEN bytes of the mapping.
+        unsafe { std::slice::from_raw_parts(self.ptr, TOKEN) }
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: HEADER < len.
+        unsafe { self.ptr.add(HEADER) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `of` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: a FUTEX_WAIT on a live u32 in a shared mapping (not PRIVATE: the other side is
+    // another process); spurious returns are handled by the caller's loop.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0,
+        );
+    }
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: a FUTEX_WAKE on a live u32 in a shared mapping.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0,
+        );
+    }
+}
+
+/// Whether the peer closed the TCP connection (it exited or dropped the ring).
+fn peer_closed(tcp: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a non-blocking peek of at most one byte into `byte`.
+    let n = unsafe {
+        libc::recv(
+            tcp.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
+/// One side of a link: the mapping, the TCP connection beside it and the collective's timeout.
+struct Side {
+    map: Mapping,
+    tcp: TcpStream,
+    timeout: Duration,
+}
+
+impl Side {
+    /// Waits until `word` is no longer `seen`; fails when the peer closed its connection or
+    /// nothing happened for the timeout.
+    fn wait(&self, word: usize, seen: u32) -> std::io::Result<()> {
+        let start = Instant::now();
+        let word = self.map.u32_at(word);
+        while word.load(Ordering::Acquire) == seen {
+            if peer_closed(&self.tcp) {
+                return Err(std::io::ErrorKind::ConnectionAborted.into());
+            }
+            if start.elapsed() >= self.timeout {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            futex_wait(word, seen, LIVENESS);
+        }
+        Ok(())
+    }
+
+    /// The bytes in the ring, checked: a peer cannot make a side read or write out of bounds.
+    fn used(&self) -> std::io::Result<(u64, u64, usize)> {
+        let head = self.map.u64_at(HEAD).load(Ordering::Acquire);
+        let tail = self.map.u64_at(TAIL).load(Ordering::Acquire);
+        let used = head.wrapping_sub(tail);
+        if used > CAPACITY as u64 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("shared-memory link positions {head} and {tail} are inconsistent"),
+            ));
+        }
+        Ok((head, tail, used as usize))
+    }
+}
+
+/// The writing side of a link (to the next rank).
+pub(crate) struct ShmWriter(Side);
+
+/// The reading side of a link (from the previous rank).
+pub(crate) struct ShmReader(Side);
+
+impl Write for ShmWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let s = &self.0;
+        loop {
+            let seen = s.map.u32_at(SPACE_SEQ).load(Ordering::Acquire);
+            let (head, _, used) = s.used()?;
+            let n = buf.len().min(CAPACITY - used);
+            if n > 0 {
+                let at = (head % CAPACITY as u64) as usize;
+                let first = n.min(CAPACITY - at);
+                // SAFETY: [at, at+first) and [0, n-first) lie in the data ring, in the part the
+                // reader does not read until `head` moves past them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), s.map.data().add(at), first);
+                    std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), s.map.data(), n - first);
+                }
+                s.map
+                    .u64_at(HEAD)
+                    .store(head.wrapping_add(n as u64), Ordering::Release);
+                s.map.u32_at(DATA_SEQ).fetch_add(1, Ordering::Release);
+                futex_wake(s.map.u32_at(DATA_SEQ));
+                return Ok(n);
+            }
+            s.wait(SPACE_SEQ, seen)?;
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for ShmReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let s = &self.0;
+        loop {
+            let seen = s.map.u32_at(DATA_SEQ).load(Ordering::Acquire);
+            let (_, tail, used) = s.used()?;
+            let n = buf.len().min(used);
+            if n > 0 {
+                let at = (tail % CAPACITY as u64) as usize;
+                let first = n.min(CAPACITY - at);
+                // SAFETY: [at, at+first) and [0, n-first) hold bytes the writer published by
+                // moving `head`, which it does not overwrite until `tail` moves past them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(s.map.data().add(at), buf.as_mut_ptr(), first);
+                    std::ptr::copy_nonoverlapping(
+                        s.map.data(),
+                        buf.as_mut_ptr().add(first),
+                        n - first,
+                    );
+                }
+                s.map
+                    .u64_at(TAIL)
+                    .store(tail.wrapping_add(n as u64), Ordering::Release);
+                s.map.u32_at(SPACE_SEQ).fetch_add(1, Ordering::Release);
+                futex_wake(s.map.u32_at(SPACE_SEQ));
+                return Ok(n);
+            }
+            s.wait(DATA_SEQ, seen)?;
+        }
+    }
+}
+
+/// Removes the link's file when dropped: once both sides mapped it, or when the offer fails.
+struct Unlink(String);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl ShmReader {
+    /// Receives `dst.len()` floats and adds them into `dst`, straight from the shared ring (no
+    /// copy into a scratch buffer first), as they arrive.
+    pub(crate) fn read_add(&mut self, dst: &mut [f32]) -> std::io::Result<()> {
+        let s = &self.0;
+        let mut done = 0;
+        while done < dst.len() {
+            let seen = s.map.u32_at(DATA_SEQ).load(Ordering::Acquire);
+            let (_, tail, used) = s.used()?;
+            if tail % 4 != 0 || used % 4 != 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "shared-memory link is not at a whole float",
+                ));
+            }
+            let n = (dst.len() - done).min(used / 4);
+            if n == 0 {
+                s.wait(DATA_SEQ, seen)?;
+                continue;
+            }
+            let at = (tail % CAPACITY as u64) as usize / 4;
+            let first = n.min(CAPACITY / 4 - at);
+            // SAFETY: the data ring starts page-aligned and positions are whole floats (checked
+            // above); [at, at+first) and [0, n-first) floats hold published bytes the writer
+            // does not overwrite until `tail` moves past them.
+            let ring = s.map.data().cast::<f32>();
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts(ring.add(at), first),
+                    std::slice::from_raw_parts(ring, n - first),
+                )
+            };
+            for (d, x) in dst[done..done + n].iter_mut().zip(a.iter().chain(b)) {
+                *d += *x;
+            }
+            done += n;
+            s.map
+                .u64_at(TAIL)
+                .store(tail.wrapping_add(4 * n as u64), Ordering::Release);
+            s.map.u32_at(SPACE_SEQ).fetch_add(1, Ordering::Release);
+            futex_wake(s.map.u32_at(SPACE_SEQ));
+        }
+        Ok(())
+    }
+}
+
+/// A link offered to the next rank: the file's name and token travel over the TCP connection.
+pub(crate) struct Offer {
+    file: Unlink,
+    map: Mapping,
+}
+
+impl Offer {
+    /// Creates the file and its mapping; None where this host has no `/dev/shm`.
+    pub(crate) fn create() -> Option<Offer> {
+        let name = format!("{PREFIX}{}", hex::encode(rand::random::<[u8; 16]>()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&name)
+            .ok()?;
+        let len = HEADER + CAPACITY;
+        let made = file
+            .set_len(len as u64)
+            .and_then(|()| Mapping::of(&file, len));
+        let file = Unlink(name);
+        let map = made.ok()?;
+        let token: [u8; TOKEN] = rand::random();
+        // SAFETY: the first TOKEN bytes of a mapping nobody else has yet.
+        unsafe { std::ptr::copy_nonoverlapping(token.as_ptr(), map.ptr, TOKEN) };
+        Some(Offer { file, map })
+    }
+
+    /// The offer as sent: name length, name, token.
+    pub(crate) fn message(offer: Option<&Offer>) -> Vec<u8> {
+        let Some(o) = offer else {
+            return vec![0];
+        };
+        let name = o.file.0.as_bytes();
+        let mut m = vec![name.len() as u8];
+        m.extend_from_slice(name);
+        m.extend_from_slice(o.map.token());
+        m
+    }
+
+    /// The writing side, once the next rank accepted; the file is unlinked either way.
+    pub(crate) fn settle(
+        self,
+        accepted: bool,
+        tcp: TcpStream,
+        timeout: Duration,
+    ) -> Option<ShmWriter> {
+        let Offer { file, map } = self;
+        drop(file);
+        accepted.then(|| ShmWriter(Side { map, tcp, timeout }))
+    }
+}
+
+/// Reads the previous rank's offer from `tcp` and maps its file when this host has it with the
+/// token; None (the link stays TCP) otherwise.
+pub(crate) fn accept(tcp: &mut TcpStream, timeout: Duration) -> std::io::Result<Option<ShmReader>> {
+    let mut len = [0u8; 1];
+    tcp.read_exact(&mut len)?;
+    if len[0] == 0 {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; len[0] as usize];
+    tcp.read_exact(&mut name)?;
+    let mut token = [0u8; TOKEN];
+    tcp.read_exact(&mut token)?;
+    let Ok(name) = String::from_utf8(name) else {
+        return Ok(None);
+    };
+    let hex_part = name.strip_prefix(PREFIX).unwrap_or_default();
+    if hex_part.len() != 32 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let Ok(file) = OpenOptions::new().read(true).write(true).open(&name) else {
+        return Ok(None);
+    };
+    let len = HEADER + CAPACITY;
+    if file.metadata().map(|m| m.len()).unwrap_or(0) != len as u64 {
+        return Ok(None);
+    }
+    let Ok(map) = Mapping::of(&file, len) else {
+        return Ok(None);
+    };
+    if map.token() != token {
+        return Ok(None);
+    }
+    let tcp = tcp.try_clone()?;
+    Ok(Some(ShmReader(Side { map, tcp, timeout })))
+}
