@@ -170,6 +170,16 @@ impl Side {
         Ok(())
     }
 
+    /// Moves this side's position (`HEAD` or `TAIL`) from `at` by `n` bytes and wakes the other
+    /// side, which waits on `seq`.
+    fn advance(&self, position: usize, at: u64, n: usize, seq: usize) {
+        self.map
+            .u64_at(position)
+            .store(at.wrapping_add(n as u64), Ordering::Release);
+        self.map.u32_at(seq).fetch_add(1, Ordering::Release);
+        futex_wake(self.map.u32_at(seq));
+    }
+
     /// The bytes in the ring, checked: a peer cannot make a side read or write out of bounds.
     fn used(&self) -> std::io::Result<(u64, u64, usize)> {
         let head = self.map.u64_at(HEAD).load(Ordering::Acquire);
@@ -210,11 +220,7 @@ impl Write for ShmWriter {
                     std::ptr::copy_nonoverlapping(buf.as_ptr(), s.map.data().add(at), first);
                     std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), s.map.data(), n - first);
                 }
-                s.map
-                    .u64_at(HEAD)
-                    .store(head.wrapping_add(n as u64), Ordering::Release);
-                s.map.u32_at(DATA_SEQ).fetch_add(1, Ordering::Release);
-                futex_wake(s.map.u32_at(DATA_SEQ));
+                s.advance(HEAD, head, n, DATA_SEQ);
                 return Ok(n);
             }
             s.wait(SPACE_SEQ, seen)?;
@@ -249,11 +255,7 @@ impl Read for ShmReader {
                         n - first,
                     );
                 }
-                s.map
-                    .u64_at(TAIL)
-                    .store(tail.wrapping_add(n as u64), Ordering::Release);
-                s.map.u32_at(SPACE_SEQ).fetch_add(1, Ordering::Release);
-                futex_wake(s.map.u32_at(SPACE_SEQ));
+                s.advance(TAIL, tail, n, SPACE_SEQ);
                 return Ok(n);
             }
             s.wait(DATA_SEQ, seen)?;
@@ -306,11 +308,7 @@ impl ShmReader {
                 *d += *x;
             }
             done += n;
-            s.map
-                .u64_at(TAIL)
-                .store(tail.wrapping_add(4 * n as u64), Ordering::Release);
-            s.map.u32_at(SPACE_SEQ).fetch_add(1, Ordering::Release);
-            futex_wake(s.map.u32_at(SPACE_SEQ));
+            s.advance(TAIL, tail, 4 * n, SPACE_SEQ);
         }
         Ok(())
     }
