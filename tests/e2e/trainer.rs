@@ -419,7 +419,7 @@ fn mae_loss_matches_the_pytorch_reference_on_the_same_weights_and_mask() {
 }
 
 /// A gang of `world` single-process "pods": in their own network namespaces when the machine
-/// allows it (each with its own address, as pods have), else on loopback.
+/// allows it (each with its own address, as pods have), else on loopback; over TCP, as pods are.
 struct Gang {
     net: Option<radfm_e2e::NetNs>,
     world: usize,
@@ -459,6 +459,9 @@ impl Gang {
                 env.push(("RADFM_NODE_RANK".into(), rank.to_string()));
                 env.push(("RADFM_NNODES".into(), self.world.to_string()));
                 env.push(("RADFM_MASTER_ADDR".into(), self.master()));
+                // Pods do not share /dev/shm, these "pods" do: their ring links stay TCP, so a
+                // cut network link cuts the ring as it would between pods.
+                env.push((radfm_collective::ring::TRANSPORT_VAR.into(), "tcp".into()));
                 c.arg("train")
                     .env_clear()
                     .envs(env)
