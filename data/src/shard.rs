@@ -151,45 +151,20 @@ impl<R: Read> ShardReader<R> {
             reason,
         };
         let mut pending: Option<Members> = None;
-        let finish = |p: Members, each: &mut dyn FnMut(Members)| each(p);
         let entries = self.archive.entries().map_err(|e| broken(e.to_string()))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| broken(e.to_string()))?;
-            let path = entry
-                .path()
-                .map_err(|e| broken(e.to_string()))?
-                .to_string_lossy()
-                .to_string();
-            let size = entry.size();
-            if size > MAX_MEMBER_BYTES {
-                return Err(broken(format!(
-                    "member {path} claims {size} bytes (more than the limit of {MAX_MEMBER_BYTES})"
-                )));
-            }
+            let (path, size) = member_header(&entry).map_err(broken)?;
             let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
             entry
                 .read_to_end(&mut data)
                 .map_err(|e| broken(format!("member {path}: {e}")))?;
-            let base = path.rsplit('/').next().unwrap_or(&path);
-            let Some((key, ext)) = base.split_once('.') else {
-                continue;
-            };
-            if pending.as_ref().is_some_and(|p| p.key != key) {
-                finish(pending.take().expect("checked"), &mut each);
-            }
-            let p = pending.get_or_insert_with(|| Members {
-                key: key.to_string(),
-                ..Members::default()
-            });
-            match ext {
-                "png" => p.png = Some(data),
-                "json" => p.json = Some(data),
-                "txt" => p.txt = Some(data),
-                _ => {}
+            if let Some(done) = Members::gather(&mut pending, &path, data) {
+                each(done);
             }
         }
         if let Some(p) = pending.take() {
-            finish(p, &mut each);
+            each(p);
         }
         Ok(())
     }
@@ -215,13 +190,57 @@ impl<R: Read> ShardReader<R> {
     }
 }
 
-/// The members of one sample seen so far.
-#[derive(Default)]
-pub(crate) struct Members {
+/// A tar member's path and size; a member that claims more than [`MAX_MEMBER_BYTES`] breaks
+/// the shard (the reason is returned) before anything of that size is read.
+pub(crate) fn member_header<R: Read>(
+    entry: &tar::Entry<'_, R>,
+) -> std::result::Result<(String, u64), String> {
+    let path = entry
+        .path()
+        .map_err(|e| e.to_string())?
+        .to_string_lossy()
+        .to_string();
+    let size = entry.size();
+    if size > MAX_MEMBER_BYTES {
+        return Err(format!(
+            "member {path} claims {size} bytes (more than the limit of {MAX_MEMBER_BYTES})"
+        ));
+    }
+    Ok((path, size))
+}
+
+/// The members of one sample seen so far: their bytes, or where they are (the loader's spool).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Members<T = Vec<u8>> {
     pub(crate) key: String,
-    pub(crate) png: Option<Vec<u8>>,
-    pub(crate) json: Option<Vec<u8>>,
-    pub(crate) txt: Option<Vec<u8>>,
+    pub(crate) png: Option<T>,
+    pub(crate) json: Option<T>,
+    pub(crate) txt: Option<T>,
+}
+
+impl<T> Members<T> {
+    /// Adds member `path`'s `value` to the sample gathered in `pending`, as WebDataset groups
+    /// members: by the base name up to its first dot, consecutive members of one key being one
+    /// sample. Returns the previous sample when `path` starts a new one; a member without an
+    /// extension is skipped, one of another extension ignored.
+    pub(crate) fn gather(pending: &mut Option<Self>, path: &str, value: T) -> Option<Self> {
+        let base = path.rsplit('/').next().unwrap_or(path);
+        let (key, ext) = base.split_once('.')?;
+        let done = pending.take_if(|p| p.key != key);
+        let p = pending.get_or_insert_with(|| Members {
+            key: key.to_string(),
+            png: None,
+            json: None,
+            txt: None,
+        });
+        match ext {
+            "png" => p.png = Some(value),
+            "json" => p.json = Some(value),
+            "txt" => p.txt = Some(value),
+            _ => {}
+        }
+        done
+    }
 }
 
 /// One sample from its members, or why it is bad.

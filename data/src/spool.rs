@@ -21,7 +21,7 @@ use futures::StreamExt;
 use sha2::Digest;
 
 use crate::index::ShardEntry;
-use crate::shard::{self, BadSample, MAX_MEMBER_BYTES, MAX_REPORT_BYTES, Members, Sample};
+use crate::shard::{self, BadSample, MAX_REPORT_BYTES, Members, Sample, member_header};
 use crate::store::Location;
 use crate::{Error, Result};
 
@@ -42,13 +42,7 @@ struct Span {
 }
 
 /// The members of one sample, by where they are.
-#[derive(Debug, Default, Clone, PartialEq)]
-struct SampleSpans {
-    key: String,
-    png: Option<Span>,
-    json: Option<Span>,
-    txt: Option<Span>,
-}
+type SampleSpans = Members<Span>;
 
 /// One verified shard on local disk, with where each sample's members are.
 #[derive(Debug)]
@@ -58,23 +52,26 @@ pub struct SpooledShard {
     samples: Vec<SampleSpans>,
 }
 
-/// The download so far: the spool file and the running digest.
+/// The download so far: the spool file, the running digest, and for messages the shard's URI
+/// and the spool folder.
 struct Sink {
     file: File,
     hasher: sha2::Sha256,
+    uri: String,
+    dir: String,
 }
 
 impl Sink {
     /// Writes and hashes `chunks` off the async workers.
-    async fn write(mut self, chunks: Vec<bytes::Bytes>, path: &str) -> Result<Sink> {
+    async fn write(mut self, chunks: Vec<bytes::Bytes>) -> Result<Sink> {
         if chunks.is_empty() {
             return Ok(self);
         }
-        let path = path.to_string();
+        let uri = self.uri.clone();
         tokio::task::spawn_blocking(move || {
             for c in &chunks {
                 self.file.write_all(c).map_err(|source| Error::Io {
-                    path: path.clone(),
+                    path: self.dir.clone(),
                     source,
                 })?;
                 self.hasher.update(c);
@@ -82,22 +79,22 @@ impl Sink {
             Ok(self)
         })
         .await
-        .map_err(|e| Error::Shard {
-            shard: path_of_join(e),
-            reason: "spooling stopped".into(),
-        })?
+        .map_err(|e| stopped(uri, "spooling", e))?
     }
 }
 
-fn path_of_join(e: tokio::task::JoinError) -> String {
-    format!("(spool task: {e})")
+/// A spool task that did not finish (it panicked or the runtime is shutting down).
+fn stopped(uri: String, what: &str, e: tokio::task::JoinError) -> Error {
+    Error::Shard {
+        shard: uri,
+        reason: format!("{what} stopped: {e}"),
+    }
 }
 
 impl SpooledShard {
     /// Streams `entry` from `loc` into a new file in `dir`, checks it against the index's
     /// sha256 and indexes its members. Ok(None) when the store has no such object.
     pub async fn fetch(loc: &Location, entry: &ShardEntry, dir: &Path) -> Result<Option<Self>> {
-        let uri = loc.child_uri(&entry.name);
         let Some(mut chunks) = loc.get_stream(&entry.name, entry.bytes).await? else {
             return Ok(None);
         };
@@ -109,6 +106,8 @@ impl SpooledShard {
         let mut sink = Sink {
             file,
             hasher: sha2::Sha256::new(),
+            uri: loc.child_uri(&entry.name),
+            dir: dir_name,
         };
         let (mut held, mut held_bytes) = (Vec::new(), 0);
         while let Some(chunk) = chunks.next().await {
@@ -116,38 +115,27 @@ impl SpooledShard {
             held_bytes += chunk.len();
             held.push(chunk);
             if held_bytes >= WRITE_BATCH {
-                sink = sink.write(std::mem::take(&mut held), &dir_name).await?;
+                sink = sink.write(std::mem::take(&mut held)).await?;
                 held_bytes = 0;
             }
         }
-        let sink = sink.write(held, &dir_name).await?;
-        let entry = entry.clone();
-        tokio::task::spawn_blocking(move || Self::verified(sink, &entry, uri).map(Some))
+        let sink = sink.write(held).await?;
+        let (entry, uri) = (entry.clone(), sink.uri.clone());
+        tokio::task::spawn_blocking(move || Self::verified(sink, &entry).map(Some))
             .await
-            .map_err(|e| Error::Shard {
-                shard: path_of_join(e),
-                reason: "indexing stopped".into(),
-            })?
+            .map_err(|e| stopped(uri, "indexing", e))?
     }
 
     /// The spooled shard once its digest matches; then its members are indexed.
-    fn verified(sink: Sink, entry: &ShardEntry, uri: String) -> Result<Self> {
+    fn verified(sink: Sink, entry: &ShardEntry) -> Result<Self> {
         let digest = hex::encode(sink.hasher.finalize());
-        check_digest(entry, &digest, &uri)?;
-        let len = sink
-            .file
-            .metadata()
-            .map_err(|source| Error::Io {
-                path: uri.clone(),
-                source,
-            })?
-            .len();
-        (&sink.file)
-            .seek(SeekFrom::Start(0))
-            .map_err(|source| Error::Io {
-                path: uri.clone(),
-                source,
-            })?;
+        check_digest(entry, &digest, &sink.uri)?;
+        let io = |source| Error::Io {
+            path: sink.dir.clone(),
+            source,
+        };
+        let len = sink.file.metadata().map_err(io)?.len();
+        (&sink.file).seek(SeekFrom::Start(0)).map_err(io)?;
         let most = entry.samples.saturating_mul(MEMBERS_PER_SAMPLE) + 64;
         let samples = index_members(&sink.file, len, &entry.name, most)?;
         Ok(SpooledShard {
@@ -221,9 +209,9 @@ fn check_digest(entry: &ShardEntry, actual: &str, uri: &str) -> Result<()> {
     })
 }
 
-/// Walks the tar headers only (seeking over the data), grouping consecutive members of one key
-/// into a sample as WebDataset does. A member that claims more than [`MAX_MEMBER_BYTES`], runs
-/// past the end of the file, or one member too many, breaks the shard.
+/// Walks the tar headers only (seeking over the data), grouping members into samples as
+/// [`Members::gather`] does. A member that claims more than [`shard::MAX_MEMBER_BYTES`], runs past
+/// the end of the file, or one member too many, breaks the shard.
 fn index_members(file: &File, len: u64, shard: &str, most: u64) -> Result<Vec<SampleSpans>> {
     let broken = |reason: String| Error::Shard {
         shard: shard.to_string(),
@@ -233,7 +221,7 @@ fn index_members(file: &File, len: u64, shard: &str, most: u64) -> Result<Vec<Sa
     let entries = archive
         .entries_with_seek()
         .map_err(|e| broken(e.to_string()))?;
-    let mut samples: Vec<SampleSpans> = Vec::new();
+    let (mut samples, mut pending) = (Vec::new(), None);
     for (n, entry) in entries.enumerate() {
         if n as u64 >= most {
             return Err(broken(format!(
@@ -241,44 +229,21 @@ fn index_members(file: &File, len: u64, shard: &str, most: u64) -> Result<Vec<Sa
             )));
         }
         let entry = entry.map_err(|e| broken(e.to_string()))?;
-        let path = entry
-            .path()
-            .map_err(|e| broken(e.to_string()))?
-            .to_string_lossy()
-            .to_string();
+        let (path, size) = member_header(&entry).map_err(broken)?;
         let span = Span {
             offset: entry.raw_file_position(),
-            len: entry.size(),
+            len: size,
         };
-        if span.len > MAX_MEMBER_BYTES {
-            return Err(broken(format!(
-                "member {path} claims {} bytes (more than the limit of {MAX_MEMBER_BYTES})",
-                span.len
-            )));
-        }
         if span.offset.saturating_add(span.len) > len {
             return Err(broken(format!(
                 "member {path} runs past the end of the shard ({len} bytes): truncated"
             )));
         }
-        let base = path.rsplit('/').next().unwrap_or(&path);
-        let Some((key, ext)) = base.split_once('.') else {
-            continue;
-        };
-        if samples.last().is_none_or(|s| s.key != key) {
-            samples.push(SampleSpans {
-                key: key.to_string(),
-                ..SampleSpans::default()
-            });
-        }
-        let s = samples.last_mut().expect("pushed above");
-        match ext {
-            "png" => s.png = Some(span),
-            "json" => s.json = Some(span),
-            "txt" => s.txt = Some(span),
-            _ => {}
+        if let Some(done) = Members::gather(&mut pending, &path, span) {
+            samples.push(done);
         }
     }
+    samples.extend(pending);
     Ok(samples)
 }
 
