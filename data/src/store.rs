@@ -62,43 +62,48 @@ pub fn settings_for(
 /// A local object's bytes in `range`, read 1 MiB at a time off the async workers (the local
 /// store's own stream reads 8 KiB per blocking task, which cost a loader a fifth of its CPU).
 fn file_chunks(
-    file: std::fs::File,
+    mut file: std::fs::File,
     range: std::ops::Range<u64>,
     uri: String,
-) -> impl futures::Stream<Item = Result<bytes::Bytes>> {
+) -> Result<impl futures::Stream<Item = Result<bytes::Bytes>>> {
     use std::io::{Read, Seek, SeekFrom};
     const CHUNK: u64 = 1 << 20;
-    let start = (file, range.start, range.end - range.start, uri);
-    futures::stream::try_unfold(start, |(mut file, at, left, uri)| async move {
-        if left == 0 {
-            return Ok(None);
-        }
-        tokio::task::spawn_blocking(move || {
-            let io = |source| Error::Io {
-                path: uri.clone(),
-                source,
-            };
-            file.seek(SeekFrom::Start(at)).map_err(io)?;
-            let mut buf = Vec::with_capacity(left.min(CHUNK) as usize);
-            (&mut file)
-                .take(left.min(CHUNK))
-                .read_to_end(&mut buf)
-                .map_err(io)?;
-            if buf.is_empty() {
-                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+    // Moving the offset reads nothing; each chunk then reads on from where the last ended.
+    file.seek(SeekFrom::Start(range.start))
+        .map_err(|source| Error::Io {
+            path: uri.clone(),
+            source,
+        })?;
+    let start = (file, range.end - range.start, uri);
+    Ok(futures::stream::try_unfold(
+        start,
+        |(mut file, left, uri)| async move {
+            if left == 0 {
+                return Ok(None);
             }
-            let n = buf.len() as u64;
-            Ok(Some((
-                bytes::Bytes::from(buf),
-                (file, at + n, left - n, uri),
-            )))
-        })
-        .await
-        .map_err(|e| Error::Io {
-            path: "(reading a local object)".into(),
-            source: std::io::Error::other(e),
-        })?
-    })
+            tokio::task::spawn_blocking(move || {
+                let io = |source| Error::Io {
+                    path: uri.clone(),
+                    source,
+                };
+                let mut buf = Vec::with_capacity(left.min(CHUNK) as usize);
+                (&mut file)
+                    .take(left.min(CHUNK))
+                    .read_to_end(&mut buf)
+                    .map_err(io)?;
+                if buf.is_empty() {
+                    return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                let n = buf.len() as u64;
+                Ok(Some((bytes::Bytes::from(buf), (file, left - n, uri))))
+            })
+            .await
+            .map_err(|e| Error::Io {
+                path: "(reading a local object)".into(),
+                source: std::io::Error::other(e),
+            })?
+        },
+    ))
 }
 
 /// Locations whose store this process already found to honour create-only writes.
@@ -231,18 +236,9 @@ impl Location {
     /// Reads a whole object of at most `limit` bytes; Ok(None) when it does not exist, and
     /// [`Error::TooLarge`] (before reading the body) when it is larger.
     pub async fn get_bounded(&self, name: &str, limit: usize) -> Result<Option<bytes::Bytes>> {
-        let r = match self.store.get(&self.child(name)).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.err(name, e)),
+        let Some(r) = self.get_within(name, limit as u64).await? else {
+            return Ok(None);
         };
-        if r.meta.size > limit as u64 {
-            return Err(Error::TooLarge {
-                uri: self.child_uri(name),
-                bytes: r.meta.size,
-                limit: limit as u64,
-            });
-        }
         let body = r.bytes().await.map_err(|e| self.err(name, e))?;
         if body.len() > limit {
             return Err(Error::TooLarge {
@@ -252,6 +248,25 @@ impl Location {
             });
         }
         Ok(Some(body))
+    }
+
+    /// Starts reading an object the store says has at most `limit` bytes; Ok(None) when it
+    /// does not exist, [`Error::TooLarge`] when it is larger. The body is the caller's to read
+    /// (and to bound again: a store may send more than it announced).
+    async fn get_within(&self, name: &str, limit: u64) -> Result<Option<object_store::GetResult>> {
+        let r = match self.store.get(&self.child(name)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err(name, e)),
+        };
+        if r.meta.size > limit {
+            return Err(Error::TooLarge {
+                uri: self.child_uri(name),
+                bytes: r.meta.size,
+                limit,
+            });
+        }
+        Ok(Some(r))
     }
 
     /// Streams an object of at most `limit` bytes chunk by chunk, as the store sends it, so a
@@ -264,25 +279,16 @@ impl Location {
         limit: u64,
     ) -> Result<Option<futures::stream::BoxStream<'static, Result<bytes::Bytes>>>> {
         use futures::StreamExt;
-        let r = match self.store.get(&self.child(name)).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.err(name, e)),
+        let Some(r) = self.get_within(name, limit).await? else {
+            return Ok(None);
         };
         let uri = self.child_uri(name);
-        if r.meta.size > limit {
-            return Err(Error::TooLarge {
-                uri,
-                bytes: r.meta.size,
-                limit,
-            });
-        }
         let mut seen = 0u64;
         let this = self.clone();
         let name = name.to_string();
         let chunks = match r.payload {
             object_store::GetResultPayload::File(file, _) => {
-                file_chunks(file, r.range, uri.clone()).boxed()
+                file_chunks(file, r.range, uri.clone())?.boxed()
             }
             object_store::GetResultPayload::Stream(s) => s
                 .map(move |chunk| chunk.map_err(|e| this.err(&name, e)))
