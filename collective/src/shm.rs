@@ -150,6 +150,26 @@ struct Side {
     map: Mapping,
     tcp: TcpStream,
     timeout: Duration,
+    end: End,
+}
+
+/// Which end of the data ring a side is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Moves `HEAD`; waits for space on `SPACE_SEQ` and wakes the reader on `DATA_SEQ`.
+    Writer,
+    /// Moves `TAIL`; waits for data on `DATA_SEQ` and wakes the writer on `SPACE_SEQ`.
+    Reader,
+}
+
+impl End {
+    /// This end's position, the futex word it waits on and the one it wakes.
+    fn words(self) -> (usize, usize, usize) {
+        match self {
+            End::Writer => (HEAD, SPACE_SEQ, DATA_SEQ),
+            End::Reader => (TAIL, DATA_SEQ, SPACE_SEQ),
+        }
+    }
 }
 
 impl Side {
@@ -170,14 +190,53 @@ impl Side {
         Ok(())
     }
 
-    /// Moves this side's position (`HEAD` or `TAIL`) from `at` by `n` bytes and wakes the other
-    /// side, which waits on `seq`.
-    fn advance(&self, position: usize, at: u64, n: usize, seq: usize) {
+    /// Waits until this side can move, and returns its position and how many bytes it may
+    /// take: free space for the writer, published bytes for the reader.
+    fn ready(&self) -> std::io::Result<(u64, usize)> {
+        let (_, waits_on, _) = self.end.words();
+        loop {
+            // The word before the positions: a move after this load changes the word, so the
+            // wait below cannot miss it.
+            let seen = self.map.u32_at(waits_on).load(Ordering::Acquire);
+            let (head, tail, used) = self.used()?;
+            let (at, n) = match self.end {
+                End::Writer => (head, CAPACITY - used),
+                End::Reader => (tail, used),
+            };
+            if n > 0 {
+                return Ok((at, n));
+            }
+            self.wait(waits_on, seen)?;
+        }
+    }
+
+    /// Moves this side's position from `at` by `n` bytes and wakes the other side.
+    fn advance(&self, at: u64, n: usize) {
+        let (position, _, wakes) = self.end.words();
         self.map
             .u64_at(position)
             .store(at.wrapping_add(n as u64), Ordering::Release);
-        self.map.u32_at(seq).fetch_add(1, Ordering::Release);
-        futex_wake(self.map.u32_at(seq));
+        self.map.u32_at(wakes).fetch_add(1, Ordering::Release);
+        futex_wake(self.map.u32_at(wakes));
+    }
+
+    /// The `n` bytes of the data ring from position `pos` on, as the two slices they wrap into
+    /// (the second empty unless they wrap).
+    ///
+    /// # Safety
+    /// `n` is at most what [`Side::used`] leaves this side: free space for the writer, published
+    /// bytes for the reader. The other side does not touch those bytes until this side advances
+    /// past them.
+    unsafe fn span(&mut self, pos: u64, n: usize) -> [&mut [u8]; 2] {
+        let at = (pos % CAPACITY as u64) as usize;
+        let first = n.min(CAPACITY - at);
+        // SAFETY: [at, at+first) and [0, n-first) lie in the data ring; the caller owns them.
+        unsafe {
+            [
+                std::slice::from_raw_parts_mut(self.map.data().add(at), first),
+                std::slice::from_raw_parts_mut(self.map.data(), n - first),
+            ]
+        }
     }
 
     /// The bytes in the ring, checked: a peer cannot make a side read or write out of bounds.
@@ -206,25 +265,17 @@ impl Write for ShmWriter {
         if buf.is_empty() {
             return Ok(0);
         }
-        let s = &self.0;
-        loop {
-            let seen = s.map.u32_at(SPACE_SEQ).load(Ordering::Acquire);
-            let (head, _, used) = s.used()?;
-            let n = buf.len().min(CAPACITY - used);
-            if n > 0 {
-                let at = (head % CAPACITY as u64) as usize;
-                let first = n.min(CAPACITY - at);
-                // SAFETY: [at, at+first) and [0, n-first) lie in the data ring, in the part the
-                // reader does not read until `head` moves past them.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(buf.as_ptr(), s.map.data().add(at), first);
-                    std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), s.map.data(), n - first);
-                }
-                s.advance(HEAD, head, n, DATA_SEQ);
-                return Ok(n);
-            }
-            s.wait(SPACE_SEQ, seen)?;
-        }
+        let s = &mut self.0;
+        let (head, free) = s.ready()?;
+        let n = free.min(buf.len());
+        // SAFETY: n bytes of free space, which the reader leaves alone until `head` moves past
+        // them.
+        let [a, b] = unsafe { s.span(head, n) };
+        let (x, y) = buf[..n].split_at(a.len());
+        a.copy_from_slice(x);
+        b.copy_from_slice(y);
+        s.advance(head, n);
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -237,29 +288,17 @@ impl Read for ShmReader {
         if buf.is_empty() {
             return Ok(0);
         }
-        let s = &self.0;
-        loop {
-            let seen = s.map.u32_at(DATA_SEQ).load(Ordering::Acquire);
-            let (_, tail, used) = s.used()?;
-            let n = buf.len().min(used);
-            if n > 0 {
-                let at = (tail % CAPACITY as u64) as usize;
-                let first = n.min(CAPACITY - at);
-                // SAFETY: [at, at+first) and [0, n-first) hold bytes the writer published by
-                // moving `head`, which it does not overwrite until `tail` moves past them.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(s.map.data().add(at), buf.as_mut_ptr(), first);
-                    std::ptr::copy_nonoverlapping(
-                        s.map.data(),
-                        buf.as_mut_ptr().add(first),
-                        n - first,
-                    );
-                }
-                s.advance(TAIL, tail, n, SPACE_SEQ);
-                return Ok(n);
-            }
-            s.wait(DATA_SEQ, seen)?;
-        }
+        let s = &mut self.0;
+        let (tail, published) = s.ready()?;
+        let n = published.min(buf.len());
+        // SAFETY: n published bytes, which the writer does not overwrite until `tail` moves
+        // past them.
+        let [a, b] = unsafe { s.span(tail, n) };
+        let (x, y) = buf[..n].split_at_mut(a.len());
+        x.copy_from_slice(a);
+        y.copy_from_slice(b);
+        s.advance(tail, n);
+        Ok(n)
     }
 }
 
@@ -276,39 +315,28 @@ impl ShmReader {
     /// Receives `dst.len()` floats and adds them into `dst`, straight from the shared ring (no
     /// copy into a scratch buffer first), as they arrive.
     pub(crate) fn read_add(&mut self, dst: &mut [f32]) -> std::io::Result<()> {
-        let s = &self.0;
+        let s = &mut self.0;
         let mut done = 0;
         while done < dst.len() {
-            let seen = s.map.u32_at(DATA_SEQ).load(Ordering::Acquire);
-            let (_, tail, used) = s.used()?;
-            if tail % 4 != 0 || used % 4 != 0 {
+            let (tail, published) = s.ready()?;
+            if tail % 4 != 0 || published % 4 != 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     "shared-memory link is not at a whole float",
                 ));
             }
-            let n = (dst.len() - done).min(used / 4);
-            if n == 0 {
-                s.wait(DATA_SEQ, seen)?;
-                continue;
-            }
-            let at = (tail % CAPACITY as u64) as usize / 4;
-            let first = n.min(CAPACITY / 4 - at);
-            // SAFETY: the data ring starts page-aligned and positions are whole floats (checked
-            // above); [at, at+first) and [0, n-first) floats hold published bytes the writer
-            // does not overwrite until `tail` moves past them.
-            let ring = s.map.data().cast::<f32>();
-            let (a, b) = unsafe {
-                (
-                    std::slice::from_raw_parts(ring.add(at), first),
-                    std::slice::from_raw_parts(ring, n - first),
-                )
-            };
+            let n = (published / 4).min(dst.len() - done);
+            let bytes = 4 * n;
+            // SAFETY: 4n published bytes, which the writer does not overwrite until `tail`
+            // moves past them. The data ring starts page-aligned and both slices start at a
+            // whole float (checked above), so they cast to floats.
+            let [a, b] = unsafe { s.span(tail, bytes) };
+            let (a, b): (&[f32], &[f32]) = (bytemuck::cast_slice(a), bytemuck::cast_slice(b));
             for (d, x) in dst[done..done + n].iter_mut().zip(a.iter().chain(b)) {
                 *d += *x;
             }
             done += n;
-            s.advance(TAIL, tail, 4 * n, SPACE_SEQ);
+            s.advance(tail, bytes);
         }
         Ok(())
     }
@@ -364,7 +392,14 @@ impl Offer {
     ) -> Option<ShmWriter> {
         let Offer { file, map } = self;
         drop(file);
-        accepted.then(|| ShmWriter(Side { map, tcp, timeout }))
+        accepted.then(|| {
+            ShmWriter(Side {
+                map,
+                tcp,
+                timeout,
+                end: End::Writer,
+            })
+        })
     }
 }
 
@@ -401,5 +436,10 @@ pub(crate) fn accept(tcp: &mut TcpStream, timeout: Duration) -> std::io::Result<
         return Ok(None);
     }
     let tcp = tcp.try_clone()?;
-    Ok(Some(ShmReader(Side { map, tcp, timeout })))
+    Ok(Some(ShmReader(Side {
+        map,
+        tcp,
+        timeout,
+        end: End::Reader,
+    })))
 }
