@@ -417,13 +417,16 @@ impl Cluster {
             cluster.add_gpu_node(&format!("gpu-{i}"), gpus).await?;
         }
         let nodes_api: Api<Node> = Api::all(cluster.client.clone());
-        wait_until(Duration::from_secs(60), "simulated nodes Ready", || async {
+        let exited = wait_until(Duration::from_secs(60), "simulated nodes Ready", || async {
+            if let Some(why) = cluster.exited() {
+                return Some(Some(why));
+            }
             let list = nodes_api.list(&Default::default()).await.ok()?;
             let ready = list.items.iter().filter(|n| node_is_ready(n)).count();
-            (ready == nodes || cluster.exited().is_some()).then_some(())
+            (ready == nodes).then_some(None)
         })
         .await?;
-        if let Some(why) = cluster.exited() {
+        if let Some(why) = exited {
             bail!("the control plane did not start: {why}");
         }
         Ok(cluster)
