@@ -180,15 +180,18 @@ bench-loader: py-deps
 	 echo "bench: loader ratio=$$(python3 -c "print(round($$r/$$p, 2))")"
 
 ## bench-trainer: MAE training images/s of radfm (tch) vs the same model, batch and precision in
-## PyTorch on the same CPU (BENCH_ARGS: arch image patch batch steps threads)
+## PyTorch on the same CPU (BENCH_ARGS: arch image patch batch steps threads), in TRAINER_ROUNDS
+## alternating pairs; the ratio is the median pair's (bench/compare_trainer.py)
 BENCH_ARGS ?= vit-tiny 64 8 32 20 2
+TRAINER_ROUNDS ?= 5
 bench-trainer: py-deps libtorch
 	$(CARGO) build -q --release -p radfm-bench
-	@./target/release/bench-trainer $(BENCH_ARGS) | tee /tmp/radfm-bench-trainer-rs.txt
-	@"$(PY_ENV)/bin/python" bench/trainer_pytorch.py $(BENCH_ARGS) | tee /tmp/radfm-bench-trainer-py.txt
-	@r=$$(grep -o '"images_per_s": *[0-9.]*' /tmp/radfm-bench-trainer-rs.txt | grep -o '[0-9.]*$$'); \
-	 p=$$(grep -o '"images_per_s": *[0-9.]*' /tmp/radfm-bench-trainer-py.txt | grep -o '[0-9.]*$$'); \
-	 echo "bench: trainer ratio=$$(python3 -c "print(round($$r/$$p, 3))")"
+	@rm -f /tmp/radfm-bench-trainer-rs.jsonl /tmp/radfm-bench-trainer-py.jsonl
+	@for i in $$(seq $(TRAINER_ROUNDS)); do \
+	  ./target/release/bench-trainer $(BENCH_ARGS) >> /tmp/radfm-bench-trainer-rs.jsonl && \
+	  "$(PY_ENV)/bin/python" bench/trainer_pytorch.py $(BENCH_ARGS) >> /tmp/radfm-bench-trainer-py.jsonl || exit 1; \
+	done
+	@python3 bench/compare_trainer.py /tmp/radfm-bench-trainer-rs.jsonl /tmp/radfm-bench-trainer-py.jsonl
 
 ## bench-federated: federated FedAvg (the real `radfm federate` rounds) vs pooled central vs
 ## single-site pretraining at equal compute, by k-NN AUROC at each site (bench/federated_quality.sh)

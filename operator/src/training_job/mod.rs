@@ -229,7 +229,22 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
     let mut failures = Failures::default();
     create_gang_objects(job, ns, plan, ctx, &mut failures).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let created = create_pods(&pods, &plan.create_pods, &mut failures).await;
+    // The RoleBinding alongside the pods: it needs its Role (above), but the pods do not need
+    // it to be admitted; the trainer's first progress report comes seconds after its start,
+    // and a report refused meanwhile is logged and sent again.
+    let binding = async {
+        let access = plan.trainer_access.as_ref()?;
+        let account = children::trainer_service_account_name(job);
+        let r = bind_trainer(ctx, ns, access).await;
+        Some((r, format!("binding progress reporting to {account}")))
+    };
+    let (created, bound) = futures::join!(
+        create_pods(&pods, &plan.create_pods, &mut failures),
+        binding
+    );
+    if let Some((r, what)) = bound {
+        failures.note(r, what);
+    }
     if let Some(caches) = &ctx.training_job_caches {
         caches
             .workers
@@ -249,8 +264,8 @@ async fn apply(job: &TrainingJob, ns: &str, plan: &Plan, ctx: &Context) -> Resul
 type Outcome = (std::result::Result<(), kube::Error>, String);
 
 /// The headless Service, the PodGroup, the gang Secret and NetworkPolicy and the trainer's
-/// access, at once, before any pod (a pod naming a ServiceAccount that does not exist yet is
-/// refused).
+/// ServiceAccount and Role, at once, before any pod (a pod naming a ServiceAccount that does not
+/// exist yet is refused; a pod must not start before its gang's NetworkPolicy).
 async fn create_gang_objects(
     job: &TrainingJob,
     ns: &str,
@@ -367,9 +382,9 @@ async fn delete_pods(pods: &Api<Pod>, plan: &Plan, failures: &mut Failures) {
     }
 }
 
-/// Server-side applies the ServiceAccount, Role and RoleBinding of [`children::TrainerAccess`]
-/// (idempotent; the Role follows the attempt's pod names). k8s-openapi objects serialize with
-/// their apiVersion and kind, as an apply body needs.
+/// Server-side applies the ServiceAccount and Role of [`children::TrainerAccess`] (idempotent;
+/// the Role follows the attempt's pod names). k8s-openapi objects serialize with their
+/// apiVersion and kind, as an apply body needs.
 async fn apply_trainer_access(
     ctx: &Context,
     ns: &str,
@@ -379,18 +394,31 @@ async fn apply_trainer_access(
     let name = access.role.metadata.name.clone().unwrap_or_default();
     let sa: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
     let roles: Api<Role> = Api::namespaced(ctx.client.clone(), ns);
-    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
-    let (account, role, binding) = (
+    let (account, role) = (
         Patch::Apply(&access.service_account),
         Patch::Apply(&access.role),
-        Patch::Apply(&access.binding),
     );
-    // The binding after its Role: the API server refuses a RoleBinding whose Role it cannot
-    // find yet (its escalation check reads the Role), with NotFound.
-    futures::try_join!(sa.patch(&name, &params, &account), async {
-        roles.patch(&name, &params, &role).await?;
-        bindings.patch(&name, &params, &binding).await
-    })?;
+    futures::try_join!(
+        sa.patch(&name, &params, &account),
+        roles.patch(&name, &params, &role)
+    )?;
+    Ok(())
+}
+
+/// Server-side applies the RoleBinding of [`children::TrainerAccess`]. Only after its Role:
+/// the API server refuses a RoleBinding whose Role it cannot find yet (its escalation check
+/// reads the Role), with NotFound.
+async fn bind_trainer(
+    ctx: &Context,
+    ns: &str,
+    access: &children::TrainerAccess,
+) -> std::result::Result<(), kube::Error> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let name = access.binding.metadata.name.clone().unwrap_or_default();
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
+    bindings
+        .patch(&name, &params, &Patch::Apply(&access.binding))
+        .await?;
     Ok(())
 }
 

@@ -79,6 +79,22 @@ impl Operator {
         }
     }
 
+    /// The operator's reconcile-duration histogram.
+    fn reconcile_metric(&self) -> &'static str {
+        match self {
+            Operator::Radfm => "radfm_operator_reconcile_duration_seconds",
+            Operator::Kubeflow(_) => "controller_runtime_reconcile_time_seconds",
+        }
+    }
+
+    /// The labels that pick the job controller's series out of that histogram.
+    fn reconcile_filter(&self) -> &'static [&'static str] {
+        match self {
+            Operator::Radfm => &[],
+            Operator::Kubeflow(_) => &["pytorchjob"],
+        }
+    }
+
     fn resource(&self) -> ApiResource {
         match self {
             Operator::Radfm => ApiResource {
@@ -185,6 +201,29 @@ impl Tracker {
 }
 
 /// Feeds the tracker from a watch on the namespace's pods that carry `label`.
+impl Tracker {
+    /// Seconds from apply to a full gang Running, per job; and from a kill to the new full
+    /// gang Running, per killed job.
+    fn latencies(&self) -> (Vec<f64>, Vec<f64>) {
+        let table = self.jobs.lock().unwrap();
+        let per_job = table
+            .values()
+            .filter_map(|j| Some(j.complete?.duration_since(j.submitted?).as_secs_f64()))
+            .collect();
+        let recovery = table
+            .values()
+            .filter_map(|j| {
+                Some(
+                    j.recovered?
+                        .duration_since(j.killed.as_ref()?.1)
+                        .as_secs_f64(),
+                )
+            })
+            .collect();
+        (per_job, recovery)
+    }
+}
+
 fn watch_pods(client: Client, ns: &str, label: &'static str, tracker: Arc<Tracker>) {
     let pods: Api<Pod> = Api::namespaced(client, ns);
     tokio::spawn(async move {
@@ -226,52 +265,99 @@ fn process_usage(pid: u32) -> Result<(f64, f64)> {
     Ok((cpu, hwm_kib / 1024.0))
 }
 
-/// The `q` quantile of a Prometheus histogram in `text` (buckets of every series of `name`
-/// whose labels contain `filter`, summed), interpolated within its bucket as
-/// `histogram_quantile` does.
-fn histogram_quantile(text: &str, name: &str, filter: &str, q: f64) -> Option<f64> {
-    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) else {
-            continue;
-        };
-        let (labels, value) = rest.rsplit_once("} ")?;
-        if !labels.contains(filter) {
-            continue;
-        }
-        let le = labels.split("le=\"").nth(1)?.split('"').next()?;
-        let le: f64 = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            le.parse().ok()?
-        };
-        let count: f64 = value.trim().parse().ok()?;
-        buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += count;
-    }
-    let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = sorted.last()?.1;
-    if total == 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let (mut lower, mut below) = (0.0, 0.0);
-    for (le, cumulative) in sorted {
-        if cumulative >= rank {
-            if le.is_infinite() {
-                return Some(lower);
-            }
-            let inside = cumulative - below;
-            let frac = if inside > 0.0 {
-                (rank - below) / inside
-            } else {
-                1.0
+/// The cumulative buckets of a Prometheus histogram: every series of one name whose labels
+/// contain all of some filters, summed. Two snapshots subtract, so a quantile can cover one
+/// phase of an arm (the burst, the recovery) rather than the process's whole life.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Buckets(BTreeMap<u64, (f64, f64)>);
+
+impl Buckets {
+    /// The buckets of `name` in `text` whose labels contain every one of `filters`.
+    fn parse(text: &str, name: &str, filters: &[&str]) -> Buckets {
+        let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        let prefix = format!("{name}_bucket{{");
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
             };
-            return Some(lower + (le - lower) * frac);
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            if !filters.iter().all(|f| labels.contains(f)) {
+                continue;
+            }
+            let Some(le) = labels
+                .split("le=\"")
+                .nth(1)
+                .and_then(|l| l.split('"').next())
+            else {
+                continue;
+            };
+            let le: f64 = match le {
+                "+Inf" => f64::INFINITY,
+                le => match le.parse() {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                },
+            };
+            let Ok(count) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += count;
         }
-        (lower, below) = (le, cumulative);
+        Buckets(buckets)
     }
-    None
+
+    /// What was observed after `earlier` was taken (bucket by bucket).
+    fn since(&self, earlier: &Buckets) -> Buckets {
+        let mut out = self.0.clone();
+        for (key, (_, before)) in &earlier.0 {
+            if let Some((_, count)) = out.get_mut(key) {
+                *count = (*count - before).max(0.0);
+            }
+        }
+        Buckets(out)
+    }
+
+    /// How many observations the buckets hold.
+    fn count(&self) -> f64 {
+        self.0.values().map(|(_, c)| *c).fold(0.0, f64::max)
+    }
+
+    /// The `q` quantile, interpolated within its bucket as `histogram_quantile` does; None
+    /// without observations.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let mut sorted: Vec<(f64, f64)> = self.0.values().copied().collect();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total = sorted.last()?.1;
+        if total == 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for (le, cumulative) in sorted {
+            if cumulative >= rank {
+                if le.is_infinite() {
+                    return Some(lower);
+                }
+                let inside = cumulative - below;
+                let frac = if inside > 0.0 {
+                    (rank - below) / inside
+                } else {
+                    1.0
+                };
+                return Some(lower + (le - lower) * frac);
+            }
+            (lower, below) = (le, cumulative);
+        }
+        None
+    }
+
+    /// p50 and p99 in milliseconds.
+    fn p50_p99_ms(&self) -> (Option<f64>, Option<f64>) {
+        let ms = |q| self.quantile(q).map(|s| s * 1000.0);
+        (ms(0.5), ms(0.99))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -327,6 +413,27 @@ fn audit_size(cluster: &Cluster) -> u64 {
     std::fs::metadata(cluster.audit_log()).map_or(0, |m| m.len())
 }
 
+/// The operator's `/metrics` text, or nothing where it cannot be read (the quantiles are then
+/// missing, not wrong).
+fn scrape(addr: &str) -> String {
+    http_get_text(addr, "/metrics")
+        .map(|(_, t)| t)
+        .unwrap_or_default()
+}
+
+/// The API server's latency histogram of pod creates (POST pods, not the scheduler's bindings).
+async fn pod_creates(client: &Client) -> Result<Buckets> {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new())?)
+        .await
+        .context("reading the API server's /metrics")?;
+    Ok(Buckets::parse(
+        &text,
+        "apiserver_request_duration_seconds",
+        &["verb=\"POST\"", "resource=\"pods\"", "subresource=\"\""],
+    ))
+}
+
 /// p-quantile of the values (nearest rank).
 fn quantile(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {
@@ -354,6 +461,18 @@ struct Outcome {
     recovery_p99_seconds: f64,
     reconcile_p50_ms: Option<f64>,
     reconcile_p99_ms: Option<f64>,
+    /// Reconciles that ended between apply and all Running.
+    burst_reconciles: f64,
+    burst_reconcile_p50_ms: Option<f64>,
+    burst_reconcile_p99_ms: Option<f64>,
+    /// Reconciles that ended between the kills and the last recovered gang.
+    recovery_reconciles: f64,
+    recovery_reconcile_p50_ms: Option<f64>,
+    recovery_reconcile_p99_ms: Option<f64>,
+    /// The API server's own latency for pod creates during the burst (its
+    /// apiserver_request_duration_seconds, POST pods), what a pass that creates pods waits on.
+    burst_pod_create_p50_ms: Option<f64>,
+    burst_pod_create_p99_ms: Option<f64>,
     cpu_seconds: f64,
     peak_rss_mib: f64,
     api_requests: u64,
@@ -515,10 +634,17 @@ async fn arm(
     watch_pods(cluster.client.clone(), ns, op.job_label(), tracker.clone());
     let audit_from = audit_size(cluster);
     let (cpu0, _) = process_usage(running.pid)?;
+    let reconciles =
+        |text: &str| Buckets::parse(text, op.reconcile_metric(), op.reconcile_filter());
+    let before = reconciles(&scrape(&running.metrics));
+    let creates_before = pod_creates(&cluster.client).await?;
     let began = Instant::now();
     submit(&cluster.client, op, ns, jobs, workers, &tracker).await?;
     let all = wait_for(&tracker, jobs, |j| j.complete.is_some()).await;
     let total = began.elapsed().as_secs_f64();
+    let burst_end = reconciles(&scrape(&running.metrics));
+    let burst = burst_end.since(&before);
+    let creates = pod_creates(&cluster.client).await?.since(&creates_before);
     eprintln!(
         "bench: {} {jobs}x{workers}: {} in {total:.1} s",
         op.name(),
@@ -531,14 +657,8 @@ async fn arm(
     };
     wait_for(&tracker, killed, |j| j.recovered.is_some()).await;
     let (cpu1, rss) = process_usage(running.pid)?;
-    let metrics = http_get_text(&running.metrics, "/metrics")
-        .map(|(_, t)| t)
-        .unwrap_or_default();
-    let (name, filter) = match op {
-        Operator::Radfm => ("radfm_operator_reconcile_duration_seconds", ""),
-        Operator::Kubeflow(_) => ("controller_runtime_reconcile_time_seconds", "pytorchjob"),
-    };
-    let reconcile = |q| histogram_quantile(&metrics, name, filter, q).map(|s| s * 1000.0);
+    let whole = reconciles(&scrape(&running.metrics));
+    let recovering = whole.since(&burst_end);
     (running.stop)();
     keep_log(cluster, op, ns);
     // The audit backend writes in batches: let it catch up.
@@ -547,21 +667,7 @@ async fn arm(
     let mut top: Vec<(String, u64)> = by_kind.into_iter().collect();
     top.sort_by_key(|t| std::cmp::Reverse(t.1));
     top.truncate(6);
-    let table = tracker.jobs.lock().unwrap();
-    let per_job: Vec<f64> = table
-        .values()
-        .filter_map(|j| Some(j.complete?.duration_since(j.submitted?).as_secs_f64()))
-        .collect();
-    let recovery: Vec<f64> = table
-        .values()
-        .filter_map(|j| {
-            Some(
-                j.recovered?
-                    .duration_since(j.killed.as_ref()?.1)
-                    .as_secs_f64(),
-            )
-        })
-        .collect();
+    let (per_job, recovery) = tracker.latencies();
     Ok(Outcome {
         operator: op.name(),
         jobs,
@@ -574,8 +680,16 @@ async fn arm(
         recovered: recovery.len(),
         recovery_p50_seconds: quantile(&recovery, 0.5),
         recovery_p99_seconds: quantile(&recovery, 0.99),
-        reconcile_p50_ms: reconcile(0.5),
-        reconcile_p99_ms: reconcile(0.99),
+        reconcile_p50_ms: whole.p50_p99_ms().0,
+        reconcile_p99_ms: whole.p50_p99_ms().1,
+        burst_reconciles: burst.count(),
+        burst_reconcile_p50_ms: burst.p50_p99_ms().0,
+        burst_reconcile_p99_ms: burst.p50_p99_ms().1,
+        recovery_reconciles: recovering.count(),
+        recovery_reconcile_p50_ms: recovering.p50_p99_ms().0,
+        recovery_reconcile_p99_ms: recovering.p50_p99_ms().1,
+        burst_pod_create_p50_ms: creates.p50_p99_ms().0,
+        burst_pod_create_p99_ms: creates.p50_p99_ms().1,
         cpu_seconds: cpu1 - cpu0,
         peak_rss_mib: rss,
         api_requests: requests,
@@ -779,10 +893,28 @@ fn report(outcomes: &[Outcome], out: &Path, jobs: usize) -> Result<()> {
     println!();
     print_table(outcomes);
     std::fs::write(out.join("growth.svg"), growth_svg(outcomes))?;
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
     for o in outcomes {
         println!(
             "{} {}x{} top requests: {:?}",
             o.operator, o.jobs, o.workers, o.top_requests
+        );
+        println!(
+            "{} {}x{} reconcile p50/p99 ms: burst {}/{} ({:.0} passes), recovery {}/{} ({:.0} passes), \
+             whole arm {}/{}; API server pod create p50/p99 ms in the burst: {}/{}",
+            o.operator,
+            o.jobs,
+            o.workers,
+            ms(o.burst_reconcile_p50_ms),
+            ms(o.burst_reconcile_p99_ms),
+            o.burst_reconciles,
+            ms(o.recovery_reconcile_p50_ms),
+            ms(o.recovery_reconcile_p99_ms),
+            o.recovery_reconciles,
+            ms(o.reconcile_p50_ms),
+            ms(o.reconcile_p99_ms),
+            ms(o.burst_pod_create_p50_ms),
+            ms(o.burst_pod_create_p99_ms),
         );
     }
     let (radfm, kubeflow) = (&outcomes[0], &outcomes[1]);
@@ -850,16 +982,59 @@ x_bucket{controller=\"b\",le=\"0.1\"} 1000
 x_bucket{controller=\"b\",le=\"+Inf\"} 1000
 x_sum{controller=\"a\"} 9
 ";
-        let p50 = histogram_quantile(text, "x", "\"a\"", 0.5).unwrap();
+        let a = Buckets::parse(text, "x", &["\"a\""]);
+        let p50 = a.quantile(0.5).unwrap();
         assert!((p50 - 0.1).abs() < 1e-9, "{p50}");
-        let p70 = histogram_quantile(text, "x", "\"a\"", 0.7).unwrap();
+        let p70 = a.quantile(0.7).unwrap();
         assert!((p70 - 0.15).abs() < 1e-9, "{p70}");
         // Past the last finite bucket the answer is that bucket's bound, as Prometheus says.
-        assert_eq!(histogram_quantile(text, "x", "\"a\"", 0.99), Some(0.2));
-        // Series are summed when the filter matches several.
-        let both = histogram_quantile(text, "x", "", 0.5).unwrap();
+        assert_eq!(a.quantile(0.99), Some(0.2));
+        assert_eq!(a.count(), 100.0);
+        // Series are summed when the filters match several.
+        let both = Buckets::parse(text, "x", &[]).quantile(0.5).unwrap();
         assert!(both < 0.1, "{both}");
-        assert_eq!(histogram_quantile(text, "y", "", 0.5), None);
+        assert_eq!(Buckets::parse(text, "y", &[]).quantile(0.5), None);
+    }
+
+    #[test]
+    fn a_phase_is_the_difference_of_two_snapshots_and_every_filter_must_match() {
+        let line = |verb: &str, sub: &str, le: &str, n: u32| {
+            format!(
+                "apiserver_request_duration_seconds_bucket{{resource=\"pods\",subresource=\"{sub}\",verb=\"{verb}\",le=\"{le}\"}} {n}\n"
+            )
+        };
+        let filters = ["verb=\"POST\"", "resource=\"pods\"", "subresource=\"\""];
+        let before = [
+            line("POST", "", "0.1", 10),
+            line("POST", "", "1", 10),
+            line("POST", "", "+Inf", 10),
+            line("POST", "binding", "0.1", 500),
+            line("POST", "binding", "+Inf", 500),
+        ]
+        .concat();
+        // In the phase: 10 creates took under 0.1 s and 90 took between 0.1 and 1 s; the
+        // scheduler's bindings and the GETs are not creates.
+        let after = [
+            line("POST", "", "0.1", 20),
+            line("POST", "", "1", 110),
+            line("POST", "", "+Inf", 110),
+            line("POST", "binding", "0.1", 9000),
+            line("POST", "binding", "+Inf", 9000),
+            line("GET", "", "0.1", 7),
+            line("GET", "", "+Inf", 7),
+        ]
+        .concat();
+        let phase = Buckets::parse(&after, "apiserver_request_duration_seconds", &filters).since(
+            &Buckets::parse(&before, "apiserver_request_duration_seconds", &filters),
+        );
+        assert_eq!(phase.count(), 100.0);
+        let p50 = phase.quantile(0.5).unwrap();
+        assert!((p50 - 0.5).abs() < 1e-9, "{p50}");
+        let (_, p99) = phase.p50_p99_ms();
+        assert!((p99.unwrap() - 990.0).abs() < 1e-6, "{p99:?}");
+        // Nothing happened between two equal snapshots.
+        let none = phase.since(&phase);
+        assert_eq!((none.count(), none.quantile(0.5)), (0.0, None));
     }
 
     #[test]
