@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
+mod fused;
+
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -131,7 +133,8 @@ impl AdamW {
         norm
     }
 
-    /// One AdamW update at learning rate `lr`.
+    /// One AdamW update at learning rate `lr`: in one pass per parameter where its arrays are
+    /// f32 on the CPU ([`fused`]), with libtorch's element-wise kernels elsewhere.
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
         let AdamWConfig {
@@ -142,22 +145,59 @@ impl AdamW {
         } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.steps as i32);
         let bc2 = 1.0 - beta2.powi(self.steps as i32);
+        let scalars = fused::Scalars {
+            keep: (1.0 - lr * weight_decay) as f32,
+            lerp: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            sqrt_bc2: bc2.sqrt() as f32,
+            eps: eps as f32,
+            step: (-lr / bc1) as f32,
+        };
         tch::no_grad(|| {
-            for p in &mut self.params {
+            let (mut fusable, mut rest) = (Vec::new(), Vec::new());
+            for (i, p) in self.params.iter().enumerate() {
                 let g = p.tensor.grad();
                 if !g.defined() {
                     continue;
                 }
+                if fused::eligible(&p.tensor, &g, &p.m, &p.v) {
+                    fusable.push((i, g));
+                } else {
+                    rest.push((i, g));
+                }
+            }
+            let members: Vec<fused::Member<'_>> = fusable
+                .iter()
+                .map(|(i, g)| fused::Member {
+                    tensor: &self.params[*i].tensor,
+                    grad: g,
+                    m: &self.params[*i].m,
+                    v: &self.params[*i].v,
+                    decay: self.params[*i].decay && weight_decay > 0.0,
+                })
+                .collect();
+            let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
+            if !fused::step(&members, scalars, threads) {
+                rest.extend(fusable);
+            }
+            for (i, g) in rest {
+                let p = &self.params[i];
+                let (mut tensor, mut m, mut v) = (
+                    p.tensor.shallow_clone(),
+                    p.m.shallow_clone(),
+                    p.v.shallow_clone(),
+                );
                 if p.decay && weight_decay > 0.0 {
-                    let _ = p.tensor.g_mul_scalar_(1.0 - lr * weight_decay);
+                    let _ = tensor.g_mul_scalar_(1.0 - lr * weight_decay);
                 }
                 // Fused in-place forms of m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g²,
                 // p −= lr/bc1 · m / (√v/√bc2 + ε): fewer kernels and temporaries per parameter.
-                let _ = p.m.lerp_(&g, 1.0 - beta1);
-                let _ = p.v.g_mul_scalar_(beta2).addcmul_(&(&g * (1.0 - beta2)), &g);
-                let mut denom = p.v.sqrt();
+                let _ = m.lerp_(&g, 1.0 - beta1);
+                let _ = v.g_mul_scalar_(beta2).addcmul_(&(&g * (1.0 - beta2)), &g);
+                let mut denom = v.sqrt();
                 let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(eps);
-                let _ = p.tensor.addcdiv_(&(&p.m * (-lr / bc1)), &denom);
+                let _ = tensor.addcdiv_(&(&m * (-lr / bc1)), &denom);
             }
         });
     }
