@@ -137,23 +137,7 @@ impl AdamW {
     /// f32 on the CPU ([`fused`]), with libtorch's element-wise kernels elsewhere.
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(self.steps as i32);
-        let bc2 = 1.0 - beta2.powi(self.steps as i32);
-        let scalars = fused::Scalars {
-            keep: (1.0 - lr * weight_decay) as f32,
-            lerp: (1.0 - beta1) as f32,
-            beta2: beta2 as f32,
-            one_minus_beta2: (1.0 - beta2) as f32,
-            sqrt_bc2: bc2.sqrt() as f32,
-            eps: eps as f32,
-            step: (-lr / bc1) as f32,
-        };
+        let (cfg, steps) = (self.cfg, self.steps);
         tch::no_grad(|| {
             let (mut fusable, mut rest) = (Vec::new(), Vec::new());
             for (i, p) in self.params.iter().enumerate() {
@@ -174,33 +158,41 @@ impl AdamW {
                     grad: g,
                     m: &self.params[*i].m,
                     v: &self.params[*i].v,
-                    decay: self.params[*i].decay && weight_decay > 0.0,
+                    decay: self.params[*i].decay,
                 })
                 .collect();
             let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
-            if !fused::step(&members, scalars, threads) {
+            if !fused::step(&members, fused::Scalars::new(cfg, lr, steps), threads) {
                 rest.extend(fusable);
             }
             for (i, g) in rest {
-                let p = &self.params[i];
-                let (mut tensor, mut m, mut v) = (
-                    p.tensor.shallow_clone(),
-                    p.m.shallow_clone(),
-                    p.v.shallow_clone(),
-                );
-                if p.decay && weight_decay > 0.0 {
-                    let _ = tensor.g_mul_scalar_(1.0 - lr * weight_decay);
-                }
-                // Fused in-place forms of m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g²,
-                // p −= lr/bc1 · m / (√v/√bc2 + ε): fewer kernels and temporaries per parameter.
-                let _ = m.lerp_(&g, 1.0 - beta1);
-                let _ = v.g_mul_scalar_(beta2).addcmul_(&(&g * (1.0 - beta2)), &g);
-                let mut denom = v.sqrt();
-                let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(eps);
-                let _ = tensor.addcdiv_(&(&m * (-lr / bc1)), &denom);
+                update_by_kernels(&mut self.params[i], &g, cfg, lr, steps);
             }
         });
     }
+}
+
+/// One parameter's AdamW update by libtorch's element-wise kernels, the `steps`-th (bias
+/// correction counts from 1). Fused in-place forms of m = β1·m + (1−β1)·g,
+/// v = β2·v + (1−β2)·g², p −= lr/bc1 · m / (√v/√bc2 + ε): fewer kernels and temporaries than
+/// the formula as written.
+fn update_by_kernels(p: &mut Param, g: &Tensor, cfg: AdamWConfig, lr: f64, steps: i64) {
+    let AdamWConfig {
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+    } = cfg;
+    let bc1 = 1.0 - beta1.powi(steps as i32);
+    let bc2 = 1.0 - beta2.powi(steps as i32);
+    if p.decay && weight_decay > 0.0 {
+        let _ = p.tensor.g_mul_scalar_(1.0 - lr * weight_decay);
+    }
+    let _ = p.m.lerp_(g, 1.0 - beta1);
+    let _ = p.v.g_mul_scalar_(beta2).addcmul_(&(g * (1.0 - beta2)), g);
+    let mut denom = p.v.sqrt();
+    let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(eps);
+    let _ = p.tensor.addcdiv_(&(&p.m * (-lr / bc1)), &denom);
 }
 
 /// Learning rate at `step` (0-based): linear warm-up to `peak`, then cosine decay to zero at

@@ -11,6 +11,8 @@ use std::ops::Range;
 
 use tch::{Device, Kind, Tensor};
 
+use super::AdamWConfig;
+
 /// Elements per chunk of work: large enough to amortise the hand-off, small enough that the
 /// threads finish together.
 const CHUNK: usize = 1 << 15;
@@ -34,6 +36,23 @@ pub(super) struct Scalars {
     pub step: f32,
 }
 
+impl Scalars {
+    /// The scalars of the `steps`-th update (bias correction counts from 1) at rate `lr`.
+    pub fn new(cfg: AdamWConfig, lr: f64, steps: i64) -> Scalars {
+        let bc1 = 1.0 - cfg.beta1.powi(steps as i32);
+        let bc2 = 1.0 - cfg.beta2.powi(steps as i32);
+        Scalars {
+            keep: (1.0 - lr * cfg.weight_decay) as f32,
+            lerp: (1.0 - cfg.beta1) as f32,
+            beta2: cfg.beta2 as f32,
+            one_minus_beta2: (1.0 - cfg.beta2) as f32,
+            sqrt_bc2: bc2.sqrt() as f32,
+            eps: cfg.eps as f32,
+            step: (-lr / bc1) as f32,
+        }
+    }
+}
+
 /// One parameter's arrays, borrowed for one update.
 struct Arrays<'a> {
     p: &'a mut [f32],
@@ -53,7 +72,7 @@ pub(super) struct Member<'a> {
     pub m: &'a Tensor,
     /// Second moment.
     pub v: &'a Tensor,
-    /// Whether weight decay applies.
+    /// Whether weight decay applies (with a configured decay of zero, `keep` is 1: no change).
     pub decay: bool,
 }
 
@@ -184,88 +203,65 @@ fn update(c: Arrays<'_>, s: Scalars) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{Param, update_by_kernels};
     use super::*;
 
-    fn scalars(lr: f64, t: i32) -> Scalars {
-        let (beta1, beta2, eps, wd) = (0.9f64, 0.95f64, 1e-8f64, 0.05f64);
-        Scalars {
-            keep: (1.0 - lr * wd) as f32,
-            lerp: (1.0 - beta1) as f32,
-            beta2: beta2 as f32,
-            one_minus_beta2: (1.0 - beta2) as f32,
-            sqrt_bc2: (1.0 - beta2.powi(t)).sqrt() as f32,
-            eps: eps as f32,
-            step: (-lr / (1.0 - beta1.powi(t))) as f32,
-        }
+    fn scalars(lr: f64, t: i64) -> Scalars {
+        Scalars::new(AdamWConfig::default(), lr, t)
     }
 
-    /// libtorch's kernels for the same update, as `AdamW::step` takes them off the CPU.
-    fn reference(
-        p: &mut Tensor,
-        g: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        decay: bool,
-        lr: f64,
-        t: i32,
-    ) {
-        let bc1 = 1.0 - 0.9f64.powi(t);
-        let bc2 = 1.0 - 0.95f64.powi(t);
-        if decay {
-            let _ = p.g_mul_scalar_(1.0 - lr * 0.05);
-        }
-        let _ = m.lerp_(g, 0.1);
-        let _ = v.g_mul_scalar_(0.95).addcmul_(&(g * 0.05), g);
-        let mut denom = v.sqrt();
-        let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(1e-8);
-        let _ = p.addcdiv_(&(&*m * (-lr / bc1)), &denom);
-    }
-
-    struct Param {
-        p: Tensor,
+    /// A parameter and its gradient.
+    struct Case {
+        param: Param,
         g: Tensor,
-        m: Tensor,
-        v: Tensor,
-        decay: bool,
     }
 
     /// A matrix larger than a chunk (so it splits) and a small bias, each with random values.
-    fn params(seed: i64) -> Vec<Param> {
+    fn cases(seed: i64) -> Vec<Case> {
         tch::manual_seed(seed);
         [(vec![300i64, 400], true), (vec![77], false)]
             .into_iter()
-            .map(|(shape, decay)| Param {
-                p: Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)),
-                g: Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu)),
-                m: Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu)),
-                v: Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu)),
-                decay,
+            .map(|(shape, decay)| {
+                let zeros = || Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu));
+                Case {
+                    param: Param {
+                        name: format!("{shape:?}"),
+                        tensor: Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)),
+                        decay,
+                        m: zeros(),
+                        v: zeros(),
+                    },
+                    g: zeros(),
+                }
             })
             .collect()
     }
 
-    /// Copies of the same parameters (the RNG is shared by tests running at once, so a seed
-    /// alone does not give the same values twice).
-    fn copies(ps: &[Param]) -> Vec<Param> {
-        ps.iter()
-            .map(|p| Param {
-                p: p.p.copy(),
-                g: p.g.copy(),
-                m: p.m.copy(),
-                v: p.v.copy(),
-                decay: p.decay,
+    /// Copies of the same cases (the RNG is shared by tests running at once, so a seed alone
+    /// does not give the same values twice).
+    fn copies(cs: &[Case]) -> Vec<Case> {
+        cs.iter()
+            .map(|c| Case {
+                param: Param {
+                    name: c.param.name.clone(),
+                    tensor: c.param.tensor.copy(),
+                    decay: c.param.decay,
+                    m: c.param.m.copy(),
+                    v: c.param.v.copy(),
+                },
+                g: c.g.copy(),
             })
             .collect()
     }
 
-    fn members(ps: &[Param]) -> Vec<Member<'_>> {
-        ps.iter()
-            .map(|p| Member {
-                tensor: &p.p,
-                grad: &p.g,
-                m: &p.m,
-                v: &p.v,
-                decay: p.decay,
+    fn members(cs: &[Case]) -> Vec<Member<'_>> {
+        cs.iter()
+            .map(|c| Member {
+                tensor: &c.param.tensor,
+                grad: &c.g,
+                m: &c.param.m,
+                v: &c.param.v,
+                decay: c.param.decay,
             })
             .collect()
     }
@@ -280,66 +276,70 @@ mod tests {
 
     #[test]
     fn the_one_pass_update_follows_libtorchs_kernels_within_rounding_over_several_steps() {
-        let fused = params(7);
+        let fused = cases(7);
         let (mut by_kernels, start) = (copies(&fused), copies(&fused));
         for t in 1..=5 {
             for (a, b) in fused.iter().zip(&by_kernels) {
-                let g = Tensor::randn(a.p.size().as_slice(), (Kind::Float, Device::Cpu));
+                let g = Tensor::randn(a.g.size().as_slice(), (Kind::Float, Device::Cpu));
                 tch::no_grad(|| {
                     a.g.shallow_clone().copy_(&g);
                     b.g.shallow_clone().copy_(&g);
                 });
             }
-            let lr = 1e-2 * f64::from(t);
+            let lr = 1e-2 * t as f64;
             assert!(step(&members(&fused), scalars(lr, t), 2));
             for b in &mut by_kernels {
-                reference(&mut b.p, &b.g, &mut b.m, &mut b.v, b.decay, lr, t);
+                tch::no_grad(|| {
+                    update_by_kernels(&mut b.param, &b.g, AdamWConfig::default(), lr, t)
+                });
             }
         }
         for (a, b) in fused.iter().zip(&by_kernels) {
-            for (x, y) in [(&a.p, &b.p), (&a.m, &b.m), (&a.v, &b.v)] {
+            let (a, b) = (&a.param, &b.param);
+            for (x, y) in [(&a.tensor, &b.tensor), (&a.m, &b.m), (&a.v, &b.v)] {
                 let d = excess(x, y);
                 assert!(d < 1.0, "{d} times the tolerance");
             }
         }
         // The update moved the parameters (decay on the matrix only is part of the match).
-        assert!(excess(&fused[0].p, &start[0].p) > 1e3);
+        assert!(excess(&fused[0].param.tensor, &start[0].param.tensor) > 1e3);
     }
 
     #[test]
     fn the_result_does_not_depend_on_the_number_of_threads() {
-        let one = params(3);
+        let one = cases(3);
         let four = copies(&one);
-        for ps in [&one, &four] {
+        for cs in [&one, &four] {
             tch::no_grad(|| {
-                for p in ps.iter() {
-                    p.g.shallow_clone().copy_(&(&p.p * 0.5 + 0.25));
+                for c in cs.iter() {
+                    c.g.shallow_clone().copy_(&(&c.param.tensor * 0.5 + 0.25));
                 }
             });
         }
         assert!(step(&members(&one), scalars(0.1, 1), 1));
         assert!(step(&members(&four), scalars(0.1, 1), 4));
         for (a, b) in one.iter().zip(&four) {
-            assert!(a.p.equal(&b.p) && a.m.equal(&b.m) && a.v.equal(&b.v));
+            let (a, b) = (&a.param, &b.param);
+            assert!(a.tensor.equal(&b.tensor) && a.m.equal(&b.m) && a.v.equal(&b.v));
         }
     }
 
     #[test]
     fn overlapping_arrays_are_refused_and_left_untouched() {
-        let ps = params(5);
-        let before = ps[1].p.copy();
+        let cs = cases(5);
+        let before = cs[1].param.tensor.copy();
         // A second member whose moment is the first member's parameter (as tied storage
         // would be): borrowing both mutably would alias.
-        let mut ms = members(&ps);
+        let mut ms = members(&cs);
         ms.push(Member {
-            tensor: &ps[1].m,
-            grad: &ps[1].g,
-            m: &ps[1].p,
-            v: &ps[1].v,
+            tensor: &cs[1].param.m,
+            grad: &cs[1].g,
+            m: &cs[1].param.tensor,
+            v: &cs[1].param.v,
             decay: false,
         });
         assert!(!step(&ms, scalars(0.1, 1), 2));
-        assert!(ps[1].p.equal(&before));
+        assert!(cs[1].param.tensor.equal(&before));
     }
 
     #[test]
