@@ -353,10 +353,35 @@ impl Buckets {
         None
     }
 
-    /// p50 and p99 in milliseconds.
-    fn p50_p99_ms(&self) -> (Option<f64>, Option<f64>) {
+    /// How many observations, and their p50 and p99 in milliseconds.
+    fn latency(&self) -> Latency {
         let ms = |q| self.quantile(q).map(|s| s * 1000.0);
-        (ms(0.5), ms(0.99))
+        Latency {
+            observations: self.count(),
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+        }
+    }
+}
+
+/// One phase's latency from a histogram: observations, p50 and p99 (None without any).
+#[derive(Debug, Clone, serde::Serialize)]
+struct Latency {
+    observations: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+}
+
+impl std::fmt::Display for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        write!(
+            f,
+            "{}/{} ms ({:.0})",
+            ms(self.p50_ms),
+            ms(self.p99_ms),
+            self.observations
+        )
     }
 }
 
@@ -459,20 +484,15 @@ struct Outcome {
     recovered: usize,
     recovery_p50_seconds: f64,
     recovery_p99_seconds: f64,
-    reconcile_p50_ms: Option<f64>,
-    reconcile_p99_ms: Option<f64>,
+    /// Every reconcile of the arm.
+    reconcile: Latency,
     /// Reconciles that ended between apply and all Running.
-    burst_reconciles: f64,
-    burst_reconcile_p50_ms: Option<f64>,
-    burst_reconcile_p99_ms: Option<f64>,
+    burst_reconcile: Latency,
     /// Reconciles that ended between the kills and the last recovered gang.
-    recovery_reconciles: f64,
-    recovery_reconcile_p50_ms: Option<f64>,
-    recovery_reconcile_p99_ms: Option<f64>,
+    recovery_reconcile: Latency,
     /// The API server's own latency for pod creates during the burst (its
     /// apiserver_request_duration_seconds, POST pods), what a pass that creates pods waits on.
-    burst_pod_create_p50_ms: Option<f64>,
-    burst_pod_create_p99_ms: Option<f64>,
+    burst_pod_create: Latency,
     cpu_seconds: f64,
     peak_rss_mib: f64,
     api_requests: u64,
@@ -680,16 +700,10 @@ async fn arm(
         recovered: recovery.len(),
         recovery_p50_seconds: quantile(&recovery, 0.5),
         recovery_p99_seconds: quantile(&recovery, 0.99),
-        reconcile_p50_ms: whole.p50_p99_ms().0,
-        reconcile_p99_ms: whole.p50_p99_ms().1,
-        burst_reconciles: burst.count(),
-        burst_reconcile_p50_ms: burst.p50_p99_ms().0,
-        burst_reconcile_p99_ms: burst.p50_p99_ms().1,
-        recovery_reconciles: recovering.count(),
-        recovery_reconcile_p50_ms: recovering.p50_p99_ms().0,
-        recovery_reconcile_p99_ms: recovering.p50_p99_ms().1,
-        burst_pod_create_p50_ms: creates.p50_p99_ms().0,
-        burst_pod_create_p99_ms: creates.p50_p99_ms().1,
+        reconcile: whole.latency(),
+        burst_reconcile: burst.latency(),
+        recovery_reconcile: recovering.latency(),
+        burst_pod_create: creates.latency(),
         cpu_seconds: cpu1 - cpu0,
         peak_rss_mib: rss,
         api_requests: requests,
@@ -771,7 +785,7 @@ fn print_table(outcomes: &[Outcome]) {
             o.job_p99_seconds,
             o.recovery_p50_seconds,
             o.recovery_p99_seconds,
-            o.reconcile_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            o.reconcile.p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
             o.cpu_seconds,
             o.peak_rss_mib,
             o.api_requests_per_job
@@ -893,28 +907,21 @@ fn report(outcomes: &[Outcome], out: &Path, jobs: usize) -> Result<()> {
     println!();
     print_table(outcomes);
     std::fs::write(out.join("growth.svg"), growth_svg(outcomes))?;
-    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
     for o in outcomes {
         println!(
             "{} {}x{} top requests: {:?}",
             o.operator, o.jobs, o.workers, o.top_requests
         );
         println!(
-            "{} {}x{} reconcile p50/p99 ms: burst {}/{} ({:.0} passes), recovery {}/{} ({:.0} passes), \
-             whole arm {}/{}; API server pod create p50/p99 ms in the burst: {}/{}",
+            "{} {}x{} reconcile p50/p99 (passes): burst {}, recovery {}, whole arm {}; \
+             API server pod create p50/p99 (creates) in the burst: {}",
             o.operator,
             o.jobs,
             o.workers,
-            ms(o.burst_reconcile_p50_ms),
-            ms(o.burst_reconcile_p99_ms),
-            o.burst_reconciles,
-            ms(o.recovery_reconcile_p50_ms),
-            ms(o.recovery_reconcile_p99_ms),
-            o.recovery_reconciles,
-            ms(o.reconcile_p50_ms),
-            ms(o.reconcile_p99_ms),
-            ms(o.burst_pod_create_p50_ms),
-            ms(o.burst_pod_create_p99_ms),
+            o.burst_reconcile,
+            o.recovery_reconcile,
+            o.reconcile,
+            o.burst_pod_create,
         );
     }
     let (radfm, kubeflow) = (&outcomes[0], &outcomes[1]);
@@ -1030,8 +1037,10 @@ x_sum{controller=\"a\"} 9
         assert_eq!(phase.count(), 100.0);
         let p50 = phase.quantile(0.5).unwrap();
         assert!((p50 - 0.5).abs() < 1e-9, "{p50}");
-        let (_, p99) = phase.p50_p99_ms();
-        assert!((p99.unwrap() - 990.0).abs() < 1e-6, "{p99:?}");
+        let latency = phase.latency();
+        assert_eq!(latency.observations, 100.0);
+        assert!((latency.p99_ms.unwrap() - 990.0).abs() < 1e-6, "{latency}");
+        assert_eq!(latency.to_string(), "500/990 ms (100)");
         // Nothing happened between two equal snapshots.
         let none = phase.since(&phase);
         assert_eq!((none.count(), none.quantile(0.5)), (0.0, None));
