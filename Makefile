@@ -205,15 +205,19 @@ bench-monitor: libtorch
 	$(CARGO) build -q --release -p radfm -p radfm-trainer
 	bash bench/monitor_delay.sh
 
-## bench-operator: radfm's operator against Kubeflow's training-operator v1 (PyTorchJob) on one
-## kwok control plane: 1,000 jobs x 8 workers in a burst, 100 workers killed, the training-operator
-## at matched and default settings, radfm's cost at more sizes (tests/src/bin/radfm-bench-operator.rs;
-## BENCH_JOBS, BENCH_WORKERS, BENCH_KILL, BENCH_DEFAULTS_JOBS, BENCH_GROWTH; docs/benchmarks.md)
+## bench-operator: radfm's operator against Kubeflow's training-operator v1 (PyTorchJob) and
+## Kubeflow Trainer v2 (TrainJob on JobSet) on one kwok control plane: 1,000 jobs x 8 workers in a
+## burst, 100 workers killed, the training-operator at matched and default settings, Trainer v2 at
+## matched settings, radfm's cost at more sizes (tests/src/bin/radfm-bench-operator.rs; BENCH_JOBS,
+## BENCH_WORKERS, BENCH_KILL, BENCH_DEFAULTS_JOBS, BENCH_TRAINER_V2_JOBS, BENCH_GROWTH;
+## docs/benchmarks.md)
 bench-operator: cluster-tools libtorch
 	@bash tests/cluster/build-kubeflow.sh >/dev/null
+	@bash tests/cluster/build-trainer-v2.sh >/dev/null
 	$(CARGO) build -q --release -p radfm-operator --bin radfm-operator
 	$(CARGO) build -q --release -p radfm-e2e --bin radfm-bench-operator
-	RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_KUBEFLOW="$$(bash tests/cluster/build-kubeflow.sh)" target/release/radfm-bench-operator
+	RADFM_CLUSTER_TOOLS="$$(bash tests/cluster/build-tools.sh)" RADFM_KUBEFLOW="$$(bash tests/cluster/build-kubeflow.sh)" \
+	  RADFM_TRAINER_V2="$$(bash tests/cluster/build-trainer-v2.sh)" target/release/radfm-bench-operator
 
 ## bench-allreduce: bus bandwidth of radfm's CPU ring all-reduce vs torch.distributed gloo, same
 ## machine, ranks (2, 4) and sizes (MiB), one process per rank on loopback

@@ -91,19 +91,36 @@ fn webhook_configuration(manifests: &str) -> Result<Value> {
 /// pkg/cert), which its Deployment mounts from the Secret.
 const CERT_DIR: &str = "/tmp/k8s-webhook-server/serving-certs";
 
+/// An EndpointSlice that routes Service `service` in `namespace` to `port` on this host, where
+/// a controller run as a process serves its webhooks.
+pub(crate) fn host_endpoints(namespace: &str, service: &str, port: u16) -> Result<Value> {
+    Ok(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-host"), "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "webhook", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [host_address()?], "conditions": {"ready": true}}]}),
+    )
+}
+
 impl Cluster {
-    /// Does what the kubelet does for the operator's Pod: once its cert-controller has filled
-    /// the Secret, the Secret's files appear in [`CERT_DIR`].
-    async fn mount_webhook_secret(&self) -> Result<()> {
+    /// Does what the kubelet does for a controller's Pod: once its cert-controller has filled
+    /// Secret `namespace/secret`, the Secret's files appear in `dir`.
+    pub(crate) async fn mount_webhook_secret(
+        &self,
+        namespace: &str,
+        secret: &str,
+        dir: &str,
+    ) -> Result<()> {
         let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-            kube::Api::namespaced(self.client.clone(), NAMESPACE);
-        let secret = secrets.get("training-operator-webhook-cert").await?;
-        let data = secret.data.unwrap_or_default();
-        let dir = std::path::Path::new(CERT_DIR);
+            kube::Api::namespaced(self.client.clone(), namespace);
+        let data = secrets.get(secret).await?.data.unwrap_or_default();
+        let dir = std::path::Path::new(dir);
         std::fs::create_dir_all(dir)?;
         for file in ["ca.crt", "tls.crt", "tls.key"] {
             let Some(bytes) = data.get(file) else {
-                bail!("the cert-controller has not filled the Secret yet");
+                bail!("the cert-controller has not filled Secret {namespace}/{secret} yet");
             };
             let (path, tmp) = (dir.join(file), dir.join(format!(".{file}.tmp")));
             if std::fs::read(&path).is_ok_and(|old| old == bytes.0) {
@@ -186,7 +203,7 @@ impl Cluster {
         self.wait_established(&["pytorchjobs.kubeflow.org"]).await?;
         self.kubectl_ok(&["create", "namespace", NAMESPACE])?;
         self.kubectl_ok(&["apply", "-f", &dir.join("role.yaml").to_string_lossy()])?;
-        let (port, address) = (free_port(), host_address()?);
+        let port = free_port();
         let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
             {"apiVersion": "v1", "kind": "ServiceAccount",
              "metadata": {"name": "training-operator", "namespace": NAMESPACE}},
@@ -200,12 +217,7 @@ impl Cluster {
             {"apiVersion": "v1", "kind": "Service",
              "metadata": {"name": "training-operator", "namespace": NAMESPACE},
              "spec": {"ports": [{"name": "webhook", "port": 443, "targetPort": port}]}},
-            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-             "metadata": {"name": "training-operator-host", "namespace": NAMESPACE,
-                          "labels": {"kubernetes.io/service-name": "training-operator"}},
-             "addressType": "IPv4",
-             "ports": [{"name": "webhook", "port": port, "protocol": "TCP"}],
-             "endpoints": [{"addresses": [address], "conditions": {"ready": true}}]},
+            host_endpoints(NAMESPACE, "training-operator", port)?,
         ]});
         self.kubectl_stdin(&["apply", "-f", "-"], Some(&objects.to_string()))
             .status
@@ -233,7 +245,10 @@ impl Cluster {
             Duration::from_secs(120),
             "the training-operator's webhook answers",
             || async {
-                if let Err(e) = self.mount_webhook_secret().await {
+                let mounted = self
+                    .mount_webhook_secret(NAMESPACE, "training-operator-webhook-cert", CERT_DIR)
+                    .await;
+                if let Err(e) = mounted {
                     *last.lock().unwrap() = e.to_string();
                     return None;
                 }

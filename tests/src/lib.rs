@@ -14,6 +14,7 @@ pub mod kubeflow;
 pub mod kubelet;
 pub mod kueue;
 pub mod node;
+pub mod trainer_v2;
 
 use std::io::Write as _;
 use std::net::TcpListener;
@@ -1215,15 +1216,15 @@ where
     }
 }
 
-/// A plain HTTP/1.1 GET on loopback: (status code, body).
+/// A plain HTTP GET on loopback: (status code, body). It asks as HTTP/1.0, so the server
+/// sends the body as it is, not in HTTP/1.1's chunked encoding, whose size lines would land in
+/// the middle of the text (Go's servers chunk any response over a few KiB, such as
+/// `/metrics`).
 pub fn http_get_text(addr: &str, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     let status = text

@@ -1,5 +1,6 @@
 //! `make bench-operator`: radfm's TrainingJob operator against Kubeflow's training-operator v1
-//! (PyTorchJob) on one control plane with kwok-simulated GPU nodes, in one run.
+//! (PyTorchJob) and Kubeflow Trainer v2 (TrainJob on JobSet, whose pods kube-controller-manager's
+//! Job controller creates) on one control plane with kwok-simulated GPU nodes, in one run.
 //!
 //! Each arm gets a fresh namespace and a freshly started operator. A burst of jobs is applied;
 //! each job's time from apply to all its workers Running is taken from a pod watch. Then one
@@ -13,7 +14,8 @@
 //! Settings (environment): `BENCH_JOBS` (1000) × `BENCH_WORKERS` (8) for the head-to-head;
 //! `BENCH_KILL` (100); `BENCH_GROWTH` (`100x8,300x8,16x8,16x64,16x256`, radfm only, empty for
 //! none); `BENCH_DEFAULTS_JOBS` (100: the training-operator at its default settings, which
-//! take minutes at 1,000 jobs); `BENCH_OUT` (target/bench-operator). Results go to
+//! take minutes at 1,000 jobs); `BENCH_TRAINER_V2_JOBS` (as many as `BENCH_JOBS`; 0 for none);
+//! `BENCH_OUT` (target/bench-operator). Results go to
 //! `$BENCH_OUT/results.json` and `$BENCH_OUT/growth.svg`; the last line is
 //! `bench: operator ratio=<training-operator total / radfm total>`.
 
@@ -29,6 +31,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use radfm_e2e::kubeflow::{NAMESPACE as KUBEFLOW_NS, TrainingOperatorSettings};
+use radfm_e2e::trainer_v2::{TrainerV2Settings, train_job};
 use radfm_e2e::{Cluster, ControlPlane, PodSecurity, http_get_text, wait_until};
 use serde_json::json;
 
@@ -42,6 +45,18 @@ const BURST_LIMIT: Duration = Duration::from_secs(1800);
 enum Operator {
     Radfm,
     Kubeflow(TrainingOperatorSettings),
+    /// Kubeflow Trainer v2's TrainJob on JobSet.
+    TrainerV2(TrainerV2Settings),
+}
+
+/// Who sent an API request, as the audit log records it.
+#[derive(Debug, Clone, Copy)]
+enum Requester {
+    /// A user name (an operator's ServiceAccount).
+    User(&'static str),
+    /// A User-Agent ending (a controller inside kube-controller-manager, which shares its
+    /// user with the other controllers there).
+    Agent(&'static str),
 }
 
 impl Operator {
@@ -52,6 +67,10 @@ impl Operator {
                 "training-operator (qps {}, burst {}, threads {})",
                 s.qps, s.burst, s.threads
             ),
+            Operator::TrainerV2(s) => format!(
+                "Trainer v2 + JobSet (qps {}, burst {}, threads {}/1)",
+                s.qps, s.burst, s.trainjob_workers
+            ),
         }
     }
 
@@ -60,14 +79,27 @@ impl Operator {
         match self {
             Operator::Radfm => "radfm.io/job-name",
             Operator::Kubeflow(_) => "training.kubeflow.org/job-name",
+            Operator::TrainerV2(_) => "jobset.sigs.k8s.io/jobset-name",
         }
     }
 
-    /// The user its requests carry in the audit log.
-    fn user(&self) -> &'static str {
+    /// Whose requests are the operator's: for Trainer v2, Trainer's, JobSet's, and those of
+    /// the Job controller that creates the pods for JobSet's Jobs.
+    fn requesters(&self) -> &'static [Requester] {
         match self {
-            Operator::Radfm => "system:serviceaccount:radfm-system:radfm-operator",
-            Operator::Kubeflow(_) => "system:serviceaccount:kubeflow:training-operator",
+            Operator::Radfm => &[Requester::User(
+                "system:serviceaccount:radfm-system:radfm-operator",
+            )],
+            Operator::Kubeflow(_) => &[Requester::User(
+                "system:serviceaccount:kubeflow:training-operator",
+            )],
+            Operator::TrainerV2(_) => &[
+                Requester::User(
+                    "system:serviceaccount:kubeflow-system:kubeflow-trainer-controller-manager",
+                ),
+                Requester::User("system:serviceaccount:jobset-system:jobset-controller-manager"),
+                Requester::Agent("/job-controller"),
+            ],
         }
     }
 
@@ -76,6 +108,7 @@ impl Operator {
         match self {
             Operator::Radfm => "trainer",
             Operator::Kubeflow(_) => "pytorch",
+            Operator::TrainerV2(_) => "node",
         }
     }
 
@@ -83,7 +116,9 @@ impl Operator {
     fn reconcile_metric(&self) -> &'static str {
         match self {
             Operator::Radfm => "radfm_operator_reconcile_duration_seconds",
-            Operator::Kubeflow(_) => "controller_runtime_reconcile_time_seconds",
+            Operator::Kubeflow(_) | Operator::TrainerV2(_) => {
+                "controller_runtime_reconcile_time_seconds"
+            }
         }
     }
 
@@ -92,6 +127,7 @@ impl Operator {
         match self {
             Operator::Radfm => &[],
             Operator::Kubeflow(_) => &["pytorchjob"],
+            Operator::TrainerV2(_) => &["controller=\"trainjob_controller\""],
         }
     }
 
@@ -110,6 +146,13 @@ impl Operator {
                 api_version: "kubeflow.org/v1".into(),
                 kind: "PyTorchJob".into(),
                 plural: "pytorchjobs".into(),
+            },
+            Operator::TrainerV2(_) => ApiResource {
+                group: "trainer.kubeflow.org".into(),
+                version: "v1alpha1".into(),
+                api_version: "trainer.kubeflow.org/v1alpha1".into(),
+                kind: "TrainJob".into(),
+                plural: "trainjobs".into(),
             },
         }
     }
@@ -141,6 +184,7 @@ impl Operator {
                 json!({"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
                     "metadata": {"name": name}, "spec": {"pytorchReplicaSpecs": specs}})
             }
+            Operator::TrainerV2(_) => train_job(name, workers, "radfm/trainer:test"),
         };
         Ok(serde_json::from_value(value)?)
     }
@@ -245,6 +289,14 @@ fn watch_pods(client: Client, ns: &str, label: &'static str, tracker: Arc<Tracke
     });
 }
 
+/// CPU seconds (user + system) and the sum of peak RSSs in MiB of an operator's processes.
+fn usage(pids: &[u32]) -> Result<(f64, f64)> {
+    pids.iter().try_fold((0.0, 0.0), |(cpu, rss), &pid| {
+        let (c, r) = process_usage(pid)?;
+        Ok((cpu + c, rss + r))
+    })
+}
+
 /// CPU seconds (user + system) and peak RSS in MiB of a process.
 fn process_usage(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -308,8 +360,13 @@ impl Buckets {
         Buckets(buckets)
     }
 
-    /// What was observed after `earlier` was taken (bucket by bucket).
+    /// What was observed after `earlier` was taken (bucket by bucket). Where `earlier` is not
+    /// empty and has other bounds (a scrape that lost lines), nothing: a missing quantile, not
+    /// a wrong one.
     fn since(&self, earlier: &Buckets) -> Buckets {
+        if !earlier.0.is_empty() && !earlier.0.keys().eq(self.0.keys()) {
+            return Buckets::default();
+        }
         let mut out = self.0.clone();
         for (key, (_, before)) in &earlier.0 {
             if let Some((_, count)) = out.get_mut(key) {
@@ -390,6 +447,8 @@ struct AuditEvent {
     stage: String,
     verb: String,
     user: AuditUser,
+    #[serde(rename = "userAgent", default)]
+    user_agent: String,
     #[serde(rename = "objectRef")]
     object: Option<AuditObject>,
 }
@@ -405,23 +464,46 @@ struct AuditObject {
     subresource: Option<String>,
 }
 
-/// Requests by `user` in the audit log from byte `from` on, total and by verb and resource.
-fn audited_requests(log: &Path, from: u64, user: &str) -> Result<(u64, BTreeMap<String, u64>)> {
+impl Requester {
+    /// Whether an audit event is this requester's.
+    fn sent(&self, event: &AuditEvent) -> bool {
+        match self {
+            Requester::User(user) => event.user.username == *user,
+            Requester::Agent(ending) => event.user_agent.ends_with(ending),
+        }
+    }
+
+    /// A substring every audit line of this requester holds, to skip the others unparsed.
+    fn needle(&self) -> String {
+        match self {
+            Requester::User(user) => format!("\"username\":\"{user}\""),
+            Requester::Agent(ending) => format!("{ending}\""),
+        }
+    }
+}
+
+/// Requests of any of `requesters` in the audit log from byte `from` on, total and by verb
+/// and resource.
+fn audited_requests(
+    log: &Path,
+    from: u64,
+    requesters: &[Requester],
+) -> Result<(u64, BTreeMap<String, u64>)> {
     use std::io::{BufRead, Seek};
     let mut file = std::fs::File::open(log)?;
     file.seek(std::io::SeekFrom::Start(from))?;
     let mut by_kind = BTreeMap::new();
     let mut total = 0;
-    let needle = format!("\"username\":\"{user}\"");
+    let needles: Vec<String> = requesters.iter().map(Requester::needle).collect();
     for line in std::io::BufReader::new(file).lines() {
         let line = line?;
-        if !line.contains(&needle) {
+        if !needles.iter().any(|n| line.contains(n.as_str())) {
             continue;
         }
         let Ok(e) = serde_json::from_str::<AuditEvent>(&line) else {
             continue;
         };
-        if e.stage != "ResponseComplete" || e.user.username != user {
+        if e.stage != "ResponseComplete" || !requesters.iter().any(|r| r.sent(&e)) {
             continue;
         }
         total += 1;
@@ -473,6 +555,8 @@ fn quantile(values: &[f64], p: f64) -> f64 {
 /// What one arm measured.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Outcome {
+    #[serde(skip)]
+    arm: Operator,
     operator: String,
     jobs: usize,
     workers: usize,
@@ -500,9 +584,9 @@ struct Outcome {
     top_requests: Vec<(String, u64)>,
 }
 
-/// A running operator of one arm: its pid and where its metrics are.
+/// A running operator of one arm: its processes and where its metrics are.
 struct Running {
-    pid: u32,
+    pids: Vec<u32>,
     metrics: String,
     stop: Box<dyn FnOnce()>,
 }
@@ -517,7 +601,7 @@ async fn start(cluster: &Cluster, op: Operator, ns: &str) -> Result<Running> {
             let mut operator = cluster.start_operator(ns, &format!("operator-{ns}"), &[])?;
             let metrics = operator.metrics_addr(cluster).await?;
             Ok(Running {
-                pid: operator.pid(),
+                pids: vec![operator.pid()],
                 metrics,
                 stop: Box::new(move || operator.kill()),
             })
@@ -526,12 +610,21 @@ async fn start(cluster: &Cluster, op: Operator, ns: &str) -> Result<Running> {
             cluster.kubectl_ok(&["create", "namespace", ns])?;
             let (mut child, metrics) = cluster.start_training_operator(settings).await?;
             Ok(Running {
-                pid: child.id(),
+                pids: vec![child.id()],
                 metrics,
                 stop: Box::new(move || {
                     let _ = child.kill();
                     let _ = child.wait();
                 }),
+            })
+        }
+        Operator::TrainerV2(settings) => {
+            cluster.kubectl_ok(&["create", "namespace", ns])?;
+            let running = cluster.start_trainer_v2(settings).await?;
+            Ok(Running {
+                pids: running.pids().to_vec(),
+                metrics: running.metrics.clone(),
+                stop: Box::new(move || drop(running)),
             })
         }
     }
@@ -589,7 +682,8 @@ async fn kill_workers(
             continue;
         };
         let name = p.name_any();
-        let first = name.ends_with("-w0-a1") || name.ends_with("-master-0");
+        let first =
+            name.ends_with("-w0-a1") || name.ends_with("-master-0") || name.contains("-node-0-0-");
         if !first && victims.len() < kill && !victims.contains_key(&job) {
             victims.insert(job, p);
         }
@@ -653,7 +747,7 @@ async fn arm(
     });
     watch_pods(cluster.client.clone(), ns, op.job_label(), tracker.clone());
     let audit_from = audit_size(cluster);
-    let (cpu0, _) = process_usage(running.pid)?;
+    let (cpu0, _) = usage(&running.pids)?;
     let reconciles =
         |text: &str| Buckets::parse(text, op.reconcile_metric(), op.reconcile_filter());
     let before = reconciles(&scrape(&running.metrics));
@@ -676,19 +770,20 @@ async fn arm(
         0
     };
     wait_for(&tracker, killed, |j| j.recovered.is_some()).await;
-    let (cpu1, rss) = process_usage(running.pid)?;
+    let (cpu1, rss) = usage(&running.pids)?;
     let whole = reconciles(&scrape(&running.metrics));
     let recovering = whole.since(&burst_end);
     (running.stop)();
     keep_log(cluster, op, ns);
     // The audit backend writes in batches: let it catch up.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (requests, by_kind) = audited_requests(&cluster.audit_log(), audit_from, op.user())?;
+    let (requests, by_kind) = audited_requests(&cluster.audit_log(), audit_from, op.requesters())?;
     let mut top: Vec<(String, u64)> = by_kind.into_iter().collect();
     top.sort_by_key(|t| std::cmp::Reverse(t.1));
     top.truncate(6);
     let (per_job, recovery) = tracker.latencies();
     Ok(Outcome {
+        arm: op,
         operator: op.name(),
         jobs,
         workers,
@@ -712,17 +807,21 @@ async fn arm(
     })
 }
 
-/// Copies the arm's operator log to `$BENCH_OUT/<namespace>.log`.
+/// Copies the arm's operator logs to `$BENCH_OUT/<namespace>[-<log>].log`.
 fn keep_log(cluster: &Cluster, op: Operator, ns: &str) {
     let dir = std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench-operator".into());
-    let log = match op {
-        Operator::Radfm => format!("operator-{ns}"),
-        Operator::Kubeflow(_) => "training-operator".into(),
+    let copy = |log: &str, to: String| {
+        let _ = std::fs::copy(cluster.log_path(log), Path::new(&dir).join(to));
     };
-    let _ = std::fs::copy(
-        cluster.log_path(&log),
-        Path::new(&dir).join(format!("{ns}.log")),
-    );
+    match op {
+        Operator::Radfm => copy(&format!("operator-{ns}"), format!("{ns}.log")),
+        Operator::Kubeflow(_) => copy("training-operator", format!("{ns}.log")),
+        Operator::TrainerV2(_) => {
+            for log in ["trainer-controller-manager", "jobset"] {
+                copy(log, format!("{ns}-{log}.log"));
+            }
+        }
+    }
 }
 
 /// Deletes the namespace and waits until it and its pods are gone (the GPUs are free again).
@@ -850,13 +949,21 @@ fn growth_svg(outcomes: &[Outcome]) -> String {
 /// One arm to run: the operator, jobs, workers per job, workers to kill.
 type Arm = (Operator, usize, usize, usize);
 
+/// How many jobs each optional arm runs (0: none).
+struct ArmSizes {
+    /// The training-operator at its default settings.
+    defaults_jobs: usize,
+    /// Trainer v2 + JobSet with matched settings.
+    trainer_v2_jobs: usize,
+}
+
 /// The arms in order: the head-to-head at `jobs` × `workers`, the training-operator at its
-/// defaults on `defaults_jobs` jobs, then radfm at each growth size.
+/// defaults, Trainer v2 on JobSet with matched settings, then radfm at each growth size.
 fn arms(
     jobs: usize,
     workers: usize,
     kill: usize,
-    defaults_jobs: usize,
+    optional: &ArmSizes,
     growth: &[(usize, usize)],
 ) -> Vec<Arm> {
     let matched = TrainingOperatorSettings {
@@ -868,9 +975,21 @@ fn arms(
         (Operator::Radfm, jobs, workers, kill),
         (Operator::Kubeflow(matched), jobs, workers, kill),
     ];
-    if defaults_jobs > 0 {
-        let defaults = Operator::Kubeflow(TrainingOperatorSettings::default());
-        plan.push((defaults, defaults_jobs, workers, kill.min(defaults_jobs)));
+    if optional.defaults_jobs > 0 {
+        let (n, defaults) = (
+            optional.defaults_jobs,
+            Operator::Kubeflow(TrainingOperatorSettings::default()),
+        );
+        plan.push((defaults, n, workers, kill.min(n)));
+    }
+    if optional.trainer_v2_jobs > 0 {
+        let matched = Operator::TrainerV2(TrainerV2Settings {
+            qps: matched.qps,
+            burst: matched.burst,
+            trainjob_workers: matched.threads,
+        });
+        let n = optional.trainer_v2_jobs;
+        plan.push((matched, n, workers, kill.min(n)));
     }
     plan.extend(growth.iter().map(|&(j, w)| (Operator::Radfm, j, w, 0)));
     plan
@@ -925,6 +1044,19 @@ fn report(outcomes: &[Outcome], out: &Path, jobs: usize) -> Result<()> {
         );
     }
     let (radfm, kubeflow) = (&outcomes[0], &outcomes[1]);
+    let trainer_v2 = outcomes
+        .iter()
+        .find(|o| matches!(o.arm, Operator::TrainerV2(_)));
+    if let Some(v2) = trainer_v2 {
+        println!(
+            "{}: {} of {} jobs Running in {:.1} s; ratio to radfm {:.2} (where all ran)",
+            v2.operator,
+            v2.complete_jobs,
+            v2.jobs,
+            v2.total_seconds,
+            v2.total_seconds / radfm.total_seconds
+        );
+    }
     if radfm.complete_jobs < jobs || kubeflow.complete_jobs < jobs {
         bail!(
             "an arm did not finish: radfm {} of {jobs}, training-operator {} of {jobs}",
@@ -944,7 +1076,10 @@ async fn main() -> Result<()> {
     let jobs = env_usize("BENCH_JOBS", 1000)?;
     let workers = env_usize("BENCH_WORKERS", 8)?;
     let kill = env_usize("BENCH_KILL", 100)?;
-    let defaults_jobs = env_usize("BENCH_DEFAULTS_JOBS", 100)?;
+    let optional = ArmSizes {
+        defaults_jobs: env_usize("BENCH_DEFAULTS_JOBS", 100)?,
+        trainer_v2_jobs: env_usize("BENCH_TRAINER_V2_JOBS", jobs)?,
+    };
     let growth = sizes(
         &std::env::var("BENCH_GROWTH").unwrap_or_else(|_| "100x8,300x8,16x8,16x64,16x256".into()),
     )?;
@@ -952,7 +1087,7 @@ async fn main() -> Result<()> {
         std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench-operator".into()),
     );
     std::fs::create_dir_all(&out)?;
-    let plan = arms(jobs, workers, kill, defaults_jobs, &growth);
+    let plan = arms(jobs, workers, kill, &optional, &growth);
     let started = Instant::now();
     let cluster = control_plane(&plan).await?;
     let mut outcomes = Vec::new();
@@ -1044,6 +1179,12 @@ x_sum{controller=\"a\"} 9
         // Nothing happened between two equal snapshots.
         let none = phase.since(&phase);
         assert_eq!((none.count(), none.quantile(0.5)), (0.0, None));
+        // A snapshot that lost a bucket's line gives no quantile rather than a wrong one.
+        let torn = [line("POST", "", "0.1", 10), line("POST", "", "+Inf", 10)].concat();
+        let torn = Buckets::parse(&torn, "apiserver_request_duration_seconds", &filters);
+        let unknown =
+            Buckets::parse(&after, "apiserver_request_duration_seconds", &filters).since(&torn);
+        assert_eq!(unknown.latency().p50_ms, None);
     }
 
     #[test]
