@@ -1,6 +1,7 @@
 """The reference for bench-trainer: the same MAE (ViT encoder with timm names, shallow decoder,
 75 % masking, per-patch normalised targets), batch and precision in PyTorch, with
-torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05) and clip_grad_norm_(1.0).
+torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05), clip_grad_norm_(1.0) and zero_grad()
+(set_to_none, the default).
 
 Usage: trainer_pytorch.py ARCH IMAGE PATCH BATCH STEPS THREADS [cpu|cuda] [fp32|bf16]; prints one
 JSON line. bf16 is autocast on CUDA, as radfm's trainer does.
@@ -33,7 +34,7 @@ def main(arch, image, patch, batch, steps, threads, device="cpu", precision="fp3
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()  # PyTorch's default, set_to_none=True, as radfm's step drops its gradients
         return loss.item()
 
     for _ in range(3):

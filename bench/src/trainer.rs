@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     // Returns the loss and the seconds spent in clipping and the optimizer.
     let mut step = |lr: f64| {
         let loss = tch::autocast(bf16 && device.is_cuda(), || mae.loss(&images, 0.75));
-        loss.backward();
+        opt.backward(&loss);
         let t = Instant::now();
         opt.clip_grad_norm(1.0);
         opt.step(lr);

@@ -316,7 +316,7 @@ pub(crate) fn logistic(xtr: &Tensor, ytr: &Tensor, xte: &Tensor) -> Vec<f64> {
             None,
             tch::Reduction::Mean,
         ) + w.square().sum(Kind::Float) * 1e-3;
-        loss.backward();
+        opt.backward(&loss);
         opt.step(0.05);
     }
     let prob = tch::no_grad(|| (xte.matmul(&w) + &b).sigmoid());

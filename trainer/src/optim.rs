@@ -2,6 +2,11 @@
 //!
 //! tch cannot save its optimizers' state, and exact resume needs the moments, so radfm keeps them
 //! as named tensors it can checkpoint. The update follows `torch.optim.AdamW` step for step.
+//!
+//! Gradients live beside the parameters ([`Param::grad`]), not in libtorch's `.grad`: backward
+//! hands each one over fresh ([`AdamW::backward`]) and a step ends by dropping them, as
+//! `zero_grad(set_to_none=True)` does in PyTorch. Accumulating into a zeroed `.grad` (all tch
+//! can do with `backward`) costs a zeroing pass and an addition pass over every gradient.
 
 use std::collections::BTreeMap;
 
@@ -47,6 +52,8 @@ pub struct Param {
     pub m: Tensor,
     /// Second moment.
     pub v: Tensor,
+    /// The gradient accumulated since the last step; undefined until a backward reaches it.
+    pub grad: Tensor,
 }
 
 /// Whether a parameter gets weight decay: matrices and kernels do; biases, norm scales and the
@@ -77,6 +84,7 @@ impl AdamW {
                 decay: decays(&name, tensor.dim()),
                 m: tensor.zeros_like(),
                 v: tensor.zeros_like(),
+                grad: Tensor::new(),
                 name,
                 tensor,
             })
@@ -88,13 +96,30 @@ impl AdamW {
         }
     }
 
-    /// Zeroes every gradient.
+    /// Adds the gradients of `loss` to the parameters' [`Param::grad`]: the first backward
+    /// after a step hands them over as computed, later ones (micro-batches) add to them.
+    /// Parameters that `loss` does not reach keep what they had.
+    pub fn backward(&mut self, loss: &Tensor) {
+        let tensors: Vec<&Tensor> = self.params.iter().map(|p| &p.tensor).collect();
+        let grads = Tensor::run_backward(&[loss], &tensors, false, false);
+        tch::no_grad(|| {
+            for (p, g) in self.params.iter_mut().zip(grads) {
+                if !g.defined() {
+                    continue;
+                }
+                if p.grad.defined() {
+                    let _ = p.grad.g_add_(&g);
+                } else {
+                    p.grad = g;
+                }
+            }
+        });
+    }
+
+    /// Drops every gradient (the next backward starts from none).
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
+            p.grad = Tensor::new();
         }
     }
 
@@ -104,9 +129,8 @@ impl AdamW {
             let sq: Vec<Tensor> = self
                 .params
                 .iter()
-                .map(|p| p.tensor.grad())
-                .filter(|g| g.defined())
-                .map(|g| g.to_kind(Kind::Float).norm())
+                .filter(|p| p.grad.defined())
+                .map(|p| p.grad.to_kind(Kind::Float).norm())
                 .collect();
             if sq.is_empty() {
                 return 0.0;
@@ -122,10 +146,9 @@ impl AdamW {
         if max_norm > 0.0 && norm > max_norm {
             let scale = max_norm / (norm + 1e-6);
             tch::no_grad(|| {
-                for p in &self.params {
-                    let mut g = p.tensor.grad();
-                    if g.defined() {
-                        let _ = g.g_mul_scalar_(scale);
+                for p in &mut self.params {
+                    if p.grad.defined() {
+                        let _ = p.grad.g_mul_scalar_(scale);
                     }
                 }
             });
@@ -133,50 +156,53 @@ impl AdamW {
         norm
     }
 
-    /// One AdamW update at learning rate `lr`: in one pass per parameter where its arrays are
-    /// f32 on the CPU ([`fused`]), with libtorch's element-wise kernels elsewhere.
+    /// One AdamW update at learning rate `lr` of every parameter with a gradient: in one pass
+    /// per parameter where its arrays are f32 on the CPU ([`fused`]), with libtorch's
+    /// element-wise kernels elsewhere. The gradients stay until [`AdamW::zero_grad`].
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
         let (cfg, steps) = (self.cfg, self.steps);
         tch::no_grad(|| {
             let (mut fusable, mut rest) = (Vec::new(), Vec::new());
             for (i, p) in self.params.iter().enumerate() {
-                let g = p.tensor.grad();
-                if !g.defined() {
+                if !p.grad.defined() {
                     continue;
                 }
-                if fused::eligible(&p.tensor, &g, &p.m, &p.v) {
-                    fusable.push((i, g));
+                if fused::eligible(&p.tensor, &p.grad, &p.m, &p.v) {
+                    fusable.push(i);
                 } else {
-                    rest.push((i, g));
+                    rest.push(i);
                 }
             }
             let members: Vec<fused::Member<'_>> = fusable
                 .iter()
-                .map(|(i, g)| fused::Member {
-                    tensor: &self.params[*i].tensor,
-                    grad: g,
-                    m: &self.params[*i].m,
-                    v: &self.params[*i].v,
-                    decay: self.params[*i].decay,
+                .map(|&i| {
+                    let p = &self.params[i];
+                    fused::Member {
+                        tensor: &p.tensor,
+                        grad: &p.grad,
+                        m: &p.m,
+                        v: &p.v,
+                        decay: p.decay,
+                    }
                 })
                 .collect();
             let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
             if !fused::step(&members, fused::Scalars::new(cfg, lr, steps), threads) {
                 rest.extend(fusable);
             }
-            for (i, g) in rest {
-                update_by_kernels(&mut self.params[i], &g, cfg, lr, steps);
+            for i in rest {
+                update_by_kernels(&mut self.params[i], cfg, lr, steps);
             }
         });
     }
 }
 
-/// One parameter's AdamW update by libtorch's element-wise kernels, the `steps`-th (bias
+/// One parameter's AdamW update from its gradient by libtorch's element-wise kernels, the `steps`-th (bias
 /// correction counts from 1). Fused in-place forms of m = β1·m + (1−β1)·g,
 /// v = β2·v + (1−β2)·g², p −= lr/bc1 · m / (√v/√bc2 + ε): fewer kernels and temporaries than
 /// the formula as written.
-fn update_by_kernels(p: &mut Param, g: &Tensor, cfg: AdamWConfig, lr: f64, steps: i64) {
+fn update_by_kernels(p: &mut Param, cfg: AdamWConfig, lr: f64, steps: i64) {
     let AdamWConfig {
         beta1,
         beta2,
@@ -188,6 +214,7 @@ fn update_by_kernels(p: &mut Param, g: &Tensor, cfg: AdamWConfig, lr: f64, steps
     if p.decay && weight_decay > 0.0 {
         let _ = p.tensor.g_mul_scalar_(1.0 - lr * weight_decay);
     }
+    let g = &p.grad;
     let _ = p.m.lerp_(g, 1.0 - beta1);
     let _ = p.v.g_mul_scalar_(beta2).addcmul_(&(g * (1.0 - beta2)), g);
     let mut denom = p.v.sqrt();
@@ -241,7 +268,7 @@ mod tests {
         let mut opt = AdamW::new(&vs, AdamWConfig::default());
         for _ in 0..2 {
             opt.zero_grad();
-            w.square().sum(Kind::Float).backward();
+            opt.backward(&w.square().sum(Kind::Float));
             opt.step(0.1);
         }
         let got: Vec<f32> = Vec::try_from(w.flatten(0, -1)).unwrap();
@@ -272,9 +299,7 @@ mod tests {
         let vs = VarStore::new(tch::Device::Cpu);
         let w = vs.root().var_copy("w", &Tensor::from_slice(&[3.0f32, 4.0]));
         let mut opt = AdamW::new(&vs, AdamWConfig::default());
-        (&w * &Tensor::from_slice(&[3.0f32, 4.0]))
-            .sum(Kind::Float)
-            .backward();
+        opt.backward(&(&w * &Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float));
         assert!((opt.clip_grad_norm(1.0) - 5.0).abs() < 1e-6);
         assert!((opt.grad_norm() - 1.0).abs() < 1e-5);
     }

@@ -137,7 +137,7 @@ pub fn run(cfg: &TrainConfig, hooks: &Hooks) -> Result<Summary> {
         }
         let coll = gang.as_mut().map(|g| g.coll.as_mut());
         let mut acc = model.accumulate(cfg, &batches, &mut pos, device, coll)?;
-        agree(gang.as_mut(), cfg, &model.opt, &mut acc)?;
+        agree(gang.as_mut(), cfg, &mut model.opt, &mut acc)?;
         let update = model.update(cfg, &acc, &mut pos, total, &reporter.metrics)?;
         reporter.stepped(&acc, update, &mut pos, first_step);
         if hooks.halt_after == Some(pos.step) {
@@ -395,7 +395,7 @@ struct Accumulated {
 fn agree(
     gang: Option<&mut Gang>,
     cfg: &TrainConfig,
-    opt: &AdamW,
+    opt: &mut AdamW,
     acc: &mut Accumulated,
 ) -> Result<()> {
     let Some(g) = gang else {
@@ -406,7 +406,7 @@ fn agree(
     acc.finite = flags[0] == 0.0;
     acc.loss_sum = flags[1] as f64 / cfg.world as f64;
     if acc.finite {
-        crate::collective::all_reduce_grads(g.coll.as_mut(), &opt.params)?;
+        crate::collective::all_reduce_grads(g.coll.as_mut(), &mut opt.params)?;
     }
     Ok(())
 }
@@ -617,7 +617,7 @@ impl Model {
     /// accumulation of gradients (the step is skipped) but not the data. The contrastive
     /// objective gathers every rank's embeddings through `coll` (None: one process).
     fn accumulate(
-        &self,
+        &mut self,
         cfg: &TrainConfig,
         batches: &Receiver<Result<Batch>>,
         pos: &mut Position,
@@ -646,7 +646,7 @@ impl Model {
                 value = f64::NAN;
             }
             if value.is_finite() && acc.finite {
-                (loss / cfg.grad_accumulation as f64).backward();
+                self.opt.backward(&(loss / cfg.grad_accumulation as f64));
                 acc.loss_sum += value;
             } else {
                 acc.finite = false;

@@ -304,7 +304,7 @@ pub fn broadcast_tensors(coll: &mut dyn Collective, tensors: &[Tensor]) -> Resul
 
 /// Averages the gradients of `params` over the gang, bucket by bucket, in parameter order.
 /// Parameters without a gradient contribute zeros, so every rank sends the same layout.
-pub fn all_reduce_grads(coll: &mut dyn Collective, params: &[Param]) -> Result<()> {
+pub fn all_reduce_grads(coll: &mut dyn Collective, params: &mut [Param]) -> Result<()> {
     let world = coll.world();
     if world == 1 {
         return Ok(());
@@ -321,7 +321,7 @@ pub fn all_reduce_grads(coll: &mut dyn Collective, params: &[Param]) -> Result<(
         let parts: Vec<Tensor> = params[start..end]
             .iter()
             .map(|p| {
-                let g = p.tensor.grad();
+                let g = &p.grad;
                 if g.defined() {
                     g.detach()
                         .to_device(device)
@@ -336,12 +336,12 @@ pub fn all_reduce_grads(coll: &mut dyn Collective, params: &[Param]) -> Result<(
         coll.all_reduce(&mut bucket)?;
         let summed = bucket / world as f64;
         let mut offset = 0i64;
-        for p in &params[start..end] {
+        for p in &mut params[start..end] {
             let n = p.tensor.numel() as i64;
             let avg = summed.narrow(0, offset, n).view(p.tensor.size().as_slice());
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                tch::no_grad(|| g.copy_(&avg.to_device(g.device()).to_kind(g.kind())));
+            if p.grad.defined() {
+                let (device, kind) = (p.grad.device(), p.grad.kind());
+                tch::no_grad(|| p.grad.copy_(&avg.to_device(device).to_kind(kind)));
             }
             offset += n;
         }
@@ -398,15 +398,11 @@ mod tests {
         }
         let mut grads = Vec::new();
         for (images, noise) in batches {
-            mae.loss_with(&images, 0.75, &noise).backward();
+            opt.backward(&mae.loss_with(&images, 0.75, &noise));
             if let Some(r) = ring.as_mut() {
-                all_reduce_grads(r, &opt.params).unwrap();
+                all_reduce_grads(r, &mut opt.params).unwrap();
             }
-            let flat: Vec<Tensor> = opt
-                .params
-                .iter()
-                .map(|p| p.tensor.grad().flatten(0, -1))
-                .collect();
+            let flat: Vec<Tensor> = opt.params.iter().map(|p| p.grad.flatten(0, -1)).collect();
             grads.push(Tensor::cat(&flat, 0));
             opt.clip_grad_norm(1.0);
             opt.step(1e-3);

@@ -210,10 +210,9 @@ mod tests {
         Scalars::new(AdamWConfig::default(), lr, t)
     }
 
-    /// A parameter and its gradient.
+    /// A parameter with its gradient.
     struct Case {
         param: Param,
-        g: Tensor,
     }
 
     /// A matrix larger than a chunk (so it splits) and a small bias, each with random values.
@@ -230,8 +229,8 @@ mod tests {
                         decay,
                         m: zeros(),
                         v: zeros(),
+                        grad: zeros(),
                     },
-                    g: zeros(),
                 }
             })
             .collect()
@@ -248,8 +247,8 @@ mod tests {
                     decay: c.param.decay,
                     m: c.param.m.copy(),
                     v: c.param.v.copy(),
+                    grad: c.param.grad.copy(),
                 },
-                g: c.g.copy(),
             })
             .collect()
     }
@@ -258,7 +257,7 @@ mod tests {
         cs.iter()
             .map(|c| Member {
                 tensor: &c.param.tensor,
-                grad: &c.g,
+                grad: &c.param.grad,
                 m: &c.param.m,
                 v: &c.param.v,
                 decay: c.param.decay,
@@ -280,18 +279,16 @@ mod tests {
         let (mut by_kernels, start) = (copies(&fused), copies(&fused));
         for t in 1..=5 {
             for (a, b) in fused.iter().zip(&by_kernels) {
-                let g = Tensor::randn(a.g.size().as_slice(), (Kind::Float, Device::Cpu));
+                let g = Tensor::randn(a.param.grad.size().as_slice(), (Kind::Float, Device::Cpu));
                 tch::no_grad(|| {
-                    a.g.shallow_clone().copy_(&g);
-                    b.g.shallow_clone().copy_(&g);
+                    a.param.grad.shallow_clone().copy_(&g);
+                    b.param.grad.shallow_clone().copy_(&g);
                 });
             }
             let lr = 1e-2 * t as f64;
             assert!(step(&members(&fused), scalars(lr, t), 2));
             for b in &mut by_kernels {
-                tch::no_grad(|| {
-                    update_by_kernels(&mut b.param, &b.g, AdamWConfig::default(), lr, t)
-                });
+                tch::no_grad(|| update_by_kernels(&mut b.param, AdamWConfig::default(), lr, t));
             }
         }
         for (a, b) in fused.iter().zip(&by_kernels) {
@@ -312,7 +309,10 @@ mod tests {
         for cs in [&one, &four] {
             tch::no_grad(|| {
                 for c in cs.iter() {
-                    c.g.shallow_clone().copy_(&(&c.param.tensor * 0.5 + 0.25));
+                    c.param
+                        .grad
+                        .shallow_clone()
+                        .copy_(&(&c.param.tensor * 0.5 + 0.25));
                 }
             });
         }
@@ -333,7 +333,7 @@ mod tests {
         let mut ms = members(&cs);
         ms.push(Member {
             tensor: &cs[1].param.m,
-            grad: &cs[1].g,
+            grad: &cs[1].param.grad,
             m: &cs[1].param.tensor,
             v: &cs[1].param.v,
             decay: false,
