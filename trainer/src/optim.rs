@@ -198,8 +198,8 @@ impl AdamW {
     }
 }
 
-/// One parameter's AdamW update from its gradient by libtorch's element-wise kernels, the `steps`-th (bias
-/// correction counts from 1). Fused in-place forms of m = β1·m + (1−β1)·g,
+/// One parameter's AdamW update from its gradient by libtorch's element-wise kernels, the
+/// `steps`-th (bias correction counts from 1). Fused in-place forms of m = β1·m + (1−β1)·g,
 /// v = β2·v + (1−β2)·g², p −= lr/bc1 · m / (√v/√bc2 + ε): fewer kernels and temporaries than
 /// the formula as written.
 fn update_by_kernels(p: &mut Param, cfg: AdamWConfig, lr: f64, steps: i64) {
